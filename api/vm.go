@@ -1,0 +1,114 @@
+// Package api holds the wire types of Vigil's REST API (/v1/...). The server,
+// the Go client and the CLI share them, so a field means the same everywhere.
+package api
+
+import "time"
+
+// VMState is the lifecycle state of a virtual server as shown to users.
+// The manager owns every transition; host agents only report what runs.
+type VMState string
+
+const (
+	StateCreating   VMState = "creating"
+	StateStopped    VMState = "stopped"
+	StateStarting   VMState = "starting"
+	StateRunning    VMState = "running"
+	StateStopping   VMState = "stopping"
+	StatePaused     VMState = "paused"
+	StateSuspended  VMState = "suspended"
+	StateCrashed    VMState = "crashed"
+	StateRecovering VMState = "recovering"
+	StateFailed     VMState = "failed"
+	StateMigrating  VMState = "migrating"
+	StateDeleting   VMState = "deleting"
+)
+
+// VMCreateRequest is the body of POST /v1/vms.
+type VMCreateRequest struct {
+	// Name is a DNS label: 1-63 of [a-z0-9-], not starting or ending with '-'.
+	Name        string `json:"name"`
+	MemoryBytes int64  `json:"memory_bytes"`
+	CPUs        int    `json:"cpus"`
+	DiskBytes   int64  `json:"disk_bytes"`
+	// Start boots the VM right after it is created.
+	Start bool `json:"start,omitempty"`
+}
+
+// VM is a virtual server as the API reports it: its definition, its state
+// and what its guest agent last said.
+type VM struct {
+	Name        string  `json:"name"`
+	State       VMState `json:"state"`
+	Host        string  `json:"host"`
+	PID         int     `json:"pid,omitempty"`
+	MemoryBytes int64   `json:"memory_bytes"`
+	CPUs        int     `json:"cpus"`
+	DiskBytes   int64   `json:"disk_bytes"`
+	// Endpoint is host:port forwarded to the guest's port 80.
+	Endpoint  string    `json:"endpoint"`
+	CreatedAt time.Time `json:"created_at"`
+	// Guest is nil until the guest agent has sent a heartbeat in this boot.
+	Guest *GuestInfo `json:"guest,omitempty"`
+	// Message explains the state when it needs explaining (for example why it crashed).
+	Message string `json:"message,omitempty"`
+}
+
+// GuestInfo is the latest heartbeat of a VM's guest agent.
+type GuestInfo struct {
+	BootID        string    `json:"boot_id"`
+	Seq           uint64    `json:"seq"`
+	UptimeSeconds float64   `json:"uptime_seconds"`
+	Load1         float64   `json:"load1"`
+	MemUsedBytes  uint64    `json:"mem_used_bytes"`
+	LastHeartbeat time.Time `json:"last_heartbeat"`
+}
+
+// Action is a state change asked of a VM through PUT /v1/vms/{name}/state.
+type Action string
+
+const (
+	ActionStart   Action = "start"
+	ActionStop    Action = "stop"
+	ActionRestart Action = "restart"
+)
+
+// VMStateRequest is the body of PUT /v1/vms/{name}/state.
+type VMStateRequest struct {
+	Action Action `json:"action"`
+	// TimeoutSeconds bounds a graceful stop before the process is killed (default 30).
+	TimeoutSeconds int `json:"timeout_seconds,omitempty"`
+	// Force kills the QEMU process at once instead of asking the guest to power down.
+	Force bool `json:"force,omitempty"`
+}
+
+// Host is a hypervisor host as the API reports it.
+type Host struct {
+	Name          string    `json:"name"`
+	State         string    `json:"state"`
+	Accel         string    `json:"accel"`
+	CPUs          int       `json:"cpus"`
+	MemoryBytes   int64     `json:"memory_bytes"`
+	VMs           int       `json:"vms"`
+	QEMUVersion   string    `json:"qemu_version"`
+	LastHeartbeat time.Time `json:"last_heartbeat"`
+}
+
+// Event is one entry of the event stream (GET /v1/events).
+type Event struct {
+	// Seq orders events; a client can resume with ?since=Seq.
+	Seq     uint64    `json:"seq"`
+	Time    time.Time `json:"time"`
+	Type    string    `json:"type"` // e.g. "vm.created", "vm.state", "vm.guest-ready", "host.up"
+	VM      string    `json:"vm,omitempty"`
+	Host    string    `json:"host,omitempty"`
+	State   VMState   `json:"state,omitempty"`
+	Message string    `json:"message,omitempty"`
+}
+
+// Error is the body of every non-2xx answer.
+type Error struct {
+	// Error is one line: what is wrong and what to do.
+	Error string `json:"error"`
+	// Code is a stable machine-readable reason, e.g. "not_found", "conflict", "invalid".
+	Code string `json:"code"`
+}

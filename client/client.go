@@ -1,0 +1,242 @@
+// Package client is the Go SDK for Vigil's REST API, used by the CLI and the
+// tests.
+package client
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+
+	"github.com/vigil-project/vigil/api"
+)
+
+// DefaultAddr is where `vigil agent --dev` listens by default.
+const DefaultAddr = "http://127.0.0.1:7070"
+
+// Client talks to a Vigil manager.
+type Client struct {
+	base string
+	http *http.Client
+}
+
+// New returns a client for the manager at addr ("http://host:port" or "host:port").
+func New(addr string) *Client {
+	if addr == "" {
+		addr = DefaultAddr
+	}
+	if !strings.Contains(addr, "://") {
+		addr = "http://" + addr
+	}
+	return &Client{base: strings.TrimRight(addr, "/"), http: &http.Client{}}
+}
+
+// Error is an error answer from the API.
+type Error struct {
+	Status  int
+	Code    string
+	Message string
+}
+
+func (e *Error) Error() string { return e.Message }
+
+// IsNotFound reports whether err is the API's 404.
+func IsNotFound(err error) bool {
+	var e *Error
+	return errors.As(err, &e) && e.Status == http.StatusNotFound
+}
+
+func (c *Client) do(ctx context.Context, method, path string, body, out any) error {
+	resp, err := c.send(ctx, method, path, body, "")
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if out == nil {
+		io.Copy(io.Discard, resp.Body)
+		return nil
+	}
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		return fmt.Errorf("decode answer of %s %s: %w", method, path, err)
+	}
+	return nil
+}
+
+// send performs a request and turns non-2xx answers into *Error.
+func (c *Client) send(ctx context.Context, method, path string, body any, accept string) (*http.Response, error) {
+	var rd io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return nil, fmt.Errorf("encode request: %w", err)
+		}
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, rd)
+	if err != nil {
+		return nil, fmt.Errorf("build request: %w", err)
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if accept != "" {
+		req.Header.Set("Accept", accept)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("cannot reach the vigil agent at %s (is 'vigil agent --dev' running? set --addr or VIGIL_ADDR): %w", c.base, err)
+	}
+	if resp.StatusCode >= 300 {
+		defer resp.Body.Close()
+		var e api.Error
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		if json.Unmarshal(b, &e) != nil || e.Error == "" {
+			e.Error = fmt.Sprintf("%s %s: %s", method, path, resp.Status)
+		}
+		return nil, &Error{Status: resp.StatusCode, Code: e.Code, Message: e.Error}
+	}
+	return resp, nil
+}
+
+// CreateVM defines a VM (and starts it when req.Start).
+func (c *Client) CreateVM(ctx context.Context, req api.VMCreateRequest) (api.VM, error) {
+	var vm api.VM
+	err := c.do(ctx, http.MethodPost, "/v1/vms", req, &vm)
+	return vm, err
+}
+
+// VM returns one VM.
+func (c *Client) VM(ctx context.Context, name string) (api.VM, error) {
+	var vm api.VM
+	err := c.do(ctx, http.MethodGet, "/v1/vms/"+url.PathEscape(name), nil, &vm)
+	return vm, err
+}
+
+// VMs lists every VM.
+func (c *Client) VMs(ctx context.Context) ([]api.VM, error) {
+	var vms []api.VM
+	err := c.do(ctx, http.MethodGet, "/v1/vms", nil, &vms)
+	return vms, err
+}
+
+// ChangeState starts, stops or restarts a VM and returns it afterwards.
+func (c *Client) ChangeState(ctx context.Context, name string, req api.VMStateRequest) (api.VM, error) {
+	var vm api.VM
+	err := c.do(ctx, http.MethodPut, "/v1/vms/"+url.PathEscape(name)+"/state", req, &vm)
+	return vm, err
+}
+
+// DeleteVM stops and removes a VM with its files.
+func (c *Client) DeleteVM(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/vms/"+url.PathEscape(name), nil, nil)
+}
+
+// Hosts lists the hosts.
+func (c *Client) Hosts(ctx context.Context) ([]api.Host, error) {
+	var hs []api.Host
+	err := c.do(ctx, http.MethodGet, "/v1/hosts", nil, &hs)
+	return hs, err
+}
+
+// Console copies a VM's serial console to w; with follow, until ctx ends.
+func (c *Client) Console(ctx context.Context, name string, follow bool, w io.Writer) error {
+	resp, err := c.send(ctx, http.MethodGet, fmt.Sprintf("/v1/vms/%s/console?follow=%t", url.PathEscape(name), follow), nil, "")
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	_, err = io.Copy(w, resp.Body)
+	if ctx.Err() != nil {
+		return nil
+	}
+	return err
+}
+
+// EventStream is an open stream of events.
+type EventStream struct {
+	body io.Closer
+	sc   *bufio.Scanner
+}
+
+// Events opens the event stream. since resumes after an event's Seq; vm, if
+// set, keeps only that VM's events; follow keeps the stream open.
+func (c *Client) Events(ctx context.Context, since uint64, vm string, follow bool) (*EventStream, error) {
+	q := url.Values{}
+	q.Set("since", fmt.Sprint(since))
+	q.Set("follow", fmt.Sprint(follow))
+	if vm != "" {
+		q.Set("vm", vm)
+	}
+	resp, err := c.send(ctx, http.MethodGet, "/v1/events?"+q.Encode(), nil, "application/x-ndjson")
+	if err != nil {
+		return nil, err
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	return &EventStream{body: resp.Body, sc: sc}, nil
+}
+
+// Next returns the next event; io.EOF when the stream ends.
+func (s *EventStream) Next() (api.Event, error) {
+	for s.sc.Scan() {
+		var e api.Event
+		if err := json.Unmarshal(s.sc.Bytes(), &e); err != nil {
+			return e, fmt.Errorf("decode event: %w", err)
+		}
+		if e.Seq == 0 {
+			continue // keep-alive
+		}
+		return e, nil
+	}
+	if err := s.sc.Err(); err != nil {
+		return api.Event{}, err
+	}
+	return api.Event{}, io.EOF
+}
+
+// Close ends the stream.
+func (s *EventStream) Close() error { return s.body.Close() }
+
+// WaitGuest blocks until the VM's guest agent has sent a heartbeat in its
+// current boot, and returns the VM then.
+func (c *Client) WaitGuest(ctx context.Context, name string) (api.VM, error) {
+	// Subscribe before looking, so a heartbeat between the two is not missed.
+	s, err := c.Events(ctx, ^uint64(0)>>1, name, true)
+	if err != nil {
+		return api.VM{}, err
+	}
+	defer s.Close()
+	stop := context.AfterFunc(ctx, func() { s.Close() })
+	defer stop()
+	for {
+		vm, err := c.VM(ctx, name)
+		if err != nil {
+			return vm, err
+		}
+		if vm.Guest != nil {
+			return vm, nil
+		}
+		switch vm.State {
+		case api.StateStopped, api.StateCrashed, api.StateFailed:
+			return vm, fmt.Errorf("vm %s is %s: its guest will not answer (%s)", name, vm.State, vm.Message)
+		}
+		for {
+			e, err := s.Next()
+			if err != nil {
+				if ctx.Err() != nil {
+					return vm, ctx.Err()
+				}
+				return vm, fmt.Errorf("wait for the guest of %s: %w", name, err)
+			}
+			if e.Type == "vm.guest-ready" || e.Type == "vm.exited" || e.Type == "vm.crashed" || e.Type == "vm.state" {
+				break
+			}
+		}
+	}
+}

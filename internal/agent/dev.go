@@ -1,0 +1,196 @@
+// Package agent wires Vigil's parts into the processes `vigil agent` runs.
+// Dev mode is all of them in one process: embedded etcd, manager, API and one
+// host agent, as a laptop or CI wants it.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime"
+	"time"
+
+	"github.com/vigil-project/vigil/internal/events"
+	"github.com/vigil-project/vigil/internal/guestimage"
+	"github.com/vigil-project/vigil/internal/hostagent"
+	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/manager"
+	"github.com/vigil-project/vigil/internal/store"
+)
+
+// DevConfig configures `vigil agent --dev`.
+type DevConfig struct {
+	Listen   string // API address, e.g. 127.0.0.1:7070
+	DataDir  string
+	HostName string
+	Accel    string
+	// ImageDir holds the guest image (default DataDir/images/default).
+	ImageDir string
+	// GuestAgent is the static vigil-guest binary, used if the image must be built.
+	GuestAgent string
+	// Progress receives image build progress; may be nil.
+	Progress  func(string)
+	Logger    *slog.Logger
+	Reconcile time.Duration // controller period (default 2s)
+	// Ready, if set, is called with the API's address once it serves.
+	Ready func(addr string)
+}
+
+// DefaultDataDir is /var/lib/vigil for root, else $XDG_STATE_HOME/vigil.
+func DefaultDataDir() string {
+	if os.Geteuid() == 0 {
+		return "/var/lib/vigil"
+	}
+	if d := os.Getenv("XDG_STATE_HOME"); d != "" {
+		return filepath.Join(d, "vigil")
+	}
+	home, _ := os.UserHomeDir()
+	return filepath.Join(home, ".local", "state", "vigil")
+}
+
+// RunDev runs the all-in-one agent until ctx ends. VMs keep running after it
+// returns; a later RunDev on the same data dir adopts them.
+func RunDev(ctx context.Context, cfg DevConfig) error {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.DataDir == "" {
+		cfg.DataDir = DefaultDataDir()
+	}
+	if cfg.HostName == "" {
+		cfg.HostName, _ = os.Hostname()
+	}
+	if cfg.ImageDir == "" {
+		cfg.ImageDir = filepath.Join(cfg.DataDir, "images", "default")
+	}
+	if cfg.Reconcile == 0 {
+		cfg.Reconcile = 2 * time.Second
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o755); err != nil {
+		return fmt.Errorf("create data dir %s: %w", cfg.DataDir, err)
+	}
+	img, err := ensureImage(ctx, cfg)
+	if err != nil {
+		return err
+	}
+
+	// Listen first: a taken port is the most common start-up failure and
+	// should be reported before anything else is started.
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w (another vigil agent running? use --listen to pick another address)", cfg.Listen, err)
+	}
+	defer ln.Close()
+
+	etcd, err := store.StartEmbedded(ctx, filepath.Join(cfg.DataDir, "etcd"), log)
+	if err != nil {
+		return err
+	}
+	defer etcd.Close()
+	st := store.New(etcd.Client(), "/vigil/")
+	broker := events.New(1000)
+
+	var mgr *manager.Manager
+	host, err := hostagent.New(hostagent.Config{
+		Name: cfg.HostName, DataDir: filepath.Join(cfg.DataDir, "host"), Accel: cfg.Accel,
+		Image:  hostagent.Image{Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: img.Cmdline},
+		Logger: log,
+		Notify: func(e hostproto.Event) {
+			if mgr != nil {
+				mgr.HandleHostEvent(e)
+			}
+		},
+	})
+	if err != nil {
+		return err
+	}
+	info := host.Info()
+	mgr = manager.New(manager.Config{
+		Store: st, Host: host, Events: broker, Logger: log,
+		Limits: manager.Limits{MaxMemoryBytes: info.MemoryBytes, MaxCPUs: max(64, 4*runtime.NumCPU())},
+	})
+	if err := host.Recover(ctx); err != nil {
+		return err
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	hostDone := make(chan error, 1)
+	hostCtx, stopHost := context.WithCancel(context.Background())
+	defer stopHost()
+	go func() { hostDone <- host.Run(hostCtx) }()
+
+	srv := &http.Server{Handler: mgr.Handler(), ReadHeaderTimeout: 10 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
+	srvDone := make(chan error, 1)
+	go func() { srvDone <- srv.Serve(ln) }()
+	go mgr.Run(ctx, cfg.Reconcile)
+	log.Info("vigil agent ready", "api", "http://"+ln.Addr().String(), "data_dir", cfg.DataDir, "host", cfg.HostName, "accel", info.Accel)
+	if cfg.Ready != nil {
+		cfg.Ready(ln.Addr().String())
+	}
+
+	select {
+	case <-ctx.Done():
+	case err = <-srvDone:
+		err = fmt.Errorf("api server: %w", err)
+	case err = <-hostDone:
+		err = fmt.Errorf("host agent: %w", err)
+	}
+	shutCtx, c2 := context.WithTimeout(context.Background(), 5*time.Second)
+	srv.Shutdown(shutCtx)
+	c2()
+	stopHost()
+	<-hostDone
+	log.Info("vigil agent stopped; virtual machines keep running")
+	return err
+}
+
+func ensureImage(ctx context.Context, cfg DevConfig) (*guestimage.Image, error) {
+	img, err := guestimage.Load(cfg.ImageDir)
+	if err == nil {
+		return img, nil
+	}
+	if !errors.Is(err, guestimage.ErrNotBuilt) {
+		return nil, fmt.Errorf("guest image in %s: %w (rebuild it with 'vigil image build')", cfg.ImageDir, err)
+	}
+	return BuildImage(ctx, cfg.ImageDir, cfg.GuestAgent, cfg.Progress)
+}
+
+// BuildImage builds (or reuses) the guest image in dir with the given
+// vigil-guest binary (default: next to this executable).
+func BuildImage(ctx context.Context, dir, guestAgent string, progress func(string)) (*guestimage.Image, error) {
+	if guestAgent == "" {
+		exe, err := os.Executable()
+		if err == nil {
+			guestAgent = filepath.Join(filepath.Dir(exe), "vigil-guest")
+		}
+	}
+	if _, err := os.Stat(guestAgent); err != nil {
+		return nil, fmt.Errorf("guest agent binary %s not found: build it with 'make build' or pass --guest-agent", guestAgent)
+	}
+	var pw progressWriter = func(string) {}
+	if progress != nil {
+		pw = progress
+	}
+	img, err := guestimage.Ensure(ctx, guestimage.Options{
+		Dir: dir, CacheDir: filepath.Join(filepath.Dir(dir), "cache"), GuestAgent: guestAgent, Progress: pw,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("build guest image: %w", err)
+	}
+	return img, nil
+}
+
+// progressWriter adapts a line callback to io.Writer.
+type progressWriter func(string)
+
+func (p progressWriter) Write(b []byte) (int, error) {
+	p(string(b))
+	return len(b), nil
+}

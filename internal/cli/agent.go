@@ -1,0 +1,100 @@
+package cli
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vigil-project/vigil/internal/agent"
+)
+
+func newAgentCmd(g *globals) *cobra.Command {
+	var cfg agent.DevConfig
+	var dev bool
+	var logLevel string
+	cmd := &cobra.Command{
+		Use:   "agent",
+		Short: "Run a Vigil agent (--dev: manager, embedded etcd and one host in one process)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if !dev {
+				return fmt.Errorf("only --dev is available in this version: run 'vigil agent --dev'")
+			}
+			var lvl slog.Level
+			if err := lvl.UnmarshalText([]byte(logLevel)); err != nil {
+				return fmt.Errorf("--log-level %q: use debug, info, warn or error", logLevel)
+			}
+			log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+			cfg.Logger = log
+			cfg.Progress = func(s string) { fmt.Fprint(os.Stderr, s) }
+			cfg.Ready = func(addr string) {
+				fmt.Fprintf(os.Stderr, "\nVigil is running: API on http://%s, data in %s.\n", addr, cfg.DataDir)
+				fmt.Fprintf(os.Stderr, "In another terminal try:\n")
+				fmt.Fprintf(os.Stderr, "  export VIGIL_ADDR=http://%s\n", addr)
+				fmt.Fprintf(os.Stderr, "  vigil vm create web1 --memory 128M --cpus 1 --disk 256M --start --wait\n")
+				fmt.Fprintf(os.Stderr, "  vigil vm list; vigil vm show web1; vigil events --follow\n")
+				fmt.Fprintf(os.Stderr, "Stop with Ctrl-C: virtual servers keep running and are adopted at the next start.\n\n")
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return agent.RunDev(ctx, cfg)
+		},
+	}
+	f := cmd.Flags()
+	f.BoolVar(&dev, "dev", false, "run manager, embedded etcd and a host agent in one process")
+	f.StringVar(&cfg.Listen, "listen", envOr("VIGIL_LISTEN", "127.0.0.1:7070"), "API listen address (env VIGIL_LISTEN)")
+	f.StringVar(&cfg.DataDir, "data-dir", envOr("VIGIL_DATA_DIR", agent.DefaultDataDir()), "where VMs, images and etcd live (env VIGIL_DATA_DIR)")
+	f.StringVar(&cfg.HostName, "name", "", "host name (default: the machine's hostname)")
+	f.StringVar(&cfg.Accel, "accel", envOr("VIGIL_ACCEL", "auto"), "accelerator: auto, kvm or tcg (env VIGIL_ACCEL)")
+	f.StringVar(&cfg.ImageDir, "image-dir", "", "guest image directory (default DATA_DIR/images/default)")
+	f.StringVar(&cfg.GuestAgent, "guest-agent", "", "vigil-guest binary for building the image (default: next to vigil)")
+	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	return cmd
+}
+
+func newImageCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "image", Short: "Manage the guest image"}
+	var dataDir, dir, guestAgent string
+	build := &cobra.Command{
+		Use:   "build",
+		Short: "Build the default guest image (Debian cloud kernel, busybox, vigil-guest); reused when up to date",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if dir == "" {
+				dir = filepath.Join(dataDir, "images", "default")
+			}
+			img, err := agent.BuildImage(cmd.Context(), dir, guestAgent, func(s string) {
+				if !g.quiet {
+					fmt.Fprint(g.errOut, s)
+				}
+			})
+			if err != nil {
+				return err
+			}
+			return g.printValue(img, func(w io.Writer) {
+				row(w, "KERNEL:", img.Kernel)
+				row(w, "INITRD:", img.Initrd)
+				row(w, "KERNEL VERSION:", img.KernelVersion)
+			})
+		},
+	}
+	build.Flags().StringVar(&dataDir, "data-dir", envOr("VIGIL_DATA_DIR", agent.DefaultDataDir()), "data dir whose images/default to build")
+	build.Flags().StringVar(&dir, "out", "", "build into this directory instead")
+	build.Flags().StringVar(&guestAgent, "guest-agent", "", "vigil-guest binary (default: next to vigil)")
+	cmd.AddCommand(build)
+	return cmd
+}
+
+func envOr(key, def string) string {
+	if v := strings.TrimSpace(os.Getenv(key)); v != "" {
+		return v
+	}
+	return def
+}

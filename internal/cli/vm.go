@@ -1,0 +1,238 @@
+package cli
+
+import (
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vigil-project/vigil/api"
+)
+
+func newVMCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "vm", Short: "Create, run and inspect virtual servers"}
+	cmd.AddCommand(newVMCreateCmd(g), newVMListCmd(g), newVMShowCmd(g),
+		newVMStateCmd(g, api.ActionStart, "Start a stopped VM"),
+		newVMStateCmd(g, api.ActionStop, "Stop a VM: ACPI power-down, killed after --timeout"),
+		newVMStateCmd(g, api.ActionRestart, "Stop (if running) and start a VM: a fresh boot"),
+		newVMDeleteCmd(g), newVMConsoleCmd(g))
+	return cmd
+}
+
+// completeVMs offers the names of existing VMs, asked of the API.
+func completeVMs(g *globals) func(*cobra.Command, []string, string) ([]string, cobra.ShellCompDirective) {
+	return func(cmd *cobra.Command, args []string, _ string) ([]string, cobra.ShellCompDirective) {
+		if len(args) > 0 {
+			return nil, cobra.ShellCompDirectiveNoFileComp
+		}
+		vms, err := g.client().VMs(cmd.Context())
+		if err != nil {
+			return nil, cobra.ShellCompDirectiveNoFileComp
+		}
+		names := make([]string, len(vms))
+		for i, v := range vms {
+			names[i] = v.Name
+		}
+		return names, cobra.ShellCompDirectiveNoFileComp
+	}
+}
+
+func newVMCreateCmd(g *globals) *cobra.Command {
+	var memory, disk string
+	var cpus int
+	var start, wait bool
+	cmd := &cobra.Command{
+		Use:   "create NAME",
+		Short: "Create a VM with a fresh disk, booting the default guest image",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			mem, err := parseSize(memory)
+			if err != nil {
+				return fmt.Errorf("--memory: %w", err)
+			}
+			dsk, err := parseSize(disk)
+			if err != nil {
+				return fmt.Errorf("--disk: %w", err)
+			}
+			if wait && !start {
+				return fmt.Errorf("--wait needs --start: a VM that is not started has no guest to wait for")
+			}
+			c := g.client()
+			vm, err := c.CreateVM(cmd.Context(), api.VMCreateRequest{Name: args[0], MemoryBytes: mem, CPUs: cpus, DiskBytes: dsk, Start: start})
+			if err != nil {
+				return err
+			}
+			if wait {
+				if !g.quiet && g.output == "table" {
+					fmt.Fprintf(g.errOut, "waiting for the guest agent of %s...\n", vm.Name)
+				}
+				if vm, err = c.WaitGuest(cmd.Context(), vm.Name); err != nil {
+					return err
+				}
+			}
+			return g.printVM(vm)
+		},
+	}
+	cmd.Flags().StringVar(&memory, "memory", "128M", "memory, e.g. 128M or 1G")
+	cmd.Flags().IntVar(&cpus, "cpus", 1, "virtual CPUs")
+	cmd.Flags().StringVar(&disk, "disk", "256M", "data disk size (qcow2, allocated as used)")
+	cmd.Flags().BoolVar(&start, "start", false, "start the VM once it is created")
+	cmd.Flags().BoolVar(&wait, "wait", false, "with --start: wait for the guest agent's first heartbeat")
+	return cmd
+}
+
+func (g *globals) printVM(vm api.VM) error {
+	if g.quiet {
+		fmt.Fprintln(g.out, vm.Name)
+		return nil
+	}
+	return g.printValue(vm, func(w io.Writer) {
+		row(w, "NAME:", vm.Name)
+		row(w, "STATE:", vm.State)
+		if vm.Message != "" {
+			row(w, "MESSAGE:", vm.Message)
+		}
+		row(w, "HOST:", vm.Host)
+		row(w, "PID:", orDash(vm.PID))
+		row(w, "CPUS:", vm.CPUs)
+		row(w, "MEMORY:", humanSize(vm.MemoryBytes))
+		row(w, "DISK:", humanSize(vm.DiskBytes))
+		row(w, "ENDPOINT:", "http://"+vm.Endpoint)
+		row(w, "CREATED:", vm.CreatedAt.Format(time.RFC3339))
+		if gi := vm.Guest; gi != nil {
+			row(w, "GUEST BOOT ID:", gi.BootID)
+			row(w, "GUEST SEQ:", gi.Seq)
+			row(w, "GUEST UPTIME:", fmt.Sprintf("%.1fs", gi.UptimeSeconds))
+			row(w, "GUEST LOAD:", fmt.Sprintf("%.2f", gi.Load1))
+			row(w, "GUEST MEMORY USED:", humanSize(int64(gi.MemUsedBytes)))
+			row(w, "LAST HEARTBEAT:", gi.LastHeartbeat.Format(time.RFC3339)+" ("+ago(gi.LastHeartbeat)+")")
+		} else {
+			row(w, "GUEST:", "no heartbeat yet")
+		}
+	})
+}
+
+func orDash(n int) string {
+	if n == 0 {
+		return "-"
+	}
+	return fmt.Sprint(n)
+}
+
+func newVMListCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:     "list",
+		Aliases: []string{"ls"},
+		Short:   "List VMs",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			vms, err := g.client().VMs(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if g.quiet {
+				for _, v := range vms {
+					fmt.Fprintln(g.out, v.Name)
+				}
+				return nil
+			}
+			return g.printValue(vms, func(w io.Writer) {
+				row(w, "NAME", "STATE", "HOST", "CPUS", "MEMORY", "DISK", "PID", "ENDPOINT", "HEARTBEAT")
+				for _, v := range vms {
+					hb := "-"
+					if v.Guest != nil {
+						hb = ago(v.Guest.LastHeartbeat)
+					}
+					row(w, v.Name, v.State, v.Host, v.CPUs, humanSize(v.MemoryBytes), humanSize(v.DiskBytes), orDash(v.PID), v.Endpoint, hb)
+				}
+			})
+		},
+	}
+}
+
+func newVMShowCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:               "show NAME",
+		Short:             "Show one VM, with what its guest agent last reported",
+		Args:              cobra.ExactArgs(1),
+		ValidArgsFunction: completeVMs(g),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			vm, err := g.client().VM(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			return g.printVM(vm)
+		},
+	}
+}
+
+func newVMStateCmd(g *globals, action api.Action, short string) *cobra.Command {
+	var timeout time.Duration
+	var force, wait bool
+	cmd := &cobra.Command{
+		Use:               string(action) + " NAME",
+		Short:             short,
+		Args:              cobra.ExactArgs(1),
+		ValidArgsFunction: completeVMs(g),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c := g.client()
+			req := api.VMStateRequest{Action: action, Force: force}
+			if timeout > 0 {
+				req.TimeoutSeconds = int((timeout + time.Second - 1) / time.Second)
+			}
+			vm, err := c.ChangeState(cmd.Context(), args[0], req)
+			if err != nil {
+				return err
+			}
+			if wait {
+				if vm, err = c.WaitGuest(cmd.Context(), vm.Name); err != nil {
+					return err
+				}
+			}
+			return g.printVM(vm)
+		},
+	}
+	if action != api.ActionStart {
+		cmd.Flags().DurationVar(&timeout, "timeout", 30*time.Second, "how long the guest may take to power down before it is killed")
+		cmd.Flags().BoolVar(&force, "force", false, "kill the VM at once instead of asking the guest to power down")
+	}
+	if action != api.ActionStop {
+		cmd.Flags().BoolVar(&wait, "wait", false, "wait for the guest agent's first heartbeat")
+	}
+	return cmd
+}
+
+func newVMDeleteCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:               "delete NAME",
+		Aliases:           []string{"rm"},
+		Short:             "Delete a VM: stops it at once and removes its disk and files",
+		Args:              cobra.ExactArgs(1),
+		ValidArgsFunction: completeVMs(g),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := g.client().DeleteVM(cmd.Context(), args[0]); err != nil {
+				return err
+			}
+			if !g.quiet {
+				fmt.Fprintf(g.out, "deleted %s\n", args[0])
+			}
+			return nil
+		},
+	}
+}
+
+func newVMConsoleCmd(g *globals) *cobra.Command {
+	var follow bool
+	cmd := &cobra.Command{
+		Use:               "console NAME",
+		Short:             "Print the VM's serial console (--follow streams it)",
+		Args:              cobra.ExactArgs(1),
+		ValidArgsFunction: completeVMs(g),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return g.client().Console(cmd.Context(), args[0], follow, g.out)
+		},
+	}
+	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new console output")
+	return cmd
+}

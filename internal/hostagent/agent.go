@@ -1,0 +1,307 @@
+// Package hostagent runs on every hypervisor host: it creates VM directories
+// and disks, starts and supervises QEMU processes over QMP, listens to the
+// guest agents, and re-adopts QEMU processes after the agent restarts.
+package hostagent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"time"
+
+	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/atomicfile"
+	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/qemu"
+)
+
+// Errors a caller can act on.
+var (
+	ErrUnknownVM  = errors.New("vm is not on this host")
+	ErrNotRunning = errors.New("vm is not running")
+	ErrRunning    = errors.New("vm is already running")
+)
+
+// Image is the guest boot image every VM on this host starts from.
+type Image struct {
+	Kernel, Initrd, Cmdline string
+}
+
+// Config configures an Agent.
+type Config struct {
+	Name    string
+	DataDir string // VM directories live under DataDir/vms
+	Accel   string // auto, kvm or tcg
+	Image   Image
+	Logger  *slog.Logger
+	// Notify receives every host event. It is called from the agent's
+	// goroutines and must not block for long.
+	Notify func(hostproto.Event)
+}
+
+// Agent supervises the VMs of one host.
+type Agent struct {
+	cfg     Config
+	accel   string
+	qemuBin string
+	qemuVer string
+	log     *slog.Logger
+
+	mu  sync.Mutex
+	vms map[string]*vm
+
+	wg sync.WaitGroup // supervision goroutines
+}
+
+// New checks the host (QEMU present, accelerator usable) and loads the VMs
+// recorded under the data dir; Run adopts the ones still running.
+func New(cfg Config) (*Agent, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Notify == nil {
+		cfg.Notify = func(hostproto.Event) {}
+	}
+	accel, err := qemu.ChooseAccel(cfg.Accel)
+	if err != nil {
+		return nil, err
+	}
+	bin, err := qemu.FindBinary()
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Join(cfg.DataDir, "vms"), 0o755); err != nil {
+		return nil, fmt.Errorf("create data dir: %w", err)
+	}
+	a := &Agent{cfg: cfg, accel: accel, qemuBin: bin, qemuVer: qemu.BinaryVersion(bin),
+		log: cfg.Logger.With("host", cfg.Name), vms: map[string]*vm{}}
+	return a, nil
+}
+
+// Name is the host's name.
+func (a *Agent) Name() string { return a.cfg.Name }
+
+// Info describes the host's capacity.
+func (a *Agent) Info() api.Host {
+	a.mu.Lock()
+	n := len(a.vms)
+	a.mu.Unlock()
+	return api.Host{
+		Name:          a.cfg.Name,
+		State:         "up",
+		Accel:         a.accel,
+		CPUs:          runtime.NumCPU(),
+		MemoryBytes:   memTotal(),
+		VMs:           n,
+		QEMUVersion:   a.qemuVer,
+		LastHeartbeat: time.Now().UTC(),
+	}
+}
+
+// Recover loads the VMs recorded under the data dir and adopts every QEMU
+// that survived the previous agent. Call it once, before the manager looks
+// at this host, so that no surviving VM is mistaken for a crashed one.
+func (a *Agent) Recover(ctx context.Context) error {
+	return a.loadAndAdopt(ctx)
+}
+
+// Run supervises until ctx ends. On return QEMU processes are left running:
+// stopping the agent never stops the VMs.
+func (a *Agent) Run(ctx context.Context) error {
+	<-ctx.Done()
+	a.mu.Lock()
+	for _, v := range a.vms {
+		v.detach()
+	}
+	a.mu.Unlock()
+	a.wg.Wait()
+	return nil
+}
+
+func (a *Agent) vmDir(name string) string { return filepath.Join(a.cfg.DataDir, "vms", name) }
+
+// loadAndAdopt reads each VM's spec.json and reconnects to live QEMUs.
+func (a *Agent) loadAndAdopt(ctx context.Context) error {
+	ents, err := os.ReadDir(filepath.Join(a.cfg.DataDir, "vms"))
+	if err != nil {
+		return fmt.Errorf("list vms: %w", err)
+	}
+	for _, e := range ents {
+		if !e.IsDir() {
+			continue
+		}
+		var spec hostproto.VMSpec
+		b, err := os.ReadFile(filepath.Join(a.vmDir(e.Name()), "spec.json"))
+		if err != nil || json.Unmarshal(b, &spec) != nil {
+			a.log.Warn("skipping vm directory without a valid spec", "dir", a.vmDir(e.Name()))
+			continue
+		}
+		v := a.newVM(spec)
+		a.mu.Lock()
+		a.vms[spec.Name] = v
+		a.mu.Unlock()
+		p, err := qemu.Adopt(ctx, v.machine)
+		if errors.Is(err, qemu.ErrNotRunning) {
+			continue
+		}
+		if err != nil {
+			a.log.Error("adopt failed", "vm", spec.Name, "err", err)
+			continue
+		}
+		a.log.Info("adopted running vm", "vm", spec.Name, "pid", p.PID)
+		v.attach(p)
+		a.notify(spec.Name, hostproto.EventAdopted, false, fmt.Sprintf("pid %d", p.PID))
+	}
+	return nil
+}
+
+func (a *Agent) newVM(spec hostproto.VMSpec) *vm {
+	dir := a.vmDir(spec.Name)
+	cmdline := a.cfg.Image.Cmdline + " vigil.name=" + spec.Name
+	return &vm{
+		agent: a,
+		spec:  spec,
+		machine: qemu.Machine{
+			Name: spec.Name, UUID: spec.UUID, MemoryBytes: spec.MemoryBytes, CPUs: spec.CPUs,
+			Accel: a.accel, Kernel: a.cfg.Image.Kernel, Initrd: a.cfg.Image.Initrd, Cmdline: cmdline,
+			Disk: filepath.Join(dir, "disk.qcow2"), HostPort: spec.HostPort, Dir: dir,
+		},
+		log: a.log.With("vm", spec.Name),
+	}
+}
+
+func (a *Agent) notify(vm string, kind hostproto.EventKind, expected bool, msg string) {
+	a.cfg.Notify(hostproto.Event{Time: time.Now().UTC(), Host: a.cfg.Name, VM: vm, Kind: kind, Expected: expected, Message: msg})
+}
+
+func (a *Agent) get(name string) (*vm, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	v, ok := a.vms[name]
+	if !ok {
+		return nil, fmt.Errorf("%s: %w", name, ErrUnknownVM)
+	}
+	return v, nil
+}
+
+// Create makes the VM's directory and disk. A failure leaves nothing behind.
+func (a *Agent) Create(ctx context.Context, spec hostproto.VMSpec) (err error) {
+	a.mu.Lock()
+	if _, ok := a.vms[spec.Name]; ok {
+		a.mu.Unlock()
+		return fmt.Errorf("create %s: a vm of that name is already on this host", spec.Name)
+	}
+	v := a.newVM(spec)
+	v.creating = true
+	a.vms[spec.Name] = v
+	a.mu.Unlock()
+
+	dir := a.vmDir(spec.Name)
+	defer func() {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		if err != nil {
+			delete(a.vms, spec.Name)
+			os.RemoveAll(dir)
+			return
+		}
+		v.creating = false
+	}()
+	if err := v.machine.Validate(); err != nil {
+		return fmt.Errorf("create %s: %w", spec.Name, err)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("create %s: %w", spec.Name, err)
+	}
+	if err := qemu.CreateDisk(ctx, v.machine.Disk, spec.DiskBytes); err != nil {
+		return fmt.Errorf("create %s: %w", spec.Name, err)
+	}
+	b, _ := json.MarshalIndent(spec, "", "  ")
+	if err := atomicfile.WriteFile(filepath.Join(dir, "spec.json"), b, 0o644); err != nil {
+		return fmt.Errorf("create %s: %w", spec.Name, err)
+	}
+	return nil
+}
+
+// Start boots the VM's QEMU process.
+func (a *Agent) Start(ctx context.Context, name string) error {
+	v, err := a.get(name)
+	if err != nil {
+		return err
+	}
+	return v.start(ctx)
+}
+
+// Stop asks the guest to power down (ACPI) and kills QEMU if it has not
+// exited after timeout; force kills at once.
+func (a *Agent) Stop(ctx context.Context, name string, force bool, timeout time.Duration) error {
+	v, err := a.get(name)
+	if err != nil {
+		return err
+	}
+	return v.stop(ctx, force, timeout)
+}
+
+// Delete kills the VM if it runs and removes its directory.
+func (a *Agent) Delete(ctx context.Context, name string) error {
+	v, err := a.get(name)
+	if errors.Is(err, ErrUnknownVM) {
+		return nil // already gone: deleting is idempotent
+	}
+	if err != nil {
+		return err
+	}
+	if err := v.stop(ctx, true, 0); err != nil && !errors.Is(err, ErrNotRunning) {
+		return fmt.Errorf("delete %s: %w", name, err)
+	}
+	if err := os.RemoveAll(a.vmDir(name)); err != nil {
+		return fmt.Errorf("delete %s: %w", name, err)
+	}
+	a.mu.Lock()
+	delete(a.vms, name)
+	a.mu.Unlock()
+	return nil
+}
+
+// Status reports what runs for name right now.
+func (a *Agent) Status(name string) (hostproto.VMStatus, error) {
+	v, err := a.get(name)
+	if err != nil {
+		return hostproto.VMStatus{}, err
+	}
+	return v.status(), nil
+}
+
+// SerialLog is the path of the VM's console log.
+func (a *Agent) SerialLog(name string) (string, error) {
+	v, err := a.get(name)
+	if err != nil {
+		return "", err
+	}
+	return v.machine.SerialLog(), nil
+}
+
+// Machine returns the QEMU definition of a VM, for tools that drive QEMU by hand.
+func (a *Agent) Machine(name string) (qemu.Machine, error) {
+	v, err := a.get(name)
+	if err != nil {
+		return qemu.Machine{}, err
+	}
+	return v.machine, nil
+}
+
+func memTotal() int64 {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	var kb int64
+	fmt.Sscanf(string(b), "MemTotal: %d kB", &kb)
+	return kb << 10
+}

@@ -1,0 +1,299 @@
+package hostagent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/guestproto"
+	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/qemu"
+)
+
+// vm is one VM's supervision state on this host.
+type vm struct {
+	agent   *Agent
+	spec    hostproto.VMSpec
+	machine qemu.Machine
+	log     *slog.Logger
+
+	// opMu serialises start/stop/delete of this VM.
+	opMu sync.Mutex
+
+	mu        sync.Mutex
+	creating  bool
+	proc      *qemu.Process
+	startedAt time.Time
+	runState  string
+	stopping  bool // an exit now is the one we asked for
+	guestOff  bool // the guest powered itself off: its exit is a clean stop
+	detached  bool // the agent is shutting down: an exit is not the VM's
+	guest     *api.GuestInfo
+	cancel    context.CancelFunc // ends the watchers of proc
+	exited    chan struct{}      // closed by the watcher when proc is gone
+}
+
+func (v *vm) status() hostproto.VMStatus {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	s := hostproto.VMStatus{Name: v.spec.Name}
+	if v.proc != nil {
+		s.Running = true
+		s.PID = v.proc.PID
+		s.RunState = v.runState
+		s.StartedAt = v.startedAt
+		if v.guest != nil {
+			g := *v.guest
+			s.Guest = &g
+		}
+	}
+	return s
+}
+
+func (v *vm) start(ctx context.Context) error {
+	v.opMu.Lock()
+	defer v.opMu.Unlock()
+	v.mu.Lock()
+	running := v.proc != nil
+	v.mu.Unlock()
+	if running {
+		return fmt.Errorf("start %s: %w", v.spec.Name, ErrRunning)
+	}
+	p, err := qemu.Start(ctx, v.agent.qemuBin, v.machine)
+	if err != nil {
+		return err
+	}
+	v.log.Info("qemu started", "pid", p.PID)
+	v.attach(p)
+	v.agent.notify(v.spec.Name, hostproto.EventStarted, true, fmt.Sprintf("pid %d", p.PID))
+	return nil
+}
+
+// attach starts supervising a QEMU process: its exit, its QMP events and its
+// guest agent channel.
+func (v *vm) attach(p *qemu.Process) {
+	ctx, cancel := context.WithCancel(context.Background())
+	v.mu.Lock()
+	v.proc = p
+	v.startedAt = time.Now().UTC()
+	v.runState = "running"
+	v.stopping = false
+	v.guestOff = false
+	v.detached = false
+	v.guest = nil
+	v.cancel = cancel
+	v.exited = make(chan struct{})
+	exited := v.exited
+	v.mu.Unlock()
+
+	if st, err := p.Monitor.QueryStatus(ctx); err == nil {
+		v.setRunState(st.Status)
+	}
+	v.agent.wg.Add(3)
+	go func() { defer v.agent.wg.Done(); v.watchExit(ctx, p, exited) }()
+	go func() { defer v.agent.wg.Done(); v.watchQMP(ctx, p) }()
+	go func() { defer v.agent.wg.Done(); v.watchGuest(ctx) }()
+}
+
+// watchExit waits for the QMP connection to end and then for the process to
+// be gone; a closed socket alone could be the agent detaching.
+func (v *vm) watchExit(ctx context.Context, p *qemu.Process, exited chan struct{}) {
+	<-p.Exited()
+	v.mu.Lock()
+	detached := v.detached
+	v.mu.Unlock()
+	if detached {
+		return
+	}
+	waitCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	err := qemu.WaitGone(waitCtx, p.PID)
+	cancel()
+	if err != nil {
+		// QMP died but QEMU lives: it is wedged. Kill it so the state is known.
+		v.log.Warn("qmp connection lost but qemu still alive; killing it", "pid", p.PID)
+		killCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		p.Kill(killCtx)
+		cancel()
+	}
+	v.mu.Lock()
+	expected := v.stopping || v.guestOff
+	guestOff := v.guestOff && !v.stopping
+	v.proc = nil
+	v.guest = nil
+	v.runState = ""
+	if v.cancel != nil {
+		v.cancel()
+	}
+	v.mu.Unlock()
+	close(exited)
+	msg := "qemu exited"
+	if guestOff {
+		msg = "the guest powered off"
+	}
+	if !expected {
+		msg = "qemu exited unexpectedly"
+		v.log.Warn(msg, "pid", p.PID)
+	} else {
+		v.log.Info(msg, "pid", p.PID)
+	}
+	_ = ctx
+	v.agent.notify(v.spec.Name, hostproto.EventExited, expected, msg)
+}
+
+func (v *vm) watchQMP(ctx context.Context, p *qemu.Process) {
+	events, cancel := p.Monitor.Subscribe()
+	defer cancel()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev, ok := <-events:
+			if !ok {
+				return
+			}
+			switch ev.Name {
+			case "STOP":
+				v.setRunState("paused")
+			case "RESUME":
+				v.setRunState("running")
+			case "SHUTDOWN":
+				var d struct {
+					Guest  bool   `json:"guest"`
+					Reason string `json:"reason"`
+				}
+				json.Unmarshal(ev.Data, &d)
+				v.log.Info("qemu shutting down", "reason", d.Reason)
+				if d.Guest && d.Reason == "guest-shutdown" {
+					v.mu.Lock()
+					v.guestOff = true
+					v.mu.Unlock()
+				}
+			case "GUEST_PANICKED":
+				v.log.Warn("guest panicked", "data", string(ev.Data))
+			}
+		}
+	}
+}
+
+func (v *vm) setRunState(s string) {
+	v.mu.Lock()
+	changed := v.runState != s && v.proc != nil
+	v.runState = s
+	v.mu.Unlock()
+	if changed {
+		v.agent.notify(v.spec.Name, hostproto.EventRunState, true, s)
+	}
+}
+
+// watchGuest keeps a connection to the guest agent's virtio-serial socket and
+// records its heartbeats. QEMU accepts one client at a time; after an agent
+// restart the new agent simply connects again.
+func (v *vm) watchGuest(ctx context.Context) {
+	var d net.Dialer
+	for ctx.Err() == nil {
+		conn, err := d.DialContext(ctx, "unix", v.machine.AgentSocket())
+		if err != nil {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(100 * time.Millisecond):
+				continue
+			}
+		}
+		stop := context.AfterFunc(ctx, func() { conn.Close() })
+		v.readGuest(conn)
+		stop()
+		conn.Close()
+	}
+}
+
+func (v *vm) readGuest(conn net.Conn) {
+	dec := guestproto.NewDecoder(conn)
+	for {
+		m, err := dec.Decode()
+		if err != nil {
+			if errors.Is(err, guestproto.ErrMalformed) {
+				continue
+			}
+			return
+		}
+		if m.Type != guestproto.TypeHeartbeat || m.Heartbeat == nil {
+			continue
+		}
+		hb := m.Heartbeat
+		v.mu.Lock()
+		newBoot := v.guest == nil || v.guest.BootID != hb.BootID
+		v.guest = &api.GuestInfo{
+			BootID: hb.BootID, Seq: hb.Seq, UptimeSeconds: hb.UptimeSeconds, Load1: hb.Load1,
+			MemUsedBytes: hb.MemUsedBytes, LastHeartbeat: time.Now().UTC(),
+		}
+		v.mu.Unlock()
+		if newBoot {
+			v.log.Info("guest agent up", "boot_id", hb.BootID, "seq", hb.Seq)
+			b, _ := json.Marshal(struct {
+				BootID string `json:"boot_id"`
+				Seq    uint64 `json:"seq"`
+			}{hb.BootID, hb.Seq})
+			v.agent.notify(v.spec.Name, hostproto.EventGuestReady, true, string(b))
+		}
+	}
+}
+
+// stop powers the VM down; see Agent.Stop.
+func (v *vm) stop(ctx context.Context, force bool, timeout time.Duration) error {
+	v.opMu.Lock()
+	defer v.opMu.Unlock()
+	v.mu.Lock()
+	p, exited := v.proc, v.exited
+	if p == nil {
+		v.mu.Unlock()
+		return fmt.Errorf("stop %s: %w", v.spec.Name, ErrNotRunning)
+	}
+	v.stopping = true
+	v.mu.Unlock()
+
+	if !force {
+		if err := p.Monitor.SystemPowerdown(ctx); err != nil {
+			v.log.Warn("acpi power-down failed; killing", "err", err)
+		} else {
+			t := time.NewTimer(timeout)
+			select {
+			case <-exited:
+				t.Stop()
+				return nil
+			case <-t.C:
+				v.log.Warn("guest did not power off in time; killing", "timeout", timeout)
+			case <-ctx.Done():
+				t.Stop()
+				return fmt.Errorf("stop %s: %w", v.spec.Name, ctx.Err())
+			}
+		}
+	}
+	if err := p.Kill(ctx); err != nil {
+		return err
+	}
+	select {
+	case <-exited:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("stop %s: %w", v.spec.Name, ctx.Err())
+	}
+}
+
+// detach lets go of the process without touching it (agent shutdown).
+func (v *vm) detach() {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.proc == nil {
+		return
+	}
+	v.detached = true
+	v.cancel()
+	v.proc.Detach()
+}

@@ -1,0 +1,60 @@
+// Package hostproto holds what the manager and a host agent say to each
+// other: the VM definitions a host runs, what it reports back, and its
+// events. The in-process dev mode passes these values directly; a remote
+// host transport carries the same types as JSON.
+package hostproto
+
+import (
+	"time"
+
+	"github.com/vigil-project/vigil/api"
+)
+
+// VMSpec is the hardware definition of a VM as a host needs it.
+type VMSpec struct {
+	Name        string `json:"name"`
+	UUID        string `json:"uuid"`
+	MemoryBytes int64  `json:"memory_bytes"`
+	CPUs        int    `json:"cpus"`
+	DiskBytes   int64  `json:"disk_bytes"`
+	// HostPort on 127.0.0.1 is forwarded to the guest's port 80.
+	HostPort int `json:"host_port"`
+}
+
+// VMStatus is what a host knows about one of its VMs right now.
+type VMStatus struct {
+	Name    string `json:"name"`
+	Running bool   `json:"running"`
+	PID     int    `json:"pid,omitempty"`
+	// RunState is QEMU's own run state (running, paused, shutdown, ...).
+	RunState string         `json:"run_state,omitempty"`
+	Guest    *api.GuestInfo `json:"guest,omitempty"`
+	// StartedAt is when this QEMU process was started or adopted.
+	StartedAt time.Time `json:"started_at,omitzero"`
+}
+
+// EventKind names what happened to a VM on a host.
+type EventKind string
+
+const (
+	// EventStarted: a QEMU process was started.
+	EventStarted EventKind = "started"
+	// EventAdopted: a restarted agent reconnected to a QEMU left running.
+	EventAdopted EventKind = "adopted"
+	// EventExited: the QEMU process is gone. Expected tells whether it was asked to stop.
+	EventExited EventKind = "exited"
+	// EventGuestReady: the first heartbeat of a new guest boot arrived.
+	EventGuestReady EventKind = "guest-ready"
+	// EventRunState: QEMU's run state changed (e.g. paused, resumed).
+	EventRunState EventKind = "run-state"
+)
+
+// Event is reported by a host agent as it happens.
+type Event struct {
+	Time     time.Time `json:"time"`
+	Host     string    `json:"host"`
+	VM       string    `json:"vm"`
+	Kind     EventKind `json:"kind"`
+	Expected bool      `json:"expected,omitempty"`
+	Message  string    `json:"message,omitempty"`
+}

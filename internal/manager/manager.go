@@ -1,0 +1,415 @@
+// Package manager is Vigil's control plane: it validates requests, keeps the
+// desired state of every VM in the store, drives host agents towards it, and
+// publishes lifecycle events.
+package manager
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/events"
+	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/store"
+)
+
+// Host is what the manager needs of a host agent. The dev agent passes the
+// in-process hostagent.Agent; a remote host implements it over the network.
+type Host interface {
+	Name() string
+	Info() api.Host
+	Create(ctx context.Context, spec hostproto.VMSpec) error
+	Start(ctx context.Context, name string) error
+	Stop(ctx context.Context, name string, force bool, timeout time.Duration) error
+	Delete(ctx context.Context, name string) error
+	Status(name string) (hostproto.VMStatus, error)
+	Console(ctx context.Context, name string, follow bool, w io.Writer) error
+}
+
+// record is a VM's desired state as stored under "vms/<name>".
+type record struct {
+	Spec      hostproto.VMSpec `json:"spec"`
+	Host      string           `json:"host"`
+	Desired   string           `json:"desired"` // "running" or "stopped"
+	State     api.VMState      `json:"state"`
+	Message   string           `json:"message,omitempty"`
+	CreatedAt time.Time        `json:"created_at"`
+	UpdatedAt time.Time        `json:"updated_at"`
+}
+
+const (
+	desiredRunning = "running"
+	desiredStopped = "stopped"
+)
+
+// DefaultStopTimeout is how long a graceful stop waits before killing.
+const DefaultStopTimeout = 30 * time.Second
+
+// Manager owns desired state and the lifecycle of VMs.
+type Manager struct {
+	store  *store.Store
+	host   Host
+	events *events.Broker
+	log    *slog.Logger
+	limits Limits
+	ports  PortAllocator
+
+	locksMu sync.Mutex
+	locks   map[string]*sync.Mutex
+}
+
+// PortAllocator hands out free host ports for guest endpoints.
+type PortAllocator func(used map[int]bool) (int, error)
+
+// Config configures a Manager.
+type Config struct {
+	Store  *store.Store
+	Host   Host
+	Events *events.Broker
+	Logger *slog.Logger
+	Limits Limits
+	Ports  PortAllocator
+}
+
+// New returns a Manager.
+func New(cfg Config) *Manager {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Ports == nil {
+		cfg.Ports = FreePort
+	}
+	return &Manager{store: cfg.Store, host: cfg.Host, events: cfg.Events, log: cfg.Logger,
+		limits: cfg.Limits, ports: cfg.Ports, locks: map[string]*sync.Mutex{}}
+}
+
+// Events is the manager's event broker.
+func (m *Manager) Events() *events.Broker { return m.events }
+
+// lock takes the per-VM operation lock, or fails with ErrBusy: two
+// operations on one VM at once would leave it in no named state.
+func (m *Manager) lock(name string) (func(), error) {
+	m.locksMu.Lock()
+	l, ok := m.locks[name]
+	if !ok {
+		l = &sync.Mutex{}
+		m.locks[name] = l
+	}
+	m.locksMu.Unlock()
+	if !l.TryLock() {
+		return nil, errorf(ErrBusy, "vm %s is busy with another operation: retry when it is done", name)
+	}
+	return l.Unlock, nil
+}
+
+func vmKey(name string) string { return "vms/" + name }
+
+func (m *Manager) load(ctx context.Context, name string) (record, int64, error) {
+	var r record
+	rev, err := m.store.Get(ctx, vmKey(name), &r)
+	if errors.Is(err, store.ErrNotFound) {
+		return r, 0, errorf(ErrNotFound, "vm %s does not exist: see 'vigil vm list'", name)
+	}
+	if err != nil {
+		return r, 0, wrapf(ErrUnavailable, err, "read vm %s", name)
+	}
+	return r, rev, nil
+}
+
+// save writes r if nobody else changed it since rev; the manager is the only
+// writer, so a conflict means a bug or a second manager and is reported.
+func (m *Manager) save(ctx context.Context, r *record, rev int64) (int64, error) {
+	r.UpdatedAt = time.Now().UTC()
+	nrev, err := m.store.Update(ctx, vmKey(r.Spec.Name), rev, r)
+	if err != nil {
+		return rev, wrapf(ErrUnavailable, err, "save vm %s", r.Spec.Name)
+	}
+	return nrev, nil
+}
+
+// setState records a new state and publishes it.
+func (m *Manager) setState(ctx context.Context, r *record, rev int64, s api.VMState, msg string) (int64, error) {
+	if r.State == s && r.Message == msg {
+		return rev, nil
+	}
+	r.State, r.Message = s, msg
+	nrev, err := m.save(ctx, r, rev)
+	if err != nil {
+		return rev, err
+	}
+	m.log.Info("vm state", "vm", r.Spec.Name, "state", s, "message", msg)
+	m.events.Publish(api.Event{Type: "vm.state", VM: r.Spec.Name, Host: r.Host, State: s, Message: msg})
+	return nrev, nil
+}
+
+// Create defines a VM, makes its disk on the host and optionally starts it.
+// A failure anywhere removes whatever was made: no half-created VM remains.
+func (m *Manager) Create(ctx context.Context, req api.VMCreateRequest) (api.VM, error) {
+	if err := validateCreate(req, m.limits); err != nil {
+		return api.VM{}, err
+	}
+	unlock, err := m.lock(req.Name)
+	if err != nil {
+		return api.VM{}, err
+	}
+	defer unlock()
+
+	used, err := m.usedPorts(ctx)
+	if err != nil {
+		return api.VM{}, err
+	}
+	port, err := m.ports(used)
+	if err != nil {
+		return api.VM{}, wrapf(ErrUnavailable, err, "no free port for the endpoint of %s", req.Name)
+	}
+	now := time.Now().UTC()
+	r := record{
+		Spec: hostproto.VMSpec{Name: req.Name, UUID: newUUID(), MemoryBytes: req.MemoryBytes, CPUs: req.CPUs,
+			DiskBytes: req.DiskBytes, HostPort: port},
+		Host: m.host.Name(), Desired: desiredStopped, State: api.StateCreating, CreatedAt: now, UpdatedAt: now,
+	}
+	rev, err := m.store.Create(ctx, vmKey(req.Name), r)
+	if errors.Is(err, store.ErrExists) {
+		return api.VM{}, errorf(ErrConflict, "vm %s already exists: pick another name, or delete it first", req.Name)
+	}
+	if err != nil {
+		return api.VM{}, wrapf(ErrUnavailable, err, "create vm %s", req.Name)
+	}
+	if err := m.host.Create(ctx, r.Spec); err != nil {
+		m.store.Delete(context.WithoutCancel(ctx), vmKey(req.Name))
+		return api.VM{}, fmt.Errorf("create vm %s on host %s: %w", req.Name, r.Host, err)
+	}
+	m.events.Publish(api.Event{Type: "vm.created", VM: req.Name, Host: r.Host})
+	if rev, err = m.setState(ctx, &r, rev, api.StateStopped, ""); err != nil {
+		return api.VM{}, err
+	}
+	if req.Start {
+		if err := m.start(ctx, &r, rev); err != nil {
+			return m.view(r), err
+		}
+	}
+	return m.view(r), nil
+}
+
+// ChangeState runs a start, stop or restart.
+func (m *Manager) ChangeState(ctx context.Context, name string, req api.VMStateRequest) (api.VM, error) {
+	if err := validName(name); err != nil {
+		return api.VM{}, err
+	}
+	timeout := DefaultStopTimeout
+	if req.TimeoutSeconds < 0 {
+		return api.VM{}, errorf(ErrInvalid, "timeout %ds is negative", req.TimeoutSeconds)
+	}
+	if req.TimeoutSeconds > 0 {
+		timeout = time.Duration(req.TimeoutSeconds) * time.Second
+	}
+	switch req.Action {
+	case api.ActionStart, api.ActionStop, api.ActionRestart:
+	default:
+		return api.VM{}, errorf(ErrInvalid, "unknown action %q: use start, stop or restart", req.Action)
+	}
+	unlock, err := m.lock(name)
+	if err != nil {
+		return api.VM{}, err
+	}
+	defer unlock()
+	r, rev, err := m.load(ctx, name)
+	if err != nil {
+		return api.VM{}, err
+	}
+	running := m.actual(r).Running
+	switch req.Action {
+	case api.ActionStart:
+		if running {
+			return m.view(r), errorf(ErrConflict, "vm %s is already running", name)
+		}
+		err = m.start(ctx, &r, rev)
+	case api.ActionStop:
+		if !running {
+			return m.view(r), errorf(ErrConflict, "vm %s is already stopped", name)
+		}
+		_, err = m.stop(ctx, &r, rev, req.Force, timeout)
+	case api.ActionRestart:
+		if running {
+			if rev, err = m.stop(ctx, &r, rev, req.Force, timeout); err != nil {
+				break
+			}
+		}
+		err = m.start(ctx, &r, rev)
+	}
+	return m.view(r), err
+}
+
+func (m *Manager) start(ctx context.Context, r *record, rev int64) error {
+	r.Desired = desiredRunning
+	rev, err := m.setState(ctx, r, rev, api.StateStarting, "")
+	if err != nil {
+		return err
+	}
+	if err := m.host.Start(ctx, r.Spec.Name); err != nil {
+		r.Desired = desiredStopped
+		m.setState(context.WithoutCancel(ctx), r, rev, api.StateStopped, "start failed: "+err.Error())
+		return fmt.Errorf("start vm %s: %w", r.Spec.Name, err)
+	}
+	_, err = m.setState(ctx, r, rev, api.StateRunning, "")
+	return err
+}
+
+func (m *Manager) stop(ctx context.Context, r *record, rev int64, force bool, timeout time.Duration) (int64, error) {
+	r.Desired = desiredStopped
+	rev, err := m.setState(ctx, r, rev, api.StateStopping, "")
+	if err != nil {
+		return rev, err
+	}
+	if err := m.host.Stop(ctx, r.Spec.Name, force, timeout); err != nil {
+		// Still running as far as we know: say so, the controller will retry.
+		m.setState(context.WithoutCancel(ctx), r, rev, api.StateStopping, "stop failed: "+err.Error())
+		return rev, fmt.Errorf("stop vm %s: %w", r.Spec.Name, err)
+	}
+	return m.setState(ctx, r, rev, api.StateStopped, "")
+}
+
+// Delete stops the VM at once and removes it with its disk and files.
+func (m *Manager) Delete(ctx context.Context, name string) error {
+	if err := validName(name); err != nil {
+		return err
+	}
+	unlock, err := m.lock(name)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	r, rev, err := m.load(ctx, name)
+	if err != nil {
+		return err
+	}
+	return m.delete(ctx, &r, rev)
+}
+
+func (m *Manager) delete(ctx context.Context, r *record, rev int64) error {
+	r.Desired = desiredStopped
+	if _, err := m.setState(ctx, r, rev, api.StateDeleting, ""); err != nil {
+		return err
+	}
+	// Files go before the record: if we fail in between, the record still
+	// says "deleting" and the controller finishes the job.
+	if err := m.host.Delete(ctx, r.Spec.Name); err != nil {
+		return fmt.Errorf("delete vm %s: %w", r.Spec.Name, err)
+	}
+	if err := m.store.Delete(ctx, vmKey(r.Spec.Name)); err != nil {
+		return wrapf(ErrUnavailable, err, "delete vm %s", r.Spec.Name)
+	}
+	m.events.Publish(api.Event{Type: "vm.deleted", VM: r.Spec.Name, Host: r.Host})
+	return nil
+}
+
+// Get reports one VM.
+func (m *Manager) Get(ctx context.Context, name string) (api.VM, error) {
+	if err := validName(name); err != nil {
+		return api.VM{}, err
+	}
+	r, _, err := m.load(ctx, name)
+	if err != nil {
+		return api.VM{}, err
+	}
+	return m.view(r), nil
+}
+
+// List reports every VM, by name.
+func (m *Manager) List(ctx context.Context) ([]api.VM, error) {
+	rs, err := m.records(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.VM, 0, len(rs))
+	for _, r := range rs {
+		out = append(out, m.view(r.rec))
+	}
+	return out, nil
+}
+
+// Hosts reports the hosts.
+func (m *Manager) Hosts() []api.Host {
+	return []api.Host{m.host.Info()}
+}
+
+// Console copies the VM's serial console to w; with follow it keeps copying
+// until ctx ends.
+func (m *Manager) Console(ctx context.Context, name string, follow bool, w io.Writer) error {
+	if _, err := m.Get(ctx, name); err != nil {
+		return err
+	}
+	return m.host.Console(ctx, name, follow, w)
+}
+
+type storedRecord struct {
+	rec record
+	rev int64
+}
+
+func (m *Manager) records(ctx context.Context) ([]storedRecord, error) {
+	kvs, err := m.store.List(ctx, "vms/")
+	if err != nil {
+		return nil, wrapf(ErrUnavailable, err, "list vms")
+	}
+	out := make([]storedRecord, 0, len(kvs))
+	for _, kv := range kvs {
+		var r record
+		if err := json.Unmarshal(kv.Value, &r); err != nil {
+			m.log.Error("skipping unreadable vm record", "key", kv.Key, "err", err)
+			continue
+		}
+		out = append(out, storedRecord{r, kv.Revision})
+	}
+	return out, nil
+}
+
+func (m *Manager) usedPorts(ctx context.Context) (map[int]bool, error) {
+	rs, err := m.records(ctx)
+	if err != nil {
+		return nil, err
+	}
+	used := map[int]bool{}
+	for _, r := range rs {
+		used[r.rec.Spec.HostPort] = true
+	}
+	return used, nil
+}
+
+func (m *Manager) actual(r record) hostproto.VMStatus {
+	st, err := m.host.Status(r.Spec.Name)
+	if err != nil {
+		return hostproto.VMStatus{Name: r.Spec.Name}
+	}
+	return st
+}
+
+// view merges the stored record with what the host reports.
+func (m *Manager) view(r record) api.VM {
+	st := m.actual(r)
+	v := api.VM{
+		Name: r.Spec.Name, State: r.State, Host: r.Host, MemoryBytes: r.Spec.MemoryBytes, CPUs: r.Spec.CPUs,
+		DiskBytes: r.Spec.DiskBytes, Endpoint: fmt.Sprintf("127.0.0.1:%d", r.Spec.HostPort),
+		CreatedAt: r.CreatedAt, Message: r.Message,
+	}
+	if st.Running {
+		v.PID = st.PID
+		v.Guest = st.Guest
+	}
+	return v
+}
+
+func newUUID() string {
+	var b [16]byte
+	rand.Read(b[:])
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
+}

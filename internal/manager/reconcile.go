@@ -1,0 +1,186 @@
+package manager
+
+import (
+	"context"
+	"errors"
+	"net"
+	"time"
+
+	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/hostproto"
+)
+
+// staleCreate is how long a "creating" record may sit with no operation in
+// progress before the controller decides its creator died and cleans up.
+const staleCreate = time.Minute
+
+// Run reconciles every VM now and then every interval, until ctx ends. It is
+// level-based: each pass compares desired with actual state and acts, so a
+// missed event or a manager restart in the middle of an operation converges.
+func (m *Manager) Run(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		m.ReconcileAll(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// ReconcileAll runs one pass over every VM.
+func (m *Manager) ReconcileAll(ctx context.Context) {
+	rs, err := m.records(ctx)
+	if err != nil {
+		m.log.Warn("reconcile: list vms", "err", err)
+		return
+	}
+	for _, r := range rs {
+		if err := m.Reconcile(ctx, r.rec.Spec.Name); err != nil && !errors.Is(err, ErrBusy) {
+			m.log.Warn("reconcile", "vm", r.rec.Spec.Name, "err", err)
+		}
+	}
+}
+
+// Reconcile brings one VM's recorded state in line with reality. A VM busy
+// with an API operation is left to that operation.
+func (m *Manager) Reconcile(ctx context.Context, name string) error {
+	unlock, err := m.lock(name)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	r, rev, err := m.load(ctx, name)
+	if errors.Is(err, ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	act := m.actual(r)
+	switch r.State {
+	case api.StateCreating:
+		if time.Since(r.UpdatedAt) > staleCreate {
+			m.log.Warn("cleaning up a create that never finished", "vm", name)
+			return m.delete(ctx, &r, rev)
+		}
+		return nil
+	case api.StateDeleting:
+		return m.delete(ctx, &r, rev)
+	}
+	want := desiredView(r, act)
+	if want == api.StateStopping {
+		// Desired stopped but QEMU runs: an interrupted stop. Finish it.
+		_, err := m.stop(ctx, &r, rev, false, DefaultStopTimeout)
+		return err
+	}
+	if want != r.State {
+		msg := ""
+		if want == api.StateCrashed {
+			msg = "qemu was found not running"
+			if r.Message != "" && r.State == api.StateCrashed {
+				msg = r.Message
+			}
+		}
+		_, err := m.setState(ctx, &r, rev, want, msg)
+		return err
+	}
+	return nil
+}
+
+// desiredView is the state a VM should show given what it should be doing
+// and what its host reports.
+func desiredView(r record, act hostproto.VMStatus) api.VMState {
+	switch {
+	case r.Desired == desiredRunning && act.Running:
+		if act.RunState == "paused" {
+			return api.StatePaused
+		}
+		return api.StateRunning
+	case r.Desired == desiredRunning && !act.Running:
+		if r.State == api.StateFailed {
+			return api.StateFailed
+		}
+		return api.StateCrashed
+	case r.Desired == desiredStopped && act.Running:
+		return api.StateStopping
+	default:
+		return api.StateStopped
+	}
+}
+
+// HandleHostEvent turns what a host reports into state changes and events.
+// It is the fast path; Reconcile would reach the same result on its next pass.
+func (m *Manager) HandleHostEvent(e hostproto.Event) {
+	ev := api.Event{Time: e.Time, VM: e.VM, Host: e.Host, Message: e.Message}
+	switch e.Kind {
+	case hostproto.EventGuestReady:
+		ev.Type = "vm.guest-ready"
+	case hostproto.EventStarted:
+		ev.Type = "vm.started"
+	case hostproto.EventAdopted:
+		ev.Type = "vm.adopted"
+	case hostproto.EventRunState:
+		ev.Type = "vm.run-state"
+	case hostproto.EventExited:
+		ev.Type = "vm.exited"
+		if !e.Expected {
+			ev.Type = "vm.crashed"
+		}
+	default:
+		ev.Type = "vm." + string(e.Kind)
+	}
+	m.events.Publish(ev)
+	if e.Kind == hostproto.EventExited {
+		// Not under the API's lock: the operation that stops a VM records its
+		// own result; this catches exits nobody asked for.
+		go m.onExit(e)
+	}
+}
+
+func (m *Manager) onExit(e hostproto.Event) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// Wait for an operation in progress to finish, then look again.
+	for {
+		unlock, err := m.lock(e.VM)
+		if err == nil {
+			defer unlock()
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	r, rev, err := m.load(ctx, e.VM)
+	if err != nil || m.actual(r).Running || r.Desired != desiredRunning {
+		return
+	}
+	if e.Expected {
+		// The guest powered itself off: that is a stop, not a crash.
+		r.Desired = desiredStopped
+		m.setState(ctx, &r, rev, api.StateStopped, e.Message)
+		return
+	}
+	m.setState(ctx, &r, rev, api.StateCrashed, e.Message)
+}
+
+// FreePort asks the kernel for a free loopback port that no VM uses yet.
+func FreePort(used map[int]bool) (int, error) {
+	for i := 0; i < 100; i++ {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return 0, err
+		}
+		p := l.Addr().(*net.TCPAddr).Port
+		l.Close()
+		if !used[p] {
+			return p, nil
+		}
+	}
+	return 0, errors.New("no free port after 100 tries")
+}

@@ -1,0 +1,99 @@
+// Package qemu builds QEMU command lines and supervises QEMU processes that
+// outlive the agent that started them: each process is daemonized, leaves a
+// pid file and a QMP socket in its VM directory, and can be re-adopted.
+package qemu
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strconv"
+)
+
+// Machine is everything needed to run one VM's QEMU process.
+type Machine struct {
+	Name        string
+	UUID        string
+	MemoryBytes int64
+	CPUs        int
+	Accel       string // kvm or tcg, already resolved
+	Kernel      string
+	Initrd      string
+	Cmdline     string
+	Disk        string // qcow2 image, attached as virtio-blk node "disk0"
+	HostPort    int    // 127.0.0.1:HostPort is forwarded to the guest's port 80
+	Dir         string // holds the sockets, serial log and pid file
+}
+
+// Paths of the per-VM runtime files.
+func (m Machine) QMPSocket() string   { return filepath.Join(m.Dir, "qmp.sock") }
+func (m Machine) AgentSocket() string { return filepath.Join(m.Dir, "agent.sock") }
+func (m Machine) SerialLog() string   { return filepath.Join(m.Dir, "serial.log") }
+func (m Machine) PIDFile() string     { return filepath.Join(m.Dir, "qemu.pid") }
+func (m Machine) LogFile() string     { return filepath.Join(m.Dir, "qemu.log") }
+
+// unixPathMax is sun_path's size on Linux, including the terminating NUL.
+const unixPathMax = 108
+
+// Validate reports a definition QEMU would reject, in words an operator can act on.
+func (m Machine) Validate() error {
+	switch {
+	case m.Name == "":
+		return errors.New("machine has no name")
+	case m.MemoryBytes < 16<<20:
+		return fmt.Errorf("memory %d bytes is too small: give at least 16 MiB", m.MemoryBytes)
+	case m.CPUs < 1:
+		return fmt.Errorf("%d cpus: give at least 1", m.CPUs)
+	case m.Accel != AccelKVM && m.Accel != AccelTCG:
+		return fmt.Errorf("accelerator %q is not resolved: use kvm or tcg", m.Accel)
+	case m.Kernel == "" || m.Initrd == "":
+		return errors.New("no guest image: build it with 'vigil image build'")
+	case m.Disk == "":
+		return errors.New("machine has no disk")
+	case m.HostPort <= 0 || m.HostPort > 65535:
+		return fmt.Errorf("host port %d is out of range", m.HostPort)
+	case len(m.QMPSocket()) >= unixPathMax || len(m.AgentSocket()) >= unixPathMax:
+		return fmt.Errorf("vm directory %s is too long for unix sockets (max %d bytes): use a shorter --data-dir", m.Dir, unixPathMax-12)
+	}
+	return nil
+}
+
+// Args is the QEMU command line (without the binary). Disks are given with
+// -blockdev and node names so later work can add overlays and mirror by name.
+func (m Machine) Args() []string {
+	mem := strconv.FormatInt(m.MemoryBytes>>20, 10) + "M"
+	return []string{
+		"-name", "guest=" + m.Name + ",debug-threads=on",
+		"-uuid", m.UUID,
+		"-machine", "q35,accel=" + m.Accel,
+		"-cpu", cpuModel(m.Accel),
+		"-m", mem,
+		"-smp", strconv.Itoa(m.CPUs),
+		"-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
+		"-kernel", m.Kernel,
+		"-initrd", m.Initrd,
+		"-append", m.Cmdline,
+		"-chardev", "file,id=serial0,path=" + m.SerialLog(),
+		"-serial", "chardev:serial0",
+		"-qmp", "unix:" + m.QMPSocket() + ",server=on,wait=off",
+		"-blockdev", "driver=file,filename=" + m.Disk + ",node-name=disk0-file",
+		"-blockdev", "driver=qcow2,file=disk0-file,node-name=disk0",
+		"-device", "virtio-blk-pci,drive=disk0,id=vda",
+		"-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:" + strconv.Itoa(m.HostPort) + "-:80",
+		"-device", "virtio-net-pci,netdev=net0,id=nic0",
+		"-device", "virtio-serial-pci,id=vser0",
+		"-chardev", "socket,id=agent0,path=" + m.AgentSocket() + ",server=on,wait=off",
+		"-device", "virtserialport,chardev=agent0,name=org.vigil.agent.0",
+		"-device", "pvpanic-pci",
+		"-pidfile", m.PIDFile(),
+		"-D", m.LogFile(),
+		"-daemonize",
+	}
+}
+
+func cpuModel(accel string) string {
+	if accel == AccelKVM {
+		return "host"
+	}
+	return "max"
+}

@@ -1,0 +1,205 @@
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/vigil-project/vigil/internal/qemu/qmp"
+)
+
+// ErrNotInstalled means no QEMU binary was found.
+var ErrNotInstalled = errors.New("qemu-system-x86_64 is not installed: install it with 'apt-get install qemu-system-x86' (or run 'make run')")
+
+// ErrNotRunning means a VM directory has no live QEMU process to adopt.
+var ErrNotRunning = errors.New("no qemu process is running")
+
+// FindBinary locates qemu-system-x86_64 on PATH.
+func FindBinary() (string, error) {
+	p, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		return "", ErrNotInstalled
+	}
+	return p, nil
+}
+
+// Process is a running QEMU, whether this agent started it or adopted it.
+type Process struct {
+	PID     int
+	Monitor *qmp.Monitor
+	m       Machine
+}
+
+// Start launches QEMU daemonized, so that it is not a child that dies with
+// the agent, and connects to its QMP socket.
+func Start(ctx context.Context, bin string, m Machine) (*Process, error) {
+	if err := m.Validate(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", m.Name, err)
+	}
+	for _, p := range []string{m.QMPSocket(), m.AgentSocket(), m.PIDFile()} {
+		if err := os.Remove(p); err != nil && !os.IsNotExist(err) {
+			return nil, fmt.Errorf("start %s: remove stale %s: %w", m.Name, p, err)
+		}
+	}
+	// Keep the previous boot's console for post-mortems.
+	if _, err := os.Stat(m.SerialLog()); err == nil {
+		os.Rename(m.SerialLog(), m.SerialLog()+".1")
+	}
+	cmd := exec.CommandContext(ctx, bin, m.Args()...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	cmd.Stdout = &stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	// With -daemonize the launcher exits once the VM is set up; its exit
+	// status is QEMU's verdict on the command line.
+	if err := cmd.Run(); err != nil {
+		msg := strings.TrimSpace(stderr.String())
+		if msg == "" {
+			msg = err.Error()
+		}
+		return nil, fmt.Errorf("start %s: qemu: %s", m.Name, firstLine(msg))
+	}
+	pid, err := readPID(m.PIDFile())
+	if err != nil {
+		return nil, fmt.Errorf("start %s: %w", m.Name, err)
+	}
+	mon, err := dialRetry(ctx, m.QMPSocket())
+	if err != nil {
+		killPID(pid)
+		return nil, fmt.Errorf("start %s: connect to qmp: %w", m.Name, err)
+	}
+	return &Process{PID: pid, Monitor: mon, m: m}, nil
+}
+
+// Adopt reconnects to a QEMU that an earlier agent started for m.
+func Adopt(ctx context.Context, m Machine) (*Process, error) {
+	pid, err := readPID(m.PIDFile())
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, ErrNotRunning
+		}
+		return nil, err
+	}
+	if !ownsSocket(pid, m.QMPSocket()) {
+		return nil, ErrNotRunning
+	}
+	mon, err := dialRetry(ctx, m.QMPSocket())
+	if err != nil {
+		return nil, fmt.Errorf("adopt %s (pid %d): %w", m.Name, pid, err)
+	}
+	return &Process{PID: pid, Monitor: mon, m: m}, nil
+}
+
+// Exited is closed when QEMU's monitor connection ends, i.e. QEMU is gone
+// (or the agent closed its side).
+func (p *Process) Exited() <-chan struct{} { return p.Monitor.Done() }
+
+// Kill sends SIGKILL and waits until the process is gone.
+func (p *Process) Kill(ctx context.Context) error {
+	if !ownsSocket(p.PID, p.m.QMPSocket()) {
+		return nil // already gone (and the pid may belong to someone else now)
+	}
+	if err := syscall.Kill(p.PID, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("kill qemu of %s (pid %d): %w", p.m.Name, p.PID, err)
+	}
+	return WaitGone(ctx, p.PID)
+}
+
+// Detach closes the agent's connection and leaves QEMU running.
+func (p *Process) Detach() { p.Monitor.Close() }
+
+// Alive reports whether pid is a live (not zombie) process.
+func Alive(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	// The state follows the parenthesised command name, which may contain spaces.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 || i+2 >= len(b) {
+		return false
+	}
+	return b[i+2] != 'Z' && b[i+2] != 'X'
+}
+
+// WaitGone waits until pid is no longer alive.
+func WaitGone(ctx context.Context, pid int) error {
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for Alive(pid) {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("wait for pid %d to exit: %w", pid, ctx.Err())
+		case <-t.C:
+		}
+	}
+	return nil
+}
+
+// ownsSocket is true when pid is alive and its command line names sock, so a
+// recycled pid is never mistaken for our QEMU.
+func ownsSocket(pid int, sock string) bool {
+	if !Alive(pid) {
+		return false
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	if err != nil {
+		return false
+	}
+	return bytes.Contains(b, []byte(sock))
+}
+
+func killPID(pid int) {
+	syscall.Kill(pid, syscall.SIGKILL)
+}
+
+func readPID(path string) (int, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, fmt.Errorf("read pid file: %w", err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 0 {
+		return 0, fmt.Errorf("pid file %s holds %q, not a pid", path, b)
+	}
+	return pid, nil
+}
+
+func dialRetry(ctx context.Context, sock string) (*qmp.Monitor, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	for {
+		mon, err := qmp.Dial(ctx, sock)
+		if err == nil {
+			return mon, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+func firstLine(s string) string {
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		return s[:i]
+	}
+	return s
+}
+
+// BinaryVersion is the first line of `qemu-system-x86_64 --version`, or "".
+func BinaryVersion(bin string) string {
+	out, err := exec.Command(bin, "--version").Output()
+	if err != nil {
+		return ""
+	}
+	return strings.TrimPrefix(firstLine(strings.TrimSpace(string(out))), "QEMU emulator version ")
+}

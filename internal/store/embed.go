@@ -1,0 +1,121 @@
+package store
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/vigil-project/vigil/internal/atomicfile"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/server/v3/embed"
+	"go.etcd.io/etcd/server/v3/etcdserver/api/v3client"
+)
+
+// Embedded is a single-member etcd running inside this process.
+type Embedded struct {
+	etcd *embed.Etcd
+	cli  *clientv3.Client
+}
+
+// urls are remembered in the data dir: a member's peer URL is part of its
+// stored identity, so a restart must come back on the same addresses.
+type urls struct {
+	Client string `json:"client"`
+	Peer   string `json:"peer"`
+}
+
+// StartEmbedded starts (or restarts) an embedded etcd with its data under dir.
+// Free loopback ports are chosen the first time and reused afterwards.
+func StartEmbedded(ctx context.Context, dir string, log *slog.Logger) (*Embedded, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create etcd dir: %w", err)
+	}
+	u, err := loadURLs(filepath.Join(dir, "urls.json"))
+	if err != nil {
+		return nil, err
+	}
+	cu, _ := url.Parse(u.Client)
+	pu, _ := url.Parse(u.Peer)
+
+	cfg := embed.NewConfig()
+	cfg.Name = "vigil"
+	cfg.Dir = filepath.Join(dir, "data")
+	cfg.ListenClientUrls = []url.URL{*cu}
+	cfg.AdvertiseClientUrls = []url.URL{*cu}
+	cfg.ListenPeerUrls = []url.URL{*pu}
+	cfg.AdvertisePeerUrls = []url.URL{*pu}
+	cfg.InitialCluster = cfg.InitialClusterFromName(cfg.Name)
+	cfg.LogLevel = "error"
+
+	e, err := embed.StartEtcd(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("start embedded etcd in %s: %w", dir, err)
+	}
+	select {
+	case <-e.Server.ReadyNotify():
+	case err := <-e.Err():
+		e.Close()
+		return nil, fmt.Errorf("embedded etcd: %w", err)
+	case <-time.After(60 * time.Second):
+		e.Close()
+		return nil, fmt.Errorf("embedded etcd in %s was not ready after 60s", dir)
+	case <-ctx.Done():
+		e.Close()
+		return nil, ctx.Err()
+	}
+	log.Debug("embedded etcd ready", "dir", dir, "client", u.Client)
+	return &Embedded{etcd: e, cli: v3client.New(e.Server)}, nil
+}
+
+// Client is an in-process client of the embedded member.
+func (e *Embedded) Client() *clientv3.Client { return e.cli }
+
+// Close stops the member after its client.
+func (e *Embedded) Close() {
+	e.cli.Close()
+	e.etcd.Close()
+}
+
+func loadURLs(path string) (urls, error) {
+	var u urls
+	b, err := os.ReadFile(path)
+	if err == nil {
+		if err := json.Unmarshal(b, &u); err != nil {
+			return u, fmt.Errorf("read %s: %w (delete it to pick new ports)", path, err)
+		}
+		return u, nil
+	}
+	if !os.IsNotExist(err) {
+		return u, fmt.Errorf("read %s: %w", path, err)
+	}
+	cp, err := freePort()
+	if err != nil {
+		return u, err
+	}
+	pp, err := freePort()
+	if err != nil {
+		return u, err
+	}
+	u = urls{Client: fmt.Sprintf("http://127.0.0.1:%d", cp), Peer: fmt.Sprintf("http://127.0.0.1:%d", pp)}
+	b, _ = json.Marshal(u)
+	if err := atomicfile.WriteFile(path, b, 0o600); err != nil {
+		return u, err
+	}
+	return u, nil
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, fmt.Errorf("find a free port: %w", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}

@@ -1,0 +1,123 @@
+// Package store keeps Vigil's desired state in etcd. The manager is its only
+// writer. An embedded single-member etcd is the default; an external cluster
+// changes only how the client is built.
+package store
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// ErrNotFound is returned when a key does not exist.
+var ErrNotFound = errors.New("not found")
+
+// ErrExists is returned by Create when the key is already taken.
+var ErrExists = errors.New("already exists")
+
+// ErrConflict is returned by Update when the value changed since it was read.
+var ErrConflict = errors.New("changed concurrently")
+
+// Store is a typed key/value view over etcd under one prefix.
+type Store struct {
+	cli    *clientv3.Client
+	prefix string
+}
+
+// New wraps an etcd client. Keys are kept under prefix (e.g. "/vigil/").
+func New(cli *clientv3.Client, prefix string) *Store {
+	return &Store{cli: cli, prefix: prefix}
+}
+
+// Client returns the etcd client, for leader election and watches.
+func (s *Store) Client() *clientv3.Client { return s.cli }
+
+func (s *Store) key(k string) string { return s.prefix + k }
+
+// Get decodes the JSON value at key into v and returns its modification
+// revision, which Update uses to detect concurrent writers.
+func (s *Store) Get(ctx context.Context, key string, v any) (int64, error) {
+	resp, err := s.cli.Get(ctx, s.key(key))
+	if err != nil {
+		return 0, fmt.Errorf("get %s: %w", key, err)
+	}
+	if len(resp.Kvs) == 0 {
+		return 0, fmt.Errorf("get %s: %w", key, ErrNotFound)
+	}
+	if err := json.Unmarshal(resp.Kvs[0].Value, v); err != nil {
+		return 0, fmt.Errorf("decode %s: %w", key, err)
+	}
+	return resp.Kvs[0].ModRevision, nil
+}
+
+// Create stores v at key only if the key does not exist yet.
+func (s *Store) Create(ctx context.Context, key string, v any) (int64, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return 0, fmt.Errorf("encode %s: %w", key, err)
+	}
+	k := s.key(key)
+	resp, err := s.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).
+		Then(clientv3.OpPut(k, string(b))).
+		Commit()
+	if err != nil {
+		return 0, fmt.Errorf("create %s: %w", key, err)
+	}
+	if !resp.Succeeded {
+		return 0, fmt.Errorf("create %s: %w", key, ErrExists)
+	}
+	return resp.Header.Revision, nil
+}
+
+// Update stores v at key if its revision is still rev (compare-and-swap).
+func (s *Store) Update(ctx context.Context, key string, rev int64, v any) (int64, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return 0, fmt.Errorf("encode %s: %w", key, err)
+	}
+	k := s.key(key)
+	resp, err := s.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.ModRevision(k), "=", rev)).
+		Then(clientv3.OpPut(k, string(b))).
+		Commit()
+	if err != nil {
+		return 0, fmt.Errorf("update %s: %w", key, err)
+	}
+	if !resp.Succeeded {
+		return 0, fmt.Errorf("update %s: %w", key, ErrConflict)
+	}
+	return resp.Header.Revision, nil
+}
+
+// Delete removes key. Deleting a missing key is not an error.
+func (s *Store) Delete(ctx context.Context, key string) error {
+	if _, err := s.cli.Delete(ctx, s.key(key)); err != nil {
+		return fmt.Errorf("delete %s: %w", key, err)
+	}
+	return nil
+}
+
+// List returns the raw JSON values of every key under prefix, keyed by the
+// part of the key after prefix, in key order.
+func (s *Store) List(ctx context.Context, prefix string) ([]KV, error) {
+	resp, err := s.cli.Get(ctx, s.key(prefix), clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend))
+	if err != nil {
+		return nil, fmt.Errorf("list %s: %w", prefix, err)
+	}
+	out := make([]KV, 0, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		out = append(out, KV{Key: string(kv.Key[len(s.key(prefix)):]), Value: kv.Value, Revision: kv.ModRevision})
+	}
+	return out, nil
+}
+
+// KV is one listed entry.
+type KV struct {
+	Key      string
+	Value    []byte
+	Revision int64
+}

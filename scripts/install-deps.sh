@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Vigil needs, only when something is missing.
+set -euo pipefail
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+[ -x /bin/busybox ] && file_is_static=$(LC_ALL=C ldd /bin/busybox 2>&1 | grep -c "not a dynamic" || true) || file_is_static=0
+[ "${file_is_static}" = 1 ] || need+=(busybox-static)
+command -v cpio >/dev/null || need+=(cpio)
+command -v curl >/dev/null || need+=(curl)
+if [ ${#need[@]} -eq 0 ]; then
+	exit 0
+fi
+echo "installing: ${need[*]}"
+if [ "$(id -u)" != 0 ]; then
+	SUDO=sudo
+else
+	SUDO=
+fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
