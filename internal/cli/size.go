@@ -50,10 +50,10 @@ func humanSize(b int64) string {
 		return fmt.Sprintf("%dT", b>>40)
 	case b >= 1<<30 && b%(1<<30) == 0:
 		return fmt.Sprintf("%dG", b>>30)
-	case b >= 1<<20 && b%(1<<20) == 0:
-		return fmt.Sprintf("%dM", b>>20)
 	case b >= 1<<30:
 		return fmt.Sprintf("%.1fG", float64(b)/(1<<30))
+	case b >= 1<<20 && b%(1<<20) == 0:
+		return fmt.Sprintf("%dM", b>>20)
 	case b >= 1<<20:
 		return fmt.Sprintf("%.1fM", float64(b)/(1<<20))
 	}

@@ -224,4 +224,3 @@ func (f *flushWriter) Flush() {
 		fl.Flush()
 	}
 }
-

@@ -24,7 +24,7 @@ const (
 
 func validName(name string) error {
 	if !dnsLabel.MatchString(name) {
-		return errorf(ErrInvalid, "invalid vm name %q: use 1-63 lower-case letters, digits and '-', starting and ending with a letter or digit", name)
+		return errorf(ErrInvalid, "invalid vm name %q: it must be a DNS label of 1-63 lower-case letters, digits and '-', starting and ending with a letter or digit", name)
 	}
 	return nil
 }

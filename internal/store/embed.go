@@ -16,6 +16,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.etcd.io/etcd/server/v3/etcdserver/api/v3client"
+	"go.uber.org/zap"
 )
 
 // Embedded is a single-member etcd running inside this process.
@@ -34,6 +35,9 @@ type urls struct {
 // StartEmbedded starts (or restarts) an embedded etcd with its data under dir.
 // Free loopback ports are chosen the first time and reused afterwards.
 func StartEmbedded(ctx context.Context, dir string, log *slog.Logger) (*Embedded, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create etcd dir: %w", err)
 	}
@@ -52,7 +56,9 @@ func StartEmbedded(ctx context.Context, dir string, log *slog.Logger) (*Embedded
 	cfg.ListenPeerUrls = []url.URL{*pu}
 	cfg.AdvertisePeerUrls = []url.URL{*pu}
 	cfg.InitialCluster = cfg.InitialClusterFromName(cfg.Name)
-	cfg.LogLevel = "error"
+	// etcd's zap logs report routine shutdown as errors; Vigil logs what
+	// matters about the store itself through slog.
+	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
 
 	e, err := embed.StartEtcd(cfg)
 	if err != nil {

@@ -1,0 +1,201 @@
+// Package guestproto defines the wire protocol spoken between the Vigil host
+// and the vigil-guest agent over a virtio-serial port.
+//
+// The protocol is newline-delimited JSON: every message is exactly one line.
+// Each message carries a major version number; a peer rejects messages with a
+// major version it does not understand, while unknown message types and
+// unknown fields within a known version are tolerated so that the protocol can
+// grow without a version bump.
+package guestproto
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+)
+
+// Version is the protocol major version spoken by this package.
+const Version = 1
+
+// PortName is the virtio-serial port name the agent listens on. The guest
+// finds its device by this name rather than by a fixed /dev path, because
+// port numbering depends on device order on the QEMU command line.
+const PortName = "org.vigil.agent.0"
+
+// MaxLineBytes is the largest accepted line, excluding the newline. It bounds
+// the memory a misbehaving peer (or garbage on the channel) can make us use.
+const MaxLineBytes = 64 << 10
+
+// Message types.
+const (
+	TypeHeartbeat = "heartbeat"
+	TypePing      = "ping"
+	TypePong      = "pong"
+)
+
+var (
+	// ErrVersion is wrapped by decode errors for messages whose major
+	// version is not Version.
+	ErrVersion = errors.New("unsupported protocol version")
+	// ErrMalformed is wrapped by decode errors for lines that are not a
+	// valid message. The decoder remains usable after such an error.
+	ErrMalformed = errors.New("malformed message")
+	// ErrLineTooLong is wrapped (together with ErrMalformed) when a line
+	// exceeds MaxLineBytes.
+	ErrLineTooLong = errors.New("line too long")
+)
+
+// Message is one protocol message.
+type Message struct {
+	V         int        `json:"v"`
+	Type      string     `json:"type"`
+	ID        string     `json:"id,omitempty"` // correlates a ping with its pong
+	Heartbeat *Heartbeat `json:"heartbeat,omitempty"`
+}
+
+// Heartbeat is the periodic liveness and health report sent by the guest.
+type Heartbeat struct {
+	BootID        string    `json:"boot_id"`        // /proc/sys/kernel/random/boot_id
+	Seq           uint64    `json:"seq"`            // +1 per heartbeat since the agent started, first is 1
+	UptimeSeconds float64   `json:"uptime_seconds"` // /proc/uptime
+	Load1         float64   `json:"load1"`          // /proc/loadavg
+	MemUsedBytes  uint64    `json:"mem_used_bytes"` // MemTotal-MemAvailable
+	MemTotalBytes uint64    `json:"mem_total_bytes"`
+	SentAt        time.Time `json:"sent_at"` // guest clock
+}
+
+// validate checks the invariants a receiver relies on.
+func (m *Message) validate() error {
+	if m.V != Version {
+		return fmt.Errorf("%w: got v=%d, want %d", ErrVersion, m.V, Version)
+	}
+	if m.Type == "" {
+		return fmt.Errorf("%w: missing type", ErrMalformed)
+	}
+	if m.Type == TypeHeartbeat && m.Heartbeat == nil {
+		return fmt.Errorf("%w: heartbeat message without heartbeat body", ErrMalformed)
+	}
+	return nil
+}
+
+// Encoder writes messages as JSON lines. It is safe for concurrent use.
+type Encoder struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+// NewEncoder returns an Encoder writing to w.
+func NewEncoder(w io.Writer) *Encoder { return &Encoder{w: w} }
+
+// Encode writes m as a single line with a single Write call, so that on a
+// message-oriented transport (such as a virtio-serial port) a message is never
+// interleaved with another. A zero V is filled in with Version.
+func (e *Encoder) Encode(m Message) error {
+	if m.V == 0 {
+		m.V = Version
+	}
+	if err := m.validate(); err != nil {
+		return fmt.Errorf("encode %s: %w", m.Type, err)
+	}
+	// json.Marshal escapes control characters inside strings, so the output
+	// never contains a raw newline and the framing cannot be broken.
+	b, err := json.Marshal(m)
+	if err != nil {
+		return fmt.Errorf("encode %s: %w", m.Type, err)
+	}
+	if len(b) > MaxLineBytes {
+		return fmt.Errorf("encode %s: %w: %d bytes", m.Type, ErrLineTooLong, len(b))
+	}
+	b = append(b, '\n')
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if _, err := e.w.Write(b); err != nil {
+		return fmt.Errorf("write %s: %w", m.Type, err)
+	}
+	return nil
+}
+
+// Decoder reads JSON-line messages. It is not safe for concurrent use.
+type Decoder struct {
+	r *bufio.Reader
+}
+
+// NewDecoder returns a Decoder reading from r.
+func NewDecoder(r io.Reader) *Decoder {
+	return &Decoder{r: bufio.NewReaderSize(r, 4096)}
+}
+
+// Decode returns the next message. Blank lines are skipped. A malformed or
+// over-long line yields an error wrapping ErrMalformed, and a message with an
+// unknown major version one wrapping ErrVersion; in both cases the offending
+// line has been consumed and the next call continues with the following line,
+// because the channel may carry noise (for example from early boot). At the end
+// of input Decode returns io.EOF; a final line without a newline is still
+// decoded.
+func (d *Decoder) Decode() (Message, error) {
+	for {
+		line, err := d.readLine()
+		if err != nil {
+			return Message{}, err
+		}
+		line = bytes.TrimSpace(line)
+		if len(line) == 0 {
+			continue
+		}
+		var m Message
+		if err := json.Unmarshal(line, &m); err != nil {
+			return Message{}, fmt.Errorf("%w: %w", ErrMalformed, err)
+		}
+		if err := m.validate(); err != nil {
+			return Message{}, err
+		}
+		return m, nil
+	}
+}
+
+// readLine returns the next line without its terminator. Over-long lines are
+// drained to their end and reported, so the stream stays in sync.
+func (d *Decoder) readLine() ([]byte, error) {
+	var buf []byte
+	for {
+		chunk, err := d.r.ReadSlice('\n')
+		if len(buf)+len(chunk) > MaxLineBytes+1 { // +1 for the newline
+			if drainErr := d.drain(err); drainErr != nil && !errors.Is(drainErr, io.EOF) {
+				return nil, drainErr
+			}
+			return nil, fmt.Errorf("%w: %w: more than %d bytes", ErrMalformed, ErrLineTooLong, MaxLineBytes)
+		}
+		buf = append(buf, chunk...)
+		switch {
+		case err == nil:
+			return buf[:len(buf)-1], nil
+		case errors.Is(err, bufio.ErrBufferFull):
+			continue
+		case errors.Is(err, io.EOF) && len(buf) > 0:
+			// An unterminated final line; hand it out and report EOF on the
+			// next call.
+			return buf, nil
+		default:
+			return nil, err
+		}
+	}
+}
+
+// drain discards input up to and including the next newline. lastErr is the
+// error from the read that detected the over-long line.
+func (d *Decoder) drain(lastErr error) error {
+	for {
+		switch {
+		case lastErr == nil:
+			return nil // the chunk that overflowed ended with the newline
+		case !errors.Is(lastErr, bufio.ErrBufferFull):
+			return lastErr
+		}
+		_, lastErr = d.r.ReadSlice('\n')
+	}
+}

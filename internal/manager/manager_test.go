@@ -1,0 +1,412 @@
+package manager
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/events"
+	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/store"
+)
+
+// fakeHost stands in for a host agent in unit tests: it records calls and
+// keeps a running flag per VM, and can be told to fail.
+type fakeHost struct {
+	mu        sync.Mutex
+	vms       map[string]bool // name -> running
+	failNext  map[string]error
+	calls     []string
+	stopDelay time.Duration
+}
+
+func newFakeHost() *fakeHost {
+	return &fakeHost{vms: map[string]bool{}, failNext: map[string]error{}}
+}
+
+func (h *fakeHost) Name() string   { return "h1" }
+func (h *fakeHost) Info() api.Host { return api.Host{Name: "h1", State: "up"} }
+
+func (h *fakeHost) record(op, name string) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.calls = append(h.calls, op+" "+name)
+	if err := h.failNext[op]; err != nil {
+		delete(h.failNext, op)
+		return err
+	}
+	return nil
+}
+
+func (h *fakeHost) Create(_ context.Context, s hostproto.VMSpec) error {
+	if err := h.record("create", s.Name); err != nil {
+		return err
+	}
+	h.mu.Lock()
+	h.vms[s.Name] = false
+	h.mu.Unlock()
+	return nil
+}
+
+func (h *fakeHost) Start(_ context.Context, name string) error {
+	if err := h.record("start", name); err != nil {
+		return err
+	}
+	h.mu.Lock()
+	h.vms[name] = true
+	h.mu.Unlock()
+	return nil
+}
+
+func (h *fakeHost) Stop(ctx context.Context, name string, force bool, timeout time.Duration) error {
+	if err := h.record("stop", name); err != nil {
+		return err
+	}
+	select {
+	case <-time.After(h.stopDelay):
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	h.mu.Lock()
+	h.vms[name] = false
+	h.mu.Unlock()
+	return nil
+}
+
+func (h *fakeHost) Delete(_ context.Context, name string) error {
+	if err := h.record("delete", name); err != nil {
+		return err
+	}
+	h.mu.Lock()
+	delete(h.vms, name)
+	h.mu.Unlock()
+	return nil
+}
+
+func (h *fakeHost) Status(name string) (hostproto.VMStatus, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	running, ok := h.vms[name]
+	if !ok {
+		return hostproto.VMStatus{}, errors.New("unknown")
+	}
+	st := hostproto.VMStatus{Name: name, Running: running}
+	if running {
+		st.PID = 42
+		st.RunState = "running"
+	}
+	return st, nil
+}
+
+func (h *fakeHost) Console(_ context.Context, name string, _ bool, w io.Writer) error {
+	_, err := io.WriteString(w, "console of "+name+"\n")
+	return err
+}
+
+func (h *fakeHost) exists(name string) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	_, ok := h.vms[name]
+	return ok
+}
+
+func newTestManager(t *testing.T) (*Manager, *fakeHost) {
+	t.Helper()
+	e, err := store.StartEmbedded(context.Background(), t.TempDir(), nil)
+	if err != nil {
+		t.Fatalf("start etcd: %v", err)
+	}
+	t.Cleanup(e.Close)
+	h := newFakeHost()
+	port := 20000
+	var portMu sync.Mutex
+	m := New(Config{
+		Store: store.New(e.Client(), "/test/"), Host: h, Events: events.New(100),
+		Limits: Limits{MaxMemoryBytes: 4 << 30, MaxCPUs: 8},
+		Ports: func(used map[int]bool) (int, error) {
+			portMu.Lock()
+			defer portMu.Unlock()
+			port++
+			return port, nil
+		},
+	})
+	return m, h
+}
+
+func call(t *testing.T, srv http.Handler, method, path, body string) (int, []byte) {
+	t.Helper()
+	req := httptest.NewRequest(method, path, strings.NewReader(body))
+	rec := httptest.NewRecorder()
+	srv.ServeHTTP(rec, req)
+	return rec.Code, rec.Body.Bytes()
+}
+
+func TestAPIValidationAndErrorMapping(t *testing.T) {
+	m, h := newTestManager(t)
+	srv := m.Handler()
+	if code, b := call(t, srv, "POST", "/v1/vms", `{"name":"web1","memory_bytes":134217728,"cpus":1,"disk_bytes":268435456}`); code != 201 {
+		t.Fatalf("create web1: %d %s", code, b)
+	}
+	tests := []struct {
+		name, method, path, body string
+		wantStatus               int
+		wantCode, wantMsg        string
+	}{
+		{"malformed json", "POST", "/v1/vms", `{"name":`, 400, "invalid", "malformed JSON"},
+		{"unknown field", "POST", "/v1/vms", `{"name":"a","memroy":1}`, 400, "invalid", "unknown field"},
+		{"two values", "POST", "/v1/vms", `{"name":"a"} {}`, 400, "invalid", "more than one"},
+		{"bad name", "POST", "/v1/vms", `{"name":"Web_1","memory_bytes":134217728,"cpus":1,"disk_bytes":268435456}`, 400, "invalid", "DNS"},
+		{"name too long", "POST", "/v1/vms", `{"name":"` + strings.Repeat("a", 64) + `","memory_bytes":134217728,"cpus":1,"disk_bytes":268435456}`, 400, "invalid", "1-63"},
+		{"zero memory", "POST", "/v1/vms", `{"name":"a","memory_bytes":0,"cpus":1,"disk_bytes":268435456}`, 400, "invalid", "too small"},
+		{"absurd memory", "POST", "/v1/vms", `{"name":"a","memory_bytes":1099511627776,"cpus":1,"disk_bytes":268435456}`, 400, "invalid", "more than the host has"},
+		{"zero cpus", "POST", "/v1/vms", `{"name":"a","memory_bytes":134217728,"cpus":0,"disk_bytes":268435456}`, 400, "invalid", "at least 1"},
+		{"absurd cpus", "POST", "/v1/vms", `{"name":"a","memory_bytes":134217728,"cpus":1000,"disk_bytes":268435456}`, 400, "invalid", "more than allowed"},
+		{"zero disk", "POST", "/v1/vms", `{"name":"a","memory_bytes":134217728,"cpus":1,"disk_bytes":0}`, 400, "invalid", "too small"},
+		{"absurd disk", "POST", "/v1/vms", `{"name":"a","memory_bytes":134217728,"cpus":1,"disk_bytes":9223372036854775807}`, 400, "invalid", "limit"},
+		{"duplicate", "POST", "/v1/vms", `{"name":"web1","memory_bytes":134217728,"cpus":1,"disk_bytes":268435456}`, 409, "conflict", "already exists"},
+		{"unknown vm", "GET", "/v1/vms/nope", "", 404, "not_found", "does not exist"},
+		{"unknown vm state", "PUT", "/v1/vms/nope/state", `{"action":"start"}`, 404, "not_found", "does not exist"},
+		{"unknown vm delete", "DELETE", "/v1/vms/nope", "", 404, "not_found", "does not exist"},
+		{"stop a stopped vm", "PUT", "/v1/vms/web1/state", `{"action":"stop"}`, 409, "conflict", "already stopped"},
+		{"unknown action", "PUT", "/v1/vms/web1/state", `{"action":"dance"}`, 400, "invalid", "unknown action"},
+		{"negative timeout", "PUT", "/v1/vms/web1/state", `{"action":"stop","timeout_seconds":-1}`, 400, "invalid", "negative"},
+		{"unknown endpoint", "GET", "/v1/nothing", "", 404, "not_found", "no such endpoint"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			code, b := call(t, srv, tt.method, tt.path, tt.body)
+			var e api.Error
+			if err := json.Unmarshal(b, &e); err != nil {
+				t.Fatalf("answer is not an api.Error: %s", b)
+			}
+			if code != tt.wantStatus || e.Code != tt.wantCode || !strings.Contains(e.Error, tt.wantMsg) {
+				t.Fatalf("got %d %q %q, want %d %q containing %q", code, e.Code, e.Error, tt.wantStatus, tt.wantCode, tt.wantMsg)
+			}
+			if strings.Contains(e.Error, "\n") {
+				t.Fatalf("error is not one line: %q", e.Error)
+			}
+		})
+	}
+	if !h.exists("web1") || h.exists("a") {
+		t.Fatalf("rejected requests changed the host: %v", h.calls)
+	}
+}
+
+func TestStatusOf(t *testing.T) {
+	tests := []struct {
+		err    error
+		status int
+	}{
+		{errorf(ErrInvalid, "x"), 400},
+		{fmt.Errorf("wrapped: %w", errorf(ErrNotFound, "x")), 404},
+		{errorf(ErrConflict, "x"), 409},
+		{errorf(ErrBusy, "x"), 409},
+		{wrapf(ErrUnavailable, errors.New("etcd down"), "x"), 503},
+		{errors.New("boom"), 500},
+	}
+	for _, tt := range tests {
+		if got, _ := statusOf(tt.err); got != tt.status {
+			t.Fatalf("statusOf(%v) = %d, want %d", tt.err, got, tt.status)
+		}
+	}
+}
+
+func TestFailedCreateLeavesNothing(t *testing.T) {
+	m, h := newTestManager(t)
+	h.failNext["create"] = errors.New("disk full")
+	_, err := m.Create(context.Background(), api.VMCreateRequest{Name: "web1", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20})
+	if err == nil || !strings.Contains(err.Error(), "disk full") {
+		t.Fatalf("create error = %v, want the host's failure", err)
+	}
+	if _, err := m.Get(context.Background(), "web1"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("after a failed create, get = %v, want not found", err)
+	}
+	// The name is free again.
+	if _, err := m.Create(context.Background(), api.VMCreateRequest{Name: "web1", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20}); err != nil {
+		t.Fatalf("create after failure: %v", err)
+	}
+}
+
+func TestLifecycleStatesAndEvents(t *testing.T) {
+	m, h := newTestManager(t)
+	ctx := context.Background()
+	_, ch, cancel := m.Events().Subscribe(0)
+	defer cancel()
+
+	vm, err := m.Create(ctx, api.VMCreateRequest{Name: "web1", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20, Start: true})
+	if err != nil || vm.State != api.StateRunning || vm.PID != 42 {
+		t.Fatalf("create --start = %+v, %v; want running with a pid", vm, err)
+	}
+	steps := []struct {
+		action api.Action
+		want   api.VMState
+	}{
+		{api.ActionStop, api.StateStopped},
+		{api.ActionStart, api.StateRunning},
+		{api.ActionRestart, api.StateRunning},
+	}
+	for _, s := range steps {
+		vm, err := m.ChangeState(ctx, "web1", api.VMStateRequest{Action: s.action})
+		if err != nil || vm.State != s.want {
+			t.Fatalf("%s: %+v, %v; want %s", s.action, vm, err, s.want)
+		}
+	}
+	if _, err := m.ChangeState(ctx, "web1", api.VMStateRequest{Action: api.ActionStart}); !errors.Is(err, ErrConflict) {
+		t.Fatalf("start a running vm: %v, want conflict", err)
+	}
+	if err := m.Delete(ctx, "web1"); err != nil {
+		t.Fatalf("delete: %v", err)
+	}
+	if h.exists("web1") {
+		t.Fatal("delete left the vm on the host")
+	}
+	var states []string
+	timeout := time.After(2 * time.Second)
+	for done := false; !done; {
+		select {
+		case e := <-ch:
+			if e.Type == "vm.state" {
+				states = append(states, string(e.State))
+			}
+			if e.Type == "vm.deleted" {
+				done = true
+			}
+		case <-timeout:
+			t.Fatalf("no vm.deleted event; saw states %v", states)
+		}
+	}
+	want := "stopped starting running stopping stopped starting running stopping stopped starting running deleting"
+	if got := strings.Join(states, " "); got != want {
+		t.Fatalf("state events:\n got %s\nwant %s", got, want)
+	}
+}
+
+func TestBusyVMRefusesSecondOperation(t *testing.T) {
+	m, h := newTestManager(t)
+	ctx := context.Background()
+	if _, err := m.Create(ctx, api.VMCreateRequest{Name: "web1", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20, Start: true}); err != nil {
+		t.Fatal(err)
+	}
+	h.stopDelay = 300 * time.Millisecond
+	done := make(chan error)
+	go func() {
+		_, err := m.ChangeState(ctx, "web1", api.VMStateRequest{Action: api.ActionStop})
+		done <- err
+	}()
+	time.Sleep(100 * time.Millisecond)
+	if err := m.Delete(ctx, "web1"); !errors.Is(err, ErrBusy) {
+		t.Fatalf("delete during stop: %v, want busy", err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("stop: %v", err)
+	}
+}
+
+func TestReconcileConverges(t *testing.T) {
+	ctx := context.Background()
+	tests := []struct {
+		name      string
+		desired   string
+		state     api.VMState
+		running   bool
+		wantState api.VMState
+		wantGone  bool
+	}{
+		{"running vm found dead is crashed", desiredRunning, api.StateRunning, false, api.StateCrashed, false},
+		{"interrupted start that did start", desiredRunning, api.StateStarting, true, api.StateRunning, false},
+		{"interrupted stop is finished", desiredStopped, api.StateStopping, true, api.StateStopped, false},
+		{"stopped stays stopped", desiredStopped, api.StateStopped, false, api.StateStopped, false},
+		{"interrupted delete is finished", desiredStopped, api.StateDeleting, false, "", true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m, h := newTestManager(t)
+			if _, err := m.Create(ctx, api.VMCreateRequest{Name: "v", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20}); err != nil {
+				t.Fatal(err)
+			}
+			r, rev, _ := m.load(ctx, "v")
+			r.Desired, r.State = tt.desired, tt.state
+			if _, err := m.save(ctx, &r, rev); err != nil {
+				t.Fatal(err)
+			}
+			h.mu.Lock()
+			h.vms["v"] = tt.running
+			h.mu.Unlock()
+			if err := m.Reconcile(ctx, "v"); err != nil {
+				t.Fatalf("reconcile: %v", err)
+			}
+			got, err := m.Get(ctx, "v")
+			if tt.wantGone {
+				if !errors.Is(err, ErrNotFound) || h.exists("v") {
+					t.Fatalf("want the vm gone, got %+v %v", got, err)
+				}
+				return
+			}
+			if err != nil || got.State != tt.wantState {
+				t.Fatalf("state = %q (%v), want %q", got.State, err, tt.wantState)
+			}
+		})
+	}
+}
+
+func TestHostExitEvents(t *testing.T) {
+	ctx := context.Background()
+	for _, tt := range []struct {
+		name     string
+		expected bool
+		want     api.VMState
+	}{
+		{"unexpected exit is a crash", false, api.StateCrashed},
+		{"guest power-off is a stop", true, api.StateStopped},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			m, h := newTestManager(t)
+			if _, err := m.Create(ctx, api.VMCreateRequest{Name: "v", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20, Start: true}); err != nil {
+				t.Fatal(err)
+			}
+			h.mu.Lock()
+			h.vms["v"] = false
+			h.mu.Unlock()
+			m.HandleHostEvent(hostproto.Event{VM: "v", Kind: hostproto.EventExited, Expected: tt.expected, Message: "x"})
+			deadline := time.Now().Add(2 * time.Second)
+			for {
+				vm, _ := m.Get(ctx, "v")
+				if vm.State == tt.want {
+					return
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("state %q, want %q", vm.State, tt.want)
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		})
+	}
+}
+
+func TestEventsEndpointNDJSON(t *testing.T) {
+	m, _ := newTestManager(t)
+	m.Events().Publish(api.Event{Type: "vm.created", VM: "a"})
+	m.Events().Publish(api.Event{Type: "vm.created", VM: "b"})
+	code, b := call(t, m.Handler(), "GET", "/v1/events?vm=b", "")
+	if code != 200 {
+		t.Fatalf("status %d", code)
+	}
+	lines := bytes.Split(bytes.TrimSpace(b), []byte("\n"))
+	if len(lines) != 1 {
+		t.Fatalf("want one event for vm b, got %q", b)
+	}
+	var e api.Event
+	if err := json.Unmarshal(lines[0], &e); err != nil || e.VM != "b" || e.Seq != 2 {
+		t.Fatalf("event = %+v, %v", e, err)
+	}
+}
