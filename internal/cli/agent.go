@@ -78,6 +78,9 @@ func newImageCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			if g.quiet {
+				return nil
+			}
 			return g.printValue(img, func(w io.Writer) {
 				row(w, "KERNEL:", img.Kernel)
 				row(w, "INITRD:", img.Initrd)

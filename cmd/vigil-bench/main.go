@@ -1,0 +1,303 @@
+// Command vigil-bench measures Vigil against baselines taken in the same run
+// and prints a Markdown table (and writes it to -out). `make bench` runs it.
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/client"
+	"github.com/vigil-project/vigil/internal/agent"
+	"github.com/vigil-project/vigil/internal/guestimage"
+	"github.com/vigil-project/vigil/internal/qemu"
+)
+
+func main() {
+	out := flag.String("out", "", "also write the report to this Markdown file")
+	runs := flag.Int("runs", 5, "boots per start-latency series")
+	listRuns := flag.Int("list-runs", 100, "requests per list-latency series")
+	flag.Parse()
+	if err := run(*out, *runs, *listRuns); err != nil {
+		fmt.Fprintln(os.Stderr, "vigil-bench:", err)
+		os.Exit(1)
+	}
+}
+
+// row is one line of the report: Vigil's figure, the same-run baseline, ratio.
+type row struct {
+	what, vigil, baseline, ratio, note string
+}
+
+func run(outPath string, runs, listRuns int) error {
+	imageDir := os.Getenv("VIGIL_TEST_IMAGE")
+	binDir := os.Getenv("VIGIL_BIN")
+	if imageDir == "" || binDir == "" {
+		return errors.New("set VIGIL_TEST_IMAGE and VIGIL_BIN (make bench does)")
+	}
+	img, err := guestimage.Load(imageDir)
+	if err != nil {
+		return err
+	}
+	tmp, err := os.MkdirTemp("", "vb")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	addr, err := freeAddr()
+	if err != nil {
+		return err
+	}
+	ready := make(chan string, 1)
+	done := make(chan error, 1)
+	go func() {
+		done <- agent.RunDev(ctx, agent.DevConfig{
+			Listen: addr, DataDir: filepath.Join(tmp, "d"), ImageDir: imageDir, Accel: "auto",
+			Logger: slog.New(slog.DiscardHandler), Ready: func(a string) { ready <- a },
+		})
+	}()
+	select {
+	case <-ready:
+	case err := <-done:
+		return fmt.Errorf("dev agent: %w", err)
+	}
+	c := client.New(addr)
+
+	var rows []row
+	r, err := benchStart(ctx, c, img, tmp, runs)
+	if err != nil {
+		return err
+	}
+	rows = append(rows, r...)
+	r, err = benchList(ctx, c, filepath.Join(binDir, "vigil"), addr, listRuns)
+	if err != nil {
+		return err
+	}
+	rows = append(rows, r...)
+
+	cancel()
+	<-done
+	accel, _ := qemu.ChooseAccel("auto")
+	report := render(rows, accel, runs, listRuns)
+	fmt.Print(report)
+	if outPath != "" {
+		return os.WriteFile(outPath, []byte(report), 0o644)
+	}
+	return nil
+}
+
+// benchStart times create --start until the first guest heartbeat, against
+// bare QEMU started with the same command line on a fresh disk until its
+// first heartbeat. Both sides boot a blank disk, so both format /data.
+func benchStart(ctx context.Context, c *client.Client, img *guestimage.Image, tmp string, runs int) ([]row, error) {
+	bin, err := qemu.FindBinary()
+	if err != nil {
+		return nil, err
+	}
+	accel, _ := qemu.ChooseAccel("auto")
+	var vigil, bare []time.Duration
+	for i := 0; i < runs; i++ {
+		// Alternate, so drift in the machine's load hits both sides alike.
+		name := fmt.Sprintf("bench%d", i)
+		t0 := time.Now()
+		if _, err := c.CreateVM(ctx, api.VMCreateRequest{Name: name, MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20, Start: true}); err != nil {
+			return nil, err
+		}
+		if _, err := c.WaitGuest(ctx, name); err != nil {
+			return nil, err
+		}
+		vigil = append(vigil, time.Since(t0))
+		if err := c.DeleteVM(ctx, name); err != nil {
+			return nil, err
+		}
+
+		d, err := bareBoot(ctx, bin, accel, img, filepath.Join(tmp, fmt.Sprintf("bare%d", i)))
+		if err != nil {
+			return nil, err
+		}
+		bare = append(bare, d)
+	}
+	mv, mb := median(vigil), median(bare)
+	return []row{{
+		what:     "Start latency: create --start → first guest heartbeat (128 MiB, 1 vCPU, blank 256 MiB disk; median of " + fmt.Sprint(runs) + ")",
+		vigil:    ms(mv),
+		baseline: ms(mb) + " (bare qemu-system-x86_64, same image and devices, until the same first heartbeat)",
+		ratio:    fmt.Sprintf("%.3f", float64(mv)/float64(mb)),
+		note:     fmt.Sprintf("Vigil adds %+.1f%%; min/max Vigil %s/%s, bare %s/%s", 100*(float64(mv)/float64(mb)-1), ms(minD(vigil)), ms(maxD(vigil)), ms(minD(bare)), ms(maxD(bare))),
+	}}, nil
+}
+
+// bareBoot starts QEMU by hand (its disk created with qemu-img, as an
+// operator would) and waits for the first heartbeat on the agent socket.
+func bareBoot(ctx context.Context, bin, accel string, img *guestimage.Image, dir string) (time.Duration, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return 0, err
+	}
+	port, err := freePort()
+	if err != nil {
+		return 0, err
+	}
+	m := qemu.Machine{Name: "bare", UUID: "00000000-0000-4000-8000-000000000001", MemoryBytes: 128 << 20, CPUs: 1, Accel: accel,
+		Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: img.Cmdline + " vigil.name=bare",
+		Disk: filepath.Join(dir, "disk.qcow2"), HostPort: port, Dir: dir}
+	t0 := time.Now()
+	if out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", m.Disk, "256M").CombinedOutput(); err != nil {
+		return 0, fmt.Errorf("qemu-img: %v: %s", err, out)
+	}
+	args := m.Args()
+	args = args[:len(args)-1] // no -daemonize: a plain foreground child
+	cmd := exec.CommandContext(ctx, bin, args...)
+	if err := cmd.Start(); err != nil {
+		return 0, err
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		conn, err := net.Dial("unix", m.AgentSocket())
+		if err != nil {
+			time.Sleep(5 * time.Millisecond)
+			continue
+		}
+		line, err := bufio.NewReader(conn).ReadString('\n')
+		conn.Close()
+		if err == nil && strings.Contains(line, `"heartbeat"`) {
+			return time.Since(t0), nil
+		}
+	}
+	return 0, errors.New("bare qemu: no heartbeat within 60s")
+}
+
+// benchList times listing VMs with 1 and with 200 (stopped) VMs defined,
+// through the SDK and through the CLI binary, against the API's floor: a
+// GET /v1/health round trip in the same run.
+func benchList(ctx context.Context, c *client.Client, vigilBin, addr string, n int) ([]row, error) {
+	floor, err := sample(n, func() error {
+		_, err := c.Hosts(ctx)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	cliFloor, err := sample(n/4, func() error { return exec.Command(vigilBin, "--addr", addr, "host", "list").Run() })
+	if err != nil {
+		return nil, err
+	}
+	var rows []row
+	defined := 0
+	for _, count := range []int{1, 200} {
+		for ; defined < count; defined++ {
+			if _, err := c.CreateVM(ctx, api.VMCreateRequest{Name: fmt.Sprintf("list%03d", defined), MemoryBytes: 64 << 20, CPUs: 1, DiskBytes: 64 << 20}); err != nil {
+				return nil, err
+			}
+		}
+		api, err := sample(n, func() error {
+			vms, err := c.VMs(ctx)
+			if err == nil && len(vms) != count {
+				err = fmt.Errorf("listed %d vms, want %d", len(vms), count)
+			}
+			return err
+		})
+		if err != nil {
+			return nil, err
+		}
+		cli, err := sample(n/4, func() error { return exec.Command(vigilBin, "--addr", addr, "vm", "list").Run() })
+		if err != nil {
+			return nil, err
+		}
+		rows = append(rows,
+			row{what: fmt.Sprintf("API GET /v1/vms, %d VM(s) defined", count), vigil: pct(api),
+				baseline: pct(floor) + " (GET /v1/hosts, no store read)", ratio: fmt.Sprintf("%.2f", float64(p(api, 50))/float64(p(floor, 50))), note: "p50 ratio"},
+			row{what: fmt.Sprintf("CLI `vigil vm list`, %d VM(s) defined", count), vigil: pct(cli),
+				baseline: pct(cliFloor) + " (`vigil host list`)", ratio: fmt.Sprintf("%.2f", float64(p(cli, 50))/float64(p(cliFloor, 50))), note: "p50 ratio; includes process start"})
+	}
+	return rows, nil
+}
+
+func sample(n int, f func() error) ([]time.Duration, error) {
+	var ds []time.Duration
+	for i := 0; i < n; i++ {
+		t0 := time.Now()
+		if err := f(); err != nil {
+			return nil, err
+		}
+		ds = append(ds, time.Since(t0))
+	}
+	return ds, nil
+}
+
+func p(ds []time.Duration, q int) time.Duration {
+	s := append([]time.Duration(nil), ds...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	i := (len(s)*q + 99) / 100
+	if i > 0 {
+		i--
+	}
+	return s[i]
+}
+
+func median(ds []time.Duration) time.Duration { return p(ds, 50) }
+
+func minD(ds []time.Duration) time.Duration { return p(ds, 0) }
+
+func maxD(ds []time.Duration) time.Duration { return p(ds, 100) }
+
+func ms(d time.Duration) string { return fmt.Sprintf("%.0f ms", float64(d)/float64(time.Millisecond)) }
+
+func pct(ds []time.Duration) string {
+	f := func(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d)/float64(time.Millisecond)) }
+	return "p50 " + f(p(ds, 50)) + ", p99 " + f(p(ds, 99))
+}
+
+func render(rows []row, accel string, runs, listRuns int) string {
+	var b strings.Builder
+	host, _ := os.Hostname()
+	fmt.Fprintf(&b, "# Benchmarks\n\nMade by `make bench` (runs `go run ./cmd/vigil-bench -out docs/benchmarks.md`) on %s, %s, accel %s, %s.\n",
+		host, time.Now().UTC().Format("2006-01-02 15:04 MST"), accel, machine())
+	fmt.Fprintf(&b, "Each figure has its baseline measured in the same run; ratio = Vigil / baseline (lower is better, 1.00 = no overhead).\n\n")
+	fmt.Fprintf(&b, "| Measurement | Vigil | Baseline (same run) | Ratio | Notes |\n|---|---|---|---|---|\n")
+	for _, r := range rows {
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s |\n", r.what, r.vigil, r.baseline, r.ratio, r.note)
+	}
+	fmt.Fprintf(&b, "\nStart-latency series: %d boots each side, alternating; list series: %d API requests, %d CLI runs per point.\n", runs, listRuns, listRuns/4)
+	return b.String()
+}
+
+func machine() string {
+	n := 0
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		n = strings.Count(string(b), "processor\t:")
+	}
+	return fmt.Sprintf("%d CPUs", n)
+}
+
+func freeAddr() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	return l.Addr().String(), nil
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
