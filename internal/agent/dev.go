@@ -15,6 +15,7 @@ import (
 	"runtime"
 	"time"
 
+	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/internal/events"
 	"github.com/vigil-project/vigil/internal/guestimage"
 	"github.com/vigil-project/vigil/internal/hostagent"
@@ -130,6 +131,7 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	srvDone := make(chan error, 1)
 	go func() { srvDone <- srv.Serve(ln) }()
 	go mgr.Run(ctx, cfg.Reconcile)
+	broker.Publish(api.Event{Type: "host.up", Host: cfg.HostName, Message: fmt.Sprintf("accel %s, %d cpus", info.Accel, info.CPUs)})
 	log.Info("vigil agent ready", "api", "http://"+ln.Addr().String(), "data_dir", cfg.DataDir, "host", cfg.HostName, "accel", info.Accel)
 	if cfg.Ready != nil {
 		cfg.Ready(ln.Addr().String())

@@ -1,0 +1,176 @@
+package hostagent
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vigil-project/vigil/internal/hostproto"
+)
+
+func newTestAgent(t *testing.T) *Agent {
+	t.Helper()
+	for _, bin := range []string{"qemu-img", "qemu-system-x86_64"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			if testing.Short() {
+				t.Skipf("%s not installed", bin)
+			}
+			t.Fatalf("%s not installed: run make deps", bin)
+		}
+	}
+	a, err := New(Config{Name: "h1", DataDir: t.TempDir(), Accel: "tcg",
+		Image: Image{Kernel: "/k", Initrd: "/i", Cmdline: "console=ttyS0"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+func spec(name string, disk int64) hostproto.VMSpec {
+	return hostproto.VMSpec{Name: name, UUID: "u", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: disk, HostPort: 8080}
+}
+
+func TestCreateAndDelete(t *testing.T) {
+	a := newTestAgent(t)
+	ctx := context.Background()
+	if err := a.Create(ctx, spec("web1", 64<<20)); err != nil {
+		t.Fatalf("create: %v", err)
+	}
+	dir := a.vmDir("web1")
+	for _, f := range []string{"disk.qcow2", "spec.json"} {
+		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+			t.Fatalf("%s missing after create: %v", f, err)
+		}
+	}
+	if err := a.Create(ctx, spec("web1", 64<<20)); err == nil {
+		t.Fatal("second create of the same name succeeded")
+	}
+	if st, err := a.Status("web1"); err != nil || st.Running {
+		t.Fatalf("status of a created vm = %+v, %v", st, err)
+	}
+	if err := a.Stop(ctx, "web1", true, 0); !errors.Is(err, ErrNotRunning) {
+		t.Fatalf("stop of a stopped vm: %v, want ErrNotRunning", err)
+	}
+	if err := a.Delete(ctx, "web1"); err != nil {
+		t.Fatalf("delete: %v", err)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Fatalf("vm dir still there: %v", err)
+	}
+	if err := a.Delete(ctx, "web1"); err != nil {
+		t.Fatalf("second delete should be a no-op: %v", err)
+	}
+	if _, err := a.Status("web1"); !errors.Is(err, ErrUnknownVM) {
+		t.Fatalf("status after delete: %v", err)
+	}
+}
+
+func TestFailedCreateLeavesNothing(t *testing.T) {
+	a := newTestAgent(t)
+	err := a.Create(context.Background(), spec("web1", -1)) // qemu-img refuses the size
+	if err == nil {
+		t.Fatal("create with an impossible disk succeeded")
+	}
+	if _, err := os.Stat(a.vmDir("web1")); !os.IsNotExist(err) {
+		t.Fatalf("failed create left its directory: %v", err)
+	}
+	if _, err := a.Status("web1"); !errors.Is(err, ErrUnknownVM) {
+		t.Fatalf("failed create left the vm known: %v", err)
+	}
+}
+
+func TestRecoverLoadsSpecsWithoutProcesses(t *testing.T) {
+	a := newTestAgent(t)
+	ctx := context.Background()
+	if err := a.Create(ctx, spec("web1", 64<<20)); err != nil {
+		t.Fatal(err)
+	}
+	os.MkdirAll(filepath.Join(a.cfg.DataDir, "vms", "junk"), 0o755) // no spec.json: skipped
+
+	b, err := New(a.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Recover(ctx); err != nil {
+		t.Fatalf("recover: %v", err)
+	}
+	if st, err := b.Status("web1"); err != nil || st.Running {
+		t.Fatalf("recovered vm = %+v, %v; want known and not running", st, err)
+	}
+	if _, err := b.Status("junk"); !errors.Is(err, ErrUnknownVM) {
+		t.Fatalf("a directory without spec was loaded: %v", err)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for one writer and one reader.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func TestConsoleFollowsAcrossReboots(t *testing.T) {
+	a := newTestAgent(t)
+	ctx := context.Background()
+	if err := a.Create(ctx, spec("web1", 64<<20)); err != nil {
+		t.Fatal(err)
+	}
+	log, _ := a.SerialLog("web1")
+	var out bytes.Buffer
+	if err := a.Console(ctx, "web1", false, &out); err != nil || out.Len() != 0 {
+		t.Fatalf("console of a never-started vm = %q, %v", out.String(), err)
+	}
+	os.WriteFile(log, []byte("boot one\n"), 0o644)
+
+	fctx, cancel := context.WithCancel(ctx)
+	var buf syncBuffer
+	done := make(chan error)
+	go func() { done <- a.Console(fctx, "web1", true, &buf) }()
+	waitUntil(t, func() bool { return strings.Contains(buf.String(), "boot one") })
+
+	f, _ := os.OpenFile(log, os.O_APPEND|os.O_WRONLY, 0)
+	f.WriteString("more of boot one\n")
+	f.Close()
+	waitUntil(t, func() bool { return strings.Contains(buf.String(), "more of boot one") })
+
+	// A new boot rotates the log, as qemu.Start does.
+	os.Rename(log, log+".1")
+	os.WriteFile(log, []byte("boot two\n"), 0o644)
+	waitUntil(t, func() bool { return strings.Contains(buf.String(), "boot two") })
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("console --follow: %v", err)
+	}
+	if got := buf.String(); got != "boot one\nmore of boot one\nboot two\n" {
+		t.Fatalf("followed console = %q", got)
+	}
+}
+
+func waitUntil(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(3 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met within 3s")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
