@@ -51,6 +51,20 @@ type VM struct {
 	Guest *GuestInfo `json:"guest,omitempty"`
 	// Message explains the state when it needs explaining (for example why it crashed).
 	Message string `json:"message,omitempty"`
+	// CurrentSnapshot is the snapshot the VM's state descends from (the
+	// last one taken or reverted to); new snapshots become its children.
+	CurrentSnapshot string `json:"current_snapshot,omitempty"`
+	// LastOperation reports timings of the last state save or restore.
+	LastOperation *Operation `json:"last_operation,omitempty"`
+}
+
+// Operation reports how a state operation went.
+type Operation struct {
+	Action     string  `json:"action"`
+	DurationMS float64 `json:"duration_ms"`
+	// PausedMS is how long the guest's CPUs were stopped by it.
+	PausedMS float64 `json:"paused_ms,omitempty"`
+	Bytes    int64   `json:"bytes,omitempty"`
 }
 
 // GuestInfo is the latest heartbeat of a VM's guest agent.
@@ -70,6 +84,11 @@ const (
 	ActionStart   Action = "start"
 	ActionStop    Action = "stop"
 	ActionRestart Action = "restart"
+	// ActionPause stops the guest's CPUs in memory, or with ToDisk saves
+	// its whole state to a state file and ends QEMU (state suspended).
+	ActionPause Action = "pause"
+	// ActionResume continues a paused VM or restores a suspended one.
+	ActionResume Action = "resume"
 )
 
 // VMStateRequest is the body of PUT /v1/vms/{name}/state.
@@ -79,6 +98,10 @@ type VMStateRequest struct {
 	TimeoutSeconds int `json:"timeout_seconds,omitempty"`
 	// Force kills the QEMU process at once instead of asking the guest to power down.
 	Force bool `json:"force,omitempty"`
+	// ToDisk (pause) saves the state to disk and frees the VM's host memory and CPU.
+	ToDisk bool `json:"to_disk,omitempty"`
+	// DiscardState (resume of a suspended VM) deletes the saved state and cold-boots from the disk.
+	DiscardState bool `json:"discard_state,omitempty"`
 }
 
 // Host is a hypervisor host as the API reports it.
@@ -111,4 +134,37 @@ type Error struct {
 	Error string `json:"error"`
 	// Code is a stable machine-readable reason, e.g. "not_found", "conflict", "invalid".
 	Code string `json:"code"`
+}
+
+// SnapshotCreateRequest is the body of POST /v1/vms/{name}/snapshots.
+type SnapshotCreateRequest struct {
+	Name string `json:"name"`
+	// NoMemory takes a disk-only (crash-consistent) snapshot of a running VM.
+	NoMemory bool `json:"no_memory,omitempty"`
+}
+
+// Snapshot is one restore point of a VM.
+type Snapshot struct {
+	Name    string    `json:"name"`
+	Parent  string    `json:"parent,omitempty"`
+	Created time.Time `json:"created"`
+	// IncludesMemory: reverting resumes the guest at the snapshot's instant.
+	IncludesMemory bool `json:"includes_memory"`
+	// SizeBytes is the space only this snapshot holds (freed by deleting it).
+	SizeBytes int64 `json:"size_bytes"`
+	// Current marks the snapshot the VM's present state descends from.
+	Current bool `json:"current"`
+	// VMState is what the VM was doing when the snapshot was taken.
+	VMState     VMState `json:"vm_state"`
+	MemoryBytes int64   `json:"memory_bytes"`
+	CPUs        int     `json:"cpus"`
+	// Operation reports how taking it went (pause and total time).
+	Operation *Operation `json:"operation,omitempty"`
+}
+
+// SnapshotList is the answer of GET /v1/vms/{name}/snapshots.
+type SnapshotList struct {
+	VM         string     `json:"vm"`
+	Snapshots  []Snapshot `json:"snapshots"`
+	TotalBytes int64      `json:"total_bytes"`
 }

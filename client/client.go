@@ -132,9 +132,40 @@ func (c *Client) ChangeState(ctx context.Context, name string, req api.VMStateRe
 	return vm, err
 }
 
-// DeleteVM stops and removes a VM with its files.
-func (c *Client) DeleteVM(ctx context.Context, name string) error {
-	return c.do(ctx, http.MethodDelete, "/v1/vms/"+url.PathEscape(name), nil, nil)
+// DeleteVM stops and removes a VM with its files. A VM with snapshots
+// needs force.
+func (c *Client) DeleteVM(ctx context.Context, name string, force ...bool) error {
+	path := "/v1/vms/" + url.PathEscape(name)
+	if len(force) > 0 && force[0] {
+		path += "?force=true"
+	}
+	return c.do(ctx, http.MethodDelete, path, nil, nil)
+}
+
+// CreateSnapshot takes a restore point of a VM.
+func (c *Client) CreateSnapshot(ctx context.Context, vm string, req api.SnapshotCreateRequest) (api.Snapshot, error) {
+	var s api.Snapshot
+	err := c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/snapshots", req, &s)
+	return s, err
+}
+
+// Snapshots lists a VM's snapshots with their space.
+func (c *Client) Snapshots(ctx context.Context, vm string) (api.SnapshotList, error) {
+	var l api.SnapshotList
+	err := c.do(ctx, http.MethodGet, "/v1/vms/"+url.PathEscape(vm)+"/snapshots", nil, &l)
+	return l, err
+}
+
+// RevertSnapshot returns a VM to a snapshot.
+func (c *Client) RevertSnapshot(ctx context.Context, vm, snap string) (api.VM, error) {
+	var v api.VM
+	err := c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/snapshots/"+url.PathEscape(snap)+"/revert", nil, &v)
+	return v, err
+}
+
+// DeleteSnapshot removes one snapshot of a VM.
+func (c *Client) DeleteSnapshot(ctx context.Context, vm, snap string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/vms/"+url.PathEscape(vm)+"/snapshots/"+url.PathEscape(snap), nil, nil)
 }
 
 // Hosts lists the hosts.

@@ -48,7 +48,7 @@ func NewRoot() *cobra.Command {
 	root.PersistentFlags().StringVar(&g.addr, "addr", addr, "address of the vigil API (env VIGIL_ADDR)")
 	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "output format: table, json or yaml")
 	root.PersistentFlags().BoolVarP(&g.quiet, "quiet", "q", false, "print only what scripts need")
-	root.AddCommand(newVMCmd(g), newHostCmd(g), newEventsCmd(g), newImageCmd(g), newAgentCmd(g))
+	root.AddCommand(newVMCmd(g), newSnapshotCmd(g), newHostCmd(g), newEventsCmd(g), newImageCmd(g), newAgentCmd(g))
 	return root
 }
 

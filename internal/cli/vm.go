@@ -16,6 +16,7 @@ func newVMCmd(g *globals) *cobra.Command {
 		newVMStateCmd(g, api.ActionStart, "Start a stopped VM"),
 		newVMStateCmd(g, api.ActionStop, "Stop a VM: ACPI power-down, killed after --timeout"),
 		newVMStateCmd(g, api.ActionRestart, "Stop (if running) and start a VM: a fresh boot"),
+		newVMPauseCmd(g), newVMResumeCmd(g),
 		newVMDeleteCmd(g), newVMConsoleCmd(g))
 	return cmd
 }
@@ -100,6 +101,19 @@ func (g *globals) printVM(vm api.VM) error {
 		row(w, "DISK:", humanSize(vm.DiskBytes))
 		row(w, "ENDPOINT:", "http://"+vm.Endpoint)
 		row(w, "CREATED:", vm.CreatedAt.Format(time.RFC3339))
+		if vm.CurrentSnapshot != "" {
+			row(w, "SNAPSHOT:", vm.CurrentSnapshot)
+		}
+		if op := vm.LastOperation; op != nil {
+			line := fmt.Sprintf("%s in %.1f ms", op.Action, op.DurationMS)
+			if op.PausedMS > 0 {
+				line += fmt.Sprintf(", guest paused %.1f ms", op.PausedMS)
+			}
+			if op.Bytes > 0 {
+				line += ", " + humanSize(op.Bytes)
+			}
+			row(w, "LAST OPERATION:", line)
+		}
 		if gi := vm.Guest; gi != nil {
 			row(w, "GUEST BOOT ID:", gi.BootID)
 			row(w, "GUEST SEQ:", gi.Seq)
@@ -203,15 +217,69 @@ func newVMStateCmd(g *globals, action api.Action, short string) *cobra.Command {
 	return cmd
 }
 
+func newVMPauseCmd(g *globals) *cobra.Command {
+	var toDisk bool
+	cmd := &cobra.Command{
+		Use:               "pause NAME",
+		Short:             "Pause a VM in memory, or with --to-disk save its whole state to a file and free the host",
+		Args:              cobra.ExactArgs(1),
+		ValidArgsFunction: completeVMs(g),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var vm api.VM
+			err := g.withProgress(cmd.Context(), args[0], func() (err error) {
+				vm, err = g.client().ChangeState(cmd.Context(), args[0], api.VMStateRequest{Action: api.ActionPause, ToDisk: toDisk})
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			return g.printVM(vm)
+		},
+	}
+	cmd.Flags().BoolVar(&toDisk, "to-disk", false, "save memory, devices and CPU state to a state file and end QEMU (state suspended)")
+	return cmd
+}
+
+func newVMResumeCmd(g *globals) *cobra.Command {
+	var discard, wait bool
+	cmd := &cobra.Command{
+		Use:               "resume NAME",
+		Short:             "Continue a paused VM, or restore a suspended one from its state file",
+		Args:              cobra.ExactArgs(1),
+		ValidArgsFunction: completeVMs(g),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c := g.client()
+			var vm api.VM
+			err := g.withProgress(cmd.Context(), args[0], func() (err error) {
+				vm, err = c.ChangeState(cmd.Context(), args[0], api.VMStateRequest{Action: api.ActionResume, DiscardState: discard})
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			if wait {
+				if vm, err = c.WaitGuest(cmd.Context(), vm.Name); err != nil {
+					return err
+				}
+			}
+			return g.printVM(vm)
+		},
+	}
+	cmd.Flags().BoolVar(&discard, "discard-state", false, "delete the saved state and cold-boot from the disk instead")
+	cmd.Flags().BoolVar(&wait, "wait", false, "wait for a guest agent heartbeat")
+	return cmd
+}
+
 func newVMDeleteCmd(g *globals) *cobra.Command {
-	return &cobra.Command{
+	var force bool
+	cmd := &cobra.Command{
 		Use:               "delete NAME",
 		Aliases:           []string{"rm"},
 		Short:             "Delete a VM: stops it at once and removes its disk and files",
 		Args:              cobra.ExactArgs(1),
 		ValidArgsFunction: completeVMs(g),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := g.client().DeleteVM(cmd.Context(), args[0]); err != nil {
+			if err := g.client().DeleteVM(cmd.Context(), args[0], force); err != nil {
 				return err
 			}
 			if !g.quiet {
@@ -220,6 +288,8 @@ func newVMDeleteCmd(g *globals) *cobra.Command {
 			return nil
 		},
 	}
+	cmd.Flags().BoolVar(&force, "force", false, "also delete the VM's snapshots")
+	return cmd
 }
 
 func newVMConsoleCmd(g *globals) *cobra.Command {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
 	"time"
 
@@ -43,6 +44,9 @@ func (v *vm) status() hostproto.VMStatus {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	s := hostproto.VMStatus{Name: v.spec.Name}
+	if _, err := os.Stat(v.stateFile()); err == nil {
+		s.SavedState = true
+	}
 	if v.proc != nil {
 		s.Running = true
 		s.PID = v.proc.PID

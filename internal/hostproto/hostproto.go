@@ -5,6 +5,7 @@
 package hostproto
 
 import (
+	"errors"
 	"time"
 
 	"github.com/vigil-project/vigil/api"
@@ -31,6 +32,8 @@ type VMStatus struct {
 	Guest    *api.GuestInfo `json:"guest,omitempty"`
 	// StartedAt is when this QEMU process was started or adopted.
 	StartedAt time.Time `json:"started_at,omitzero"`
+	// SavedState is set when a state file from a suspend waits to be resumed.
+	SavedState bool `json:"saved_state,omitempty"`
 }
 
 // EventKind names what happened to a VM on a host.
@@ -47,6 +50,8 @@ const (
 	EventGuestReady EventKind = "guest-ready"
 	// EventRunState: QEMU's run state changed (e.g. paused, resumed).
 	EventRunState EventKind = "run-state"
+	// EventProgress: a long operation (saving or loading state) moved on.
+	EventProgress EventKind = "progress"
 )
 
 // Event is reported by a host agent as it happens.
@@ -58,3 +63,16 @@ type Event struct {
 	Expected bool      `json:"expected,omitempty"`
 	Message  string    `json:"message,omitempty"`
 }
+
+// SaveResult describes a finished save of a VM's state (suspend or snapshot).
+type SaveResult struct {
+	Path     string        `json:"path,omitempty"`
+	Bytes    int64         `json:"bytes"`
+	Duration time.Duration `json:"duration"`
+	// Paused is how long the guest's CPUs were stopped by the operation.
+	Paused time.Duration `json:"paused"`
+}
+
+// ErrBadState means a state file cannot be resumed (corrupt, truncated, or
+// made for other hardware). The file is left where it is.
+var ErrBadState = errors.New("saved state cannot be resumed")

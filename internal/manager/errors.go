@@ -21,10 +21,12 @@ type kindError struct {
 	kind error
 	msg  string
 	err  error // optional cause
+	// full: msg already says everything, including the cause.
+	full bool
 }
 
 func (e *kindError) Error() string {
-	if e.err != nil {
+	if e.err != nil && !e.full {
 		return e.msg + ": " + e.err.Error()
 	}
 	return e.msg

@@ -28,6 +28,10 @@ func (m *Manager) Handler() http.Handler {
 	mux.HandleFunc("DELETE /v1/vms/{name}", m.handleDelete)
 	mux.HandleFunc("PUT /v1/vms/{name}/state", m.handleState)
 	mux.HandleFunc("GET /v1/vms/{name}/console", m.handleConsole)
+	mux.HandleFunc("GET /v1/vms/{name}/snapshots", m.handleSnapshotList)
+	mux.HandleFunc("POST /v1/vms/{name}/snapshots", m.handleSnapshotCreate)
+	mux.HandleFunc("POST /v1/vms/{name}/snapshots/{snap}/revert", m.handleSnapshotRevert)
+	mux.HandleFunc("DELETE /v1/vms/{name}/snapshots/{snap}", m.handleSnapshotDelete)
 	mux.HandleFunc("GET /v1/hosts", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, m.Hosts())
 	})
@@ -71,7 +75,7 @@ func (m *Manager) handleGet(w http.ResponseWriter, r *http.Request) {
 }
 
 func (m *Manager) handleDelete(w http.ResponseWriter, r *http.Request) {
-	if err := m.Delete(r.Context(), r.PathValue("name")); err != nil {
+	if err := m.Delete(r.Context(), r.PathValue("name"), boolParam(r, "force")); err != nil {
 		writeError(w, m.log, err)
 		return
 	}
@@ -90,6 +94,46 @@ func (m *Manager) handleState(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, vm)
+}
+
+func (m *Manager) handleSnapshotList(w http.ResponseWriter, r *http.Request) {
+	l, err := m.ListSnapshots(r.Context(), r.PathValue("name"))
+	if err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, l)
+}
+
+func (m *Manager) handleSnapshotCreate(w http.ResponseWriter, r *http.Request) {
+	var req api.SnapshotCreateRequest
+	if err := decodeBody(r, &req); err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	s, err := m.CreateSnapshot(r.Context(), r.PathValue("name"), req)
+	if err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, s)
+}
+
+func (m *Manager) handleSnapshotRevert(w http.ResponseWriter, r *http.Request) {
+	vm, err := m.RevertSnapshot(r.Context(), r.PathValue("name"), r.PathValue("snap"))
+	if err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, vm)
+}
+
+func (m *Manager) handleSnapshotDelete(w http.ResponseWriter, r *http.Request) {
+	if err := m.DeleteSnapshot(r.Context(), r.PathValue("name"), r.PathValue("snap")); err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
 }
 
 func (m *Manager) handleConsole(w http.ResponseWriter, r *http.Request) {

@@ -31,22 +31,36 @@ type Host interface {
 	Delete(ctx context.Context, name string) error
 	Status(name string) (hostproto.VMStatus, error)
 	Console(ctx context.Context, name string, follow bool, w io.Writer) error
+
+	Pause(ctx context.Context, name string) error
+	Resume(ctx context.Context, name string) error
+	Suspend(ctx context.Context, name string) (hostproto.SaveResult, error)
+	DiscardState(name string) error
+	SnapshotCreate(ctx context.Context, name, snap string, memory bool) (hostproto.SaveResult, error)
+	SnapshotRevert(ctx context.Context, name, snap string, memory bool) error
+	SnapshotDelete(ctx context.Context, name, snap string) error
+	SnapshotSpace(name string) (map[string]int64, error)
 }
 
 // record is a VM's desired state as stored under "vms/<name>".
 type record struct {
 	Spec      hostproto.VMSpec `json:"spec"`
 	Host      string           `json:"host"`
-	Desired   string           `json:"desired"` // "running" or "stopped"
+	Desired   string           `json:"desired"` // running, stopped, paused or suspended
 	State     api.VMState      `json:"state"`
 	Message   string           `json:"message,omitempty"`
+	// CurrentSnapshot is the parent of the next snapshot.
+	CurrentSnapshot string         `json:"current_snapshot,omitempty"`
+	LastOperation   *api.Operation `json:"last_operation,omitempty"`
 	CreatedAt time.Time        `json:"created_at"`
 	UpdatedAt time.Time        `json:"updated_at"`
 }
 
 const (
-	desiredRunning = "running"
-	desiredStopped = "stopped"
+	desiredRunning   = "running"
+	desiredStopped   = "stopped"
+	desiredPaused    = "paused"
+	desiredSuspended = "suspended"
 )
 
 // DefaultStopTimeout is how long a graceful stop waits before killing.
@@ -211,9 +225,15 @@ func (m *Manager) ChangeState(ctx context.Context, name string, req api.VMStateR
 		timeout = time.Duration(req.TimeoutSeconds) * time.Second
 	}
 	switch req.Action {
-	case api.ActionStart, api.ActionStop, api.ActionRestart:
+	case api.ActionStart, api.ActionStop, api.ActionRestart, api.ActionPause, api.ActionResume:
 	default:
-		return api.VM{}, errorf(ErrInvalid, "unknown action %q: use start, stop or restart", req.Action)
+		return api.VM{}, errorf(ErrInvalid, "unknown action %q: use start, stop, restart, pause or resume", req.Action)
+	}
+	if req.ToDisk && req.Action != api.ActionPause {
+		return api.VM{}, errorf(ErrInvalid, "to_disk goes with the pause action")
+	}
+	if req.DiscardState && req.Action != api.ActionResume {
+		return api.VM{}, errorf(ErrInvalid, "discard_state goes with the resume action")
 	}
 	unlock, err := m.lock(name)
 	if err != nil {
@@ -224,7 +244,18 @@ func (m *Manager) ChangeState(ctx context.Context, name string, req api.VMStateR
 	if err != nil {
 		return api.VM{}, err
 	}
-	running := m.actual(r).Running
+	act := m.actual(r)
+	running := act.Running
+	if r.State == api.StateSuspended && act.SavedState && !running {
+		switch req.Action {
+		case api.ActionStart, api.ActionRestart:
+			return m.view(r), errorf(ErrConflict, "vm %s is suspended: continue it with 'vigil vm resume %s', or cold-boot it with 'vigil vm resume %s --discard-state'", name, name, name)
+		case api.ActionStop:
+			return m.view(r), errorf(ErrConflict, "vm %s is suspended, not running: to throw its saved state away and keep it off, run 'vigil vm resume %s --discard-state' then 'vigil vm stop %s'", name, name, name)
+		}
+	}
+	// A paused guest cannot act on an ACPI power-down: stopping it is a kill.
+	force := req.Force || act.RunState == "paused"
 	switch req.Action {
 	case api.ActionStart:
 		if running {
@@ -235,14 +266,18 @@ func (m *Manager) ChangeState(ctx context.Context, name string, req api.VMStateR
 		if !running {
 			return m.view(r), errorf(ErrConflict, "vm %s is already stopped", name)
 		}
-		_, err = m.stop(ctx, &r, rev, req.Force, timeout)
+		_, err = m.stop(ctx, &r, rev, force, timeout)
 	case api.ActionRestart:
 		if running {
-			if rev, err = m.stop(ctx, &r, rev, req.Force, timeout); err != nil {
+			if rev, err = m.stop(ctx, &r, rev, force, timeout); err != nil {
 				break
 			}
 		}
 		err = m.start(ctx, &r, rev)
+	case api.ActionPause:
+		err = m.pause(ctx, &r, rev, act, req.ToDisk)
+	case api.ActionResume:
+		err = m.resume(ctx, &r, rev, act, req.DiscardState)
 	}
 	return m.view(r), err
 }
@@ -276,8 +311,9 @@ func (m *Manager) stop(ctx context.Context, r *record, rev int64, force bool, ti
 	return m.setState(ctx, r, rev, api.StateStopped, "")
 }
 
-// Delete stops the VM at once and removes it with its disk and files.
-func (m *Manager) Delete(ctx context.Context, name string) error {
+// Delete stops the VM at once and removes it with its disk, files and
+// snapshots. A VM with snapshots needs force: they go with it.
+func (m *Manager) Delete(ctx context.Context, name string, force bool) error {
 	if err := validName(name); err != nil {
 		return err
 	}
@@ -289,6 +325,15 @@ func (m *Manager) Delete(ctx context.Context, name string) error {
 	r, rev, err := m.load(ctx, name)
 	if err != nil {
 		return err
+	}
+	if !force {
+		ss, err := m.snapshots(ctx, name)
+		if err != nil {
+			return err
+		}
+		if len(ss) > 0 {
+			return errorf(ErrConflict, "vm %s has %d snapshot(s) that would be deleted with it: add --force to delete them too", name, len(ss))
+		}
 	}
 	return m.delete(ctx, &r, rev)
 }
@@ -302,6 +347,9 @@ func (m *Manager) delete(ctx context.Context, r *record, rev int64) error {
 	// says "deleting" and the controller finishes the job.
 	if err := m.host.Delete(ctx, r.Spec.Name); err != nil {
 		return fmt.Errorf("delete vm %s: %w", r.Spec.Name, err)
+	}
+	if err := m.store.DeletePrefix(ctx, "snapshots/"+r.Spec.Name+"/"); err != nil {
+		return wrapf(ErrUnavailable, err, "delete snapshots of vm %s", r.Spec.Name)
 	}
 	if err := m.store.Delete(ctx, vmKey(r.Spec.Name)); err != nil {
 		return wrapf(ErrUnavailable, err, "delete vm %s", r.Spec.Name)
@@ -397,7 +445,7 @@ func (m *Manager) view(r record) api.VM {
 	v := api.VM{
 		Name: r.Spec.Name, State: r.State, Host: r.Host, MemoryBytes: r.Spec.MemoryBytes, CPUs: r.Spec.CPUs,
 		DiskBytes: r.Spec.DiskBytes, Endpoint: fmt.Sprintf("127.0.0.1:%d", r.Spec.HostPort),
-		CreatedAt: r.CreatedAt, Message: r.Message,
+		CreatedAt: r.CreatedAt, Message: r.Message, CurrentSnapshot: r.CurrentSnapshot, LastOperation: r.LastOperation,
 	}
 	if st.Running {
 		v.PID = st.PID

@@ -113,6 +113,23 @@ func (h *fakeHost) Console(_ context.Context, name string, _ bool, w io.Writer) 
 	return err
 }
 
+func (h *fakeHost) Pause(_ context.Context, name string) error  { return h.record("pause", name) }
+func (h *fakeHost) Resume(_ context.Context, name string) error { return h.record("resume", name) }
+func (h *fakeHost) Suspend(_ context.Context, name string) (hostproto.SaveResult, error) {
+	return hostproto.SaveResult{}, h.record("suspend", name)
+}
+func (h *fakeHost) DiscardState(name string) error { return h.record("discard", name) }
+func (h *fakeHost) SnapshotCreate(_ context.Context, name, snap string, memory bool) (hostproto.SaveResult, error) {
+	return hostproto.SaveResult{}, h.record("snapshot", name+"/"+snap)
+}
+func (h *fakeHost) SnapshotRevert(_ context.Context, name, snap string, memory bool) error {
+	return h.record("revert", name+"/"+snap)
+}
+func (h *fakeHost) SnapshotDelete(_ context.Context, name, snap string) error {
+	return h.record("snapdelete", name+"/"+snap)
+}
+func (h *fakeHost) SnapshotSpace(name string) (map[string]int64, error) { return map[string]int64{}, nil }
+
 func (h *fakeHost) exists(name string) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -264,7 +281,7 @@ func TestLifecycleStatesAndEvents(t *testing.T) {
 	if _, err := m.ChangeState(ctx, "web1", api.VMStateRequest{Action: api.ActionStart}); !errors.Is(err, ErrConflict) {
 		t.Fatalf("start a running vm: %v, want conflict", err)
 	}
-	if err := m.Delete(ctx, "web1"); err != nil {
+	if err := m.Delete(ctx, "web1", false); err != nil {
 		t.Fatalf("delete: %v", err)
 	}
 	if h.exists("web1") {
@@ -304,7 +321,7 @@ func TestBusyVMRefusesSecondOperation(t *testing.T) {
 		done <- err
 	}()
 	time.Sleep(100 * time.Millisecond)
-	if err := m.Delete(ctx, "web1"); !errors.Is(err, ErrBusy) {
+	if err := m.Delete(ctx, "web1", false); !errors.Is(err, ErrBusy) {
 		t.Fatalf("delete during stop: %v, want busy", err)
 	}
 	if err := <-done; err != nil {

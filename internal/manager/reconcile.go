@@ -71,6 +71,14 @@ func (m *Manager) Reconcile(ctx context.Context, name string) error {
 		return m.delete(ctx, &r, rev)
 	}
 	want := desiredView(r, act)
+	if want == api.StateStopping && r.Desired == desiredSuspended {
+		m.log.Warn("ending a qemu whose state was already saved", "vm", name)
+		if err := m.host.Stop(ctx, name, true, 0); err != nil {
+			return err
+		}
+		_, err := m.setState(ctx, &r, rev, api.StateSuspended, r.Message)
+		return err
+	}
 	if want == api.StateStopping {
 		// Desired stopped but QEMU runs: an interrupted stop. Finish it.
 		_, err := m.stop(ctx, &r, rev, false, DefaultStopTimeout)
@@ -80,6 +88,9 @@ func (m *Manager) Reconcile(ctx context.Context, name string) error {
 		msg := ""
 		if want == api.StateCrashed {
 			msg = "qemu was found not running"
+			if r.Desired == desiredSuspended {
+				msg = "its saved state file is missing"
+			}
 			if r.Message != "" && r.State == api.StateCrashed {
 				msg = r.Message
 			}
@@ -94,12 +105,20 @@ func (m *Manager) Reconcile(ctx context.Context, name string) error {
 // and what its host reports.
 func desiredView(r record, act hostproto.VMStatus) api.VMState {
 	switch {
-	case r.Desired == desiredRunning && act.Running:
+	case r.Desired == desiredSuspended && !act.Running && act.SavedState:
+		return api.StateSuspended
+	case r.Desired == desiredSuspended && act.Running:
+		// The state was saved but QEMU was not ended (the agent died in
+		// between): the file is the truth, the process must go.
+		return api.StateStopping
+	case r.Desired == desiredSuspended:
+		return api.StateCrashed // the saved state is gone
+	case (r.Desired == desiredRunning || r.Desired == desiredPaused) && act.Running:
 		if act.RunState == "paused" {
 			return api.StatePaused
 		}
 		return api.StateRunning
-	case r.Desired == desiredRunning && !act.Running:
+	case (r.Desired == desiredRunning || r.Desired == desiredPaused) && !act.Running:
 		if r.State == api.StateFailed {
 			return api.StateFailed
 		}
@@ -157,7 +176,7 @@ func (m *Manager) onExit(e hostproto.Event) {
 		}
 	}
 	r, rev, err := m.load(ctx, e.VM)
-	if err != nil || m.actual(r).Running || r.Desired != desiredRunning {
+	if err != nil || m.actual(r).Running || (r.Desired != desiredRunning && r.Desired != desiredPaused) {
 		return
 	}
 	if e.Expected {

@@ -23,3 +23,19 @@ func CreateDisk(ctx context.Context, path string, size int64) error {
 	}
 	return nil
 }
+
+// DiskSnapshot runs `qemu-img snapshot` on an image no QEMU has open:
+// op is "create", "apply" or "delete".
+func DiskSnapshot(ctx context.Context, path, op, name string) error {
+	flag := map[string]string{"create": "-c", "apply": "-a", "delete": "-d"}[op]
+	if flag == "" {
+		return fmt.Errorf("unknown disk snapshot operation %q", op)
+	}
+	cmd := exec.CommandContext(ctx, "qemu-img", "snapshot", flag, name, path)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("%s disk snapshot %s of %s: %s: %w", op, name, path, strings.TrimSpace(out.String()), err)
+	}
+	return nil
+}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"strconv"
+	"strings"
 )
 
 // Machine is everything needed to run one VM's QEMU process.
@@ -23,6 +24,52 @@ type Machine struct {
 	Disk        string // qcow2 image, attached as virtio-blk node "disk0"
 	HostPort    int    // 127.0.0.1:HostPort is forwarded to the guest's port 80
 	Dir         string // holds the sockets, serial log and pid file
+	// Incoming starts QEMU waiting for a saved state (-incoming defer)
+	// instead of booting; LoadState then feeds it.
+	Incoming bool
+}
+
+// Hardware is the part of a machine that a saved state depends on: QEMU
+// refuses (or worse, misreads) a migration stream from a machine with other
+// memory, CPUs or devices. It is recorded in state files and compared on load.
+type Hardware struct {
+	MachineType string   `json:"machine_type"`
+	CPUModel    string   `json:"cpu_model"`
+	MemoryBytes int64    `json:"memory_bytes"`
+	CPUs        int      `json:"cpus"`
+	Devices     []string `json:"devices"`
+}
+
+// machineType and devices must change together with Args.
+const machineType = "q35"
+
+var devices = []string{"virtio-blk-pci:vda", "virtio-net-pci:nic0", "virtio-serial-pci:vser0", "virtserialport:org.vigil.agent.0", "pvpanic-pci"}
+
+// Hardware describes m's hardware.
+func (m Machine) Hardware() Hardware {
+	return Hardware{MachineType: machineType, CPUModel: cpuModel(m.Accel), MemoryBytes: m.MemoryBytes, CPUs: m.CPUs,
+		Devices: append([]string(nil), devices...)}
+}
+
+// Diff lists how h differs from other, in words; empty when they match.
+func (h Hardware) Diff(other Hardware) []string {
+	var d []string
+	if h.MachineType != other.MachineType {
+		d = append(d, fmt.Sprintf("machine type %s vs %s", h.MachineType, other.MachineType))
+	}
+	if h.CPUModel != other.CPUModel {
+		d = append(d, fmt.Sprintf("cpu model %s vs %s", h.CPUModel, other.CPUModel))
+	}
+	if h.MemoryBytes != other.MemoryBytes {
+		d = append(d, fmt.Sprintf("memory %d MiB vs %d MiB", h.MemoryBytes>>20, other.MemoryBytes>>20))
+	}
+	if h.CPUs != other.CPUs {
+		d = append(d, fmt.Sprintf("%d cpus vs %d", h.CPUs, other.CPUs))
+	}
+	if strings.Join(h.Devices, ",") != strings.Join(other.Devices, ",") {
+		d = append(d, fmt.Sprintf("devices [%s] vs [%s]", strings.Join(h.Devices, " "), strings.Join(other.Devices, " ")))
+	}
+	return d
 }
 
 // Paths of the per-VM runtime files.
@@ -62,10 +109,10 @@ func (m Machine) Validate() error {
 // -blockdev and node names so later work can add overlays and mirror by name.
 func (m Machine) Args() []string {
 	mem := strconv.FormatInt(m.MemoryBytes>>20, 10) + "M"
-	return []string{
+	args := []string{
 		"-name", "guest=" + m.Name + ",debug-threads=on",
 		"-uuid", m.UUID,
-		"-machine", "q35,accel=" + m.Accel,
+		"-machine", machineType + ",accel=" + m.Accel,
 		"-cpu", cpuModel(m.Accel),
 		"-m", mem,
 		"-smp", strconv.Itoa(m.CPUs),
@@ -87,8 +134,11 @@ func (m Machine) Args() []string {
 		"-device", "pvpanic-pci",
 		"-pidfile", m.PIDFile(),
 		"-D", m.LogFile(),
-		"-daemonize",
 	}
+	if m.Incoming {
+		args = append(args, "-incoming", "defer")
+	}
+	return append(args, "-daemonize")
 }
 
 func cpuModel(accel string) string {

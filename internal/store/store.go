@@ -101,6 +101,14 @@ func (s *Store) Delete(ctx context.Context, key string) error {
 	return nil
 }
 
+// DeletePrefix removes every key under prefix.
+func (s *Store) DeletePrefix(ctx context.Context, prefix string) error {
+	if _, err := s.cli.Delete(ctx, s.key(prefix), clientv3.WithPrefix()); err != nil {
+		return fmt.Errorf("delete %s*: %w", prefix, err)
+	}
+	return nil
+}
+
 // List returns the raw JSON values of every key under prefix, keyed by the
 // part of the key after prefix, in key order.
 func (s *Store) List(ctx context.Context, prefix string) ([]KV, error) {

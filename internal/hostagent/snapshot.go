@@ -1,0 +1,233 @@
+package hostagent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/vigil-project/vigil/internal/qcow2"
+	"github.com/vigil-project/vigil/internal/qemu"
+	"github.com/vigil-project/vigil/internal/qemu/qmp"
+	"github.com/vigil-project/vigil/internal/statefile"
+)
+
+// Snapshots keep the disk as a qcow2 internal snapshot of the VM's disk
+// image (taken live with blockdev-snapshot-internal-sync, or with qemu-img
+// when no QEMU runs) and, when memory is included, the QEMU state in a state
+// file beside it. Internal snapshots are independent of each other: any can
+// be applied or deleted without touching the others, which is what a tree
+// of restore points needs.
+
+// ErrNoSnapshot means the host has no such snapshot for the VM.
+var ErrNoSnapshot = errors.New("no such snapshot")
+
+// SnapshotCreate takes snapshot snap of VM name. With memory (and a running
+// or paused VM) it is a full restore point; the guest is stopped only for
+// the final phase of a live save, while the disk is frozen.
+func (a *Agent) SnapshotCreate(ctx context.Context, name, snap string, memory bool) (SaveResult, error) {
+	v, err := a.get(name)
+	if err != nil {
+		return SaveResult{}, err
+	}
+	v.opMu.Lock()
+	defer v.opMu.Unlock()
+	start := time.Now()
+	p, runState, err := v.running()
+	if err != nil {
+		// No QEMU: a disk-only snapshot with qemu-img, plus the saved state
+		// of a suspended VM (hard-linked: state files are never modified).
+		if err := qemu.DiskSnapshot(ctx, v.machine.Disk, "create", snap); err != nil {
+			return SaveResult{}, err
+		}
+		res := SaveResult{Duration: time.Since(start)}
+		if _, err := os.Stat(v.stateFile()); err == nil && memory {
+			os.MkdirAll(filepath.Dir(v.snapshotFile(snap)), 0o755)
+			if err := os.Link(v.stateFile(), v.snapshotFile(snap)); err != nil {
+				qemu.DiskSnapshot(context.WithoutCancel(ctx), v.machine.Disk, "delete", snap)
+				return SaveResult{}, fmt.Errorf("snapshot %s of %s: keep saved state: %w", snap, name, err)
+			}
+			res.Path = v.snapshotFile(snap)
+		}
+		return res, nil
+	}
+	diskSnap := func(ctx context.Context) error {
+		return p.Monitor.Run(ctx, "blockdev-snapshot-internal-sync", map[string]any{"device": "disk0", "name": snap}, nil)
+	}
+	if !memory {
+		// Crash-consistent: the disk as it is now, the guest never stops.
+		if err := diskSnap(ctx); err != nil {
+			return SaveResult{}, fmt.Errorf("snapshot %s of %s: %w", snap, name, err)
+		}
+		return SaveResult{Duration: time.Since(start)}, nil
+	}
+
+	events, unsubscribe := p.Monitor.Subscribe()
+	defer unsubscribe()
+	w, err := v.createStateFile(v.snapshotFile(snap), statefile.KindSnapshot)
+	if err != nil {
+		return SaveResult{}, fmt.Errorf("snapshot %s of %s: %w", snap, name, err)
+	}
+	wasRunning := runState != "paused"
+	tookDisk := false
+	stats, err := qemu.SaveState(ctx, p.Monitor, v.machine.Dir, w, qemu.SaveOptions{
+		AtSwitchover: func(ctx context.Context) error {
+			if err := diskSnap(ctx); err != nil {
+				return err
+			}
+			tookDisk = true
+			return nil
+		},
+		Progress: func(n int64) { v.progress("saving memory", n, v.spec.MemoryBytes) },
+	})
+	if wasRunning {
+		// After a completed or failed save QEMU leaves the guest stopped.
+		// Continue it before the file is synced: the guest need not wait
+		// for our fsync.
+		if cerr := p.Monitor.Cont(context.WithoutCancel(ctx)); cerr != nil && err == nil {
+			err = cerr
+		}
+	}
+	if err == nil {
+		_, err = w.Commit()
+	} else {
+		w.Abort()
+	}
+	if err != nil {
+		if tookDisk {
+			p.Monitor.Run(context.WithoutCancel(ctx), "blockdev-snapshot-delete-internal-sync", map[string]any{"device": "disk0", "name": snap}, nil)
+		}
+		return SaveResult{}, fmt.Errorf("snapshot %s of %s: %w", snap, name, err)
+	}
+	return SaveResult{Path: v.snapshotFile(snap), Bytes: stats.Bytes, Duration: time.Since(start), Paused: pausedFor(events)}, nil
+}
+
+// pausedFor measures from QEMU's own STOP and RESUME event timestamps how
+// long the guest's CPUs were stopped.
+func pausedFor(events <-chan qmp.Event) time.Duration {
+	var stop time.Time
+	var total time.Duration
+	for {
+		select {
+		case e, ok := <-events:
+			if !ok {
+				return total
+			}
+			switch e.Name {
+			case "STOP":
+				stop = e.Time
+			case "RESUME":
+				if !stop.IsZero() {
+					total += e.Time.Sub(stop)
+					stop = time.Time{}
+				}
+			}
+		case <-time.After(200 * time.Millisecond):
+			return total
+		}
+	}
+}
+
+// SnapshotRevert returns VM name to snapshot snap: whatever runs now is
+// discarded (as is a saved suspend state), the disk becomes the snapshot's,
+// and with memory the guest runs again from the snapshot's instant.
+func (a *Agent) SnapshotRevert(ctx context.Context, name, snap string, memory bool) error {
+	v, err := a.get(name)
+	if err != nil {
+		return err
+	}
+	v.opMu.Lock()
+	defer v.opMu.Unlock()
+	if memory {
+		// Check the memory file before anything is thrown away.
+		r, err := v.checkStateFile(v.snapshotFile(snap))
+		if err != nil {
+			return err
+		}
+		r.Close()
+	}
+	if p, _, err := v.running(); err == nil {
+		if err := v.killLocked(ctx, p); err != nil {
+			return err
+		}
+	}
+	if err := qemu.DiskSnapshot(ctx, v.machine.Disk, "apply", snap); err != nil {
+		if strings.Contains(err.Error(), "find") || strings.Contains(err.Error(), "exist") {
+			return fmt.Errorf("%s of %s: %w", snap, name, ErrNoSnapshot)
+		}
+		return err
+	}
+	os.Remove(v.stateFile())
+	if !memory {
+		return nil
+	}
+	return v.startFromState(ctx, v.snapshotFile(snap))
+}
+
+// SnapshotDelete removes snapshot snap; the others are untouched.
+func (a *Agent) SnapshotDelete(ctx context.Context, name, snap string) error {
+	v, err := a.get(name)
+	if err != nil {
+		return err
+	}
+	v.opMu.Lock()
+	defer v.opMu.Unlock()
+	if p, _, err := v.running(); err == nil {
+		err = p.Monitor.Run(ctx, "blockdev-snapshot-delete-internal-sync", map[string]any{"device": "disk0", "name": snap}, nil)
+	} else {
+		err = qemu.DiskSnapshot(ctx, v.machine.Disk, "delete", snap)
+	}
+	if err != nil && !strings.Contains(err.Error(), "not found") && !strings.Contains(err.Error(), "not exist") && !strings.Contains(err.Error(), "find") {
+		return fmt.Errorf("delete snapshot %s of %s: %w", snap, name, err)
+	}
+	if err := os.Remove(v.snapshotFile(snap)); err != nil && !os.IsNotExist(err) {
+		return fmt.Errorf("delete snapshot %s of %s: %w", snap, name, err)
+	}
+	return nil
+}
+
+// SnapshotSpace reports, per snapshot, the bytes only it holds: disk
+// clusters no other snapshot and not the current disk references, plus its
+// memory file. Figures for a running VM may lag QEMU's metadata cache a little.
+func (a *Agent) SnapshotSpace(name string) (map[string]int64, error) {
+	v, err := a.get(name)
+	if err != nil {
+		return nil, err
+	}
+	u, err := qcow2.Inspect(v.machine.Disk)
+	if err != nil {
+		// A table caught mid-update by a running QEMU: try once more.
+		time.Sleep(50 * time.Millisecond)
+		if u, err = qcow2.Inspect(v.machine.Disk); err != nil {
+			return nil, err
+		}
+	}
+	out := map[string]int64{}
+	for _, s := range u.Snapshots {
+		out[s.Name] = s.ExclusiveBytes
+		if fi, err := os.Stat(v.snapshotFile(s.Name)); err == nil {
+			out[s.Name] += fi.Size()
+		}
+	}
+	return out, nil
+}
+
+// killLocked kills the VM's QEMU; the caller holds opMu.
+func (v *vm) killLocked(ctx context.Context, p *qemu.Process) error {
+	v.mu.Lock()
+	v.stopping = true
+	exited := v.exited
+	v.mu.Unlock()
+	if err := p.Kill(ctx); err != nil {
+		return err
+	}
+	select {
+	case <-exited:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}

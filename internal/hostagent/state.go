@@ -1,0 +1,232 @@
+package hostagent
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/qemu"
+	"github.com/vigil-project/vigil/internal/statefile"
+)
+
+// ErrBadState means a state file cannot be resumed (corrupt, truncated, or
+// made for other hardware). The file is left where it is.
+var ErrBadState = hostproto.ErrBadState
+
+// SaveResult describes a finished save of a VM's state.
+type SaveResult = hostproto.SaveResult
+
+func (v *vm) stateFile() string { return filepath.Join(v.machine.Dir, "state.vigil") }
+
+func (v *vm) snapshotFile(snap string) string {
+	return filepath.Join(v.machine.Dir, "snapshots", snap+".vigil")
+}
+
+func (v *vm) progress(verb string, done, total int64) {
+	msg := fmt.Sprintf("%s %d MiB", verb, done>>20)
+	if total > 0 {
+		msg = fmt.Sprintf("%s %d%% (%d/%d MiB)", verb, done*100/total, done>>20, total>>20)
+	}
+	v.agent.notify(v.spec.Name, hostproto.EventProgress, true, msg)
+}
+
+func (v *vm) running() (*qemu.Process, string, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.proc == nil {
+		return nil, "", fmt.Errorf("%s: %w", v.spec.Name, ErrNotRunning)
+	}
+	return v.proc, v.runState, nil
+}
+
+// Pause stops the guest's CPUs; its memory stays in QEMU.
+func (a *Agent) Pause(ctx context.Context, name string) error {
+	v, err := a.get(name)
+	if err != nil {
+		return err
+	}
+	v.opMu.Lock()
+	defer v.opMu.Unlock()
+	p, _, err := v.running()
+	if err != nil {
+		return err
+	}
+	if err := p.Monitor.Stop(ctx); err != nil {
+		return fmt.Errorf("pause %s: %w", name, err)
+	}
+	v.setRunState("paused")
+	return nil
+}
+
+// Resume continues a paused guest, or, when the VM has a saved state and no
+// QEMU, starts QEMU from the state file and continues it.
+func (a *Agent) Resume(ctx context.Context, name string) error {
+	v, err := a.get(name)
+	if err != nil {
+		return err
+	}
+	v.opMu.Lock()
+	defer v.opMu.Unlock()
+	if p, _, err := v.running(); err == nil {
+		if err := p.Monitor.Cont(ctx); err != nil {
+			return fmt.Errorf("resume %s: %w", name, err)
+		}
+		v.setRunState("running")
+		return nil
+	}
+	if _, err := os.Stat(v.stateFile()); err != nil {
+		return fmt.Errorf("resume %s: no saved state and not running: %w", name, ErrNotRunning)
+	}
+	if err := v.startFromState(ctx, v.stateFile()); err != nil {
+		return err
+	}
+	// The disk has moved on from the saved instant: the file must never be
+	// loaded again.
+	os.Remove(v.stateFile())
+	return nil
+}
+
+// DiscardState deletes a saved state so the VM cold-boots from its disk.
+func (a *Agent) DiscardState(name string) error {
+	v, err := a.get(name)
+	if err != nil {
+		return err
+	}
+	if err := os.Remove(v.stateFile()); err != nil && !os.IsNotExist(err) {
+		return fmt.Errorf("discard state of %s: %w", name, err)
+	}
+	return nil
+}
+
+// Suspend writes the full state of a running or paused VM to its state file
+// and ends QEMU. A failed save leaves the VM as it was and no partial file.
+func (a *Agent) Suspend(ctx context.Context, name string) (SaveResult, error) {
+	v, err := a.get(name)
+	if err != nil {
+		return SaveResult{}, err
+	}
+	v.opMu.Lock()
+	defer v.opMu.Unlock()
+	p, runState, err := v.running()
+	if err != nil {
+		return SaveResult{}, err
+	}
+	start := time.Now()
+	w, err := v.createStateFile(v.stateFile(), statefile.KindSuspend)
+	if err != nil {
+		return SaveResult{}, fmt.Errorf("suspend %s: %w", name, err)
+	}
+	wasRunning := runState != "paused"
+	if wasRunning {
+		// Stopped first: one pass over memory, and the disk is quiet while
+		// it is written, so the state and the disk are of one instant.
+		if err := p.Monitor.Stop(ctx); err != nil {
+			w.Abort()
+			return SaveResult{}, fmt.Errorf("suspend %s: %w", name, err)
+		}
+	}
+	restore := func() {
+		if wasRunning {
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			p.Monitor.Cont(cctx)
+			cancel()
+		}
+	}
+	stats, err := qemu.SaveState(ctx, p.Monitor, v.machine.Dir, w, qemu.SaveOptions{
+		Progress: func(n int64) { v.progress("saving state", n, v.spec.MemoryBytes) },
+	})
+	if err != nil {
+		w.Abort()
+		restore()
+		return SaveResult{}, fmt.Errorf("suspend %s: %w", name, err)
+	}
+	info, err := w.Commit()
+	if err != nil {
+		restore()
+		return SaveResult{}, fmt.Errorf("suspend %s: %w", name, err)
+	}
+	// The state is safe on disk: end QEMU. Its exit is the one we asked for.
+	v.mu.Lock()
+	v.stopping = true
+	exited := v.exited
+	v.mu.Unlock()
+	if err := p.Monitor.Quit(ctx); err != nil {
+		p.Kill(ctx)
+	}
+	select {
+	case <-exited:
+	case <-time.After(10 * time.Second):
+		p.Kill(ctx)
+		<-exited
+	}
+	return SaveResult{Path: info.Path, Bytes: stats.Bytes, Duration: time.Since(start)}, nil
+}
+
+func (v *vm) createStateFile(path, kind string) (*statefile.Writer, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, err
+	}
+	hw, _ := json.Marshal(v.machine.Hardware())
+	return statefile.Create(path, statefile.Header{VM: v.spec.Name, Hardware: hw, QEMUVersion: v.agent.qemuVer, Kind: kind})
+}
+
+// checkStateFile opens path and checks it fits this VM, without loading it.
+func (v *vm) checkStateFile(path string) (*statefile.Reader, error) {
+	r, err := statefile.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrBadState, err)
+	}
+	var hw qemu.Hardware
+	if err := json.Unmarshal(r.Info().Hardware, &hw); err != nil {
+		r.Close()
+		return nil, fmt.Errorf("%w: state file %s has an unreadable hardware definition: %v", ErrBadState, path, err)
+	}
+	if diff := hw.Diff(v.machine.Hardware()); len(diff) > 0 {
+		r.Close()
+		return nil, fmt.Errorf("%w: state file %s was saved on other hardware (saved vs now: %s)", ErrBadState, path, strings.Join(diff, "; "))
+	}
+	return r, nil
+}
+
+// startFromState verifies path, starts QEMU waiting for it, feeds it and
+// continues the guest. On failure no QEMU is left and path is untouched.
+func (v *vm) startFromState(ctx context.Context, path string) error {
+	if _, _, err := v.running(); err == nil {
+		return fmt.Errorf("%s: %w", v.spec.Name, ErrRunning)
+	}
+	r, err := v.checkStateFile(path)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	total := r.Info().PayloadSize
+	if err := r.Verify(func(done, total int64) { v.progress("verifying state", done, total) }); err != nil {
+		return fmt.Errorf("%w: %w", ErrBadState, err)
+	}
+	m := v.machine
+	m.Incoming = true
+	p, err := qemu.Start(ctx, v.agent.qemuBin, m)
+	if err != nil {
+		return err
+	}
+	if err := qemu.LoadState(ctx, p.Monitor, m.Dir, r.Payload(), func(n int64) { v.progress("loading state", n, total) }); err != nil {
+		kctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		p.Kill(kctx)
+		cancel()
+		p.Detach()
+		return fmt.Errorf("%w: %w", ErrBadState, err)
+	}
+	v.attach(p)
+	if err := p.Monitor.Cont(ctx); err != nil {
+		return fmt.Errorf("continue %s after loading its state: %w", v.spec.Name, err)
+	}
+	v.setRunState("running")
+	v.log.Info("resumed from saved state", "file", path, "pid", p.PID)
+	v.agent.notify(v.spec.Name, hostproto.EventStarted, true, fmt.Sprintf("pid %d, from saved state", p.PID))
+	return nil
+}
