@@ -200,4 +200,3 @@ func newSnapshotDeleteCmd(g *globals) *cobra.Command {
 		},
 	}
 }
-

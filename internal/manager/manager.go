@@ -44,16 +44,16 @@ type Host interface {
 
 // record is a VM's desired state as stored under "vms/<name>".
 type record struct {
-	Spec      hostproto.VMSpec `json:"spec"`
-	Host      string           `json:"host"`
-	Desired   string           `json:"desired"` // running, stopped, paused or suspended
-	State     api.VMState      `json:"state"`
-	Message   string           `json:"message,omitempty"`
+	Spec    hostproto.VMSpec `json:"spec"`
+	Host    string           `json:"host"`
+	Desired string           `json:"desired"` // running, stopped, paused or suspended
+	State   api.VMState      `json:"state"`
+	Message string           `json:"message,omitempty"`
 	// CurrentSnapshot is the parent of the next snapshot.
 	CurrentSnapshot string         `json:"current_snapshot,omitempty"`
 	LastOperation   *api.Operation `json:"last_operation,omitempty"`
-	CreatedAt time.Time        `json:"created_at"`
-	UpdatedAt time.Time        `json:"updated_at"`
+	CreatedAt       time.Time      `json:"created_at"`
+	UpdatedAt       time.Time      `json:"updated_at"`
 }
 
 const (

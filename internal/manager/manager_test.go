@@ -128,7 +128,9 @@ func (h *fakeHost) SnapshotRevert(_ context.Context, name, snap string, memory b
 func (h *fakeHost) SnapshotDelete(_ context.Context, name, snap string) error {
 	return h.record("snapdelete", name+"/"+snap)
 }
-func (h *fakeHost) SnapshotSpace(name string) (map[string]int64, error) { return map[string]int64{}, nil }
+func (h *fakeHost) SnapshotSpace(name string) (map[string]int64, error) {
+	return map[string]int64{}, nil
+}
 
 func (h *fakeHost) exists(name string) bool {
 	h.mu.Lock()
