@@ -168,3 +168,20 @@ type SnapshotList struct {
 	Snapshots  []Snapshot `json:"snapshots"`
 	TotalBytes int64      `json:"total_bytes"`
 }
+
+// ExecRequest is the body of POST /v1/vms/{name}/exec: a command for the
+// guest's /bin/sh -c, run by the guest agent.
+type ExecRequest struct {
+	Command        string `json:"command"`
+	TimeoutSeconds int    `json:"timeout_seconds,omitempty"`
+	// Background starts the command detached and answers at once.
+	Background bool `json:"background,omitempty"`
+}
+
+// ExecResult is the outcome of an ExecRequest.
+type ExecResult struct {
+	ExitCode  int    `json:"exit_code"`
+	Output    string `json:"output"`
+	Truncated bool   `json:"truncated,omitempty"`
+	Error     string `json:"error,omitempty"`
+}

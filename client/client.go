@@ -142,6 +142,13 @@ func (c *Client) DeleteVM(ctx context.Context, name string, force ...bool) error
 	return c.do(ctx, http.MethodDelete, path, nil, nil)
 }
 
+// Exec runs a shell command in a VM's guest through its guest agent.
+func (c *Client) Exec(ctx context.Context, vm string, req api.ExecRequest) (api.ExecResult, error) {
+	var r api.ExecResult
+	err := c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/exec", req, &r)
+	return r, err
+}
+
 // CreateSnapshot takes a restore point of a VM.
 func (c *Client) CreateSnapshot(ctx context.Context, vm string, req api.SnapshotCreateRequest) (api.Snapshot, error) {
 	var s api.Snapshot

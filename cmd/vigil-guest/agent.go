@@ -89,6 +89,15 @@ func (a *agent) serve(ctx context.Context, r io.Reader, enc *guestproto.Encoder)
 			if err := enc.Encode(guestproto.Message{Type: guestproto.TypePong, ID: m.ID}); err != nil {
 				return fmt.Errorf("send pong: %w", err)
 			}
+		case guestproto.TypeExec:
+			// Commands run on their own goroutine: a long one must not hold
+			// up pings or other commands.
+			go func(m guestproto.Message) {
+				res := runExec(ctx, *m.Exec)
+				if err := enc.Encode(guestproto.Message{Type: guestproto.TypeExecResult, ID: m.ID, ExecResult: &res}); err != nil {
+					a.log.Warn("send exec result", "err", err)
+				}
+			}(m)
 		default:
 			a.log.Debug("ignoring message", "type", m.Type)
 		}

@@ -3,6 +3,7 @@ package cli
 import (
 	"fmt"
 	"io"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -16,7 +17,7 @@ func newVMCmd(g *globals) *cobra.Command {
 		newVMStateCmd(g, api.ActionStart, "Start a stopped VM"),
 		newVMStateCmd(g, api.ActionStop, "Stop a VM: ACPI power-down, killed after --timeout"),
 		newVMStateCmd(g, api.ActionRestart, "Stop (if running) and start a VM: a fresh boot"),
-		newVMPauseCmd(g), newVMResumeCmd(g),
+		newVMPauseCmd(g), newVMResumeCmd(g), newVMExecCmd(g),
 		newVMDeleteCmd(g), newVMConsoleCmd(g))
 	return cmd
 }
@@ -304,5 +305,37 @@ func newVMConsoleCmd(g *globals) *cobra.Command {
 		},
 	}
 	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new console output")
+	return cmd
+}
+
+func newVMExecCmd(g *globals) *cobra.Command {
+	var timeout time.Duration
+	var background bool
+	cmd := &cobra.Command{
+		Use:               "exec NAME -- COMMAND...",
+		Short:             "Run a shell command in the guest through its guest agent",
+		Args:              cobra.MinimumNArgs(2),
+		ValidArgsFunction: completeVMs(g),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			req := api.ExecRequest{Command: strings.Join(args[1:], " "), Background: background, TimeoutSeconds: int(timeout / time.Second)}
+			res, err := g.client().Exec(cmd.Context(), args[0], req)
+			if err != nil {
+				return err
+			}
+			if g.output != "table" {
+				return g.printValue(res, nil)
+			}
+			fmt.Fprint(g.out, res.Output)
+			if res.Error != "" {
+				return fmt.Errorf("in the guest: %s", res.Error)
+			}
+			if res.ExitCode != 0 {
+				return fmt.Errorf("the command exited with status %d in the guest", res.ExitCode)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().DurationVar(&timeout, "timeout", 30*time.Second, "how long the command may run")
+	cmd.Flags().BoolVar(&background, "background", false, "start the command detached and return at once")
 	return cmd
 }

@@ -36,7 +36,15 @@ const (
 	TypeHeartbeat = "heartbeat"
 	TypePing      = "ping"
 	TypePong      = "pong"
+	// TypeExec asks the guest to run a shell command; it answers with
+	// TypeExecResult carrying the same ID.
+	TypeExec       = "exec"
+	TypeExecResult = "exec-result"
 )
+
+// MaxExecOutput bounds the output an exec result carries, so that the
+// result (JSON-escaped) stays well inside MaxLineBytes.
+const MaxExecOutput = 16 << 10
 
 var (
 	// ErrVersion is wrapped by decode errors for messages whose major
@@ -52,10 +60,31 @@ var (
 
 // Message is one protocol message.
 type Message struct {
-	V         int        `json:"v"`
-	Type      string     `json:"type"`
-	ID        string     `json:"id,omitempty"` // correlates a ping with its pong
-	Heartbeat *Heartbeat `json:"heartbeat,omitempty"`
+	V          int         `json:"v"`
+	Type       string      `json:"type"`
+	ID         string      `json:"id,omitempty"` // correlates a ping with its pong
+	Heartbeat  *Heartbeat  `json:"heartbeat,omitempty"`
+	Exec       *Exec       `json:"exec,omitempty"`
+	ExecResult *ExecResult `json:"exec_result,omitempty"`
+}
+
+// Exec is a command for the guest's /bin/sh -c.
+type Exec struct {
+	Command string `json:"command"`
+	// TimeoutSeconds bounds a foreground command (default 30).
+	TimeoutSeconds int `json:"timeout_seconds,omitempty"`
+	// Background starts the command detached and answers at once.
+	Background bool `json:"background,omitempty"`
+}
+
+// ExecResult is the outcome of an Exec.
+type ExecResult struct {
+	ExitCode int `json:"exit_code"`
+	// Output is stdout and stderr together, cut to MaxExecOutput bytes.
+	Output    string `json:"output"`
+	Truncated bool   `json:"truncated,omitempty"`
+	// Error is set when the command could not be run at all (or timed out).
+	Error string `json:"error,omitempty"`
 }
 
 // Heartbeat is the periodic liveness and health report sent by the guest.
@@ -79,6 +108,12 @@ func (m *Message) validate() error {
 	}
 	if m.Type == TypeHeartbeat && m.Heartbeat == nil {
 		return fmt.Errorf("%w: heartbeat message without heartbeat body", ErrMalformed)
+	}
+	if m.Type == TypeExec && (m.Exec == nil || m.Exec.Command == "") {
+		return fmt.Errorf("%w: exec message without a command", ErrMalformed)
+	}
+	if m.Type == TypeExecResult && m.ExecResult == nil {
+		return fmt.Errorf("%w: exec-result message without a result", ErrMalformed)
 	}
 	return nil
 }

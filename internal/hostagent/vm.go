@@ -36,6 +36,9 @@ type vm struct {
 	guestOff  bool // the guest powered itself off: its exit is a clean stop
 	detached  bool // the agent is shutting down: an exit is not the VM's
 	guest     *api.GuestInfo
+	guestEnc  *guestproto.Encoder // set while connected to the guest agent
+	pending   map[string]chan guestproto.Message
+	nextID    uint64
 	cancel    context.CancelFunc // ends the watchers of proc
 	exited    chan struct{}      // closed by the watcher when proc is gone
 }
@@ -211,7 +214,17 @@ func (v *vm) watchGuest(ctx context.Context) {
 			}
 		}
 		stop := context.AfterFunc(ctx, func() { conn.Close() })
+		v.mu.Lock()
+		v.guestEnc = guestproto.NewEncoder(conn)
+		v.mu.Unlock()
 		v.readGuest(conn)
+		v.mu.Lock()
+		v.guestEnc = nil
+		for id, ch := range v.pending {
+			close(ch) // the guest channel is gone: waiting callers give up
+			delete(v.pending, id)
+		}
+		v.mu.Unlock()
 		stop()
 		conn.Close()
 	}
@@ -226,6 +239,16 @@ func (v *vm) readGuest(conn net.Conn) {
 				continue
 			}
 			return
+		}
+		if m.Type == guestproto.TypeExecResult || m.Type == guestproto.TypePong {
+			v.mu.Lock()
+			ch := v.pending[m.ID]
+			delete(v.pending, m.ID)
+			v.mu.Unlock()
+			if ch != nil {
+				ch <- m
+			}
+			continue
 		}
 		if m.Type != guestproto.TypeHeartbeat || m.Heartbeat == nil {
 			continue

@@ -28,6 +28,7 @@ func (m *Manager) Handler() http.Handler {
 	mux.HandleFunc("DELETE /v1/vms/{name}", m.handleDelete)
 	mux.HandleFunc("PUT /v1/vms/{name}/state", m.handleState)
 	mux.HandleFunc("GET /v1/vms/{name}/console", m.handleConsole)
+	mux.HandleFunc("POST /v1/vms/{name}/exec", m.handleExec)
 	mux.HandleFunc("GET /v1/vms/{name}/snapshots", m.handleSnapshotList)
 	mux.HandleFunc("POST /v1/vms/{name}/snapshots", m.handleSnapshotCreate)
 	mux.HandleFunc("POST /v1/vms/{name}/snapshots/{snap}/revert", m.handleSnapshotRevert)
@@ -94,6 +95,20 @@ func (m *Manager) handleState(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, vm)
+}
+
+func (m *Manager) handleExec(w http.ResponseWriter, r *http.Request) {
+	var req api.ExecRequest
+	if err := decodeBody(r, &req); err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	res, err := m.Exec(r.Context(), r.PathValue("name"), req)
+	if err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, res)
 }
 
 func (m *Manager) handleSnapshotList(w http.ResponseWriter, r *http.Request) {

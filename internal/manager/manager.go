@@ -40,7 +40,12 @@ type Host interface {
 	SnapshotRevert(ctx context.Context, name, snap string, memory bool) error
 	SnapshotDelete(ctx context.Context, name, snap string) error
 	SnapshotSpace(name string) (map[string]int64, error)
+	Exec(ctx context.Context, name string, req api.ExecRequest) (api.ExecResult, error)
 }
+
+// errGuestAgentHint tells the operator what to check when a VM's guest agent
+// is not connected.
+var errGuestAgentHint = "is the vm running and has its guest agent sent a heartbeat? see 'vigil vm show'"
 
 // record is a VM's desired state as stored under "vms/<name>".
 type record struct {
@@ -381,6 +386,29 @@ func (m *Manager) List(ctx context.Context) ([]api.VM, error) {
 		out = append(out, m.view(r.rec))
 	}
 	return out, nil
+}
+
+// Exec runs a command in the guest through the guest agent. It does not take
+// the VM's operation lock: it changes nothing Vigil manages.
+func (m *Manager) Exec(ctx context.Context, name string, req api.ExecRequest) (api.ExecResult, error) {
+	if req.Command == "" {
+		return api.ExecResult{}, errorf(ErrInvalid, "no command given")
+	}
+	if req.TimeoutSeconds < 0 || req.TimeoutSeconds > 3600 {
+		return api.ExecResult{}, errorf(ErrInvalid, "timeout %ds is out of range 0-3600", req.TimeoutSeconds)
+	}
+	vm, err := m.Get(ctx, name)
+	if err != nil {
+		return api.ExecResult{}, err
+	}
+	if vm.Guest == nil {
+		return api.ExecResult{}, errorf(ErrConflict, "vm %s has no connected guest agent (state %s): %s", name, vm.State, errGuestAgentHint)
+	}
+	res, err := m.host.Exec(ctx, name, req)
+	if err != nil {
+		return res, wrapf(ErrConflict, err, "exec in vm %s", name)
+	}
+	return res, nil
 }
 
 // Hosts reports the hosts.

@@ -128,6 +128,9 @@ func (h *fakeHost) SnapshotRevert(_ context.Context, name, snap string, memory b
 func (h *fakeHost) SnapshotDelete(_ context.Context, name, snap string) error {
 	return h.record("snapdelete", name+"/"+snap)
 }
+func (h *fakeHost) Exec(_ context.Context, name string, req api.ExecRequest) (api.ExecResult, error) {
+	return api.ExecResult{Output: req.Command}, h.record("exec", name)
+}
 func (h *fakeHost) SnapshotSpace(name string) (map[string]int64, error) {
 	return map[string]int64{}, nil
 }
