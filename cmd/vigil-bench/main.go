@@ -28,8 +28,9 @@ func main() {
 	out := flag.String("out", "", "also write the report to this Markdown file")
 	runs := flag.Int("runs", 5, "boots per start-latency series")
 	listRuns := flag.Int("list-runs", 100, "requests per list-latency series")
+	only := flag.String("only", "", "comma-separated sections to run: start,list,state,snapshot (default all)")
 	flag.Parse()
-	if err := run(*out, *runs, *listRuns); err != nil {
+	if err := run(*out, *runs, *listRuns, *only); err != nil {
 		fmt.Fprintln(os.Stderr, "vigil-bench:", err)
 		os.Exit(1)
 	}
@@ -40,7 +41,8 @@ type row struct {
 	what, vigil, baseline, ratio, note string
 }
 
-func run(outPath string, runs, listRuns int) error {
+func run(outPath string, runs, listRuns int, only string) error {
+	want := func(section string) bool { return only == "" || strings.Contains(","+only+",", ","+section+",") }
 	imageDir := os.Getenv("VIGIL_TEST_IMAGE")
 	binDir := os.Getenv("VIGIL_BIN")
 	if imageDir == "" || binDir == "" {
@@ -78,16 +80,29 @@ func run(outPath string, runs, listRuns int) error {
 	c := client.New(addr)
 
 	var rows []row
-	r, err := benchStart(ctx, c, img, tmp, runs)
-	if err != nil {
-		return err
+	b := &bench{c: c, img: img, tmp: tmp, dataDir: filepath.Join(tmp, "d")}
+	sections := []struct {
+		name string
+		f    func(context.Context) ([]row, error)
+	}{
+		{"start", func(ctx context.Context) ([]row, error) { return benchStart(ctx, c, img, tmp, runs) }},
+		{"state", b.state},
+		{"snapshot", b.snapshots},
+		{"list", func(ctx context.Context) ([]row, error) {
+			return benchList(ctx, c, filepath.Join(binDir, "vigil"), addr, listRuns)
+		}},
 	}
-	rows = append(rows, r...)
-	r, err = benchList(ctx, c, filepath.Join(binDir, "vigil"), addr, listRuns)
-	if err != nil {
-		return err
+	for _, sec := range sections {
+		if !want(sec.name) {
+			continue
+		}
+		fmt.Fprintf(os.Stderr, "vigil-bench: %s...\n", sec.name)
+		r, err := sec.f(ctx)
+		if err != nil {
+			return fmt.Errorf("%s: %w", sec.name, err)
+		}
+		rows = append(rows, r...)
 	}
-	rows = append(rows, r...)
 
 	cancel()
 	<-done

@@ -150,6 +150,8 @@ func (a *Agent) Suspend(ctx context.Context, name string) (SaveResult, error) {
 		restore()
 		return SaveResult{}, fmt.Errorf("suspend %s: %w", name, err)
 	}
+	saved := time.Since(start) // the state is durable from here on
+	v.log.Debug("suspend timings", "bytes", stats.Bytes, "migration_ms", stats.Total.Milliseconds(), "total_ms", saved.Milliseconds())
 	// The state is safe on disk: end QEMU. Its exit is the one we asked for.
 	v.mu.Lock()
 	v.stopping = true
@@ -164,7 +166,7 @@ func (a *Agent) Suspend(ctx context.Context, name string) (SaveResult, error) {
 		p.Kill(ctx)
 		<-exited
 	}
-	return SaveResult{Path: info.Path, Bytes: stats.Bytes, Duration: time.Since(start)}, nil
+	return SaveResult{Path: info.Path, Bytes: stats.Bytes, Duration: saved}, nil
 }
 
 func (v *vm) createStateFile(path, kind string) (*statefile.Writer, error) {

@@ -84,8 +84,16 @@ func SaveState(ctx context.Context, mon *qmp.Monitor, dir string, w io.Writer, o
 		err error
 	}
 	done := make(chan copied, 1)
-	var written countingWriter
-	written.w = w
+	// A writer that counts for itself (statefile.Writer) is given the
+	// connection directly, so its ReadFrom copies in large chunks.
+	var counter interface{ Written() int64 }
+	dst := w
+	if c, ok := w.(interface{ Written() int64 }); ok {
+		counter = c
+	} else {
+		cw := &countingWriter{w: w}
+		counter, dst = cw, cw
+	}
 	go func() {
 		conn, err := ln.Accept()
 		if err != nil {
@@ -93,7 +101,7 @@ func SaveState(ctx context.Context, mon *qmp.Monitor, dir string, w io.Writer, o
 			return
 		}
 		defer conn.Close()
-		n, err := io.Copy(&written, conn)
+		n, err := io.Copy(dst, conn)
 		if err != nil {
 			// Closing our end makes QEMU's side fail, ending the migration.
 			conn.Close()
@@ -116,7 +124,15 @@ func SaveState(ctx context.Context, mon *qmp.Monitor, dir string, w io.Writer, o
 	var copyErr error
 	copyDone := false
 	step := 0
-	tick := time.NewTicker(2 * time.Millisecond)
+	// A live save polls often so the switchover is caught at once (the
+	// guest is stopped meanwhile). A save of a stopped guest need not: the
+	// copy ending tells us, and QMP queries would only compete with the
+	// migration for QEMU's main lock.
+	poll := 50 * time.Millisecond
+	if o.AtSwitchover != nil {
+		poll = 2 * time.Millisecond
+	}
+	tick := time.NewTicker(poll)
 	defer tick.Stop()
 	lastProgress := time.Now()
 	for {
@@ -131,7 +147,7 @@ func SaveState(ctx context.Context, mon *qmp.Monitor, dir string, w io.Writer, o
 		case <-tick.C:
 		}
 		if o.Progress != nil && time.Since(lastProgress) > 100*time.Millisecond {
-			o.Progress(written.Load())
+			o.Progress(counter.Written())
 			lastProgress = time.Now()
 		}
 		if o.AtSwitchover != nil && step+1 < len(downtimeSteps) && time.Since(start) > downtimeSteps[step+1].after {
@@ -174,7 +190,7 @@ func SaveState(ctx context.Context, mon *qmp.Monitor, dir string, w io.Writer, o
 			if copyErr != nil {
 				return SaveStats{}, fmt.Errorf("write state: %w", copyErr)
 			}
-			return SaveStats{Bytes: written.Load(), Total: time.Since(start), Downtime: time.Duration(mi.Downtime) * time.Millisecond}, nil
+			return SaveStats{Bytes: counter.Written(), Total: time.Since(start), Downtime: time.Duration(mi.Downtime) * time.Millisecond}, nil
 		}
 	}
 }
@@ -271,3 +287,5 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 }
 
 func (c *countingWriter) Load() int64 { return c.n.Load() }
+
+func (c *countingWriter) Written() int64 { return c.n.Load() }
