@@ -25,13 +25,15 @@ import (
 type fakeHost struct {
 	mu        sync.Mutex
 	vms       map[string]bool // name -> running
+	paused    map[string]bool
+	saved     map[string]bool // has a suspend state file
 	failNext  map[string]error
 	calls     []string
 	stopDelay time.Duration
 }
 
 func newFakeHost() *fakeHost {
-	return &fakeHost{vms: map[string]bool{}, failNext: map[string]error{}}
+	return &fakeHost{vms: map[string]bool{}, paused: map[string]bool{}, saved: map[string]bool{}, failNext: map[string]error{}}
 }
 
 func (h *fakeHost) Name() string   { return "h1" }
@@ -100,10 +102,13 @@ func (h *fakeHost) Status(name string) (hostproto.VMStatus, error) {
 	if !ok {
 		return hostproto.VMStatus{}, errors.New("unknown")
 	}
-	st := hostproto.VMStatus{Name: name, Running: running}
+	st := hostproto.VMStatus{Name: name, Running: running, SavedState: h.saved[name]}
 	if running {
 		st.PID = 42
 		st.RunState = "running"
+		if h.paused[name] {
+			st.RunState = "paused"
+		}
 	}
 	return st, nil
 }
@@ -113,12 +118,42 @@ func (h *fakeHost) Console(_ context.Context, name string, _ bool, w io.Writer) 
 	return err
 }
 
-func (h *fakeHost) Pause(_ context.Context, name string) error  { return h.record("pause", name) }
-func (h *fakeHost) Resume(_ context.Context, name string) error { return h.record("resume", name) }
-func (h *fakeHost) Suspend(_ context.Context, name string) (hostproto.SaveResult, error) {
-	return hostproto.SaveResult{}, h.record("suspend", name)
+func (h *fakeHost) Pause(_ context.Context, name string) error {
+	if err := h.record("pause", name); err != nil {
+		return err
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.paused[name] = true
+	return nil
 }
-func (h *fakeHost) DiscardState(name string) error { return h.record("discard", name) }
+
+func (h *fakeHost) Resume(_ context.Context, name string) error {
+	if err := h.record("resume", name); err != nil {
+		return err
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.paused[name], h.saved[name], h.vms[name] = false, false, true
+	return nil
+}
+
+func (h *fakeHost) Suspend(_ context.Context, name string) (hostproto.SaveResult, error) {
+	if err := h.record("suspend", name); err != nil {
+		return hostproto.SaveResult{}, err
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.paused[name], h.saved[name], h.vms[name] = false, true, false
+	return hostproto.SaveResult{Bytes: 1 << 20, Duration: time.Millisecond}, nil
+}
+
+func (h *fakeHost) DiscardState(name string) error {
+	h.mu.Lock()
+	h.saved[name] = false
+	h.mu.Unlock()
+	return h.record("discard", name)
+}
 func (h *fakeHost) SnapshotCreate(_ context.Context, name, snap string, memory bool) (hostproto.SaveResult, error) {
 	return hostproto.SaveResult{}, h.record("snapshot", name+"/"+snap)
 }
