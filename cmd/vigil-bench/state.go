@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"time"
 
 	"github.com/vigil-project/vigil/api"
@@ -53,6 +54,16 @@ func (b *bench) state(ctx context.Context) ([]row, error) {
 		}
 		return bare.mon.Cont(ctx)
 	})
+	if err != nil {
+		bare.stop()
+		return nil, err
+	}
+	// QEMU's own ceiling: the same save done by hand to a file.
+	if err := nextHeartbeat(m.AgentSocket(), 60*time.Second); err != nil {
+		bare.stop()
+		return nil, err
+	}
+	bareMBs, bareBytes, err := bareSave(ctx, bare, filepath.Join(b.tmp, "bare-save.raw"))
 	bare.stop()
 	if err != nil {
 		return nil, err
@@ -61,12 +72,25 @@ func (b *bench) state(ctx context.Context) ([]row, error) {
 		baseline: pct(raw) + " (raw QMP stop + cont)", ratio: fmt.Sprintf("%.1f", float64(p(vigil, 50))/float64(p(raw, 50))),
 		note: fmt.Sprintf("p50 ratio over %d pairs; Vigil's includes HTTP, etcd writes with fsync and events", n)})
 
-	// Suspend to disk.
-	vm, err := b.c.ChangeState(ctx, name, api.VMStateRequest{Action: api.ActionPause, ToDisk: true})
-	if err != nil {
-		return nil, err
+	// Suspend to disk, three times (resuming in between); the median counts.
+	var ops []*api.Operation
+	for i := 0; i < 3; i++ {
+		if i > 0 {
+			if _, err := b.c.ChangeState(ctx, name, api.VMStateRequest{Action: api.ActionResume}); err != nil {
+				return nil, err
+			}
+			if _, err := b.c.WaitGuest(ctx, name); err != nil {
+				return nil, err
+			}
+		}
+		vm, err := b.c.ChangeState(ctx, name, api.VMStateRequest{Action: api.ActionPause, ToDisk: true})
+		if err != nil {
+			return nil, err
+		}
+		ops = append(ops, vm.LastOperation)
 	}
-	op := vm.LastOperation
+	sort.Slice(ops, func(i, j int) bool { return ops[i].DurationMS < ops[j].DurationMS })
+	op := ops[1]
 	saveMBs := float64(op.Bytes) / (1 << 20) / (op.DurationMS / 1000)
 	vmDir := filepath.Join(b.dataDir, "host", "vms", name)
 	ddMBs, err := ddThroughput(ctx, vmDir, op.Bytes)
@@ -74,8 +98,11 @@ func (b *bench) state(ctx context.Context) ([]row, error) {
 		return nil, err
 	}
 	rows = append(rows,
-		row{what: "Suspend to disk: state written per second (128 MiB guest, stop → state file fsynced)", vigil: fmt.Sprintf("%.0f MB/s (%d MiB in %.0f ms)", saveMBs, op.Bytes>>20, op.DurationMS),
+		row{what: "Suspend to disk: state written per second (128 MiB guest, stop → state file fsynced; median of 3)", vigil: fmt.Sprintf("%.0f MB/s (%d MiB in %.0f ms)", saveMBs, op.Bytes>>20, op.DurationMS),
 			baseline: fmt.Sprintf("%.0f MB/s (dd bs=4M conv=fsync, same size, same filesystem)", ddMBs), ratio: fmt.Sprintf("%.2f", saveMBs/ddMBs), note: "target ≥ 0.80"},
+		row{what: "Suspend to disk vs QEMU saving by hand", vigil: fmt.Sprintf("%.0f MB/s", saveMBs),
+			baseline: fmt.Sprintf("%.0f MB/s (bare QEMU: stop, migrate to exec:cat > file, fsync; %d MiB)", bareMBs, bareBytes>>20), ratio: fmt.Sprintf("%.2f", saveMBs/bareMBs),
+			note: "QEMU 7.2 produces the stream on one thread; this is the ceiling the dd target is measured against"},
 		row{what: "State file size vs guest RAM", vigil: fmt.Sprintf("%d MiB", op.Bytes>>20), baseline: "128 MiB (guest RAM)",
 			ratio: fmt.Sprintf("%.2f", float64(op.Bytes)/float64(128<<20)), note: "zero pages are not stored"})
 
@@ -179,4 +206,43 @@ func ddThroughput(ctx context.Context, dir string, size int64) (float64, error) 
 		return 0, fmt.Errorf("dd: %v %s", err, out)
 	}
 	return float64(count*4) / time.Since(t0).Seconds(), nil
+}
+
+// bareSave stops a bare QEMU and saves its state by hand to path with
+// QEMU's exec: migration, then fsyncs it: what an operator gets without Vigil.
+func bareSave(ctx context.Context, v *bareVM, path string) (float64, int64, error) {
+	t0 := time.Now()
+	if err := v.mon.Stop(ctx); err != nil {
+		return 0, 0, err
+	}
+	if err := v.mon.Run(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": int64(64 << 30)}, nil); err != nil {
+		return 0, 0, err
+	}
+	if err := v.mon.Run(ctx, "migrate", map[string]any{"uri": "exec:cat > " + path}, nil); err != nil {
+		return 0, 0, err
+	}
+	for {
+		var mi struct {
+			Status string `json:"status"`
+		}
+		if err := v.mon.Run(ctx, "query-migrate", nil, &mi); err != nil {
+			return 0, 0, err
+		}
+		if mi.Status == "completed" {
+			break
+		}
+		if mi.Status == "failed" {
+			return 0, 0, fmt.Errorf("bare save failed")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, 0, err
+	}
+	f.Sync()
+	fi, _ := f.Stat()
+	f.Close()
+	d := time.Since(t0)
+	return float64(fi.Size()) / (1 << 20) / d.Seconds(), fi.Size(), nil
 }
