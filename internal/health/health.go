@@ -1,0 +1,137 @@
+// Package health turns a VM's liveness signals into a verdict. It is pure
+// logic: the host agent samples the signals (guest heartbeats, vCPU time,
+// disk and network I/O, QEMU's run state) and feeds them in.
+//
+// Only time the agent actually observed counts. If the agent itself was
+// stopped or starved (a gap between samples much longer than the sampling
+// interval), the gap is not counted as silence: a guest must be seen
+// silent, not assumed silent, before it is declared hung.
+package health
+
+import "time"
+
+// Verdict is the monitor's judgement after a sample.
+type Verdict string
+
+const (
+	// Healthy: heartbeats arrive.
+	Healthy Verdict = "healthy"
+	// Booting: within the grace period after start; never judged hung.
+	Booting Verdict = "booting"
+	// Paused: the guest's CPUs are stopped on purpose; never judged hung.
+	Paused Verdict = "paused"
+	// Quiet: heartbeats missing, but not for long enough to judge.
+	Quiet Verdict = "quiet"
+	// AgentUnwell: heartbeats stopped but the guest shows signs of
+	// operation (CPU or I/O moving): report, do not restart.
+	AgentUnwell Verdict = "agent-unwell"
+	// Hung: no heartbeats and no sign of operation for the hang timeout.
+	Hung Verdict = "hung"
+)
+
+// Policy configures judgement for one VM.
+type Policy struct {
+	// HangTimeout is how long a guest must be observed with neither
+	// heartbeats nor activity before it is hung.
+	HangTimeout time.Duration
+	// MinUptime is the grace period after a start before a hang can be declared.
+	MinUptime time.Duration
+	// Interval is the expected time between samples; a longer gap than
+	// 3×Interval is treated as unobserved.
+	Interval time.Duration
+}
+
+// Sample is one reading of a VM's signals.
+type Sample struct {
+	At            time.Time
+	StartedAt     time.Time // this QEMU process (or boot) started
+	RunState      string    // QEMU's run state: "running", "paused", ...
+	LastHeartbeat time.Time // arrival of the latest guest heartbeat (zero: none yet)
+	CPUTime       time.Duration
+	DiskOps       uint64 // read + write operations, all disks
+	NetBytes      uint64 // rx + tx, when known
+}
+
+// Monitor accumulates observed silence for one VM. Not safe for concurrent use.
+type Monitor struct {
+	policy Policy
+	prev   *Sample
+	// silence of heartbeats and of activity, counted in observed time
+	hbSilent, actSilent time.Duration
+}
+
+// NewMonitor returns a monitor with policy p.
+func NewMonitor(p Policy) *Monitor {
+	if p.Interval <= 0 {
+		p.Interval = 250 * time.Millisecond
+	}
+	return &Monitor{policy: p}
+}
+
+// SetPolicy changes the policy from the next sample on.
+func (m *Monitor) SetPolicy(p Policy) {
+	if p.Interval <= 0 {
+		p.Interval = m.policy.Interval
+	}
+	m.policy = p
+}
+
+// Reset forgets everything (a new QEMU process, or a resume).
+func (m *Monitor) Reset() {
+	m.prev = nil
+	m.hbSilent, m.actSilent = 0, 0
+}
+
+// Silence reports the observed time without heartbeats and without activity.
+func (m *Monitor) Silence() (heartbeats, activity time.Duration) { return m.hbSilent, m.actSilent }
+
+// Observe takes a sample and returns the verdict.
+func (m *Monitor) Observe(s Sample) Verdict {
+	prev := m.prev
+	m.prev = &s
+	if s.RunState != "running" {
+		// Paused by the user, suspended, migrating: not the guest's doing.
+		m.hbSilent, m.actSilent = 0, 0
+		return Paused
+	}
+	if prev == nil || prev.RunState != "running" {
+		return m.judge(s)
+	}
+	dt := s.At.Sub(prev.At)
+	if dt <= 0 || dt > 3*m.policy.Interval {
+		// We were not watching (agent stopped or starved): count nothing,
+		// and let the next sample compare against this one.
+		return m.judge(s)
+	}
+	if s.LastHeartbeat.After(prev.LastHeartbeat) {
+		m.hbSilent = 0
+	} else {
+		m.hbSilent += dt
+	}
+	if s.CPUTime > prev.CPUTime || s.DiskOps != prev.DiskOps || s.NetBytes != prev.NetBytes {
+		m.actSilent = 0
+	} else {
+		m.actSilent += dt
+	}
+	return m.judge(s)
+}
+
+func (m *Monitor) judge(s Sample) Verdict {
+	booting := s.At.Sub(s.StartedAt) < m.policy.MinUptime
+	switch {
+	case m.hbSilent < m.policy.HangTimeout:
+		if booting && s.LastHeartbeat.IsZero() {
+			return Booting
+		}
+		if m.hbSilent > 2*m.policy.Interval && m.hbSilent > 1500*time.Millisecond {
+			return Quiet
+		}
+		return Healthy
+	case booting:
+		return Booting
+	case m.actSilent >= m.policy.HangTimeout:
+		return Hung
+	default:
+		return AgentUnwell
+	}
+}

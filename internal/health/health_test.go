@@ -1,0 +1,107 @@
+package health
+
+import (
+	"testing"
+	"time"
+)
+
+// script drives a monitor through samples every interval, with a function
+// deciding each sample's signals, and returns the verdicts.
+type step struct {
+	at        time.Duration // since start
+	hb        bool          // a new heartbeat arrived since the last sample
+	active    bool          // CPU or I/O moved
+	runState  string
+	skipWatch bool // the agent was not sampling before this one
+}
+
+func run(p Policy, steps []step) []Verdict {
+	m := NewMonitor(p)
+	start := time.Unix(1000, 0)
+	var s Sample
+	s.StartedAt = start
+	var out []Verdict
+	for _, st := range steps {
+		s.At = start.Add(st.at)
+		if st.hb {
+			s.LastHeartbeat = s.At
+		}
+		if st.active {
+			s.CPUTime += 10 * time.Millisecond
+		}
+		s.RunState = st.runState
+		if s.RunState == "" {
+			s.RunState = "running"
+		}
+		out = append(out, m.Observe(s))
+	}
+	return out
+}
+
+// every returns steps at interval i from a to b (exclusive), all alike.
+func every(a, b, i time.Duration, hb, active bool, rs string) []step {
+	var out []step
+	for t := a; t < b; t += i {
+		out = append(out, step{at: t, hb: hb, active: active, runState: rs})
+	}
+	return out
+}
+
+func last(v []Verdict) Verdict { return v[len(v)-1] }
+
+func TestMonitor(t *testing.T) {
+	const i = 250 * time.Millisecond
+	p := Policy{HangTimeout: 3 * time.Second, MinUptime: 5 * time.Second, Interval: i}
+	cat := func(parts ...[]step) []step {
+		var out []step
+		for _, x := range parts {
+			out = append(out, x...)
+		}
+		return out
+	}
+	tests := []struct {
+		name  string
+		steps []step
+		want  Verdict
+	}{
+		{"heartbeats flowing", every(0, 10*time.Second, i, true, true, ""), Healthy},
+		{"booting without heartbeats", every(0, 4*time.Second, i, false, true, ""), Booting},
+		{"booting, silent and idle, still in grace", every(0, 4900*time.Millisecond, i, false, false, ""), Booting},
+		{"silent and idle after grace", cat(every(0, 6*time.Second, i, true, true, ""), every(6*time.Second, 9500*time.Millisecond, i, false, false, "")), Hung},
+		{"silent a little while", cat(every(0, 6*time.Second, i, true, true, ""), every(6*time.Second, 8*time.Second, i, false, false, "")), Quiet},
+		{"silent but busy: agent unwell", cat(every(0, 6*time.Second, i, true, true, ""), every(6*time.Second, 10*time.Second, i, false, true, "")), AgentUnwell},
+		{"paused by the user for long", cat(every(0, 6*time.Second, i, true, true, ""), every(6*time.Second, 20*time.Second, i, false, false, "paused")), Paused},
+		{"resumed after a long pause", cat(every(0, 6*time.Second, i, true, true, ""), every(6*time.Second, 20*time.Second, i, false, false, "paused"), every(20*time.Second, 21*time.Second, i, false, false, "")), Healthy},
+		{"activity resets the hang clock", cat(every(0, 6*time.Second, i, true, true, ""), every(6*time.Second, 8*time.Second, i, false, false, ""), []step{{at: 8 * time.Second, active: true}}, every(8250*time.Millisecond, 10*time.Second, i, false, false, "")), AgentUnwell},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := last(run(p, tt.steps)); got != tt.want {
+				t.Fatalf("verdict %s, want %s", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestAgentStoppedIsNotSilence: the agent was stopped (SIGSTOP) for 15 s; the
+// guest was fine all along. The gap must not count as silence.
+func TestAgentStoppedIsNotSilence(t *testing.T) {
+	const i = 250 * time.Millisecond
+	p := Policy{HangTimeout: 3 * time.Second, MinUptime: time.Second, Interval: i}
+	steps := every(0, 5*time.Second, i, true, true, "")
+	// 15 s without samples; the first sample after it sees heartbeats that
+	// had queued up.
+	steps = append(steps, step{at: 20 * time.Second, hb: true, active: true})
+	steps = append(steps, every(20250*time.Millisecond, 22*time.Second, i, true, true, "")...)
+	for n, v := range run(p, steps) {
+		if v == Hung || v == AgentUnwell {
+			t.Fatalf("sample %d: %s after the agent was stopped", n, v)
+		}
+	}
+	// Even a sample that finds no new heartbeat right after the gap is not hung.
+	steps = every(0, 5*time.Second, i, true, true, "")
+	steps = append(steps, step{at: 20 * time.Second})
+	if v := last(run(p, steps)); v == Hung {
+		t.Fatal("one quiet sample after an unobserved gap was judged hung")
+	}
+}
