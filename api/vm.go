@@ -32,6 +32,55 @@ type VMCreateRequest struct {
 	DiskBytes   int64  `json:"disk_bytes"`
 	// Start boots the VM right after it is created.
 	Start bool `json:"start,omitempty"`
+	// Policy is the crash recovery policy; nil means the defaults.
+	Policy *RecoveryPolicy `json:"policy,omitempty"`
+}
+
+// RecoveryPolicy says what Vigil does when a VM's guest crashes or hangs.
+// Zero fields take the defaults shown.
+type RecoveryPolicy struct {
+	// Recovery is "restart" (default: a fresh boot on the same host) or "none".
+	Recovery string `json:"recovery,omitempty"`
+	// HangTimeoutSeconds: no heartbeats and no sign of activity for this
+	// long means hung (default 10).
+	HangTimeoutSeconds int `json:"hang_timeout_seconds,omitempty"`
+	// MinUptimeSeconds: a guest is not judged hung this soon after a start (default 30).
+	MinUptimeSeconds int `json:"min_uptime_seconds,omitempty"`
+	// MaxRestarts within RestartWindowSeconds (default 3 per 3600); one
+	// more crash and the VM goes to failed and stays there.
+	MaxRestarts          int `json:"max_restarts,omitempty"`
+	RestartWindowSeconds int `json:"restart_window_seconds,omitempty"`
+}
+
+// Incident is a crash or hang that Vigil detected, and what it did.
+type Incident struct {
+	ID          string     `json:"id"`
+	VM          string     `json:"vm"`
+	Kind        string     `json:"kind"` // exit, panic or hang
+	DetectedAt  time.Time  `json:"detected_at"`
+	Action      string     `json:"action"` // restart, none, gave-up
+	RecoveredAt *time.Time `json:"recovered_at,omitempty"`
+	// RecoveredInMS is from detection to the restarted guest's first heartbeat.
+	RecoveredInMS float64  `json:"recovered_in_ms,omitempty"`
+	Evidence      Evidence `json:"evidence"`
+}
+
+// Evidence is what the host saw when it judged.
+type Evidence struct {
+	LastHeartbeat     *time.Time `json:"last_heartbeat,omitempty"`
+	HeartbeatSilenceS float64    `json:"heartbeat_silence_seconds"`
+	ActivitySilenceS  float64    `json:"activity_silence_seconds"`
+	CPUTimeMS         int64      `json:"cpu_time_ms"`
+	DiskOps           uint64     `json:"disk_ops"`
+	RunState          string     `json:"run_state,omitempty"`
+	Detail            string     `json:"detail,omitempty"`
+	Console           []string   `json:"console,omitempty"`
+}
+
+// FaultRequest is the body of POST /v1/vms/{name}/fault.
+type FaultRequest struct {
+	// Kind is panic, hang, agent-stop or kill.
+	Kind string `json:"kind"`
 }
 
 // VM is a virtual server as the API reports it: its definition, its state
@@ -56,6 +105,10 @@ type VM struct {
 	CurrentSnapshot string `json:"current_snapshot,omitempty"`
 	// LastOperation reports timings of the last state save or restore.
 	LastOperation *Operation `json:"last_operation,omitempty"`
+	// Policy is the crash recovery policy in force (defaults filled in).
+	Policy RecoveryPolicy `json:"policy"`
+	// Condition flags a problem short of a crash, e.g. "agent-unwell".
+	Condition string `json:"condition,omitempty"`
 }
 
 // Operation reports how a state operation went.

@@ -149,6 +149,25 @@ func (c *Client) Exec(ctx context.Context, vm string, req api.ExecRequest) (api.
 	return r, err
 }
 
+// Incidents lists a VM's crash and hang incidents, oldest first.
+func (c *Client) Incidents(ctx context.Context, vm string) ([]api.Incident, error) {
+	var incs []api.Incident
+	err := c.do(ctx, http.MethodGet, "/v1/vms/"+url.PathEscape(vm)+"/incidents", nil, &incs)
+	return incs, err
+}
+
+// Fault injects a fault (panic, hang, agent-stop, kill) into a running VM.
+func (c *Client) Fault(ctx context.Context, vm, kind string) error {
+	return c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/fault", api.FaultRequest{Kind: kind}, nil)
+}
+
+// SetPolicy changes a VM's recovery policy.
+func (c *Client) SetPolicy(ctx context.Context, vm string, p api.RecoveryPolicy) (api.VM, error) {
+	var v api.VM
+	err := c.do(ctx, http.MethodPut, "/v1/vms/"+url.PathEscape(vm)+"/policy", p, &v)
+	return v, err
+}
+
 // CreateSnapshot takes a restore point of a VM.
 func (c *Client) CreateSnapshot(ctx context.Context, vm string, req api.SnapshotCreateRequest) (api.Snapshot, error) {
 	var s api.Snapshot

@@ -18,6 +18,7 @@ func newVMCmd(g *globals) *cobra.Command {
 		newVMStateCmd(g, api.ActionStop, "Stop a VM: ACPI power-down, killed after --timeout"),
 		newVMStateCmd(g, api.ActionRestart, "Stop (if running) and start a VM: a fresh boot"),
 		newVMPauseCmd(g), newVMResumeCmd(g), newVMExecCmd(g),
+		newVMIncidentsCmd(g), newVMFaultCmd(g), newVMSetCmd(g),
 		newVMDeleteCmd(g), newVMConsoleCmd(g))
 	return cmd
 }
@@ -44,6 +45,7 @@ func newVMCreateCmd(g *globals) *cobra.Command {
 	var memory, disk string
 	var cpus int
 	var start, wait bool
+	var pf policyFlags
 	cmd := &cobra.Command{
 		Use:   "create NAME",
 		Short: "Create a VM with a fresh disk, booting the default guest image",
@@ -61,7 +63,11 @@ func newVMCreateCmd(g *globals) *cobra.Command {
 				return fmt.Errorf("--wait needs --start: a VM that is not started has no guest to wait for")
 			}
 			c := g.client()
-			vm, err := c.CreateVM(cmd.Context(), api.VMCreateRequest{Name: args[0], MemoryBytes: mem, CPUs: cpus, DiskBytes: dsk, Start: start})
+			policy, err := pf.policy(cmd, api.RecoveryPolicy{})
+			if err != nil {
+				return err
+			}
+			vm, err := c.CreateVM(cmd.Context(), api.VMCreateRequest{Name: args[0], MemoryBytes: mem, CPUs: cpus, DiskBytes: dsk, Start: start, Policy: &policy})
 			if err != nil {
 				return err
 			}
@@ -81,6 +87,7 @@ func newVMCreateCmd(g *globals) *cobra.Command {
 	cmd.Flags().StringVar(&disk, "disk", "256M", "data disk size (qcow2, allocated as used)")
 	cmd.Flags().BoolVar(&start, "start", false, "start the VM once it is created")
 	cmd.Flags().BoolVar(&wait, "wait", false, "with --start: wait for the guest agent's first heartbeat")
+	pf.register(cmd)
 	return cmd
 }
 
@@ -102,6 +109,11 @@ func (g *globals) printVM(vm api.VM) error {
 		row(w, "DISK:", humanSize(vm.DiskBytes))
 		row(w, "ENDPOINT:", "http://"+vm.Endpoint)
 		row(w, "CREATED:", vm.CreatedAt.Format(time.RFC3339))
+		p := vm.Policy
+		row(w, "RECOVERY:", fmt.Sprintf("%s (hang after %ds, min uptime %ds, at most %d restarts per %ds)", p.Recovery, p.HangTimeoutSeconds, p.MinUptimeSeconds, p.MaxRestarts, p.RestartWindowSeconds))
+		if vm.Condition != "" {
+			row(w, "CONDITION:", vm.Condition)
+		}
 		if vm.CurrentSnapshot != "" {
 			row(w, "SNAPSHOT:", vm.CurrentSnapshot)
 		}

@@ -58,7 +58,18 @@ type Monitor struct {
 	prev   *Sample
 	// silence of heartbeats and of activity, counted in observed time
 	hbSilent, actSilent time.Duration
+	// cpuInSilence is the vCPU time used during the current activity silence
+	cpuInSilence time.Duration
 }
+
+// A guest counts as active when, since its activity silence began, its
+// vCPUs used more than busyFraction of the time — and at least minCPU, so
+// one stray 10 ms clock tick is not taken for life. An idle or frozen
+// kernel still takes the odd timer tick; a working one uses far more.
+const (
+	busyFraction = 0.03
+	minCPU       = 20 * time.Millisecond
+)
 
 // NewMonitor returns a monitor with policy p.
 func NewMonitor(p Policy) *Monitor {
@@ -79,7 +90,7 @@ func (m *Monitor) SetPolicy(p Policy) {
 // Reset forgets everything (a new QEMU process, or a resume).
 func (m *Monitor) Reset() {
 	m.prev = nil
-	m.hbSilent, m.actSilent = 0, 0
+	m.hbSilent, m.actSilent, m.cpuInSilence = 0, 0, 0
 }
 
 // Silence reports the observed time without heartbeats and without activity.
@@ -91,7 +102,7 @@ func (m *Monitor) Observe(s Sample) Verdict {
 	m.prev = &s
 	if s.RunState != "running" {
 		// Paused by the user, suspended, migrating: not the guest's doing.
-		m.hbSilent, m.actSilent = 0, 0
+		m.hbSilent, m.actSilent, m.cpuInSilence = 0, 0, 0
 		return Paused
 	}
 	if prev == nil || prev.RunState != "running" {
@@ -108,10 +119,16 @@ func (m *Monitor) Observe(s Sample) Verdict {
 	} else {
 		m.hbSilent += dt
 	}
-	if s.CPUTime > prev.CPUTime || s.DiskOps != prev.DiskOps || s.NetBytes != prev.NetBytes {
-		m.actSilent = 0
+	if s.DiskOps != prev.DiskOps || s.NetBytes != prev.NetBytes {
+		m.actSilent, m.cpuInSilence = 0, 0
 	} else {
 		m.actSilent += dt
+		if d := s.CPUTime - prev.CPUTime; d > 0 {
+			m.cpuInSilence += d
+		}
+		if m.cpuInSilence >= minCPU && float64(m.cpuInSilence) > busyFraction*float64(m.actSilent) {
+			m.actSilent, m.cpuInSilence = 0, 0
+		}
 	}
 	return m.judge(s)
 }

@@ -27,7 +27,9 @@ func run(p Policy, steps []step) []Verdict {
 			s.LastHeartbeat = s.At
 		}
 		if st.active {
-			s.CPUTime += 10 * time.Millisecond
+			s.CPUTime += 50 * time.Millisecond
+		} else {
+			s.CPUTime += time.Millisecond // an idle or frozen kernel's odd timer tick
 		}
 		s.RunState = st.runState
 		if s.RunState == "" {
@@ -72,7 +74,7 @@ func TestMonitor(t *testing.T) {
 		{"silent but busy: agent unwell", cat(every(0, 6*time.Second, i, true, true, ""), every(6*time.Second, 10*time.Second, i, false, true, "")), AgentUnwell},
 		{"paused by the user for long", cat(every(0, 6*time.Second, i, true, true, ""), every(6*time.Second, 20*time.Second, i, false, false, "paused")), Paused},
 		{"resumed after a long pause", cat(every(0, 6*time.Second, i, true, true, ""), every(6*time.Second, 20*time.Second, i, false, false, "paused"), every(20*time.Second, 21*time.Second, i, false, false, "")), Healthy},
-		{"activity resets the hang clock", cat(every(0, 6*time.Second, i, true, true, ""), every(6*time.Second, 8*time.Second, i, false, false, ""), []step{{at: 8 * time.Second, active: true}}, every(8250*time.Millisecond, 10*time.Second, i, false, false, "")), AgentUnwell},
+		{"activity resets the hang clock", cat(every(0, 6*time.Second, i, true, true, ""), every(6*time.Second, 7*time.Second, i, false, false, ""), []step{{at: 7 * time.Second, active: true}}, every(7250*time.Millisecond, 10*time.Second, i, false, false, "")), AgentUnwell},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -80,6 +82,26 @@ func TestMonitor(t *testing.T) {
 				t.Fatalf("verdict %s, want %s", got, tt.want)
 			}
 		})
+	}
+}
+
+// TestFrozenGuestWithStrayTicksIsHung: a frozen guest (s2idle) still shows a
+// 10 ms tick now and then; that is not activity.
+func TestFrozenGuestWithStrayTicksIsHung(t *testing.T) {
+	p := Policy{HangTimeout: 3 * time.Second, MinUptime: time.Second, Interval: 250 * time.Millisecond}
+	m := NewMonitor(p)
+	start := time.Unix(1000, 0)
+	s := Sample{StartedAt: start, RunState: "running", LastHeartbeat: start.Add(2 * time.Second)}
+	var v Verdict
+	for i := 0; i <= 32; i++ { // 8 s, heartbeats stopped at 2 s
+		s.At = start.Add(time.Duration(i) * 250 * time.Millisecond)
+		if i%8 == 0 {
+			s.CPUTime += 10 * time.Millisecond
+		}
+		v = m.Observe(s)
+	}
+	if v != Hung {
+		t.Fatalf("verdict %s, want hung", v)
 	}
 }
 

@@ -66,6 +66,10 @@ func (v *vm) status() hostproto.VMStatus {
 func (v *vm) start(ctx context.Context) error {
 	v.opMu.Lock()
 	defer v.opMu.Unlock()
+	return v.startLocked(ctx)
+}
+
+func (v *vm) startLocked(ctx context.Context) error {
 	v.mu.Lock()
 	running := v.proc != nil
 	v.mu.Unlock()
@@ -102,10 +106,11 @@ func (v *vm) attach(p *qemu.Process) {
 	if st, err := p.Monitor.QueryStatus(ctx); err == nil {
 		v.setRunState(st.Status)
 	}
-	v.agent.wg.Add(3)
+	v.agent.wg.Add(4)
 	go func() { defer v.agent.wg.Done(); v.watchExit(ctx, p, exited) }()
 	go func() { defer v.agent.wg.Done(); v.watchQMP(ctx, p) }()
 	go func() { defer v.agent.wg.Done(); v.watchGuest(ctx) }()
+	go func() { defer v.agent.wg.Done(); v.watchHealth(ctx, p) }()
 }
 
 // watchExit waits for the QMP connection to end and then for the process to
@@ -128,9 +133,14 @@ func (v *vm) watchExit(ctx context.Context, p *qemu.Process, exited chan struct{
 		p.Kill(killCtx)
 		cancel()
 	}
+	detected := time.Now().UTC()
 	v.mu.Lock()
 	expected := v.stopping || v.guestOff
 	guestOff := v.guestOff && !v.stopping
+	var lastHB time.Time
+	if v.guest != nil {
+		lastHB = v.guest.LastHeartbeat
+	}
 	v.proc = nil
 	v.guest = nil
 	v.runState = ""
@@ -150,7 +160,12 @@ func (v *vm) watchExit(ctx context.Context, p *qemu.Process, exited chan struct{
 		v.log.Info(msg, "pid", p.PID)
 	}
 	_ = ctx
-	v.agent.notify(v.spec.Name, hostproto.EventExited, expected, msg)
+	e := hostproto.Event{Time: detected, Host: v.agent.cfg.Name, VM: v.spec.Name, Kind: hostproto.EventExited, Expected: expected, Message: msg}
+	if !expected {
+		e.Incident = &hostproto.Incident{Kind: hostproto.IncidentExit, DetectedAt: detected, Evidence: hostproto.Evidence{
+			LastHeartbeat: lastHB, Detail: fmt.Sprintf("qemu (pid %d) exited without being asked", p.PID), Console: v.consoleTail()}}
+	}
+	v.agent.cfg.Notify(e)
 }
 
 func (v *vm) watchQMP(ctx context.Context, p *qemu.Process) {
@@ -166,7 +181,12 @@ func (v *vm) watchQMP(ctx context.Context, p *qemu.Process) {
 			}
 			switch ev.Name {
 			case "STOP":
-				v.setRunState("paused")
+				v.mu.Lock()
+				panicked := v.runState == "guest-panicked"
+				v.mu.Unlock()
+				if !panicked {
+					v.setRunState("paused")
+				}
 			case "RESUME":
 				v.setRunState("running")
 			case "SHUTDOWN":
@@ -183,6 +203,18 @@ func (v *vm) watchQMP(ctx context.Context, p *qemu.Process) {
 				}
 			case "GUEST_PANICKED":
 				v.log.Warn("guest panicked", "data", string(ev.Data))
+				v.mu.Lock()
+				first := v.runState != "guest-panicked"
+				v.runState = "guest-panicked"
+				var lastHB time.Time
+				if v.guest != nil {
+					lastHB = v.guest.LastHeartbeat
+				}
+				v.mu.Unlock()
+				if first {
+					v.agent.notifyIncident(v.spec.Name, hostproto.Incident{Kind: hostproto.IncidentPanic, DetectedAt: ev.Time.UTC(),
+						Evidence: hostproto.Evidence{LastHeartbeat: lastHB, RunState: "guest-panicked", Detail: "QMP GUEST_PANICKED " + string(ev.Data), Console: v.consoleTail()}})
+				}
 			}
 		}
 	}

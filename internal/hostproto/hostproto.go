@@ -20,6 +20,9 @@ type VMSpec struct {
 	DiskBytes   int64  `json:"disk_bytes"`
 	// HostPort on 127.0.0.1 is forwarded to the guest's port 80.
 	HostPort int `json:"host_port"`
+	// Health judgement (see internal/health); zero means the defaults.
+	HangTimeoutSeconds int `json:"hang_timeout_seconds,omitempty"`
+	MinUptimeSeconds   int `json:"min_uptime_seconds,omitempty"`
 }
 
 // VMStatus is what a host knows about one of its VMs right now.
@@ -52,6 +55,11 @@ const (
 	EventRunState EventKind = "run-state"
 	// EventProgress: a long operation (saving or loading state) moved on.
 	EventProgress EventKind = "progress"
+	// EventIncident: the guest crashed (panic) or hung; Incident says how.
+	// An unexpected exit is reported as EventExited with an Incident too.
+	EventIncident EventKind = "incident"
+	// EventHealth: the health verdict changed (e.g. agent-unwell, healthy).
+	EventHealth EventKind = "health"
 )
 
 // Event is reported by a host agent as it happens.
@@ -62,6 +70,35 @@ type Event struct {
 	Kind     EventKind `json:"kind"`
 	Expected bool      `json:"expected,omitempty"`
 	Message  string    `json:"message,omitempty"`
+	// Incident is set for EventIncident and for unexpected EventExited.
+	Incident *Incident `json:"incident,omitempty"`
+}
+
+// Incident kinds.
+const (
+	IncidentExit  = "exit"
+	IncidentPanic = "panic"
+	IncidentHang  = "hang"
+)
+
+// Incident is a crash or hang as the host saw it, with its evidence.
+type Incident struct {
+	Kind       string    `json:"kind"`
+	DetectedAt time.Time `json:"detected_at"`
+	Evidence   Evidence  `json:"evidence"`
+}
+
+// Evidence is what the host saw when it judged.
+type Evidence struct {
+	LastHeartbeat     time.Time `json:"last_heartbeat,omitzero"`
+	HeartbeatSilenceS float64   `json:"heartbeat_silence_seconds"`
+	ActivitySilenceS  float64   `json:"activity_silence_seconds"`
+	CPUTimeMS         int64     `json:"cpu_time_ms"`
+	DiskOps           uint64    `json:"disk_ops"`
+	RunState          string    `json:"run_state,omitempty"`
+	Detail            string    `json:"detail,omitempty"`
+	// Console is the last lines of the serial console.
+	Console []string `json:"console,omitempty"`
 }
 
 // SaveResult describes a finished save of a VM's state (suspend or snapshot).

@@ -29,6 +29,9 @@ func (m *Manager) Handler() http.Handler {
 	mux.HandleFunc("PUT /v1/vms/{name}/state", m.handleState)
 	mux.HandleFunc("GET /v1/vms/{name}/console", m.handleConsole)
 	mux.HandleFunc("POST /v1/vms/{name}/exec", m.handleExec)
+	mux.HandleFunc("GET /v1/vms/{name}/incidents", m.handleIncidents)
+	mux.HandleFunc("POST /v1/vms/{name}/fault", m.handleFault)
+	mux.HandleFunc("PUT /v1/vms/{name}/policy", m.handlePolicy)
 	mux.HandleFunc("GET /v1/vms/{name}/snapshots", m.handleSnapshotList)
 	mux.HandleFunc("POST /v1/vms/{name}/snapshots", m.handleSnapshotCreate)
 	mux.HandleFunc("POST /v1/vms/{name}/snapshots/{snap}/revert", m.handleSnapshotRevert)
@@ -109,6 +112,42 @@ func (m *Manager) handleExec(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, res)
+}
+
+func (m *Manager) handleIncidents(w http.ResponseWriter, r *http.Request) {
+	incs, err := m.Incidents(r.Context(), r.PathValue("name"))
+	if err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, incs)
+}
+
+func (m *Manager) handleFault(w http.ResponseWriter, r *http.Request) {
+	var req api.FaultRequest
+	if err := decodeBody(r, &req); err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	if err := m.Fault(r.Context(), r.PathValue("name"), req.Kind); err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	w.WriteHeader(http.StatusAccepted)
+}
+
+func (m *Manager) handlePolicy(w http.ResponseWriter, r *http.Request) {
+	var req api.RecoveryPolicy
+	if err := decodeBody(r, &req); err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	vm, err := m.SetPolicy(r.Context(), r.PathValue("name"), req)
+	if err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, vm)
 }
 
 func (m *Manager) handleSnapshotList(w http.ResponseWriter, r *http.Request) {

@@ -41,6 +41,10 @@ type Host interface {
 	SnapshotDelete(ctx context.Context, name, snap string) error
 	SnapshotSpace(name string) (map[string]int64, error)
 	Exec(ctx context.Context, name string, req api.ExecRequest) (api.ExecResult, error)
+
+	Restart(ctx context.Context, name string) error
+	SetHealth(name string, hangTimeoutSeconds, minUptimeSeconds int) error
+	Fault(ctx context.Context, name, kind string) error
 }
 
 // errGuestAgentHint tells the operator what to check when a VM's guest agent
@@ -55,8 +59,12 @@ type record struct {
 	State   api.VMState      `json:"state"`
 	Message string           `json:"message,omitempty"`
 	// CurrentSnapshot is the parent of the next snapshot.
-	CurrentSnapshot string         `json:"current_snapshot,omitempty"`
-	LastOperation   *api.Operation `json:"last_operation,omitempty"`
+	CurrentSnapshot string             `json:"current_snapshot,omitempty"`
+	LastOperation   *api.Operation     `json:"last_operation,omitempty"`
+	Policy          api.RecoveryPolicy `json:"policy"`
+	// Restarts are the automatic restarts recently made (the budget used).
+	Restarts  []time.Time `json:"restarts,omitempty"`
+	Condition string      `json:"condition,omitempty"`
 	CreatedAt       time.Time      `json:"created_at"`
 	UpdatedAt       time.Time      `json:"updated_at"`
 }
@@ -82,6 +90,10 @@ type Manager struct {
 
 	locksMu sync.Mutex
 	locks   map[string]*sync.Mutex
+
+	// pending maps a VM being recovered to its open incident.
+	pendingMu sync.Mutex
+	pending   map[string]string
 }
 
 // PortAllocator hands out free host ports for guest endpoints.
@@ -106,7 +118,7 @@ func New(cfg Config) *Manager {
 		cfg.Ports = FreePort
 	}
 	return &Manager{store: cfg.Store, host: cfg.Host, events: cfg.Events, log: cfg.Logger,
-		limits: cfg.Limits, ports: cfg.Ports, locks: map[string]*sync.Mutex{}}
+		limits: cfg.Limits, ports: cfg.Ports, locks: map[string]*sync.Mutex{}, pending: map[string]string{}}
 }
 
 // Events is the manager's event broker.
@@ -174,6 +186,13 @@ func (m *Manager) Create(ctx context.Context, req api.VMCreateRequest) (api.VM, 
 	if err := validateCreate(req, m.limits); err != nil {
 		return api.VM{}, err
 	}
+	var policy api.RecoveryPolicy
+	if req.Policy != nil {
+		if err := validatePolicy(*req.Policy); err != nil {
+			return api.VM{}, err
+		}
+		policy = *req.Policy
+	}
 	unlock, err := m.lock(req.Name)
 	if err != nil {
 		return api.VM{}, err
@@ -191,8 +210,8 @@ func (m *Manager) Create(ctx context.Context, req api.VMCreateRequest) (api.VM, 
 	now := time.Now().UTC()
 	r := record{
 		Spec: hostproto.VMSpec{Name: req.Name, UUID: newUUID(), MemoryBytes: req.MemoryBytes, CPUs: req.CPUs,
-			DiskBytes: req.DiskBytes, HostPort: port},
-		Host: m.host.Name(), Desired: desiredStopped, State: api.StateCreating, CreatedAt: now, UpdatedAt: now,
+			DiskBytes: req.DiskBytes, HostPort: port, HangTimeoutSeconds: policy.HangTimeoutSeconds, MinUptimeSeconds: policy.MinUptimeSeconds},
+		Host: m.host.Name(), Desired: desiredStopped, State: api.StateCreating, CreatedAt: now, UpdatedAt: now, Policy: policy,
 	}
 	rev, err := m.store.Create(ctx, vmKey(req.Name), r)
 	if errors.Is(err, store.ErrExists) {
@@ -353,6 +372,9 @@ func (m *Manager) delete(ctx context.Context, r *record, rev int64) error {
 	if err := m.host.Delete(ctx, r.Spec.Name); err != nil {
 		return fmt.Errorf("delete vm %s: %w", r.Spec.Name, err)
 	}
+	if err := m.store.DeletePrefix(ctx, "incidents/"+r.Spec.Name+"/"); err != nil {
+		return wrapf(ErrUnavailable, err, "delete incidents of vm %s", r.Spec.Name)
+	}
 	if err := m.store.DeletePrefix(ctx, "snapshots/"+r.Spec.Name+"/"); err != nil {
 		return wrapf(ErrUnavailable, err, "delete snapshots of vm %s", r.Spec.Name)
 	}
@@ -474,6 +496,7 @@ func (m *Manager) view(r record) api.VM {
 		Name: r.Spec.Name, State: r.State, Host: r.Host, MemoryBytes: r.Spec.MemoryBytes, CPUs: r.Spec.CPUs,
 		DiskBytes: r.Spec.DiskBytes, Endpoint: fmt.Sprintf("127.0.0.1:%d", r.Spec.HostPort),
 		CreatedAt: r.CreatedAt, Message: r.Message, CurrentSnapshot: r.CurrentSnapshot, LastOperation: r.LastOperation,
+		Policy: withDefaults(r.Policy), Condition: r.Condition,
 	}
 	if st.Running {
 		v.PID = st.PID

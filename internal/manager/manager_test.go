@@ -166,8 +166,27 @@ func (h *fakeHost) SnapshotDelete(_ context.Context, name, snap string) error {
 func (h *fakeHost) Exec(_ context.Context, name string, req api.ExecRequest) (api.ExecResult, error) {
 	return api.ExecResult{Output: req.Command}, h.record("exec", name)
 }
+func (h *fakeHost) Restart(_ context.Context, name string) error {
+	if err := h.record("restart", name); err != nil {
+		return err
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.vms[name], h.paused[name] = true, false
+	return nil
+}
+func (h *fakeHost) SetHealth(name string, hang, minUp int) error { return h.record("sethealth", name) }
+func (h *fakeHost) Fault(_ context.Context, name, kind string) error {
+	return h.record("fault", name+"/"+kind)
+}
 func (h *fakeHost) SnapshotSpace(name string) (map[string]int64, error) {
 	return map[string]int64{}, nil
+}
+
+func (h *fakeHost) callsString() string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return strings.Join(h.calls, ",")
 }
 
 func (h *fakeHost) exists(name string) bool {
@@ -379,7 +398,7 @@ func TestReconcileConverges(t *testing.T) {
 		wantState api.VMState
 		wantGone  bool
 	}{
-		{"running vm found dead is crashed", desiredRunning, api.StateRunning, false, api.StateCrashed, false},
+		{"running vm found dead is restarted (default policy)", desiredRunning, api.StateRunning, false, api.StateRunning, false},
 		{"interrupted start that did start", desiredRunning, api.StateStarting, true, api.StateRunning, false},
 		{"interrupted stop is finished", desiredStopped, api.StateStopping, true, api.StateStopped, false},
 		{"stopped stays stopped", desiredStopped, api.StateStopped, false, api.StateStopped, false},
@@ -416,37 +435,144 @@ func TestReconcileConverges(t *testing.T) {
 	}
 }
 
+func waitState(t *testing.T, m *Manager, name string, want api.VMState) {
+	t.Helper()
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		vm, _ := m.Get(context.Background(), name)
+		if vm.State == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("state %q, want %q", vm.State, want)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func crash(h *fakeHost, m *Manager, name, kind string) {
+	h.mu.Lock()
+	h.vms[name] = kind != hostproto.IncidentExit
+	h.mu.Unlock()
+	e := hostproto.Event{VM: name, Kind: hostproto.EventIncident, Incident: &hostproto.Incident{Kind: kind, DetectedAt: time.Now().UTC()}}
+	if kind == hostproto.IncidentExit {
+		e.Kind = hostproto.EventExited
+	}
+	m.HandleHostEvent(e)
+}
+
 func TestHostExitEvents(t *testing.T) {
 	ctx := context.Background()
 	for _, tt := range []struct {
 		name     string
-		expected bool
+		policy   *api.RecoveryPolicy
+		kind     string
 		want     api.VMState
+		wantCall string
 	}{
-		{"unexpected exit is a crash", false, api.StateCrashed},
-		{"guest power-off is a stop", true, api.StateStopped},
+		{"unexpected exit is restarted", nil, hostproto.IncidentExit, api.StateRunning, "restart v"},
+		{"panic is restarted", nil, hostproto.IncidentPanic, api.StateRunning, "restart v"},
+		{"hang is restarted", nil, hostproto.IncidentHang, api.StateRunning, "restart v"},
+		{"recovery none leaves it crashed", &api.RecoveryPolicy{Recovery: "none"}, hostproto.IncidentPanic, api.StateCrashed, ""},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			m, h := newTestManager(t)
-			if _, err := m.Create(ctx, api.VMCreateRequest{Name: "v", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20, Start: true}); err != nil {
+			if _, err := m.Create(ctx, api.VMCreateRequest{Name: "v", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20, Start: true, Policy: tt.policy}); err != nil {
 				t.Fatal(err)
 			}
-			h.mu.Lock()
-			h.vms["v"] = false
-			h.mu.Unlock()
-			m.HandleHostEvent(hostproto.Event{VM: "v", Kind: hostproto.EventExited, Expected: tt.expected, Message: "x"})
-			deadline := time.Now().Add(2 * time.Second)
-			for {
-				vm, _ := m.Get(ctx, "v")
-				if vm.State == tt.want {
-					return
-				}
-				if time.Now().After(deadline) {
-					t.Fatalf("state %q, want %q", vm.State, tt.want)
-				}
-				time.Sleep(10 * time.Millisecond)
+			crash(h, m, "v", tt.kind)
+			if tt.want == api.StateRunning {
+				waitFor(t, func() bool { return strings.Contains(h.callsString(), tt.wantCall) })
+			}
+			waitState(t, m, "v", tt.want)
+			incs, err := m.Incidents(ctx, "v")
+			if err != nil || len(incs) != 1 || incs[0].Kind != tt.kind {
+				t.Fatalf("incidents = %+v, %v", incs, err)
+			}
+			// The restarted guest's first heartbeat closes the incident.
+			if tt.want == api.StateRunning {
+				m.HandleHostEvent(hostproto.Event{VM: "v", Kind: hostproto.EventGuestReady, Time: time.Now().UTC()})
+				waitFor(t, func() bool {
+					incs, _ := m.Incidents(ctx, "v")
+					return len(incs) == 1 && incs[0].RecoveredAt != nil && incs[0].Action == "restart"
+				})
 			}
 		})
+	}
+	t.Run("a guest that powers itself off is stopped", func(t *testing.T) {
+		m, h := newTestManager(t)
+		mustCreate(t, m, "v", true)
+		h.mu.Lock()
+		h.vms["v"] = false
+		h.mu.Unlock()
+		m.HandleHostEvent(hostproto.Event{VM: "v", Kind: hostproto.EventExited, Expected: true})
+		waitState(t, m, "v", api.StateStopped)
+	})
+}
+
+func TestRestartBudgetEndsInFailed(t *testing.T) {
+	ctx := context.Background()
+	m, h := newTestManager(t)
+	if _, err := m.Create(ctx, api.VMCreateRequest{Name: "v", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20, Start: true,
+		Policy: &api.RecoveryPolicy{MaxRestarts: 2}}); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 2; i++ {
+		crash(h, m, "v", hostproto.IncidentPanic)
+		n := i + 1
+		waitFor(t, func() bool { return strings.Count(h.callsString(), "restart v") == n })
+		waitState(t, m, "v", api.StateRunning)
+	}
+	crash(h, m, "v", hostproto.IncidentPanic)
+	waitState(t, m, "v", api.StateFailed)
+	// It stays failed: the reconciler does not bring it back.
+	if err := m.Reconcile(ctx, "v"); err != nil {
+		t.Fatal(err)
+	}
+	if vm, _ := m.Get(ctx, "v"); vm.State != api.StateFailed || !strings.Contains(vm.Message, "giving up") {
+		t.Fatalf("after reconcile: %s %q", vm.State, vm.Message)
+	}
+	incs, _ := m.Incidents(ctx, "v")
+	if len(incs) != 3 || incs[2].Action != "gave-up" {
+		t.Fatalf("incidents: %+v", incs)
+	}
+	// A human starts it again.
+	if _, err := m.ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionStart}); err != nil {
+		t.Fatal(err)
+	}
+	waitState(t, m, "v", api.StateRunning)
+}
+
+func TestPolicyValidation(t *testing.T) {
+	m, _ := newTestManager(t)
+	mustCreate(t, m, "v", false)
+	for _, tt := range []struct {
+		p    api.RecoveryPolicy
+		want string
+	}{
+		{api.RecoveryPolicy{Recovery: "reboot"}, "unknown recovery"},
+		{api.RecoveryPolicy{HangTimeoutSeconds: 1}, "too short"},
+		{api.RecoveryPolicy{HangTimeoutSeconds: -1}, "out of range"},
+		{api.RecoveryPolicy{MaxRestarts: -2}, "out of range"},
+	} {
+		if _, err := m.SetPolicy(context.Background(), "v", tt.p); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), tt.want) {
+			t.Fatalf("SetPolicy(%+v) = %v, want invalid %q", tt.p, err, tt.want)
+		}
+	}
+	vm, err := m.SetPolicy(context.Background(), "v", api.RecoveryPolicy{Recovery: "none", HangTimeoutSeconds: 5})
+	if err != nil || vm.Policy.Recovery != "none" || vm.Policy.HangTimeoutSeconds != 5 || vm.Policy.MaxRestarts != 3 {
+		t.Fatalf("SetPolicy = %+v, %v", vm.Policy, err)
+	}
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(3 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met within 3s")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 

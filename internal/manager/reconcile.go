@@ -84,6 +84,13 @@ func (m *Manager) Reconcile(ctx context.Context, name string) error {
 		_, err := m.stop(ctx, &r, rev, false, DefaultStopTimeout)
 		return err
 	}
+	if want == api.StateCrashed && (r.State == api.StateRunning || r.State == api.StatePaused || r.State == api.StateRecovering) {
+		// It was running and is gone (e.g. it died while the agent was
+		// down): a crash like any other, under the VM's policy.
+		m.recoverLocked(ctx, &r, rev, hostproto.Incident{Kind: hostproto.IncidentExit, DetectedAt: time.Now().UTC(),
+			Evidence: hostproto.Evidence{Detail: "qemu was found not running"}})
+		return nil
+	}
 	if want != r.State {
 		msg := ""
 		if want == api.StateCrashed {
@@ -148,15 +155,55 @@ func (m *Manager) HandleHostEvent(e hostproto.Event) {
 		if !e.Expected {
 			ev.Type = "vm.crashed"
 		}
+	case hostproto.EventIncident:
+		ev.Type = "vm.crashed"
+		if e.Incident != nil && e.Incident.Kind == hostproto.IncidentHang {
+			ev.Type = "vm.hung"
+		}
+	case hostproto.EventHealth:
+		ev.Type = "vm.health"
 	default:
 		ev.Type = "vm." + string(e.Kind)
 	}
 	m.events.Publish(ev)
-	if e.Kind == hostproto.EventExited {
-		// Not under the API's lock: the operation that stops a VM records its
-		// own result; this catches exits nobody asked for.
+	switch {
+	case e.Incident != nil:
+		// Not under the API's lock: an operation in progress finishes first.
+		go m.onIncident(e)
+	case e.Kind == hostproto.EventExited:
+		// The operation that stops a VM records its own result; this
+		// catches a guest that powered itself off.
 		go m.onExit(e)
+	case e.Kind == hostproto.EventGuestReady:
+		go m.onGuestReady(e)
+	case e.Kind == hostproto.EventHealth:
+		go m.onHealth(e)
 	}
+}
+
+// onHealth records the guest agent's condition (e.g. agent-unwell).
+func (m *Manager) onHealth(e hostproto.Event) {
+	cond := ""
+	switch e.Message {
+	case "agent-unwell":
+		cond = "agent-unwell"
+	case "healthy":
+	default:
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	unlock, err := m.lock(e.VM)
+	if err != nil {
+		return // an operation is running; the next verdict change will tell
+	}
+	defer unlock()
+	r, rev, err := m.load(ctx, e.VM)
+	if err != nil || r.Condition == cond {
+		return
+	}
+	r.Condition = cond
+	m.save(ctx, &r, rev)
 }
 
 func (m *Manager) onExit(e hostproto.Event) {
@@ -176,16 +223,12 @@ func (m *Manager) onExit(e hostproto.Event) {
 		}
 	}
 	r, rev, err := m.load(ctx, e.VM)
-	if err != nil || m.actual(r).Running || (r.Desired != desiredRunning && r.Desired != desiredPaused) {
+	if err != nil || m.actual(r).Running || (r.Desired != desiredRunning && r.Desired != desiredPaused) || !e.Expected {
 		return
 	}
-	if e.Expected {
-		// The guest powered itself off: that is a stop, not a crash.
-		r.Desired = desiredStopped
-		m.setState(ctx, &r, rev, api.StateStopped, e.Message)
-		return
-	}
-	m.setState(ctx, &r, rev, api.StateCrashed, e.Message)
+	// The guest powered itself off: that is a stop, not a crash.
+	r.Desired = desiredStopped
+	m.setState(ctx, &r, rev, api.StateStopped, e.Message)
 }
 
 // FreePort asks the kernel for a free loopback port that no VM uses yet.

@@ -55,7 +55,7 @@ func TestPauseSuspendResumeTransitions(t *testing.T) {
 			t.Fatalf("step %d %+v: state %s (answer %s), want %s", i, s.req, got.State, vm.State, s.want)
 		}
 	}
-	if !strings.Contains(strings.Join(h.calls, ","), "discard v") {
+	if !strings.Contains(h.callsString(), "discard v") {
 		t.Fatalf("discard-state did not reach the host: %v", h.calls)
 	}
 }

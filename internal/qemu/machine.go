@@ -132,6 +132,9 @@ func (m Machine) Args() []string {
 		"-chardev", "socket,id=agent0,path=" + m.AgentSocket() + ",server=on,wait=off",
 		"-device", "virtserialport,chardev=agent0,name=org.vigil.agent.0",
 		"-device", "pvpanic-pci",
+		// A panicked guest is kept (paused) for its evidence; the host
+		// agent sees GUEST_PANICKED and recovers it.
+		"-action", "panic=pause",
 		"-pidfile", m.PIDFile(),
 		"-D", m.LogFile(),
 	}

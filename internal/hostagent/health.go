@@ -1,0 +1,160 @@
+package hostagent
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/vigil-project/vigil/internal/health"
+	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/qemu"
+)
+
+// Health defaults; a VM's spec can override the first two.
+const (
+	DefaultHangTimeout = 10 * time.Second
+	DefaultMinUptime   = 30 * time.Second
+	healthInterval     = 250 * time.Millisecond
+	consoleLines       = 50
+)
+
+func (v *vm) healthPolicy() health.Policy {
+	p := health.Policy{HangTimeout: DefaultHangTimeout, MinUptime: DefaultMinUptime, Interval: healthInterval}
+	if v.spec.HangTimeoutSeconds > 0 {
+		p.HangTimeout = time.Duration(v.spec.HangTimeoutSeconds) * time.Second
+	}
+	if v.spec.MinUptimeSeconds > 0 {
+		p.MinUptime = time.Duration(v.spec.MinUptimeSeconds) * time.Second
+	}
+	return p
+}
+
+// watchHealth samples the VM's signals and reports hangs and an unwell
+// guest agent. Crashes by exit and by panic are reported where they are
+// seen (watchExit, watchQMP).
+func (v *vm) watchHealth(ctx context.Context, p *qemu.Process) {
+	var threads []int
+	if cpus, err := p.Monitor.QueryCPUsFast(ctx); err == nil {
+		for _, c := range cpus {
+			threads = append(threads, c.ThreadID)
+		}
+	}
+	v.mu.Lock()
+	mon := health.NewMonitor(v.healthPolicy())
+	v.mu.Unlock()
+	t := time.NewTicker(healthInterval)
+	defer t.Stop()
+	last := health.Healthy
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		v.mu.Lock()
+		mon.SetPolicy(v.healthPolicy())
+		s := health.Sample{At: time.Now(), StartedAt: v.startedAt, RunState: v.runState}
+		if v.guest != nil {
+			s.LastHeartbeat = v.guest.LastHeartbeat
+		}
+		v.mu.Unlock()
+		s.CPUTime = threadsCPU(p.PID, threads)
+		qctx, cancel := context.WithTimeout(ctx, time.Second)
+		if stats, err := p.Monitor.QueryBlockStats(qctx); err == nil {
+			for _, b := range stats {
+				s.DiskOps += b.Stats.RdOperations + b.Stats.WrOperations
+			}
+		}
+		cancel()
+		verdict := mon.Observe(s)
+		if verdict == last {
+			continue
+		}
+		hb, act := mon.Silence()
+		ev := hostproto.Evidence{LastHeartbeat: s.LastHeartbeat, HeartbeatSilenceS: hb.Seconds(), ActivitySilenceS: act.Seconds(),
+			CPUTimeMS: s.CPUTime.Milliseconds(), DiskOps: s.DiskOps, RunState: s.RunState}
+		switch verdict {
+		case health.Hung:
+			v.log.Warn("guest hung: no heartbeats and no activity", "heartbeat_silence", hb, "activity_silence", act)
+			ev.Console = v.consoleTail()
+			v.agent.notifyIncident(v.spec.Name, hostproto.Incident{Kind: hostproto.IncidentHang, DetectedAt: s.At.UTC(), Evidence: ev})
+		case health.AgentUnwell:
+			v.log.Warn("guest agent silent while the guest is active", "heartbeat_silence", hb)
+			v.agent.notify(v.spec.Name, hostproto.EventHealth, true, string(verdict))
+		case health.Healthy:
+			if last == health.AgentUnwell || last == health.Quiet || last == health.Hung {
+				v.agent.notify(v.spec.Name, hostproto.EventHealth, true, string(verdict))
+			}
+		}
+		if verdict == health.Hung {
+			// One report per episode: recovery replaces this process.
+			last = verdict
+			continue
+		}
+		last = verdict
+	}
+}
+
+// threadsCPU sums user+system time of the vCPU threads of pid.
+func threadsCPU(pid int, tids []int) time.Duration {
+	var ticks int64
+	for _, tid := range tids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/stat", pid, tid))
+		if err != nil {
+			continue
+		}
+		ticks += statCPUTicks(b)
+	}
+	// USER_HZ is 100 on Linux for every architecture Vigil runs on.
+	return time.Duration(ticks) * 10 * time.Millisecond
+}
+
+// statCPUTicks reads utime+stime (fields 14 and 15) of a /proc stat line.
+// The command name (field 2) may contain spaces, so fields are counted
+// after its closing parenthesis.
+func statCPUTicks(b []byte) int64 {
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(string(b[i+1:]))
+	// f[0] is field 3 (state); utime is field 14 → f[11], stime f[12].
+	if len(f) < 13 {
+		return 0
+	}
+	u, _ := strconv.ParseInt(f[11], 10, 64)
+	s, _ := strconv.ParseInt(f[12], 10, 64)
+	return u + s
+}
+
+// consoleTail returns the last lines of the VM's current serial log.
+func (v *vm) consoleTail() []string {
+	f, err := os.Open(v.machine.SerialLog())
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	if fi, err := f.Stat(); err == nil && fi.Size() > 64<<10 {
+		f.Seek(fi.Size()-64<<10, 0)
+	}
+	var lines []string
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 64<<10)
+	for sc.Scan() {
+		lines = append(lines, strings.TrimRight(sc.Text(), "\r"))
+		if len(lines) > consoleLines {
+			lines = lines[1:]
+		}
+	}
+	return lines
+}
+
+func (a *Agent) notifyIncident(vm string, inc hostproto.Incident) {
+	a.cfg.Notify(hostproto.Event{Time: time.Now().UTC(), Host: a.cfg.Name, VM: vm, Kind: hostproto.EventIncident,
+		Message: inc.Kind, Incident: &inc})
+}
