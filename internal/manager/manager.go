@@ -65,8 +65,8 @@ type record struct {
 	// Restarts are the automatic restarts recently made (the budget used).
 	Restarts  []time.Time `json:"restarts,omitempty"`
 	Condition string      `json:"condition,omitempty"`
-	CreatedAt       time.Time      `json:"created_at"`
-	UpdatedAt       time.Time      `json:"updated_at"`
+	CreatedAt time.Time   `json:"created_at"`
+	UpdatedAt time.Time   `json:"updated_at"`
 }
 
 const (
