@@ -140,6 +140,21 @@ func (m *Manager) lock(name string) (func(), error) {
 	return l.Unlock, nil
 }
 
+// waitLock takes the per-VM lock, waiting for an operation in progress to
+// end; for handlers of host events, which must not be refused as busy.
+func (m *Manager) waitLock(ctx context.Context, name string) (func(), error) {
+	for {
+		if unlock, err := m.lock(name); err == nil {
+			return unlock, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
 func vmKey(name string) string { return "vms/" + name }
 
 func (m *Manager) load(ctx context.Context, name string) (record, int64, error) {

@@ -210,18 +210,11 @@ func (m *Manager) onExit(e hostproto.Event) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	// Wait for an operation in progress to finish, then look again.
-	for {
-		unlock, err := m.lock(e.VM)
-		if err == nil {
-			defer unlock()
-			break
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(50 * time.Millisecond):
-		}
+	unlock, err := m.waitLock(ctx, e.VM)
+	if err != nil {
+		return
 	}
+	defer unlock()
 	r, rev, err := m.load(ctx, e.VM)
 	if err != nil || m.actual(r).Running || (r.Desired != desiredRunning && r.Desired != desiredPaused) || !e.Expected {
 		return

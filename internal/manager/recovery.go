@@ -80,19 +80,12 @@ func toAPIEvidence(e hostproto.Evidence) api.Evidence {
 func (m *Manager) onIncident(e hostproto.Event) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	for {
-		unlock, err := m.lock(e.VM)
-		if err == nil {
-			defer unlock()
-			break
-		}
-		select {
-		case <-ctx.Done():
-			m.log.Error("incident not handled: vm stayed busy", "vm", e.VM, "kind", e.Incident.Kind)
-			return
-		case <-time.After(20 * time.Millisecond):
-		}
+	unlock, err := m.waitLock(ctx, e.VM)
+	if err != nil {
+		m.log.Error("incident not handled: vm stayed busy", "vm", e.VM, "kind", e.Incident.Kind)
+		return
 	}
+	defer unlock()
 	r, rev, err := m.load(ctx, e.VM)
 	if err != nil {
 		return
