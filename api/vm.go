@@ -34,6 +34,8 @@ type VMCreateRequest struct {
 	Start bool `json:"start,omitempty"`
 	// Policy is the crash recovery policy; nil means the defaults.
 	Policy *RecoveryPolicy `json:"policy,omitempty"`
+	// Host pins the VM to this host; empty lets the scheduler choose.
+	Host string `json:"host,omitempty"`
 }
 
 // RecoveryPolicy says what Vigil does when a VM's guest crashes or hangs.

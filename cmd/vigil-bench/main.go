@@ -171,8 +171,12 @@ func bareBoot(ctx context.Context, bin, accel string, img *guestimage.Image, dir
 		Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: img.Cmdline + " vigil.name=bare",
 		Disk: filepath.Join(dir, "disk.qcow2"), HostPort: port, Dir: dir}
 	t0 := time.Now()
-	if out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", m.Disk, "256M").CombinedOutput(); err != nil {
-		return 0, fmt.Errorf("qemu-img: %v: %s", err, out)
+	// A disk left by an earlier boot in dir is reused (a reboot of a
+	// formatted disk); otherwise a blank one is made, as Vigil's create does.
+	if _, err := os.Stat(m.Disk); err != nil {
+		if out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", m.Disk, "256M").CombinedOutput(); err != nil {
+			return 0, fmt.Errorf("qemu-img: %v: %s", err, out)
+		}
 	}
 	args := m.Args()
 	args = args[:len(args)-1] // no -daemonize: a plain foreground child

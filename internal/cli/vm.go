@@ -45,6 +45,7 @@ func newVMCreateCmd(g *globals) *cobra.Command {
 	var memory, disk string
 	var cpus int
 	var start, wait bool
+	var host string
 	var pf policyFlags
 	cmd := &cobra.Command{
 		Use:   "create NAME",
@@ -67,7 +68,7 @@ func newVMCreateCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			vm, err := c.CreateVM(cmd.Context(), api.VMCreateRequest{Name: args[0], MemoryBytes: mem, CPUs: cpus, DiskBytes: dsk, Start: start, Policy: &policy})
+			vm, err := c.CreateVM(cmd.Context(), api.VMCreateRequest{Name: args[0], MemoryBytes: mem, CPUs: cpus, DiskBytes: dsk, Start: start, Policy: &policy, Host: host})
 			if err != nil {
 				return err
 			}
@@ -87,6 +88,7 @@ func newVMCreateCmd(g *globals) *cobra.Command {
 	cmd.Flags().StringVar(&disk, "disk", "256M", "data disk size (qcow2, allocated as used)")
 	cmd.Flags().BoolVar(&start, "start", false, "start the VM once it is created")
 	cmd.Flags().BoolVar(&wait, "wait", false, "with --start: wait for the guest agent's first heartbeat")
+	cmd.Flags().StringVar(&host, "host", "", "place the VM on this host (default: the scheduler picks one with room)")
 	pf.register(cmd)
 	return cmd
 }

@@ -81,12 +81,13 @@ const DefaultStopTimeout = 30 * time.Second
 
 // Manager owns desired state and the lifecycle of VMs.
 type Manager struct {
-	store  *store.Store
-	host   Host
-	events *events.Broker
-	log    *slog.Logger
-	limits Limits
-	ports  PortAllocator
+	store      *store.Store
+	hosts      *registry
+	overcommit Overcommit
+	events     *events.Broker
+	log        *slog.Logger
+	limits     Limits
+	ports      PortAllocator
 
 	locksMu sync.Mutex
 	locks   map[string]*sync.Mutex
@@ -101,12 +102,14 @@ type PortAllocator func(used map[int]bool) (int, error)
 
 // Config configures a Manager.
 type Config struct {
-	Store  *store.Store
-	Host   Host
-	Events *events.Broker
-	Logger *slog.Logger
-	Limits Limits
-	Ports  PortAllocator
+	Store *store.Store
+	// Host, if set, is registered at once (the dev agent's in-process host).
+	Host       Host
+	Overcommit Overcommit
+	Events     *events.Broker
+	Logger     *slog.Logger
+	Limits     Limits
+	Ports      PortAllocator
 }
 
 // New returns a Manager.
@@ -117,8 +120,12 @@ func New(cfg Config) *Manager {
 	if cfg.Ports == nil {
 		cfg.Ports = FreePort
 	}
-	return &Manager{store: cfg.Store, host: cfg.Host, events: cfg.Events, log: cfg.Logger,
+	m := &Manager{store: cfg.Store, hosts: newRegistry(), overcommit: cfg.Overcommit, events: cfg.Events, log: cfg.Logger,
 		limits: cfg.Limits, ports: cfg.Ports, locks: map[string]*sync.Mutex{}, pending: map[string]string{}}
+	if cfg.Host != nil {
+		m.AddHost(cfg.Host)
+	}
+	return m
 }
 
 // Events is the manager's event broker.
@@ -214,9 +221,17 @@ func (m *Manager) Create(ctx context.Context, req api.VMCreateRequest) (api.VM, 
 	}
 	defer unlock()
 
-	used, err := m.usedPorts(ctx)
+	rs, err := m.records(ctx)
 	if err != nil {
 		return api.VM{}, err
+	}
+	hostName, err := place(m.hosts.candidates(rs), req.MemoryBytes, req.CPUs, req.Host, m.overcommit)
+	if err != nil {
+		return api.VM{}, err
+	}
+	used := map[int]bool{}
+	for _, r := range rs {
+		used[r.rec.Spec.HostPort] = true
 	}
 	port, err := m.ports(used)
 	if err != nil {
@@ -226,7 +241,7 @@ func (m *Manager) Create(ctx context.Context, req api.VMCreateRequest) (api.VM, 
 	r := record{
 		Spec: hostproto.VMSpec{Name: req.Name, UUID: newUUID(), MemoryBytes: req.MemoryBytes, CPUs: req.CPUs,
 			DiskBytes: req.DiskBytes, HostPort: port, HangTimeoutSeconds: policy.HangTimeoutSeconds, MinUptimeSeconds: policy.MinUptimeSeconds},
-		Host: m.host.Name(), Desired: desiredStopped, State: api.StateCreating, CreatedAt: now, UpdatedAt: now, Policy: policy,
+		Host: hostName, Desired: desiredStopped, State: api.StateCreating, CreatedAt: now, UpdatedAt: now, Policy: policy,
 	}
 	rev, err := m.store.Create(ctx, vmKey(req.Name), r)
 	if errors.Is(err, store.ErrExists) {
@@ -235,7 +250,7 @@ func (m *Manager) Create(ctx context.Context, req api.VMCreateRequest) (api.VM, 
 	if err != nil {
 		return api.VM{}, wrapf(ErrUnavailable, err, "create vm %s", req.Name)
 	}
-	if err := m.host.Create(ctx, r.Spec); err != nil {
+	if err := m.hostNamed(r.Host).Create(ctx, r.Spec); err != nil {
 		m.store.Delete(context.WithoutCancel(ctx), vmKey(req.Name))
 		return api.VM{}, fmt.Errorf("create vm %s on host %s: %w", req.Name, r.Host, err)
 	}
@@ -327,7 +342,7 @@ func (m *Manager) start(ctx context.Context, r *record, rev int64) error {
 	if err != nil {
 		return err
 	}
-	if err := m.host.Start(ctx, r.Spec.Name); err != nil {
+	if err := m.hostNamed(r.Host).Start(ctx, r.Spec.Name); err != nil {
 		r.Desired = desiredStopped
 		m.setState(context.WithoutCancel(ctx), r, rev, api.StateStopped, "start failed: "+err.Error())
 		return fmt.Errorf("start vm %s: %w", r.Spec.Name, err)
@@ -342,7 +357,7 @@ func (m *Manager) stop(ctx context.Context, r *record, rev int64, force bool, ti
 	if err != nil {
 		return rev, err
 	}
-	if err := m.host.Stop(ctx, r.Spec.Name, force, timeout); err != nil {
+	if err := m.hostNamed(r.Host).Stop(ctx, r.Spec.Name, force, timeout); err != nil {
 		// Still running as far as we know: say so, the controller will retry.
 		m.setState(context.WithoutCancel(ctx), r, rev, api.StateStopping, "stop failed: "+err.Error())
 		return rev, fmt.Errorf("stop vm %s: %w", r.Spec.Name, err)
@@ -384,7 +399,7 @@ func (m *Manager) delete(ctx context.Context, r *record, rev int64) error {
 	}
 	// Files go before the record: if we fail in between, the record still
 	// says "deleting" and the controller finishes the job.
-	if err := m.host.Delete(ctx, r.Spec.Name); err != nil {
+	if err := m.hostNamed(r.Host).Delete(ctx, r.Spec.Name); err != nil {
 		return fmt.Errorf("delete vm %s: %w", r.Spec.Name, err)
 	}
 	if err := m.store.DeletePrefix(ctx, "incidents/"+r.Spec.Name+"/"); err != nil {
@@ -441,25 +456,26 @@ func (m *Manager) Exec(ctx context.Context, name string, req api.ExecRequest) (a
 	if vm.Guest == nil {
 		return api.ExecResult{}, errorf(ErrConflict, "vm %s has no connected guest agent (state %s): %s", name, vm.State, errGuestAgentHint)
 	}
-	res, err := m.host.Exec(ctx, name, req)
+	res, err := m.hostNamed(vm.Host).Exec(ctx, name, req)
 	if err != nil {
 		return res, wrapf(ErrConflict, err, "exec in vm %s", name)
 	}
 	return res, nil
 }
 
-// Hosts reports the hosts.
+// Hosts reports the hosts, by name.
 func (m *Manager) Hosts() []api.Host {
-	return []api.Host{m.host.Info()}
+	return m.hosts.list()
 }
 
 // Console copies the VM's serial console to w; with follow it keeps copying
 // until ctx ends.
 func (m *Manager) Console(ctx context.Context, name string, follow bool, w io.Writer) error {
-	if _, err := m.Get(ctx, name); err != nil {
+	vm, err := m.Get(ctx, name)
+	if err != nil {
 		return err
 	}
-	return m.host.Console(ctx, name, follow, w)
+	return m.hostNamed(vm.Host).Console(ctx, name, follow, w)
 }
 
 type storedRecord struct {
@@ -484,20 +500,8 @@ func (m *Manager) records(ctx context.Context) ([]storedRecord, error) {
 	return out, nil
 }
 
-func (m *Manager) usedPorts(ctx context.Context) (map[int]bool, error) {
-	rs, err := m.records(ctx)
-	if err != nil {
-		return nil, err
-	}
-	used := map[int]bool{}
-	for _, r := range rs {
-		used[r.rec.Spec.HostPort] = true
-	}
-	return used, nil
-}
-
 func (m *Manager) actual(r record) hostproto.VMStatus {
-	st, err := m.host.Status(r.Spec.Name)
+	st, err := m.hostNamed(r.Host).Status(r.Spec.Name)
 	if err != nil {
 		return hostproto.VMStatus{Name: r.Spec.Name}
 	}

@@ -37,7 +37,9 @@ func newFakeHost() *fakeHost {
 }
 
 func (h *fakeHost) Name() string   { return "h1" }
-func (h *fakeHost) Info() api.Host { return api.Host{Name: "h1", State: "up"} }
+func (h *fakeHost) Info() api.Host {
+	return api.Host{Name: "h1", State: "up", MemoryBytes: 64 << 30, CPUs: 16}
+}
 
 func (h *fakeHost) record(op, name string) error {
 	h.mu.Lock()

@@ -73,7 +73,7 @@ func (m *Manager) Reconcile(ctx context.Context, name string) error {
 	want := desiredView(r, act)
 	if want == api.StateStopping && r.Desired == desiredSuspended {
 		m.log.Warn("ending a qemu whose state was already saved", "vm", name)
-		if err := m.host.Stop(ctx, name, true, 0); err != nil {
+		if err := m.hostNamed(r.Host).Stop(ctx, name, true, 0); err != nil {
 			return err
 		}
 		_, err := m.setState(ctx, &r, rev, api.StateSuspended, r.Message)

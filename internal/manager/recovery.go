@@ -136,7 +136,7 @@ func (m *Manager) recoverLocked(ctx context.Context, r *record, rev int64, inc h
 		msg = fmt.Sprintf("%s detected after %d restarts within %s: giving up; see 'vigil vm incidents %s', then start it by hand", inc.Kind, len(recent), window, name)
 		// Free the host; the evidence is in the incident.
 		if m.actual(*r).Running {
-			m.host.Stop(ctx, name, true, 0)
+			m.hostNamed(r.Host).Stop(ctx, name, true, 0)
 		}
 	default:
 		rec.Action = "restart"
@@ -162,7 +162,7 @@ func (m *Manager) recoverLocked(ctx context.Context, r *record, rev int64, inc h
 	m.pendingMu.Lock()
 	m.pending[name] = rec.ID
 	m.pendingMu.Unlock()
-	if err := m.host.Restart(ctx, name); err != nil {
+	if err := m.hostNamed(r.Host).Restart(ctx, name); err != nil {
 		m.setState(ctx, r, rev, api.StateCrashed, fmt.Sprintf("%s detected; restart failed: %v", inc.Kind, err))
 		return
 	}
@@ -233,7 +233,7 @@ func (m *Manager) SetPolicy(ctx context.Context, name string, p api.RecoveryPoli
 		return api.VM{}, err
 	}
 	r.Policy = p
-	if err := m.host.SetHealth(name, p.HangTimeoutSeconds, p.MinUptimeSeconds); err != nil {
+	if err := m.hostNamed(r.Host).SetHealth(name, p.HangTimeoutSeconds, p.MinUptimeSeconds); err != nil {
 		return api.VM{}, fmt.Errorf("set policy of %s: %w", name, err)
 	}
 	if _, err := m.save(ctx, &r, rev); err != nil {
@@ -260,7 +260,7 @@ func (m *Manager) Fault(ctx context.Context, name, kind string) error {
 	if kind != "kill" && vm.Guest == nil {
 		return errorf(ErrConflict, "vm %s has no connected guest agent to inject %s through: %s", name, kind, errGuestAgentHint)
 	}
-	if err := m.host.Fault(ctx, name, kind); err != nil {
+	if err := m.hostNamed(vm.Host).Fault(ctx, name, kind); err != nil {
 		return fmt.Errorf("fault %s in vm %s: %w", kind, name, err)
 	}
 	m.events.Publish(api.Event{Type: "vm.fault", VM: name, Host: vm.Host, Message: kind})

@@ -100,7 +100,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, vm string, req api.Snapsho
 	if err != nil {
 		return api.Snapshot{}, wrapf(ErrUnavailable, err, "record snapshot %s of %s", req.Name, vm)
 	}
-	res, err := m.host.SnapshotCreate(ctx, vm, req.Name, memory)
+	res, err := m.hostNamed(r.Host).SnapshotCreate(ctx, vm, req.Name, memory)
 	if err != nil {
 		m.store.Delete(context.WithoutCancel(ctx), snapKey(vm, req.Name))
 		return api.Snapshot{}, fmt.Errorf("snapshot vm %s: %w", vm, err)
@@ -147,7 +147,7 @@ func (m *Manager) ListSnapshots(ctx context.Context, vm string) (api.SnapshotLis
 	}
 	space := map[string]int64{}
 	if len(ss) > 0 {
-		if space, err = m.host.SnapshotSpace(vm); err != nil {
+		if space, err = m.hostNamed(r.Host).SnapshotSpace(vm); err != nil {
 			m.log.Warn("snapshot space unknown", "vm", vm, "err", err)
 		}
 	}
@@ -185,7 +185,7 @@ func (m *Manager) RevertSnapshot(ctx context.Context, vm, snap string) (api.VM, 
 		return m.view(r), errorf(ErrConflict, "vm %s is %s: wait until it is running, paused, suspended, stopped or crashed", vm, r.State)
 	}
 	t0 := time.Now()
-	if err := m.host.SnapshotRevert(ctx, vm, snap, s.IncludesMemory); err != nil {
+	if err := m.hostNamed(r.Host).SnapshotRevert(ctx, vm, snap, s.IncludesMemory); err != nil {
 		// The host checks the memory file before discarding anything; after
 		// that, the VM is whatever the reconciler finds.
 		if errors.Is(err, hostproto.ErrBadState) {
@@ -228,7 +228,7 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, vm, snap string) error {
 	if err != nil {
 		return err
 	}
-	if err := m.host.SnapshotDelete(ctx, vm, snap); err != nil {
+	if err := m.hostNamed(r.Host).SnapshotDelete(ctx, vm, snap); err != nil {
 		return fmt.Errorf("delete snapshot %s of %s: %w", snap, vm, err)
 	}
 	ss, err := m.snapshots(ctx, vm)

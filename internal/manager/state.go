@@ -30,7 +30,7 @@ func (m *Manager) pause(ctx context.Context, r *record, rev int64, act hostproto
 			return errorf(ErrConflict, "vm %s is already paused", name)
 		}
 		t0 := time.Now()
-		if err := m.host.Pause(ctx, name); err != nil {
+		if err := m.hostNamed(r.Host).Pause(ctx, name); err != nil {
 			return fmt.Errorf("pause vm %s: %w", name, err)
 		}
 		r.Desired = desiredPaused
@@ -38,7 +38,7 @@ func (m *Manager) pause(ctx context.Context, r *record, rev int64, act hostproto
 		_, err := m.setState(ctx, r, rev, api.StatePaused, "")
 		return err
 	}
-	res, err := m.host.Suspend(ctx, name)
+	res, err := m.hostNamed(r.Host).Suspend(ctx, name)
 	if err != nil {
 		// The host left the guest as it was; say so rather than guess.
 		return fmt.Errorf("suspend vm %s (it keeps running as it was): %w", name, err)
@@ -59,7 +59,7 @@ func (m *Manager) resume(ctx context.Context, r *record, rev int64, act hostprot
 			return errorf(ErrInvalid, "vm %s is paused in memory: it has no saved state to discard", name)
 		}
 		t0 := time.Now()
-		if err := m.host.Resume(ctx, name); err != nil {
+		if err := m.hostNamed(r.Host).Resume(ctx, name); err != nil {
 			return fmt.Errorf("resume vm %s: %w", name, err)
 		}
 		r.Desired = desiredRunning
@@ -72,14 +72,14 @@ func (m *Manager) resume(ctx context.Context, r *record, rev int64, act hostprot
 		return errorf(ErrConflict, "vm %s is %s and has no saved state: start it with 'vigil vm start %s'", name, r.State, name)
 	}
 	if discard {
-		if err := m.host.DiscardState(name); err != nil {
+		if err := m.hostNamed(r.Host).DiscardState(name); err != nil {
 			return err
 		}
 		m.events.Publish(api.Event{Type: "vm.state-discarded", VM: name, Host: r.Host})
 		return m.start(ctx, r, rev)
 	}
 	t0 := time.Now()
-	if err := m.host.Resume(ctx, name); err != nil {
+	if err := m.hostNamed(r.Host).Resume(ctx, name); err != nil {
 		if errors.Is(err, hostproto.ErrBadState) {
 			return &kindError{kind: ErrConflict, err: err, full: true, msg: fmt.Sprintf(
 				"cannot resume vm %s: %v. It stays suspended with its state file untouched: keep it for later, or run 'vigil vm resume %s --discard-state' to cold-boot from the disk",
