@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"time"
 
 	"github.com/vigil-project/vigil/api"
 )
@@ -199,6 +200,16 @@ func (c *Client) Hosts(ctx context.Context) ([]api.Host, error) {
 	var hs []api.Host
 	err := c.do(ctx, http.MethodGet, "/v1/hosts", nil, &hs)
 	return hs, err
+}
+
+// JoinToken asks the manager for a token that admits one new host.
+func (c *Client) JoinToken(ctx context.Context) (string, time.Time, error) {
+	var r struct {
+		Token   string    `json:"token"`
+		Expires time.Time `json:"expires"`
+	}
+	err := c.do(ctx, http.MethodPost, "/v1/hosts/join-tokens", nil, &r)
+	return r.Token, r.Expires, err
 }
 
 // Console copies a VM's serial console to w; with follow, until ctx ends.

@@ -17,23 +17,65 @@ import (
 
 func newAgentCmd(g *globals) *cobra.Command {
 	var cfg agent.DevConfig
-	var dev bool
-	var logLevel string
+	var dev, isHost bool
+	var logLevel, managerFlag, managers, joinToken, etcdEndpoints string
 	cmd := &cobra.Command{
 		Use:   "agent",
-		Short: "Run a Vigil agent (--dev: manager, embedded etcd and one host in one process)",
-		Args:  cobra.NoArgs,
+		Short: "Run a Vigil agent: --dev (all in one), --manager, or --host",
+		Long: `Run a Vigil agent.
+  --dev      manager, embedded etcd and one host agent in one process (a laptop, CI)
+  --manager  a manager: API and controllers, with an embedded etcd or --etcd-endpoints
+  --host     a host agent that joins a manager: --name, --manager URL[,URL...], --join-token`,
+		Args: cobra.ArbitraryArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if !dev {
-				return fmt.Errorf("only --dev is available in this version: run 'vigil agent --dev'")
+			// --manager is the manager mode on its own, and with --host it
+			// takes the manager URLs ("--manager URL" or "--manager=URL").
+			isManager := cmd.Flags().Changed("manager") && !isHost
+			if isHost && cmd.Flags().Changed("manager") {
+				if managerFlag != noValue {
+					managers = managerFlag
+				} else if len(args) == 1 {
+					managers, args = args[0], nil
+				}
+			}
+			if len(args) > 0 {
+				return fmt.Errorf("unexpected arguments %v", args)
+			}
+			modes := 0
+			for _, b := range []bool{dev, isManager, isHost} {
+				if b {
+					modes++
+				}
+			}
+			if modes != 1 {
+				return fmt.Errorf("choose one of --dev, --manager or --host")
 			}
 			var lvl slog.Level
 			if err := lvl.UnmarshalText([]byte(logLevel)); err != nil {
 				return fmt.Errorf("--log-level %q: use debug, info, warn or error", logLevel)
 			}
 			log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			progress := func(s string) { fmt.Fprint(os.Stderr, s) }
+			switch {
+			case isManager:
+				return agent.RunManager(ctx, agent.ManagerConfig{Listen: cfg.Listen, DataDir: cfg.DataDir,
+					EtcdEndpoints: splitList(etcdEndpoints), Logger: log})
+			case isHost:
+				if cfg.HostName == "" {
+					return fmt.Errorf("--host needs --name")
+				}
+				listen := cfg.Listen
+				if !cmd.Flags().Changed("listen") {
+					listen = "127.0.0.1:0"
+				}
+				return agent.RunHost(ctx, agent.HostConfig{Name: cfg.HostName, DataDir: cfg.DataDir, Listen: listen,
+					Managers: splitList(managers), JoinToken: joinToken, Accel: cfg.Accel, ImageDir: cfg.ImageDir,
+					GuestAgent: cfg.GuestAgent, Progress: progress, Logger: log})
+			}
 			cfg.Logger = log
-			cfg.Progress = func(s string) { fmt.Fprint(os.Stderr, s) }
+			cfg.Progress = progress
 			cfg.Ready = func(addr string) {
 				fmt.Fprintf(os.Stderr, "\nVigil is running: API on http://%s, data in %s.\n", addr, cfg.DataDir)
 				fmt.Fprintf(os.Stderr, "In another terminal try:\n")
@@ -42,21 +84,38 @@ func newAgentCmd(g *globals) *cobra.Command {
 				fmt.Fprintf(os.Stderr, "  vigil vm list; vigil vm show web1; vigil events --follow\n")
 				fmt.Fprintf(os.Stderr, "Stop with Ctrl-C: virtual servers keep running and are adopted at the next start.\n\n")
 			}
-			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
-			defer stop()
 			return agent.RunDev(ctx, cfg)
 		},
 	}
 	f := cmd.Flags()
 	f.BoolVar(&dev, "dev", false, "run manager, embedded etcd and a host agent in one process")
-	f.StringVar(&cfg.Listen, "listen", envOr("VIGIL_LISTEN", "127.0.0.1:7070"), "API listen address (env VIGIL_LISTEN)")
+	f.StringVar(&managerFlag, "manager", "", "alone: run a manager (hosts join it); with --host: the manager URLs, comma-separated, tried in turn")
+	f.Lookup("manager").NoOptDefVal = noValue
+	f.BoolVar(&isHost, "host", false, "run a host agent that joins a manager")
+	f.StringVar(&cfg.Listen, "listen", envOr("VIGIL_LISTEN", "127.0.0.1:7070"), "API listen address (env VIGIL_LISTEN); for --host, where managers reach it (default a free loopback port)")
 	f.StringVar(&cfg.DataDir, "data-dir", envOr("VIGIL_DATA_DIR", agent.DefaultDataDir()), "where VMs, images and etcd live (env VIGIL_DATA_DIR)")
-	f.StringVar(&cfg.HostName, "name", "", "host name (default: the machine's hostname)")
+	f.StringVar(&cfg.HostName, "name", "", "host name (default for --dev: the machine's hostname)")
 	f.StringVar(&cfg.Accel, "accel", envOr("VIGIL_ACCEL", "auto"), "accelerator: auto, kvm or tcg (env VIGIL_ACCEL)")
 	f.StringVar(&cfg.ImageDir, "image-dir", "", "guest image directory (default DATA_DIR/images/default)")
 	f.StringVar(&cfg.GuestAgent, "guest-agent", "", "vigil-guest binary for building the image (default: next to vigil)")
+	managers = envOr("VIGIL_MANAGERS", "")
+	f.StringVar(&joinToken, "join-token", envOr("VIGIL_JOIN_TOKEN", ""), "with --host: a token from 'vigil host join-token' (env VIGIL_JOIN_TOKEN)")
+	f.StringVar(&etcdEndpoints, "etcd-endpoints", "", "with --manager: an external etcd cluster (comma-separated URLs) instead of the embedded one")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd
+}
+
+// noValue marks --manager given without a value.
+const noValue = "\x00"
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 func newImageCmd(g *globals) *cobra.Command {

@@ -113,3 +113,63 @@ type SaveResult struct {
 // ErrBadState means a state file cannot be resumed (corrupt, truncated, or
 // made for other hardware). The file is left where it is.
 var ErrBadState = errors.New("saved state cannot be resumed")
+
+// Call is one request from a manager to a remote host agent
+// (POST /v1/host/call). Op names a method of the host; the other fields are
+// its arguments.
+type Call struct {
+	Op                 string           `json:"op"`
+	VM                 string           `json:"vm,omitempty"`
+	Spec               *VMSpec          `json:"spec,omitempty"`
+	Force              bool             `json:"force,omitempty"`
+	TimeoutMS          int64            `json:"timeout_ms,omitempty"`
+	Snapshot           string           `json:"snapshot,omitempty"`
+	Memory             bool             `json:"memory,omitempty"`
+	Kind               string           `json:"kind,omitempty"`
+	Exec               *api.ExecRequest `json:"exec,omitempty"`
+	HangTimeoutSeconds int              `json:"hang_timeout_seconds,omitempty"`
+	MinUptimeSeconds   int              `json:"min_uptime_seconds,omitempty"`
+}
+
+// Reply answers a Call. Code carries the sentinel an error wraps, so the
+// manager's logic (e.g. a bad state file) works the same over the network.
+type Reply struct {
+	Error  string           `json:"error,omitempty"`
+	Code   string           `json:"code,omitempty"`
+	Save   *SaveResult      `json:"save,omitempty"`
+	Status *VMStatus        `json:"status,omitempty"`
+	Space  map[string]int64 `json:"space,omitempty"`
+	Exec   *api.ExecResult  `json:"exec_result,omitempty"`
+	Info   *api.Host        `json:"info,omitempty"`
+}
+
+// Error codes in a Reply.
+const (
+	CodeBadState = "bad_state"
+	CodeOther    = "error"
+)
+
+// Register is what a host agent sends to join a manager
+// (POST /v1/hosts/register).
+type Register struct {
+	Name string `json:"name"`
+	// Token is a join token from `vigil host join-token`.
+	Token string `json:"token"`
+	// Addr is where the manager reaches the host agent (host:port).
+	Addr string   `json:"addr"`
+	Info api.Host `json:"info"`
+}
+
+// Registered answers Register: the secret the host and the manager then
+// present to each other.
+type Registered struct {
+	Secret string `json:"secret"`
+}
+
+// Heartbeat is sent by a host agent every second
+// (POST /v1/hosts/{name}/heartbeat), with what runs on it.
+type Heartbeat struct {
+	Info     api.Host   `json:"info"`
+	Statuses []VMStatus `json:"statuses"`
+	Events   []Event    `json:"events,omitempty"`
+}

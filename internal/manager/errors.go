@@ -9,11 +9,12 @@ import (
 // Kinds of failure the API distinguishes. handlers map them to status codes
 // in one place (statusOf); messages stay the operator-facing sentence.
 var (
-	ErrInvalid     = errors.New("invalid")
-	ErrNotFound    = errors.New("not found")
-	ErrConflict    = errors.New("conflict")
-	ErrBusy        = errors.New("busy")
-	ErrUnavailable = errors.New("unavailable")
+	ErrInvalid      = errors.New("invalid")
+	ErrNotFound     = errors.New("not found")
+	ErrConflict     = errors.New("conflict")
+	ErrBusy         = errors.New("busy")
+	ErrUnavailable  = errors.New("unavailable")
+	ErrUnauthorized = errors.New("unauthorized")
 )
 
 // kindError carries an operator-facing message and the kind it maps from.
@@ -58,6 +59,8 @@ func statusOf(err error) (int, string) {
 		return http.StatusConflict, "busy"
 	case errors.Is(err, ErrConflict):
 		return http.StatusConflict, "conflict"
+	case errors.Is(err, ErrUnauthorized):
+		return http.StatusUnauthorized, "unauthorized"
 	case errors.Is(err, ErrUnavailable):
 		return http.StatusServiceUnavailable, "unavailable"
 	default:

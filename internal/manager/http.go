@@ -40,6 +40,9 @@ func (m *Manager) Handler() http.Handler {
 		writeJSON(w, http.StatusOK, m.Hosts())
 	})
 	mux.HandleFunc("GET /v1/events", m.handleEvents)
+	mux.HandleFunc("POST /v1/hosts/join-tokens", m.handleJoinToken)
+	mux.HandleFunc("POST /v1/hosts/register", m.handleRegister)
+	mux.HandleFunc("POST /v1/hosts/{name}/heartbeat", m.handleHeartbeat)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, m.log, errorf(ErrNotFound, "no such endpoint %s %s: see docs/architecture.md for the API", r.Method, r.URL.Path))
 	})

@@ -36,7 +36,7 @@ func newFakeHost() *fakeHost {
 	return &fakeHost{vms: map[string]bool{}, paused: map[string]bool{}, saved: map[string]bool{}, failNext: map[string]error{}}
 }
 
-func (h *fakeHost) Name() string   { return "h1" }
+func (h *fakeHost) Name() string { return "h1" }
 func (h *fakeHost) Info() api.Host {
 	return api.Host{Name: "h1", State: "up", MemoryBytes: 64 << 30, CPUs: 16}
 }

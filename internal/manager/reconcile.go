@@ -59,6 +59,11 @@ func (m *Manager) Reconcile(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
+	if m.hostNamed(r.Host).Info().State != "up" {
+		// What a silent host last said may be stale: act on nothing until
+		// it reports again (host failure handling decides otherwise).
+		return nil
+	}
 	act := m.actual(r)
 	switch r.State {
 	case api.StateCreating:

@@ -101,6 +101,18 @@ func (s *Store) Delete(ctx context.Context, key string) error {
 	return nil
 }
 
+// Put stores v at key unconditionally (for records with one writer per key).
+func (s *Store) Put(ctx context.Context, key string, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("encode %s: %w", key, err)
+	}
+	if _, err := s.cli.Put(ctx, s.key(key), string(b)); err != nil {
+		return fmt.Errorf("put %s: %w", key, err)
+	}
+	return nil
+}
+
 // DeletePrefix removes every key under prefix.
 func (s *Store) DeletePrefix(ctx context.Context, prefix string) error {
 	if _, err := s.cli.Delete(ctx, s.key(prefix), clientv3.WithPrefix()); err != nil {

@@ -1,0 +1,286 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/vigil-project/vigil/internal/atomicfile"
+	"github.com/vigil-project/vigil/internal/hostagent"
+	"github.com/vigil-project/vigil/internal/hostproto"
+)
+
+// HostConfig configures `vigil agent --host`.
+type HostConfig struct {
+	Name       string
+	DataDir    string
+	Listen     string   // where the managers reach this host agent
+	Managers   []string // manager URLs, tried in turn
+	JoinToken  string
+	Accel      string
+	ImageDir   string
+	GuestAgent string
+	Progress   func(string)
+	Logger     *slog.Logger
+	Ready      func(addr string)
+}
+
+// RunHost runs a host agent that joins a manager: it serves the host API,
+// registers, and sends a heartbeat (with its VMs' statuses and any events)
+// every second, failing over between the manager URLs it was given.
+func RunHost(ctx context.Context, cfg HostConfig) error {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if len(cfg.Managers) == 0 {
+		return errors.New("no manager given: pass --manager URL[,URL...]")
+	}
+	if cfg.ImageDir == "" {
+		cfg.ImageDir = filepath.Join(cfg.DataDir, "images", "default")
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o755); err != nil {
+		return fmt.Errorf("create data dir %s: %w", cfg.DataDir, err)
+	}
+	img, err := ensureImage(ctx, DevConfig{ImageDir: cfg.ImageDir, GuestAgent: cfg.GuestAgent, Progress: cfg.Progress})
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w (use --listen to pick another address)", cfg.Listen, err)
+	}
+	defer ln.Close()
+
+	out := &outbox{wake: make(chan struct{}, 1)}
+	host, err := hostagent.New(hostagent.Config{
+		Name: cfg.Name, DataDir: filepath.Join(cfg.DataDir, "host"), Accel: cfg.Accel,
+		Image:  hostagent.Image{Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: img.Cmdline},
+		Logger: log, Notify: out.add,
+	})
+	if err != nil {
+		return err
+	}
+	if err := host.Recover(ctx); err != nil {
+		return err
+	}
+	j := &joiner{cfg: cfg, log: log.With("host", cfg.Name), addr: ln.Addr().String(), host: host, out: out,
+		secretPath: filepath.Join(cfg.DataDir, "host-secret"), http: &http.Client{Timeout: 5 * time.Second}}
+	j.loadSecret()
+
+	srv := &http.Server{Handler: host.Handler(j.currentSecret), ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(ln)
+	hostCtx, stopHost := context.WithCancel(context.Background())
+	hostDone := make(chan error, 1)
+	go func() { hostDone <- host.Run(hostCtx) }()
+	if cfg.Ready != nil {
+		cfg.Ready(ln.Addr().String())
+	}
+	runErr := j.run(ctx)
+
+	shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	srv.Shutdown(shutCtx)
+	cancel()
+	stopHost()
+	<-hostDone
+	log.Info("host agent stopped; virtual machines keep running")
+	return runErr
+}
+
+// outbox queues host events for the next heartbeat and wakes the sender.
+type outbox struct {
+	mu     sync.Mutex
+	events []hostproto.Event
+	wake   chan struct{}
+}
+
+func (o *outbox) add(e hostproto.Event) {
+	o.mu.Lock()
+	o.events = append(o.events, e)
+	o.mu.Unlock()
+	select {
+	case o.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (o *outbox) take() []hostproto.Event {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	ev := o.events
+	o.events = nil
+	return ev
+}
+
+// putBack returns unsent events to the front of the queue.
+func (o *outbox) putBack(ev []hostproto.Event) {
+	o.mu.Lock()
+	o.events = append(ev, o.events...)
+	o.mu.Unlock()
+}
+
+// joiner registers with a manager and keeps heartbeating.
+type joiner struct {
+	cfg        HostConfig
+	log        *slog.Logger
+	addr       string
+	host       *hostagent.Agent
+	out        *outbox
+	http       *http.Client
+	secretPath string
+
+	mu      sync.Mutex
+	secret  string
+	manager int // index of the manager URL in use
+}
+
+func (j *joiner) currentSecret() string {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.secret
+}
+
+func (j *joiner) loadSecret() {
+	if b, err := os.ReadFile(j.secretPath); err == nil {
+		j.secret = strings.TrimSpace(string(b))
+	}
+}
+
+func (j *joiner) url() string {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return strings.TrimRight(j.cfg.Managers[j.manager%len(j.cfg.Managers)], "/")
+}
+
+func (j *joiner) nextManager() {
+	j.mu.Lock()
+	j.manager++
+	j.mu.Unlock()
+}
+
+// run registers and heartbeats until ctx ends. A manager's refusal (no
+// valid token) is final: the operator must act, retrying will not help.
+func (j *joiner) run(ctx context.Context) error {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	registered := false
+	for ctx.Err() == nil {
+		if !registered {
+			err := j.register(ctx)
+			switch {
+			case errors.Is(err, errRefused):
+				return err
+			case err != nil:
+				j.log.Warn("register with manager", "manager", j.url(), "err", err)
+				j.nextManager()
+			default:
+				registered = true
+			}
+		}
+		if registered {
+			switch err := j.heartbeat(ctx); {
+			case errors.Is(err, errUnauthorized):
+				registered = false
+				continue
+			case err != nil:
+				j.log.Warn("heartbeat", "manager", j.url(), "err", err)
+				j.nextManager()
+			}
+		}
+		select {
+		case <-ctx.Done():
+		case <-t.C:
+		case <-j.out.wake:
+		}
+	}
+	return nil
+}
+
+var (
+	errUnauthorized = errors.New("the manager does not know this host")
+	errRefused      = errors.New("the manager refused this host")
+)
+
+func (j *joiner) post(ctx context.Context, path string, body, out any, auth string) error {
+	b, _ := json.Marshal(body)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, j.url()+path, bytes.NewReader(b))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	if auth != "" {
+		req.Header.Set("Authorization", "Bearer "+auth)
+	}
+	resp, err := j.http.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode == http.StatusUnauthorized && path != "/v1/hosts/register" {
+		return errUnauthorized
+	}
+	if resp.StatusCode == http.StatusUnauthorized {
+		var e struct {
+			Error string `json:"error"`
+		}
+		json.NewDecoder(resp.Body).Decode(&e)
+		return fmt.Errorf("%w: %s", errRefused, e.Error)
+	}
+	if resp.StatusCode >= 300 {
+		var e struct {
+			Error string `json:"error"`
+		}
+		json.NewDecoder(resp.Body).Decode(&e)
+		return fmt.Errorf("%s: %s", resp.Status, e.Error)
+	}
+	if out != nil {
+		return json.NewDecoder(resp.Body).Decode(out)
+	}
+	return nil
+}
+
+// register presents the join token, or the secret from an earlier
+// registration (so a restarted host needs no new token).
+func (j *joiner) register(ctx context.Context) error {
+	tok := j.cfg.JoinToken
+	if s := j.currentSecret(); s != "" {
+		tok = s
+	}
+	var reg hostproto.Registered
+	err := j.post(ctx, "/v1/hosts/register", hostproto.Register{Name: j.cfg.Name, Token: tok, Addr: j.addr, Info: j.host.Info()}, &reg, "")
+	if err != nil && tok != j.cfg.JoinToken && j.cfg.JoinToken != "" {
+		// The manager forgot us (a new cluster): try the join token.
+		err = j.post(ctx, "/v1/hosts/register", hostproto.Register{Name: j.cfg.Name, Token: j.cfg.JoinToken, Addr: j.addr, Info: j.host.Info()}, &reg, "")
+	}
+	if err != nil {
+		return err
+	}
+	j.mu.Lock()
+	j.secret = reg.Secret
+	j.mu.Unlock()
+	if err := atomicfile.WriteFile(j.secretPath, []byte(reg.Secret+"\n"), 0o600); err != nil {
+		j.log.Warn("keep host secret", "err", err)
+	}
+	j.log.Info("registered with manager", "manager", j.url())
+	return nil
+}
+
+func (j *joiner) heartbeat(ctx context.Context) error {
+	ev := j.out.take()
+	hb := hostproto.Heartbeat{Info: j.host.Info(), Statuses: j.host.Statuses(), Events: ev}
+	if err := j.post(ctx, "/v1/hosts/"+j.cfg.Name+"/heartbeat", hb, nil, j.currentSecret()); err != nil {
+		j.out.putBack(ev)
+		return err
+	}
+	return nil
+}

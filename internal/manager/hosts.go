@@ -1,0 +1,185 @@
+package manager
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/remotehost"
+	"github.com/vigil-project/vigil/internal/store"
+)
+
+// JoinTokenTTL is how long a join token admits a host.
+const JoinTokenTTL = time.Hour
+
+// tokenRecord is a join token as stored under "tokens/<sha256>": only the
+// hash is kept, so reading the store does not let anyone join.
+type tokenRecord struct {
+	Expires time.Time `json:"expires"`
+	// UsedBy is the host that joined with it; the same host may present
+	// it again (a re-registration), no other.
+	UsedBy string `json:"used_by,omitempty"`
+}
+
+// hostRecord is a registered remote host under "hosts/<name>".
+type hostRecord struct {
+	Name         string    `json:"name"`
+	Addr         string    `json:"addr"`
+	SecretHash   string    `json:"secret_hash"`
+	Secret       string    `json:"secret"` // the manager must present it to the host
+	RegisteredAt time.Time `json:"registered_at"`
+}
+
+func hashHex(s string) string {
+	h := sha256.Sum256([]byte(s))
+	return hex.EncodeToString(h[:])
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// JoinToken makes a token that admits one new host for JoinTokenTTL.
+func (m *Manager) JoinToken(ctx context.Context) (string, time.Time, error) {
+	tok := randomHex(24)
+	exp := time.Now().Add(JoinTokenTTL).UTC()
+	if _, err := m.store.Create(ctx, "tokens/"+hashHex(tok), tokenRecord{Expires: exp}); err != nil {
+		return "", time.Time{}, wrapf(ErrUnavailable, err, "store join token")
+	}
+	return tok, exp, nil
+}
+
+// Register admits a host that presents a valid join token (or the secret
+// it was given before), records it and returns its secret.
+func (m *Manager) Register(ctx context.Context, req hostproto.Register) (hostproto.Registered, error) {
+	if err := validName(req.Name); err != nil {
+		return hostproto.Registered{}, errorf(ErrInvalid, "invalid host name %q: it must be a DNS label", req.Name)
+	}
+	if req.Addr == "" {
+		return hostproto.Registered{}, errorf(ErrInvalid, "host %s gave no address to reach it at", req.Name)
+	}
+	var prev hostRecord
+	_, err := m.store.Get(ctx, "hosts/"+req.Name, &prev)
+	known := err == nil
+	// A known host may come back with its secret instead of a token.
+	if known && req.Token != "" && subtle.ConstantTimeCompare([]byte(hashHex(req.Token)), []byte(prev.SecretHash)) == 1 {
+		return m.admit(ctx, req, prev.Secret)
+	}
+	var tr tokenRecord
+	trev, err := m.store.Get(ctx, "tokens/"+hashHex(req.Token), &tr)
+	switch {
+	case req.Token == "" || errors.Is(err, store.ErrNotFound):
+		return hostproto.Registered{}, errorf(ErrUnauthorized, "host %s presented no valid join token: make one with 'vigil host join-token' and pass it with --join-token", req.Name)
+	case err != nil:
+		return hostproto.Registered{}, wrapf(ErrUnavailable, err, "check join token")
+	case time.Now().After(tr.Expires):
+		return hostproto.Registered{}, errorf(ErrUnauthorized, "the join token of host %s expired at %s: make a new one with 'vigil host join-token'", req.Name, tr.Expires.Format(time.RFC3339))
+	case tr.UsedBy != "" && tr.UsedBy != req.Name:
+		return hostproto.Registered{}, errorf(ErrUnauthorized, "the join token of host %s was already used by host %s: make a new one with 'vigil host join-token'", req.Name, tr.UsedBy)
+	}
+	tr.UsedBy = req.Name
+	if _, err := m.store.Update(ctx, "tokens/"+hashHex(req.Token), trev, tr); err != nil {
+		return hostproto.Registered{}, wrapf(ErrUnavailable, err, "use join token")
+	}
+	secret := prev.Secret
+	if !known {
+		secret = randomHex(24)
+	}
+	return m.admit(ctx, req, secret)
+}
+
+func (m *Manager) admit(ctx context.Context, req hostproto.Register, secret string) (hostproto.Registered, error) {
+	rec := hostRecord{Name: req.Name, Addr: req.Addr, SecretHash: hashHex(secret), Secret: secret, RegisteredAt: time.Now().UTC()}
+	if err := m.store.Put(ctx, "hosts/"+req.Name, rec); err != nil {
+		return hostproto.Registered{}, wrapf(ErrUnavailable, err, "record host %s", req.Name)
+	}
+	h := remotehost.New(req.Name, req.Addr, secret)
+	h.Heartbeat(hostproto.Heartbeat{Info: req.Info})
+	m.AddHost(h)
+	m.log.Info("host registered", "host", req.Name, "addr", req.Addr)
+	m.events.Publish(api.Event{Type: "host.up", Host: req.Name, Message: "registered from " + req.Addr})
+	return hostproto.Registered{Secret: secret}, nil
+}
+
+// LoadHosts re-creates the registered remote hosts after a manager restart;
+// they show as down until their next heartbeat.
+func (m *Manager) LoadHosts(ctx context.Context) error {
+	kvs, err := m.store.List(ctx, "hosts/")
+	if err != nil {
+		return err
+	}
+	for _, kv := range kvs {
+		var rec hostRecord
+		if json.Unmarshal(kv.Value, &rec) == nil {
+			m.AddHost(remotehost.New(rec.Name, rec.Addr, rec.Secret))
+		}
+	}
+	return nil
+}
+
+// Heartbeat takes a host's heartbeat and the events it carries.
+func (m *Manager) Heartbeat(name, auth string, hb hostproto.Heartbeat) error {
+	h, ok := m.hostNamed(name).(*remotehost.Host)
+	if !ok {
+		return errorf(ErrUnauthorized, "host %s is not registered with this manager: register again", name)
+	}
+	if subtle.ConstantTimeCompare([]byte(auth), []byte("Bearer "+h.Secret())) != 1 {
+		return errorf(ErrUnauthorized, "host %s presented a wrong secret: register again", name)
+	}
+	wasDown := h.Info().State != "up"
+	h.Heartbeat(hb)
+	if wasDown {
+		m.events.Publish(api.Event{Type: "host.up", Host: name})
+	}
+	for _, e := range hb.Events {
+		m.HandleHostEvent(e)
+	}
+	return nil
+}
+
+func (m *Manager) handleJoinToken(w http.ResponseWriter, r *http.Request) {
+	tok, exp, err := m.JoinToken(r.Context())
+	if err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, map[string]any{"token": tok, "expires": exp})
+}
+
+func (m *Manager) handleRegister(w http.ResponseWriter, r *http.Request) {
+	var req hostproto.Register
+	if err := decodeBody(r, &req); err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	reg, err := m.Register(r.Context(), req)
+	if err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, reg)
+}
+
+func (m *Manager) handleHeartbeat(w http.ResponseWriter, r *http.Request) {
+	var hb hostproto.Heartbeat
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 16<<20)).Decode(&hb); err != nil {
+		writeError(w, m.log, wrapf(ErrInvalid, err, "malformed heartbeat"))
+		return
+	}
+	if err := m.Heartbeat(r.PathValue("name"), strings.TrimSpace(r.Header.Get("Authorization")), hb); err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
