@@ -282,6 +282,22 @@ func (c *Client) WaitGuest(ctx context.Context, name string) (api.VM, error) {
 	defer s.Close()
 	stop := context.AfterFunc(ctx, func() { s.Close() })
 	defer stop()
+	events := make(chan struct{}, 1)
+	go func() {
+		defer close(events)
+		for {
+			e, err := s.Next()
+			if err != nil {
+				return
+			}
+			if e.Type == "vm.guest-ready" || e.Type == "vm.exited" || e.Type == "vm.crashed" || e.Type == "vm.state" {
+				select {
+				case events <- struct{}{}:
+				default:
+				}
+			}
+		}
+	}()
 	for {
 		vm, err := c.VM(ctx, name)
 		if err != nil {
@@ -294,17 +310,19 @@ func (c *Client) WaitGuest(ctx context.Context, name string) (api.VM, error) {
 		case api.StateStopped, api.StateCrashed, api.StateFailed:
 			return vm, fmt.Errorf("vm %s is %s: its guest will not answer (%s)", name, vm.State, vm.Message)
 		}
-		for {
-			e, err := s.Next()
-			if err != nil {
+		// Events wake us at once; a timer re-checks anyway, since with several
+		// managers the event may reach another one than ours.
+		select {
+		case _, ok := <-events:
+			if !ok {
 				if ctx.Err() != nil {
 					return vm, ctx.Err()
 				}
-				return vm, fmt.Errorf("wait for the guest of %s: %w", name, err)
+				return vm, fmt.Errorf("wait for the guest of %s: the event stream ended", name)
 			}
-			if e.Type == "vm.guest-ready" || e.Type == "vm.exited" || e.Type == "vm.crashed" || e.Type == "vm.state" {
-				break
-			}
+		case <-time.After(500 * time.Millisecond):
+		case <-ctx.Done():
+			return vm, ctx.Err()
 		}
 	}
 }

@@ -112,7 +112,7 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 		return err
 	}
 	info := host.Info()
-	mgr = manager.New(manager.Config{
+	mgr = manager.New(manager.Config{Name: cfg.HostName,
 		Store: st, Host: host, Events: broker, Logger: log,
 		Limits: manager.Limits{MaxMemoryBytes: info.MemoryBytes, MaxCPUs: max(64, 4*runtime.NumCPU())},
 	})
@@ -130,6 +130,7 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	srv := &http.Server{Handler: mgr.Handler(), ReadHeaderTimeout: 10 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
 	srvDone := make(chan error, 1)
 	go func() { srvDone <- srv.Serve(ln) }()
+	mgr.SetLeader(true) // the only manager there is
 	go mgr.Run(ctx, cfg.Reconcile)
 	broker.Publish(api.Event{Type: "host.up", Host: cfg.HostName, Message: fmt.Sprintf("accel %s, %d cpus", info.Accel, info.CPUs)})
 	log.Info("vigil agent ready", "api", "http://"+ln.Addr().String(), "data_dir", cfg.DataDir, "host", cfg.HostName, "accel", info.Accel)

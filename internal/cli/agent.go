@@ -18,7 +18,7 @@ import (
 func newAgentCmd(g *globals) *cobra.Command {
 	var cfg agent.DevConfig
 	var dev, isHost bool
-	var logLevel, managerFlag, managers, joinToken, etcdEndpoints string
+	var logLevel, managerFlag, managers, joinToken, etcdEndpoints, etcdPeers string
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run a Vigil agent: --dev (all in one), --manager, or --host",
@@ -60,8 +60,22 @@ func newAgentCmd(g *globals) *cobra.Command {
 			progress := func(s string) { fmt.Fprint(os.Stderr, s) }
 			switch {
 			case isManager:
-				return agent.RunManager(ctx, agent.ManagerConfig{Listen: cfg.Listen, DataDir: cfg.DataDir,
-					EtcdEndpoints: splitList(etcdEndpoints), Logger: log})
+				peers := map[string]string{}
+				for _, p := range splitList(etcdPeers) {
+					name, u, ok := strings.Cut(p, "=")
+					if !ok || name == "" || u == "" {
+						return fmt.Errorf("--etcd-peers %q: give name=http://HOST:PORT for every manager, comma-separated", p)
+					}
+					peers[name] = u
+				}
+				if len(peers) > 0 && cfg.HostName == "" {
+					return fmt.Errorf("--etcd-peers needs --name: this manager's name among the peers")
+				}
+				if len(peers) > 0 && etcdEndpoints != "" {
+					return fmt.Errorf("use either --etcd-peers (embedded cluster) or --etcd-endpoints (external etcd), not both")
+				}
+				return agent.RunManager(ctx, agent.ManagerConfig{Listen: cfg.Listen, DataDir: cfg.DataDir, Name: cfg.HostName,
+					EtcdEndpoints: splitList(etcdEndpoints), EtcdPeers: peers, Logger: log})
 			case isHost:
 				if cfg.HostName == "" {
 					return fmt.Errorf("--host needs --name")
@@ -94,13 +108,14 @@ func newAgentCmd(g *globals) *cobra.Command {
 	f.BoolVar(&isHost, "host", false, "run a host agent that joins a manager")
 	f.StringVar(&cfg.Listen, "listen", envOr("VIGIL_LISTEN", "127.0.0.1:7070"), "API listen address (env VIGIL_LISTEN); for --host, where managers reach it (default a free loopback port)")
 	f.StringVar(&cfg.DataDir, "data-dir", envOr("VIGIL_DATA_DIR", agent.DefaultDataDir()), "where VMs, images and etcd live (env VIGIL_DATA_DIR)")
-	f.StringVar(&cfg.HostName, "name", "", "host name (default for --dev: the machine's hostname)")
+	f.StringVar(&cfg.HostName, "name", "", "host (or manager) name (default for --dev: the machine's hostname)")
 	f.StringVar(&cfg.Accel, "accel", envOr("VIGIL_ACCEL", "auto"), "accelerator: auto, kvm or tcg (env VIGIL_ACCEL)")
 	f.StringVar(&cfg.ImageDir, "image-dir", "", "guest image directory (default DATA_DIR/images/default)")
 	f.StringVar(&cfg.GuestAgent, "guest-agent", "", "vigil-guest binary for building the image (default: next to vigil)")
 	managers = envOr("VIGIL_MANAGERS", "")
 	f.StringVar(&joinToken, "join-token", envOr("VIGIL_JOIN_TOKEN", ""), "with --host: a token from 'vigil host join-token' (env VIGIL_JOIN_TOKEN)")
 	f.StringVar(&etcdEndpoints, "etcd-endpoints", "", "with --manager: an external etcd cluster (comma-separated URLs) instead of the embedded one")
+	f.StringVar(&etcdPeers, "etcd-peers", "", "with --manager and --name: form an embedded etcd cluster with these managers (name=http://HOST:PEERPORT,...)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd
 }

@@ -112,20 +112,47 @@ func (m *Manager) admit(ctx context.Context, req hostproto.Register, secret stri
 	return hostproto.Registered{Secret: secret}, nil
 }
 
-// LoadHosts re-creates the registered remote hosts after a manager restart;
-// they show as down until their next heartbeat.
-func (m *Manager) LoadHosts(ctx context.Context) error {
-	kvs, err := m.store.List(ctx, "hosts/")
-	if err != nil {
-		return err
-	}
-	for _, kv := range kvs {
-		var rec hostRecord
-		if json.Unmarshal(kv.Value, &rec) == nil {
+// hostStatusRecord is the latest heartbeat of a host, under "hoststatus/<name>".
+type hostStatusRecord struct {
+	hostproto.Heartbeat
+	Seen time.Time `json:"seen"`
+}
+
+// WatchHosts keeps this manager's view of hosts in step with the store:
+// hosts registered through other managers, and heartbeats they received.
+func (m *Manager) WatchHosts(ctx context.Context) {
+	apply := func(key string, value []byte) {
+		switch {
+		case strings.HasPrefix(key, "hosts/"):
+			var rec hostRecord
+			if json.Unmarshal(value, &rec) != nil {
+				return
+			}
+			if cur, ok := m.hostNamed(rec.Name).(*remotehost.Host); ok && cur.Secret() == rec.Secret && cur.Addr() == rec.Addr {
+				return
+			}
 			m.AddHost(remotehost.New(rec.Name, rec.Addr, rec.Secret))
+		case strings.HasPrefix(key, "hoststatus/"):
+			var st hostStatusRecord
+			if json.Unmarshal(value, &st) != nil {
+				return
+			}
+			if h, ok := m.hostNamed(strings.TrimPrefix(key, "hoststatus/")).(*remotehost.Host); ok {
+				h.HeartbeatAt(st.Heartbeat, st.Seen)
+			}
 		}
 	}
-	return nil
+	for ctx.Err() == nil {
+		rev, err := m.store.Scan(ctx, "host", apply)
+		if err != nil {
+			time.Sleep(time.Second)
+			continue
+		}
+		if err := m.store.Watch(ctx, "host", rev+1, apply); err != nil && ctx.Err() == nil {
+			m.log.Warn("watch hosts", "err", err)
+			time.Sleep(time.Second)
+		}
+	}
 }
 
 // Heartbeat takes a host's heartbeat and the events it carries.
@@ -138,7 +165,15 @@ func (m *Manager) Heartbeat(name, auth string, hb hostproto.Heartbeat) error {
 		return errorf(ErrUnauthorized, "host %s presented a wrong secret: register again", name)
 	}
 	wasDown := h.Info().State != "up"
-	h.Heartbeat(hb)
+	now := time.Now().UTC()
+	h.HeartbeatAt(hb, now)
+	// Share it: every manager answers for every host, whichever one the
+	// host happens to talk to.
+	shared := hb
+	shared.Events = nil
+	if err := m.store.Put(context.Background(), "hoststatus/"+name, hostStatusRecord{Heartbeat: shared, Seen: now}); err != nil {
+		m.log.Warn("share heartbeat", "host", name, "err", err)
+	}
 	if wasDown {
 		m.events.Publish(api.Event{Type: "host.up", Host: name})
 	}

@@ -20,7 +20,7 @@ const maxBody = 1 << 20
 func (m *Manager) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/health", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+		writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "manager": m.name, "leader": m.leader.Load()})
 	})
 	mux.HandleFunc("POST /v1/vms", m.handleCreate)
 	mux.HandleFunc("GET /v1/vms", m.handleList)

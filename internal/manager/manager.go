@@ -12,6 +12,7 @@ import (
 	"io"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vigil-project/vigil/api"
@@ -92,6 +93,9 @@ type Manager struct {
 	locksMu sync.Mutex
 	locks   map[string]*sync.Mutex
 
+	name   string
+	leader atomic.Bool
+
 	// pending maps a VM being recovered to its open incident.
 	pendingMu sync.Mutex
 	pending   map[string]string
@@ -110,6 +114,8 @@ type Config struct {
 	Logger     *slog.Logger
 	Limits     Limits
 	Ports      PortAllocator
+	// Name identifies this manager among several (default "manager").
+	Name string
 }
 
 // New returns a Manager.
@@ -120,13 +126,19 @@ func New(cfg Config) *Manager {
 	if cfg.Ports == nil {
 		cfg.Ports = FreePort
 	}
-	m := &Manager{store: cfg.Store, hosts: newRegistry(), overcommit: cfg.Overcommit, events: cfg.Events, log: cfg.Logger,
+	if cfg.Name == "" {
+		cfg.Name = "manager"
+	}
+	m := &Manager{name: cfg.Name, store: cfg.Store, hosts: newRegistry(), overcommit: cfg.Overcommit, events: cfg.Events, log: cfg.Logger,
 		limits: cfg.Limits, ports: cfg.Ports, locks: map[string]*sync.Mutex{}, pending: map[string]string{}}
 	if cfg.Host != nil {
 		m.AddHost(cfg.Host)
 	}
 	return m
 }
+
+// SetLeader records whether this manager runs the controllers now.
+func (m *Manager) SetLeader(b bool) { m.leader.Store(b) }
 
 // Events is the manager's event broker.
 func (m *Manager) Events() *events.Broker { return m.events }

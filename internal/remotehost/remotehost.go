@@ -45,12 +45,19 @@ func (h *Host) Secret() string { return h.secret }
 // Addr is where the host agent listens.
 func (h *Host) Addr() string { return h.addr }
 
-// Heartbeat records what the host reported.
-func (h *Host) Heartbeat(hb hostproto.Heartbeat) {
+// Heartbeat records what the host reported now.
+func (h *Host) Heartbeat(hb hostproto.Heartbeat) { h.HeartbeatAt(hb, time.Now()) }
+
+// HeartbeatAt records what the host reported at seen (a heartbeat another
+// manager received and shared through the store). Older news is ignored.
+func (h *Host) HeartbeatAt(hb hostproto.Heartbeat, seen time.Time) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if seen.Before(h.lastSeen) {
+		return
+	}
 	h.info = hb.Info
-	h.lastSeen = time.Now()
+	h.lastSeen = seen
 	h.statuses = make(map[string]hostproto.VMStatus, len(hb.Statuses))
 	for _, s := range hb.Statuses {
 		h.statuses[s.Name] = s

@@ -9,6 +9,8 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"sort"
+	"strings"
 	"time"
 
 	"github.com/vigil-project/vigil/internal/atomicfile"
@@ -124,4 +126,67 @@ func freePort() (int, error) {
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// ClusterConfig makes an embedded etcd one member of a cluster of managers.
+type ClusterConfig struct {
+	// Name is this member's name; it must appear in Peers.
+	Name string
+	// Peers maps every member's name to its peer URL (http://host:port).
+	Peers map[string]string
+}
+
+// StartEmbeddedMember starts this manager's member of an embedded etcd
+// cluster. The call returns once the cluster has a quorum, so the members
+// must be started together (in any order) the first time.
+func StartEmbeddedMember(ctx context.Context, dir string, cc ClusterConfig, log *slog.Logger) (*Embedded, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	self, ok := cc.Peers[cc.Name]
+	if !ok {
+		return nil, fmt.Errorf("member %s is not in the etcd peers %v: add %s=http://HOST:PORT to --etcd-peers", cc.Name, cc.Peers, cc.Name)
+	}
+	pu, err := url.Parse(self)
+	if err != nil {
+		return nil, fmt.Errorf("peer url %q of %s: %w", self, cc.Name, err)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create etcd dir: %w", err)
+	}
+	u, err := loadURLs(filepath.Join(dir, "urls.json"))
+	if err != nil {
+		return nil, err
+	}
+	cu, _ := url.Parse(u.Client)
+	cfg := embed.NewConfig()
+	cfg.Name = cc.Name
+	cfg.Dir = filepath.Join(dir, "data")
+	cfg.ListenClientUrls = []url.URL{*cu}
+	cfg.AdvertiseClientUrls = []url.URL{*cu}
+	cfg.ListenPeerUrls = []url.URL{*pu}
+	cfg.AdvertisePeerUrls = []url.URL{*pu}
+	var parts []string
+	for name, p := range cc.Peers {
+		parts = append(parts, name+"="+p)
+	}
+	sort.Strings(parts)
+	cfg.InitialCluster = strings.Join(parts, ",")
+	cfg.InitialClusterToken = "vigil"
+	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
+	e, err := embed.StartEtcd(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("start etcd member %s in %s: %w", cc.Name, dir, err)
+	}
+	select {
+	case <-e.Server.ReadyNotify():
+	case err := <-e.Err():
+		e.Close()
+		return nil, fmt.Errorf("etcd member %s: %w", cc.Name, err)
+	case <-ctx.Done():
+		e.Close()
+		return nil, ctx.Err()
+	}
+	log.Info("etcd member ready", "member", cc.Name, "cluster", cfg.InitialCluster)
+	return &Embedded{etcd: e, cli: v3client.New(e.Server)}, nil
 }

@@ -135,6 +135,36 @@ func (s *Store) List(ctx context.Context, prefix string) ([]KV, error) {
 	return out, nil
 }
 
+// Scan calls f for every key under prefix (key without the store's
+// prefix) and returns the revision it read at.
+func (s *Store) Scan(ctx context.Context, prefix string, f func(key string, value []byte)) (int64, error) {
+	resp, err := s.cli.Get(ctx, s.key(prefix), clientv3.WithPrefix())
+	if err != nil {
+		return 0, fmt.Errorf("scan %s: %w", prefix, err)
+	}
+	for _, kv := range resp.Kvs {
+		f(string(kv.Key[len(s.prefix):]), kv.Value)
+	}
+	return resp.Header.Revision, nil
+}
+
+// Watch calls f for every put under prefix from revision rev on, until ctx
+// ends or the watch fails.
+func (s *Store) Watch(ctx context.Context, prefix string, rev int64, f func(key string, value []byte)) error {
+	wch := s.cli.Watch(clientv3.WithRequireLeader(ctx), s.key(prefix), clientv3.WithPrefix(), clientv3.WithRev(rev))
+	for resp := range wch {
+		if err := resp.Err(); err != nil {
+			return fmt.Errorf("watch %s: %w", prefix, err)
+		}
+		for _, ev := range resp.Events {
+			if ev.Type == clientv3.EventTypePut {
+				f(string(ev.Kv.Key[len(s.prefix):]), ev.Kv.Value)
+			}
+		}
+	}
+	return ctx.Err()
+}
+
 // KV is one listed entry.
 type KV struct {
 	Key      string
