@@ -65,6 +65,27 @@ func (a *Agent) SnapshotCreate(ctx context.Context, name, snap string, memory bo
 		return SaveResult{Duration: time.Since(start)}, nil
 	}
 
+	res, err := v.liveSnapshot(ctx, p, snap, runState, diskSnap)
+	if err != nil && strings.Contains(err.Error(), "does not support internal snapshots") {
+		// Seen once under heavy load: the image was left inactive by the
+		// previous save although the guest had been continued. A cont
+		// re-activates every image (QEMU's qmp_cont); then try once more.
+		v.log.Warn("disk image inactive at snapshot; re-activating and retrying", "snapshot", snap)
+		if runState != "paused" {
+			p.Monitor.Cont(ctx)
+		}
+		res, err = v.liveSnapshot(ctx, p, snap, runState, diskSnap)
+	}
+	if err != nil {
+		return SaveResult{}, err
+	}
+	res.Duration = time.Since(start)
+	return res, nil
+}
+
+// liveSnapshot saves memory live and freezes the disk at switchover.
+func (v *vm) liveSnapshot(ctx context.Context, p *qemu.Process, snap, runState string, diskSnap func(context.Context) error) (SaveResult, error) {
+	name := v.spec.Name
 	events, unsubscribe := p.Monitor.Subscribe()
 	defer unsubscribe()
 	w, err := v.createStateFile(v.snapshotFile(snap), statefile.KindSnapshot)
@@ -102,7 +123,7 @@ func (a *Agent) SnapshotCreate(ctx context.Context, name, snap string, memory bo
 		}
 		return SaveResult{}, fmt.Errorf("snapshot %s of %s: %w", snap, name, err)
 	}
-	return SaveResult{Path: v.snapshotFile(snap), Bytes: stats.Bytes, Duration: time.Since(start), Paused: pausedFor(events)}, nil
+	return SaveResult{Path: v.snapshotFile(snap), Bytes: stats.Bytes, Paused: pausedFor(events)}, nil
 }
 
 // pausedFor measures from QEMU's own STOP and RESUME event timestamps how
