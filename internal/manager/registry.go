@@ -77,10 +77,13 @@ func (r *registry) candidates(rs []storedRecord) []candidate {
 	}
 	for _, s := range rs {
 		if c, ok := byName[s.rec.Host]; ok {
-			// Every defined VM keeps its reservation, running or not: a
-			// stopped VM must be able to start again where it lives.
+			// Memory is reserved for every defined VM, running or not: a
+			// stopped VM must be able to start again where it lives. vCPUs
+			// are time-shared and only count while the VM is meant to run.
 			c.usedMemory += s.rec.Spec.MemoryBytes
-			c.usedCPUs += s.rec.Spec.CPUs
+			if s.rec.Desired == desiredRunning || s.rec.Desired == desiredPaused {
+				c.usedCPUs += s.rec.Spec.CPUs
+			}
 		}
 	}
 	for _, c := range byName {
