@@ -1,5 +1,7 @@
 # Vigil: `make run` and `make test` work on a fresh Debian machine.
 SHELL := /bin/bash
+# Go from /usr/local/go (the official tarball) when it is not on PATH.
+export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 BIN := bin
 DATA_DIR ?= $(shell if [ "$$(id -u)" = 0 ]; then echo /var/lib/vigil; else echo $${XDG_STATE_HOME:-$$HOME/.local/state}/vigil; fi)
