@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -76,11 +75,6 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	if err := os.MkdirAll(cfg.DataDir, 0o755); err != nil {
 		return fmt.Errorf("create data dir %s: %w", cfg.DataDir, err)
 	}
-	img, err := ensureImage(ctx, cfg)
-	if err != nil {
-		return err
-	}
-
 	// Listen first: a taken port is the most common start-up failure and
 	// should be reported before anything else is started.
 	ln, err := net.Listen("tcp", cfg.Listen)
@@ -89,80 +83,86 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	}
 	defer ln.Close()
 
+	var mgr *manager.Manager
+	host, err := newHostAgent(ctx, hostSetup{name: cfg.HostName, dataDir: cfg.DataDir, accel: cfg.Accel, imageDir: cfg.ImageDir,
+		guestAgent: cfg.GuestAgent, progress: cfg.Progress, log: log,
+		notify: func(e hostproto.Event) {
+			if mgr != nil {
+				mgr.HandleHostEvent(e)
+			}
+		}})
+	if err != nil {
+		return err
+	}
+
 	etcd, err := store.StartEmbedded(ctx, filepath.Join(cfg.DataDir, "etcd"), log)
 	if err != nil {
 		return err
 	}
 	defer etcd.Close()
-	st := store.New(etcd.Client(), "/vigil/")
 	broker := events.New(1000)
-
-	var mgr *manager.Manager
-	host, err := hostagent.New(hostagent.Config{
-		Name: cfg.HostName, DataDir: filepath.Join(cfg.DataDir, "host"), Accel: cfg.Accel,
-		Image:  hostagent.Image{Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: img.Cmdline},
-		Logger: log,
-		Notify: func(e hostproto.Event) {
-			if mgr != nil {
-				mgr.HandleHostEvent(e)
-			}
-		},
-	})
-	if err != nil {
-		return err
-	}
 	info := host.Info()
 	mgr = manager.New(manager.Config{Name: cfg.HostName,
-		Store: st, Host: host, Events: broker, Logger: log,
+		Store: store.New(etcd.Client(), "/vigil/"), Host: host, Events: broker, Logger: log,
 		Limits: manager.Limits{MaxMemoryBytes: info.MemoryBytes, MaxCPUs: max(64, 4*runtime.NumCPU())},
 	})
+	// Adopt surviving QEMUs only now, so their events reach the manager.
 	if err := host.Recover(ctx); err != nil {
 		return err
 	}
-
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	hostDone := make(chan error, 1)
 	hostCtx, stopHost := context.WithCancel(context.Background())
-	defer stopHost()
+	hostDone := make(chan error, 1)
 	go func() { hostDone <- host.Run(hostCtx) }()
 
-	srv := &http.Server{Handler: mgr.Handler(), ReadHeaderTimeout: 10 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
-	srvDone := make(chan error, 1)
-	go func() { srvDone <- srv.Serve(ln) }()
-	mgr.SetLeader(true) // the only manager there is
-	go mgr.Run(ctx, cfg.Reconcile)
-	broker.Publish(api.Event{Type: "host.up", Host: cfg.HostName, Message: fmt.Sprintf("accel %s, %d cpus", info.Accel, info.CPUs)})
-	log.Info("vigil agent ready", "api", "http://"+ln.Addr().String(), "data_dir", cfg.DataDir, "host", cfg.HostName, "accel", info.Accel)
-	if cfg.Ready != nil {
-		cfg.Ready(ln.Addr().String())
+	ready := func(addr string) {
+		broker.Publish(api.Event{Type: "host.up", Host: cfg.HostName, Message: fmt.Sprintf("accel %s, %d cpus", info.Accel, info.CPUs)})
+		log.Info("vigil agent ready", "api", "http://"+addr, "data_dir", cfg.DataDir, "host", cfg.HostName, "accel", info.Accel)
+		if cfg.Ready != nil {
+			cfg.Ready(addr)
+		}
 	}
-
-	select {
-	case <-ctx.Done():
-	case err = <-srvDone:
-		err = fmt.Errorf("api server: %w", err)
-	case err = <-hostDone:
-		err = fmt.Errorf("host agent: %w", err)
+	controllers := func(ctx context.Context) {
+		mgr.SetLeader(true) // the only manager there is
+		mgr.Run(ctx, cfg.Reconcile)
 	}
-	shutCtx, c2 := context.WithTimeout(context.Background(), 5*time.Second)
-	srv.Shutdown(shutCtx)
-	c2()
+	err = serve(ctx, ln, mgr, log, ready, controllers)
 	stopHost()
 	<-hostDone
 	log.Info("vigil agent stopped; virtual machines keep running")
 	return err
 }
 
-func ensureImage(ctx context.Context, cfg DevConfig) (*guestimage.Image, error) {
-	img, err := guestimage.Load(cfg.ImageDir)
+// hostSetup is what a host agent needs, in dev and in host mode alike.
+type hostSetup struct {
+	name, dataDir, accel, imageDir, guestAgent string
+	progress                                   func(string)
+	log                                        *slog.Logger
+	notify                                     func(hostproto.Event)
+}
+
+// newHostAgent makes sure the guest image exists and creates the host
+// agent over dataDir/host. Recover and Run are the caller's.
+func newHostAgent(ctx context.Context, s hostSetup) (*hostagent.Agent, error) {
+	img, err := ensureImage(ctx, s.imageDir, s.guestAgent, s.progress)
+	if err != nil {
+		return nil, err
+	}
+	return hostagent.New(hostagent.Config{
+		Name: s.name, DataDir: filepath.Join(s.dataDir, "host"), Accel: s.accel,
+		Image:  hostagent.Image{Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: img.Cmdline},
+		Logger: s.log, Notify: s.notify,
+	})
+}
+
+func ensureImage(ctx context.Context, dir, guestAgent string, progress func(string)) (*guestimage.Image, error) {
+	img, err := guestimage.Load(dir)
 	if err == nil {
 		return img, nil
 	}
 	if !errors.Is(err, guestimage.ErrNotBuilt) {
-		return nil, fmt.Errorf("guest image in %s: %w (rebuild it with 'vigil image build')", cfg.ImageDir, err)
+		return nil, fmt.Errorf("guest image in %s: %w (rebuild it with 'vigil image build')", dir, err)
 	}
-	return BuildImage(ctx, cfg.ImageDir, cfg.GuestAgent, cfg.Progress)
+	return BuildImage(ctx, dir, guestAgent, progress)
 }
 
 // BuildImage builds (or reuses) the guest image in dir with the given

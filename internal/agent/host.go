@@ -52,10 +52,6 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 	if err := os.MkdirAll(cfg.DataDir, 0o755); err != nil {
 		return fmt.Errorf("create data dir %s: %w", cfg.DataDir, err)
 	}
-	img, err := ensureImage(ctx, DevConfig{ImageDir: cfg.ImageDir, GuestAgent: cfg.GuestAgent, Progress: cfg.Progress})
-	if err != nil {
-		return err
-	}
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w (use --listen to pick another address)", cfg.Listen, err)
@@ -63,11 +59,8 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 	defer ln.Close()
 
 	out := &outbox{wake: make(chan struct{}, 1)}
-	host, err := hostagent.New(hostagent.Config{
-		Name: cfg.Name, DataDir: filepath.Join(cfg.DataDir, "host"), Accel: cfg.Accel,
-		Image:  hostagent.Image{Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: img.Cmdline},
-		Logger: log, Notify: out.add,
-	})
+	host, err := newHostAgent(ctx, hostSetup{name: cfg.Name, dataDir: cfg.DataDir, accel: cfg.Accel, imageDir: cfg.ImageDir,
+		guestAgent: cfg.GuestAgent, progress: cfg.Progress, log: log, notify: out.add})
 	if err != nil {
 		return err
 	}

@@ -205,21 +205,11 @@ func newVMStateCmd(g *globals, action api.Action, short string) *cobra.Command {
 		Args:              cobra.ExactArgs(1),
 		ValidArgsFunction: completeVMs(g),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c := g.client()
 			req := api.VMStateRequest{Action: action, Force: force}
 			if timeout > 0 {
 				req.TimeoutSeconds = int((timeout + time.Second - 1) / time.Second)
 			}
-			vm, err := c.ChangeState(cmd.Context(), args[0], req)
-			if err != nil {
-				return err
-			}
-			if wait {
-				if vm, err = c.WaitGuest(cmd.Context(), vm.Name); err != nil {
-					return err
-				}
-			}
-			return g.printVM(vm)
+			return g.changeState(cmd, args[0], req, wait)
 		},
 	}
 	if action != api.ActionStart {
@@ -232,6 +222,26 @@ func newVMStateCmd(g *globals, action api.Action, short string) *cobra.Command {
 	return cmd
 }
 
+// changeState asks for a state change (showing progress of long saves and
+// restores), optionally waits for the guest agent, and prints the VM.
+func (g *globals) changeState(cmd *cobra.Command, name string, req api.VMStateRequest, wait bool) error {
+	c := g.client()
+	var vm api.VM
+	err := g.withProgress(cmd.Context(), name, func() (err error) {
+		vm, err = c.ChangeState(cmd.Context(), name, req)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	if wait {
+		if vm, err = c.WaitGuest(cmd.Context(), vm.Name); err != nil {
+			return err
+		}
+	}
+	return g.printVM(vm)
+}
+
 func newVMPauseCmd(g *globals) *cobra.Command {
 	var toDisk bool
 	cmd := &cobra.Command{
@@ -240,15 +250,7 @@ func newVMPauseCmd(g *globals) *cobra.Command {
 		Args:              cobra.ExactArgs(1),
 		ValidArgsFunction: completeVMs(g),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var vm api.VM
-			err := g.withProgress(cmd.Context(), args[0], func() (err error) {
-				vm, err = g.client().ChangeState(cmd.Context(), args[0], api.VMStateRequest{Action: api.ActionPause, ToDisk: toDisk})
-				return err
-			})
-			if err != nil {
-				return err
-			}
-			return g.printVM(vm)
+			return g.changeState(cmd, args[0], api.VMStateRequest{Action: api.ActionPause, ToDisk: toDisk}, false)
 		},
 	}
 	cmd.Flags().BoolVar(&toDisk, "to-disk", false, "save memory, devices and CPU state to a state file and end QEMU (state suspended)")
@@ -263,21 +265,7 @@ func newVMResumeCmd(g *globals) *cobra.Command {
 		Args:              cobra.ExactArgs(1),
 		ValidArgsFunction: completeVMs(g),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c := g.client()
-			var vm api.VM
-			err := g.withProgress(cmd.Context(), args[0], func() (err error) {
-				vm, err = c.ChangeState(cmd.Context(), args[0], api.VMStateRequest{Action: api.ActionResume, DiscardState: discard})
-				return err
-			})
-			if err != nil {
-				return err
-			}
-			if wait {
-				if vm, err = c.WaitGuest(cmd.Context(), vm.Name); err != nil {
-					return err
-				}
-			}
-			return g.printVM(vm)
+			return g.changeState(cmd, args[0], api.VMStateRequest{Action: api.ActionResume, DiscardState: discard}, wait)
 		},
 	}
 	cmd.Flags().BoolVar(&discard, "discard-state", false, "delete the saved state and cold-boot from the disk instead")
