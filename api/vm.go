@@ -58,13 +58,23 @@ type RecoveryPolicy struct {
 type Incident struct {
 	ID          string     `json:"id"`
 	VM          string     `json:"vm"`
-	Kind        string     `json:"kind"` // exit, panic or hang
+	Kind        string     `json:"kind"` // exit, panic, hang or host-failure
 	DetectedAt  time.Time  `json:"detected_at"`
 	Action      string     `json:"action"` // restart, none, gave-up
 	RecoveredAt *time.Time `json:"recovered_at,omitempty"`
 	// RecoveredInMS is from detection to the restarted guest's first heartbeat.
 	RecoveredInMS float64  `json:"recovered_in_ms,omitempty"`
 	Evidence      Evidence `json:"evidence"`
+	// Timeline of a host failure: last heartbeat, declared dead, fencing,
+	// restarted on, guest back.
+	Timeline []TimelineEntry `json:"timeline,omitempty"`
+}
+
+// TimelineEntry is one step of an incident.
+type TimelineEntry struct {
+	Time   time.Time `json:"time"`
+	Event  string    `json:"event"`
+	Detail string    `json:"detail,omitempty"`
 }
 
 // Evidence is what the host saw when it judged.
@@ -169,6 +179,11 @@ type Host struct {
 	VMs           int       `json:"vms"`
 	QEMUVersion   string    `json:"qemu_version"`
 	LastHeartbeat time.Time `json:"last_heartbeat"`
+	// StoragePool is the id of the shared storage pool the host mounts;
+	// VMs on it can be restarted or migrated to any host with the same pool.
+	StoragePool string `json:"storage_pool,omitempty"`
+	// Drained hosts take no new VMs (see 'vigil host drain').
+	Drained bool `json:"drained,omitempty"`
 }
 
 // Event is one entry of the event stream (GET /v1/events).

@@ -22,11 +22,16 @@ import (
 
 // HostConfig configures `vigil agent --host`.
 type HostConfig struct {
-	Name       string
-	DataDir    string
-	Listen     string   // where the managers reach this host agent
-	Managers   []string // manager URLs, tried in turn
-	JoinToken  string
+	Name      string
+	DataDir   string
+	Listen    string   // where the managers reach this host agent
+	Managers  []string // manager URLs, tried in turn
+	JoinToken string
+	// StoragePool is the shared directory for VM disks (see hostagent.Config).
+	StoragePool string
+	// FenceAfter is how long the host may go without any manager before it
+	// kills its VMs (default DefaultFenceAfter).
+	FenceAfter time.Duration
 	Accel      string
 	ImageDir   string
 	GuestAgent string
@@ -49,6 +54,12 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 	if cfg.ImageDir == "" {
 		cfg.ImageDir = filepath.Join(cfg.DataDir, "images", "default")
 	}
+	if cfg.FenceAfter == 0 {
+		cfg.FenceAfter = DefaultFenceAfter
+	}
+	if cfg.FenceAfter < 2*time.Second {
+		return fmt.Errorf("fence time %s is too short: heartbeats go every second, use at least 2s", cfg.FenceAfter)
+	}
 	if err := os.MkdirAll(cfg.DataDir, 0o755); err != nil {
 		return fmt.Errorf("create data dir %s: %w", cfg.DataDir, err)
 	}
@@ -60,7 +71,7 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 
 	out := &outbox{wake: make(chan struct{}, 1)}
 	host, err := newHostAgent(ctx, hostSetup{name: cfg.Name, dataDir: cfg.DataDir, accel: cfg.Accel, imageDir: cfg.ImageDir,
-		guestAgent: cfg.GuestAgent, progress: cfg.Progress, log: log, notify: out.add})
+		guestAgent: cfg.GuestAgent, progress: cfg.Progress, log: log, notify: out.add, storagePool: cfg.StoragePool})
 	if err != nil {
 		return err
 	}
@@ -68,7 +79,7 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 		return err
 	}
 	j := &joiner{cfg: cfg, log: log.With("host", cfg.Name), addr: ln.Addr().String(), host: host, out: out,
-		secretPath: filepath.Join(cfg.DataDir, "host-secret"), http: &http.Client{Timeout: 5 * time.Second}}
+		secretPath: filepath.Join(cfg.DataDir, "host-secret"), http: &http.Client{Timeout: 2 * time.Second}, lastAck: time.Now()}
 	j.loadSecret()
 
 	srv := &http.Server{Handler: host.Handler(j.currentSecret), ReadHeaderTimeout: 10 * time.Second}
@@ -79,6 +90,7 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 	if cfg.Ready != nil {
 		cfg.Ready(ln.Addr().String())
 	}
+	go j.watchdog(ctx)
 	runErr := j.run(ctx)
 
 	shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -134,7 +146,63 @@ type joiner struct {
 
 	mu      sync.Mutex
 	secret  string
-	manager int // index of the manager URL in use
+	manager int       // index of the manager URL in use
+	lastAck time.Time // when a manager last took a heartbeat
+
+	// fenceMu is held while fencing, so nothing talks to a manager before
+	// the host's VMs are dead.
+	fenceMu sync.Mutex
+	fenced  bool
+}
+
+// DefaultFenceAfter is how long a host agent goes without any manager
+// before it kills its VMs. Managers wait longer (manager.DefaultHostDeadAfter)
+// before they restart those VMs elsewhere.
+const DefaultFenceAfter = 5 * time.Second
+
+// fenceIfCut kills the host's VMs once no manager has taken a heartbeat for
+// the fencing time. It runs before every contact with a manager and from
+// the watchdog: after a SIGSTOP (or a frozen VM) the first thing the host
+// does is to fence, not to report VMs that may already run elsewhere.
+func (j *joiner) fenceIfCut(reason string) {
+	j.fenceMu.Lock()
+	defer j.fenceMu.Unlock()
+	j.mu.Lock()
+	silent := time.Since(j.lastAck)
+	j.mu.Unlock()
+	if j.fenced || (reason == "" && silent <= j.cfg.FenceAfter) {
+		return
+	}
+	if reason == "" {
+		reason = fmt.Sprintf("no manager answered for %s (fence time %s)", silent.Round(100*time.Millisecond), j.cfg.FenceAfter)
+	}
+	n := j.host.Fence(reason)
+	j.fenced = true
+	j.log.Warn("fenced: killed this host's vms", "vms", n, "reason", reason)
+}
+
+// acked records a heartbeat a manager took.
+func (j *joiner) acked() {
+	j.fenceMu.Lock()
+	j.fenced = false
+	j.fenceMu.Unlock()
+	j.mu.Lock()
+	j.lastAck = time.Now()
+	j.mu.Unlock()
+}
+
+// watchdog fences even while a heartbeat call hangs.
+func (j *joiner) watchdog(ctx context.Context) {
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			j.fenceIfCut("")
+		}
+	}
 }
 
 func (j *joiner) currentSecret() string {
@@ -168,6 +236,7 @@ func (j *joiner) run(ctx context.Context) error {
 	defer t.Stop()
 	registered := false
 	for ctx.Err() == nil {
+		j.fenceIfCut("")
 		if !registered {
 			err := j.register(ctx)
 			switch {
@@ -183,6 +252,13 @@ func (j *joiner) run(ctx context.Context) error {
 		if registered {
 			switch err := j.heartbeat(ctx); {
 			case errors.Is(err, errUnauthorized):
+				registered = false
+				continue
+			case errors.Is(err, errDeclaredDead):
+				// Its VMs may run elsewhere by now: kill ours, let the
+				// sweep drop what others own, and join again, clean.
+				j.fenceIfCut(err.Error())
+				j.host.Sweep()
 				registered = false
 				continue
 			case err != nil:
@@ -202,6 +278,7 @@ func (j *joiner) run(ctx context.Context) error {
 var (
 	errUnauthorized = errors.New("the manager does not know this host")
 	errRefused      = errors.New("the manager refused this host")
+	errDeclaredDead = errors.New("the managers declared this host dead")
 )
 
 func (j *joiner) post(ctx context.Context, path string, body, out any, auth string) error {
@@ -221,6 +298,9 @@ func (j *joiner) post(ctx context.Context, path string, body, out any, auth stri
 	defer resp.Body.Close()
 	if resp.StatusCode == http.StatusUnauthorized && path != "/v1/hosts/register" {
 		return errUnauthorized
+	}
+	if resp.StatusCode == http.StatusGone {
+		return errDeclaredDead
 	}
 	if resp.StatusCode == http.StatusUnauthorized {
 		var e struct {
@@ -250,10 +330,11 @@ func (j *joiner) register(ctx context.Context) error {
 		tok = s
 	}
 	var reg hostproto.Registered
-	err := j.post(ctx, "/v1/hosts/register", hostproto.Register{Name: j.cfg.Name, Token: tok, Addr: j.addr, Info: j.host.Info()}, &reg, "")
+	fence := j.cfg.FenceAfter.Milliseconds()
+	err := j.post(ctx, "/v1/hosts/register", hostproto.Register{Name: j.cfg.Name, Token: tok, Addr: j.addr, Info: j.host.Info(), FenceAfterMS: fence}, &reg, "")
 	if err != nil && tok != j.cfg.JoinToken && j.cfg.JoinToken != "" {
 		// The manager forgot us (a new cluster): try the join token.
-		err = j.post(ctx, "/v1/hosts/register", hostproto.Register{Name: j.cfg.Name, Token: j.cfg.JoinToken, Addr: j.addr, Info: j.host.Info()}, &reg, "")
+		err = j.post(ctx, "/v1/hosts/register", hostproto.Register{Name: j.cfg.Name, Token: j.cfg.JoinToken, Addr: j.addr, Info: j.host.Info(), FenceAfterMS: fence}, &reg, "")
 	}
 	if err != nil {
 		return err
@@ -275,5 +356,6 @@ func (j *joiner) heartbeat(ctx context.Context) error {
 		j.out.putBack(ev)
 		return err
 	}
+	j.acked()
 	return nil
 }

@@ -35,6 +35,8 @@ type ManagerConfig struct {
 	EtcdPeers map[string]string
 	Logger    *slog.Logger
 	Ready     func(addr string)
+	// HostDeadAfter: see manager.Config.
+	HostDeadAfter time.Duration
 }
 
 // RunManager runs a manager (API, controllers, store) with no host of its
@@ -79,7 +81,7 @@ func RunManager(ctx context.Context, cfg ManagerConfig) error {
 		defer etcd.Close()
 		cli = etcd.Client()
 	}
-	mgr := manager.New(manager.Config{Store: store.New(cli, "/vigil/"), Events: events.New(1000), Logger: log, Name: cfg.Name})
+	mgr := manager.New(manager.Config{Store: store.New(cli, "/vigil/"), Events: events.New(1000), Logger: log, Name: cfg.Name, HostDeadAfter: cfg.HostDeadAfter})
 	go mgr.WatchHosts(ctx)
 	return serve(ctx, ln, mgr, log, cfg.Ready, func(ctx context.Context) { lead(ctx, cli, cfg.Name, mgr, log) })
 }
@@ -107,6 +109,7 @@ func lead(ctx context.Context, cli *clientv3.Client, name string, mgr *manager.M
 		lctx, cancel := context.WithCancel(ctx)
 		mgr.SetLeader(true)
 		go mgr.Run(lctx, 2*time.Second)
+		go mgr.WatchHostFailures(lctx)
 		select {
 		case <-ctx.Done():
 		case <-sess.Done():

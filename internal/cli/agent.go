@@ -9,16 +9,19 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/vigil-project/vigil/internal/agent"
+	"github.com/vigil-project/vigil/internal/manager"
 )
 
 func newAgentCmd(g *globals) *cobra.Command {
 	var cfg agent.DevConfig
 	var dev, isHost bool
-	var logLevel, managerFlag, managers, joinToken, etcdEndpoints, etcdPeers string
+	var logLevel, managerFlag, managers, joinToken, etcdEndpoints, etcdPeers, storagePool string
+	var fenceAfter, deadAfter time.Duration
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run a Vigil agent: --dev (all in one), --manager, or --host",
@@ -75,7 +78,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 					return fmt.Errorf("use either --etcd-peers (embedded cluster) or --etcd-endpoints (external etcd), not both")
 				}
 				return agent.RunManager(ctx, agent.ManagerConfig{Listen: cfg.Listen, DataDir: cfg.DataDir, Name: cfg.HostName,
-					EtcdEndpoints: splitList(etcdEndpoints), EtcdPeers: peers, Logger: log})
+					EtcdEndpoints: splitList(etcdEndpoints), EtcdPeers: peers, Logger: log, HostDeadAfter: deadAfter})
 			case isHost:
 				if cfg.HostName == "" {
 					return fmt.Errorf("--host needs --name")
@@ -86,7 +89,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 				}
 				return agent.RunHost(ctx, agent.HostConfig{Name: cfg.HostName, DataDir: cfg.DataDir, Listen: listen,
 					Managers: splitList(managers), JoinToken: joinToken, Accel: cfg.Accel, ImageDir: cfg.ImageDir,
-					GuestAgent: cfg.GuestAgent, Progress: progress, Logger: log})
+					GuestAgent: cfg.GuestAgent, Progress: progress, Logger: log, StoragePool: storagePool, FenceAfter: fenceAfter})
 			}
 			cfg.Logger = log
 			cfg.Progress = progress
@@ -116,6 +119,9 @@ func newAgentCmd(g *globals) *cobra.Command {
 	f.StringVar(&joinToken, "join-token", envOr("VIGIL_JOIN_TOKEN", ""), "with --host: a token from 'vigil host join-token' (env VIGIL_JOIN_TOKEN)")
 	f.StringVar(&etcdEndpoints, "etcd-endpoints", "", "with --manager: an external etcd cluster (comma-separated URLs) instead of the embedded one")
 	f.StringVar(&etcdPeers, "etcd-peers", "", "with --manager and --name: form an embedded etcd cluster with these managers (name=http://HOST:PEERPORT,...)")
+	f.StringVar(&storagePool, "storage-pool", envOr("VIGIL_STORAGE_POOL", ""), "with --host: a directory every host of the pool mounts (NFS, CephFS, or shared on one machine) for VM disks and state, so VMs can move between hosts (env VIGIL_STORAGE_POOL)")
+	f.DurationVar(&fenceAfter, "fence-after", agent.DefaultFenceAfter, "with --host: kill this host's VMs after this long without any manager")
+	f.DurationVar(&deadAfter, "host-dead-after", manager.DefaultHostDeadAfter, "with --manager: declare a host dead (and restart its VMs elsewhere) after this long without heartbeats; must exceed every host's --fence-after by 2s")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd
 }

@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/vigil-project/vigil/api"
-	"github.com/vigil-project/vigil/internal/atomicfile"
 	"github.com/vigil-project/vigil/internal/hostproto"
 	"github.com/vigil-project/vigil/internal/qemu"
 )
@@ -36,10 +35,14 @@ type Image struct {
 // Config configures an Agent.
 type Config struct {
 	Name    string
-	DataDir string // VM directories live under DataDir/vms
-	Accel   string // auto, kvm or tcg
-	Image   Image
-	Logger  *slog.Logger
+	DataDir string // VM run directories (sockets, pid, spec) live under DataDir/vms
+	// StoragePool, if set, is a directory every host of the pool mounts
+	// (NFS, CephFS, or a shared directory on one machine): VM disks, saved
+	// states and snapshots go there, so another host can take the VM over.
+	StoragePool string
+	Accel       string // auto, kvm or tcg
+	Image       Image
+	Logger      *slog.Logger
 	// Notify receives every host event. It is called from the agent's
 	// goroutines and must not block for long.
 	Notify func(hostproto.Event)
@@ -51,6 +54,7 @@ type Agent struct {
 	accel   string
 	qemuBin string
 	qemuVer string
+	poolID  string
 	log     *slog.Logger
 
 	mu  sync.Mutex
@@ -81,6 +85,11 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a := &Agent{cfg: cfg, accel: accel, qemuBin: bin, qemuVer: qemu.BinaryVersion(bin),
 		log: cfg.Logger.With("host", cfg.Name), vms: map[string]*vm{}}
+	if cfg.StoragePool != "" {
+		if a.poolID, err = openPool(cfg.StoragePool); err != nil {
+			return nil, err
+		}
+	}
 	return a, nil
 }
 
@@ -101,6 +110,7 @@ func (a *Agent) Info() api.Host {
 		VMs:           n,
 		QEMUVersion:   a.qemuVer,
 		LastHeartbeat: time.Now().UTC(),
+		StoragePool:   a.poolID,
 	}
 }
 
@@ -114,6 +124,17 @@ func (a *Agent) Recover(ctx context.Context) error {
 // Run supervises until ctx ends. On return QEMU processes are left running:
 // stopping the agent never stops the VMs.
 func (a *Agent) Run(ctx context.Context) error {
+	if a.poolID != "" {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for ctx.Err() == nil {
+			select {
+			case <-ctx.Done():
+			case <-t.C:
+				a.Sweep()
+			}
+		}
+	}
 	<-ctx.Done()
 	a.mu.Lock()
 	for _, v := range a.vms {
@@ -125,6 +146,15 @@ func (a *Agent) Run(ctx context.Context) error {
 }
 
 func (a *Agent) vmDir(name string) string { return filepath.Join(a.cfg.DataDir, "vms", name) }
+
+// storeDir holds a VM's disk, saved state and snapshots: in the pool for a
+// pooled VM, else next to its run files.
+func (a *Agent) storeDir(spec hostproto.VMSpec) string {
+	if spec.Pool != "" && a.cfg.StoragePool != "" {
+		return filepath.Join(a.cfg.StoragePool, "vms", spec.Name)
+	}
+	return a.vmDir(spec.Name)
+}
 
 // loadAndAdopt reads each VM's spec.json and reconnects to live QEMUs.
 func (a *Agent) loadAndAdopt(ctx context.Context) error {
@@ -140,6 +170,10 @@ func (a *Agent) loadAndAdopt(ctx context.Context) error {
 		b, err := os.ReadFile(filepath.Join(a.vmDir(e.Name()), "spec.json"))
 		if err != nil || json.Unmarshal(b, &spec) != nil {
 			a.log.Warn("skipping vm directory without a valid spec", "dir", a.vmDir(e.Name()))
+			continue
+		}
+		if spec.Pool != "" && spec.Pool != a.poolID {
+			a.log.Error("vm's storage pool is not mounted here: start the host agent with its --storage-pool", "vm", spec.Name, "pool", spec.Pool)
 			continue
 		}
 		v := a.newVM(spec)
@@ -162,15 +196,16 @@ func (a *Agent) loadAndAdopt(ctx context.Context) error {
 }
 
 func (a *Agent) newVM(spec hostproto.VMSpec) *vm {
-	dir := a.vmDir(spec.Name)
+	dir, store := a.vmDir(spec.Name), a.storeDir(spec)
 	cmdline := a.cfg.Image.Cmdline + " vigil.name=" + spec.Name
 	return &vm{
-		agent: a,
-		spec:  spec,
+		agent:    a,
+		spec:     spec,
+		storeDir: store,
 		machine: qemu.Machine{
 			Name: spec.Name, UUID: spec.UUID, MemoryBytes: spec.MemoryBytes, CPUs: spec.CPUs,
 			Accel: a.accel, Kernel: a.cfg.Image.Kernel, Initrd: a.cfg.Image.Initrd, Cmdline: cmdline,
-			Disk: filepath.Join(dir, "disk.qcow2"), HostPort: spec.HostPort, Dir: dir,
+			Disk: filepath.Join(store, "disk.qcow2"), HostPort: spec.HostPort, Dir: dir,
 		},
 		log: a.log.With("vm", spec.Name),
 	}
@@ -203,12 +238,16 @@ func (a *Agent) Create(ctx context.Context, spec hostproto.VMSpec) (err error) {
 	a.mu.Unlock()
 
 	dir := a.vmDir(spec.Name)
+	madeStore := false
 	defer func() {
 		a.mu.Lock()
 		defer a.mu.Unlock()
 		if err != nil {
 			delete(a.vms, spec.Name)
 			os.RemoveAll(dir)
+			if madeStore {
+				os.RemoveAll(v.storeDir)
+			}
 			return
 		}
 		v.creating = false
@@ -216,14 +255,29 @@ func (a *Agent) Create(ctx context.Context, spec hostproto.VMSpec) (err error) {
 	if err := v.machine.Validate(); err != nil {
 		return fmt.Errorf("create %s: %w", spec.Name, err)
 	}
+	if spec.Pool != "" && spec.Pool != a.poolID {
+		return fmt.Errorf("create %s: %w (it is meant for %s, this host has %q)", spec.Name, ErrWrongPool, spec.Pool, a.poolID)
+	}
+	if v.storeDir != dir {
+		// Mkdir, not MkdirAll: a leftover directory of the same name in the
+		// pool belongs to someone else and must not be reused or removed.
+		if err := os.Mkdir(v.storeDir, 0o755); err != nil {
+			return fmt.Errorf("create %s in the storage pool: %w (remove %s if it is a leftover)", spec.Name, err, v.storeDir)
+		}
+		madeStore = true
+	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("create %s: %w", spec.Name, err)
 	}
 	if err := qemu.CreateDisk(ctx, v.machine.Disk, spec.DiskBytes); err != nil {
 		return fmt.Errorf("create %s: %w", spec.Name, err)
 	}
-	b, _ := json.MarshalIndent(spec, "", "  ")
-	if err := atomicfile.WriteFile(filepath.Join(dir, "spec.json"), b, 0o644); err != nil {
+	if v.pooled() {
+		if err := v.writeOwner(spec.Epoch); err != nil {
+			return fmt.Errorf("create %s: %w", spec.Name, err)
+		}
+	}
+	if err := v.writeSpec(); err != nil {
 		return fmt.Errorf("create %s: %w", spec.Name, err)
 	}
 	return nil
@@ -259,6 +313,16 @@ func (a *Agent) Delete(ctx context.Context, name string) error {
 	}
 	if err := v.stop(ctx, true, 0); err != nil && !errors.Is(err, ErrNotRunning) {
 		return fmt.Errorf("delete %s: %w", name, err)
+	}
+	if v.pooled() {
+		// The pool's files go only while this host holds the lease: an old
+		// owner deleting would destroy the VM its successor runs.
+		if err := v.checkOwner(); err != nil {
+			return fmt.Errorf("delete %s: %w", name, err)
+		}
+		if err := os.RemoveAll(v.storeDir); err != nil {
+			return fmt.Errorf("delete %s: %w", name, err)
+		}
 	}
 	if err := os.RemoveAll(a.vmDir(name)); err != nil {
 		return fmt.Errorf("delete %s: %w", name, err)

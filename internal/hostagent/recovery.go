@@ -2,12 +2,9 @@ package hostagent
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"path/filepath"
 
 	"github.com/vigil-project/vigil/api"
-	"github.com/vigil-project/vigil/internal/atomicfile"
 	"github.com/vigil-project/vigil/internal/hostproto"
 )
 
@@ -37,10 +34,8 @@ func (a *Agent) SetHealth(name string, hangTimeout, minUptime int) error {
 	}
 	v.mu.Lock()
 	v.spec.HangTimeoutSeconds, v.spec.MinUptimeSeconds = hangTimeout, minUptime
-	spec := v.spec
 	v.mu.Unlock()
-	b, _ := json.MarshalIndent(spec, "", "  ")
-	return atomicfile.WriteFile(filepath.Join(v.machine.Dir, "spec.json"), b, 0o644)
+	return v.writeSpec()
 }
 
 // Fault kinds for drills.

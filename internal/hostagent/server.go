@@ -98,6 +98,12 @@ func (a *Agent) Call(ctx context.Context, c hostproto.Call) hostproto.Reply {
 			break
 		}
 		err = a.Create(ctx, *c.Spec)
+	case "attach":
+		if c.Spec == nil {
+			err = errors.New("attach needs a spec")
+			break
+		}
+		err = a.Attach(ctx, *c.Spec)
 	case "start":
 		err = a.Start(ctx, c.VM)
 	case "stop":

@@ -21,10 +21,10 @@ var ErrBadState = hostproto.ErrBadState
 // SaveResult describes a finished save of a VM's state.
 type SaveResult = hostproto.SaveResult
 
-func (v *vm) stateFile() string { return filepath.Join(v.machine.Dir, "state.vigil") }
+func (v *vm) stateFile() string { return filepath.Join(v.storeDir, "state.vigil") }
 
 func (v *vm) snapshotFile(snap string) string {
-	return filepath.Join(v.machine.Dir, "snapshots", snap+".vigil")
+	return filepath.Join(v.storeDir, "snapshots", snap+".vigil")
 }
 
 func (v *vm) progress(verb string, done, total int64) {
@@ -212,7 +212,7 @@ func (v *vm) startFromState(ctx context.Context, path string) error {
 	}
 	m := v.machine
 	m.Incoming = true
-	p, err := qemu.Start(ctx, v.agent.qemuBin, m)
+	p, err := v.launch(ctx, m, false)
 	if err != nil {
 		return err
 	}

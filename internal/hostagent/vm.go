@@ -22,7 +22,9 @@ type vm struct {
 	agent   *Agent
 	spec    hostproto.VMSpec
 	machine qemu.Machine
-	log     *slog.Logger
+	// storeDir holds the disk, saved state and snapshots (see Agent.storeDir).
+	storeDir string
+	log      *slog.Logger
 
 	// opMu serialises start/stop/delete of this VM.
 	opMu sync.Mutex
@@ -32,9 +34,11 @@ type vm struct {
 	proc      *qemu.Process
 	startedAt time.Time
 	runState  string
-	stopping  bool // an exit now is the one we asked for
-	guestOff  bool // the guest powered itself off: its exit is a clean stop
-	detached  bool // the agent is shutting down: an exit is not the VM's
+	stopping  bool   // an exit now is the one we asked for
+	guestOff  bool   // the guest powered itself off: its exit is a clean stop
+	detached  bool   // the agent is shutting down: an exit is not the VM's
+	fencing   string // why the host is killing it to fence; its exit is no crash
+	incoming  bool   // the destination of a live migration in progress
 	guest     *api.GuestInfo
 	guestEnc  *guestproto.Encoder // set while connected to the guest agent
 	pending   map[string]chan guestproto.Message
@@ -76,7 +80,7 @@ func (v *vm) startLocked(ctx context.Context) error {
 	if running {
 		return fmt.Errorf("start %s: %w", v.spec.Name, ErrRunning)
 	}
-	p, err := qemu.Start(ctx, v.agent.qemuBin, v.machine)
+	p, err := v.launch(ctx, v.machine, false)
 	if err != nil {
 		return err
 	}
@@ -97,6 +101,7 @@ func (v *vm) attach(p *qemu.Process) {
 	v.stopping = false
 	v.guestOff = false
 	v.detached = false
+	v.fencing = ""
 	v.guest = nil
 	v.cancel = cancel
 	v.exited = make(chan struct{})
@@ -137,6 +142,7 @@ func (v *vm) watchExit(ctx context.Context, p *qemu.Process, exited chan struct{
 	v.mu.Lock()
 	expected := v.stopping || v.guestOff
 	guestOff := v.guestOff && !v.stopping
+	fencing := v.fencing
 	var lastHB time.Time
 	if v.guest != nil {
 		lastHB = v.guest.LastHeartbeat
@@ -160,6 +166,11 @@ func (v *vm) watchExit(ctx context.Context, p *qemu.Process, exited chan struct{
 		v.log.Info(msg, "pid", p.PID)
 	}
 	_ = ctx
+	if fencing != "" {
+		v.agent.cfg.Notify(hostproto.Event{Time: detected, Host: v.agent.cfg.Name, VM: v.spec.Name, Kind: hostproto.EventFenced,
+			Expected: true, Message: fencing})
+		return
+	}
 	e := hostproto.Event{Time: detected, Host: v.agent.cfg.Name, VM: v.spec.Name, Kind: hostproto.EventExited, Expected: expected, Message: msg}
 	if !expected {
 		e.Incident = &hostproto.Incident{Kind: hostproto.IncidentExit, DetectedAt: detected, Evidence: hostproto.Evidence{

@@ -23,6 +23,12 @@ type VMSpec struct {
 	// Health judgement (see internal/health); zero means the defaults.
 	HangTimeoutSeconds int `json:"hang_timeout_seconds,omitempty"`
 	MinUptimeSeconds   int `json:"min_uptime_seconds,omitempty"`
+	// Pool is the id of the storage pool holding the VM's disk and state
+	// files; empty means the host's local data dir (the VM cannot move).
+	Pool string `json:"pool,omitempty"`
+	// Epoch grows each time the VM is given to another host. A host starts
+	// QEMU only while the pool's owner file names it with this epoch.
+	Epoch int64 `json:"epoch,omitempty"`
 }
 
 // VMStatus is what a host knows about one of its VMs right now.
@@ -60,6 +66,11 @@ const (
 	EventIncident EventKind = "incident"
 	// EventHealth: the health verdict changed (e.g. agent-unwell, healthy).
 	EventHealth EventKind = "health"
+	// EventFenced: the host killed the VM because it lost every manager
+	// (or was declared dead); the VM may run elsewhere now.
+	EventFenced EventKind = "fenced"
+	// EventDropped: the host let go of a VM that another host now owns.
+	EventDropped EventKind = "dropped"
 )
 
 // Event is reported by a host agent as it happens.
@@ -79,6 +90,9 @@ const (
 	IncidentExit  = "exit"
 	IncidentPanic = "panic"
 	IncidentHang  = "hang"
+	// IncidentHostFailure: the VM's host was declared dead; the VM was
+	// restarted on another host.
+	IncidentHostFailure = "host-failure"
 )
 
 // Incident is a crash or hang as the host saw it, with its evidence.
@@ -158,6 +172,9 @@ type Register struct {
 	// Addr is where the manager reaches the host agent (host:port).
 	Addr string   `json:"addr"`
 	Info api.Host `json:"info"`
+	// FenceAfterMS is how long the host goes without a manager before it
+	// kills its VMs; a manager must wait longer before declaring it dead.
+	FenceAfterMS int64 `json:"fence_after_ms"`
 }
 
 // Registered answers Register: the secret the host and the manager then

@@ -15,6 +15,8 @@ var (
 	ErrBusy         = errors.New("busy")
 	ErrUnavailable  = errors.New("unavailable")
 	ErrUnauthorized = errors.New("unauthorized")
+	// ErrGone: the host was declared dead; it must fence and join again.
+	ErrGone = errors.New("gone")
 )
 
 // kindError carries an operator-facing message and the kind it maps from.
@@ -61,6 +63,8 @@ func statusOf(err error) (int, string) {
 		return http.StatusConflict, "conflict"
 	case errors.Is(err, ErrUnauthorized):
 		return http.StatusUnauthorized, "unauthorized"
+	case errors.Is(err, ErrGone):
+		return http.StatusGone, "gone"
 	case errors.Is(err, ErrUnavailable):
 		return http.StatusServiceUnavailable, "unavailable"
 	default:

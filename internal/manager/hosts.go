@@ -37,6 +37,14 @@ type hostRecord struct {
 	SecretHash   string    `json:"secret_hash"`
 	Secret       string    `json:"secret"` // the manager must present it to the host
 	RegisteredAt time.Time `json:"registered_at"`
+	FenceAfterMS int64     `json:"fence_after_ms"`
+	// DeadAt is set when the leader declared the host dead (its VMs then
+	// move); the host must fence and register again to clear it.
+	DeadAt *time.Time `json:"dead_at,omitempty"`
+	// LastHeartbeat is the last heartbeat before DeadAt, for the timeline.
+	LastHeartbeat time.Time `json:"last_heartbeat,omitzero"`
+	// Drained hosts take no new VMs.
+	Drained bool `json:"drained,omitempty"`
 }
 
 func hashHex(s string) string {
@@ -69,12 +77,18 @@ func (m *Manager) Register(ctx context.Context, req hostproto.Register) (hostpro
 	if req.Addr == "" {
 		return hostproto.Registered{}, errorf(ErrInvalid, "host %s gave no address to reach it at", req.Name)
 	}
+	fence := time.Duration(req.FenceAfterMS) * time.Millisecond
+	if fence <= 0 || fence+fenceMargin > m.deadAfter {
+		return hostproto.Registered{}, errorf(ErrUnauthorized,
+			"host %s fences itself after %s, but the managers declare a host dead after %s: a host must fence at least %s before that; give it --fence-after %s or less",
+			req.Name, fence, m.deadAfter, fenceMargin, m.deadAfter-fenceMargin)
+	}
 	var prev hostRecord
 	_, err := m.store.Get(ctx, "hosts/"+req.Name, &prev)
 	known := err == nil
 	// A known host may come back with its secret instead of a token.
 	if known && req.Token != "" && subtle.ConstantTimeCompare([]byte(hashHex(req.Token)), []byte(prev.SecretHash)) == 1 {
-		return m.admit(ctx, req, prev.Secret)
+		return m.admit(ctx, req, prev.Secret, prev.Drained)
 	}
 	var tr tokenRecord
 	trev, err := m.store.Get(ctx, "tokens/"+hashHex(req.Token), &tr)
@@ -96,17 +110,21 @@ func (m *Manager) Register(ctx context.Context, req hostproto.Register) (hostpro
 	if !known {
 		secret = randomHex(24)
 	}
-	return m.admit(ctx, req, secret)
+	return m.admit(ctx, req, secret, prev.Drained)
 }
 
-func (m *Manager) admit(ctx context.Context, req hostproto.Register, secret string) (hostproto.Registered, error) {
-	rec := hostRecord{Name: req.Name, Addr: req.Addr, SecretHash: hashHex(secret), Secret: secret, RegisteredAt: time.Now().UTC()}
+// admit records the host as alive (clearing a death: the host fenced
+// before it registered again) and starts talking to it.
+func (m *Manager) admit(ctx context.Context, req hostproto.Register, secret string, drained bool) (hostproto.Registered, error) {
+	rec := hostRecord{Name: req.Name, Addr: req.Addr, SecretHash: hashHex(secret), Secret: secret, RegisteredAt: time.Now().UTC(),
+		FenceAfterMS: req.FenceAfterMS, Drained: drained}
 	if err := m.store.Put(ctx, "hosts/"+req.Name, rec); err != nil {
 		return hostproto.Registered{}, wrapf(ErrUnavailable, err, "record host %s", req.Name)
 	}
 	h := remotehost.New(req.Name, req.Addr, secret)
 	h.Heartbeat(hostproto.Heartbeat{Info: req.Info})
 	m.AddHost(h)
+	m.setDrained(req.Name, drained)
 	m.log.Info("host registered", "host", req.Name, "addr", req.Addr)
 	m.events.Publish(api.Event{Type: "host.up", Host: req.Name, Message: "registered from " + req.Addr})
 	return hostproto.Registered{Secret: secret}, nil
@@ -128,10 +146,17 @@ func (m *Manager) WatchHosts(ctx context.Context) {
 			if json.Unmarshal(value, &rec) != nil {
 				return
 			}
-			if cur, ok := m.hostNamed(rec.Name).(*remotehost.Host); ok && cur.Secret() == rec.Secret && cur.Addr() == rec.Addr {
-				return
+			cur, ok := m.hostNamed(rec.Name).(*remotehost.Host)
+			if !ok || cur.Secret() != rec.Secret || cur.Addr() != rec.Addr {
+				cur = remotehost.New(rec.Name, rec.Addr, rec.Secret)
+				m.AddHost(cur)
 			}
-			m.AddHost(remotehost.New(rec.Name, rec.Addr, rec.Secret))
+			var dead time.Time
+			if rec.DeadAt != nil {
+				dead = *rec.DeadAt
+			}
+			cur.SetDead(dead)
+			m.setDrained(rec.Name, rec.Drained)
 		case strings.HasPrefix(key, "hoststatus/"):
 			var st hostStatusRecord
 			if json.Unmarshal(value, &st) != nil {
@@ -164,16 +189,24 @@ func (m *Manager) Heartbeat(name, auth string, hb hostproto.Heartbeat) error {
 	if subtle.ConstantTimeCompare([]byte(auth), []byte("Bearer "+h.Secret())) != 1 {
 		return errorf(ErrUnauthorized, "host %s presented a wrong secret: register again", name)
 	}
+	if dead := h.DeadAt(); !dead.IsZero() {
+		return errorf(ErrGone, "host %s was declared dead at %s and its vms may run elsewhere: kill them and register again", name, dead.Format(time.RFC3339Nano))
+	}
 	wasDown := h.Info().State != "up"
 	now := time.Now().UTC()
-	h.HeartbeatAt(hb, now)
-	// Share it: every manager answers for every host, whichever one the
-	// host happens to talk to.
+	// Share it first: every manager answers for every host, and the leader
+	// judges hosts by what is in the store. A heartbeat that did not reach
+	// the store is refused, so the host counts it as missed and fences in
+	// time if this manager is cut off from the others.
 	shared := hb
 	shared.Events = nil
-	if err := m.store.Put(context.Background(), "hoststatus/"+name, hostStatusRecord{Heartbeat: shared, Seen: now}); err != nil {
-		m.log.Warn("share heartbeat", "host", name, "err", err)
+	sctx, cancel := context.WithTimeout(context.Background(), 2500*time.Millisecond)
+	err := m.store.Put(sctx, "hoststatus/"+name, hostStatusRecord{Heartbeat: shared, Seen: now})
+	cancel()
+	if err != nil {
+		return wrapf(ErrUnavailable, err, "record heartbeat of host %s", name)
 	}
+	h.HeartbeatAt(hb, now)
 	if wasDown {
 		m.events.Publish(api.Event{Type: "host.up", Host: name})
 	}

@@ -44,6 +44,9 @@ type Host interface {
 	Exec(ctx context.Context, name string, req api.ExecRequest) (api.ExecResult, error)
 
 	Restart(ctx context.Context, name string) error
+	// Attach takes over a VM from the shared storage pool (its disk is
+	// there already), with the spec's epoch as the new lease.
+	Attach(ctx context.Context, spec hostproto.VMSpec) error
 	SetHealth(name string, hangTimeoutSeconds, minUptimeSeconds int) error
 	Fault(ctx context.Context, name, kind string) error
 }
@@ -66,8 +69,14 @@ type record struct {
 	// Restarts are the automatic restarts recently made (the budget used).
 	Restarts  []time.Time `json:"restarts,omitempty"`
 	Condition string      `json:"condition,omitempty"`
-	CreatedAt time.Time   `json:"created_at"`
-	UpdatedAt time.Time   `json:"updated_at"`
+	// Stranded: the host died with the VM's disk on its local storage;
+	// the VM waits for the host to come back.
+	Stranded bool `json:"stranded,omitempty"`
+	// Failover is set while the VM, moved off a dead host, starts on its
+	// new one.
+	Failover  *failover `json:"failover,omitempty"`
+	CreatedAt time.Time `json:"created_at"`
+	UpdatedAt time.Time `json:"updated_at"`
 }
 
 const (
@@ -93,8 +102,10 @@ type Manager struct {
 	locksMu sync.Mutex
 	locks   map[string]*sync.Mutex
 
-	name   string
-	leader atomic.Bool
+	name        string
+	leader      atomic.Bool
+	leaderSince atomic.Int64 // unix nanoseconds; when this manager last became leader
+	deadAfter   time.Duration
 
 	// pending maps a VM being recovered to its open incident.
 	pendingMu sync.Mutex
@@ -116,6 +127,10 @@ type Config struct {
 	Ports      PortAllocator
 	// Name identifies this manager among several (default "manager").
 	Name string
+	// HostDeadAfter is how long a host may miss heartbeats before the
+	// leader declares it dead and restarts its VMs elsewhere (default
+	// DefaultHostDeadAfter). Hosts must fence themselves sooner.
+	HostDeadAfter time.Duration
 }
 
 // New returns a Manager.
@@ -129,8 +144,11 @@ func New(cfg Config) *Manager {
 	if cfg.Name == "" {
 		cfg.Name = "manager"
 	}
+	if cfg.HostDeadAfter == 0 {
+		cfg.HostDeadAfter = DefaultHostDeadAfter
+	}
 	m := &Manager{name: cfg.Name, store: cfg.Store, hosts: newRegistry(), overcommit: cfg.Overcommit, events: cfg.Events, log: cfg.Logger,
-		limits: cfg.Limits, ports: cfg.Ports, locks: map[string]*sync.Mutex{}, pending: map[string]string{}}
+		limits: cfg.Limits, ports: cfg.Ports, locks: map[string]*sync.Mutex{}, pending: map[string]string{}, deadAfter: cfg.HostDeadAfter}
 	if cfg.Host != nil {
 		m.AddHost(cfg.Host)
 	}
@@ -138,7 +156,12 @@ func New(cfg Config) *Manager {
 }
 
 // SetLeader records whether this manager runs the controllers now.
-func (m *Manager) SetLeader(b bool) { m.leader.Store(b) }
+func (m *Manager) SetLeader(b bool) {
+	if b && !m.leader.Load() {
+		m.leaderSince.Store(time.Now().UnixNano())
+	}
+	m.leader.Store(b)
+}
 
 // Events is the manager's event broker.
 func (m *Manager) Events() *events.Broker { return m.events }
@@ -237,9 +260,18 @@ func (m *Manager) Create(ctx context.Context, req api.VMCreateRequest) (api.VM, 
 	if err != nil {
 		return api.VM{}, err
 	}
-	hostName, err := place(m.hosts.candidates(rs), req.MemoryBytes, req.CPUs, req.Host, m.overcommit)
+	cands := m.hosts.candidates(rs)
+	hostName, err := place(cands, need{mem: req.MemoryBytes, cpus: req.CPUs, pin: req.Host}, m.overcommit)
 	if err != nil {
 		return api.VM{}, err
+	}
+	// A VM lives in its host's storage pool when the host has one, so any
+	// host of the pool can take it over.
+	var pool string
+	for _, c := range cands {
+		if c.host.Name == hostName {
+			pool = c.host.StoragePool
+		}
 	}
 	used := map[int]bool{}
 	for _, r := range rs {
@@ -252,7 +284,8 @@ func (m *Manager) Create(ctx context.Context, req api.VMCreateRequest) (api.VM, 
 	now := time.Now().UTC()
 	r := record{
 		Spec: hostproto.VMSpec{Name: req.Name, UUID: newUUID(), MemoryBytes: req.MemoryBytes, CPUs: req.CPUs,
-			DiskBytes: req.DiskBytes, HostPort: port, HangTimeoutSeconds: policy.HangTimeoutSeconds, MinUptimeSeconds: policy.MinUptimeSeconds},
+			DiskBytes: req.DiskBytes, HostPort: port, HangTimeoutSeconds: policy.HangTimeoutSeconds, MinUptimeSeconds: policy.MinUptimeSeconds,
+			Pool: pool, Epoch: 1},
 		Host: hostName, Desired: desiredStopped, State: api.StateCreating, CreatedAt: now, UpdatedAt: now, Policy: policy,
 	}
 	rev, err := m.store.Create(ctx, vmKey(req.Name), r)

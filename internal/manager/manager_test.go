@@ -168,6 +168,10 @@ func (h *fakeHost) SnapshotDelete(_ context.Context, name, snap string) error {
 func (h *fakeHost) Exec(_ context.Context, name string, req api.ExecRequest) (api.ExecResult, error) {
 	return api.ExecResult{Output: req.Command}, h.record("exec", name)
 }
+func (h *fakeHost) Attach(_ context.Context, spec hostproto.VMSpec) error {
+	return h.record("attach", spec.Name)
+}
+
 func (h *fakeHost) Restart(_ context.Context, name string) error {
 	if err := h.record("restart", name); err != nil {
 		return err
@@ -456,7 +460,7 @@ func crash(h *fakeHost, m *Manager, name, kind string) {
 	h.mu.Lock()
 	h.vms[name] = kind != hostproto.IncidentExit
 	h.mu.Unlock()
-	e := hostproto.Event{VM: name, Kind: hostproto.EventIncident, Incident: &hostproto.Incident{Kind: kind, DetectedAt: time.Now().UTC()}}
+	e := hostproto.Event{Host: "h1", VM: name, Kind: hostproto.EventIncident, Incident: &hostproto.Incident{Kind: kind, DetectedAt: time.Now().UTC()}}
 	if kind == hostproto.IncidentExit {
 		e.Kind = hostproto.EventExited
 	}
@@ -493,7 +497,7 @@ func TestHostExitEvents(t *testing.T) {
 			}
 			// The restarted guest's first heartbeat closes the incident.
 			if tt.want == api.StateRunning {
-				m.HandleHostEvent(hostproto.Event{VM: "v", Kind: hostproto.EventGuestReady, Time: time.Now().UTC()})
+				m.HandleHostEvent(hostproto.Event{Host: "h1", VM: "v", Kind: hostproto.EventGuestReady, Time: time.Now().UTC()})
 				waitFor(t, func() bool {
 					incs, _ := m.Incidents(ctx, "v")
 					return len(incs) == 1 && incs[0].RecoveredAt != nil && incs[0].Action == "restart"
@@ -507,7 +511,7 @@ func TestHostExitEvents(t *testing.T) {
 		h.mu.Lock()
 		h.vms["v"] = false
 		h.mu.Unlock()
-		m.HandleHostEvent(hostproto.Event{VM: "v", Kind: hostproto.EventExited, Expected: true})
+		m.HandleHostEvent(hostproto.Event{Host: "h1", VM: "v", Kind: hostproto.EventExited, Expected: true})
 		waitState(t, m, "v", api.StateStopped)
 	})
 }

@@ -59,12 +59,26 @@ func (m *Manager) Reconcile(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
-	if m.hostNamed(r.Host).Info().State != "up" {
+	if m.hostNamed(r.Host).Info().State != "up" || r.Failover != nil {
 		// What a silent host last said may be stale: act on nothing until
-		// it reports again (host failure handling decides otherwise).
+		// it reports again. Host failures are WatchHostFailures' to handle.
 		return nil
 	}
 	act := m.actual(r)
+	if r.Stranded {
+		// Its host is back (it fenced itself on the way): start it again
+		// where its disk is, under its policy.
+		r.Stranded = false
+		if (r.Desired == desiredRunning || r.Desired == desiredPaused) && !act.Running && r.State != api.StateFailed {
+			m.recoverLocked(ctx, &r, rev, hostproto.Incident{Kind: hostproto.IncidentHostFailure, DetectedAt: time.Now().UTC(),
+				Evidence: hostproto.Evidence{Detail: "its host was dead and came back; the vm's disk is local to it"}})
+			return nil
+		}
+		rev, err = m.save(ctx, &r, rev)
+		if err != nil {
+			return err
+		}
+	}
 	switch r.State {
 	case api.StateCreating:
 		if time.Since(r.UpdatedAt) > staleCreate {
@@ -204,7 +218,7 @@ func (m *Manager) onHealth(e hostproto.Event) {
 	}
 	defer unlock()
 	r, rev, err := m.load(ctx, e.VM)
-	if err != nil || r.Condition == cond {
+	if err != nil || r.Condition == cond || r.Host != e.Host {
 		return
 	}
 	r.Condition = cond
@@ -221,8 +235,8 @@ func (m *Manager) onExit(e hostproto.Event) {
 	}
 	defer unlock()
 	r, rev, err := m.load(ctx, e.VM)
-	if err != nil || m.actual(r).Running || (r.Desired != desiredRunning && r.Desired != desiredPaused) || !e.Expected {
-		return
+	if err != nil || r.Host != e.Host || m.actual(r).Running || (r.Desired != desiredRunning && r.Desired != desiredPaused) || !e.Expected {
+		return // (an old host's news about a VM that moved is history)
 	}
 	// The guest powered itself off: that is a stop, not a crash.
 	r.Desired = desiredStopped

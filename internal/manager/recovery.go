@@ -87,8 +87,8 @@ func (m *Manager) onIncident(e hostproto.Event) {
 	}
 	defer unlock()
 	r, rev, err := m.load(ctx, e.VM)
-	if err != nil {
-		return
+	if err != nil || r.Host != e.Host || r.Failover != nil {
+		return // the VM moved: what its old host saw is history
 	}
 	if r.Desired != desiredRunning {
 		return // stopped, paused, suspended or deleted on purpose meanwhile
@@ -188,6 +188,9 @@ func (m *Manager) onGuestReady(e hostproto.Event) {
 	t := e.Time
 	rec.RecoveredAt = &t
 	rec.RecoveredInMS = ms(t.Sub(rec.DetectedAt))
+	if len(rec.Timeline) > 0 {
+		rec.Timeline = append(rec.Timeline, api.TimelineEntry{Time: t, Event: "guest back", Detail: "first heartbeat from the guest on host " + e.Host})
+	}
 	if _, err := m.store.Update(ctx, incidentKey(e.VM, id), rev, rec); err != nil {
 		m.log.Error("record recovery", "vm", e.VM, "err", err)
 		return

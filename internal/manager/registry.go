@@ -36,6 +36,15 @@ func (m *Manager) AddHost(h Host) {
 	e.h = h
 }
 
+// setDrained keeps new VMs off a host (or lets them on again).
+func (m *Manager) setDrained(name string, drained bool) {
+	m.hosts.mu.Lock()
+	defer m.hosts.mu.Unlock()
+	if e, ok := m.hosts.hosts[name]; ok {
+		e.enabled = !drained
+	}
+}
+
 // hostNamed returns the named host, or a stand-in whose every call fails
 // with ErrUnavailable, so callers need no nil checks.
 func (m *Manager) hostNamed(name string) Host {
@@ -57,9 +66,7 @@ func (r *registry) list() []api.Host {
 	out := make([]api.Host, 0, len(entries))
 	for _, e := range entries {
 		info := e.h.Info()
-		if !e.enabled && info.State == "up" {
-			info.State = "drained"
-		}
+		info.Drained = !e.enabled
 		out = append(out, info)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
@@ -128,8 +135,9 @@ func (h missingHost) SnapshotSpace(string) (map[string]int64, error)            
 func (h missingHost) Exec(context.Context, string, api.ExecRequest) (api.ExecResult, error) {
 	return api.ExecResult{}, h.err()
 }
-func (h missingHost) Restart(context.Context, string) error       { return h.err() }
-func (h missingHost) SetHealth(string, int, int) error            { return h.err() }
-func (h missingHost) Fault(context.Context, string, string) error { return h.err() }
+func (h missingHost) Restart(context.Context, string) error          { return h.err() }
+func (h missingHost) Attach(context.Context, hostproto.VMSpec) error { return h.err() }
+func (h missingHost) SetHealth(string, int, int) error               { return h.err() }
+func (h missingHost) Fault(context.Context, string, string) error    { return h.err() }
 
 var _ Host = missingHost("")

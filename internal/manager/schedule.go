@@ -28,11 +28,23 @@ type candidate struct {
 	usedCPUs   int
 }
 
-// place picks a host for a VM needing mem bytes and cpus: an up, enabled
-// host with enough unreserved memory and CPU, the one with the most free
-// memory first (spreading load). pin, if set, names the only acceptable
-// host. The error names what is missing where.
-func place(cands []candidate, mem int64, cpus int, pin string, oc Overcommit) (string, error) {
+// need is what a VM asks of a host.
+type need struct {
+	mem  int64
+	cpus int
+	// pin, if set, names the only acceptable host.
+	pin string
+	// pool, if set, is the storage pool the host must mount (the VM's
+	// disk is there).
+	pool string
+}
+
+// place picks a host for a VM: an up, enabled host (mounting the VM's
+// pool, if it has one) with enough unreserved memory and CPU, the one with
+// the most free memory first (spreading load). The error names what is
+// missing where.
+func place(cands []candidate, n need, oc Overcommit) (string, error) {
+	mem, cpus, pin := n.mem, n.cpus, n.pin
 	if oc.Memory <= 0 {
 		oc.Memory = DefaultOvercommit.Memory
 	}
@@ -58,6 +70,8 @@ func place(cands []candidate, mem int64, cpus int, pin string, oc Overcommit) (s
 			why = append(why, fmt.Sprintf("%s is %s", c.host.Name, c.host.State))
 		case !c.enabled:
 			why = append(why, fmt.Sprintf("%s is drained", c.host.Name))
+		case n.pool != "" && c.host.StoragePool != n.pool:
+			why = append(why, fmt.Sprintf("%s does not mount storage pool %s", c.host.Name, n.pool))
 		case freeMem < mem:
 			why = append(why, fmt.Sprintf("%s has %s of memory unreserved", c.host.Name, size(max(freeMem, 0))))
 		case freeCPU < cpus:

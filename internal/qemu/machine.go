@@ -25,8 +25,12 @@ type Machine struct {
 	HostPort    int    // 127.0.0.1:HostPort is forwarded to the guest's port 80
 	Dir         string // holds the sockets, serial log and pid file
 	// Incoming starts QEMU waiting for a saved state (-incoming defer)
-	// instead of booting; LoadState then feeds it.
+	// instead of booting; LoadState or MigrateIncoming then feeds it.
 	Incoming bool
+	// NoHostFwd leaves out the forward of HostPort: the destination of a
+	// live migration adds it (AddHostFwd) once the source has let go of
+	// the port.
+	NoHostFwd bool
 }
 
 // Hardware is the part of a machine that a saved state depends on: QEMU
@@ -126,7 +130,7 @@ func (m Machine) Args() []string {
 		"-blockdev", "driver=file,filename=" + m.Disk + ",node-name=disk0-file",
 		"-blockdev", "driver=qcow2,file=disk0-file,node-name=disk0",
 		"-device", "virtio-blk-pci,drive=disk0,id=vda",
-		"-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:" + strconv.Itoa(m.HostPort) + "-:80",
+		"-netdev", m.netdev(),
 		"-device", "virtio-net-pci,netdev=net0,id=nic0",
 		"-device", "virtio-serial-pci,id=vser0",
 		"-chardev", "socket,id=agent0,path=" + m.AgentSocket() + ",server=on,wait=off",
@@ -143,6 +147,18 @@ func (m Machine) Args() []string {
 	}
 	return append(args, "-daemonize")
 }
+
+// netdev is user-mode networking with the guest's port 80 forwarded to
+// 127.0.0.1:HostPort (the rule AddHostFwd adds).
+func (m Machine) netdev() string {
+	if m.NoHostFwd {
+		return "user,id=net0"
+	}
+	return "user,id=net0,hostfwd=" + hostFwdRule(m.HostPort) + "-:80"
+}
+
+// hostFwdRule is the host side of the forward, in hostfwd_add's syntax.
+func hostFwdRule(port int) string { return "tcp:127.0.0.1:" + strconv.Itoa(port) }
 
 func cpuModel(accel string) string {
 	if accel == AccelKVM {

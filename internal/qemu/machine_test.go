@@ -73,6 +73,37 @@ func TestMachineArgs(t *testing.T) {
 	}
 }
 
+func TestMachineArgsNetdev(t *testing.T) {
+	tests := []struct {
+		name   string
+		mutate func(*Machine)
+		want   string
+	}{
+		{"host forward", func(*Machine) {}, "user,id=net0,hostfwd=tcp:127.0.0.1:8080-:80"},
+		{"no host forward", func(m *Machine) { m.NoHostFwd = true }, "user,id=net0"},
+		{"incoming without forward", func(m *Machine) { m.Incoming, m.NoHostFwd = true, true }, "user,id=net0"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := validMachine()
+			tt.mutate(&m)
+			args := m.Args()
+			var netdev string
+			for i, a := range args {
+				if a == "-netdev" && i+1 < len(args) {
+					netdev = args[i+1]
+				}
+			}
+			if netdev != tt.want {
+				t.Fatalf("-netdev %q, want %q", netdev, tt.want)
+			}
+			if args[len(args)-1] != "-daemonize" {
+				t.Fatalf("args do not end with -daemonize: %v", args)
+			}
+		})
+	}
+}
+
 func TestAliveAndReadPID(t *testing.T) {
 	if Alive(0x7ffffff0) {
 		t.Fatal("a pid that cannot exist is alive")

@@ -20,8 +20,10 @@ import (
 	"github.com/vigil-project/vigil/internal/hostproto"
 )
 
-// DownAfter is how long without a heartbeat before a host shows as down.
-const DownAfter = 5 * time.Second
+// DownAfter is how long without a heartbeat before a host shows as down:
+// the manager stops acting on what it last said. Declaring it dead (and
+// moving its VMs) is the manager's decision, later.
+const DownAfter = 3 * time.Second
 
 // Host is a remote host agent.
 type Host struct {
@@ -32,6 +34,22 @@ type Host struct {
 	info     api.Host
 	statuses map[string]hostproto.VMStatus
 	lastSeen time.Time
+	deadAt   time.Time // declared dead; zero while alive
+}
+
+// SetDead records that the managers declared the host dead at t (zero: it
+// joined again).
+func (h *Host) SetDead(t time.Time) {
+	h.mu.Lock()
+	h.deadAt = t
+	h.mu.Unlock()
+}
+
+// DeadAt is when the host was declared dead, or zero.
+func (h *Host) DeadAt() time.Time {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.deadAt
 }
 
 // New returns a remote host reached at addr (host:port) with secret.
@@ -75,7 +93,10 @@ func (h *Host) Info() api.Host {
 	info.Name = h.name
 	info.LastHeartbeat = h.lastSeen.UTC()
 	info.State = "up"
-	if time.Since(h.lastSeen) > DownAfter {
+	switch {
+	case !h.deadAt.IsZero():
+		info.State = "dead"
+	case time.Since(h.lastSeen) > DownAfter:
 		info.State = "down"
 	}
 	info.VMs = len(h.statuses)
@@ -247,6 +268,19 @@ func (h *Host) Exec(ctx context.Context, name string, req api.ExecRequest) (api.
 		return api.ExecResult{}, err
 	}
 	return *rep.Exec, nil
+}
+
+// Attach takes over a VM from the storage pool.
+func (h *Host) Attach(ctx context.Context, spec hostproto.VMSpec) error {
+	if err := h.simple(ctx, hostproto.Call{Op: "attach", Spec: &spec}); err != nil {
+		return err
+	}
+	h.mu.Lock()
+	if _, ok := h.statuses[spec.Name]; !ok {
+		h.statuses[spec.Name] = hostproto.VMStatus{Name: spec.Name}
+	}
+	h.mu.Unlock()
+	return nil
 }
 
 func (h *Host) Restart(ctx context.Context, name string) error {

@@ -1,0 +1,282 @@
+package manager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/remotehost"
+)
+
+// DefaultHostDeadAfter is how long a host may miss heartbeats before the
+// leader declares it dead. It must exceed a host's fencing time by at least
+// fenceMargin: by then a host that is alive but cut off has killed its VMs.
+const DefaultHostDeadAfter = 8 * time.Second
+
+// fenceMargin covers a heartbeat in flight and the time to kill QEMUs.
+const fenceMargin = 2 * time.Second
+
+// failoverPass is how often the leader looks for dead hosts.
+const failoverPass = 500 * time.Millisecond
+
+// WatchHostFailures declares hosts dead when their heartbeats stop and
+// moves their VMs to other hosts, until ctx ends. Only the leader runs it.
+func (m *Manager) WatchHostFailures(ctx context.Context) {
+	t := time.NewTicker(failoverPass)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		m.detectDeaths(ctx)
+		m.evacuateAll(ctx)
+	}
+}
+
+// detectDeaths declares dead every host silent for longer than deadAfter.
+// Silence is counted from the later of its last heartbeat and the moment
+// this manager became leader: a new leader, or a cluster starting after
+// downtime, first gives every host the time to report.
+func (m *Manager) detectDeaths(ctx context.Context) {
+	since := time.Unix(0, m.leaderSince.Load())
+	for _, h := range m.remoteHosts() {
+		if !h.DeadAt().IsZero() {
+			continue
+		}
+		last := h.Info().LastHeartbeat
+		from := last
+		if since.After(from) {
+			from = since
+		}
+		if time.Since(from) <= m.deadAfter {
+			continue
+		}
+		if err := m.declareDead(ctx, h, last); err != nil {
+			m.log.Error("declare host dead", "host", h.Name(), "err", err)
+		}
+	}
+}
+
+func (m *Manager) remoteHosts() []*remotehost.Host {
+	m.hosts.mu.Lock()
+	defer m.hosts.mu.Unlock()
+	var out []*remotehost.Host
+	for _, e := range m.hosts.hosts {
+		if h, ok := e.h.(*remotehost.Host); ok {
+			out = append(out, h)
+		}
+	}
+	return out
+}
+
+// declareDead records the death in the store (so every manager, and the
+// host when it comes back, learns of it) before any VM moves.
+func (m *Manager) declareDead(ctx context.Context, h *remotehost.Host, last time.Time) error {
+	var rec hostRecord
+	rev, err := m.store.Get(ctx, "hosts/"+h.Name(), &rec)
+	if err != nil {
+		return err
+	}
+	now := time.Now().UTC()
+	rec.DeadAt, rec.LastHeartbeat = &now, last
+	if _, err := m.store.Update(ctx, "hosts/"+h.Name(), rev, rec); err != nil {
+		return err
+	}
+	h.SetDead(now)
+	m.log.Warn("host declared dead", "host", h.Name(), "last_heartbeat", last, "silent", now.Sub(last).Round(time.Millisecond))
+	m.events.Publish(api.Event{Type: "host.dead", Host: h.Name(),
+		Message: fmt.Sprintf("no heartbeat for %s; its vms move to other hosts", now.Sub(last).Round(100*time.Millisecond))})
+	return nil
+}
+
+// evacuateAll acts on every VM whose host is dead, and on every failover
+// still starting. It is level-based, so a leader taking over in the middle
+// of a failover finishes it.
+func (m *Manager) evacuateAll(ctx context.Context) {
+	rs, err := m.records(ctx)
+	if err != nil {
+		return
+	}
+	for _, s := range rs {
+		r := s.rec
+		if r.Failover == nil && m.hostNamed(r.Host).Info().State != "dead" {
+			continue
+		}
+		if err := m.evacuate(ctx, r.Spec.Name); err != nil && !errors.Is(err, ErrBusy) {
+			m.log.Warn("failover", "vm", r.Spec.Name, "err", err)
+		}
+	}
+}
+
+// hostDeath is what the store says about a dead host.
+func (m *Manager) hostDeath(ctx context.Context, name string) (hostRecord, bool) {
+	var rec hostRecord
+	if _, err := m.store.Get(ctx, "hosts/"+name, &rec); err != nil || rec.DeadAt == nil {
+		return rec, false
+	}
+	return rec, true
+}
+
+// evacuate moves one VM off its dead host, or goes on starting it where it
+// was moved.
+func (m *Manager) evacuate(ctx context.Context, name string) error {
+	unlock, err := m.lock(name)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	r, rev, err := m.load(ctx, name)
+	if err != nil {
+		return err
+	}
+	if r.Failover != nil {
+		return m.finishFailover(ctx, &r, rev)
+	}
+	death, dead := m.hostDeath(ctx, r.Host)
+	if !dead || r.State == api.StateDeleting || r.State == api.StateCreating {
+		return nil
+	}
+	wantRun := (r.Desired == desiredRunning || r.Desired == desiredPaused) && r.State != api.StateFailed
+	if r.Spec.Pool == "" {
+		// Its disk died with the host: nothing can start it elsewhere.
+		if r.Stranded {
+			return nil
+		}
+		r.Stranded = true
+		state := r.State
+		if wantRun {
+			state = api.StateCrashed
+		}
+		_, err := m.setState(ctx, &r, rev, state, fmt.Sprintf("host %s is dead and this vm's disk is on that host's local storage: it comes back with the host", r.Host))
+		return err
+	}
+	rs, err := m.records(ctx)
+	if err != nil {
+		return err
+	}
+	target, err := place(m.hosts.candidates(rs), need{mem: r.Spec.MemoryBytes, cpus: r.Spec.CPUs, pool: r.Spec.Pool}, m.overcommit)
+	if err != nil {
+		msg := fmt.Sprintf("host %s is dead; waiting for a host that can take this vm: %v", r.Host, err)
+		state := r.State
+		if wantRun {
+			state = api.StateCrashed
+		}
+		_, serr := m.setState(ctx, &r, rev, state, msg)
+		return serr
+	}
+	// The new epoch goes to the pool's owner file before the record moves:
+	// from then on the old host can neither start nor keep the VM.
+	spec := r.Spec
+	spec.Epoch++
+	if err := m.hostNamed(target).Attach(ctx, spec); err != nil {
+		return fmt.Errorf("attach %s to %s: %w", name, target, err)
+	}
+	from := r.Host
+	r.Spec, r.Host, r.Stranded = spec, target, false
+	m.events.Publish(api.Event{Type: "vm.relocated", VM: name, Host: target, Message: "from dead host " + from})
+	restart := wantRun && withDefaults(r.Policy).Recovery == "restart"
+	if !restart {
+		msg := fmt.Sprintf("moved from dead host %s", from)
+		if wantRun {
+			msg += "; recovery is off: start it with 'vigil vm start " + name + "'"
+			_, err := m.setState(ctx, &r, rev, api.StateCrashed, msg)
+			return err
+		}
+		if r.State == api.StateRunning || r.State == api.StatePaused || r.State == api.StateStopping || r.State == api.StateStarting {
+			r.State = api.StateStopped
+		}
+		_, err := m.setState(ctx, &r, rev, r.State, msg)
+		return err
+	}
+	// A paused guest's memory died with its host: it comes back running.
+	r.Desired = desiredRunning
+	fence := time.Duration(death.FenceAfterMS) * time.Millisecond
+	inc := api.Incident{ID: fmt.Sprintf("%019d", death.DeadAt.UnixNano()), VM: name, Kind: hostproto.IncidentHostFailure,
+		DetectedAt: *death.DeadAt, Action: "restart on " + target,
+		Evidence: api.Evidence{LastHeartbeat: &death.LastHeartbeat,
+			HeartbeatSilenceS: death.DeadAt.Sub(death.LastHeartbeat).Seconds(),
+			Detail:            fmt.Sprintf("host %s stopped sending heartbeats", from)},
+		Timeline: []api.TimelineEntry{
+			{Time: death.LastHeartbeat, Event: "last heartbeat", Detail: "from host " + from},
+			{Time: death.LastHeartbeat.Add(fence), Event: "fenced", Detail: fmt.Sprintf("host %s kills its vms after %s without a manager, if it still runs", from, fence)},
+			{Time: *death.DeadAt, Event: "declared dead", Detail: fmt.Sprintf("after %s without a heartbeat", m.deadAfter)},
+			{Time: time.Now().UTC(), Event: "moved", Detail: fmt.Sprintf("owner of the disk is now %s (epoch %d)", target, spec.Epoch)},
+		}}
+	if _, err := m.store.Create(ctx, incidentKey(name, inc.ID), incidentRecord{inc}); err != nil {
+		m.log.Error("record incident", "vm", name, "err", err)
+	}
+	r.Failover = &failover{Incident: inc.ID, From: from}
+	rev, err = m.setState(ctx, &r, rev, api.StateRecovering, fmt.Sprintf("host %s is dead; restarting on %s", from, target))
+	if err != nil {
+		return err
+	}
+	return m.finishFailover(ctx, &r, rev)
+}
+
+// failover is a VM's move off a dead host, while it starts on the new one.
+type failover struct {
+	Incident string `json:"incident"`
+	From     string `json:"from"`
+	// Refused is the last reason the new host gave for not starting it
+	// (e.g. the old copy still holds the disk).
+	Refused string `json:"refused,omitempty"`
+}
+
+// finishFailover starts the VM on its new host. A refusal is kept and
+// retried on the next pass: typically the disk is still locked by a copy
+// on a host that is cut off but not yet fenced.
+func (m *Manager) finishFailover(ctx context.Context, r *record, rev int64) error {
+	name := r.Spec.Name
+	if r.Desired != desiredRunning {
+		r.Failover = nil
+		_, err := m.save(ctx, r, rev)
+		return err
+	}
+	h := m.hostNamed(r.Host)
+	if h.Info().State != "up" {
+		return nil // the new host is silent too; wait (or it dies and we move again)
+	}
+	if m.actual(*r).Running {
+		return m.closeFailover(ctx, r, rev, "running on "+r.Host)
+	}
+	err := h.Start(ctx, name)
+	if err != nil {
+		if r.Failover.Refused != err.Error() {
+			r.Failover.Refused = err.Error()
+			m.appendTimeline(ctx, name, r.Failover.Incident, api.TimelineEntry{Time: time.Now().UTC(), Event: "start refused", Detail: err.Error()})
+			_, serr := m.setState(ctx, r, rev, api.StateRecovering, fmt.Sprintf("restarting on %s after host %s died: %v", r.Host, r.Failover.From, err))
+			return serr
+		}
+		return nil
+	}
+	m.pendingMu.Lock()
+	m.pending[name] = r.Failover.Incident
+	m.pendingMu.Unlock()
+	return m.closeFailover(ctx, r, rev, "restarted on "+r.Host)
+}
+
+func (m *Manager) closeFailover(ctx context.Context, r *record, rev int64, what string) error {
+	m.appendTimeline(ctx, r.Spec.Name, r.Failover.Incident, api.TimelineEntry{Time: time.Now().UTC(), Event: "restarted", Detail: what})
+	from := r.Failover.From
+	r.Failover = nil
+	_, err := m.setState(ctx, r, rev, api.StateRunning, fmt.Sprintf("restarted on %s after host %s died", r.Host, from))
+	return err
+}
+
+// appendTimeline adds a step to an incident's timeline.
+func (m *Manager) appendTimeline(ctx context.Context, vm, id string, e api.TimelineEntry) {
+	var rec incidentRecord
+	rev, err := m.store.Get(ctx, incidentKey(vm, id), &rec)
+	if err != nil {
+		return
+	}
+	rec.Timeline = append(rec.Timeline, e)
+	if _, err := m.store.Update(ctx, incidentKey(vm, id), rev, rec); err != nil {
+		m.log.Warn("incident timeline", "vm", vm, "err", err)
+	}
+}

@@ -1,0 +1,262 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vigil-project/vigil/internal/guestimage"
+	"github.com/vigil-project/vigil/internal/guestproto"
+	"github.com/vigil-project/vigil/internal/qemu/qmp"
+)
+
+// TestLiveMigrate boots a guest, live-migrates it over TCP to a second QEMU
+// on the same disk file, and checks that the same boot carries on there:
+// the agent's heartbeats and, once the source has exited and the forward is
+// added, the guest's web server on the VM's host port.
+func TestLiveMigrate(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots a real guest; skipped with -short")
+	}
+	imageDir := os.Getenv("VIGIL_TEST_IMAGE")
+	if imageDir == "" {
+		t.Skip("VIGIL_TEST_IMAGE is not set (make test sets it)")
+	}
+	img, err := guestimage.Load(imageDir)
+	if err != nil {
+		t.Skipf("no guest image: %v", err)
+	}
+	bin, err := FindBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+
+	// Unix socket paths are limited to 108 bytes; t.TempDir can be longer.
+	dir, err := os.MkdirTemp("", "vlm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	disk := filepath.Join(dir, "disk.qcow2")
+	if out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", disk, "256M").CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img: %v: %s", err, out)
+	}
+	port := freeTCPPort(t)
+	accel, _ := ChooseAccel(AccelAuto)
+	src := Machine{Name: "lm", UUID: "00000000-0000-4000-8000-000000000003", MemoryBytes: 128 << 20, CPUs: 1, Accel: accel,
+		Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: img.Cmdline + " vigil.name=lm",
+		Disk: disk, HostPort: port, Dir: filepath.Join(dir, "src")}
+	dst := src
+	dst.Dir, dst.Incoming, dst.NoHostFwd = filepath.Join(dir, "dst"), true, true
+	for _, d := range []string{src.Dir, dst.Dir} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	start := func(m Machine) *Process {
+		t.Helper()
+		p, err := Start(ctx, bin, m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			kctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			p.Monitor.Close()
+			p.Kill(kctx)
+			if t.Failed() {
+				serial, _ := os.ReadFile(m.SerialLog())
+				log, _ := os.ReadFile(m.LogFile())
+				t.Logf("%s serial log:\n%s\nqemu log:\n%s", m.Dir, serial, log)
+			}
+		})
+		return p
+	}
+
+	srcP := start(src)
+	booted := time.Now()
+	first := heartbeats(ctx, t, src.AgentSocket(), 1)[0]
+	t.Logf("source: first heartbeat %v after start, boot %s seq %d", time.Since(booted).Round(time.Millisecond), first.BootID, first.Seq)
+
+	dstP := start(dst)
+	uri, err := MigrateIncoming(ctx, dstP.Monitor, "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(uri, "tcp:127.0.0.1:") || strings.HasSuffix(uri, ":0") {
+		t.Fatalf("incoming uri %q: want tcp:127.0.0.1:<bound port>", uri)
+	}
+
+	// The guest's real pause runs from the source's STOP to the
+	// destination's RESUME; QEMU's downtime figure ends when the source
+	// has sent the last bytes, before the destination has loaded them.
+	srcEvents, unsubscribe := srcP.Monitor.Subscribe()
+	defer unsubscribe()
+	dstEvents, unsubscribe := dstP.Monitor.Subscribe()
+	defer unsubscribe()
+	t0 := time.Now()
+	stats, err := MigrateOut(ctx, srcP.Monitor, uri)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wall := time.Since(t0)
+	if err := WaitIncoming(ctx, dstP.Monitor); err != nil {
+		t.Fatal(err)
+	}
+	paused := eventAt(t, dstEvents, "RESUME").Sub(eventAt(t, srcEvents, "STOP"))
+	t.Logf("migrated to %s: wall %v, qemu total %v, downtime %v, setup %v, %d MiB sent; guest paused %v (source STOP to destination RESUME)",
+		uri, wall.Round(time.Millisecond), stats.Total, stats.Downtime, stats.Setup, stats.Bytes>>20, paused.Round(time.Millisecond))
+	if stats.Total <= 0 || stats.Bytes <= 0 {
+		t.Errorf("implausible stats %+v", stats)
+	}
+
+	if st, err := srcP.Monitor.QueryStatus(ctx); err != nil || st.Status != "postmigrate" {
+		t.Fatalf("source status %+v, %v; want postmigrate", st, err)
+	}
+	if st, err := dstP.Monitor.QueryStatus(ctx); err != nil || st.Status != "running" {
+		t.Fatalf("destination status %+v, %v; want running", st, err)
+	}
+
+	// Two heartbeats on the destination: the first may have been written
+	// by the guest before the switchover and held in the virtio-serial
+	// queue; the second is proof the guest runs here.
+	after := heartbeats(ctx, t, dst.AgentSocket(), 2)
+	for _, hb := range after {
+		if hb.BootID != first.BootID || hb.Seq <= first.Seq {
+			t.Fatalf("destination heartbeat boot %s seq %d; want boot %s, seq above %d", hb.BootID, hb.Seq, first.BootID, first.Seq)
+		}
+	}
+	if after[1].Seq <= after[0].Seq {
+		t.Fatalf("destination heartbeat seqs %d, %d do not increase", after[0].Seq, after[1].Seq)
+	}
+
+	// The source holds the host port until it exits.
+	if err := AddHostFwd(ctx, dstP.Monitor, port); err == nil {
+		t.Fatal("AddHostFwd succeeded while the source still holds the port")
+	}
+	if err := srcP.Monitor.Quit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := WaitGone(ctx, srcP.PID); err != nil {
+		t.Fatal(err)
+	}
+	if err := AddHostFwd(ctx, dstP.Monitor, port); err != nil {
+		t.Fatal(err)
+	}
+	url := fmt.Sprintf("http://127.0.0.1:%d/", port)
+	if body := httpGet(ctx, t, url); !strings.Contains(body, first.BootID) {
+		t.Fatalf("GET %s after migration: body lacks boot id %s: %q", url, first.BootID, body)
+	}
+	if err := RemoveHostFwd(ctx, dstP.Monitor, port); err != nil {
+		t.Fatal(err)
+	}
+	if err := RemoveHostFwd(ctx, dstP.Monitor, port); err == nil || !strings.Contains(err.Error(), "not found") {
+		t.Fatalf("removing a removed forward: err = %v, want not found", err)
+	}
+}
+
+// eventAt returns QEMU's timestamp of the first event called name.
+func eventAt(t *testing.T, events <-chan qmp.Event, name string) time.Time {
+	t.Helper()
+	timeout := time.After(5 * time.Second)
+	for {
+		select {
+		case ev, ok := <-events:
+			if !ok {
+				t.Fatalf("monitor closed before %s", name)
+			}
+			if ev.Name == name {
+				return ev.Time
+			}
+		case <-timeout:
+			t.Fatalf("no %s event", name)
+		}
+	}
+}
+
+// heartbeats connects to a guest agent socket and returns the next n
+// heartbeats.
+func heartbeats(ctx context.Context, t *testing.T, sock string, n int) []guestproto.Heartbeat {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	var conn net.Conn
+	for {
+		var err error
+		var d net.Dialer
+		if conn, err = d.DialContext(ctx, "unix", sock); err == nil {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("dial %s: %v", sock, err)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	var hbs []guestproto.Heartbeat
+	dec := guestproto.NewDecoder(conn)
+	for len(hbs) < n {
+		m, err := dec.Decode()
+		if errors.Is(err, guestproto.ErrMalformed) || errors.Is(err, guestproto.ErrVersion) {
+			continue // early-boot noise on the channel
+		}
+		if err != nil {
+			t.Fatalf("read heartbeats from %s (have %d of %d): %v", sock, len(hbs), n, errors.Join(err, ctx.Err()))
+		}
+		if m.Type == guestproto.TypeHeartbeat {
+			hbs = append(hbs, *m.Heartbeat)
+		}
+	}
+	return hbs
+}
+
+func httpGet(ctx context.Context, t *testing.T, url string) string {
+	t.Helper()
+	client := &http.Client{Timeout: 5 * time.Second}
+	var lastErr error
+	for range 10 {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := client.Do(req)
+		if err == nil {
+			b, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if err == nil && resp.StatusCode == http.StatusOK {
+				return string(b)
+			}
+			lastErr = fmt.Errorf("status %s, read %v", resp.Status, err)
+		} else {
+			lastErr = err
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("GET %s: %v", url, lastErr)
+	return ""
+}
+
+func freeTCPPort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
