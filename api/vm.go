@@ -255,3 +255,31 @@ type ExecResult struct {
 	Truncated bool   `json:"truncated,omitempty"`
 	Error     string `json:"error,omitempty"`
 }
+
+// MigrateRequest is the body of POST /v1/vms/{name}/migrate.
+type MigrateRequest struct {
+	// To names the destination host; empty lets the scheduler choose.
+	To string `json:"to,omitempty"`
+}
+
+// DrainResult reports what `host drain` did with each VM of the host.
+type DrainResult struct {
+	Host   string      `json:"host"`
+	Moved  []DrainMove `json:"moved"`
+	Stayed []DrainStay `json:"stayed"`
+}
+
+// DrainMove is a VM that left the drained host.
+type DrainMove struct {
+	VM string `json:"vm"`
+	To string `json:"to"`
+	// Live is set for a running VM migrated live; DowntimeMS is its pause.
+	Live       bool    `json:"live"`
+	DowntimeMS float64 `json:"downtime_ms,omitempty"`
+}
+
+// DrainStay is a VM that could not leave, and why.
+type DrainStay struct {
+	VM     string `json:"vm"`
+	Reason string `json:"reason"`
+}

@@ -202,6 +202,26 @@ func (c *Client) Hosts(ctx context.Context) ([]api.Host, error) {
 	return hs, err
 }
 
+// Migrate moves a VM to another host (live if it runs); to may be empty
+// to let the scheduler choose.
+func (c *Client) Migrate(ctx context.Context, vm, to string) (api.VM, error) {
+	var v api.VM
+	err := c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/migrate", api.MigrateRequest{To: to}, &v)
+	return v, err
+}
+
+// DrainHost keeps new VMs off a host and moves its VMs away.
+func (c *Client) DrainHost(ctx context.Context, host string) (api.DrainResult, error) {
+	var r api.DrainResult
+	err := c.do(ctx, http.MethodPost, "/v1/hosts/"+url.PathEscape(host)+"/drain", nil, &r)
+	return r, err
+}
+
+// EnableHost lets VMs be placed on a drained host again.
+func (c *Client) EnableHost(ctx context.Context, host string) error {
+	return c.do(ctx, http.MethodPost, "/v1/hosts/"+url.PathEscape(host)+"/enable", nil, nil)
+}
+
 // JoinToken asks the manager for a token that admits one new host.
 func (c *Client) JoinToken(ctx context.Context) (string, time.Time, error) {
 	var r struct {

@@ -26,9 +26,16 @@ func newHostCmd(g *globals) *cobra.Command {
 				return nil
 			}
 			return g.printValue(hosts, func(w io.Writer) {
-				row(w, "NAME", "STATE", "ACCEL", "CPUS", "MEMORY", "VMS", "QEMU", "HEARTBEAT")
+				row(w, "NAME", "STATE", "ACCEL", "CPUS", "MEMORY", "VMS", "POOL", "QEMU", "HEARTBEAT")
 				for _, h := range hosts {
-					row(w, h.Name, h.State, h.Accel, h.CPUs, humanSize(h.MemoryBytes), h.VMs, h.QEMUVersion, ago(h.LastHeartbeat))
+					state, pool := h.State, h.StoragePool
+					if h.Drained {
+						state += ",drained"
+					}
+					if pool == "" {
+						pool = "-"
+					}
+					row(w, h.Name, state, h.Accel, h.CPUs, humanSize(h.MemoryBytes), h.VMs, pool, h.QEMUVersion, ago(h.LastHeartbeat))
 				}
 			})
 		},
@@ -49,5 +56,77 @@ func newHostCmd(g *globals) *cobra.Command {
 			return nil
 		},
 	})
+	cmd.AddCommand(&cobra.Command{
+		Use:   "drain NAME",
+		Short: "Keep new VMs off a host and move its VMs away (running ones live)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			res, err := g.client().DrainHost(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			if g.quiet {
+				return nil
+			}
+			err = g.printValue(res, func(w io.Writer) {
+				fmt.Fprintf(w, "host %s is drained: no new VMs go there ('vigil host enable %s' undoes it)\n", res.Host, res.Host)
+				for _, mv := range res.Moved {
+					how := "moved (stopped)"
+					if mv.Live {
+						how = fmt.Sprintf("migrated live, downtime %.0f ms", mv.DowntimeMS)
+					}
+					fmt.Fprintf(w, "  %s -> %s: %s\n", mv.VM, mv.To, how)
+				}
+				for _, st := range res.Stayed {
+					fmt.Fprintf(w, "  %s stays: %s\n", st.VM, st.Reason)
+				}
+			})
+			if err == nil && len(res.Stayed) > 0 {
+				return fmt.Errorf("%d vm(s) could not leave host %s", len(res.Stayed), res.Host)
+			}
+			return err
+		},
+	})
+	cmd.AddCommand(&cobra.Command{
+		Use:   "enable NAME",
+		Short: "Let the scheduler place VMs on a drained host again",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := g.client().EnableHost(cmd.Context(), args[0]); err != nil {
+				return err
+			}
+			if !g.quiet {
+				fmt.Fprintf(g.out, "host %s takes new VMs again\n", args[0])
+			}
+			return nil
+		},
+	})
+	return cmd
+}
+
+func newVMMigrateCmd(g *globals) *cobra.Command {
+	var to string
+	cmd := &cobra.Command{
+		Use:   "migrate NAME [--to HOST]",
+		Short: "Move a VM to another host of its storage pool: live if it runs (the guest keeps running)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			vm, err := g.client().Migrate(cmd.Context(), args[0], to)
+			if err != nil {
+				return err
+			}
+			if g.quiet {
+				return nil
+			}
+			return g.printValue(vm, func(w io.Writer) {
+				fmt.Fprintf(w, "%s is on %s (%s)", vm.Name, vm.Host, vm.State)
+				if op := vm.LastOperation; op != nil && op.Action == "migrate" && vm.State == "running" {
+					fmt.Fprintf(w, ": migrated live in %.0f ms, guest paused %.0f ms", op.DurationMS, op.PausedMS)
+				}
+				fmt.Fprintln(w)
+			})
+		},
+	}
+	cmd.Flags().StringVar(&to, "to", "", "destination host (default: the scheduler picks one of the VM's pool)")
 	return cmd
 }

@@ -114,6 +114,9 @@ func newVMIncidentsCmd(g *globals) *cobra.Command {
 						ev = fmt.Sprintf("silent %.1fs, idle %.1fs, cpu %dms, disk ops %d", in.Evidence.HeartbeatSilenceS, in.Evidence.ActivitySilenceS, in.Evidence.CPUTimeMS, in.Evidence.DiskOps)
 					}
 					row(w, in.DetectedAt.Local().Format(time.DateTime), in.Kind, in.Action, back, hb, ev)
+					for _, e := range in.Timeline {
+						fmt.Fprintf(w, "    %s  %-14s %s\n", e.Time.Local().Format("15:04:05.000"), e.Event, e.Detail)
+					}
 					if console {
 						for _, l := range in.Evidence.Console {
 							fmt.Fprintln(w, "    | "+l)

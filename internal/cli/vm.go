@@ -19,7 +19,7 @@ func newVMCmd(g *globals) *cobra.Command {
 		newVMStateCmd(g, api.ActionRestart, "Stop (if running) and start a VM: a fresh boot"),
 		newVMPauseCmd(g), newVMResumeCmd(g), newVMExecCmd(g),
 		newVMIncidentsCmd(g), newVMFaultCmd(g), newVMSetCmd(g),
-		newVMDeleteCmd(g), newVMConsoleCmd(g))
+		newVMDeleteCmd(g), newVMConsoleCmd(g), newVMMigrateCmd(g))
 	return cmd
 }
 

@@ -40,6 +40,9 @@ type Config struct {
 	// (NFS, CephFS, or a shared directory on one machine): VM disks, saved
 	// states and snapshots go there, so another host can take the VM over.
 	StoragePool string
+	// MigrationHost is the address incoming live migrations listen on
+	// (default 127.0.0.1); it must be reachable from the other hosts.
+	MigrationHost string
 	Accel       string // auto, kvm or tcg
 	Image       Image
 	Logger      *slog.Logger
@@ -68,6 +71,9 @@ type Agent struct {
 func New(cfg Config) (*Agent, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.MigrationHost == "" {
+		cfg.MigrationHost = "127.0.0.1"
 	}
 	if cfg.Notify == nil {
 		cfg.Notify = func(hostproto.Event) {}

@@ -232,7 +232,10 @@ func (a *Agent) Sweep() {
 	a.mu.Lock()
 	vms := make([]*vm, 0, len(a.vms))
 	for _, v := range a.vms {
-		if !v.creating && !v.incoming && v.pooled() {
+		v.mu.Lock()
+		skip := v.creating || v.incoming || !v.pooled()
+		v.mu.Unlock()
+		if !skip {
 			vms = append(vms, v)
 		}
 	}

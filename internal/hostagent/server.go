@@ -104,6 +104,21 @@ func (a *Agent) Call(ctx context.Context, c hostproto.Call) hostproto.Reply {
 			break
 		}
 		err = a.Attach(ctx, *c.Spec)
+	case "migrate-in":
+		if c.Spec == nil {
+			err = errors.New("migrate-in needs a spec")
+			break
+		}
+		rep.URI, err = a.MigrateIn(ctx, *c.Spec)
+	case "migrate-out":
+		var st hostproto.Migration
+		if st, err = a.MigrateOut(ctx, c.VM, c.URI); err == nil {
+			rep.Migration = &st
+		}
+	case "migrate-finish":
+		err = a.MigrateFinish(ctx, c.VM)
+	case "migrate-abort":
+		err = a.MigrateAbort(ctx, c.VM)
 	case "start":
 		err = a.Start(ctx, c.VM)
 	case "stop":

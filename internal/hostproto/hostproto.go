@@ -143,6 +143,15 @@ type Call struct {
 	Exec               *api.ExecRequest `json:"exec,omitempty"`
 	HangTimeoutSeconds int              `json:"hang_timeout_seconds,omitempty"`
 	MinUptimeSeconds   int              `json:"min_uptime_seconds,omitempty"`
+	// URI is where a live migration goes (migrate-out).
+	URI string `json:"uri,omitempty"`
+}
+
+// Migration describes a finished live migration, as QEMU measured it.
+type Migration struct {
+	Total    time.Duration `json:"total"`
+	Downtime time.Duration `json:"downtime"`
+	Bytes    int64         `json:"bytes"`
 }
 
 // Reply answers a Call. Code carries the sentinel an error wraps, so the
@@ -155,6 +164,9 @@ type Reply struct {
 	Space  map[string]int64 `json:"space,omitempty"`
 	Exec   *api.ExecResult  `json:"exec_result,omitempty"`
 	Info   *api.Host        `json:"info,omitempty"`
+	// URI answers migrate-in; Migration answers migrate-out.
+	URI       string     `json:"uri,omitempty"`
+	Migration *Migration `json:"migration,omitempty"`
 }
 
 // Error codes in a Reply.

@@ -32,6 +32,7 @@ func (m *Manager) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/vms/{name}/incidents", m.handleIncidents)
 	mux.HandleFunc("POST /v1/vms/{name}/fault", m.handleFault)
 	mux.HandleFunc("PUT /v1/vms/{name}/policy", m.handlePolicy)
+	mux.HandleFunc("POST /v1/vms/{name}/migrate", m.handleMigrate)
 	mux.HandleFunc("GET /v1/vms/{name}/snapshots", m.handleSnapshotList)
 	mux.HandleFunc("POST /v1/vms/{name}/snapshots", m.handleSnapshotCreate)
 	mux.HandleFunc("POST /v1/vms/{name}/snapshots/{snap}/revert", m.handleSnapshotRevert)
@@ -43,6 +44,8 @@ func (m *Manager) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/hosts/join-tokens", m.handleJoinToken)
 	mux.HandleFunc("POST /v1/hosts/register", m.handleRegister)
 	mux.HandleFunc("POST /v1/hosts/{name}/heartbeat", m.handleHeartbeat)
+	mux.HandleFunc("POST /v1/hosts/{name}/drain", m.handleDrain)
+	mux.HandleFunc("POST /v1/hosts/{name}/enable", m.handleEnable)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, m.log, errorf(ErrNotFound, "no such endpoint %s %s: see docs/architecture.md for the API", r.Method, r.URL.Path))
 	})

@@ -47,6 +47,11 @@ type Host interface {
 	// Attach takes over a VM from the shared storage pool (its disk is
 	// there already), with the spec's epoch as the new lease.
 	Attach(ctx context.Context, spec hostproto.VMSpec) error
+	// Live migration; see hostagent/migrate.go for the protocol.
+	MigrateIn(ctx context.Context, spec hostproto.VMSpec) (uri string, err error)
+	MigrateOut(ctx context.Context, name, uri string) (hostproto.Migration, error)
+	MigrateFinish(ctx context.Context, name string) error
+	MigrateAbort(ctx context.Context, name string) error
 	SetHealth(name string, hangTimeoutSeconds, minUptimeSeconds int) error
 	Fault(ctx context.Context, name, kind string) error
 }

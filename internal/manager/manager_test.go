@@ -172,6 +172,22 @@ func (h *fakeHost) Attach(_ context.Context, spec hostproto.VMSpec) error {
 	return h.record("attach", spec.Name)
 }
 
+func (h *fakeHost) MigrateIn(_ context.Context, spec hostproto.VMSpec) (string, error) {
+	return "", h.record("migrate-in", spec.Name)
+}
+
+func (h *fakeHost) MigrateOut(_ context.Context, name, _ string) (hostproto.Migration, error) {
+	return hostproto.Migration{}, h.record("migrate-out", name)
+}
+
+func (h *fakeHost) MigrateFinish(_ context.Context, name string) error {
+	return h.record("migrate-finish", name)
+}
+
+func (h *fakeHost) MigrateAbort(_ context.Context, name string) error {
+	return h.record("migrate-abort", name)
+}
+
 func (h *fakeHost) Restart(_ context.Context, name string) error {
 	if err := h.record("restart", name); err != nil {
 		return err

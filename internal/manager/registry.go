@@ -137,6 +137,14 @@ func (h missingHost) Exec(context.Context, string, api.ExecRequest) (api.ExecRes
 }
 func (h missingHost) Restart(context.Context, string) error          { return h.err() }
 func (h missingHost) Attach(context.Context, hostproto.VMSpec) error { return h.err() }
+func (h missingHost) MigrateIn(context.Context, hostproto.VMSpec) (string, error) {
+	return "", h.err()
+}
+func (h missingHost) MigrateOut(context.Context, string, string) (hostproto.Migration, error) {
+	return hostproto.Migration{}, h.err()
+}
+func (h missingHost) MigrateFinish(context.Context, string) error { return h.err() }
+func (h missingHost) MigrateAbort(context.Context, string) error  { return h.err() }
 func (h missingHost) SetHealth(string, int, int) error               { return h.err() }
 func (h missingHost) Fault(context.Context, string, string) error    { return h.err() }
 

@@ -270,6 +270,31 @@ func (h *Host) Exec(ctx context.Context, name string, req api.ExecRequest) (api.
 	return *rep.Exec, nil
 }
 
+// MigrateIn prepares the host to receive a live migration of spec.
+func (h *Host) MigrateIn(ctx context.Context, spec hostproto.VMSpec) (string, error) {
+	rep, err := h.call(ctx, hostproto.Call{Op: "migrate-in", Spec: &spec})
+	return rep.URI, err
+}
+
+// MigrateOut sends the VM to uri and ends the local copy.
+func (h *Host) MigrateOut(ctx context.Context, name, uri string) (hostproto.Migration, error) {
+	rep, err := h.call(ctx, hostproto.Call{Op: "migrate-out", VM: name, URI: uri})
+	if err != nil || rep.Migration == nil {
+		return hostproto.Migration{}, err
+	}
+	return *rep.Migration, nil
+}
+
+// MigrateFinish makes the migrated VM this host's.
+func (h *Host) MigrateFinish(ctx context.Context, name string) error {
+	return h.simple(ctx, hostproto.Call{Op: "migrate-finish", VM: name})
+}
+
+// MigrateAbort ends an incoming migration.
+func (h *Host) MigrateAbort(ctx context.Context, name string) error {
+	return h.simple(ctx, hostproto.Call{Op: "migrate-abort", VM: name})
+}
+
 // Attach takes over a VM from the storage pool.
 func (h *Host) Attach(ctx context.Context, spec hostproto.VMSpec) error {
 	if err := h.simple(ctx, hostproto.Call{Op: "attach", Spec: &spec}); err != nil {

@@ -1,0 +1,182 @@
+package hostagent
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/qemu"
+)
+
+// Live migration between two host agents of one storage pool. The manager
+// drives it:
+//
+//	uri := dst.MigrateIn(spec with epoch+1)  // QEMU waits for the stream
+//	src.MigrateOut(name, uri)                // stream, switch over, quit
+//	dst.MigrateFinish(name)                  // guest runs; lease and port move
+//
+// The lease (owner file) moves at the end, so until then the source's copy
+// stays the VM's; if anything fails before the switchover the source keeps
+// running and MigrateAbort removes the destination's QEMU.
+
+// MigrateIn starts a QEMU for spec waiting for a live migration and returns
+// the URI the source must send to.
+func (a *Agent) MigrateIn(ctx context.Context, spec hostproto.VMSpec) (string, error) {
+	if spec.Pool == "" || spec.Pool != a.poolID {
+		return "", fmt.Errorf("migrate %s here: %w (it is in %q, this host has %q)", spec.Name, ErrWrongPool, spec.Pool, a.poolID)
+	}
+	a.mu.Lock()
+	if old, ok := a.vms[spec.Name]; ok {
+		if _, _, err := old.running(); err == nil {
+			a.mu.Unlock()
+			return "", fmt.Errorf("migrate %s here: %w", spec.Name, ErrRunning)
+		}
+	}
+	v := a.newVM(spec)
+	v.incoming = true
+	a.vms[spec.Name] = v
+	a.mu.Unlock()
+
+	fail := func(err error) (string, error) {
+		a.dropLocal(v)
+		return "", fmt.Errorf("migrate %s here: %w", spec.Name, err)
+	}
+	if err := os.MkdirAll(v.machine.Dir, 0o755); err != nil {
+		return fail(err)
+	}
+	if err := v.writeSpec(); err != nil {
+		return fail(err)
+	}
+	m := v.machine
+	m.Incoming, m.NoHostFwd = true, true
+	v.opMu.Lock()
+	defer v.opMu.Unlock()
+	p, err := v.launch(ctx, m, true)
+	if err != nil {
+		return fail(err)
+	}
+	v.attach(p)
+	uri, err := qemu.MigrateIncoming(ctx, p.Monitor, a.cfg.MigrationHost)
+	if err != nil {
+		kctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		v.killLocked(kctx, p)
+		cancel()
+		return fail(err)
+	}
+	v.log.Info("waiting for a live migration", "uri", uri, "pid", p.PID)
+	return uri, nil
+}
+
+// MigrateOut sends the running VM to uri (a destination's MigrateIn) and,
+// once the guest runs there, ends the local QEMU. The local entry stays
+// until the pool's owner file names the new host (Sweep drops it).
+func (a *Agent) MigrateOut(ctx context.Context, name, uri string) (hostproto.Migration, error) {
+	v, err := a.get(name)
+	if err != nil {
+		return hostproto.Migration{}, err
+	}
+	v.opMu.Lock()
+	defer v.opMu.Unlock()
+	p, _, err := v.running()
+	if err != nil {
+		return hostproto.Migration{}, err
+	}
+	st, err := qemu.MigrateOut(ctx, p.Monitor, uri)
+	if err != nil {
+		return hostproto.Migration{}, fmt.Errorf("migrate %s: %w", name, err)
+	}
+	stats := hostproto.Migration{Total: st.Total, Downtime: st.Downtime, Bytes: st.Bytes}
+	v.log.Info("migrated out", "to", uri, "total", stats.Total, "downtime", stats.Downtime)
+	// The guest runs on the destination now: this copy is paused for good
+	// and must go, which also frees the forwarded port for the new host.
+	v.mu.Lock()
+	v.stopping = true
+	exited := v.exited
+	v.mu.Unlock()
+	qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if err := p.Monitor.Quit(qctx); err != nil {
+		p.Kill(qctx)
+	}
+	select {
+	case <-exited:
+	case <-qctx.Done():
+		p.Kill(context.Background())
+	}
+	return stats, nil
+}
+
+// MigrateFinish waits for the incoming guest to run, takes the lease and
+// forwards the VM's port here.
+func (a *Agent) MigrateFinish(ctx context.Context, name string) error {
+	v, err := a.get(name)
+	if err != nil {
+		return err
+	}
+	v.opMu.Lock()
+	defer v.opMu.Unlock()
+	p, _, err := v.running()
+	if err != nil {
+		return fmt.Errorf("finish migration of %s: %w", name, err)
+	}
+	if err := qemu.WaitIncoming(ctx, p.Monitor); err != nil {
+		return fmt.Errorf("finish migration of %s: %w", name, err)
+	}
+	v.mu.Lock()
+	epoch := v.spec.Epoch
+	v.incoming = false
+	v.mu.Unlock()
+	if err := v.writeOwner(epoch); err != nil {
+		return fmt.Errorf("finish migration of %s: %w", name, err)
+	}
+	// The source quit before this call, but its port may take a moment to
+	// be released by the kernel.
+	var ferr error
+	for i := 0; i < 50; i++ {
+		if ferr = qemu.AddHostFwd(ctx, p.Monitor, v.spec.HostPort); ferr == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if ferr != nil {
+		v.log.Warn("the guest runs here but its endpoint could not be forwarded", "port", v.spec.HostPort, "err", ferr)
+	}
+	v.setRunState("running")
+	v.log.Info("migration finished: the vm runs here", "epoch", epoch)
+	a.notify(name, hostproto.EventStarted, true, fmt.Sprintf("pid %d, by live migration", p.PID))
+	return ferr
+}
+
+// MigrateAbort ends an incoming migration that will not complete: its
+// QEMU is killed and the local entry dropped. The pool is not touched.
+func (a *Agent) MigrateAbort(ctx context.Context, name string) error {
+	v, err := a.get(name)
+	if err != nil {
+		return nil
+	}
+	v.mu.Lock()
+	incoming := v.incoming
+	v.mu.Unlock()
+	if !incoming {
+		return fmt.Errorf("abort migration of %s: it is not migrating to this host", name)
+	}
+	v.opMu.Lock()
+	if p, _, err := v.running(); err == nil {
+		v.killLocked(ctx, p)
+	}
+	v.opMu.Unlock()
+	a.dropLocal(v)
+	return nil
+}
+
+// dropLocal forgets v and removes its run directory.
+func (a *Agent) dropLocal(v *vm) {
+	a.mu.Lock()
+	if a.vms[v.spec.Name] == v {
+		delete(a.vms, v.spec.Name)
+	}
+	a.mu.Unlock()
+	os.RemoveAll(v.machine.Dir)
+}
