@@ -43,9 +43,9 @@ type Config struct {
 	// MigrationHost is the address incoming live migrations listen on
 	// (default 127.0.0.1); it must be reachable from the other hosts.
 	MigrationHost string
-	Accel       string // auto, kvm or tcg
-	Image       Image
-	Logger      *slog.Logger
+	Accel         string // auto, kvm or tcg
+	Image         Image
+	Logger        *slog.Logger
 	// Notify receives every host event. It is called from the agent's
 	// goroutines and must not block for long.
 	Notify func(hostproto.Event)

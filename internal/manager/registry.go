@@ -145,7 +145,7 @@ func (h missingHost) MigrateOut(context.Context, string, string) (hostproto.Migr
 }
 func (h missingHost) MigrateFinish(context.Context, string) error { return h.err() }
 func (h missingHost) MigrateAbort(context.Context, string) error  { return h.err() }
-func (h missingHost) SetHealth(string, int, int) error               { return h.err() }
-func (h missingHost) Fault(context.Context, string, string) error    { return h.err() }
+func (h missingHost) SetHealth(string, int, int) error            { return h.err() }
+func (h missingHost) Fault(context.Context, string, string) error { return h.err() }
 
 var _ Host = missingHost("")
