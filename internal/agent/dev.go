@@ -135,7 +135,7 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 // hostSetup is what a host agent needs, in dev and in host mode alike.
 type hostSetup struct {
 	name, dataDir, accel, imageDir, guestAgent string
-	storagePool                                string
+	storagePool, migrationHost                 string
 	progress                                   func(string)
 	log                                        *slog.Logger
 	notify                                     func(hostproto.Event)
@@ -149,7 +149,7 @@ func newHostAgent(ctx context.Context, s hostSetup) (*hostagent.Agent, error) {
 		return nil, err
 	}
 	return hostagent.New(hostagent.Config{
-		Name: s.name, DataDir: filepath.Join(s.dataDir, "host"), Accel: s.accel, StoragePool: s.storagePool,
+		Name: s.name, DataDir: filepath.Join(s.dataDir, "host"), Accel: s.accel, StoragePool: s.storagePool, MigrationHost: s.migrationHost,
 		Image:  hostagent.Image{Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: img.Cmdline},
 		Logger: s.log, Notify: s.notify,
 	})

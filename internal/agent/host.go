@@ -71,7 +71,9 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 
 	out := &outbox{wake: make(chan struct{}, 1)}
 	host, err := newHostAgent(ctx, hostSetup{name: cfg.Name, dataDir: cfg.DataDir, accel: cfg.Accel, imageDir: cfg.ImageDir,
-		guestAgent: cfg.GuestAgent, progress: cfg.Progress, log: log, notify: out.add, storagePool: cfg.StoragePool})
+		guestAgent: cfg.GuestAgent, progress: cfg.Progress, log: log, notify: out.add, storagePool: cfg.StoragePool,
+		// Live migrations come in on the address the managers reach us at.
+		migrationHost: ln.Addr().(*net.TCPAddr).IP.String()})
 	if err != nil {
 		return err
 	}
@@ -79,7 +81,7 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 		return err
 	}
 	j := &joiner{cfg: cfg, log: log.With("host", cfg.Name), addr: ln.Addr().String(), host: host, out: out,
-		secretPath: filepath.Join(cfg.DataDir, "host-secret"), http: &http.Client{Timeout: 2 * time.Second}, lastAck: time.Now()}
+		secretPath: filepath.Join(cfg.DataDir, "host-secret"), http: &http.Client{Timeout: 3 * time.Second}, lastAck: time.Now()}
 	j.loadSecret()
 
 	srv := &http.Server{Handler: host.Handler(j.currentSecret), ReadHeaderTimeout: 10 * time.Second}

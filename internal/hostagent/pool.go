@@ -189,14 +189,18 @@ func (v *vm) writeSpec() error {
 	return atomicfile.WriteFile(filepath.Join(v.machine.Dir, "spec.json"), b, 0o644)
 }
 
-// Fence kills every VM on this host, at once. A host that lost every
-// manager does it before the managers may restart its VMs elsewhere, so
-// a VM never runs twice.
+// Fence kills every pooled VM on this host, at once. A host that lost
+// every manager does it before the managers may restart those VMs
+// elsewhere, so a VM never runs twice. VMs on local storage are left
+// running: no other host can start them, so killing them would protect
+// nothing and only turn a manager outage into a VM outage.
 func (a *Agent) Fence(reason string) int {
 	a.mu.Lock()
 	vms := make([]*vm, 0, len(a.vms))
 	for _, v := range a.vms {
-		vms = append(vms, v)
+		if v.pooled() {
+			vms = append(vms, v)
+		}
 	}
 	a.mu.Unlock()
 	n := 0
