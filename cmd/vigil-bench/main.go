@@ -28,7 +28,7 @@ func main() {
 	out := flag.String("out", "", "also write the report to this Markdown file")
 	runs := flag.Int("runs", 5, "boots per start-latency series")
 	listRuns := flag.Int("list-runs", 100, "requests per list-latency series")
-	only := flag.String("only", "", "comma-separated sections to run: start,state,snapshot,recovery,managers,list (default all)")
+	only := flag.String("only", "", "comma-separated sections to run: start,state,snapshot,recovery,managers,hostdeath,migrate,list (default all)")
 	flag.Parse()
 	if err := run(*out, *runs, *listRuns, *only); err != nil {
 		fmt.Fprintln(os.Stderr, "vigil-bench:", err)
@@ -90,6 +90,8 @@ func run(outPath string, runs, listRuns int, only string) error {
 		{"snapshot", b.snapshots},
 		{"recovery", b.recovery},
 		{"managers", b.managers},
+		{"hostdeath", b.hostDeath},
+		{"migrate", b.migrate},
 		{"list", func(ctx context.Context) ([]row, error) {
 			return benchList(ctx, c, filepath.Join(binDir, "vigil"), addr, listRuns)
 		}},

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/vigil-project/vigil/api"
@@ -94,9 +95,11 @@ func (m *Manager) declareDead(ctx context.Context, h *remotehost.Host, last time
 	return nil
 }
 
-// evacuateAll acts on every VM whose host is dead, and on every failover
-// still starting. It is level-based, so a leader taking over in the middle
-// of a failover finishes it.
+// evacuateAll moves every VM off dead hosts, then starts every VM whose
+// failover is under way. It is level-based, so a leader taking over in the
+// middle of a failover finishes it. Placement goes one VM at a time (each
+// sees the reservations of the ones before); the starts, the slow part,
+// go in parallel.
 func (m *Manager) evacuateAll(ctx context.Context) {
 	rs, err := m.records(ctx)
 	if err != nil {
@@ -104,13 +107,44 @@ func (m *Manager) evacuateAll(ctx context.Context) {
 	}
 	for _, s := range rs {
 		r := s.rec
-		if r.Failover == nil && m.hostNamed(r.Host).Info().State != "dead" {
+		if r.Failover != nil || m.hostNamed(r.Host).Info().State != "dead" {
 			continue
 		}
 		if err := m.evacuate(ctx, r.Spec.Name); err != nil && !errors.Is(err, ErrBusy) {
 			m.log.Warn("failover", "vm", r.Spec.Name, "err", err)
 		}
 	}
+	if rs, err = m.records(ctx); err != nil {
+		return
+	}
+	var wg sync.WaitGroup
+	for _, s := range rs {
+		if s.rec.Failover == nil {
+			continue
+		}
+		wg.Add(1)
+		go func(name string) {
+			defer wg.Done()
+			if err := m.restartMoved(ctx, name); err != nil && !errors.Is(err, ErrBusy) {
+				m.log.Warn("failover", "vm", name, "err", err)
+			}
+		}(s.rec.Spec.Name)
+	}
+	wg.Wait()
+}
+
+// restartMoved goes on with the failover of one moved VM.
+func (m *Manager) restartMoved(ctx context.Context, name string) error {
+	unlock, err := m.lock(name)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	r, rev, err := m.load(ctx, name)
+	if err != nil || r.Failover == nil {
+		return err
+	}
+	return m.finishFailover(ctx, &r, rev)
 }
 
 // hostDeath is what the store says about a dead host.
@@ -122,8 +156,9 @@ func (m *Manager) hostDeath(ctx context.Context, name string) (hostRecord, bool)
 	return rec, true
 }
 
-// evacuate moves one VM off its dead host, or goes on starting it where it
-// was moved.
+// evacuate moves one VM off its dead host: a new host of its pool takes
+// the lease, and a VM that should run is marked for restart there
+// (restartMoved starts it).
 func (m *Manager) evacuate(ctx context.Context, name string) error {
 	unlock, err := m.lock(name)
 	if err != nil {
@@ -131,11 +166,8 @@ func (m *Manager) evacuate(ctx context.Context, name string) error {
 	}
 	defer unlock()
 	r, rev, err := m.load(ctx, name)
-	if err != nil {
+	if err != nil || r.Failover != nil {
 		return err
-	}
-	if r.Failover != nil {
-		return m.finishFailover(ctx, &r, rev)
 	}
 	death, dead := m.hostDeath(ctx, r.Host)
 	if !dead || r.State == api.StateDeleting || r.State == api.StateCreating {
@@ -211,11 +243,8 @@ func (m *Manager) evacuate(ctx context.Context, name string) error {
 		m.log.Error("record incident", "vm", name, "err", err)
 	}
 	r.Failover = &failover{Incident: inc.ID, From: from}
-	rev, err = m.setState(ctx, &r, rev, api.StateRecovering, fmt.Sprintf("host %s is dead; restarting on %s", from, target))
-	if err != nil {
-		return err
-	}
-	return m.finishFailover(ctx, &r, rev)
+	_, err = m.setState(ctx, &r, rev, api.StateRecovering, fmt.Sprintf("host %s is dead; restarting on %s", from, target))
+	return err
 }
 
 // failover is a VM's move off a dead host, while it starts on the new one.
