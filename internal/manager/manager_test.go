@@ -30,6 +30,7 @@ type fakeHost struct {
 	failNext  map[string]error
 	calls     []string
 	stopDelay time.Duration
+	pool      string // storage pool id it reports
 }
 
 func newFakeHost() *fakeHost {
@@ -38,7 +39,7 @@ func newFakeHost() *fakeHost {
 
 func (h *fakeHost) Name() string { return "h1" }
 func (h *fakeHost) Info() api.Host {
-	return api.Host{Name: "h1", State: "up", MemoryBytes: 64 << 30, CPUs: 16}
+	return api.Host{Name: "h1", State: "up", MemoryBytes: 64 << 30, CPUs: 16, StoragePool: h.pool}
 }
 
 func (h *fakeHost) record(op, name string) error {
@@ -169,7 +170,13 @@ func (h *fakeHost) Exec(_ context.Context, name string, req api.ExecRequest) (ap
 	return api.ExecResult{Output: req.Command}, h.record("exec", name)
 }
 func (h *fakeHost) Attach(_ context.Context, spec hostproto.VMSpec) error {
-	return h.record("attach", spec.Name)
+	if err := h.record("attach", spec.Name); err != nil {
+		return err
+	}
+	h.mu.Lock()
+	h.vms[spec.Name] = false
+	h.mu.Unlock()
+	return nil
 }
 
 func (h *fakeHost) MigrateIn(_ context.Context, spec hostproto.VMSpec) (string, error) {

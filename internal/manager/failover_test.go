@@ -1,0 +1,153 @@
+package manager
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/remotehost"
+)
+
+// deadHost registers a remote host h0 of pool p1 whose last heartbeat was
+// silence ago.
+func deadHost(t *testing.T, m *Manager, silence time.Duration) *remotehost.Host {
+	t.Helper()
+	h := remotehost.New("h0", "127.0.0.1:1", "secret")
+	h.HeartbeatAt(hostproto.Heartbeat{Info: api.Host{Name: "h0", MemoryBytes: 64 << 30, CPUs: 16, StoragePool: "p1"}}, time.Now().Add(-silence))
+	m.AddHost(h)
+	if err := m.store.Put(context.Background(), "hosts/h0", hostRecord{Name: "h0", Secret: "secret", SecretHash: hashHex("secret"), FenceAfterMS: 5000}); err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
+func TestDetectDeaths(t *testing.T) {
+	tests := []struct {
+		name        string
+		silence     time.Duration
+		leaderSince time.Duration // ago
+		wantDead    bool
+	}{
+		{"silent past the limit", 20 * time.Second, time.Minute, true},
+		{"heartbeating", 500 * time.Millisecond, time.Minute, false},
+		{"a new leader gives hosts time to report first", 20 * time.Second, time.Second, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m, _ := newTestManager(t)
+			m.deadAfter = 8 * time.Second
+			h := deadHost(t, m, tt.silence)
+			m.leaderSince.Store(time.Now().Add(-tt.leaderSince).UnixNano())
+			m.detectDeaths(context.Background())
+			if got := !h.DeadAt().IsZero(); got != tt.wantDead {
+				t.Fatalf("declared dead = %v, want %v", got, tt.wantDead)
+			}
+			death, dead := m.hostDeath(context.Background(), "h0")
+			if dead != tt.wantDead {
+				t.Fatalf("store says dead = %v, want %v", dead, tt.wantDead)
+			}
+			if !dead {
+				return
+			}
+			if death.LastHeartbeat.IsZero() || h.Info().State != "dead" {
+				t.Fatalf("death record %+v, state %s", death, h.Info().State)
+			}
+			err := m.Heartbeat("h0", "Bearer secret", hostproto.Heartbeat{})
+			if !errors.Is(err, ErrGone) {
+				t.Fatalf("heartbeat of a dead host: %v, want ErrGone", err)
+			}
+		})
+	}
+}
+
+// TestEvacuate moves the VMs of a dead host: pooled ones to a host of the
+// pool under a new epoch (started only if they should run and may be
+// restarted), a local one stays stranded.
+func TestEvacuate(t *testing.T) {
+	m, target := newTestManager(t)
+	target.pool = "p1"
+	m.deadAfter = time.Second
+	deadHost(t, m, time.Minute)
+	m.leaderSince.Store(time.Now().Add(-time.Minute).UnixNano())
+	ctx := context.Background()
+	vm := func(name, pool, desired string, state api.VMState, recovery string) {
+		r := record{Spec: hostproto.VMSpec{Name: name, Pool: pool, Epoch: 1, MemoryBytes: 128 << 20, CPUs: 1, HostPort: 30000 + len(name)},
+			Host: "h0", Desired: desired, State: state, Policy: api.RecoveryPolicy{Recovery: recovery}}
+		if _, err := m.store.Create(ctx, vmKey(name), r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	vm("web", "p1", desiredRunning, api.StateRunning, "")
+	vm("local", "", desiredRunning, api.StateRunning, "")
+	vm("cold", "p1", desiredStopped, api.StateStopped, "")
+	vm("manual", "p1", desiredRunning, api.StateRunning, "none")
+
+	m.detectDeaths(ctx)
+	m.evacuateAll(ctx)
+
+	tests := []struct {
+		vm        string
+		host      string
+		epoch     int64
+		state     api.VMState
+		msg       string
+		started   bool
+		incidents int
+	}{
+		{"web", "h1", 2, api.StateRunning, "restarted on h1 after host h0 died", true, 1},
+		{"local", "h0", 1, api.StateCrashed, "local storage", false, 0},
+		{"cold", "h1", 2, api.StateStopped, "moved from dead host h0", false, 0},
+		{"manual", "h1", 2, api.StateCrashed, "recovery is off", false, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.vm, func(t *testing.T) {
+			r, _, err := m.load(ctx, tt.vm)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.Host != tt.host || r.Spec.Epoch != tt.epoch || r.State != tt.state || !strings.Contains(r.Message, tt.msg) || r.Failover != nil {
+				t.Fatalf("record: host %s epoch %d state %s message %q failover %+v; want %s %d %s %q",
+					r.Host, r.Spec.Epoch, r.State, r.Message, r.Failover, tt.host, tt.epoch, tt.state, tt.msg)
+			}
+			if got := slices.Contains(target.calls, "start "+tt.vm); got != tt.started {
+				t.Fatalf("started on the new host = %v, want %v (calls %v)", got, tt.started, target.calls)
+			}
+			incs, err := m.Incidents(ctx, tt.vm)
+			if err != nil || len(incs) != tt.incidents {
+				t.Fatalf("incidents %+v, %v; want %d", incs, err, tt.incidents)
+			}
+			if tt.incidents == 0 {
+				return
+			}
+			var steps []string
+			for _, e := range incs[0].Timeline {
+				steps = append(steps, e.Event)
+			}
+			want := []string{"last heartbeat", "fenced", "declared dead", "moved", "restarted"}
+			if incs[0].Kind != hostproto.IncidentHostFailure || !slices.Equal(steps, want) {
+				t.Fatalf("incident %s with timeline %v; want host-failure with %v", incs[0].Kind, steps, want)
+			}
+		})
+	}
+
+	// A refused start is kept on the timeline and retried on the next pass.
+	vm("retry", "p1", desiredRunning, api.StateRunning, "")
+	target.failNext["start"] = errors.New("disk in use")
+	m.evacuateAll(ctx)
+	if r, _, _ := m.load(ctx, "retry"); r.State != api.StateRecovering || r.Failover == nil || !strings.Contains(r.Message, "disk in use") {
+		t.Fatalf("after a refused start: %s %q %+v", r.State, r.Message, r.Failover)
+	}
+	m.evacuateAll(ctx)
+	if r, _, _ := m.load(ctx, "retry"); r.State != api.StateRunning || r.Host != "h1" {
+		t.Fatalf("after the retry: %s on %s", r.State, r.Host)
+	}
+	incs, _ := m.Incidents(ctx, "retry")
+	if len(incs) != 1 || !slices.ContainsFunc(incs[0].Timeline, func(e api.TimelineEntry) bool { return e.Event == "start refused" }) {
+		t.Fatalf("refusal not on the timeline: %+v", incs)
+	}
+}
