@@ -172,25 +172,39 @@ func (j *joiner) fenceIfCut(reason string) {
 	j.mu.Lock()
 	silent := time.Since(j.lastAck)
 	j.mu.Unlock()
-	if j.fenced || (reason == "" && silent <= j.cfg.FenceAfter) {
+	if reason == "" && silent <= j.cfg.FenceAfter {
 		return
 	}
 	if reason == "" {
 		reason = fmt.Sprintf("no manager answered for %s (fence time %s)", silent.Round(100*time.Millisecond), j.cfg.FenceAfter)
 	}
+	// Cut off: no pooled VM may start here until a manager hears from us,
+	// and any that runs is killed (on every check, not once: a request that
+	// raced the fence must not leave a copy running).
+	j.host.SetCutOff(true)
 	n := j.host.Fence(reason)
+	if !j.fenced || n > 0 {
+		j.log.Warn("fenced: killed this host's pooled vms", "vms", n, "reason", reason)
+	}
 	j.fenced = true
-	j.log.Warn("fenced: killed this host's vms", "vms", n, "reason", reason)
 }
 
-// acked records a heartbeat a manager took.
-func (j *joiner) acked() {
+// acked records that a manager took a heartbeat sent at sent. The time of
+// sending, not of the answer, is what the manager saw: a slow answer (or
+// one that arrives after a SIGSTOP) must not stretch the fencing deadline.
+func (j *joiner) acked(sent time.Time) {
 	j.fenceMu.Lock()
-	j.fenced = false
-	j.fenceMu.Unlock()
+	defer j.fenceMu.Unlock()
 	j.mu.Lock()
-	j.lastAck = time.Now()
+	if sent.After(j.lastAck) {
+		j.lastAck = sent
+	}
+	silent := time.Since(j.lastAck)
 	j.mu.Unlock()
+	if silent <= j.cfg.FenceAfter {
+		j.fenced = false
+		j.host.SetCutOff(false)
+	}
 }
 
 // watchdog fences even while a heartbeat call hangs.
@@ -354,10 +368,11 @@ func (j *joiner) register(ctx context.Context) error {
 func (j *joiner) heartbeat(ctx context.Context) error {
 	ev := j.out.take()
 	hb := hostproto.Heartbeat{Info: j.host.Info(), Statuses: j.host.Statuses(), Events: ev}
+	sent := time.Now()
 	if err := j.post(ctx, "/v1/hosts/"+j.cfg.Name+"/heartbeat", hb, nil, j.currentSecret()); err != nil {
 		j.out.putBack(ev)
 		return err
 	}
-	j.acked()
+	j.acked(sent)
 	return nil
 }

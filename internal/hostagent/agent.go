@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vigil-project/vigil/api"
@@ -58,6 +59,7 @@ type Agent struct {
 	qemuBin string
 	qemuVer string
 	poolID  string
+	cutOff  atomic.Bool // see SetCutOff
 	log     *slog.Logger
 
 	mu  sync.Mutex

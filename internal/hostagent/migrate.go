@@ -43,6 +43,9 @@ func (a *Agent) MigrateIn(ctx context.Context, spec hostproto.VMSpec) (string, e
 		a.dropLocal(v)
 		return "", fmt.Errorf("migrate %s here: %w", spec.Name, err)
 	}
+	if o, err := v.readOwner(); err != nil || o.Epoch >= spec.Epoch {
+		return fail(fmt.Errorf("%w: the pool's owner file does not allow epoch %d (%+v, %v)", ErrNotOwner, spec.Epoch, o, err))
+	}
 	if err := os.MkdirAll(v.machine.Dir, 0o755); err != nil {
 		return fail(err)
 	}
@@ -121,15 +124,22 @@ func (a *Agent) MigrateFinish(ctx context.Context, name string) error {
 	if err != nil {
 		return fmt.Errorf("finish migration of %s: %w", name, err)
 	}
-	if err := qemu.WaitIncoming(ctx, p.Monitor); err != nil {
-		return fmt.Errorf("finish migration of %s: %w", name, err)
-	}
+	werr := qemu.WaitIncoming(ctx, p.Monitor)
+	// The source has handed over and quit before this call: from here this
+	// host holds the VM, whatever state its guest is in, so that the VM can
+	// at least be started again here.
 	v.mu.Lock()
 	epoch := v.spec.Epoch
 	v.incoming = false
 	v.mu.Unlock()
-	if err := v.writeOwner(epoch); err != nil {
+	if err := v.claim(epoch); err != nil {
 		return fmt.Errorf("finish migration of %s: %w", name, err)
+	}
+	if werr != nil {
+		kctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		v.killLocked(kctx, p)
+		cancel()
+		return fmt.Errorf("finish migration of %s: %w (its qemu here was ended; start the vm again)", name, werr)
 	}
 	// The source quit before this call, but its port may take a moment to
 	// be released by the kernel.
@@ -163,20 +173,27 @@ func (a *Agent) MigrateAbort(ctx context.Context, name string) error {
 		return fmt.Errorf("abort migration of %s: it is not migrating to this host", name)
 	}
 	v.opMu.Lock()
+	defer v.opMu.Unlock()
 	if p, _, err := v.running(); err == nil {
+		// A destination that runs the guest has it: the migration
+		// completed after all, and killing it would lose the VM.
+		if st, err := p.Monitor.QueryStatus(ctx); err == nil && st.Status != "inmigrate" {
+			return fmt.Errorf("abort migration of %s: the guest already runs here (%s): finish the migration instead", name, st.Status)
+		}
 		v.killLocked(ctx, p)
 	}
-	v.opMu.Unlock()
 	a.dropLocal(v)
 	return nil
 }
 
-// dropLocal forgets v and removes its run directory.
+// dropLocal forgets v and removes its run directory, unless another entry
+// of the same name (a VM that came back meanwhile) has replaced it.
 func (a *Agent) dropLocal(v *vm) {
 	a.mu.Lock()
-	if a.vms[v.spec.Name] == v {
-		delete(a.vms, v.spec.Name)
+	defer a.mu.Unlock()
+	if cur, ok := a.vms[v.spec.Name]; ok && cur != v {
+		return
 	}
-	a.mu.Unlock()
+	delete(a.vms, v.spec.Name)
 	os.RemoveAll(v.machine.Dir)
 }

@@ -11,6 +11,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vigil-project/vigil/internal/atomicfile"
@@ -96,6 +98,15 @@ func (v *vm) readOwner() (owner, error) {
 	return o, nil
 }
 
+// claim takes the lease with epoch, refusing if another host already holds
+// this epoch or a later one (two managers handing the VM out at once).
+func (v *vm) claim(epoch int64) error {
+	if o, err := v.readOwner(); err == nil && (o.Epoch > epoch || o.Epoch == epoch && o.Host != v.agent.cfg.Name) {
+		return fmt.Errorf("%s: %w: host %s holds epoch %d (this host was given %d)", v.spec.Name, ErrNotOwner, o.Host, o.Epoch, epoch)
+	}
+	return v.writeOwner(epoch)
+}
+
 func (v *vm) writeOwner(epoch int64) error {
 	o := owner{Host: v.agent.cfg.Name, Epoch: epoch, Since: time.Now().UTC()}
 	o.CRC = o.sum()
@@ -126,6 +137,11 @@ func (v *vm) checkOwner() error {
 // QEMU has its disk open. An incoming live migration skips both: its QEMU
 // opens the disk inactive, and the lease changes hands when it completes.
 func (v *vm) launch(ctx context.Context, m qemu.Machine, migrating bool) (*qemu.Process, error) {
+	if v.pooled() {
+		if err := v.agent.refuseIfCutOff("start " + v.spec.Name); err != nil {
+			return nil, err
+		}
+	}
 	if !migrating {
 		if err := v.checkOwner(); err != nil {
 			return nil, err
@@ -151,6 +167,9 @@ func (a *Agent) Attach(ctx context.Context, spec hostproto.VMSpec) error {
 	if spec.Pool != a.poolID {
 		return fmt.Errorf("attach %s: %w (it is in %s, this host has %q)", spec.Name, ErrWrongPool, spec.Pool, a.poolID)
 	}
+	if err := a.refuseIfCutOff("attach " + spec.Name); err != nil {
+		return err
+	}
 	a.mu.Lock()
 	old, ok := a.vms[spec.Name]
 	a.mu.Unlock()
@@ -163,8 +182,8 @@ func (a *Agent) Attach(ctx context.Context, spec hostproto.VMSpec) error {
 	if _, err := os.Stat(v.machine.Disk); err != nil {
 		return fmt.Errorf("attach %s: its disk is missing from the pool: %w", spec.Name, err)
 	}
-	if o, err := v.readOwner(); err == nil && o.Epoch > spec.Epoch {
-		return fmt.Errorf("attach %s: %w: host %s holds a later epoch (%d > %d)", spec.Name, ErrNotOwner, o.Host, o.Epoch, spec.Epoch)
+	if o, err := v.readOwner(); err == nil && (o.Epoch > spec.Epoch || o.Epoch == spec.Epoch && o.Host != a.cfg.Name) {
+		return fmt.Errorf("attach %s: %w: host %s holds epoch %d (this host was given %d)", spec.Name, ErrNotOwner, o.Host, o.Epoch, spec.Epoch)
 	}
 	if err := os.MkdirAll(v.machine.Dir, 0o755); err != nil {
 		return fmt.Errorf("attach %s: %w", spec.Name, err)
@@ -172,7 +191,7 @@ func (a *Agent) Attach(ctx context.Context, spec hostproto.VMSpec) error {
 	if err := v.writeSpec(); err != nil {
 		return fmt.Errorf("attach %s: %w", spec.Name, err)
 	}
-	if err := v.writeOwner(spec.Epoch); err != nil {
+	if err := v.claim(spec.Epoch); err != nil {
 		return fmt.Errorf("attach %s: %w", spec.Name, err)
 	}
 	a.mu.Lock()
@@ -189,6 +208,18 @@ func (v *vm) writeSpec() error {
 	return atomicfile.WriteFile(filepath.Join(v.machine.Dir, "spec.json"), b, 0o644)
 }
 
+// SetCutOff records whether this host has lost every manager. While it is
+// cut off it starts no pooled VM (start, attach, incoming migration): the
+// managers may be giving those VMs to other hosts.
+func (a *Agent) SetCutOff(b bool) { a.cutOff.Store(b) }
+
+func (a *Agent) refuseIfCutOff(what string) error {
+	if a.cutOff.Load() {
+		return fmt.Errorf("%s: this host has lost contact with every manager and fenced its pooled vms; it starts none until a manager hears from it again", what)
+	}
+	return nil
+}
+
 // Fence kills every pooled VM on this host, at once. A host that lost
 // every manager does it before the managers may restart those VMs
 // elsewhere, so a VM never runs twice. VMs on local storage are left
@@ -203,7 +234,11 @@ func (a *Agent) Fence(reason string) int {
 		}
 	}
 	a.mu.Unlock()
-	n := 0
+	// All at once: one slow kill must not delay the others past the
+	// moment the managers may restart them elsewhere. No opMu: an
+	// operation in progress must not delay a fence either.
+	var wg sync.WaitGroup
+	var n atomic.Int32
 	for _, v := range vms {
 		v.mu.Lock()
 		p := v.proc
@@ -215,17 +250,21 @@ func (a *Agent) Fence(reason string) int {
 		if p == nil {
 			continue
 		}
-		// No opMu: an operation in progress must not delay a fence.
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		if err := p.Kill(ctx); err != nil {
-			v.log.Error("fence: kill qemu", "pid", p.PID, "err", err)
-		} else {
-			n++
-		}
-		cancel()
-		v.log.Warn("fenced: qemu killed", "pid", p.PID, "reason", reason)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if err := p.Kill(ctx); err != nil {
+				v.log.Error("fence: kill qemu", "pid", p.PID, "err", err)
+				return
+			}
+			n.Add(1)
+			v.log.Warn("fenced: qemu killed", "pid", p.PID, "reason", reason)
+		}()
 	}
-	return n
+	wg.Wait()
+	return int(n.Load())
 }
 
 // Sweep lets go of pooled VMs that another host owns now (a failover or a
@@ -233,6 +272,14 @@ func (a *Agent) Fence(reason string) int {
 // a copy still running is killed, and the local entry goes. The VM's files
 // in the pool are not touched.
 func (a *Agent) Sweep() {
+	// A pool that is not mounted (or another one) would make every VM look
+	// deleted: sweep only while the pool is the one this host joined.
+	if id, err := os.ReadFile(filepath.Join(a.cfg.StoragePool, poolIDFile)); err != nil || strings.TrimSpace(string(id)) != a.poolID {
+		if a.poolID != "" {
+			a.log.Warn("storage pool not readable or not ours: not sweeping", "pool", a.cfg.StoragePool, "err", err)
+		}
+		return
+	}
 	a.mu.Lock()
 	vms := make([]*vm, 0, len(a.vms))
 	for _, v := range a.vms {
@@ -258,12 +305,7 @@ func (a *Agent) Sweep() {
 			v.killLocked(ctx, p)
 			cancel()
 		}
-		a.mu.Lock()
-		if a.vms[v.spec.Name] == v {
-			delete(a.vms, v.spec.Name)
-		}
-		a.mu.Unlock()
-		os.RemoveAll(v.machine.Dir)
+		a.dropLocal(v)
 		v.opMu.Unlock()
 		v.log.Warn("dropped a vm another host owns now", "why", why)
 		a.notify(v.spec.Name, hostproto.EventDropped, true, why)

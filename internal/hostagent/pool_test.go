@@ -49,7 +49,7 @@ func TestPoolOwnership(t *testing.T) {
 		{"same epoch is no takeover", 0, id, ""},
 		{"wrong pool", 2, "pool-other", "storage pool is not mounted"},
 		{"later epoch takes over", 2, id, ""},
-		{"an older epoch cannot take it back", 1, id, "later epoch"},
+		{"an older epoch cannot take it back", 1, id, "holds epoch 2"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -4,12 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
 	"time"
 
 	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/internal/hostproto"
 	"github.com/vigil-project/vigil/internal/remotehost"
+	"github.com/vigil-project/vigil/internal/store"
 )
 
 // DefaultHostDeadAfter is how long a host may miss heartbeats before the
@@ -83,9 +83,26 @@ func (m *Manager) declareDead(ctx context.Context, h *remotehost.Host, last time
 	if err != nil {
 		return err
 	}
+	// Judge on the stored status, not this manager's copy of it: another
+	// manager may have taken a heartbeat this one has not seen yet.
+	var st hostStatusRecord
+	srev, err := m.store.Get(ctx, "hoststatus/"+h.Name(), &st)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		srev = 0
+	case err != nil:
+		return err
+	case time.Since(st.Seen) <= m.deadAfter:
+		h.Seen(st.Seen)
+		return nil
+	default:
+		last = st.Seen
+	}
 	now := time.Now().UTC()
 	rec.DeadAt, rec.LastHeartbeat = &now, last
-	if _, err := m.store.Update(ctx, "hosts/"+h.Name(), rev, rec); err != nil {
+	// Only if no heartbeat was stored since the status was read (see
+	// Heartbeat), and nobody else changed the host's record.
+	if err := m.store.PutIfBoth(ctx, "hosts/"+h.Name(), rev, rec, "hoststatus/"+h.Name(), srev); err != nil {
 		return err
 	}
 	h.SetDead(now)
@@ -107,7 +124,7 @@ func (m *Manager) evacuateAll(ctx context.Context) {
 	}
 	for _, s := range rs {
 		r := s.rec
-		if r.Failover != nil || m.hostNamed(r.Host).Info().State != "dead" {
+		if m.hostNamed(r.Host).Info().State != "dead" {
 			continue
 		}
 		if err := m.evacuate(ctx, r.Spec.Name); err != nil && !errors.Is(err, ErrBusy) {
@@ -117,21 +134,23 @@ func (m *Manager) evacuateAll(ctx context.Context) {
 	if rs, err = m.records(ctx); err != nil {
 		return
 	}
-	var wg sync.WaitGroup
+	// Not waited for: a start that hangs (a frozen new host) must not stop
+	// the detection of further deaths. The VM's lock keeps a second pass
+	// from starting it again meanwhile.
 	for _, s := range rs {
 		if s.rec.Failover == nil {
 			continue
 		}
-		wg.Add(1)
 		go func(name string) {
-			defer wg.Done()
 			if err := m.restartMoved(ctx, name); err != nil && !errors.Is(err, ErrBusy) {
 				m.log.Warn("failover", "vm", name, "err", err)
 			}
 		}(s.rec.Spec.Name)
 	}
-	wg.Wait()
 }
+
+// hostCallTimeout bounds one call to a host during a failover.
+const hostCallTimeout = 30 * time.Second
 
 // restartMoved goes on with the failover of one moved VM.
 func (m *Manager) restartMoved(ctx context.Context, name string) error {
@@ -166,8 +185,14 @@ func (m *Manager) evacuate(ctx context.Context, name string) error {
 	}
 	defer unlock()
 	r, rev, err := m.load(ctx, name)
-	if err != nil || r.Failover != nil {
+	if err != nil {
 		return err
+	}
+	if r.Failover != nil {
+		// Moved here, and this host died too before the VM started: move
+		// it again (with a new incident).
+		m.appendTimeline(ctx, name, r.Failover.Incident, api.TimelineEntry{Time: time.Now().UTC(), Event: "new host died", Detail: "host " + r.Host + " died before the vm started there"})
+		r.Failover = nil
 	}
 	death, dead := m.hostDeath(ctx, r.Host)
 	if !dead || r.State == api.StateDeleting || r.State == api.StateCreating {
@@ -205,7 +230,10 @@ func (m *Manager) evacuate(ctx context.Context, name string) error {
 	// from then on the old host can neither start nor keep the VM.
 	spec := r.Spec
 	spec.Epoch++
-	if err := m.hostNamed(target).Attach(ctx, spec); err != nil {
+	actx, cancel := context.WithTimeout(ctx, hostCallTimeout)
+	err = m.hostNamed(target).Attach(actx, spec)
+	cancel()
+	if err != nil {
 		return fmt.Errorf("attach %s to %s: %w", name, target, err)
 	}
 	from := r.Host
@@ -273,7 +301,9 @@ func (m *Manager) finishFailover(ctx context.Context, r *record, rev int64) erro
 	if m.actual(*r).Running {
 		return m.closeFailover(ctx, r, rev, "running on "+r.Host)
 	}
-	err := h.Start(ctx, name)
+	sctx, cancel := context.WithTimeout(ctx, hostCallTimeout)
+	err := h.Start(sctx, name)
+	cancel()
 	if err != nil {
 		if r.Failover.Refused != err.Error() {
 			r.Failover.Refused = err.Error()

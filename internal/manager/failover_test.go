@@ -87,8 +87,22 @@ func TestEvacuate(t *testing.T) {
 	vm("cold", "p1", desiredStopped, api.StateStopped, "")
 	vm("manual", "p1", desiredRunning, api.StateRunning, "none")
 
+	// settle waits for the starts evacuateAll leaves running.
+	settle := func(name string, done func(record) bool) {
+		t.Helper()
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			r, _, err := m.load(ctx, name)
+			if err == nil && done(r) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s did not settle: %+v", name, r)
+			}
+		}
+	}
 	m.detectDeaths(ctx)
 	m.evacuateAll(ctx)
+	settle("web", func(r record) bool { return r.Failover == nil })
 
 	tests := []struct {
 		vm        string
@@ -139,13 +153,12 @@ func TestEvacuate(t *testing.T) {
 	vm("retry", "p1", desiredRunning, api.StateRunning, "")
 	target.failNext["start"] = errors.New("disk in use")
 	m.evacuateAll(ctx)
-	if r, _, _ := m.load(ctx, "retry"); r.State != api.StateRecovering || r.Failover == nil || !strings.Contains(r.Message, "disk in use") {
+	settle("retry", func(r record) bool { return strings.Contains(r.Message, "disk in use") })
+	if r, _, _ := m.load(ctx, "retry"); r.State != api.StateRecovering || r.Failover == nil {
 		t.Fatalf("after a refused start: %s %q %+v", r.State, r.Message, r.Failover)
 	}
 	m.evacuateAll(ctx)
-	if r, _, _ := m.load(ctx, "retry"); r.State != api.StateRunning || r.Host != "h1" {
-		t.Fatalf("after the retry: %s on %s", r.State, r.Host)
-	}
+	settle("retry", func(r record) bool { return r.State == api.StateRunning && r.Host == "h1" })
 	incs, _ := m.Incidents(ctx, "retry")
 	if len(incs) != 1 || !slices.ContainsFunc(incs[0].Timeline, func(e api.TimelineEntry) bool { return e.Event == "start refused" }) {
 		t.Fatalf("refusal not on the timeline: %+v", incs)

@@ -154,6 +154,10 @@ func (m *Manager) WatchHosts(ctx context.Context) {
 			var dead time.Time
 			if rec.DeadAt != nil {
 				dead = *rec.DeadAt
+			} else {
+				// Registering counts as being heard from: a host that just
+				// (re)joined must not be judged on older silence.
+				cur.Seen(rec.RegisteredAt)
 			}
 			cur.SetDead(dead)
 			m.setDrained(rec.Name, rec.Drained)
@@ -189,20 +193,34 @@ func (m *Manager) Heartbeat(name, auth string, hb hostproto.Heartbeat) error {
 	if subtle.ConstantTimeCompare([]byte(auth), []byte("Bearer "+h.Secret())) != 1 {
 		return errorf(ErrUnauthorized, "host %s presented a wrong secret: register again", name)
 	}
-	if dead := h.DeadAt(); !dead.IsZero() {
+	gone := func(dead time.Time) error {
 		return errorf(ErrGone, "host %s was declared dead at %s and its vms may run elsewhere: kill them and register again", name, dead.Format(time.RFC3339Nano))
+	}
+	if dead := h.DeadAt(); !dead.IsZero() {
+		return gone(dead)
 	}
 	wasDown := h.Info().State != "up"
 	now := time.Now().UTC()
 	// Share it first: every manager answers for every host, and the leader
 	// judges hosts by what is in the store. A heartbeat that did not reach
 	// the store is refused, so the host counts it as missed and fences in
-	// time if this manager is cut off from the others.
+	// time if this manager is cut off from the others. It is stored only if
+	// the host's record did not change since it was read here, and the
+	// leader declares a host dead only if its status did not change since
+	// it read it: a heartbeat and a death cannot both win.
 	shared := hb
 	shared.Events = nil
 	sctx, cancel := context.WithTimeout(context.Background(), 2500*time.Millisecond)
-	err := m.store.Put(sctx, "hoststatus/"+name, hostStatusRecord{Heartbeat: shared, Seen: now})
-	cancel()
+	defer cancel()
+	var rec hostRecord
+	rev, err := m.store.Get(sctx, "hosts/"+name, &rec)
+	if err == nil && rec.DeadAt != nil {
+		h.SetDead(*rec.DeadAt)
+		return gone(*rec.DeadAt)
+	}
+	if err == nil {
+		err = m.store.PutIf(sctx, "hoststatus/"+name, hostStatusRecord{Heartbeat: shared, Seen: now}, "hosts/"+name, rev)
+	}
 	if err != nil {
 		return wrapf(ErrUnavailable, err, "record heartbeat of host %s", name)
 	}

@@ -27,6 +27,9 @@ func (m *Manager) Migrate(ctx context.Context, name, to string) (api.VM, error) 
 		return api.VM{}, err
 	}
 	_, err = m.migrateLocked(ctx, &r, rev, to)
+	if fresh, _, lerr := m.load(context.WithoutCancel(ctx), name); lerr == nil {
+		r = fresh
+	}
 	return m.view(r), err
 }
 
@@ -73,13 +76,18 @@ func (m *Manager) migrateLocked(ctx context.Context, r *record, rev int64, to st
 	spec.Epoch++
 	from, src, dst := r.Host, m.hostNamed(r.Host), m.hostNamed(target)
 
+	// Once started, a move runs to its end even if the caller goes away:
+	// a half-done move is what loses VMs.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), migrateTimeout)
+	defer cancel()
 	if !live {
 		// Cold: the files are in the pool; the new host takes the lease.
 		if err := dst.Attach(ctx, spec); err != nil {
 			return move, fmt.Errorf("move vm %s to %s: %w", name, target, err)
 		}
-		r.Spec, r.Host = spec, target
-		if _, err := m.save(ctx, r, rev); err != nil {
+		if err := m.commitMove(ctx, name, func(r *record) {
+			r.Spec, r.Host = spec, target
+		}); err != nil {
 			return move, err
 		}
 		m.events.Publish(api.Event{Type: "vm.moved", VM: name, Host: target, Message: "from " + from})
@@ -87,12 +95,16 @@ func (m *Manager) migrateLocked(ctx context.Context, r *record, rev int64, to st
 	}
 
 	move.Live = true
+	// Migrating tells every manager's reconciler and event handlers to keep
+	// off this VM until the move is recorded.
 	rev, err = m.setState(ctx, r, rev, api.StateMigrating, "to "+target)
 	if err != nil {
 		return move, err
 	}
 	fail := func(err error) (api.DrainMove, error) {
-		m.setState(context.WithoutCancel(ctx), r, rev, api.StateRunning, fmt.Sprintf("live migration to %s failed; still on %s: %v", target, from, err))
+		m.commitMove(ctx, name, func(r *record) {
+			r.State, r.Message = api.StateRunning, fmt.Sprintf("live migration to %s failed; still on %s: %v", target, from, err)
+		})
 		return move, wrapf(ErrConflict, err, "migrate vm %s to %s", name, target)
 	}
 	uri, err := dst.MigrateIn(ctx, spec)
@@ -101,26 +113,70 @@ func (m *Manager) migrateLocked(ctx context.Context, r *record, rev int64, to st
 	}
 	st, err := src.MigrateOut(ctx, name, uri)
 	if err != nil {
-		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-		dst.MigrateAbort(actx, name)
-		cancel()
+		// The source reports success if the migration completed even
+		// while being cancelled, so an error means the guest is still on
+		// the source; the destination refuses to abort a guest it runs.
+		if aerr := dst.MigrateAbort(ctx, name); aerr != nil {
+			m.log.Error("abort incoming migration", "vm", name, "host", target, "err", aerr)
+		}
 		return fail(err)
 	}
 	// The guest runs on the destination now: whatever happens next, the
 	// record must follow it.
-	ferr := dst.MigrateFinish(context.WithoutCancel(ctx), name)
-	r.Spec, r.Host = spec, target
-	r.LastOperation = &api.Operation{Action: "migrate", DurationMS: ms(st.Total), PausedMS: ms(st.Downtime), Bytes: st.Bytes}
+	ferr := dst.MigrateFinish(ctx, name)
 	msg := fmt.Sprintf("migrated live from %s in %.0f ms (downtime %.0f ms)", from, ms(st.Total), ms(st.Downtime))
+	state := api.StateRunning
 	if ferr != nil {
 		msg += "; " + ferr.Error()
+		if !m.hostStatusRunning(target, name) {
+			state = api.StateCrashed // the reconciler recovers it under its policy
+		}
 	}
 	move.DowntimeMS = ms(st.Downtime)
-	if _, err := m.setState(context.WithoutCancel(ctx), r, rev, api.StateRunning, msg); err != nil {
+	if err := m.commitMove(ctx, name, func(r *record) {
+		r.Spec, r.Host, r.State, r.Message = spec, target, state, msg
+		r.LastOperation = &api.Operation{Action: "migrate", DurationMS: ms(st.Total), PausedMS: ms(st.Downtime), Bytes: st.Bytes}
+	}); err != nil {
 		return move, err
 	}
+	m.log.Info("vm state", "vm", name, "state", state, "message", msg)
+	m.events.Publish(api.Event{Type: "vm.state", VM: name, Host: target, State: state, Message: msg})
 	m.events.Publish(api.Event{Type: "vm.migrated", VM: name, Host: target, Message: msg})
+	r.Spec, r.Host, r.State, r.Message = spec, target, state, msg
 	return move, ferr
+}
+
+// migrateTimeout bounds a whole move.
+const migrateTimeout = 10 * time.Minute
+
+// hostStatusRunning tells whether host reports vm running.
+func (m *Manager) hostStatusRunning(host, vm string) bool {
+	st, err := m.hostNamed(host).Status(vm)
+	return err == nil && st.Running
+}
+
+// commitMove applies change to the VM's latest record and saves it, retrying
+// on a concurrent write: after a switchover the record must follow the
+// guest whatever else happened to it meanwhile (another manager's
+// reconciler may have touched it).
+func (m *Manager) commitMove(ctx context.Context, name string, change func(*record)) error {
+	var err error
+	for attempt := 0; attempt < 20; attempt++ {
+		r, rev, lerr := m.load(ctx, name)
+		if lerr != nil {
+			return lerr
+		}
+		change(&r)
+		if _, err = m.save(ctx, &r, rev); err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return err
 }
 
 // Drain keeps new VMs off host and moves its VMs away: running ones live,

@@ -10,6 +10,10 @@ import (
 	"github.com/vigil-project/vigil/internal/hostproto"
 )
 
+// staleMigration is how long a live migration may take before other
+// managers' controllers act on the VM again (the manager running it died).
+const staleMigration = 15 * time.Minute
+
 // staleCreate is how long a "creating" record may sit with no operation in
 // progress before the controller decides its creator died and cleans up.
 const staleCreate = time.Minute
@@ -58,6 +62,9 @@ func (m *Manager) Reconcile(ctx context.Context, name string) error {
 	}
 	if err != nil {
 		return err
+	}
+	if r.State == api.StateMigrating && time.Since(r.UpdatedAt) < staleMigration {
+		return nil // the manager running the migration records its outcome
 	}
 	if m.hostNamed(r.Host).Info().State != "up" || r.Failover != nil {
 		// What a silent host last said may be stale: act on nothing until
@@ -235,7 +242,7 @@ func (m *Manager) onExit(e hostproto.Event) {
 	}
 	defer unlock()
 	r, rev, err := m.load(ctx, e.VM)
-	if err != nil || r.Host != e.Host || m.actual(r).Running || (r.Desired != desiredRunning && r.Desired != desiredPaused) || !e.Expected {
+	if err != nil || r.Host != e.Host || r.State == api.StateMigrating || m.actual(r).Running || (r.Desired != desiredRunning && r.Desired != desiredPaused) || !e.Expected {
 		return // (an old host's news about a VM that moved is history)
 	}
 	// The guest powered itself off: that is a stop, not a crash.

@@ -87,7 +87,7 @@ func (m *Manager) onIncident(e hostproto.Event) {
 	}
 	defer unlock()
 	r, rev, err := m.load(ctx, e.VM)
-	if err != nil || r.Host != e.Host || r.Failover != nil {
+	if err != nil || r.Host != e.Host || r.Failover != nil || r.State == api.StateMigrating {
 		return // the VM moved: what its old host saw is history
 	}
 	if r.Desired != desiredRunning {

@@ -370,8 +370,21 @@ func TestEncrypted(t *testing.T) {
 	needTools(t, "qemu-img", "qemu-io")
 	img := filepath.Join(t.TempDir(), "enc.qcow2")
 	secret := "secret,id=sec0,data=vigil"
-	run(t, "qemu-img", "create", "-q", "-f", "qcow2", "--object", secret,
-		"-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", img, "64M")
+	// qemu-img times PBKDF2 with getrusage to pick the iteration count; on
+	// a loaded machine with coarse CPU accounting it can measure zero and
+	// give up ("Unable to get accurate CPU usage"). That is about the
+	// machine, not the image: try again.
+	for attempt := 1; ; attempt++ {
+		out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", "--object", secret,
+			"-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", img, "64M").CombinedOutput()
+		if err == nil {
+			break
+		}
+		if attempt == 5 || !strings.Contains(string(out), "accurate CPU usage") {
+			t.Fatalf("qemu-img create (encrypted): %v\n%s", err, out)
+		}
+		os.Remove(img)
+	}
 	run(t, "qemu-io", "--object", secret, "--image-opts",
 		"-c", "write -P 0xaa 0 2M",
 		"driver=qcow2,file.filename="+img+",encrypt.key-secret=sec0")

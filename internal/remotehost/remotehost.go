@@ -82,6 +82,16 @@ func (h *Host) HeartbeatAt(hb hostproto.Heartbeat, seen time.Time) {
 	}
 }
 
+// Seen records that the host was heard from at t (e.g. it registered),
+// without a report of its VMs.
+func (h *Host) Seen(t time.Time) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if t.After(h.lastSeen) {
+		h.lastSeen = t
+	}
+}
+
 // Name is the host's name.
 func (h *Host) Name() string { return h.name }
 

@@ -93,6 +93,48 @@ func (s *Store) Update(ctx context.Context, key string, rev int64, v any) (int64
 	return resp.Header.Revision, nil
 }
 
+// PutIf stores v at key if condKey's modification revision is still
+// condRev (0: condKey does not exist). Two writers that each read the
+// other's key before writing their own cannot both succeed.
+func (s *Store) PutIf(ctx context.Context, key string, v any, condKey string, condRev int64) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("encode %s: %w", key, err)
+	}
+	resp, err := s.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.ModRevision(s.key(condKey)), "=", condRev)).
+		Then(clientv3.OpPut(s.key(key), string(b))).
+		Commit()
+	if err != nil {
+		return fmt.Errorf("put %s: %w", key, err)
+	}
+	if !resp.Succeeded {
+		return fmt.Errorf("put %s: %s changed: %w", key, condKey, ErrConflict)
+	}
+	return nil
+}
+
+// PutIfBoth stores v at key if key's revision is still rev and condKey's is
+// still condRev (0: condKey does not exist).
+func (s *Store) PutIfBoth(ctx context.Context, key string, rev int64, v any, condKey string, condRev int64) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("encode %s: %w", key, err)
+	}
+	resp, err := s.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.ModRevision(s.key(key)), "=", rev),
+			clientv3.Compare(clientv3.ModRevision(s.key(condKey)), "=", condRev)).
+		Then(clientv3.OpPut(s.key(key), string(b))).
+		Commit()
+	if err != nil {
+		return fmt.Errorf("put %s: %w", key, err)
+	}
+	if !resp.Succeeded {
+		return fmt.Errorf("put %s: it or %s changed: %w", key, condKey, ErrConflict)
+	}
+	return nil
+}
+
 // Delete removes key. Deleting a missing key is not an error.
 func (s *Store) Delete(ctx context.Context, key string) error {
 	if _, err := s.cli.Delete(ctx, s.key(key)); err != nil {
