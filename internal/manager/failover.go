@@ -313,9 +313,7 @@ func (m *Manager) finishFailover(ctx context.Context, r *record, rev int64) erro
 		}
 		return nil
 	}
-	m.pendingMu.Lock()
-	m.pending[name] = r.Failover.Incident
-	m.pendingMu.Unlock()
+	r.OpenIncident = r.Failover.Incident
 	return m.closeFailover(ctx, r, rev, "restarted on "+r.Host)
 }
 

@@ -77,6 +77,10 @@ type record struct {
 	// Stranded: the host died with the VM's disk on its local storage;
 	// the VM waits for the host to come back.
 	Stranded bool `json:"stranded,omitempty"`
+	// OpenIncident is the incident whose restarted guest has not sent its
+	// first heartbeat yet. It is in the record, not in one manager's
+	// memory, because that heartbeat may reach any manager.
+	OpenIncident string `json:"open_incident,omitempty"`
 	// Failover is set while the VM, moved off a dead host, starts on its
 	// new one.
 	Failover  *failover `json:"failover,omitempty"`
@@ -112,9 +116,6 @@ type Manager struct {
 	leaderSince atomic.Int64 // unix nanoseconds; when this manager last became leader
 	deadAfter   time.Duration
 
-	// pending maps a VM being recovered to its open incident.
-	pendingMu sync.Mutex
-	pending   map[string]string
 }
 
 // PortAllocator hands out free host ports for guest endpoints.
@@ -153,7 +154,7 @@ func New(cfg Config) *Manager {
 		cfg.HostDeadAfter = DefaultHostDeadAfter
 	}
 	m := &Manager{name: cfg.Name, store: cfg.Store, hosts: newRegistry(), overcommit: cfg.Overcommit, events: cfg.Events, log: cfg.Logger,
-		limits: cfg.Limits, ports: cfg.Ports, locks: map[string]*sync.Mutex{}, pending: map[string]string{}, deadAfter: cfg.HostDeadAfter}
+		limits: cfg.Limits, ports: cfg.Ports, locks: map[string]*sync.Mutex{}, deadAfter: cfg.HostDeadAfter}
 	if cfg.Host != nil {
 		m.AddHost(cfg.Host)
 	}

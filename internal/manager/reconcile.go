@@ -73,8 +73,8 @@ func (m *Manager) Reconcile(ctx context.Context, name string) error {
 	}
 	act := m.actual(r)
 	if r.Stranded {
-		// Its host is back (it fenced itself on the way): start it again
-		// where its disk is, under its policy.
+		// Its host is back. Local VMs are not fenced, so it may still run;
+		// if it does not, start it again where its disk is, under its policy.
 		r.Stranded = false
 		if (r.Desired == desiredRunning || r.Desired == desiredPaused) && !act.Running && r.State != api.StateFailed {
 			m.recoverLocked(ctx, &r, rev, hostproto.Incident{Kind: hostproto.IncidentHostFailure, DetectedAt: time.Now().UTC(),

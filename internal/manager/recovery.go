@@ -159,10 +159,9 @@ func (m *Manager) recoverLocked(ctx context.Context, r *record, rev int64, inc h
 		return
 	}
 	r.Restarts = append(r.Restarts, time.Now().UTC())
-	m.pendingMu.Lock()
-	m.pending[name] = rec.ID
-	m.pendingMu.Unlock()
+	r.OpenIncident = rec.ID
 	if err := m.hostNamed(r.Host).Restart(ctx, name); err != nil {
+		r.OpenIncident = ""
 		m.setState(ctx, r, rev, api.StateCrashed, fmt.Sprintf("%s detected; restart failed: %v", inc.Kind, err))
 		return
 	}
@@ -171,17 +170,30 @@ func (m *Manager) recoverLocked(ctx context.Context, r *record, rev int64, inc h
 
 // onGuestReady closes a pending incident when its restarted guest is back.
 func (m *Manager) onGuestReady(e hostproto.Event) {
-	m.pendingMu.Lock()
-	id, ok := m.pending[e.VM]
-	delete(m.pending, e.VM)
-	m.pendingMu.Unlock()
-	if !ok {
-		return
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	// Most guest-ready events close nothing: look before taking the lock.
+	if r, _, err := m.load(ctx, e.VM); err != nil || r.OpenIncident == "" || r.Host != e.Host {
+		return
+	}
+	unlock, err := m.waitLock(ctx, e.VM)
+	if err != nil {
+		return
+	}
+	r, rev, err := m.load(ctx, e.VM)
+	if err != nil || r.OpenIncident == "" || r.Host != e.Host {
+		unlock()
+		return
+	}
+	id := r.OpenIncident
+	r.OpenIncident = ""
+	_, err = m.save(ctx, &r, rev)
+	unlock()
+	if err != nil {
+		return
+	}
 	var rec incidentRecord
-	rev, err := m.store.Get(ctx, incidentKey(e.VM, id), &rec)
+	rev, err = m.store.Get(ctx, incidentKey(e.VM, id), &rec)
 	if err != nil {
 		return
 	}
