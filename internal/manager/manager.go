@@ -115,7 +115,6 @@ type Manager struct {
 	leader      atomic.Bool
 	leaderSince atomic.Int64 // unix nanoseconds; when this manager last became leader
 	deadAfter   time.Duration
-
 }
 
 // PortAllocator hands out free host ports for guest endpoints.
