@@ -15,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/internal/atomicfile"
 	"github.com/vigil-project/vigil/internal/hostagent"
 	"github.com/vigil-project/vigil/internal/hostproto"
@@ -136,12 +137,24 @@ func (o *outbox) putBack(ev []hostproto.Event) {
 	o.mu.Unlock()
 }
 
+// joinedHost is what the joiner needs of the host agent.
+type joinedHost interface {
+	Info() api.Host
+	Statuses() []hostproto.VMStatus
+	Fence(reason string) int
+	SetCutOff(bool)
+	Sweep()
+}
+
+var _ joinedHost = (*hostagent.Agent)(nil)
+
 // joiner registers with a manager and keeps heartbeating.
 type joiner struct {
 	cfg        HostConfig
 	log        *slog.Logger
 	addr       string
-	host       *hostagent.Agent
+	host       joinedHost
+	interval   time.Duration // between heartbeats (default a second)
 	out        *outbox
 	http       *http.Client
 	secretPath string
@@ -248,7 +261,10 @@ func (j *joiner) nextManager() {
 // run registers and heartbeats until ctx ends. A manager's refusal (no
 // valid token) is final: the operator must act, retrying will not help.
 func (j *joiner) run(ctx context.Context) error {
-	t := time.NewTicker(time.Second)
+	if j.interval == 0 {
+		j.interval = time.Second
+	}
+	t := time.NewTicker(j.interval)
 	defer t.Stop()
 	registered := false
 	for ctx.Err() == nil {

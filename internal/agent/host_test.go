@@ -1,0 +1,134 @@
+package agent
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/hostproto"
+)
+
+// fencedHost records what the joiner asks of the host.
+type fencedHost struct {
+	mu      sync.Mutex
+	reasons []string
+	cutOff  bool
+	sweeps  int
+}
+
+func (h *fencedHost) Info() api.Host                 { return api.Host{Name: "h1"} }
+func (h *fencedHost) Statuses() []hostproto.VMStatus { return nil }
+func (h *fencedHost) Fence(reason string) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.reasons = append(h.reasons, reason)
+	return 1
+}
+func (h *fencedHost) SetCutOff(b bool) { h.mu.Lock(); h.cutOff = b; h.mu.Unlock() }
+func (h *fencedHost) Sweep()           { h.mu.Lock(); h.sweeps++; h.mu.Unlock() }
+
+func (h *fencedHost) state() ([]string, bool, int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]string(nil), h.reasons...), h.cutOff, h.sweeps
+}
+
+// Manager modes the fake manager answers heartbeats with.
+const (
+	answerOK   = "ok"
+	answerDown = "down" // 503
+	answerGone = "gone" // 410 until the host registers again
+	answerSlow = "slow" // 204, but only after three fencing times
+)
+
+// TestJoinerFencing drives the host side of fencing against a fake manager:
+// a host fences (and stays cut off) only when no heartbeat is accepted for
+// the fencing time, a late answer does not count for the time it waited,
+// and a host declared dead fences, sweeps and joins again.
+func TestJoinerFencing(t *testing.T) {
+	const fence = 300 * time.Millisecond
+	tests := []struct {
+		name       string
+		script     []string // one mode per step of 2 fencing times
+		wantFence  string   // substring of a fence reason; "" means no fence
+		wantSweep  bool
+		wantCutOff bool // at the end
+	}{
+		{"a manager that answers", []string{answerOK, answerOK}, "", false, false},
+		{"no manager", []string{answerOK, answerDown}, "no manager answered", false, true},
+		{"managers back", []string{answerDown, answerOK}, "no manager answered", false, false},
+		{"declared dead", []string{answerOK, answerGone, answerOK}, "declared this host dead", true, false},
+		{"answers too late count as silence", []string{answerOK, answerSlow, answerSlow}, "no manager answered", false, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var mode atomic.Value
+			mode.Store(tt.script[0])
+			var registers atomic.Int32
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if strings.HasSuffix(r.URL.Path, "/register") {
+					registers.Add(1)
+					if mode.Load() == answerGone {
+						mode.Store(answerOK)
+					}
+					w.Write([]byte(`{"secret":"s"}`))
+					return
+				}
+				switch mode.Load() {
+				case answerDown:
+					w.WriteHeader(http.StatusServiceUnavailable)
+				case answerGone:
+					w.WriteHeader(http.StatusGone)
+				case answerSlow:
+					time.Sleep(3 * fence)
+					w.WriteHeader(http.StatusNoContent)
+				default:
+					w.WriteHeader(http.StatusNoContent)
+				}
+			}))
+			defer srv.Close()
+			host := &fencedHost{}
+			j := &joiner{cfg: HostConfig{Name: "h1", Managers: []string{srv.URL}, FenceAfter: fence},
+				log: slog.New(slog.DiscardHandler), addr: "127.0.0.1:1", host: host, interval: 50 * time.Millisecond,
+				out: &outbox{wake: make(chan struct{}, 1)}, http: &http.Client{Timeout: 10 * fence},
+				secretPath: t.TempDir() + "/secret", lastAck: time.Now()}
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan struct{})
+			go func() { defer close(done); j.watchdog(ctx) }()
+			go j.run(ctx)
+			for _, m := range tt.script {
+				mode.Store(m)
+				time.Sleep(2 * fence)
+			}
+			if tt.script[len(tt.script)-1] == answerOK {
+				time.Sleep(2 * fence) // time to be heard again
+			}
+			cancel()
+			<-done
+			reasons, cutOff, sweeps := host.state()
+			fenced := ""
+			for _, r := range reasons {
+				if tt.wantFence != "" && strings.Contains(r, tt.wantFence) {
+					fenced = tt.wantFence
+				}
+			}
+			switch {
+			case tt.wantFence == "" && len(reasons) > 0:
+				t.Fatalf("fenced without cause: %q", reasons)
+			case tt.wantFence != "" && fenced == "":
+				t.Fatalf("fence reasons %q, want one with %q", reasons, tt.wantFence)
+			case cutOff != tt.wantCutOff:
+				t.Fatalf("cut off = %v at the end, want %v", cutOff, tt.wantCutOff)
+			case tt.wantSweep && (sweeps == 0 || registers.Load() < 2):
+				t.Fatalf("declared dead: %d sweeps, %d registrations; want a sweep and a new registration", sweeps, registers.Load())
+			}
+		})
+	}
+}
