@@ -81,8 +81,9 @@ func RunManager(ctx context.Context, cfg ManagerConfig) error {
 		defer etcd.Close()
 		cli = etcd.Client()
 	}
-	mgr := manager.New(manager.Config{Store: store.New(cli, "/vigil/"), Events: events.New(1000), Logger: log, Name: cfg.Name, HostDeadAfter: cfg.HostDeadAfter})
+	mgr := manager.New(manager.Config{Store: store.New(cli, "/vigil/"), Events: events.New(1000), Logger: log, Name: cfg.Name, HostDeadAfter: cfg.HostDeadAfter, ShareEvents: true})
 	go mgr.WatchHosts(ctx)
+	go mgr.ShareEvents(ctx)
 	return serve(ctx, ln, mgr, log, cfg.Ready, func(ctx context.Context) { lead(ctx, cli, cfg.Name, mgr, log) })
 }
 

@@ -107,7 +107,7 @@ func (m *Manager) declareDead(ctx context.Context, h *remotehost.Host, last time
 	}
 	h.SetDead(now)
 	m.log.Warn("host declared dead", "host", h.Name(), "last_heartbeat", last, "silent", now.Sub(last).Round(time.Millisecond))
-	m.events.Publish(api.Event{Type: "host.dead", Host: h.Name(),
+	m.publish(api.Event{Type: "host.dead", Host: h.Name(),
 		Message: fmt.Sprintf("no heartbeat for %s; its vms move to other hosts", now.Sub(last).Round(100*time.Millisecond))})
 	return nil
 }
@@ -238,7 +238,7 @@ func (m *Manager) evacuate(ctx context.Context, name string) error {
 	}
 	from := r.Host
 	r.Spec, r.Host, r.Stranded = spec, target, false
-	m.events.Publish(api.Event{Type: "vm.relocated", VM: name, Host: target, Message: "from dead host " + from})
+	m.publish(api.Event{Type: "vm.relocated", VM: name, Host: target, Message: "from dead host " + from})
 	restart := wantRun && withDefaults(r.Policy).Recovery == "restart"
 	if !restart {
 		msg := fmt.Sprintf("moved from dead host %s", from)

@@ -126,7 +126,7 @@ func (m *Manager) admit(ctx context.Context, req hostproto.Register, secret stri
 	m.AddHost(h)
 	m.setDrained(req.Name, drained)
 	m.log.Info("host registered", "host", req.Name, "addr", req.Addr)
-	m.events.Publish(api.Event{Type: "host.up", Host: req.Name, Message: "registered from " + req.Addr})
+	m.publish(api.Event{Type: "host.up", Host: req.Name, Message: "registered from " + req.Addr})
 	return hostproto.Registered{Secret: secret}, nil
 }
 
@@ -226,7 +226,7 @@ func (m *Manager) Heartbeat(name, auth string, hb hostproto.Heartbeat) error {
 	}
 	h.HeartbeatAt(hb, now)
 	if wasDown {
-		m.events.Publish(api.Event{Type: "host.up", Host: name})
+		m.publish(api.Event{Type: "host.up", Host: name})
 	}
 	for _, e := range hb.Events {
 		m.HandleHostEvent(e)

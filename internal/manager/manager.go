@@ -115,6 +115,8 @@ type Manager struct {
 	leader      atomic.Bool
 	leaderSince atomic.Int64 // unix nanoseconds; when this manager last became leader
 	deadAfter   time.Duration
+	instance    string         // random id of this process, for shared events
+	share       chan api.Event // events to share with other managers; nil in dev mode
 }
 
 // PortAllocator hands out free host ports for guest endpoints.
@@ -132,6 +134,9 @@ type Config struct {
 	Ports      PortAllocator
 	// Name identifies this manager among several (default "manager").
 	Name string
+	// ShareEvents makes this manager share its events with the other
+	// managers through the store (see ShareEvents).
+	ShareEvents bool
 	// HostDeadAfter is how long a host may miss heartbeats before the
 	// leader declares it dead and restarts its VMs elsewhere (default
 	// DefaultHostDeadAfter). Hosts must fence themselves sooner.
@@ -154,6 +159,10 @@ func New(cfg Config) *Manager {
 	}
 	m := &Manager{name: cfg.Name, store: cfg.Store, hosts: newRegistry(), overcommit: cfg.Overcommit, events: cfg.Events, log: cfg.Logger,
 		limits: cfg.Limits, ports: cfg.Ports, locks: map[string]*sync.Mutex{}, deadAfter: cfg.HostDeadAfter}
+	m.instance = randomHex(8)
+	if cfg.ShareEvents {
+		m.share = make(chan api.Event, 1000)
+	}
 	if cfg.Host != nil {
 		m.AddHost(cfg.Host)
 	}
@@ -238,7 +247,7 @@ func (m *Manager) setState(ctx context.Context, r *record, rev int64, s api.VMSt
 		return rev, err
 	}
 	m.log.Info("vm state", "vm", r.Spec.Name, "state", s, "message", msg)
-	m.events.Publish(api.Event{Type: "vm.state", VM: r.Spec.Name, Host: r.Host, State: s, Message: msg})
+	m.publish(api.Event{Type: "vm.state", VM: r.Spec.Name, Host: r.Host, State: s, Message: msg})
 	return nrev, nil
 }
 
@@ -304,7 +313,7 @@ func (m *Manager) Create(ctx context.Context, req api.VMCreateRequest) (api.VM, 
 		m.store.Delete(context.WithoutCancel(ctx), vmKey(req.Name))
 		return api.VM{}, fmt.Errorf("create vm %s on host %s: %w", req.Name, r.Host, err)
 	}
-	m.events.Publish(api.Event{Type: "vm.created", VM: req.Name, Host: r.Host})
+	m.publish(api.Event{Type: "vm.created", VM: req.Name, Host: r.Host})
 	if rev, err = m.setState(ctx, &r, rev, api.StateStopped, ""); err != nil {
 		return api.VM{}, err
 	}
@@ -461,7 +470,7 @@ func (m *Manager) delete(ctx context.Context, r *record, rev int64) error {
 	if err := m.store.Delete(ctx, vmKey(r.Spec.Name)); err != nil {
 		return wrapf(ErrUnavailable, err, "delete vm %s", r.Spec.Name)
 	}
-	m.events.Publish(api.Event{Type: "vm.deleted", VM: r.Spec.Name, Host: r.Host})
+	m.publish(api.Event{Type: "vm.deleted", VM: r.Spec.Name, Host: r.Host})
 	return nil
 }
 

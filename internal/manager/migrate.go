@@ -90,7 +90,7 @@ func (m *Manager) migrateLocked(ctx context.Context, r *record, rev int64, to st
 		}); err != nil {
 			return move, err
 		}
-		m.events.Publish(api.Event{Type: "vm.moved", VM: name, Host: target, Message: "from " + from})
+		m.publish(api.Event{Type: "vm.moved", VM: name, Host: target, Message: "from " + from})
 		return move, nil
 	}
 
@@ -140,8 +140,8 @@ func (m *Manager) migrateLocked(ctx context.Context, r *record, rev int64, to st
 		return move, err
 	}
 	m.log.Info("vm state", "vm", name, "state", state, "message", msg)
-	m.events.Publish(api.Event{Type: "vm.state", VM: name, Host: target, State: state, Message: msg})
-	m.events.Publish(api.Event{Type: "vm.migrated", VM: name, Host: target, Message: msg})
+	m.publish(api.Event{Type: "vm.state", VM: name, Host: target, State: state, Message: msg})
+	m.publish(api.Event{Type: "vm.migrated", VM: name, Host: target, Message: msg})
 	r.Spec, r.Host, r.State, r.Message = spec, target, state, msg
 	return move, ferr
 }
@@ -205,7 +205,7 @@ func (m *Manager) Drain(ctx context.Context, host string) (api.DrainResult, erro
 			res.Moved = append(res.Moved, move)
 		}
 	}
-	m.events.Publish(api.Event{Type: "host.drained", Host: host,
+	m.publish(api.Event{Type: "host.drained", Host: host,
 		Message: fmt.Sprintf("%d vm(s) moved, %d stayed", len(res.Moved), len(res.Stayed))})
 	return res, nil
 }
@@ -230,7 +230,7 @@ func (m *Manager) Enable(ctx context.Context, host string) error {
 	if err := m.setHostDrained(ctx, host, false); err != nil {
 		return err
 	}
-	m.events.Publish(api.Event{Type: "host.enabled", Host: host})
+	m.publish(api.Event{Type: "host.enabled", Host: host})
 	return nil
 }
 

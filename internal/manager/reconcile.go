@@ -191,7 +191,7 @@ func (m *Manager) HandleHostEvent(e hostproto.Event) {
 	default:
 		ev.Type = "vm." + string(e.Kind)
 	}
-	m.events.Publish(ev)
+	m.publish(ev)
 	switch {
 	case e.Incident != nil:
 		// Not under the API's lock: an operation in progress finishes first.

@@ -145,7 +145,7 @@ func (m *Manager) recoverLocked(ctx context.Context, r *record, rev int64, inc h
 		m.log.Error("record incident", "vm", name, "err", err)
 	}
 	m.log.Warn("incident", "vm", name, "kind", inc.Kind, "action", rec.Action)
-	m.events.Publish(api.Event{Type: "vm.incident", VM: name, Host: r.Host, Message: inc.Kind + ": " + rec.Action})
+	m.publish(api.Event{Type: "vm.incident", VM: name, Host: r.Host, Message: inc.Kind + ": " + rec.Action})
 
 	if rec.Action != "restart" {
 		if state == api.StateFailed {
@@ -207,7 +207,7 @@ func (m *Manager) onGuestReady(e hostproto.Event) {
 		m.log.Error("record recovery", "vm", e.VM, "err", err)
 		return
 	}
-	m.events.Publish(api.Event{Type: "vm.recovered", VM: e.VM, Host: e.Host,
+	m.publish(api.Event{Type: "vm.recovered", VM: e.VM, Host: e.Host,
 		Message: fmt.Sprintf("%s: guest back %.0f ms after detection", rec.Kind, rec.RecoveredInMS)})
 }
 
@@ -254,7 +254,7 @@ func (m *Manager) SetPolicy(ctx context.Context, name string, p api.RecoveryPoli
 	if _, err := m.save(ctx, &r, rev); err != nil {
 		return api.VM{}, err
 	}
-	m.events.Publish(api.Event{Type: "vm.policy", VM: name, Host: r.Host})
+	m.publish(api.Event{Type: "vm.policy", VM: name, Host: r.Host})
 	return m.view(r), nil
 }
 
@@ -278,6 +278,6 @@ func (m *Manager) Fault(ctx context.Context, name, kind string) error {
 	if err := m.hostNamed(vm.Host).Fault(ctx, name, kind); err != nil {
 		return fmt.Errorf("fault %s in vm %s: %w", kind, name, err)
 	}
-	m.events.Publish(api.Event{Type: "vm.fault", VM: name, Host: vm.Host, Message: kind})
+	m.publish(api.Event{Type: "vm.fault", VM: name, Host: vm.Host, Message: kind})
 	return nil
 }

@@ -112,7 +112,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, vm string, req api.Snapsho
 	if err := m.setCurrent(ctx, vm, req.Name); err != nil {
 		return api.Snapshot{}, err
 	}
-	m.events.Publish(api.Event{Type: "snapshot.created", VM: vm, Host: r.Host, Message: req.Name})
+	m.publish(api.Event{Type: "snapshot.created", VM: vm, Host: r.Host, Message: req.Name})
 	out := s.view(req.Name, nil)
 	return out, nil
 }
@@ -205,7 +205,7 @@ func (m *Manager) RevertSnapshot(ctx context.Context, vm, snap string) (api.VM, 
 	if _, err := m.setState(ctx, &r, rev, state, "reverted to "+snap); err != nil {
 		return m.view(r), err
 	}
-	m.events.Publish(api.Event{Type: "snapshot.reverted", VM: vm, Host: r.Host, Message: snap})
+	m.publish(api.Event{Type: "snapshot.reverted", VM: vm, Host: r.Host, Message: snap})
 	return m.view(r), nil
 }
 
@@ -258,6 +258,6 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, vm, snap string) error {
 			return err
 		}
 	}
-	m.events.Publish(api.Event{Type: "snapshot.deleted", VM: vm, Host: r.Host, Message: snap})
+	m.publish(api.Event{Type: "snapshot.deleted", VM: vm, Host: r.Host, Message: snap})
 	return nil
 }

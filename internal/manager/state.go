@@ -75,7 +75,7 @@ func (m *Manager) resume(ctx context.Context, r *record, rev int64, act hostprot
 		if err := m.hostNamed(r.Host).DiscardState(name); err != nil {
 			return err
 		}
-		m.events.Publish(api.Event{Type: "vm.state-discarded", VM: name, Host: r.Host})
+		m.publish(api.Event{Type: "vm.state-discarded", VM: name, Host: r.Host})
 		return m.start(ctx, r, rev)
 	}
 	t0 := time.Now()

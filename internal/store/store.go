@@ -8,6 +8,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
+	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
@@ -25,6 +27,10 @@ var ErrConflict = errors.New("changed concurrently")
 type Store struct {
 	cli    *clientv3.Client
 	prefix string
+
+	leaseMu      sync.Mutex
+	lease        clientv3.LeaseID // shared by PutTTL's keys until leaseRenewAt
+	leaseRenewAt time.Time
 }
 
 // New wraps an etcd client. Keys are kept under prefix (e.g. "/vigil/").
@@ -150,6 +156,31 @@ func (s *Store) Put(ctx context.Context, key string, v any) error {
 		return fmt.Errorf("encode %s: %w", key, err)
 	}
 	if _, err := s.cli.Put(ctx, s.key(key), string(b)); err != nil {
+		return fmt.Errorf("put %s: %w", key, err)
+	}
+	return nil
+}
+
+// PutTTL stores v at key and lets etcd delete it after ttl to 2×ttl: keys
+// written within one ttl share a lease, so a stream of short-lived keys
+// costs one lease grant per ttl, not one per key.
+func (s *Store) PutTTL(ctx context.Context, key string, v any, ttl time.Duration) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("encode %s: %w", key, err)
+	}
+	s.leaseMu.Lock()
+	if s.lease == 0 || time.Now().After(s.leaseRenewAt) {
+		lr, err := s.cli.Grant(ctx, int64((2 * ttl).Seconds()))
+		if err != nil {
+			s.leaseMu.Unlock()
+			return fmt.Errorf("put %s: grant lease: %w", key, err)
+		}
+		s.lease, s.leaseRenewAt = lr.ID, time.Now().Add(ttl)
+	}
+	lease := s.lease
+	s.leaseMu.Unlock()
+	if _, err := s.cli.Put(ctx, s.key(key), string(b), clientv3.WithLease(lease)); err != nil {
 		return fmt.Errorf("put %s: %w", key, err)
 	}
 	return nil

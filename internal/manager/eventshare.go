@@ -1,0 +1,76 @@
+package manager
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"github.com/vigil-project/vigil/api"
+)
+
+// Every manager serves the event stream, but a host's events reach only the
+// manager it talks to, and each manager acts on the requests it serves. So
+// that a client following any manager sees everything, managers share their
+// events through etcd: each writes what it publishes under
+// "events/<time>-<instance>" (kept for eventTTL to 2×eventTTL), and
+// republishes what the others wrote. Sequence numbers stay per manager.
+
+const eventTTL = 5 * time.Minute
+
+// sharedEvent is an event one manager shares with the others.
+type sharedEvent struct {
+	From  string    `json:"from"` // the writing manager's instance id
+	Event api.Event `json:"event"`
+}
+
+// publish delivers e to this manager's subscribers and queues it for the
+// other managers. It never blocks: a full queue drops the shared copy.
+func (m *Manager) publish(e api.Event) {
+	e = m.events.Publish(e)
+	if m.share == nil {
+		return
+	}
+	select {
+	case m.share <- e:
+	default:
+		m.log.Warn("event not shared with other managers: queue full", "type", e.Type, "vm", e.VM)
+	}
+}
+
+// ShareEvents writes this manager's events to the store and publishes the
+// other managers' until ctx ends. Call it only when sharing was configured.
+func (m *Manager) ShareEvents(ctx context.Context) {
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case e := <-m.share:
+				key := fmt.Sprintf("events/%019d-%s", e.Time.UnixNano(), m.instance)
+				if err := m.store.PutTTL(ctx, key, sharedEvent{From: m.instance, Event: e}, eventTTL); err != nil && ctx.Err() == nil {
+					m.log.Warn("share event", "type", e.Type, "err", err)
+				}
+			}
+		}
+	}()
+	apply := func(_ string, value []byte) {
+		var se sharedEvent
+		if json.Unmarshal(value, &se) != nil || se.From == m.instance {
+			return
+		}
+		m.events.Publish(se.Event) // stamped with this manager's sequence
+	}
+	for ctx.Err() == nil {
+		// Start from now: history before this manager started is not
+		// replayed (its own ring buffer starts empty too).
+		rev, err := m.store.Scan(ctx, "events/", func(string, []byte) {})
+		if err == nil {
+			err = m.store.Watch(ctx, "events/", rev+1, apply)
+		}
+		if err != nil && ctx.Err() == nil {
+			m.log.Warn("watch shared events", "err", err)
+			time.Sleep(time.Second)
+		}
+	}
+}
