@@ -121,6 +121,9 @@ type VM struct {
 	Policy RecoveryPolicy `json:"policy"`
 	// Condition flags a problem short of a crash, e.g. "agent-unwell".
 	Condition string `json:"condition,omitempty"`
+	// StoragePool is the pool holding the VM's disk (it can move to any
+	// host of the pool); empty when the disk is local to its host.
+	StoragePool string `json:"storage_pool,omitempty"`
 }
 
 // Operation reports how a state operation went.

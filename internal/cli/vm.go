@@ -105,6 +105,11 @@ func (g *globals) printVM(vm api.VM) error {
 			row(w, "MESSAGE:", vm.Message)
 		}
 		row(w, "HOST:", vm.Host)
+		if vm.StoragePool != "" {
+			row(w, "STORAGE:", "pool "+vm.StoragePool+" (can move to any host of the pool)")
+		} else {
+			row(w, "STORAGE:", "local to "+vm.Host)
+		}
 		row(w, "PID:", orDash(vm.PID))
 		row(w, "CPUS:", vm.CPUs)
 		row(w, "MEMORY:", humanSize(vm.MemoryBytes))

@@ -574,7 +574,7 @@ func (m *Manager) view(r record) api.VM {
 		Name: r.Spec.Name, State: r.State, Host: r.Host, MemoryBytes: r.Spec.MemoryBytes, CPUs: r.Spec.CPUs,
 		DiskBytes: r.Spec.DiskBytes, Endpoint: fmt.Sprintf("127.0.0.1:%d", r.Spec.HostPort),
 		CreatedAt: r.CreatedAt, Message: r.Message, CurrentSnapshot: r.CurrentSnapshot, LastOperation: r.LastOperation,
-		Policy: withDefaults(r.Policy), Condition: r.Condition,
+		Policy: withDefaults(r.Policy), Condition: r.Condition, StoragePool: r.Spec.Pool,
 	}
 	if st.Running {
 		v.PID = st.PID
