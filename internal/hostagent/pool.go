@@ -146,7 +146,14 @@ func (v *vm) launch(ctx context.Context, m qemu.Machine, migrating bool) (*qemu.
 		if err := v.checkOwner(); err != nil {
 			return nil, err
 		}
+		// A QEMU just killed (a restart, a revert) can hold its locks for
+		// a moment after its main thread is gone, until its last thread
+		// exits: give it that moment before calling the disk taken.
 		inUse, err := qemu.DiskInUse(m.Disk)
+		for deadline := time.Now().Add(2 * time.Second); err == nil && inUse && time.Now().Before(deadline); {
+			time.Sleep(20 * time.Millisecond)
+			inUse, err = qemu.DiskInUse(m.Disk)
+		}
 		if err != nil {
 			return nil, err
 		}

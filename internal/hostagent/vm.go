@@ -157,7 +157,7 @@ func (v *vm) watchExit(ctx context.Context, p *qemu.Process, exited chan struct{
 	close(exited)
 	msg := "qemu exited"
 	if guestOff {
-		msg = "the guest powered off"
+		msg = hostproto.MsgGuestPoweredOff
 	}
 	if !expected {
 		msg = "qemu exited unexpectedly"

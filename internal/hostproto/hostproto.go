@@ -73,6 +73,10 @@ const (
 	EventDropped EventKind = "dropped"
 )
 
+// MsgGuestPoweredOff is the message of the EventExited of a guest that
+// powered itself off: the one exit the manager turns into a stop.
+const MsgGuestPoweredOff = "the guest powered off"
+
 // Event is reported by a host agent as it happens.
 type Event struct {
 	Time     time.Time `json:"time"`

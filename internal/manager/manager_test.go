@@ -534,8 +534,20 @@ func TestHostExitEvents(t *testing.T) {
 		h.mu.Lock()
 		h.vms["v"] = false
 		h.mu.Unlock()
-		m.HandleHostEvent(hostproto.Event{Host: "h1", VM: "v", Kind: hostproto.EventExited, Expected: true})
+		m.HandleHostEvent(hostproto.Event{Host: "h1", VM: "v", Kind: hostproto.EventExited, Expected: true, Message: hostproto.MsgGuestPoweredOff})
 		waitState(t, m, "v", api.StateStopped)
+	})
+	t.Run("an exit Vigil caused does not stop the vm", func(t *testing.T) {
+		m, h := newTestManager(t)
+		mustCreate(t, m, "v", true)
+		h.mu.Lock()
+		h.vms["v"] = false // killed by a restart that then failed, say
+		h.mu.Unlock()
+		m.HandleHostEvent(hostproto.Event{Host: "h1", VM: "v", Kind: hostproto.EventExited, Expected: true, Message: "qemu exited"})
+		time.Sleep(300 * time.Millisecond)
+		if r, _, _ := m.load(context.Background(), "v"); r.Desired != desiredRunning {
+			t.Fatalf("desired %s after an exit Vigil caused, want running", r.Desired)
+		}
 	})
 }
 

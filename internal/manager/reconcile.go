@@ -241,6 +241,9 @@ func (m *Manager) onExit(e hostproto.Event) {
 		return
 	}
 	defer unlock()
+	if e.Message != hostproto.MsgGuestPoweredOff {
+		return // an exit Vigil caused (stop, restart, revert) is recorded by its operation
+	}
 	r, rev, err := m.load(ctx, e.VM)
 	if err != nil || r.Host != e.Host || r.State == api.StateMigrating || m.actual(r).Running || (r.Desired != desiredRunning && r.Desired != desiredPaused) || !e.Expected {
 		return // (an old host's news about a VM that moved is history)

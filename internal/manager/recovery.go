@@ -174,6 +174,7 @@ func (m *Manager) onGuestReady(e hostproto.Event) {
 	defer cancel()
 	// Most guest-ready events close nothing: look before taking the lock.
 	if r, _, err := m.load(ctx, e.VM); err != nil || r.OpenIncident == "" || r.Host != e.Host {
+		m.log.Debug("guest ready: no open incident", "vm", e.VM, "host", e.Host, "record_host", r.Host, "err", err)
 		return
 	}
 	unlock, err := m.waitLock(ctx, e.VM)
@@ -190,6 +191,7 @@ func (m *Manager) onGuestReady(e hostproto.Event) {
 	_, err = m.save(ctx, &r, rev)
 	unlock()
 	if err != nil {
+		m.log.Warn("close incident", "vm", e.VM, "err", err)
 		return
 	}
 	var rec incidentRecord
