@@ -37,6 +37,9 @@ type ManagerConfig struct {
 	Ready     func(addr string)
 	// HostDeadAfter: see manager.Config.
 	HostDeadAfter time.Duration
+	// Overcommit bounds what the scheduler promises a host (zero values:
+	// manager.DefaultOvercommit).
+	Overcommit manager.Overcommit
 }
 
 // RunManager runs a manager (API, controllers, store) with no host of its
@@ -81,7 +84,7 @@ func RunManager(ctx context.Context, cfg ManagerConfig) error {
 		defer etcd.Close()
 		cli = etcd.Client()
 	}
-	mgr := manager.New(manager.Config{Store: store.New(cli, "/vigil/"), Events: events.New(1000), Logger: log, Name: cfg.Name, HostDeadAfter: cfg.HostDeadAfter, ShareEvents: true})
+	mgr := manager.New(manager.Config{Store: store.New(cli, "/vigil/"), Events: events.New(1000), Logger: log, Name: cfg.Name, HostDeadAfter: cfg.HostDeadAfter, ShareEvents: true, Overcommit: cfg.Overcommit})
 	go mgr.WatchHosts(ctx)
 	go mgr.ShareEvents(ctx)
 	return serve(ctx, ln, mgr, log, cfg.Ready, func(ctx context.Context) { lead(ctx, cli, cfg.Name, mgr, log) })

@@ -22,6 +22,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 	var dev, isHost bool
 	var logLevel, managerFlag, managers, joinToken, etcdEndpoints, etcdPeers, storagePool string
 	var fenceAfter, deadAfter time.Duration
+	var oc manager.Overcommit
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run a Vigil agent: --dev (all in one), --manager, or --host",
@@ -77,7 +78,10 @@ func newAgentCmd(g *globals) *cobra.Command {
 				if len(peers) > 0 && etcdEndpoints != "" {
 					return fmt.Errorf("use either --etcd-peers (embedded cluster) or --etcd-endpoints (external etcd), not both")
 				}
-				return agent.RunManager(ctx, agent.ManagerConfig{Listen: cfg.Listen, DataDir: cfg.DataDir, Name: cfg.HostName,
+				if oc.Memory <= 0 || oc.Memory > 4 || oc.CPU <= 0 || oc.CPU > 64 {
+					return fmt.Errorf("--memory-overcommit %g / --cpu-overcommit %g out of range: use 0 < memory ≤ 4 and 0 < cpu ≤ 64 (1.0 promises exactly what a host has)", oc.Memory, oc.CPU)
+				}
+				return agent.RunManager(ctx, agent.ManagerConfig{Overcommit: oc, Listen: cfg.Listen, DataDir: cfg.DataDir, Name: cfg.HostName,
 					EtcdEndpoints: splitList(etcdEndpoints), EtcdPeers: peers, Logger: log, HostDeadAfter: deadAfter})
 			case isHost:
 				if cfg.HostName == "" {
@@ -122,6 +126,8 @@ func newAgentCmd(g *globals) *cobra.Command {
 	f.StringVar(&storagePool, "storage-pool", envOr("VIGIL_STORAGE_POOL", ""), "with --host: a directory every host of the pool mounts (NFS, CephFS, or shared on one machine) for VM disks and state, so VMs can move between hosts (env VIGIL_STORAGE_POOL)")
 	f.DurationVar(&fenceAfter, "fence-after", agent.DefaultFenceAfter, "with --host: kill this host's VMs after this long without any manager")
 	f.DurationVar(&deadAfter, "host-dead-after", manager.DefaultHostDeadAfter, "with --manager: declare a host dead (and restart its VMs elsewhere) after this long without heartbeats; must exceed every host's --fence-after by 2s")
+	f.Float64Var(&oc.Memory, "memory-overcommit", manager.DefaultOvercommit.Memory, "with --manager: memory the scheduler may promise a host, as a multiple of what it has (1.0: never more)")
+	f.Float64Var(&oc.CPU, "cpu-overcommit", manager.DefaultOvercommit.CPU, "with --manager: vCPUs the scheduler may promise a host, per host CPU")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd
 }
