@@ -164,3 +164,33 @@ func TestEvacuate(t *testing.T) {
 		t.Fatalf("refusal not on the timeline: %+v", incs)
 	}
 }
+
+// TestDrainKeepsWhatCannotMove drains a host whose VM has a local disk: the
+// host takes no new VMs, the VM stays with the reason, enable undoes it.
+func TestDrainKeepsWhatCannotMove(t *testing.T) {
+	m, _ := newTestManager(t)
+	ctx := context.Background()
+	mustCreate(t, m, "local", true)
+	res, err := m.Drain(ctx, "h1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Moved) != 0 || len(res.Stayed) != 1 || !strings.Contains(res.Stayed[0].Reason, "local storage") {
+		t.Fatalf("drain result %+v; want local to stay because of its local disk", res)
+	}
+	if _, err := m.Create(ctx, api.VMCreateRequest{Name: "new", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20}); !errors.Is(err, ErrConflict) || !strings.Contains(err.Error(), "h1 is drained") {
+		t.Fatalf("create on a drained host: %v", err)
+	}
+	if hs := m.Hosts(); len(hs) != 1 || !hs[0].Drained {
+		t.Fatalf("hosts %+v; want h1 drained", hs)
+	}
+	if err := m.Enable(ctx, "h1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Create(ctx, api.VMCreateRequest{Name: "new", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20}); err != nil {
+		t.Fatalf("create after enable: %v", err)
+	}
+	if _, err := m.Drain(ctx, "nohost"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("drain of an unknown host: %v", err)
+	}
+}
