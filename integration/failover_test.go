@@ -98,28 +98,8 @@ func incidentEvents(inc api.Incident) []string {
 // its stale copy and rejoins clean.
 func TestHostFailover(t *testing.T) {
 	needIntegration(t)
-	m := &devAgent{t: t, dataDir: shortTempDir(t), addr: freeAddr(t)}
-	startProc(t, "agent", "--manager", "--listen", m.addr, "--data-dir", m.dataDir)
-	waitFor(t, "manager", 60*time.Second, func() bool {
-		_, _, code := m.vigil("host", "list")
-		return code == 0
-	})
-	pool := shortTempDir(t)
-	dirs := map[string]string{}
-	hosts := map[string]*proc{}
-	startHost := func(name, token string) {
-		hosts[name] = startProc(t, "agent", "--host", "--name", name, "--manager", "http://"+m.addr, "--join-token", token,
-			"--data-dir", dirs[name], "--image-dir", imageDir, "--storage-pool", pool)
-	}
-	for _, name := range []string{"h1", "h2"} {
-		dirs[name] = shortTempDir(t)
-		startHost(name, strings.TrimSpace(m.mustVigil("host", "join-token", "-q")))
-		t.Cleanup(func() { killQEMUs(dirs[name]) })
-	}
-	waitFor(t, "both hosts up", 30*time.Second, func() bool {
-		hs := hostList(t, m)
-		return hs["h1"].State == "up" && hs["h2"].State == "up"
-	})
+	c := startPoolCluster(t, "h1", "h2")
+	m, pool, dirs, hosts, startHost := c.m, c.pool, c.dirs, c.hosts, c.startHost
 	if hs := hostList(t, m); hs["h1"].StoragePool == "" || hs["h1"].StoragePool != hs["h2"].StoragePool {
 		t.Fatalf("hosts do not report the same pool: %+v", hs)
 	}

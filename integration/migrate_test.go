@@ -10,8 +10,19 @@ import (
 	"github.com/vigil-project/vigil/api"
 )
 
-// poolCluster starts a manager and hosts sharing one storage pool.
-func poolCluster(t *testing.T, names ...string) (*devAgent, map[string]*proc) {
+// poolCluster is a manager and host agents sharing one storage pool, each
+// its own vigil process.
+type poolCluster struct {
+	t     *testing.T
+	m     *devAgent
+	pool  string
+	dirs  map[string]string // host name → its data dir
+	hosts map[string]*proc
+}
+
+// startPoolCluster starts a manager and the named hosts and waits until
+// every host is up.
+func startPoolCluster(t *testing.T, names ...string) *poolCluster {
 	t.Helper()
 	m := &devAgent{t: t, dataDir: shortTempDir(t), addr: freeAddr(t)}
 	startProc(t, "agent", "--manager", "--listen", m.addr, "--data-dir", m.dataDir)
@@ -19,14 +30,11 @@ func poolCluster(t *testing.T, names ...string) (*devAgent, map[string]*proc) {
 		_, _, code := m.vigil("host", "list")
 		return code == 0
 	})
-	pool := shortTempDir(t)
-	hosts := map[string]*proc{}
+	c := &poolCluster{t: t, m: m, pool: shortTempDir(t), dirs: map[string]string{}, hosts: map[string]*proc{}}
 	for _, name := range names {
-		dir := shortTempDir(t)
-		hosts[name] = startProc(t, "agent", "--host", "--name", name, "--manager", "http://"+m.addr,
-			"--join-token", strings.TrimSpace(m.mustVigil("host", "join-token", "-q")),
-			"--data-dir", dir, "--image-dir", imageDir, "--storage-pool", pool)
-		t.Cleanup(func() { killQEMUs(dir) })
+		c.dirs[name] = shortTempDir(t)
+		t.Cleanup(func() { killQEMUs(c.dirs[name]) })
+		c.startHost(name, strings.TrimSpace(m.mustVigil("host", "join-token", "-q")))
 	}
 	waitFor(t, "hosts up", 30*time.Second, func() bool {
 		hs := hostList(t, m)
@@ -37,7 +45,13 @@ func poolCluster(t *testing.T, names ...string) (*devAgent, map[string]*proc) {
 		}
 		return true
 	})
-	return m, hosts
+	return c
+}
+
+// startHost (re)starts a host agent; a restarted one needs no token.
+func (c *poolCluster) startHost(name, token string) {
+	c.hosts[name] = startProc(c.t, "agent", "--host", "--name", name, "--manager", "http://"+c.m.addr, "--join-token", token,
+		"--data-dir", c.dirs[name], "--image-dir", imageDir, "--storage-pool", c.pool)
 }
 
 // TestLiveMigrationAndDrain moves a running guest between two hosts and
@@ -46,7 +60,7 @@ func poolCluster(t *testing.T, names ...string) (*devAgent, map[string]*proc) {
 // one is handed over, and the scheduler keeps new VMs off it until enabled.
 func TestLiveMigrationAndDrain(t *testing.T) {
 	needIntegration(t)
-	m, _ := poolCluster(t, "h1", "h2")
+	m := startPoolCluster(t, "h1", "h2").m
 	var v api.VM
 	json.Unmarshal([]byte(m.mustVigil("vm", "create", "mig1", "--host", "h1", "--start", "--wait", "-o", "json")), &v)
 	if v.Guest == nil {
