@@ -59,6 +59,8 @@ type Incident struct {
 	ID          string     `json:"id"`
 	VM          string     `json:"vm"`
 	Kind        string     `json:"kind"` // exit, panic, hang or host-failure
+	// Host is where it happened (for a host failure: the host that died).
+	Host string `json:"host,omitempty"`
 	DetectedAt  time.Time  `json:"detected_at"`
 	Action      string     `json:"action"` // restart, none, gave-up
 	RecoveredAt *time.Time `json:"recovered_at,omitempty"`

@@ -178,10 +178,15 @@ func TestHostFailover(t *testing.T) {
 	if maxCopies != 1 || samples < 100 {
 		t.Fatalf("at most %d copies in %d samples: a vm ran twice (or was not sampled)", maxCopies, samples)
 	}
-	incs := incidents(t, m, "fo1")
-	last := incs[len(incs)-1]
-	if !strings.Contains(strings.Join(incidentEvents(last), ","), "start refused") {
-		t.Fatalf("the partition's incident does not show the refused start: %v", incidentEvents(last))
+	// The partition's incident shows the new host's refused start and the
+	// moment the old host killed its copy.
+	waitFor(t, "the old copy's end on the timeline", 10*time.Second, func() bool {
+		incs := incidents(t, m, "fo1")
+		steps := strings.Join(incidentEvents(incs[len(incs)-1]), ",")
+		return strings.Contains(steps, "start refused") && strings.Contains(steps, "old copy killed")
+	})
+	if last := incidents(t, m, "fo1"); last[len(last)-1].Host != "h2" {
+		t.Fatalf("the partition's incident names host %q, want h2", last[len(last)-1].Host)
 	}
 	m.mustVigil("vm", "delete", "fo1")
 	if _, err := os.Stat(filepath.Join(pool, "vms", "fo1")); !os.IsNotExist(err) {

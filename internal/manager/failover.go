@@ -2,8 +2,10 @@ package manager
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"sort"
 	"time"
 
 	"github.com/vigil-project/vigil/api"
@@ -256,7 +258,7 @@ func (m *Manager) evacuate(ctx context.Context, name string) error {
 	// A paused guest's memory died with its host: it comes back running.
 	r.Desired = desiredRunning
 	fence := time.Duration(death.FenceAfterMS) * time.Millisecond
-	inc := api.Incident{ID: fmt.Sprintf("%019d", death.DeadAt.UnixNano()), VM: name, Kind: hostproto.IncidentHostFailure,
+	inc := api.Incident{ID: fmt.Sprintf("%019d", death.DeadAt.UnixNano()), VM: name, Kind: hostproto.IncidentHostFailure, Host: from,
 		DetectedAt: *death.DeadAt, Action: "restart on " + target,
 		Evidence: api.Evidence{LastHeartbeat: &death.LastHeartbeat,
 			HeartbeatSilenceS: death.DeadAt.Sub(death.LastHeartbeat).Seconds(),
@@ -325,15 +327,56 @@ func (m *Manager) closeFailover(ctx context.Context, r *record, rev int64, what 
 	return err
 }
 
-// appendTimeline adds a step to an incident's timeline.
-func (m *Manager) appendTimeline(ctx context.Context, vm, id string, e api.TimelineEntry) {
-	var rec incidentRecord
-	rev, err := m.store.Get(ctx, incidentKey(vm, id), &rec)
+// onOldCopy records on the VM's latest host-failure incident what its old
+// host did with its copy once it could act again (fenced it, dropped it):
+// the real end of the old copy, next to the deadline the timeline assumed.
+func (m *Manager) onOldCopy(e hostproto.Event) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	kvs, err := m.store.List(ctx, "incidents/"+e.VM+"/")
 	if err != nil {
 		return
 	}
-	rec.Timeline = append(rec.Timeline, e)
-	if _, err := m.store.Update(ctx, incidentKey(vm, id), rev, rec); err != nil {
-		m.log.Warn("incident timeline", "vm", vm, "err", err)
+	for i := len(kvs) - 1; i >= 0; i-- {
+		var rec incidentRecord
+		if json.Unmarshal(kvs[i].Value, &rec) != nil || rec.Kind != hostproto.IncidentHostFailure || rec.Host != e.Host {
+			continue
+		}
+		what := "old copy killed"
+		if e.Kind == hostproto.EventDropped {
+			what = "old copy dropped"
+		}
+		m.appendTimeline(ctx, e.VM, rec.ID, api.TimelineEntry{Time: e.Time, Event: what, Detail: "by host " + e.Host + ": " + e.Message})
+		return
 	}
+}
+
+// appendTimeline adds a step to an incident's timeline.
+// The timeline is kept in time order.
+func (m *Manager) appendTimeline(ctx context.Context, vm, id string, e api.TimelineEntry) {
+	m.updateIncident(ctx, vm, id, func(rec *incidentRecord) {
+		rec.Timeline = append(rec.Timeline, e)
+		sort.SliceStable(rec.Timeline, func(i, j int) bool { return rec.Timeline[i].Time.Before(rec.Timeline[j].Time) })
+	})
+}
+
+// updateIncident applies change to an incident and saves it. Updates come
+// from several goroutines (and managers): a conflicting write is retried on
+// the fresh record.
+func (m *Manager) updateIncident(ctx context.Context, vm, id string, change func(*incidentRecord)) (incidentRecord, error) {
+	var err error
+	for attempt := 0; attempt < 10; attempt++ {
+		var rec incidentRecord
+		rev, gerr := m.store.Get(ctx, incidentKey(vm, id), &rec)
+		if gerr != nil {
+			return rec, gerr
+		}
+		change(&rec)
+		if _, err = m.store.Update(ctx, incidentKey(vm, id), rev, rec); err == nil {
+			return rec, nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	m.log.Warn("update incident", "vm", vm, "err", err)
+	return incidentRecord{}, err
 }

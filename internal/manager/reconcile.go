@@ -204,6 +204,8 @@ func (m *Manager) HandleHostEvent(e hostproto.Event) {
 		go m.onGuestReady(e)
 	case e.Kind == hostproto.EventHealth:
 		go m.onHealth(e)
+	case e.Kind == hostproto.EventFenced || e.Kind == hostproto.EventDropped:
+		go m.onOldCopy(e)
 	}
 }
 

@@ -111,7 +111,7 @@ func (m *Manager) onIncident(e hostproto.Event) {
 func (m *Manager) recoverLocked(ctx context.Context, r *record, rev int64, inc hostproto.Incident) {
 	name := r.Spec.Name
 	p := withDefaults(r.Policy)
-	rec := incidentRecord{api.Incident{ID: fmt.Sprintf("%019d", inc.DetectedAt.UnixNano()), VM: name, Kind: inc.Kind,
+	rec := incidentRecord{api.Incident{ID: fmt.Sprintf("%019d", inc.DetectedAt.UnixNano()), VM: name, Kind: inc.Kind, Host: r.Host,
 		DetectedAt: inc.DetectedAt, Evidence: toAPIEvidence(inc.Evidence)}}
 
 	// Keep only the restarts inside the window: that is the budget used.
@@ -194,18 +194,15 @@ func (m *Manager) onGuestReady(e hostproto.Event) {
 		m.log.Warn("close incident", "vm", e.VM, "err", err)
 		return
 	}
-	var rec incidentRecord
-	rev, err = m.store.Get(ctx, incidentKey(e.VM, id), &rec)
-	if err != nil {
-		return
-	}
 	t := e.Time
-	rec.RecoveredAt = &t
-	rec.RecoveredInMS = ms(t.Sub(rec.DetectedAt))
-	if len(rec.Timeline) > 0 {
-		rec.Timeline = append(rec.Timeline, api.TimelineEntry{Time: t, Event: "guest back", Detail: "first heartbeat from the guest on host " + e.Host})
-	}
-	if _, err := m.store.Update(ctx, incidentKey(e.VM, id), rev, rec); err != nil {
+	rec, err := m.updateIncident(ctx, e.VM, id, func(rec *incidentRecord) {
+		rec.RecoveredAt = &t
+		rec.RecoveredInMS = ms(t.Sub(rec.DetectedAt))
+		if len(rec.Timeline) > 0 {
+			rec.Timeline = append(rec.Timeline, api.TimelineEntry{Time: t, Event: "guest back", Detail: "first heartbeat from the guest on host " + e.Host})
+		}
+	})
+	if err != nil {
 		m.log.Error("record recovery", "vm", e.VM, "err", err)
 		return
 	}
