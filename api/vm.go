@@ -56,11 +56,11 @@ type RecoveryPolicy struct {
 
 // Incident is a crash or hang that Vigil detected, and what it did.
 type Incident struct {
-	ID          string     `json:"id"`
-	VM          string     `json:"vm"`
-	Kind        string     `json:"kind"` // exit, panic, hang or host-failure
+	ID   string `json:"id"`
+	VM   string `json:"vm"`
+	Kind string `json:"kind"` // exit, panic, hang or host-failure
 	// Host is where it happened (for a host failure: the host that died).
-	Host string `json:"host,omitempty"`
+	Host        string     `json:"host,omitempty"`
 	DetectedAt  time.Time  `json:"detected_at"`
 	Action      string     `json:"action"` // restart, none, gave-up
 	RecoveredAt *time.Time `json:"recovered_at,omitempty"`
