@@ -2,8 +2,6 @@ package integration
 
 import (
 	"encoding/json"
-	"io"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,6 +9,7 @@ import (
 	"time"
 
 	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/testenv"
 )
 
 func showVM(t *testing.T, a *devAgent, name string) api.VM {
@@ -20,28 +19,6 @@ func showVM(t *testing.T, a *devAgent, name string) api.VM {
 		t.Fatalf("vm show -o json: %v", err)
 	}
 	return vm
-}
-
-func httpGet(t *testing.T, url string) string {
-	t.Helper()
-	c := &http.Client{Timeout: 5 * time.Second}
-	var last error
-	for i := 0; i < 50; i++ {
-		resp, err := c.Get(url)
-		if err == nil {
-			b, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				return string(b)
-			}
-			last = err
-		} else {
-			last = err
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	t.Fatalf("GET %s: %v", url, last)
-	return ""
 }
 
 // TestVMLifecycle walks one VM through create, run, stop, start and delete
@@ -142,4 +119,9 @@ func TestVMLifecycle(t *testing.T) {
 	if _, errs, code := a.vigil("vm", "show", "web1"); code == 0 || !strings.Contains(errs, "does not exist") {
 		t.Fatalf("show after delete: exit %d, %q", code, errs)
 	}
+}
+
+func httpGet(t *testing.T, url string) string {
+	t.Helper()
+	return testenv.HTTPGet(t.Context(), t, url)
 }

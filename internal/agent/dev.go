@@ -72,14 +72,9 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	if cfg.Reconcile == 0 {
 		cfg.Reconcile = 2 * time.Second
 	}
-	if err := os.MkdirAll(cfg.DataDir, 0o755); err != nil {
-		return fmt.Errorf("create data dir %s: %w", cfg.DataDir, err)
-	}
-	// Listen first: a taken port is the most common start-up failure and
-	// should be reported before anything else is started.
-	ln, err := net.Listen("tcp", cfg.Listen)
+	ln, err := prepare(cfg.DataDir, cfg.Listen)
 	if err != nil {
-		return fmt.Errorf("listen on %s: %w (another vigil agent running? use --listen to pick another address)", cfg.Listen, err)
+		return err
 	}
 	defer ln.Close()
 
@@ -130,6 +125,19 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	<-hostDone
 	log.Info("vigil agent stopped; virtual machines keep running")
 	return err
+}
+
+// prepare makes the data dir and listens, first: a taken port is the most
+// common start-up failure and should be reported before anything starts.
+func prepare(dataDir, listen string) (net.Listener, error) {
+	if err := os.MkdirAll(dataDir, 0o755); err != nil {
+		return nil, fmt.Errorf("create data dir %s: %w", dataDir, err)
+	}
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w (another vigil agent running? use --listen to pick another address)", listen, err)
+	}
+	return ln, nil
 }
 
 // hostSetup is what a host agent needs, in dev and in host mode alike.

@@ -61,12 +61,9 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 	if cfg.FenceAfter < 2*time.Second {
 		return fmt.Errorf("fence time %s is too short: heartbeats go every second, use at least 2s", cfg.FenceAfter)
 	}
-	if err := os.MkdirAll(cfg.DataDir, 0o755); err != nil {
-		return fmt.Errorf("create data dir %s: %w", cfg.DataDir, err)
-	}
-	ln, err := net.Listen("tcp", cfg.Listen)
+	ln, err := prepare(cfg.DataDir, cfg.Listen)
 	if err != nil {
-		return fmt.Errorf("listen on %s: %w (use --listen to pick another address)", cfg.Listen, err)
+		return err
 	}
 	defer ln.Close()
 

@@ -49,12 +49,9 @@ func RunManager(ctx context.Context, cfg ManagerConfig) error {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	if err := os.MkdirAll(cfg.DataDir, 0o755); err != nil {
-		return fmt.Errorf("create data dir %s: %w", cfg.DataDir, err)
-	}
-	ln, err := net.Listen("tcp", cfg.Listen)
+	ln, err := prepare(cfg.DataDir, cfg.Listen)
 	if err != nil {
-		return fmt.Errorf("listen on %s: %w (use --listen to pick another address)", cfg.Listen, err)
+		return err
 	}
 	defer ln.Close()
 

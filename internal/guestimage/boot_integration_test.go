@@ -6,9 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +15,7 @@ import (
 	"time"
 
 	"github.com/vigil-project/vigil/internal/guestproto"
+	"github.com/vigil-project/vigil/internal/testenv"
 )
 
 // TestBootIntegration builds vigil-guest and the default image (downloading
@@ -198,7 +197,7 @@ func bootAndCheck(ctx context.Context, t *testing.T, img *Image, disk, name, ext
 	}
 	rtt := time.Since(pingAt)
 
-	body := httpGet(ctx, t, fmt.Sprintf("http://127.0.0.1:%d/", port))
+	body := testenv.HTTPGet(ctx, t, fmt.Sprintf("http://127.0.0.1:%d/", port))
 	if !strings.Contains(body, hb1.Heartbeat.BootID) || !strings.Contains(body, name) {
 		t.Errorf("index.html lacks boot id %s or name %s: %q", hb1.Heartbeat.BootID, name, body)
 	}
@@ -247,29 +246,6 @@ func dialRetry(ctx context.Context, t *testing.T, path string) net.Conn {
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-}
-
-func httpGet(ctx context.Context, t *testing.T, url string) string {
-	t.Helper()
-	client := &http.Client{Timeout: 5 * time.Second}
-	var lastErr error
-	for range 20 {
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-		resp, err := client.Do(req)
-		if err == nil {
-			b, err := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			if err == nil && resp.StatusCode == http.StatusOK {
-				return string(b)
-			}
-			lastErr = fmt.Errorf("status %s, %v", resp.Status, err)
-		} else {
-			lastErr = err
-		}
-		time.Sleep(250 * time.Millisecond)
-	}
-	t.Fatalf("GET %s: %v", url, lastErr)
-	return ""
 }
 
 // qmpPowerdown presses the virtual ACPI power button.

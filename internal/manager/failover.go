@@ -156,14 +156,13 @@ const hostCallTimeout = 30 * time.Second
 
 // restartMoved goes on with the failover of one moved VM.
 func (m *Manager) restartMoved(ctx context.Context, name string) error {
-	unlock, err := m.lock(name)
+	r, rev, unlock, err := m.lockLoad(ctx, name)
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	r, rev, err := m.load(ctx, name)
-	if err != nil || r.Failover == nil {
-		return err
+	if r.Failover == nil {
+		return nil
 	}
 	return m.finishFailover(ctx, &r, rev)
 }
@@ -181,15 +180,11 @@ func (m *Manager) hostDeath(ctx context.Context, name string) (hostRecord, bool)
 // the lease, and a VM that should run is marked for restart there
 // (restartMoved starts it).
 func (m *Manager) evacuate(ctx context.Context, name string) error {
-	unlock, err := m.lock(name)
+	r, rev, unlock, err := m.lockLoad(ctx, name)
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	r, rev, err := m.load(ctx, name)
-	if err != nil {
-		return err
-	}
 	if r.Failover != nil {
 		// Moved here, and this host died too before the VM started: move
 		// it again (with a new incident).

@@ -196,6 +196,21 @@ func (m *Manager) lock(name string) (func(), error) {
 	return l.Unlock, nil
 }
 
+// lockLoad takes the VM's operation lock and reads its record. On error
+// the lock is not held.
+func (m *Manager) lockLoad(ctx context.Context, name string) (record, int64, func(), error) {
+	unlock, err := m.lock(name)
+	if err != nil {
+		return record{}, 0, nil, err
+	}
+	r, rev, err := m.load(ctx, name)
+	if err != nil {
+		unlock()
+		return record{}, 0, nil, err
+	}
+	return r, rev, unlock, nil
+}
+
 // waitLock takes the per-VM lock, waiting for an operation in progress to
 // end; for handlers of host events, which must not be refused as busy.
 func (m *Manager) waitLock(ctx context.Context, name string) (func(), error) {
@@ -348,15 +363,11 @@ func (m *Manager) ChangeState(ctx context.Context, name string, req api.VMStateR
 	if req.DiscardState && req.Action != api.ActionResume {
 		return api.VM{}, errorf(ErrInvalid, "discard_state goes with the resume action")
 	}
-	unlock, err := m.lock(name)
+	r, rev, unlock, err := m.lockLoad(ctx, name)
 	if err != nil {
 		return api.VM{}, err
 	}
 	defer unlock()
-	r, rev, err := m.load(ctx, name)
-	if err != nil {
-		return api.VM{}, err
-	}
 	act := m.actual(r)
 	running := act.Running
 	if r.State == api.StateSuspended && act.SavedState && !running {
@@ -430,15 +441,11 @@ func (m *Manager) Delete(ctx context.Context, name string, force bool) error {
 	if err := validName(name); err != nil {
 		return err
 	}
-	unlock, err := m.lock(name)
+	r, rev, unlock, err := m.lockLoad(ctx, name)
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	r, rev, err := m.load(ctx, name)
-	if err != nil {
-		return err
-	}
 	if !force {
 		ss, err := m.snapshots(ctx, name)
 		if err != nil {

@@ -17,15 +17,11 @@ func (m *Manager) Migrate(ctx context.Context, name, to string) (api.VM, error) 
 	if err := validName(name); err != nil {
 		return api.VM{}, err
 	}
-	unlock, err := m.lock(name)
+	r, rev, unlock, err := m.lockLoad(ctx, name)
 	if err != nil {
 		return api.VM{}, err
 	}
 	defer unlock()
-	r, rev, err := m.load(ctx, name)
-	if err != nil {
-		return api.VM{}, err
-	}
 	_, err = m.migrateLocked(ctx, &r, rev, to)
 	if fresh, _, lerr := m.load(context.WithoutCancel(ctx), name); lerr == nil {
 		r = fresh

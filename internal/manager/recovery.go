@@ -237,15 +237,11 @@ func (m *Manager) SetPolicy(ctx context.Context, name string, p api.RecoveryPoli
 	if err := validatePolicy(p); err != nil {
 		return api.VM{}, err
 	}
-	unlock, err := m.lock(name)
+	r, rev, unlock, err := m.lockLoad(ctx, name)
 	if err != nil {
 		return api.VM{}, err
 	}
 	defer unlock()
-	r, rev, err := m.load(ctx, name)
-	if err != nil {
-		return api.VM{}, err
-	}
 	r.Policy = p
 	if err := m.hostNamed(r.Host).SetHealth(name, p.HangTimeoutSeconds, p.MinUptimeSeconds); err != nil {
 		return api.VM{}, fmt.Errorf("set policy of %s: %w", name, err)

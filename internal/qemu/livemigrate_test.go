@@ -4,9 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +15,7 @@ import (
 	"github.com/vigil-project/vigil/internal/guestimage"
 	"github.com/vigil-project/vigil/internal/guestproto"
 	"github.com/vigil-project/vigil/internal/qemu/qmp"
+	"github.com/vigil-project/vigil/internal/testenv"
 )
 
 // TestLiveMigrate boots a guest, live-migrates it over TCP to a second QEMU
@@ -156,7 +155,7 @@ func TestLiveMigrate(t *testing.T) {
 		t.Fatal(err)
 	}
 	url := fmt.Sprintf("http://127.0.0.1:%d/", port)
-	if body := httpGet(ctx, t, url); !strings.Contains(body, first.BootID) {
+	if body := testenv.HTTPGet(ctx, t, url); !strings.Contains(body, first.BootID) {
 		t.Fatalf("GET %s after migration: body lacks boot id %s: %q", url, first.BootID, body)
 	}
 	if err := RemoveHostFwd(ctx, dstP.Monitor, port); err != nil {
@@ -223,32 +222,6 @@ func heartbeats(ctx context.Context, t *testing.T, sock string, n int) []guestpr
 		}
 	}
 	return hbs
-}
-
-func httpGet(ctx context.Context, t *testing.T, url string) string {
-	t.Helper()
-	client := &http.Client{Timeout: 5 * time.Second}
-	var lastErr error
-	for range 10 {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp, err := client.Do(req)
-		if err == nil {
-			b, err := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			if err == nil && resp.StatusCode == http.StatusOK {
-				return string(b)
-			}
-			lastErr = fmt.Errorf("status %s, read %v", resp.Status, err)
-		} else {
-			lastErr = err
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	t.Fatalf("GET %s: %v", url, lastErr)
-	return ""
 }
 
 func freeTCPPort(t *testing.T) int {
