@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -49,7 +50,42 @@ func NewRoot() *cobra.Command {
 	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "output format: table, json or yaml")
 	root.PersistentFlags().BoolVarP(&g.quiet, "quiet", "q", false, "print only what scripts need")
 	root.AddCommand(newVMCmd(g), newSnapshotCmd(g), newHostCmd(g), newEventsCmd(g), newImageCmd(g), newAgentCmd(g))
+	// cobra adds its "completion" group lazily on Execute; add it now so the
+	// walk below covers it too (it is a no-op if it already exists).
+	root.InitDefaultCompletionCmd()
+	requireKnownSubcommands(root)
 	return root
+}
+
+// requireKnownSubcommands makes every command group in the tree under c (a
+// command with subcommands and no Run of its own, c included) fail on an
+// unknown subcommand. cobra prints a group's help and returns no error
+// whatever arguments follow it, so "vigil vm frobnicate" would exit 0. A
+// group called with no arguments still prints its help and succeeds.
+func requireKnownSubcommands(c *cobra.Command) {
+	if c.HasSubCommands() && !c.Runnable() {
+		c.Args = unknownSubcommand
+		c.RunE = func(cmd *cobra.Command, args []string) error { return cmd.Help() }
+	}
+	for _, sub := range c.Commands() {
+		requireKnownSubcommands(sub)
+	}
+}
+
+// unknownSubcommand is the Args check of a command group: any positional
+// argument left over is a subcommand that does not exist.
+func unknownSubcommand(cmd *cobra.Command, args []string) error {
+	if len(args) == 0 {
+		return nil
+	}
+	var valid []string
+	for _, sub := range cmd.Commands() {
+		if sub.IsAvailableCommand() {
+			valid = append(valid, sub.Name())
+		}
+	}
+	return fmt.Errorf("unknown command %q for %q: valid commands are %s",
+		args[0], cmd.CommandPath(), strings.Join(valid, ", "))
 }
 
 // Main runs the CLI and returns the process exit code. Errors are printed as
