@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"sync"
 	"time"
 
 	"github.com/vigil-project/vigil/api"
@@ -96,10 +97,12 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	}
 	defer etcd.Close()
 	broker := events.New(1000)
-	info := host.Info()
+	info := host.HostInfo()
 	mgr = manager.New(manager.Config{Name: cfg.HostName,
-		Store: store.New(etcd.Client(), "/vigil/"), Host: host, Events: broker, Logger: log,
-		Limits: manager.Limits{MaxMemoryBytes: info.MemoryBytes, MaxCPUs: max(64, 4*runtime.NumCPU())},
+		Store: store.New(etcd.Client(), "/vigil/"), Host: manager.LocalHost(cfg.HostName, host), Events: broker, Logger: log,
+		Limits:   manager.Limits{MaxMemoryBytes: info.MemoryBytes, MaxCPUs: max(64, 4*runtime.NumCPU())},
+		Resync:   cfg.Reconcile,
+		StepHook: crashHook(log),
 	})
 	// Adopt surviving QEMUs only now, so their events reach the manager.
 	if err := host.Recover(ctx); err != nil {
@@ -118,7 +121,11 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	}
 	controllers := func(ctx context.Context) {
 		mgr.SetLeader(true) // the only manager there is
-		mgr.Run(ctx, cfg.Reconcile)
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() { defer wg.Done(); mgr.Run(ctx) }()
+		mgr.Lead(ctx)
+		wg.Wait()
 	}
 	err = serve(ctx, ln, mgr, log, ready, controllers)
 	stopHost()

@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"context"
+	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -82,7 +83,7 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 		secretPath: filepath.Join(cfg.DataDir, "host-secret"), http: &http.Client{Timeout: 3 * time.Second}, lastAck: time.Now()}
 	j.loadSecret()
 
-	srv := &http.Server{Handler: host.Handler(j.currentSecret), ReadHeaderTimeout: 10 * time.Second}
+	srv := newServer(hostAPI(host, j.currentSecret, log), context.Background())
 	go srv.Serve(ln)
 	hostCtx, stopHost := context.WithCancel(context.Background())
 	hostDone := make(chan error, 1)
@@ -100,6 +101,22 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 	<-hostDone
 	log.Info("host agent stopped; virtual machines keep running")
 	return runErr
+}
+
+// hostAPI serves the host operations to the manager this host joined:
+// every request must carry the secret it was given at registration (secret
+// returns "" until then, and then nothing is accepted).
+func hostAPI(h hostproto.Handler, secret func() string, log *slog.Logger) http.Handler {
+	ops := hostproto.Serve(h, log)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		want := secret()
+		got := r.Header.Get("Authorization")
+		if want == "" || subtle.ConstantTimeCompare([]byte(got), []byte("Bearer "+want)) != 1 {
+			http.Error(w, "not authorized: this host agent answers only the manager it joined", http.StatusUnauthorized)
+			return
+		}
+		ops.ServeHTTP(w, r)
+	})
 }
 
 // outbox queues host events for the next heartbeat and wakes the sender.
@@ -136,7 +153,7 @@ func (o *outbox) putBack(ev []hostproto.Event) {
 
 // joinedHost is what the joiner needs of the host agent.
 type joinedHost interface {
-	Info() api.Host
+	HostInfo() api.Host
 	Statuses() []hostproto.VMStatus
 	Fence(reason string) int
 	SetCutOff(bool)
@@ -360,10 +377,10 @@ func (j *joiner) register(ctx context.Context) error {
 	}
 	var reg hostproto.Registered
 	fence := j.cfg.FenceAfter.Milliseconds()
-	err := j.post(ctx, "/v1/hosts/register", hostproto.Register{Name: j.cfg.Name, Token: tok, Addr: j.addr, Info: j.host.Info(), FenceAfterMS: fence}, &reg, "")
+	err := j.post(ctx, "/v1/hosts/register", hostproto.Register{Name: j.cfg.Name, Token: tok, Addr: j.addr, Info: j.host.HostInfo(), FenceAfterMS: fence}, &reg, "")
 	if err != nil && tok != j.cfg.JoinToken && j.cfg.JoinToken != "" {
 		// The manager forgot us (a new cluster): try the join token.
-		err = j.post(ctx, "/v1/hosts/register", hostproto.Register{Name: j.cfg.Name, Token: j.cfg.JoinToken, Addr: j.addr, Info: j.host.Info(), FenceAfterMS: fence}, &reg, "")
+		err = j.post(ctx, "/v1/hosts/register", hostproto.Register{Name: j.cfg.Name, Token: j.cfg.JoinToken, Addr: j.addr, Info: j.host.HostInfo(), FenceAfterMS: fence}, &reg, "")
 	}
 	if err != nil {
 		return err
@@ -380,7 +397,7 @@ func (j *joiner) register(ctx context.Context) error {
 
 func (j *joiner) heartbeat(ctx context.Context) error {
 	ev := j.out.take()
-	hb := hostproto.Heartbeat{Info: j.host.Info(), Statuses: j.host.Statuses(), Events: ev}
+	hb := hostproto.Heartbeat{Info: j.host.HostInfo(), Statuses: j.host.Statuses(), Events: ev}
 	sent := time.Now()
 	if err := j.post(ctx, "/v1/hosts/"+j.cfg.Name+"/heartbeat", hb, nil, j.currentSecret()); err != nil {
 		j.out.putBack(ev)

@@ -23,7 +23,7 @@ type fencedHost struct {
 	sweeps  int
 }
 
-func (h *fencedHost) Info() api.Host                 { return api.Host{Name: "h1"} }
+func (h *fencedHost) HostInfo() api.Host             { return api.Host{Name: "h1"} }
 func (h *fencedHost) Statuses() []hostproto.VMStatus { return nil }
 func (h *fencedHost) Fence(reason string) int {
 	h.mu.Lock()

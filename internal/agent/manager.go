@@ -8,7 +8,10 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
+	"syscall"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -16,11 +19,8 @@ import (
 
 	"github.com/vigil-project/vigil/internal/events"
 	"github.com/vigil-project/vigil/internal/manager"
-	"github.com/vigil-project/vigil/internal/remotehost"
 	"github.com/vigil-project/vigil/internal/store"
 )
-
-var _ manager.Host = (*remotehost.Host)(nil)
 
 // ManagerConfig configures `vigil agent --manager`.
 type ManagerConfig struct {
@@ -81,10 +81,15 @@ func RunManager(ctx context.Context, cfg ManagerConfig) error {
 		defer etcd.Close()
 		cli = etcd.Client()
 	}
-	mgr := manager.New(manager.Config{Store: store.New(cli, "/vigil/"), Events: events.New(1000), Logger: log, Name: cfg.Name, HostDeadAfter: cfg.HostDeadAfter, ShareEvents: true, Overcommit: cfg.Overcommit})
-	go mgr.WatchHosts(ctx)
-	go mgr.ShareEvents(ctx)
-	return serve(ctx, ln, mgr, log, cfg.Ready, func(ctx context.Context) { lead(ctx, cli, cfg.Name, mgr, log) })
+	mgr := manager.New(manager.Config{Store: store.New(cli, "/vigil/"), Events: events.New(1000), Logger: log, Name: cfg.Name,
+		HostDeadAfter: cfg.HostDeadAfter, ShareEvents: true, Overcommit: cfg.Overcommit, StepHook: crashHook(log)})
+	return serve(ctx, ln, mgr, log, cfg.Ready, func(ctx context.Context) {
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() { defer wg.Done(); mgr.Run(ctx) }()
+		lead(ctx, cli, cfg.Name, mgr, log)
+		wg.Wait()
+	})
 }
 
 // lead campaigns for leadership through etcd and runs the controllers only
@@ -109,8 +114,8 @@ func lead(ctx context.Context, cli *clientv3.Client, name string, mgr *manager.M
 		log.Info("this manager leads: running the controllers", "manager", name)
 		lctx, cancel := context.WithCancel(ctx)
 		mgr.SetLeader(true)
-		go mgr.Run(lctx, 2*time.Second)
-		go mgr.WatchHostFailures(lctx)
+		done := make(chan struct{})
+		go func() { defer close(done); mgr.Lead(lctx) }()
 		select {
 		case <-ctx.Done():
 		case <-sess.Done():
@@ -118,6 +123,9 @@ func lead(ctx context.Context, cli *clientv3.Client, name string, mgr *manager.M
 		}
 		mgr.SetLeader(false)
 		cancel()
+		// The controllers must have stopped before this manager campaigns
+		// again: two sets of them would fight over the same VMs.
+		<-done
 		rctx, rcancel := context.WithTimeout(context.Background(), time.Second)
 		el.Resign(rctx)
 		rcancel()
@@ -126,14 +134,16 @@ func lead(ctx context.Context, cli *clientv3.Client, name string, mgr *manager.M
 }
 
 // serve runs the API until ctx ends, and controllers runs the controllers
-// (directly, or only while leading).
+// (directly, or only while leading); it returns once both stopped.
 func serve(ctx context.Context, ln net.Listener, mgr *manager.Manager, log *slog.Logger, ready func(string), controllers func(context.Context)) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	srv := &http.Server{Handler: mgr.Handler(), ReadHeaderTimeout: 10 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
+	srv := newServer(mgr.Handler(), ctx)
 	srvDone := make(chan error, 1)
 	go func() { srvDone <- srv.Serve(ln) }()
-	go controllers(ctx)
+	ctlDone := make(chan struct{})
+	go func() { defer close(ctlDone); controllers(ctx) }()
+	defer func() { cancel(); <-ctlDone }()
 	log.Info("vigil manager ready", "api", "http://"+ln.Addr().String())
 	if ready != nil {
 		ready(ln.Addr().String())
@@ -148,4 +158,32 @@ func serve(ctx context.Context, ln net.Listener, mgr *manager.Manager, log *slog
 	srv.Shutdown(shutCtx)
 	c2()
 	return err
+}
+
+// newServer is an HTTP server with time limits on every phase of a
+// request except the response (event streams and consoles are long), and
+// idle connections closed after a while.
+func newServer(h http.Handler, ctx context.Context) *http.Server {
+	return &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute, IdleTimeout: 2 * time.Minute,
+		BaseContext: func(net.Listener) context.Context { return ctx }}
+}
+
+// crashHook returns the manager's step hook: with VIGIL_CRASH_AT=op/step
+// (a comma-separated list) in the environment the process kills itself
+// (SIGKILL, no clean-up) right after such a step, as a crashing manager
+// would. Tests use it to kill a manager at a known point of a migration, a
+// suspend or a snapshot; nothing else sets it.
+func crashHook(log *slog.Logger) func(string) {
+	at := os.Getenv("VIGIL_CRASH_AT")
+	if at == "" {
+		return nil
+	}
+	steps := strings.Split(at, ",")
+	return func(step string) {
+		if !slices.Contains(steps, step) {
+			return
+		}
+		log.Warn("VIGIL_CRASH_AT reached: killing this process", "step", step)
+		syscall.Kill(os.Getpid(), syscall.SIGKILL)
+	}
 }

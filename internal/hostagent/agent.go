@@ -21,13 +21,6 @@ import (
 	"github.com/vigil-project/vigil/internal/qemu"
 )
 
-// Errors a caller can act on.
-var (
-	ErrUnknownVM  = errors.New("vm is not on this host")
-	ErrNotRunning = errors.New("vm is not running")
-	ErrRunning    = errors.New("vm is already running")
-)
-
 // Image is the guest boot image every VM on this host starts from.
 type Image struct {
 	Kernel, Initrd, Cmdline string
@@ -104,8 +97,11 @@ func New(cfg Config) (*Agent, error) {
 // Name is the host's name.
 func (a *Agent) Name() string { return a.cfg.Name }
 
-// Info describes the host's capacity.
-func (a *Agent) Info() api.Host {
+// Info describes the host's capacity (the host operation).
+func (a *Agent) Info(context.Context, hostproto.None) (api.Host, error) { return a.HostInfo(), nil }
+
+// HostInfo describes the host's capacity.
+func (a *Agent) HostInfo() api.Host {
 	a.mu.Lock()
 	n := len(a.vms)
 	a.mu.Unlock()
@@ -224,6 +220,9 @@ func (a *Agent) notify(vm string, kind hostproto.EventKind, expected bool, msg s
 }
 
 func (a *Agent) get(name string) (*vm, error) {
+	if err := checkName("vm", name); err != nil {
+		return nil, err
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	v, ok := a.vms[name]
@@ -234,11 +233,14 @@ func (a *Agent) get(name string) (*vm, error) {
 }
 
 // Create makes the VM's directory and disk. A failure leaves nothing behind.
-func (a *Agent) Create(ctx context.Context, spec hostproto.VMSpec) (err error) {
+func (a *Agent) Create(ctx context.Context, spec hostproto.VMSpec) (_ hostproto.None, err error) {
+	if err := checkName("vm", spec.Name); err != nil {
+		return none(err)
+	}
 	a.mu.Lock()
 	if _, ok := a.vms[spec.Name]; ok {
 		a.mu.Unlock()
-		return fmt.Errorf("create %s: a vm of that name is already on this host", spec.Name)
+		return none(fmt.Errorf("create %s: a vm of that name is already on this host", spec.Name))
 	}
 	v := a.newVM(spec)
 	v.creating = true
@@ -261,88 +263,92 @@ func (a *Agent) Create(ctx context.Context, spec hostproto.VMSpec) (err error) {
 		v.creating = false
 	}()
 	if err := v.machine.Validate(); err != nil {
-		return fmt.Errorf("create %s: %w", spec.Name, err)
+		return none(fmt.Errorf("create %s: %w", spec.Name, err))
 	}
 	if spec.Pool != "" && spec.Pool != a.poolID {
-		return fmt.Errorf("create %s: %w (it is meant for %s, this host has %q)", spec.Name, ErrWrongPool, spec.Pool, a.poolID)
+		return none(fmt.Errorf("create %s: %w (it is meant for %s, this host has %q)", spec.Name, ErrWrongPool, spec.Pool, a.poolID))
 	}
 	if v.storeDir != dir {
 		// Mkdir, not MkdirAll: a leftover directory of the same name in the
 		// pool belongs to someone else and must not be reused or removed.
 		if err := os.Mkdir(v.storeDir, 0o755); err != nil {
-			return fmt.Errorf("create %s in the storage pool: %w (remove %s if it is a leftover)", spec.Name, err, v.storeDir)
+			return none(fmt.Errorf("create %s in the storage pool: %w (remove %s if it is a leftover)", spec.Name, err, v.storeDir))
 		}
 		madeStore = true
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("create %s: %w", spec.Name, err)
+		return none(fmt.Errorf("create %s: %w", spec.Name, err))
 	}
 	if err := qemu.CreateDisk(ctx, v.machine.Disk, spec.DiskBytes); err != nil {
-		return fmt.Errorf("create %s: %w", spec.Name, err)
+		return none(fmt.Errorf("create %s: %w", spec.Name, err))
 	}
 	if v.pooled() {
 		if err := v.writeOwner(spec.Epoch); err != nil {
-			return fmt.Errorf("create %s: %w", spec.Name, err)
+			return none(fmt.Errorf("create %s: %w", spec.Name, err))
 		}
 	}
 	if err := v.writeSpec(); err != nil {
-		return fmt.Errorf("create %s: %w", spec.Name, err)
+		return none(fmt.Errorf("create %s: %w", spec.Name, err))
 	}
-	return nil
+	return hostproto.None{}, nil
 }
 
 // Start boots the VM's QEMU process.
-func (a *Agent) Start(ctx context.Context, name string) error {
+func (a *Agent) Start(ctx context.Context, r hostproto.VMRef) (hostproto.None, error) {
+	name := r.VM
 	v, err := a.get(name)
 	if err != nil {
-		return err
+		return none(err)
 	}
-	return v.start(ctx)
+	return none(v.start(ctx))
 }
 
 // Stop asks the guest to power down (ACPI) and kills QEMU if it has not
 // exited after timeout; force kills at once.
-func (a *Agent) Stop(ctx context.Context, name string, force bool, timeout time.Duration) error {
+func (a *Agent) Stop(ctx context.Context, r hostproto.StopRequest) (hostproto.None, error) {
+	name, force, timeout := r.VM, r.Force, r.Timeout()
 	v, err := a.get(name)
 	if err != nil {
-		return err
+		return none(err)
 	}
-	return v.stop(ctx, force, timeout)
+	return none(v.stop(ctx, force, timeout))
 }
 
 // Delete kills the VM if it runs and removes its directory.
-func (a *Agent) Delete(ctx context.Context, name string) error {
+func (a *Agent) Delete(ctx context.Context, r hostproto.VMRef) (hostproto.None, error) {
+	name := r.VM
 	v, err := a.get(name)
 	if errors.Is(err, ErrUnknownVM) {
-		return nil // already gone: deleting is idempotent
+		return hostproto.None{}, nil // already gone: deleting is idempotent
 	}
 	if err != nil {
-		return err
+		return none(err)
 	}
 	if err := v.stop(ctx, true, 0); err != nil && !errors.Is(err, ErrNotRunning) {
-		return fmt.Errorf("delete %s: %w", name, err)
+		return none(fmt.Errorf("delete %s: %w", name, err))
 	}
 	if v.pooled() {
 		// The pool's files go only while this host holds the lease: an old
 		// owner deleting would destroy the VM its successor runs.
 		if err := v.checkOwner(); err != nil {
-			return fmt.Errorf("delete %s: %w", name, err)
+			return none(fmt.Errorf("delete %s: %w", name, err))
 		}
 		if err := os.RemoveAll(v.storeDir); err != nil {
-			return fmt.Errorf("delete %s: %w", name, err)
+			return none(fmt.Errorf("delete %s: %w", name, err))
 		}
 	}
 	if err := os.RemoveAll(a.vmDir(name)); err != nil {
-		return fmt.Errorf("delete %s: %w", name, err)
+		return none(fmt.Errorf("delete %s: %w", name, err))
 	}
 	a.mu.Lock()
 	delete(a.vms, name)
 	a.mu.Unlock()
-	return nil
+	return hostproto.None{}, nil
 }
 
 // Status reports what runs for name right now.
-func (a *Agent) Status(name string) (hostproto.VMStatus, error) {
+func (a *Agent) Status(_ context.Context, r hostproto.VMRef) (hostproto.VMStatus, error) {
+	name := r.VM
 	v, err := a.get(name)
 	if err != nil {
 		return hostproto.VMStatus{}, err

@@ -40,7 +40,7 @@ func spec(name string, disk int64) hostproto.VMSpec {
 func TestCreateAndDelete(t *testing.T) {
 	a := newTestAgent(t)
 	ctx := context.Background()
-	if err := a.Create(ctx, spec("web1", 64<<20)); err != nil {
+	if _, err := a.Create(ctx, spec("web1", 64<<20)); err != nil {
 		t.Fatalf("create: %v", err)
 	}
 	dir := a.vmDir("web1")
@@ -49,39 +49,39 @@ func TestCreateAndDelete(t *testing.T) {
 			t.Fatalf("%s missing after create: %v", f, err)
 		}
 	}
-	if err := a.Create(ctx, spec("web1", 64<<20)); err == nil {
+	if _, err := a.Create(ctx, spec("web1", 64<<20)); err == nil {
 		t.Fatal("second create of the same name succeeded")
 	}
-	if st, err := a.Status("web1"); err != nil || st.Running {
+	if st, err := a.Status(ctx, hostproto.VMRef{VM: "web1"}); err != nil || st.Running {
 		t.Fatalf("status of a created vm = %+v, %v", st, err)
 	}
-	if err := a.Stop(ctx, "web1", true, 0); !errors.Is(err, ErrNotRunning) {
+	if _, err := a.Stop(ctx, hostproto.StopRequest{VM: "web1", Force: true}); !errors.Is(err, ErrNotRunning) {
 		t.Fatalf("stop of a stopped vm: %v, want ErrNotRunning", err)
 	}
-	if err := a.Delete(ctx, "web1"); err != nil {
+	if _, err := a.Delete(ctx, hostproto.VMRef{VM: "web1"}); err != nil {
 		t.Fatalf("delete: %v", err)
 	}
 	if _, err := os.Stat(dir); !os.IsNotExist(err) {
 		t.Fatalf("vm dir still there: %v", err)
 	}
-	if err := a.Delete(ctx, "web1"); err != nil {
+	if _, err := a.Delete(ctx, hostproto.VMRef{VM: "web1"}); err != nil {
 		t.Fatalf("second delete should be a no-op: %v", err)
 	}
-	if _, err := a.Status("web1"); !errors.Is(err, ErrUnknownVM) {
+	if _, err := a.Status(ctx, hostproto.VMRef{VM: "web1"}); !errors.Is(err, ErrUnknownVM) {
 		t.Fatalf("status after delete: %v", err)
 	}
 }
 
 func TestFailedCreateLeavesNothing(t *testing.T) {
 	a := newTestAgent(t)
-	err := a.Create(context.Background(), spec("web1", -1)) // qemu-img refuses the size
+	_, err := a.Create(context.Background(), spec("web1", -1)) // qemu-img refuses the size
 	if err == nil {
 		t.Fatal("create with an impossible disk succeeded")
 	}
 	if _, err := os.Stat(a.vmDir("web1")); !os.IsNotExist(err) {
 		t.Fatalf("failed create left its directory: %v", err)
 	}
-	if _, err := a.Status("web1"); !errors.Is(err, ErrUnknownVM) {
+	if _, err := a.Status(context.Background(), hostproto.VMRef{VM: "web1"}); !errors.Is(err, ErrUnknownVM) {
 		t.Fatalf("failed create left the vm known: %v", err)
 	}
 }
@@ -89,7 +89,7 @@ func TestFailedCreateLeavesNothing(t *testing.T) {
 func TestRecoverLoadsSpecsWithoutProcesses(t *testing.T) {
 	a := newTestAgent(t)
 	ctx := context.Background()
-	if err := a.Create(ctx, spec("web1", 64<<20)); err != nil {
+	if _, err := a.Create(ctx, spec("web1", 64<<20)); err != nil {
 		t.Fatal(err)
 	}
 	os.MkdirAll(filepath.Join(a.cfg.DataDir, "vms", "junk"), 0o755) // no spec.json: skipped
@@ -101,10 +101,10 @@ func TestRecoverLoadsSpecsWithoutProcesses(t *testing.T) {
 	if err := b.Recover(ctx); err != nil {
 		t.Fatalf("recover: %v", err)
 	}
-	if st, err := b.Status("web1"); err != nil || st.Running {
+	if st, err := b.Status(ctx, hostproto.VMRef{VM: "web1"}); err != nil || st.Running {
 		t.Fatalf("recovered vm = %+v, %v; want known and not running", st, err)
 	}
-	if _, err := b.Status("junk"); !errors.Is(err, ErrUnknownVM) {
+	if _, err := b.Status(ctx, hostproto.VMRef{VM: "junk"}); !errors.Is(err, ErrUnknownVM) {
 		t.Fatalf("a directory without spec was loaded: %v", err)
 	}
 }
@@ -130,12 +130,12 @@ func (s *syncBuffer) String() string {
 func TestConsoleFollowsAcrossReboots(t *testing.T) {
 	a := newTestAgent(t)
 	ctx := context.Background()
-	if err := a.Create(ctx, spec("web1", 64<<20)); err != nil {
+	if _, err := a.Create(ctx, spec("web1", 64<<20)); err != nil {
 		t.Fatal(err)
 	}
 	log, _ := a.SerialLog("web1")
 	var out bytes.Buffer
-	if err := a.Console(ctx, "web1", false, &out); err != nil || out.Len() != 0 {
+	if err := a.Console(ctx, hostproto.ConsoleRequest{VM: "web1"}, &out); err != nil || out.Len() != 0 {
 		t.Fatalf("console of a never-started vm = %q, %v", out.String(), err)
 	}
 	os.WriteFile(log, []byte("boot one\n"), 0o644)
@@ -143,7 +143,7 @@ func TestConsoleFollowsAcrossReboots(t *testing.T) {
 	fctx, cancel := context.WithCancel(ctx)
 	var buf syncBuffer
 	done := make(chan error)
-	go func() { done <- a.Console(fctx, "web1", true, &buf) }()
+	go func() { done <- a.Console(fctx, hostproto.ConsoleRequest{VM: "web1", Follow: true}, &buf) }()
 	waitUntil(t, func() bool { return strings.Contains(buf.String(), "boot one") })
 
 	f, _ := os.OpenFile(log, os.O_APPEND|os.O_WRONLY, 0)

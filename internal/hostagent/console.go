@@ -6,12 +6,15 @@ import (
 	"io"
 	"os"
 	"time"
+
+	"github.com/vigil-project/vigil/internal/hostproto"
 )
 
 // Console copies the VM's serial log to w. With follow it keeps copying new
 // output, and follows the log to a new file when the VM reboots (the log is
 // rotated at every start), until ctx ends.
-func (a *Agent) Console(ctx context.Context, name string, follow bool, w io.Writer) error {
+func (a *Agent) Console(ctx context.Context, r hostproto.ConsoleRequest, w io.Writer) error {
+	name, follow := r.VM, r.Follow
 	path, err := a.SerialLog(name)
 	if err != nil {
 		return err

@@ -2,17 +2,13 @@ package hostagent
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strconv"
 
 	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/internal/guestproto"
+	"github.com/vigil-project/vigil/internal/hostproto"
 )
-
-// ErrNoGuestAgent means the guest agent is not connected (still booting,
-// stopped, or the guest is hung).
-var ErrNoGuestAgent = errors.New("the guest agent is not connected")
 
 // request sends m to the guest agent and waits for the answer with its ID.
 func (v *vm) request(ctx context.Context, m guestproto.Message) (guestproto.Message, error) {
@@ -59,19 +55,20 @@ func (v *vm) request(ctx context.Context, m guestproto.Message) (guestproto.Mess
 }
 
 // Exec runs a shell command in the guest through its agent.
-func (a *Agent) Exec(ctx context.Context, name string, req api.ExecRequest) (api.ExecResult, error) {
+func (a *Agent) Exec(ctx context.Context, r hostproto.ExecRequest) (api.ExecResult, error) {
+	name, req := r.VM, r.Exec
 	v, err := a.get(name)
 	if err != nil {
 		return api.ExecResult{}, err
 	}
 	e := guestproto.Exec{Command: req.Command, TimeoutSeconds: req.TimeoutSeconds, Background: req.Background}
-	r, err := v.request(ctx, guestproto.Message{Type: guestproto.TypeExec, Exec: &e})
+	m, err := v.request(ctx, guestproto.Message{Type: guestproto.TypeExec, Exec: &e})
 	if err != nil {
 		return api.ExecResult{}, err
 	}
-	if r.ExecResult == nil {
+	if m.ExecResult == nil {
 		return api.ExecResult{}, fmt.Errorf("guest agent of %s sent an empty exec result", name)
 	}
-	x := r.ExecResult
+	x := m.ExecResult
 	return api.ExecResult{ExitCode: x.ExitCode, Output: x.Output, Truncated: x.Truncated, Error: x.Error}, nil
 }

@@ -23,15 +23,18 @@ import (
 
 // MigrateIn starts a QEMU for spec waiting for a live migration and returns
 // the URI the source must send to.
-func (a *Agent) MigrateIn(ctx context.Context, spec hostproto.VMSpec) (string, error) {
+func (a *Agent) MigrateIn(ctx context.Context, spec hostproto.VMSpec) (hostproto.MigrateInResult, error) {
+	if err := checkName("vm", spec.Name); err != nil {
+		return hostproto.MigrateInResult{}, err
+	}
 	if spec.Pool == "" || spec.Pool != a.poolID {
-		return "", fmt.Errorf("migrate %s here: %w (it is in %q, this host has %q)", spec.Name, ErrWrongPool, spec.Pool, a.poolID)
+		return hostproto.MigrateInResult{}, fmt.Errorf("migrate %s here: %w (it is in %q, this host has %q)", spec.Name, ErrWrongPool, spec.Pool, a.poolID)
 	}
 	a.mu.Lock()
 	if old, ok := a.vms[spec.Name]; ok {
 		if _, _, err := old.running(); err == nil {
 			a.mu.Unlock()
-			return "", fmt.Errorf("migrate %s here: %w", spec.Name, ErrRunning)
+			return hostproto.MigrateInResult{}, fmt.Errorf("migrate %s here: %w", spec.Name, ErrRunning)
 		}
 	}
 	v := a.newVM(spec)
@@ -39,9 +42,9 @@ func (a *Agent) MigrateIn(ctx context.Context, spec hostproto.VMSpec) (string, e
 	a.vms[spec.Name] = v
 	a.mu.Unlock()
 
-	fail := func(err error) (string, error) {
+	fail := func(err error) (hostproto.MigrateInResult, error) {
 		a.dropLocal(v)
-		return "", fmt.Errorf("migrate %s here: %w", spec.Name, err)
+		return hostproto.MigrateInResult{}, fmt.Errorf("migrate %s here: %w", spec.Name, err)
 	}
 	if o, err := v.readOwner(); err != nil || o.Epoch >= spec.Epoch {
 		return fail(fmt.Errorf("%w: the pool's owner file does not allow epoch %d (%+v, %v)", ErrNotOwner, spec.Epoch, o, err))
@@ -69,13 +72,14 @@ func (a *Agent) MigrateIn(ctx context.Context, spec hostproto.VMSpec) (string, e
 		return fail(err)
 	}
 	v.log.Info("waiting for a live migration", "uri", uri, "pid", p.PID)
-	return uri, nil
+	return hostproto.MigrateInResult{URI: uri}, nil
 }
 
 // MigrateOut sends the running VM to uri (a destination's MigrateIn) and,
 // once the guest runs there, ends the local QEMU. The local entry stays
 // until the pool's owner file names the new host (Sweep drops it).
-func (a *Agent) MigrateOut(ctx context.Context, name, uri string) (hostproto.Migration, error) {
+func (a *Agent) MigrateOut(ctx context.Context, r hostproto.MigrateOutRequest) (hostproto.Migration, error) {
+	name, uri := r.VM, r.URI
 	v, err := a.get(name)
 	if err != nil {
 		return hostproto.Migration{}, err
@@ -113,16 +117,28 @@ func (a *Agent) MigrateOut(ctx context.Context, name, uri string) (hostproto.Mig
 
 // MigrateFinish waits for the incoming guest to run, takes the lease and
 // forwards the VM's port here.
-func (a *Agent) MigrateFinish(ctx context.Context, name string) error {
+func (a *Agent) MigrateFinish(ctx context.Context, r hostproto.VMRef) (hostproto.None, error) {
+	name := r.VM
 	v, err := a.get(name)
 	if err != nil {
-		return err
+		return none(err)
 	}
 	v.opMu.Lock()
 	defer v.opMu.Unlock()
+	v.mu.Lock()
+	incoming := v.incoming
+	v.mu.Unlock()
+	if !incoming {
+		// Finished already (a manager that took over after a crash asks
+		// again): the lease and the port are in place.
+		if err := v.checkOwner(); err != nil {
+			return none(fmt.Errorf("finish migration of %s: %w", name, err))
+		}
+		return hostproto.None{}, nil
+	}
 	p, _, err := v.running()
 	if err != nil {
-		return fmt.Errorf("finish migration of %s: %w", name, err)
+		return none(fmt.Errorf("finish migration of %s: %w", name, err))
 	}
 	werr := qemu.WaitIncoming(ctx, p.Monitor)
 	// The source has handed over and quit before this call: from here this
@@ -133,13 +149,13 @@ func (a *Agent) MigrateFinish(ctx context.Context, name string) error {
 	v.incoming = false
 	v.mu.Unlock()
 	if err := v.claim(epoch); err != nil {
-		return fmt.Errorf("finish migration of %s: %w", name, err)
+		return none(fmt.Errorf("finish migration of %s: %w", name, err))
 	}
 	if werr != nil {
 		kctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 		v.killLocked(kctx, p)
 		cancel()
-		return fmt.Errorf("finish migration of %s: %w (its qemu here was ended; start the vm again)", name, werr)
+		return none(fmt.Errorf("finish migration of %s: %w (its qemu here was ended; start the vm again)", name, werr))
 	}
 	// The source quit before this call, but its port may take a moment to
 	// be released by the kernel.
@@ -156,21 +172,22 @@ func (a *Agent) MigrateFinish(ctx context.Context, name string) error {
 	v.setRunState("running")
 	v.log.Info("migration finished: the vm runs here", "epoch", epoch)
 	a.notify(name, hostproto.EventStarted, true, fmt.Sprintf("pid %d, by live migration", p.PID))
-	return ferr
+	return none(ferr)
 }
 
 // MigrateAbort ends an incoming migration that will not complete: its
 // QEMU is killed and the local entry dropped. The pool is not touched.
-func (a *Agent) MigrateAbort(ctx context.Context, name string) error {
+func (a *Agent) MigrateAbort(ctx context.Context, r hostproto.VMRef) (hostproto.None, error) {
+	name := r.VM
 	v, err := a.get(name)
 	if err != nil {
-		return nil
+		return hostproto.None{}, nil
 	}
 	v.mu.Lock()
 	incoming := v.incoming
 	v.mu.Unlock()
 	if !incoming {
-		return fmt.Errorf("abort migration of %s: it is not migrating to this host", name)
+		return none(fmt.Errorf("abort migration of %s: it is not migrating to this host", name))
 	}
 	v.opMu.Lock()
 	defer v.opMu.Unlock()
@@ -178,12 +195,12 @@ func (a *Agent) MigrateAbort(ctx context.Context, name string) error {
 		// A destination that runs the guest has it: the migration
 		// completed after all, and killing it would lose the VM.
 		if st, err := p.Monitor.QueryStatus(ctx); err == nil && st.Status != "inmigrate" {
-			return fmt.Errorf("abort migration of %s: the guest already runs here (%s): finish the migration instead", name, st.Status)
+			return none(fmt.Errorf("abort migration of %s: the guest already runs here (%s): finish the migration instead", name, st.Status))
 		}
 		v.killLocked(ctx, p)
 	}
 	a.dropLocal(v)
-	return nil
+	return hostproto.None{}, nil
 }
 
 // dropLocal forgets v and removes its run directory, unless another entry

@@ -20,17 +20,6 @@ import (
 	"github.com/vigil-project/vigil/internal/qemu"
 )
 
-// Errors about who may run a VM.
-var (
-	// ErrNotOwner: the pool's owner file names another host or a later
-	// epoch: the VM belongs elsewhere now.
-	ErrNotOwner = errors.New("this host does not own the vm")
-	// ErrDiskInUse: a QEMU somewhere still has the disk open.
-	ErrDiskInUse = errors.New("the vm's disk is in use by another qemu")
-	// ErrWrongPool: the VM's files are in a pool this host does not mount.
-	ErrWrongPool = errors.New("the vm's storage pool is not mounted on this host")
-)
-
 // poolIDFile names a pool: every host that mounts the same directory reads
 // the same id, which is how the manager knows which hosts can take a VM.
 const poolIDFile = "pool-id"
@@ -167,45 +156,48 @@ func (v *vm) launch(ctx context.Context, m qemu.Machine, migrating bool) (*qemu.
 // Attach takes over a pooled VM whose disk another host made: it records
 // the spec here and writes the owner file with spec.Epoch, which from then
 // on keeps any older owner from starting it. Nothing is started.
-func (a *Agent) Attach(ctx context.Context, spec hostproto.VMSpec) error {
+func (a *Agent) Attach(ctx context.Context, spec hostproto.VMSpec) (hostproto.None, error) {
+	if err := checkName("vm", spec.Name); err != nil {
+		return none(err)
+	}
 	if spec.Pool == "" {
-		return fmt.Errorf("attach %s: its disk is local to another host and cannot be reached from here", spec.Name)
+		return none(fmt.Errorf("attach %s: its disk is local to another host and cannot be reached from here", spec.Name))
 	}
 	if spec.Pool != a.poolID {
-		return fmt.Errorf("attach %s: %w (it is in %s, this host has %q)", spec.Name, ErrWrongPool, spec.Pool, a.poolID)
+		return none(fmt.Errorf("attach %s: %w (it is in %s, this host has %q)", spec.Name, ErrWrongPool, spec.Pool, a.poolID))
 	}
 	if err := a.refuseIfCutOff("attach " + spec.Name); err != nil {
-		return err
+		return none(err)
 	}
 	a.mu.Lock()
 	old, ok := a.vms[spec.Name]
 	a.mu.Unlock()
 	if ok {
 		if _, _, err := old.running(); err == nil {
-			return fmt.Errorf("attach %s: %w", spec.Name, ErrRunning)
+			return none(fmt.Errorf("attach %s: %w", spec.Name, ErrRunning))
 		}
 	}
 	v := a.newVM(spec)
 	if _, err := os.Stat(v.machine.Disk); err != nil {
-		return fmt.Errorf("attach %s: its disk is missing from the pool: %w", spec.Name, err)
+		return none(fmt.Errorf("attach %s: its disk is missing from the pool: %w", spec.Name, err))
 	}
 	if o, err := v.readOwner(); err == nil && (o.Epoch > spec.Epoch || o.Epoch == spec.Epoch && o.Host != a.cfg.Name) {
-		return fmt.Errorf("attach %s: %w: host %s holds epoch %d (this host was given %d)", spec.Name, ErrNotOwner, o.Host, o.Epoch, spec.Epoch)
+		return none(fmt.Errorf("attach %s: %w: host %s holds epoch %d (this host was given %d)", spec.Name, ErrNotOwner, o.Host, o.Epoch, spec.Epoch))
 	}
 	if err := os.MkdirAll(v.machine.Dir, 0o755); err != nil {
-		return fmt.Errorf("attach %s: %w", spec.Name, err)
+		return none(fmt.Errorf("attach %s: %w", spec.Name, err))
 	}
 	if err := v.writeSpec(); err != nil {
-		return fmt.Errorf("attach %s: %w", spec.Name, err)
+		return none(fmt.Errorf("attach %s: %w", spec.Name, err))
 	}
 	if err := v.claim(spec.Epoch); err != nil {
-		return fmt.Errorf("attach %s: %w", spec.Name, err)
+		return none(fmt.Errorf("attach %s: %w", spec.Name, err))
 	}
 	a.mu.Lock()
 	a.vms[spec.Name] = v
 	a.mu.Unlock()
 	v.log.Info("attached vm from the storage pool", "epoch", spec.Epoch)
-	return nil
+	return hostproto.None{}, nil
 }
 
 func (v *vm) writeSpec() error {
@@ -222,7 +214,7 @@ func (a *Agent) SetCutOff(b bool) { a.cutOff.Store(b) }
 
 func (a *Agent) refuseIfCutOff(what string) error {
 	if a.cutOff.Load() {
-		return fmt.Errorf("%s: this host has lost contact with every manager and fenced its pooled vms; it starts none until a manager hears from it again", what)
+		return fmt.Errorf("%s: %w: it fenced its pooled vms and starts none until a manager hears from it again", what, ErrCutOff)
 	}
 	return nil
 }

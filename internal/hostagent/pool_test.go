@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/vigil-project/vigil/internal/hostproto"
 )
 
 // TestPoolOwnership covers the lease on a pooled VM: the creating host owns
@@ -29,7 +31,7 @@ func TestPoolOwnership(t *testing.T) {
 	ctx := context.Background()
 	s := spec("db", 64<<20)
 	s.Pool, s.Epoch = id, 1
-	if err := a1.Create(ctx, s); err != nil {
+	if _, err := a1.Create(ctx, s); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(filepath.Join(pool, "vms", "db", "disk.qcow2")); err != nil {
@@ -61,7 +63,7 @@ func TestPoolOwnership(t *testing.T) {
 			}
 			s2 := s
 			s2.Epoch, s2.Pool = tt.epoch, tt.pool
-			err := a2.Attach(ctx, s2)
+			_, err := a2.Attach(ctx, s2)
 			if tt.wantErr == "" && err != nil || tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)) {
 				t.Fatalf("attach: %v, want %q", err, tt.wantErr)
 			}
@@ -70,10 +72,10 @@ func TestPoolOwnership(t *testing.T) {
 	if err := v1.checkOwner(); !errors.Is(err, ErrNotOwner) {
 		t.Fatalf("old owner may still start it: %v", err)
 	}
-	if err := a1.Start(ctx, "db"); !errors.Is(err, ErrNotOwner) {
+	if _, err := a1.Start(ctx, hostproto.VMRef{VM: "db"}); !errors.Is(err, ErrNotOwner) {
 		t.Fatalf("old owner's start: %v, want ErrNotOwner", err)
 	}
-	if err := a1.Delete(ctx, "db"); !errors.Is(err, ErrNotOwner) {
+	if _, err := a1.Delete(ctx, hostproto.VMRef{VM: "db"}); !errors.Is(err, ErrNotOwner) {
 		t.Fatalf("old owner deleted the pool's files: %v", err)
 	}
 	a1.Sweep()
@@ -83,7 +85,7 @@ func TestPoolOwnership(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(pool, "vms", "db", "disk.qcow2")); err != nil {
 		t.Fatalf("sweep touched the pool: %v", err)
 	}
-	if err := a2.Delete(ctx, "db"); err != nil {
+	if _, err := a2.Delete(ctx, hostproto.VMRef{VM: "db"}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(filepath.Join(pool, "vms", "db")); !os.IsNotExist(err) {

@@ -10,32 +10,34 @@ import (
 
 // Restart gives the VM a fresh boot from its disk: whatever QEMU runs (a
 // panicked or hung guest) is killed first. It is how crashes are recovered.
-func (a *Agent) Restart(ctx context.Context, name string) error {
+func (a *Agent) Restart(ctx context.Context, r hostproto.VMRef) (hostproto.None, error) {
+	name := r.VM
 	v, err := a.get(name)
 	if err != nil {
-		return err
+		return none(err)
 	}
 	v.opMu.Lock()
 	defer v.opMu.Unlock()
 	if p, _, err := v.running(); err == nil {
 		if err := v.killLocked(ctx, p); err != nil {
-			return fmt.Errorf("restart %s: %w", name, err)
+			return none(fmt.Errorf("restart %s: %w", name, err))
 		}
 	}
-	return v.startLocked(ctx)
+	return none(v.startLocked(ctx))
 }
 
 // SetHealth changes the VM's hang timeout and grace period (seconds; zero
 // means the default) and records them in its spec.
-func (a *Agent) SetHealth(name string, hangTimeout, minUptime int) error {
+func (a *Agent) SetHealth(_ context.Context, r hostproto.HealthRequest) (hostproto.None, error) {
+	name, hangTimeout, minUptime := r.VM, r.HangTimeoutSeconds, r.MinUptimeSeconds
 	v, err := a.get(name)
 	if err != nil {
-		return err
+		return none(err)
 	}
 	v.mu.Lock()
 	v.spec.HangTimeoutSeconds, v.spec.MinUptimeSeconds = hangTimeout, minUptime
 	v.mu.Unlock()
-	return v.writeSpec()
+	return none(v.writeSpec())
 }
 
 // Fault kinds for drills.
@@ -61,30 +63,31 @@ var faultCommands = map[string]string{
 }
 
 // Fault injects a real fault into a running VM, for drills and tests.
-func (a *Agent) Fault(ctx context.Context, name, kind string) error {
+func (a *Agent) Fault(ctx context.Context, r hostproto.FaultRequest) (hostproto.None, error) {
+	name, kind := r.VM, r.Kind
 	v, err := a.get(name)
 	if err != nil {
-		return err
+		return none(err)
 	}
 	p, _, err := v.running()
 	if err != nil {
-		return err
+		return none(err)
 	}
 	if kind == FaultKill {
 		// Not through killLocked: this exit must look like a crash.
-		return p.Kill(ctx)
+		return none(p.Kill(ctx))
 	}
 	cmd, ok := faultCommands[kind]
 	if !ok {
-		return fmt.Errorf("unknown fault %q: use panic, hang, agent-stop or kill", kind)
+		return none(fmt.Errorf("%w: unknown fault %q: use panic, hang, agent-stop or kill", ErrInvalid, kind))
 	}
-	res, err := a.Exec(ctx, name, api.ExecRequest{Command: cmd, Background: true})
+	res, err := a.Exec(ctx, hostproto.ExecRequest{VM: name, Exec: api.ExecRequest{Command: cmd, Background: true}})
 	if err != nil {
-		return fmt.Errorf("inject %s into %s: %w", kind, name, err)
+		return none(fmt.Errorf("inject %s into %s: %w", kind, name, err))
 	}
 	if res.Error != "" {
-		return fmt.Errorf("inject %s into %s: %s", kind, name, res.Error)
+		return none(fmt.Errorf("inject %s into %s: %s", kind, name, res.Error))
 	}
 	a.notify(name, hostproto.EventHealth, true, "fault injected: "+kind)
-	return nil
+	return hostproto.None{}, nil
 }

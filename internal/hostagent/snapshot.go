@@ -2,13 +2,13 @@ package hostagent
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
+	"github.com/vigil-project/vigil/internal/hostproto"
 	"github.com/vigil-project/vigil/internal/qcow2"
 	"github.com/vigil-project/vigil/internal/qemu"
 	"github.com/vigil-project/vigil/internal/qemu/qmp"
@@ -22,13 +22,14 @@ import (
 // be applied or deleted without touching the others, which is what a tree
 // of restore points needs.
 
-// ErrNoSnapshot means the host has no such snapshot for the VM.
-var ErrNoSnapshot = errors.New("no such snapshot")
-
 // SnapshotCreate takes snapshot snap of VM name. With memory (and a running
 // or paused VM) it is a full restore point; the guest is stopped only for
 // the final phase of a live save, while the disk is frozen.
-func (a *Agent) SnapshotCreate(ctx context.Context, name, snap string, memory bool) (SaveResult, error) {
+func (a *Agent) SnapshotCreate(ctx context.Context, r hostproto.SnapshotRequest) (SaveResult, error) {
+	name, snap, memory := r.VM, r.Snapshot, r.Memory
+	if err := checkName("snapshot", snap); err != nil {
+		return SaveResult{}, err
+	}
 	v, err := a.get(name)
 	if err != nil {
 		return SaveResult{}, err
@@ -155,10 +156,14 @@ func pausedFor(events <-chan qmp.Event) time.Duration {
 // SnapshotRevert returns VM name to snapshot snap: whatever runs now is
 // discarded (as is a saved suspend state), the disk becomes the snapshot's,
 // and with memory the guest runs again from the snapshot's instant.
-func (a *Agent) SnapshotRevert(ctx context.Context, name, snap string, memory bool) error {
+func (a *Agent) SnapshotRevert(ctx context.Context, r hostproto.SnapshotRequest) (hostproto.None, error) {
+	name, snap, memory := r.VM, r.Snapshot, r.Memory
+	if err := checkName("snapshot", snap); err != nil {
+		return none(err)
+	}
 	v, err := a.get(name)
 	if err != nil {
-		return err
+		return none(err)
 	}
 	v.opMu.Lock()
 	defer v.opMu.Unlock()
@@ -166,33 +171,37 @@ func (a *Agent) SnapshotRevert(ctx context.Context, name, snap string, memory bo
 		// Check the memory file before anything is thrown away.
 		r, err := v.checkStateFile(v.snapshotFile(snap))
 		if err != nil {
-			return err
+			return none(err)
 		}
 		r.Close()
 	}
 	if p, _, err := v.running(); err == nil {
 		if err := v.killLocked(ctx, p); err != nil {
-			return err
+			return none(err)
 		}
 	}
 	if err := qemu.DiskSnapshot(ctx, v.machine.Disk, "apply", snap); err != nil {
 		if strings.Contains(err.Error(), "find") || strings.Contains(err.Error(), "exist") {
-			return fmt.Errorf("%s of %s: %w", snap, name, ErrNoSnapshot)
+			return none(fmt.Errorf("%s of %s: %w", snap, name, ErrNoSnapshot))
 		}
-		return err
+		return none(err)
 	}
 	os.Remove(v.stateFile())
 	if !memory {
-		return nil
+		return hostproto.None{}, nil
 	}
-	return v.startFromState(ctx, v.snapshotFile(snap))
+	return none(v.startFromState(ctx, v.snapshotFile(snap)))
 }
 
 // SnapshotDelete removes snapshot snap; the others are untouched.
-func (a *Agent) SnapshotDelete(ctx context.Context, name, snap string) error {
+func (a *Agent) SnapshotDelete(ctx context.Context, r hostproto.SnapshotRequest) (hostproto.None, error) {
+	name, snap := r.VM, r.Snapshot
+	if err := checkName("snapshot", snap); err != nil {
+		return none(err)
+	}
 	v, err := a.get(name)
 	if err != nil {
-		return err
+		return none(err)
 	}
 	v.opMu.Lock()
 	defer v.opMu.Unlock()
@@ -202,28 +211,28 @@ func (a *Agent) SnapshotDelete(ctx context.Context, name, snap string) error {
 		err = qemu.DiskSnapshot(ctx, v.machine.Disk, "delete", snap)
 	}
 	if err != nil && !strings.Contains(err.Error(), "not found") && !strings.Contains(err.Error(), "not exist") && !strings.Contains(err.Error(), "find") {
-		return fmt.Errorf("delete snapshot %s of %s: %w", snap, name, err)
+		return none(fmt.Errorf("delete snapshot %s of %s: %w", snap, name, err))
 	}
 	if err := os.Remove(v.snapshotFile(snap)); err != nil && !os.IsNotExist(err) {
-		return fmt.Errorf("delete snapshot %s of %s: %w", snap, name, err)
+		return none(fmt.Errorf("delete snapshot %s of %s: %w", snap, name, err))
 	}
-	return nil
+	return hostproto.None{}, nil
 }
 
 // SnapshotSpace reports, per snapshot, the bytes only it holds: disk
 // clusters no other snapshot and not the current disk references, plus its
 // memory file. Figures for a running VM may lag QEMU's metadata cache a little.
-func (a *Agent) SnapshotSpace(name string) (map[string]int64, error) {
-	v, err := a.get(name)
+func (a *Agent) SnapshotSpace(_ context.Context, r hostproto.VMRef) (hostproto.Space, error) {
+	v, err := a.get(r.VM)
 	if err != nil {
-		return nil, err
+		return hostproto.Space{}, err
 	}
 	u, err := qcow2.Inspect(v.machine.Disk)
 	if err != nil {
 		// A table caught mid-update by a running QEMU: try once more.
 		time.Sleep(50 * time.Millisecond)
 		if u, err = qcow2.Inspect(v.machine.Disk); err != nil {
-			return nil, err
+			return hostproto.Space{}, err
 		}
 	}
 	out := map[string]int64{}
@@ -233,7 +242,7 @@ func (a *Agent) SnapshotSpace(name string) (map[string]int64, error) {
 			out[s.Name] += fi.Size()
 		}
 	}
-	return out, nil
+	return hostproto.Space{Bytes: out}, nil
 }
 
 // killLocked kills the VM's QEMU; the caller holds opMu.

@@ -14,10 +14,6 @@ import (
 	"github.com/vigil-project/vigil/internal/statefile"
 )
 
-// ErrBadState means a state file cannot be resumed (corrupt, truncated, or
-// made for other hardware). The file is left where it is.
-var ErrBadState = hostproto.ErrBadState
-
 // SaveResult describes a finished save of a VM's state.
 type SaveResult = hostproto.SaveResult
 
@@ -45,67 +41,71 @@ func (v *vm) running() (*qemu.Process, string, error) {
 }
 
 // Pause stops the guest's CPUs; its memory stays in QEMU.
-func (a *Agent) Pause(ctx context.Context, name string) error {
+func (a *Agent) Pause(ctx context.Context, r hostproto.VMRef) (hostproto.None, error) {
+	name := r.VM
 	v, err := a.get(name)
 	if err != nil {
-		return err
+		return none(err)
 	}
 	v.opMu.Lock()
 	defer v.opMu.Unlock()
 	p, _, err := v.running()
 	if err != nil {
-		return err
+		return none(err)
 	}
 	if err := p.Monitor.Stop(ctx); err != nil {
-		return fmt.Errorf("pause %s: %w", name, err)
+		return none(fmt.Errorf("pause %s: %w", name, err))
 	}
 	v.setRunState("paused")
-	return nil
+	return hostproto.None{}, nil
 }
 
 // Resume continues a paused guest, or, when the VM has a saved state and no
 // QEMU, starts QEMU from the state file and continues it.
-func (a *Agent) Resume(ctx context.Context, name string) error {
+func (a *Agent) Resume(ctx context.Context, r hostproto.VMRef) (hostproto.None, error) {
+	name := r.VM
 	v, err := a.get(name)
 	if err != nil {
-		return err
+		return none(err)
 	}
 	v.opMu.Lock()
 	defer v.opMu.Unlock()
 	if p, _, err := v.running(); err == nil {
 		if err := p.Monitor.Cont(ctx); err != nil {
-			return fmt.Errorf("resume %s: %w", name, err)
+			return none(fmt.Errorf("resume %s: %w", name, err))
 		}
 		v.setRunState("running")
-		return nil
+		return hostproto.None{}, nil
 	}
 	if _, err := os.Stat(v.stateFile()); err != nil {
-		return fmt.Errorf("resume %s: no saved state and not running: %w", name, ErrNotRunning)
+		return none(fmt.Errorf("resume %s: no saved state and not running: %w", name, ErrNotRunning))
 	}
 	if err := v.startFromState(ctx, v.stateFile()); err != nil {
-		return err
+		return none(err)
 	}
 	// The disk has moved on from the saved instant: the file must never be
 	// loaded again.
 	os.Remove(v.stateFile())
-	return nil
+	return hostproto.None{}, nil
 }
 
 // DiscardState deletes a saved state so the VM cold-boots from its disk.
-func (a *Agent) DiscardState(name string) error {
+func (a *Agent) DiscardState(_ context.Context, r hostproto.VMRef) (hostproto.None, error) {
+	name := r.VM
 	v, err := a.get(name)
 	if err != nil {
-		return err
+		return none(err)
 	}
 	if err := os.Remove(v.stateFile()); err != nil && !os.IsNotExist(err) {
-		return fmt.Errorf("discard state of %s: %w", name, err)
+		return none(fmt.Errorf("discard state of %s: %w", name, err))
 	}
-	return nil
+	return hostproto.None{}, nil
 }
 
 // Suspend writes the full state of a running or paused VM to its state file
 // and ends QEMU. A failed save leaves the VM as it was and no partial file.
-func (a *Agent) Suspend(ctx context.Context, name string) (SaveResult, error) {
+func (a *Agent) Suspend(ctx context.Context, r hostproto.VMRef) (SaveResult, error) {
+	name := r.VM
 	v, err := a.get(name)
 	if err != nil {
 		return SaveResult{}, err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/vigil-project/vigil/api"
@@ -41,7 +42,11 @@ func (m *Manager) publish(e api.Event) {
 // ShareEvents writes this manager's events to the store and publishes the
 // other managers' until ctx ends. Call it only when sharing was configured.
 func (m *Manager) ShareEvents(ctx context.Context) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Add(1)
 	go func() {
+		defer wg.Done()
 		for {
 			select {
 			case <-ctx.Done():
@@ -54,9 +59,9 @@ func (m *Manager) ShareEvents(ctx context.Context) {
 			}
 		}
 	}()
-	apply := func(_ string, value []byte) {
+	apply := func(_ string, value []byte, _ int64) {
 		var se sharedEvent
-		if json.Unmarshal(value, &se) != nil || se.From == m.instance {
+		if value == nil || json.Unmarshal(value, &se) != nil || se.From == m.instance {
 			return
 		}
 		m.events.Publish(se.Event) // stamped with this manager's sequence
@@ -64,13 +69,16 @@ func (m *Manager) ShareEvents(ctx context.Context) {
 	for ctx.Err() == nil {
 		// Start from now: history before this manager started is not
 		// replayed (its own ring buffer starts empty too).
-		rev, err := m.store.Scan(ctx, "events/", func(string, []byte) {})
+		rev, err := m.store.Scan(ctx, "events/", func(string, []byte, int64) {})
 		if err == nil {
 			err = m.store.Watch(ctx, "events/", rev+1, apply)
 		}
 		if err != nil && ctx.Err() == nil {
 			m.log.Warn("watch shared events", "err", err)
-			time.Sleep(time.Second)
+			select {
+			case <-ctx.Done():
+			case <-time.After(time.Second):
+			}
 		}
 	}
 }

@@ -10,7 +10,6 @@ import (
 
 	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/internal/hostproto"
-	"github.com/vigil-project/vigil/internal/remotehost"
 	"github.com/vigil-project/vigil/internal/store"
 )
 
@@ -25,8 +24,10 @@ const fenceMargin = 2 * time.Second
 // failoverPass is how often the leader looks for dead hosts.
 const failoverPass = 500 * time.Millisecond
 
-// WatchHostFailures declares hosts dead when their heartbeats stop and
-// moves their VMs to other hosts, until ctx ends. Only the leader runs it.
+// WatchHostFailures declares hosts dead when their heartbeats stop, and
+// puts the VMs of dead hosts (and those still starting on a new one) on the
+// work queue, where Reconcile moves and starts them; until ctx ends. Only
+// the leader runs it.
 func (m *Manager) WatchHostFailures(ctx context.Context) {
 	t := time.NewTicker(failoverPass)
 	defer t.Stop()
@@ -37,135 +38,79 @@ func (m *Manager) WatchHostFailures(ctx context.Context) {
 		case <-t.C:
 		}
 		m.detectDeaths(ctx)
-		m.evacuateAll(ctx)
+		rs, err := m.records(ctx)
+		if err != nil {
+			continue
+		}
+		for _, s := range rs {
+			if s.rec.Failover != nil || m.hostState(s.rec.Host) == "dead" {
+				m.queue.Add(s.rec.Spec.Name)
+			}
+		}
 	}
 }
 
-// detectDeaths declares dead every host silent for longer than deadAfter.
-// Silence is counted from the later of its last heartbeat and the moment
-// this manager became leader: a new leader, or a cluster starting after
-// downtime, first gives every host the time to report.
+// detectDeaths declares dead every host this manager has not heard from
+// for longer than deadAfter, on the monotonic clock (a step of the wall
+// clock declares nobody dead). A manager that has just become leader first
+// gives every host that long to report.
 func (m *Manager) detectDeaths(ctx context.Context) {
-	since := time.Unix(0, m.leaderSince.Load())
-	for _, h := range m.remoteHosts() {
-		if !h.DeadAt().IsZero() {
+	grace := m.leadingFor()
+	for _, e := range m.hosts.entries() {
+		if !e.deadAt.IsZero() {
 			continue
 		}
-		last := h.Info().LastHeartbeat
-		from := last
-		if since.After(from) {
-			from = since
-		}
-		if time.Since(from) <= m.deadAfter {
+		if min(time.Since(e.h.HeardAt()), grace) <= m.deadAfter {
 			continue
 		}
-		if err := m.declareDead(ctx, h, last); err != nil {
-			m.log.Error("declare host dead", "host", h.Name(), "err", err)
+		if err := m.declareDead(ctx, e); err != nil {
+			m.log.Error("declare host dead", "host", e.h.Name(), "err", err)
 		}
 	}
-}
-
-func (m *Manager) remoteHosts() []*remotehost.Host {
-	m.hosts.mu.Lock()
-	defer m.hosts.mu.Unlock()
-	var out []*remotehost.Host
-	for _, e := range m.hosts.hosts {
-		if h, ok := e.h.(*remotehost.Host); ok {
-			out = append(out, h)
-		}
-	}
-	return out
 }
 
 // declareDead records the death in the store (so every manager, and the
-// host when it comes back, learns of it) before any VM moves.
-func (m *Manager) declareDead(ctx context.Context, h *remotehost.Host, last time.Time) error {
+// host when it comes back, learns of it) before any VM moves. It succeeds
+// only if the host's stored status is still the one this manager last
+// applied: a heartbeat another manager took meanwhile means it lives.
+func (m *Manager) declareDead(ctx context.Context, e hostEntry) error {
+	name := e.h.Name()
 	var rec hostRecord
-	rev, err := m.store.Get(ctx, "hosts/"+h.Name(), &rec)
+	rev, err := m.store.Get(ctx, "hosts/"+name, &rec)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil // an in-process host has no record, and never dies alone
+	}
 	if err != nil {
 		return err
 	}
-	// Judge on the stored status, not this manager's copy of it: another
-	// manager may have taken a heartbeat this one has not seen yet.
 	var st hostStatusRecord
-	srev, err := m.store.Get(ctx, "hoststatus/"+h.Name(), &st)
+	srev, err := m.store.Get(ctx, "hoststatus/"+name, &st)
 	switch {
 	case errors.Is(err, store.ErrNotFound):
 		srev = 0
 	case err != nil:
 		return err
-	case time.Since(st.Seen) <= m.deadAfter:
-		h.Seen(st.Seen)
+	case srev != e.statusRev:
+		m.applyStatus(name, st, srev) // news this manager had not seen: alive
 		return nil
-	default:
-		last = st.Seen
 	}
 	now := time.Now().UTC()
-	rec.DeadAt, rec.LastHeartbeat = &now, last
-	// Only if no heartbeat was stored since the status was read (see
-	// Heartbeat), and nobody else changed the host's record.
-	if err := m.store.PutIfBoth(ctx, "hosts/"+h.Name(), rev, rec, "hoststatus/"+h.Name(), srev); err != nil {
+	rec.DeadAt, rec.LastHeartbeat = &now, st.Seen
+	if err := m.store.PutIfBoth(ctx, "hosts/"+name, rev, rec, "hoststatus/"+name, srev); errors.Is(err, store.ErrConflict) {
+		return nil // a heartbeat (or a re-registration) came in first
+	} else if err != nil {
 		return err
 	}
-	h.SetDead(now)
-	m.log.Warn("host declared dead", "host", h.Name(), "last_heartbeat", last, "silent", now.Sub(last).Round(time.Millisecond))
-	m.publish(api.Event{Type: "host.dead", Host: h.Name(),
-		Message: fmt.Sprintf("no heartbeat for %s; its vms move to other hosts", now.Sub(last).Round(100*time.Millisecond))})
+	m.setDead(name, now)
+	silent := time.Since(e.h.HeardAt()).Round(100 * time.Millisecond)
+	m.log.Warn("host declared dead", "host", name, "last_heartbeat", st.Seen, "silent", silent)
+	m.publish(api.Event{Type: "host.dead", Host: name,
+		Message: fmt.Sprintf("no heartbeat for %s; its vms move to other hosts", silent)})
 	return nil
-}
-
-// evacuateAll moves every VM off dead hosts, then starts every VM whose
-// failover is under way. It is level-based, so a leader taking over in the
-// middle of a failover finishes it. Placement goes one VM at a time (each
-// sees the reservations of the ones before); the starts, the slow part,
-// go in parallel.
-func (m *Manager) evacuateAll(ctx context.Context) {
-	rs, err := m.records(ctx)
-	if err != nil {
-		return
-	}
-	for _, s := range rs {
-		r := s.rec
-		if m.hostNamed(r.Host).Info().State != "dead" {
-			continue
-		}
-		if err := m.evacuate(ctx, r.Spec.Name); err != nil && !errors.Is(err, ErrBusy) {
-			m.log.Warn("failover", "vm", r.Spec.Name, "err", err)
-		}
-	}
-	if rs, err = m.records(ctx); err != nil {
-		return
-	}
-	// Not waited for: a start that hangs (a frozen new host) must not stop
-	// the detection of further deaths. The VM's lock keeps a second pass
-	// from starting it again meanwhile.
-	for _, s := range rs {
-		if s.rec.Failover == nil {
-			continue
-		}
-		go func(name string) {
-			if err := m.restartMoved(ctx, name); err != nil && !errors.Is(err, ErrBusy) {
-				m.log.Warn("failover", "vm", name, "err", err)
-			}
-		}(s.rec.Spec.Name)
-	}
 }
 
 // hostCallTimeout bounds one call to a host during a failover.
 const hostCallTimeout = 30 * time.Second
-
-// restartMoved goes on with the failover of one moved VM.
-func (m *Manager) restartMoved(ctx context.Context, name string) error {
-	r, rev, unlock, err := m.lockLoad(ctx, name)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	if r.Failover == nil {
-		return nil
-	}
-	return m.finishFailover(ctx, &r, rev)
-}
 
 // hostDeath is what the store says about a dead host.
 func (m *Manager) hostDeath(ctx context.Context, name string) (hostRecord, bool) {
@@ -178,13 +123,10 @@ func (m *Manager) hostDeath(ctx context.Context, name string) (hostRecord, bool)
 
 // evacuate moves one VM off its dead host: a new host of its pool takes
 // the lease, and a VM that should run is marked for restart there
-// (restartMoved starts it).
-func (m *Manager) evacuate(ctx context.Context, name string) error {
-	r, rev, unlock, err := m.lockLoad(ctx, name)
-	if err != nil {
-		return err
-	}
-	defer unlock()
+// (finishFailover starts it, on the next pass).
+func (m *Manager) evacuate(ctx context.Context, o *vmOp) error {
+	r := &o.r
+	name := r.Spec.Name
 	if r.Failover != nil {
 		// Moved here, and this host died too before the VM started: move
 		// it again (with a new incident).
@@ -192,68 +134,71 @@ func (m *Manager) evacuate(ctx context.Context, name string) error {
 		r.Failover = nil
 	}
 	death, dead := m.hostDeath(ctx, r.Host)
-	if !dead || r.State == api.StateDeleting || r.State == api.StateCreating {
-		return nil
+	if !dead {
+		return o.release(ctx)
 	}
 	wantRun := (r.Desired == desiredRunning || r.Desired == desiredPaused) && r.State != api.StateFailed
 	if r.Spec.Pool == "" {
 		// Its disk died with the host: nothing can start it elsewhere.
 		if r.Stranded {
-			return nil
+			return o.release(ctx)
 		}
 		r.Stranded = true
 		state := r.State
 		if wantRun {
 			state = api.StateCrashed
 		}
-		_, err := m.setState(ctx, &r, rev, state, fmt.Sprintf("host %s is dead and this vm's disk is on that host's local storage: it comes back with the host", r.Host))
-		return err
+		return o.finish(ctx, state, fmt.Sprintf("host %s is dead and this vm's disk is on that host's local storage: it comes back with the host", r.Host))
 	}
-	rs, err := m.records(ctx)
+	// Placement, the new lease and the record's move happen under the
+	// placement lock: VMs evacuated at once each see the others' reservations.
+	m.placeMu.Lock()
+	target, err := m.placeLocked(ctx, *r, "")
 	if err != nil {
-		return err
-	}
-	target, err := place(m.hosts.candidates(rs), need{mem: r.Spec.MemoryBytes, cpus: r.Spec.CPUs, pool: r.Spec.Pool}, m.overcommit)
-	if err != nil {
-		msg := fmt.Sprintf("host %s is dead; waiting for a host that can take this vm: %v", r.Host, err)
+		m.placeMu.Unlock()
 		state := r.State
 		if wantRun {
 			state = api.StateCrashed
 		}
-		_, serr := m.setState(ctx, &r, rev, state, msg)
-		return serr
+		return o.finish(ctx, state, fmt.Sprintf("host %s is dead; waiting for a host that can take this vm: %v", r.Host, err))
 	}
 	// The new epoch goes to the pool's owner file before the record moves:
 	// from then on the old host can neither start nor keep the VM.
 	spec := r.Spec
 	spec.Epoch++
 	actx, cancel := context.WithTimeout(ctx, hostCallTimeout)
-	err = m.hostNamed(target).Attach(actx, spec)
+	_, err = hostproto.Attach.Call(actx, m.hostNamed(target), spec)
 	cancel()
 	if err != nil {
+		m.placeMu.Unlock()
 		return fmt.Errorf("attach %s to %s: %w", name, target, err)
 	}
+	m.stepHook(opFailover + "/attach")
 	from := r.Host
 	r.Spec, r.Host, r.Stranded = spec, target, false
-	m.publish(api.Event{Type: "vm.relocated", VM: name, Host: target, Message: "from dead host " + from})
+	err = o.save(ctx)
+	m.placeMu.Unlock()
+	if err != nil {
+		return err
+	}
+	o.publish(api.Event{Type: "vm.relocated", VM: name, Host: target, Message: "from dead host " + from})
 	restart := wantRun && withDefaults(r.Policy).Recovery == "restart"
 	if !restart {
 		msg := fmt.Sprintf("moved from dead host %s", from)
 		if wantRun {
 			msg += "; recovery is off: start it with 'vigil vm start " + name + "'"
-			_, err := m.setState(ctx, &r, rev, api.StateCrashed, msg)
-			return err
+			return o.finish(ctx, api.StateCrashed, msg)
 		}
-		if r.State == api.StateRunning || r.State == api.StatePaused || r.State == api.StateStopping || r.State == api.StateStarting {
-			r.State = api.StateStopped
+		state := r.State
+		if state == api.StateRunning || state == api.StatePaused || state == api.StateStopping || state == api.StateStarting {
+			state = api.StateStopped
 		}
-		_, err := m.setState(ctx, &r, rev, r.State, msg)
-		return err
+		return o.finish(ctx, state, msg)
 	}
 	// A paused guest's memory died with its host: it comes back running.
 	r.Desired = desiredRunning
 	fence := time.Duration(death.FenceAfterMS) * time.Millisecond
-	inc := api.Incident{ID: fmt.Sprintf("%019d", death.DeadAt.UnixNano()), VM: name, Kind: hostproto.IncidentHostFailure, Host: from,
+	inc := api.Incident{ID: incidentID(*death.DeadAt), VM: name, Kind: hostproto.IncidentHostFailure, Host: from,
 		DetectedAt: *death.DeadAt, Action: "restart on " + target,
 		Evidence: api.Evidence{LastHeartbeat: &death.LastHeartbeat,
 			HeartbeatSilenceS: death.DeadAt.Sub(death.LastHeartbeat).Seconds(),
@@ -264,12 +209,15 @@ func (m *Manager) evacuate(ctx context.Context, name string) error {
 			{Time: *death.DeadAt, Event: "declared dead", Detail: fmt.Sprintf("after %s without a heartbeat", m.deadAfter)},
 			{Time: time.Now().UTC(), Event: "moved", Detail: fmt.Sprintf("owner of the disk is now %s (epoch %d)", target, spec.Epoch)},
 		}}
-	if _, err := m.store.Create(ctx, incidentKey(name, inc.ID), incidentRecord{inc}); err != nil {
+	if _, err := m.store.Create(ctx, incidentKey(name, inc.ID), incidentRecord{inc}); err != nil && !errors.Is(err, store.ErrExists) {
 		m.log.Error("record incident", "vm", name, "err", err)
 	}
 	r.Failover = &failover{Incident: inc.ID, From: from}
-	_, err = m.setState(ctx, &r, rev, api.StateRecovering, fmt.Sprintf("host %s is dead; restarting on %s", from, target))
-	return err
+	if err := o.finish(ctx, api.StateRecovering, fmt.Sprintf("host %s is dead; restarting on %s", from, target)); err != nil {
+		return err
+	}
+	m.queue.Add(name) // start it there now, not on the next pass
+	return nil
 }
 
 // failover is a VM's move off a dead host, while it starts on the new one.
@@ -284,50 +232,46 @@ type failover struct {
 // finishFailover starts the VM on its new host. A refusal is kept and
 // retried on the next pass: typically the disk is still locked by a copy
 // on a host that is cut off but not yet fenced.
-func (m *Manager) finishFailover(ctx context.Context, r *record, rev int64) error {
+func (m *Manager) finishFailover(ctx context.Context, o *vmOp) error {
+	r := &o.r
 	name := r.Spec.Name
 	if r.Desired != desiredRunning {
 		r.Failover = nil
-		_, err := m.save(ctx, r, rev)
-		return err
+		return o.release(ctx)
 	}
-	h := m.hostNamed(r.Host)
-	if h.Info().State != "up" {
-		return nil // the new host is silent too; wait (or it dies and we move again)
+	if m.hostState(r.Host) != "up" {
+		return o.release(ctx) // the new host is silent too; wait (or it dies and we move again)
 	}
 	if m.actual(*r).Running {
-		return m.closeFailover(ctx, r, rev, "running on "+r.Host)
+		return m.closeFailover(ctx, o, "running on "+r.Host)
 	}
 	sctx, cancel := context.WithTimeout(ctx, hostCallTimeout)
-	err := h.Start(sctx, name)
+	_, err := hostproto.Start.Call(sctx, m.hostNamed(r.Host), hostproto.VMRef{VM: name})
 	cancel()
 	if err != nil {
 		if r.Failover.Refused != err.Error() {
 			r.Failover.Refused = err.Error()
 			m.appendTimeline(ctx, name, r.Failover.Incident, api.TimelineEntry{Time: time.Now().UTC(), Event: "start refused", Detail: err.Error()})
-			_, serr := m.setState(ctx, r, rev, api.StateRecovering, fmt.Sprintf("restarting on %s after host %s died: %v", r.Host, r.Failover.From, err))
-			return serr
+			return o.finish(ctx, api.StateRecovering, fmt.Sprintf("restarting on %s after host %s died: %v", r.Host, r.Failover.From, err))
 		}
-		return nil
+		return o.release(ctx)
 	}
 	r.OpenIncident = r.Failover.Incident
-	return m.closeFailover(ctx, r, rev, "restarted on "+r.Host)
+	return m.closeFailover(ctx, o, "restarted on "+r.Host)
 }
 
-func (m *Manager) closeFailover(ctx context.Context, r *record, rev int64, what string) error {
+func (m *Manager) closeFailover(ctx context.Context, o *vmOp, what string) error {
+	r := &o.r
 	m.appendTimeline(ctx, r.Spec.Name, r.Failover.Incident, api.TimelineEntry{Time: time.Now().UTC(), Event: "restarted", Detail: what})
 	from := r.Failover.From
 	r.Failover = nil
-	_, err := m.setState(ctx, r, rev, api.StateRunning, fmt.Sprintf("restarted on %s after host %s died", r.Host, from))
-	return err
+	return o.finish(ctx, api.StateRunning, fmt.Sprintf("restarted on %s after host %s died", r.Host, from))
 }
 
 // onOldCopy records on the VM's latest host-failure incident what its old
 // host did with its copy once it could act again (fenced it, dropped it):
 // the real end of the old copy, next to the deadline the timeline assumed.
-func (m *Manager) onOldCopy(e hostproto.Event) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+func (m *Manager) onOldCopy(ctx context.Context, e hostproto.Event) {
 	kvs, err := m.store.List(ctx, "incidents/"+e.VM+"/")
 	if err != nil {
 		return

@@ -13,12 +13,12 @@ import (
 	"github.com/vigil-project/vigil/internal/remotehost"
 )
 
-// deadHost registers a remote host h0 of pool p1 whose last heartbeat was
-// silence ago.
-func deadHost(t *testing.T, m *Manager, silence time.Duration) *remotehost.Host {
+// deadHost registers a remote host h0 of pool p1 that reports once now and
+// never again (nothing listens at its address).
+func deadHost(t *testing.T, m *Manager) *remotehost.Host {
 	t.Helper()
-	h := remotehost.New("h0", "127.0.0.1:1", "secret")
-	h.HeartbeatAt(hostproto.Heartbeat{Info: api.Host{Name: "h0", MemoryBytes: 64 << 30, CPUs: 16, StoragePool: "p1"}}, time.Now().Add(-silence))
+	h := remotehost.New("h0", "127.0.0.1:1", "secret", nil)
+	h.Heartbeat(hostproto.Heartbeat{Info: api.Host{Name: "h0", MemoryBytes: 64 << 30, CPUs: 16, StoragePool: "p1"}}, 0, time.Now())
 	m.AddHost(h)
 	if err := m.store.Put(context.Background(), "hosts/h0", hostRecord{Name: "h0", Secret: "secret", SecretHash: hashHex("secret"), FenceAfterMS: 5000}); err != nil {
 		t.Fatal(err)
@@ -26,25 +26,39 @@ func deadHost(t *testing.T, m *Manager, silence time.Duration) *remotehost.Host 
 	return h
 }
 
+// setLeadingFor makes the manager look as if it had led for d.
+func setLeadingFor(m *Manager, d time.Duration) {
+	m.leaderSince.Store(int64(time.Since(m.started) - d))
+}
+
 func TestDetectDeaths(t *testing.T) {
+	const deadAfter = 300 * time.Millisecond
 	tests := []struct {
 		name        string
 		silence     time.Duration
-		leaderSince time.Duration // ago
+		leadingFor  time.Duration
 		wantDead    bool
+		heartbeatAt bool // another manager stores a heartbeat this one has not seen
 	}{
-		{"silent past the limit", 20 * time.Second, time.Minute, true},
-		{"heartbeating", 500 * time.Millisecond, time.Minute, false},
-		{"a new leader gives hosts time to report first", 20 * time.Second, time.Second, false},
+		{"silent past the limit", 2 * deadAfter, time.Minute, true, false},
+		{"heartbeating", 0, time.Minute, false, false},
+		{"a new leader gives hosts time to report first", 2 * deadAfter, 0, false, false},
+		{"a heartbeat stored by another manager counts", 2 * deadAfter, time.Minute, false, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			m, _ := newTestManager(t)
-			m.deadAfter = 8 * time.Second
-			h := deadHost(t, m, tt.silence)
-			m.leaderSince.Store(time.Now().Add(-tt.leaderSince).UnixNano())
+			m.deadAfter = deadAfter
+			deadHost(t, m)
+			time.Sleep(tt.silence)
+			if tt.heartbeatAt {
+				if err := m.store.Put(context.Background(), "hoststatus/h0", hostStatusRecord{Seen: time.Now()}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			setLeadingFor(m, tt.leadingFor)
 			m.detectDeaths(context.Background())
-			if got := !h.DeadAt().IsZero(); got != tt.wantDead {
+			if got := m.hostState("h0") == "dead"; got != tt.wantDead {
 				t.Fatalf("declared dead = %v, want %v", got, tt.wantDead)
 			}
 			death, dead := m.hostDeath(context.Background(), "h0")
@@ -54,14 +68,31 @@ func TestDetectDeaths(t *testing.T) {
 			if !dead {
 				return
 			}
-			if death.LastHeartbeat.IsZero() || h.Info().State != "dead" {
-				t.Fatalf("death record %+v, state %s", death, h.Info().State)
+			if death.DeadAt == nil {
+				t.Fatalf("death record %+v", death)
 			}
-			err := m.Heartbeat("h0", "Bearer secret", hostproto.Heartbeat{})
+			err := m.Heartbeat(context.Background(), "h0", "Bearer secret", hostproto.Heartbeat{})
 			if !errors.Is(err, ErrGone) {
 				t.Fatalf("heartbeat of a dead host: %v, want ErrGone", err)
 			}
 		})
+	}
+}
+
+// TestDeathIgnoresClockSteps: host death is judged on the monotonic clock,
+// so the wall clock jumping an hour (either way) declares nobody dead.
+// Heartbeats recorded with wall times an hour off change nothing either.
+func TestDeathIgnoresClockSteps(t *testing.T) {
+	for _, step := range []time.Duration{time.Hour, -time.Hour} {
+		m, _ := newTestManager(t)
+		m.deadAfter = time.Second
+		h := deadHost(t, m)
+		setLeadingFor(m, time.Minute)
+		h.Heartbeat(hostproto.Heartbeat{Info: api.Host{Name: "h0"}}, 0, time.Now().Add(step))
+		m.detectDeaths(context.Background())
+		if m.hostState("h0") == "dead" {
+			t.Fatalf("a heartbeat stamped %s away made the host dead", step)
+		}
 	}
 }
 
@@ -70,10 +101,13 @@ func TestDetectDeaths(t *testing.T) {
 // restarted), a local one stays stranded.
 func TestEvacuate(t *testing.T) {
 	m, target := newTestManager(t)
+	target.mu.Lock()
 	target.pool = "p1"
-	m.deadAfter = time.Second
-	deadHost(t, m, time.Minute)
-	m.leaderSince.Store(time.Now().Add(-time.Minute).UnixNano())
+	target.mu.Unlock()
+	target.notify()
+	m.deadAfter = 100 * time.Millisecond
+	deadHost(t, m)
+	setLeadingFor(m, time.Minute)
 	ctx := context.Background()
 	vm := func(name, pool, desired string, state api.VMState, recovery string) {
 		r := record{Spec: hostproto.VMSpec{Name: name, Pool: pool, Epoch: 1, MemoryBytes: 128 << 20, CPUs: 1, HostPort: 30000 + len(name)},
@@ -87,7 +121,7 @@ func TestEvacuate(t *testing.T) {
 	vm("cold", "p1", desiredStopped, api.StateStopped, "")
 	vm("manual", "p1", desiredRunning, api.StateRunning, "none")
 
-	// settle waits for the starts evacuateAll leaves running.
+	// settle waits for the work queue to finish with a VM.
 	settle := func(name string, done func(record) bool) {
 		t.Helper()
 		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
@@ -100,9 +134,16 @@ func TestEvacuate(t *testing.T) {
 			}
 		}
 	}
+	time.Sleep(200 * time.Millisecond)
 	m.detectDeaths(ctx)
-	m.evacuateAll(ctx)
-	settle("web", func(r record) bool { return r.Failover == nil })
+	if m.hostState("h0") != "dead" {
+		t.Fatal("h0 was not declared dead")
+	}
+	m.enqueueAll(ctx)
+	settle("web", func(r record) bool { return r.Failover == nil && r.Host == "h1" && r.Op == nil })
+	settle("local", func(r record) bool { return r.Stranded && r.Op == nil })
+	settle("cold", func(r record) bool { return r.Host == "h1" && r.Op == nil })
+	settle("manual", func(r record) bool { return r.Host == "h1" && r.Op == nil })
 
 	tests := []struct {
 		vm        string
@@ -128,8 +169,8 @@ func TestEvacuate(t *testing.T) {
 				t.Fatalf("record: host %s epoch %d state %s message %q failover %+v; want %s %d %s %q",
 					r.Host, r.Spec.Epoch, r.State, r.Message, r.Failover, tt.host, tt.epoch, tt.state, tt.msg)
 			}
-			if got := slices.Contains(target.calls, "start "+tt.vm); got != tt.started {
-				t.Fatalf("started on the new host = %v, want %v (calls %v)", got, tt.started, target.calls)
+			if got := target.called("start " + tt.vm); got != tt.started {
+				t.Fatalf("started on the new host = %v, want %v (calls %v)", got, tt.started, target.callsString())
 			}
 			incs, err := m.Incidents(ctx, tt.vm)
 			if err != nil || len(incs) != tt.incidents {
@@ -151,13 +192,13 @@ func TestEvacuate(t *testing.T) {
 
 	// A refused start is kept on the timeline and retried on the next pass.
 	vm("retry", "p1", desiredRunning, api.StateRunning, "")
-	target.failNext["start"] = errors.New("disk in use")
-	m.evacuateAll(ctx)
-	settle("retry", func(r record) bool { return strings.Contains(r.Message, "disk in use") })
+	target.fail("start", errors.New("disk in use"))
+	m.queue.Add("retry")
+	settle("retry", func(r record) bool { return strings.Contains(r.Message, "disk in use") && r.Op == nil })
 	if r, _, _ := m.load(ctx, "retry"); r.State != api.StateRecovering || r.Failover == nil {
 		t.Fatalf("after a refused start: %s %q %+v", r.State, r.Message, r.Failover)
 	}
-	m.evacuateAll(ctx)
+	m.queue.Add("retry")
 	settle("retry", func(r record) bool { return r.State == api.StateRunning && r.Host == "h1" })
 	incs, _ := m.Incidents(ctx, "retry")
 	if len(incs) != 1 || !slices.ContainsFunc(incs[0].Timeline, func(e api.TimelineEntry) bool { return e.Event == "start refused" }) {

@@ -121,10 +121,11 @@ func (m *Manager) admit(ctx context.Context, req hostproto.Register, secret stri
 	if err := m.store.Put(ctx, "hosts/"+req.Name, rec); err != nil {
 		return hostproto.Registered{}, wrapf(ErrUnavailable, err, "record host %s", req.Name)
 	}
-	h := remotehost.New(req.Name, req.Addr, secret)
-	h.Heartbeat(hostproto.Heartbeat{Info: req.Info})
+	h := remotehost.New(req.Name, req.Addr, secret, nil)
+	h.Heartbeat(hostproto.Heartbeat{Info: req.Info}, 0, time.Now())
 	m.AddHost(h)
 	m.setDrained(req.Name, drained)
+	m.setDead(req.Name, time.Time{})
 	m.log.Info("host registered", "host", req.Name, "addr", req.Addr)
 	m.publish(api.Event{Type: "host.up", Host: req.Name, Message: "registered from " + req.Addr})
 	return hostproto.Registered{Secret: secret}, nil
@@ -136,19 +137,48 @@ type hostStatusRecord struct {
 	Seen time.Time `json:"seen"`
 }
 
+// remote returns the registry's remote host of that name, if any.
+func (m *Manager) remote(name string) *remotehost.Host {
+	m.hosts.mu.Lock()
+	defer m.hosts.mu.Unlock()
+	if e, ok := m.hosts.hosts[name]; ok {
+		return e.remote
+	}
+	return nil
+}
+
+// applyStatus feeds a host's stored status (at store revision rev) to its
+// remote host, and remembers the revision: declaring the host dead is only
+// allowed while the stored status is still that one.
+func (m *Manager) applyStatus(name string, st hostStatusRecord, rev int64) {
+	h := m.remote(name)
+	if h == nil {
+		return
+	}
+	h.Heartbeat(st.Heartbeat, rev, st.Seen)
+	m.hosts.mu.Lock()
+	if e, ok := m.hosts.hosts[name]; ok && rev > e.statusRev {
+		e.statusRev = rev
+	}
+	m.hosts.mu.Unlock()
+}
+
 // WatchHosts keeps this manager's view of hosts in step with the store:
 // hosts registered through other managers, and heartbeats they received.
 func (m *Manager) WatchHosts(ctx context.Context) {
-	apply := func(key string, value []byte) {
+	apply := func(key string, value []byte, rev int64) {
+		if value == nil {
+			return
+		}
 		switch {
 		case strings.HasPrefix(key, "hosts/"):
 			var rec hostRecord
 			if json.Unmarshal(value, &rec) != nil {
 				return
 			}
-			cur, ok := m.hostNamed(rec.Name).(*remotehost.Host)
-			if !ok || cur.Secret() != rec.Secret || cur.Addr() != rec.Addr {
-				cur = remotehost.New(rec.Name, rec.Addr, rec.Secret)
+			cur := m.remote(rec.Name)
+			if cur == nil || cur.Secret() != rec.Secret || cur.Addr() != rec.Addr {
+				cur = remotehost.New(rec.Name, rec.Addr, rec.Secret, nil)
 				m.AddHost(cur)
 			}
 			var dead time.Time
@@ -157,37 +187,37 @@ func (m *Manager) WatchHosts(ctx context.Context) {
 			} else {
 				// Registering counts as being heard from: a host that just
 				// (re)joined must not be judged on older silence.
-				cur.Seen(rec.RegisteredAt)
+				cur.Heard()
 			}
-			cur.SetDead(dead)
+			m.setDead(rec.Name, dead)
 			m.setDrained(rec.Name, rec.Drained)
 		case strings.HasPrefix(key, "hoststatus/"):
 			var st hostStatusRecord
 			if json.Unmarshal(value, &st) != nil {
 				return
 			}
-			if h, ok := m.hostNamed(strings.TrimPrefix(key, "hoststatus/")).(*remotehost.Host); ok {
-				h.HeartbeatAt(st.Heartbeat, st.Seen)
-			}
+			m.applyStatus(strings.TrimPrefix(key, "hoststatus/"), st, rev)
 		}
 	}
 	for ctx.Err() == nil {
 		rev, err := m.store.Scan(ctx, "host", apply)
-		if err != nil {
-			time.Sleep(time.Second)
-			continue
+		if err == nil {
+			err = m.store.Watch(ctx, "host", rev+1, apply)
 		}
-		if err := m.store.Watch(ctx, "host", rev+1, apply); err != nil && ctx.Err() == nil {
+		if err != nil && ctx.Err() == nil {
 			m.log.Warn("watch hosts", "err", err)
-			time.Sleep(time.Second)
+			select {
+			case <-ctx.Done():
+			case <-time.After(time.Second):
+			}
 		}
 	}
 }
 
 // Heartbeat takes a host's heartbeat and the events it carries.
-func (m *Manager) Heartbeat(name, auth string, hb hostproto.Heartbeat) error {
-	h, ok := m.hostNamed(name).(*remotehost.Host)
-	if !ok {
+func (m *Manager) Heartbeat(ctx context.Context, name, auth string, hb hostproto.Heartbeat) error {
+	h := m.remote(name)
+	if h == nil {
 		return errorf(ErrUnauthorized, "host %s is not registered with this manager: register again", name)
 	}
 	if subtle.ConstantTimeCompare([]byte(auth), []byte("Bearer "+h.Secret())) != 1 {
@@ -196,10 +226,10 @@ func (m *Manager) Heartbeat(name, auth string, hb hostproto.Heartbeat) error {
 	gone := func(dead time.Time) error {
 		return errorf(ErrGone, "host %s was declared dead at %s and its vms may run elsewhere: kill them and register again", name, dead.Format(time.RFC3339Nano))
 	}
-	if dead := h.DeadAt(); !dead.IsZero() {
-		return gone(dead)
+	if st := m.hostState(name); st == "dead" {
+		return gone(time.Now())
 	}
-	wasDown := h.Info().State != "up"
+	wasDown := m.hostState(name) != "up"
 	now := time.Now().UTC()
 	// Share it first: every manager answers for every host, and the leader
 	// judges hosts by what is in the store. A heartbeat that did not reach
@@ -207,24 +237,27 @@ func (m *Manager) Heartbeat(name, auth string, hb hostproto.Heartbeat) error {
 	// time if this manager is cut off from the others. It is stored only if
 	// the host's record did not change since it was read here, and the
 	// leader declares a host dead only if its status did not change since
-	// it read it: a heartbeat and a death cannot both win.
+	// it last saw it: a heartbeat and a death cannot both win.
 	shared := hb
 	shared.Events = nil
-	sctx, cancel := context.WithTimeout(context.Background(), 2500*time.Millisecond)
+	sctx, cancel := context.WithTimeout(ctx, 2500*time.Millisecond)
 	defer cancel()
 	var rec hostRecord
 	rev, err := m.store.Get(sctx, "hosts/"+name, &rec)
 	if err == nil && rec.DeadAt != nil {
-		h.SetDead(*rec.DeadAt)
+		m.setDead(name, *rec.DeadAt)
 		return gone(*rec.DeadAt)
 	}
+	st := hostStatusRecord{Heartbeat: shared, Seen: now}
+	var srev int64
 	if err == nil {
-		err = m.store.PutIf(sctx, "hoststatus/"+name, hostStatusRecord{Heartbeat: shared, Seen: now}, "hosts/"+name, rev)
+		srev, err = m.store.PutIf(sctx, "hoststatus/"+name, st, "hosts/"+name, rev)
 	}
 	if err != nil {
 		return wrapf(ErrUnavailable, err, "record heartbeat of host %s", name)
 	}
-	h.HeartbeatAt(hb, now)
+	st.Heartbeat = hb
+	m.applyStatus(name, st, srev)
 	if wasDown {
 		m.publish(api.Event{Type: "host.up", Host: name})
 	}
@@ -263,7 +296,7 @@ func (m *Manager) handleHeartbeat(w http.ResponseWriter, r *http.Request) {
 		writeError(w, m.log, wrapf(ErrInvalid, err, "malformed heartbeat"))
 		return
 	}
-	if err := m.Heartbeat(r.PathValue("name"), strings.TrimSpace(r.Header.Get("Authorization")), hb); err != nil {
+	if err := m.Heartbeat(r.Context(), r.PathValue("name"), strings.TrimSpace(r.Header.Get("Authorization")), hb); err != nil {
 		writeError(w, m.log, err)
 		return
 	}

@@ -19,42 +19,8 @@ import (
 	"github.com/vigil-project/vigil/internal/events"
 	"github.com/vigil-project/vigil/internal/hostproto"
 	"github.com/vigil-project/vigil/internal/store"
+	"github.com/vigil-project/vigil/internal/workqueue"
 )
-
-// Host is what the manager needs of a host agent. The dev agent passes the
-// in-process hostagent.Agent; a remote host implements it over the network.
-type Host interface {
-	Name() string
-	Info() api.Host
-	Create(ctx context.Context, spec hostproto.VMSpec) error
-	Start(ctx context.Context, name string) error
-	Stop(ctx context.Context, name string, force bool, timeout time.Duration) error
-	Delete(ctx context.Context, name string) error
-	Status(name string) (hostproto.VMStatus, error)
-	Console(ctx context.Context, name string, follow bool, w io.Writer) error
-
-	Pause(ctx context.Context, name string) error
-	Resume(ctx context.Context, name string) error
-	Suspend(ctx context.Context, name string) (hostproto.SaveResult, error)
-	DiscardState(name string) error
-	SnapshotCreate(ctx context.Context, name, snap string, memory bool) (hostproto.SaveResult, error)
-	SnapshotRevert(ctx context.Context, name, snap string, memory bool) error
-	SnapshotDelete(ctx context.Context, name, snap string) error
-	SnapshotSpace(name string) (map[string]int64, error)
-	Exec(ctx context.Context, name string, req api.ExecRequest) (api.ExecResult, error)
-
-	Restart(ctx context.Context, name string) error
-	// Attach takes over a VM from the shared storage pool (its disk is
-	// there already), with the spec's epoch as the new lease.
-	Attach(ctx context.Context, spec hostproto.VMSpec) error
-	// Live migration; see hostagent/migrate.go for the protocol.
-	MigrateIn(ctx context.Context, spec hostproto.VMSpec) (uri string, err error)
-	MigrateOut(ctx context.Context, name, uri string) (hostproto.Migration, error)
-	MigrateFinish(ctx context.Context, name string) error
-	MigrateAbort(ctx context.Context, name string) error
-	SetHealth(name string, hangTimeoutSeconds, minUptimeSeconds int) error
-	Fault(ctx context.Context, name, kind string) error
-}
 
 // errGuestAgentHint tells the operator what to check when a VM's guest agent
 // is not connected.
@@ -67,6 +33,8 @@ type record struct {
 	Desired string           `json:"desired"` // running, stopped, paused or suspended
 	State   api.VMState      `json:"state"`
 	Message string           `json:"message,omitempty"`
+	// Op is the operation in progress (see vmop.go).
+	Op *opIntent `json:"op,omitempty"`
 	// CurrentSnapshot is the parent of the next snapshot.
 	CurrentSnapshot string             `json:"current_snapshot,omitempty"`
 	LastOperation   *api.Operation     `json:"last_operation,omitempty"`
@@ -82,7 +50,7 @@ type record struct {
 	// memory, because that heartbeat may reach any manager.
 	OpenIncident string `json:"open_incident,omitempty"`
 	// Failover is set while the VM, moved off a dead host, starts on its
-	// new one.
+	// new one (across passes: a refused start is retried).
 	Failover  *failover `json:"failover,omitempty"`
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`
@@ -107,14 +75,24 @@ type Manager struct {
 	log        *slog.Logger
 	limits     Limits
 	ports      PortAllocator
-
-	locksMu sync.Mutex
-	locks   map[string]*sync.Mutex
+	locks      *locker
+	// unreleased are locks whose release failed; the janitor retries.
+	unreleased chan store.Lock
+	// queue holds the VMs to look at, with the host events that wait for
+	// them; its workers are the only place events are acted on.
+	queue *workqueue.Queue[*hostEvent]
+	// placeMu serialises placement decisions made by this manager, so two
+	// VMs placed at once each see the other's reservation.
+	placeMu sync.Mutex
+	// stepHook runs after each named step of a multi-phase operation.
+	stepHook func(string)
 
 	name        string
 	leader      atomic.Bool
-	leaderSince atomic.Int64 // unix nanoseconds; when this manager last became leader
+	leaderSince atomic.Int64 // monotonic: see SetLeader
+	started     time.Time    // this manager's start, the origin of leaderSince
 	deadAfter   time.Duration
+	resync      time.Duration
 	instance    string         // random id of this process, for shared events
 	share       chan api.Event // events to share with other managers; nil in dev mode
 }
@@ -141,9 +119,14 @@ type Config struct {
 	// leader declares it dead and restarts its VMs elsewhere (default
 	// DefaultHostDeadAfter). Hosts must fence themselves sooner.
 	HostDeadAfter time.Duration
+	// Resync is how often the leader looks at every VM (default 2s).
+	Resync time.Duration
+	// StepHook, if set, runs after each named step of a multi-phase
+	// operation with "op/step" (e.g. "migrate/transfer").
+	StepHook func(step string)
 }
 
-// New returns a Manager.
+// New returns a Manager. Run (and, while leading, Lead) make it work.
 func New(cfg Config) *Manager {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -157,8 +140,19 @@ func New(cfg Config) *Manager {
 	if cfg.HostDeadAfter == 0 {
 		cfg.HostDeadAfter = DefaultHostDeadAfter
 	}
+	if cfg.Resync == 0 {
+		cfg.Resync = 2 * time.Second
+	}
+	if cfg.StepHook == nil {
+		cfg.StepHook = func(string) {}
+	}
 	m := &Manager{name: cfg.Name, store: cfg.Store, hosts: newRegistry(), overcommit: cfg.Overcommit, events: cfg.Events, log: cfg.Logger,
-		limits: cfg.Limits, ports: cfg.Ports, locks: map[string]*sync.Mutex{}, deadAfter: cfg.HostDeadAfter}
+		limits: cfg.Limits, ports: cfg.Ports, deadAfter: cfg.HostDeadAfter, resync: cfg.Resync, stepHook: cfg.StepHook,
+		locks:      &locker{cli: cfg.Store.Client(), ttl: lockTTL},
+		unreleased: make(chan store.Lock, 1000),
+		queue:      workqueue.New[*hostEvent](workqueue.Config{BaseDelay: 50 * time.Millisecond, MaxDelay: 2 * time.Second}),
+		started:    time.Now(),
+	}
 	m.instance = randomHex(8)
 	if cfg.ShareEvents {
 		m.share = make(chan api.Event, 1000)
@@ -172,56 +166,97 @@ func New(cfg Config) *Manager {
 // SetLeader records whether this manager runs the controllers now.
 func (m *Manager) SetLeader(b bool) {
 	if b && !m.leader.Load() {
-		m.leaderSince.Store(time.Now().UnixNano())
+		m.leaderSince.Store(int64(time.Since(m.started)))
 	}
 	m.leader.Store(b)
+}
+
+// leadingFor is how long this manager has led (monotonic).
+func (m *Manager) leadingFor() time.Duration {
+	return time.Since(m.started) - time.Duration(m.leaderSince.Load())
 }
 
 // Events is the manager's event broker.
 func (m *Manager) Events() *events.Broker { return m.events }
 
-// lock takes the per-VM operation lock, or fails with ErrBusy: two
-// operations on one VM at once would leave it in no named state.
-func (m *Manager) lock(name string) (func(), error) {
-	m.locksMu.Lock()
-	l, ok := m.locks[name]
-	if !ok {
-		l = &sync.Mutex{}
-		m.locks[name] = l
+// queueWorkers is how many VMs the manager works on at once.
+const queueWorkers = 8
+
+// Run does the manager's own work until ctx ends: it acts on host events
+// through the work queue, follows the other managers' hosts and events (when
+// sharing), and retries lock releases. It returns when all of that stopped.
+func (m *Manager) Run(ctx context.Context) {
+	defer m.locks.close()
+	var wg sync.WaitGroup
+	run := func(f func(context.Context)) {
+		wg.Add(1)
+		go func() { defer wg.Done(); f(ctx) }()
 	}
-	m.locksMu.Unlock()
-	if !l.TryLock() {
-		return nil, errorf(ErrBusy, "vm %s is busy with another operation: retry when it is done", name)
+	run(func(ctx context.Context) { m.queue.Run(ctx, queueWorkers, m.work) })
+	run(m.janitor)
+	if m.share != nil {
+		run(m.WatchHosts)
+		run(m.ShareEvents)
 	}
-	return l.Unlock, nil
+	wg.Wait()
 }
 
-// lockLoad takes the VM's operation lock and reads its record. On error
-// the lock is not held.
-func (m *Manager) lockLoad(ctx context.Context, name string) (record, int64, func(), error) {
-	unlock, err := m.lock(name)
-	if err != nil {
-		return record{}, 0, nil, err
-	}
-	r, rev, err := m.load(ctx, name)
-	if err != nil {
-		unlock()
-		return record{}, 0, nil, err
-	}
-	return r, rev, unlock, nil
+// Lead runs what only the leading manager does, until ctx ends: a look at
+// every VM every resync period, and the watch for dead hosts. It returns
+// when both stopped, so a manager that loses and regains leadership never
+// runs two sets of controllers.
+func (m *Manager) Lead(ctx context.Context) {
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); m.resyncLoop(ctx) }()
+	go func() { defer wg.Done(); m.WatchHostFailures(ctx) }()
+	wg.Wait()
 }
 
-// waitLock takes the per-VM lock, waiting for an operation in progress to
-// end; for handlers of host events, which must not be refused as busy.
-func (m *Manager) waitLock(ctx context.Context, name string) (func(), error) {
+func (m *Manager) resyncLoop(ctx context.Context) {
+	t := time.NewTicker(m.resync)
+	defer t.Stop()
 	for {
-		if unlock, err := m.lock(name); err == nil {
-			return unlock, nil
-		}
+		m.enqueueAll(ctx)
 		select {
 		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-time.After(20 * time.Millisecond):
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// enqueueAll puts every VM on the work queue.
+func (m *Manager) enqueueAll(ctx context.Context) {
+	rs, err := m.records(ctx)
+	if err != nil {
+		m.log.Warn("resync: list vms", "err", err)
+		return
+	}
+	for _, r := range rs {
+		m.queue.Add(r.rec.Spec.Name)
+	}
+}
+
+// janitor retries the release of locks whose release failed.
+func (m *Manager) janitor(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case l := <-m.unreleased:
+			for ctx.Err() == nil {
+				uctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+				err := m.store.Unlock(uctx, l)
+				cancel()
+				if err == nil {
+					break
+				}
+				select {
+				case <-ctx.Done():
+				case <-time.After(time.Second):
+				}
+			}
 		}
 	}
 }
@@ -240,32 +275,6 @@ func (m *Manager) load(ctx context.Context, name string) (record, int64, error) 
 	return r, rev, nil
 }
 
-// save writes r if nobody else changed it since rev; the manager is the only
-// writer, so a conflict means a bug or a second manager and is reported.
-func (m *Manager) save(ctx context.Context, r *record, rev int64) (int64, error) {
-	r.UpdatedAt = time.Now().UTC()
-	nrev, err := m.store.Update(ctx, vmKey(r.Spec.Name), rev, r)
-	if err != nil {
-		return rev, wrapf(ErrUnavailable, err, "save vm %s", r.Spec.Name)
-	}
-	return nrev, nil
-}
-
-// setState records a new state and publishes it.
-func (m *Manager) setState(ctx context.Context, r *record, rev int64, s api.VMState, msg string) (int64, error) {
-	if r.State == s && r.Message == msg {
-		return rev, nil
-	}
-	r.State, r.Message = s, msg
-	nrev, err := m.save(ctx, r, rev)
-	if err != nil {
-		return rev, err
-	}
-	m.log.Info("vm state", "vm", r.Spec.Name, "state", s, "message", msg)
-	m.publish(api.Event{Type: "vm.state", VM: r.Spec.Name, Host: r.Host, State: s, Message: msg})
-	return nrev, nil
-}
-
 // Create defines a VM, makes its disk on the host and optionally starts it.
 // A failure anywhere removes whatever was made: no half-created VM remains.
 func (m *Manager) Create(ctx context.Context, req api.VMCreateRequest) (api.VM, error) {
@@ -279,20 +288,48 @@ func (m *Manager) Create(ctx context.Context, req api.VMCreateRequest) (api.VM, 
 		}
 		policy = *req.Policy
 	}
-	unlock, err := m.lock(req.Name)
+	o, err := m.define(ctx, req, policy)
 	if err != nil {
 		return api.VM{}, err
 	}
-	defer unlock()
+	defer o.end(ctx)
+	r := o.r
+	if _, err := hostproto.Create.Call(ctx, m.hostNamed(r.Host), r.Spec); err != nil {
+		o.deleteRecord(context.WithoutCancel(ctx))
+		return api.VM{}, fmt.Errorf("create vm %s on host %s: %w", req.Name, r.Host, err)
+	}
+	o.publish(api.Event{Type: "vm.created", VM: req.Name, Host: r.Host})
+	if !req.Start {
+		if err := o.finish(ctx, api.StateStopped, ""); err != nil {
+			return api.VM{}, err
+		}
+		return m.view(o.r), nil
+	}
+	if err := o.set(api.StateStopped, ""); err != nil {
+		return api.VM{}, err
+	}
+	err = m.start(ctx, o)
+	return m.view(o.r), err
+}
 
+// define places a new VM and writes its record, in state creating, with
+// the VM's lock held for the rest of the create.
+func (m *Manager) define(ctx context.Context, req api.VMCreateRequest, policy api.RecoveryPolicy) (*vmOp, error) {
+	m.placeMu.Lock()
+	defer m.placeMu.Unlock()
 	rs, err := m.records(ctx)
 	if err != nil {
-		return api.VM{}, err
+		return nil, err
+	}
+	for _, s := range rs {
+		if s.rec.Spec.Name == req.Name {
+			return nil, errorf(ErrConflict, "vm %s already exists: pick another name, or delete it first", req.Name)
+		}
 	}
 	cands := m.hosts.candidates(rs)
 	hostName, err := place(cands, need{mem: req.MemoryBytes, cpus: req.CPUs, pin: req.Host}, m.overcommit)
 	if err != nil {
-		return api.VM{}, err
+		return nil, err
 	}
 	// A VM lives in its host's storage pool when the host has one, so any
 	// host of the pool can take it over.
@@ -308,7 +345,7 @@ func (m *Manager) Create(ctx context.Context, req api.VMCreateRequest) (api.VM, 
 	}
 	port, err := m.ports(used)
 	if err != nil {
-		return api.VM{}, wrapf(ErrUnavailable, err, "no free port for the endpoint of %s", req.Name)
+		return nil, wrapf(ErrUnavailable, err, "no free port for the endpoint of %s", req.Name)
 	}
 	now := time.Now().UTC()
 	r := record{
@@ -317,168 +354,7 @@ func (m *Manager) Create(ctx context.Context, req api.VMCreateRequest) (api.VM, 
 			Pool: pool, Epoch: 1},
 		Host: hostName, Desired: desiredStopped, State: api.StateCreating, CreatedAt: now, UpdatedAt: now, Policy: policy,
 	}
-	rev, err := m.store.Create(ctx, vmKey(req.Name), r)
-	if errors.Is(err, store.ErrExists) {
-		return api.VM{}, errorf(ErrConflict, "vm %s already exists: pick another name, or delete it first", req.Name)
-	}
-	if err != nil {
-		return api.VM{}, wrapf(ErrUnavailable, err, "create vm %s", req.Name)
-	}
-	if err := m.hostNamed(r.Host).Create(ctx, r.Spec); err != nil {
-		m.store.Delete(context.WithoutCancel(ctx), vmKey(req.Name))
-		return api.VM{}, fmt.Errorf("create vm %s on host %s: %w", req.Name, r.Host, err)
-	}
-	m.publish(api.Event{Type: "vm.created", VM: req.Name, Host: r.Host})
-	if rev, err = m.setState(ctx, &r, rev, api.StateStopped, ""); err != nil {
-		return api.VM{}, err
-	}
-	if req.Start {
-		if err := m.start(ctx, &r, rev); err != nil {
-			return m.view(r), err
-		}
-	}
-	return m.view(r), nil
-}
-
-// ChangeState runs a start, stop or restart.
-func (m *Manager) ChangeState(ctx context.Context, name string, req api.VMStateRequest) (api.VM, error) {
-	if err := validName(name); err != nil {
-		return api.VM{}, err
-	}
-	timeout := DefaultStopTimeout
-	if req.TimeoutSeconds < 0 {
-		return api.VM{}, errorf(ErrInvalid, "timeout %ds is negative", req.TimeoutSeconds)
-	}
-	if req.TimeoutSeconds > 0 {
-		timeout = time.Duration(req.TimeoutSeconds) * time.Second
-	}
-	switch req.Action {
-	case api.ActionStart, api.ActionStop, api.ActionRestart, api.ActionPause, api.ActionResume:
-	default:
-		return api.VM{}, errorf(ErrInvalid, "unknown action %q: use start, stop, restart, pause or resume", req.Action)
-	}
-	if req.ToDisk && req.Action != api.ActionPause {
-		return api.VM{}, errorf(ErrInvalid, "to_disk goes with the pause action")
-	}
-	if req.DiscardState && req.Action != api.ActionResume {
-		return api.VM{}, errorf(ErrInvalid, "discard_state goes with the resume action")
-	}
-	r, rev, unlock, err := m.lockLoad(ctx, name)
-	if err != nil {
-		return api.VM{}, err
-	}
-	defer unlock()
-	act := m.actual(r)
-	running := act.Running
-	if r.State == api.StateSuspended && act.SavedState && !running {
-		switch req.Action {
-		case api.ActionStart, api.ActionRestart:
-			return m.view(r), errorf(ErrConflict, "vm %s is suspended: continue it with 'vigil vm resume %s', or cold-boot it with 'vigil vm resume %s --discard-state'", name, name, name)
-		case api.ActionStop:
-			return m.view(r), errorf(ErrConflict, "vm %s is suspended, not running: to throw its saved state away and keep it off, run 'vigil vm resume %s --discard-state' then 'vigil vm stop %s'", name, name, name)
-		}
-	}
-	// A paused guest cannot act on an ACPI power-down: stopping it is a kill.
-	force := req.Force || act.RunState == "paused"
-	switch req.Action {
-	case api.ActionStart:
-		if running {
-			return m.view(r), errorf(ErrConflict, "vm %s is already running", name)
-		}
-		err = m.start(ctx, &r, rev)
-	case api.ActionStop:
-		if !running {
-			return m.view(r), errorf(ErrConflict, "vm %s is already stopped", name)
-		}
-		_, err = m.stop(ctx, &r, rev, force, timeout)
-	case api.ActionRestart:
-		if running {
-			if rev, err = m.stop(ctx, &r, rev, force, timeout); err != nil {
-				break
-			}
-		}
-		err = m.start(ctx, &r, rev)
-	case api.ActionPause:
-		err = m.pause(ctx, &r, rev, act, req.ToDisk)
-	case api.ActionResume:
-		err = m.resume(ctx, &r, rev, act, req.DiscardState)
-	}
-	return m.view(r), err
-}
-
-func (m *Manager) start(ctx context.Context, r *record, rev int64) error {
-	r.Desired = desiredRunning
-	rev, err := m.setState(ctx, r, rev, api.StateStarting, "")
-	if err != nil {
-		return err
-	}
-	if err := m.hostNamed(r.Host).Start(ctx, r.Spec.Name); err != nil {
-		r.Desired = desiredStopped
-		m.setState(context.WithoutCancel(ctx), r, rev, api.StateStopped, "start failed: "+err.Error())
-		return fmt.Errorf("start vm %s: %w", r.Spec.Name, err)
-	}
-	_, err = m.setState(ctx, r, rev, api.StateRunning, "")
-	return err
-}
-
-func (m *Manager) stop(ctx context.Context, r *record, rev int64, force bool, timeout time.Duration) (int64, error) {
-	r.Desired = desiredStopped
-	rev, err := m.setState(ctx, r, rev, api.StateStopping, "")
-	if err != nil {
-		return rev, err
-	}
-	if err := m.hostNamed(r.Host).Stop(ctx, r.Spec.Name, force, timeout); err != nil {
-		// Still running as far as we know: say so, the controller will retry.
-		m.setState(context.WithoutCancel(ctx), r, rev, api.StateStopping, "stop failed: "+err.Error())
-		return rev, fmt.Errorf("stop vm %s: %w", r.Spec.Name, err)
-	}
-	return m.setState(ctx, r, rev, api.StateStopped, "")
-}
-
-// Delete stops the VM at once and removes it with its disk, files and
-// snapshots. A VM with snapshots needs force: they go with it.
-func (m *Manager) Delete(ctx context.Context, name string, force bool) error {
-	if err := validName(name); err != nil {
-		return err
-	}
-	r, rev, unlock, err := m.lockLoad(ctx, name)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	if !force {
-		ss, err := m.snapshots(ctx, name)
-		if err != nil {
-			return err
-		}
-		if len(ss) > 0 {
-			return errorf(ErrConflict, "vm %s has %d snapshot(s) that would be deleted with it: add --force to delete them too", name, len(ss))
-		}
-	}
-	return m.delete(ctx, &r, rev)
-}
-
-func (m *Manager) delete(ctx context.Context, r *record, rev int64) error {
-	r.Desired = desiredStopped
-	if _, err := m.setState(ctx, r, rev, api.StateDeleting, ""); err != nil {
-		return err
-	}
-	// Files go before the record: if we fail in between, the record still
-	// says "deleting" and the controller finishes the job.
-	if err := m.hostNamed(r.Host).Delete(ctx, r.Spec.Name); err != nil {
-		return fmt.Errorf("delete vm %s: %w", r.Spec.Name, err)
-	}
-	if err := m.store.DeletePrefix(ctx, "incidents/"+r.Spec.Name+"/"); err != nil {
-		return wrapf(ErrUnavailable, err, "delete incidents of vm %s", r.Spec.Name)
-	}
-	if err := m.store.DeletePrefix(ctx, "snapshots/"+r.Spec.Name+"/"); err != nil {
-		return wrapf(ErrUnavailable, err, "delete snapshots of vm %s", r.Spec.Name)
-	}
-	if err := m.store.Delete(ctx, vmKey(r.Spec.Name)); err != nil {
-		return wrapf(ErrUnavailable, err, "delete vm %s", r.Spec.Name)
-	}
-	m.publish(api.Event{Type: "vm.deleted", VM: r.Spec.Name, Host: r.Host})
-	return nil
+	return m.beginNew(ctx, r, opCreate)
 }
 
 // Get reports one VM.
@@ -522,7 +398,7 @@ func (m *Manager) Exec(ctx context.Context, name string, req api.ExecRequest) (a
 	if vm.Guest == nil {
 		return api.ExecResult{}, errorf(ErrConflict, "vm %s has no connected guest agent (state %s): %s", name, vm.State, errGuestAgentHint)
 	}
-	res, err := m.hostNamed(vm.Host).Exec(ctx, name, req)
+	res, err := hostproto.Exec.Call(ctx, m.hostNamed(vm.Host), hostproto.ExecRequest{VM: name, Exec: req})
 	if err != nil {
 		return res, wrapf(ErrConflict, err, "exec in vm %s", name)
 	}
@@ -541,7 +417,7 @@ func (m *Manager) Console(ctx context.Context, name string, follow bool, w io.Wr
 	if err != nil {
 		return err
 	}
-	return m.hostNamed(vm.Host).Console(ctx, name, follow, w)
+	return hostproto.Console.Stream(ctx, m.hostNamed(vm.Host), hostproto.ConsoleRequest{VM: name, Follow: follow}, w)
 }
 
 type storedRecord struct {
@@ -566,9 +442,11 @@ func (m *Manager) records(ctx context.Context) ([]storedRecord, error) {
 	return out, nil
 }
 
+// actual is what the VM's host last reported of it (not running when the
+// host does not know it).
 func (m *Manager) actual(r record) hostproto.VMStatus {
-	st, err := m.hostNamed(r.Host).Status(r.Spec.Name)
-	if err != nil {
+	st, ok := m.hostNamed(r.Host).Status(r.Spec.Name)
+	if !ok {
 		return hostproto.VMStatus{Name: r.Spec.Name}
 	}
 	return st

@@ -6,247 +6,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/vigil-project/vigil/api"
-	"github.com/vigil-project/vigil/internal/events"
 	"github.com/vigil-project/vigil/internal/hostproto"
-	"github.com/vigil-project/vigil/internal/store"
 )
-
-// fakeHost stands in for a host agent in unit tests: it records calls and
-// keeps a running flag per VM, and can be told to fail.
-type fakeHost struct {
-	mu        sync.Mutex
-	vms       map[string]bool // name -> running
-	paused    map[string]bool
-	saved     map[string]bool // has a suspend state file
-	failNext  map[string]error
-	calls     []string
-	stopDelay time.Duration
-	pool      string // storage pool id it reports
-}
-
-func newFakeHost() *fakeHost {
-	return &fakeHost{vms: map[string]bool{}, paused: map[string]bool{}, saved: map[string]bool{}, failNext: map[string]error{}}
-}
-
-func (h *fakeHost) Name() string { return "h1" }
-func (h *fakeHost) Info() api.Host {
-	return api.Host{Name: "h1", State: "up", MemoryBytes: 64 << 30, CPUs: 16, StoragePool: h.pool}
-}
-
-func (h *fakeHost) record(op, name string) error {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.calls = append(h.calls, op+" "+name)
-	if err := h.failNext[op]; err != nil {
-		delete(h.failNext, op)
-		return err
-	}
-	return nil
-}
-
-func (h *fakeHost) Create(_ context.Context, s hostproto.VMSpec) error {
-	if err := h.record("create", s.Name); err != nil {
-		return err
-	}
-	h.mu.Lock()
-	h.vms[s.Name] = false
-	h.mu.Unlock()
-	return nil
-}
-
-func (h *fakeHost) Start(_ context.Context, name string) error {
-	if err := h.record("start", name); err != nil {
-		return err
-	}
-	h.mu.Lock()
-	h.vms[name] = true
-	h.mu.Unlock()
-	return nil
-}
-
-func (h *fakeHost) Stop(ctx context.Context, name string, force bool, timeout time.Duration) error {
-	if err := h.record("stop", name); err != nil {
-		return err
-	}
-	select {
-	case <-time.After(h.stopDelay):
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-	h.mu.Lock()
-	h.vms[name] = false
-	h.mu.Unlock()
-	return nil
-}
-
-func (h *fakeHost) Delete(_ context.Context, name string) error {
-	if err := h.record("delete", name); err != nil {
-		return err
-	}
-	h.mu.Lock()
-	delete(h.vms, name)
-	h.mu.Unlock()
-	return nil
-}
-
-func (h *fakeHost) Status(name string) (hostproto.VMStatus, error) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	running, ok := h.vms[name]
-	if !ok {
-		return hostproto.VMStatus{}, errors.New("unknown")
-	}
-	st := hostproto.VMStatus{Name: name, Running: running, SavedState: h.saved[name]}
-	if running {
-		st.PID = 42
-		st.RunState = "running"
-		if h.paused[name] {
-			st.RunState = "paused"
-		}
-	}
-	return st, nil
-}
-
-func (h *fakeHost) Console(_ context.Context, name string, _ bool, w io.Writer) error {
-	_, err := io.WriteString(w, "console of "+name+"\n")
-	return err
-}
-
-func (h *fakeHost) Pause(_ context.Context, name string) error {
-	if err := h.record("pause", name); err != nil {
-		return err
-	}
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.paused[name] = true
-	return nil
-}
-
-func (h *fakeHost) Resume(_ context.Context, name string) error {
-	if err := h.record("resume", name); err != nil {
-		return err
-	}
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.paused[name], h.saved[name], h.vms[name] = false, false, true
-	return nil
-}
-
-func (h *fakeHost) Suspend(_ context.Context, name string) (hostproto.SaveResult, error) {
-	if err := h.record("suspend", name); err != nil {
-		return hostproto.SaveResult{}, err
-	}
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.paused[name], h.saved[name], h.vms[name] = false, true, false
-	return hostproto.SaveResult{Bytes: 1 << 20, Duration: time.Millisecond}, nil
-}
-
-func (h *fakeHost) DiscardState(name string) error {
-	h.mu.Lock()
-	h.saved[name] = false
-	h.mu.Unlock()
-	return h.record("discard", name)
-}
-func (h *fakeHost) SnapshotCreate(_ context.Context, name, snap string, memory bool) (hostproto.SaveResult, error) {
-	return hostproto.SaveResult{}, h.record("snapshot", name+"/"+snap)
-}
-func (h *fakeHost) SnapshotRevert(_ context.Context, name, snap string, memory bool) error {
-	return h.record("revert", name+"/"+snap)
-}
-func (h *fakeHost) SnapshotDelete(_ context.Context, name, snap string) error {
-	return h.record("snapdelete", name+"/"+snap)
-}
-func (h *fakeHost) Exec(_ context.Context, name string, req api.ExecRequest) (api.ExecResult, error) {
-	return api.ExecResult{Output: req.Command}, h.record("exec", name)
-}
-func (h *fakeHost) Attach(_ context.Context, spec hostproto.VMSpec) error {
-	if err := h.record("attach", spec.Name); err != nil {
-		return err
-	}
-	h.mu.Lock()
-	h.vms[spec.Name] = false
-	h.mu.Unlock()
-	return nil
-}
-
-func (h *fakeHost) MigrateIn(_ context.Context, spec hostproto.VMSpec) (string, error) {
-	return "", h.record("migrate-in", spec.Name)
-}
-
-func (h *fakeHost) MigrateOut(_ context.Context, name, _ string) (hostproto.Migration, error) {
-	return hostproto.Migration{}, h.record("migrate-out", name)
-}
-
-func (h *fakeHost) MigrateFinish(_ context.Context, name string) error {
-	return h.record("migrate-finish", name)
-}
-
-func (h *fakeHost) MigrateAbort(_ context.Context, name string) error {
-	return h.record("migrate-abort", name)
-}
-
-func (h *fakeHost) Restart(_ context.Context, name string) error {
-	if err := h.record("restart", name); err != nil {
-		return err
-	}
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.vms[name], h.paused[name] = true, false
-	return nil
-}
-func (h *fakeHost) SetHealth(name string, hang, minUp int) error { return h.record("sethealth", name) }
-func (h *fakeHost) Fault(_ context.Context, name, kind string) error {
-	return h.record("fault", name+"/"+kind)
-}
-func (h *fakeHost) SnapshotSpace(name string) (map[string]int64, error) {
-	return map[string]int64{}, nil
-}
-
-func (h *fakeHost) callsString() string {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return strings.Join(h.calls, ",")
-}
-
-func (h *fakeHost) exists(name string) bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	_, ok := h.vms[name]
-	return ok
-}
-
-func newTestManager(t *testing.T) (*Manager, *fakeHost) {
-	t.Helper()
-	e, err := store.StartEmbedded(context.Background(), t.TempDir(), nil)
-	if err != nil {
-		t.Fatalf("start etcd: %v", err)
-	}
-	t.Cleanup(e.Close)
-	h := newFakeHost()
-	port := 20000
-	var portMu sync.Mutex
-	m := New(Config{
-		Store: store.New(e.Client(), "/test/"), Host: h, Events: events.New(100),
-		Limits: Limits{MaxMemoryBytes: 4 << 30, MaxCPUs: 8},
-		Ports: func(used map[int]bool) (int, error) {
-			portMu.Lock()
-			defer portMu.Unlock()
-			port++
-			return port, nil
-		},
-	})
-	return m, h
-}
 
 func call(t *testing.T, srv http.Handler, method, path, body string) (int, []byte) {
 	t.Helper()
@@ -303,7 +71,7 @@ func TestAPIValidationAndErrorMapping(t *testing.T) {
 		})
 	}
 	if !h.exists("web1") || h.exists("a") {
-		t.Fatalf("rejected requests changed the host: %v", h.calls)
+		t.Fatalf("rejected requests changed the host: %v", h.callsString())
 	}
 }
 
@@ -328,7 +96,7 @@ func TestStatusOf(t *testing.T) {
 
 func TestFailedCreateLeavesNothing(t *testing.T) {
 	m, h := newTestManager(t)
-	h.failNext["create"] = errors.New("disk full")
+	h.fail("create", errors.New("disk full"))
 	_, err := m.Create(context.Background(), api.VMCreateRequest{Name: "web1", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20})
 	if err == nil || !strings.Contains(err.Error(), "disk full") {
 		t.Fatalf("create error = %v, want the host's failure", err)
@@ -402,7 +170,9 @@ func TestBusyVMRefusesSecondOperation(t *testing.T) {
 	if _, err := m.Create(ctx, api.VMCreateRequest{Name: "web1", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20, Start: true}); err != nil {
 		t.Fatal(err)
 	}
+	h.mu.Lock()
 	h.stopDelay = 300 * time.Millisecond
+	h.mu.Unlock()
 	done := make(chan error)
 	go func() {
 		_, err := m.ChangeState(ctx, "web1", api.VMStateRequest{Action: api.ActionStop})
@@ -439,14 +209,10 @@ func TestReconcileConverges(t *testing.T) {
 			if _, err := m.Create(ctx, api.VMCreateRequest{Name: "v", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20}); err != nil {
 				t.Fatal(err)
 			}
-			r, rev, _ := m.load(ctx, "v")
+			r, _, _ := m.load(ctx, "v")
 			r.Desired, r.State = tt.desired, tt.state
-			if _, err := m.save(ctx, &r, rev); err != nil {
-				t.Fatal(err)
-			}
-			h.mu.Lock()
-			h.vms["v"] = tt.running
-			h.mu.Unlock()
+			putRecord(t, m, r)
+			h.set("v", tt.running)
 			if err := m.Reconcile(ctx, "v"); err != nil {
 				t.Fatalf("reconcile: %v", err)
 			}
@@ -480,9 +246,7 @@ func waitState(t *testing.T, m *Manager, name string, want api.VMState) {
 }
 
 func crash(h *fakeHost, m *Manager, name, kind string) {
-	h.mu.Lock()
-	h.vms[name] = kind != hostproto.IncidentExit
-	h.mu.Unlock()
+	h.set(name, kind != hostproto.IncidentExit)
 	e := hostproto.Event{Host: "h1", VM: name, Kind: hostproto.EventIncident, Incident: &hostproto.Incident{Kind: kind, DetectedAt: time.Now().UTC()}}
 	if kind == hostproto.IncidentExit {
 		e.Kind = hostproto.EventExited
@@ -531,18 +295,14 @@ func TestHostExitEvents(t *testing.T) {
 	t.Run("a guest that powers itself off is stopped", func(t *testing.T) {
 		m, h := newTestManager(t)
 		mustCreate(t, m, "v", true)
-		h.mu.Lock()
-		h.vms["v"] = false
-		h.mu.Unlock()
+		h.set("v", false)
 		m.HandleHostEvent(hostproto.Event{Host: "h1", VM: "v", Kind: hostproto.EventExited, Expected: true, Message: hostproto.MsgGuestPoweredOff})
 		waitState(t, m, "v", api.StateStopped)
 	})
 	t.Run("an exit Vigil caused does not stop the vm", func(t *testing.T) {
 		m, h := newTestManager(t)
 		mustCreate(t, m, "v", true)
-		h.mu.Lock()
-		h.vms["v"] = false // killed by a restart that then failed, say
-		h.mu.Unlock()
+		h.set("v", false) // killed by a restart that then failed, say
 		m.HandleHostEvent(hostproto.Event{Host: "h1", VM: "v", Kind: hostproto.EventExited, Expected: true, Message: "qemu exited"})
 		time.Sleep(300 * time.Millisecond)
 		if r, _, _ := m.load(context.Background(), "v"); r.Desired != desiredRunning {

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/hostproto"
 )
 
 // Migrate moves a VM to another host of its storage pool: a running VM
@@ -17,42 +18,99 @@ func (m *Manager) Migrate(ctx context.Context, name, to string) (api.VM, error) 
 	if err := validName(name); err != nil {
 		return api.VM{}, err
 	}
-	r, rev, unlock, err := m.lockLoad(ctx, name)
+	_, r, err := m.migrate(ctx, name, to, false)
 	if err != nil {
-		return api.VM{}, err
+		return m.view(r), err
 	}
-	defer unlock()
-	_, err = m.migrateLocked(ctx, &r, rev, to)
-	if fresh, _, lerr := m.load(context.WithoutCancel(ctx), name); lerr == nil {
-		r = fresh
-	}
-	return m.view(r), err
+	return m.view(r), nil
 }
 
-// migrateLocked moves r (the caller holds its lock) and reports the move.
-func (m *Manager) migrateLocked(ctx context.Context, r *record, rev int64, to string) (api.DrainMove, error) {
-	name := r.Spec.Name
+// migrate moves one VM and reports the move and the record as it ended.
+// With wait it waits (up to a minute) for an operation in progress.
+func (m *Manager) migrate(ctx context.Context, name, to string, wait bool) (api.DrainMove, record, error) {
 	move := api.DrainMove{VM: name}
-	if r.Spec.Pool == "" {
-		return move, errorf(ErrConflict, "vm %s has its disk on host %s's local storage: only vms in a storage pool (hosts started with --storage-pool) can move", name, r.Host)
+	var live bool
+	var spec hostproto.VMSpec
+	prepare := func(o *vmOp) error {
+		r := o.r
+		if r.Spec.Pool == "" {
+			return errorf(ErrConflict, "vm %s has its disk on host %s's local storage: only vms in a storage pool (hosts started with --storage-pool) can move", name, r.Host)
+		}
+		if to == r.Host {
+			return errorf(ErrInvalid, "vm %s is already on host %s", name, to)
+		}
+		if st := m.hostState(r.Host); st != "up" {
+			return errorf(ErrUnavailable, "host %s of vm %s is %s: a vm moves only from a host that answers", r.Host, name, st)
+		}
+		act := m.actual(r)
+		live = act.Running
+		switch {
+		case live && (r.State != api.StateRunning || act.RunState != "running"):
+			return errorf(ErrConflict, "vm %s is %s: live migration moves running vms; resume it first, or suspend it to disk and move it then", name, r.State)
+		case !live && r.State != api.StateStopped && r.State != api.StateSuspended && r.State != api.StateCrashed && r.State != api.StateFailed:
+			return errorf(ErrConflict, "vm %s is %s: wait until it is running or stopped", name, r.State)
+		}
+		if to != "" && m.hostState(to) == "unknown" {
+			return errorf(ErrInvalid, "no host named %s: see 'vigil host list'", to)
+		}
+		target, err := m.placeElsewhere(ctx, r, to)
+		if err != nil {
+			return err
+		}
+		move.To, move.Live = target, live
+		spec = r.Spec
+		spec.Epoch++
+		o.intent.Target, o.intent.Epoch = target, spec.Epoch
+		o.intent.Kind = opMove
+		if live {
+			o.intent.Kind = opMigrate
+			// Migrating tells every manager's reconciler and event
+			// handlers to keep off this VM until the move is recorded.
+			return o.set(api.StateMigrating, "to "+target)
+		}
+		return nil
 	}
-	if to == r.Host {
-		return move, errorf(ErrInvalid, "vm %s is already on host %s", name, to)
+	kind := opMove
+	var o *vmOp
+	var err error
+	if wait {
+		o, err = m.beginWait(ctx, name, opMigrate, prepare)
+	} else {
+		o, err = m.begin(ctx, name, opMigrate, prepare)
 	}
-	if m.hostNamed(r.Host).Info().State != "up" {
-		return move, errorf(ErrUnavailable, "host %s of vm %s is not up: a vm moves only from a host that answers", r.Host, name)
+	if err != nil {
+		r, _, _ := m.load(context.WithoutCancel(ctx), name)
+		return move, r, err
 	}
-	act := m.actual(*r)
-	live := act.Running
-	switch {
-	case live && (r.State != api.StateRunning || act.RunState != "running"):
-		return move, errorf(ErrConflict, "vm %s is %s: live migration moves running vms; resume it first, or suspend it to disk and move it then", name, r.State)
-	case !live && r.State != api.StateStopped && r.State != api.StateSuspended && r.State != api.StateCrashed && r.State != api.StateFailed:
-		return move, errorf(ErrConflict, "vm %s is %s: wait until it is running or stopped", name, r.State)
+	if live {
+		kind = opMigrate
 	}
+	// Once started, a move runs to its end even if the caller goes away:
+	// a half-done move is what loses VMs.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), migrateTimeout)
+	defer cancel()
+	defer o.end(ctx)
+	if !live {
+		err = m.moveCold(ctx, o, spec, move.To)
+		return move, o.r, err
+	}
+	move.DowntimeMS, err = m.moveLive(ctx, o, spec, move.To, kind)
+	return move, o.r, err
+}
+
+// placeElsewhere picks a host of the VM's pool other than its own (to, if
+// given).
+func (m *Manager) placeElsewhere(ctx context.Context, r record, to string) (string, error) {
+	m.placeMu.Lock()
+	defer m.placeMu.Unlock()
+	return m.placeLocked(ctx, r, to)
+}
+
+// placeLocked is placeElsewhere for a caller that holds placeMu.
+func (m *Manager) placeLocked(ctx context.Context, r record, to string) (string, error) {
 	rs, err := m.records(ctx)
 	if err != nil {
-		return move, err
+		return "", err
 	}
 	var cands []candidate
 	for _, c := range m.hosts.candidates(rs) {
@@ -60,120 +118,78 @@ func (m *Manager) migrateLocked(ctx context.Context, r *record, rev int64, to st
 			cands = append(cands, c)
 		}
 	}
-	if to != "" && m.hostNamed(to).Info().State == "unknown" {
-		return move, errorf(ErrInvalid, "no host named %s: see 'vigil host list'", to)
-	}
-	target, err := place(cands, need{mem: r.Spec.MemoryBytes, cpus: r.Spec.CPUs, pin: to, pool: r.Spec.Pool}, m.overcommit)
-	if err != nil {
-		return move, err
-	}
-	move.To = target
-	spec := r.Spec
-	spec.Epoch++
-	from, src, dst := r.Host, m.hostNamed(r.Host), m.hostNamed(target)
+	return place(cands, need{mem: r.Spec.MemoryBytes, cpus: r.Spec.CPUs, pin: to, pool: r.Spec.Pool}, m.overcommit)
+}
 
-	// Once started, a move runs to its end even if the caller goes away:
-	// a half-done move is what loses VMs.
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), migrateTimeout)
-	defer cancel()
-	if !live {
-		// Cold: the files are in the pool; the new host takes the lease.
-		if err := dst.Attach(ctx, spec); err != nil {
-			return move, fmt.Errorf("move vm %s to %s: %w", name, target, err)
-		}
-		if err := m.commitMove(ctx, name, func(r *record) {
-			r.Spec, r.Host = spec, target
-		}); err != nil {
-			return move, err
-		}
-		m.publish(api.Event{Type: "vm.moved", VM: name, Host: target, Message: "from " + from})
-		return move, nil
+// moveCold hands a VM that does not run to another host of its pool: the
+// new host takes the lease, then the record follows.
+func (m *Manager) moveCold(ctx context.Context, o *vmOp, spec hostproto.VMSpec, target string) error {
+	name, from := o.r.Spec.Name, o.r.Host
+	if _, err := hostproto.Attach.Call(ctx, m.hostNamed(target), spec); err != nil {
+		return fmt.Errorf("move vm %s to %s: %w", name, target, err)
 	}
+	m.stepHook(opMove + "/attach")
+	o.r.Spec, o.r.Host = spec, target
+	o.publish(api.Event{Type: "vm.moved", VM: name, Host: target, Message: "from " + from})
+	return o.release(ctx)
+}
 
-	move.Live = true
-	// Migrating tells every manager's reconciler and event handlers to keep
-	// off this VM until the move is recorded.
-	rev, err = m.setState(ctx, r, rev, api.StateMigrating, "to "+target)
-	if err != nil {
-		return move, err
-	}
-	fail := func(err error) (api.DrainMove, error) {
-		m.commitMove(ctx, name, func(r *record) {
-			r.State, r.Message = api.StateRunning, fmt.Sprintf("live migration to %s failed; still on %s: %v", target, from, err)
-		})
-		return move, wrapf(ErrConflict, err, "migrate vm %s to %s", name, target)
-	}
-	uri, err := dst.MigrateIn(ctx, spec)
-	if err != nil {
-		return fail(err)
-	}
-	st, err := src.MigrateOut(ctx, name, uri)
-	if err != nil {
-		// The source reports success if the migration completed even
-		// while being cancelled, so an error means the guest is still on
+// moveLive migrates a running VM in named steps. Before the switchover a
+// failure undoes what was done (the destination's QEMU goes) and the VM
+// stays where it was, running; after it, the record follows the guest
+// whatever else fails.
+func (m *Manager) moveLive(ctx context.Context, o *vmOp, spec hostproto.VMSpec, target, kind string) (float64, error) {
+	name, from := o.r.Spec.Name, o.r.Host
+	src, dst := m.hostNamed(from), m.hostNamed(target)
+	var uri string
+	var st hostproto.Migration
+	err := o.run(ctx, kind, []step{
+		{name: "prepare-destination",
+			do: func(ctx context.Context) error {
+				res, err := hostproto.MigrateIn.Call(ctx, dst, spec)
+				uri = res.URI
+				return err
+			},
+			undo: func(ctx context.Context) error {
+				_, err := hostproto.MigrateAbort.Call(ctx, dst, hostproto.VMRef{VM: name})
+				return err
+			}},
+		// The source reports success if the migration completed even while
+		// being cancelled, so an error here means the guest is still on
 		// the source; the destination refuses to abort a guest it runs.
-		if aerr := dst.MigrateAbort(ctx, name); aerr != nil {
-			m.log.Error("abort incoming migration", "vm", name, "host", target, "err", aerr)
-		}
-		return fail(err)
+		{name: "transfer",
+			do: func(ctx context.Context) (err error) {
+				st, err = hostproto.MigrateOut.Call(ctx, src, hostproto.MigrateOutRequest{VM: name, URI: uri})
+				return err
+			}},
+	})
+	if err != nil {
+		o.finish(ctx, api.StateRunning, fmt.Sprintf("live migration to %s failed; still on %s: %v", target, from, err))
+		return 0, wrapf(ErrConflict, err, "migrate vm %s to %s", name, target)
 	}
 	// The guest runs on the destination now: whatever happens next, the
 	// record must follow it.
-	ferr := dst.MigrateFinish(ctx, name)
+	_, ferr := hostproto.MigrateFinish.Call(ctx, dst, hostproto.VMRef{VM: name})
+	m.stepHook(kind + "/finish")
 	msg := fmt.Sprintf("migrated live from %s in %.0f ms (downtime %.0f ms)", from, ms(st.Total), ms(st.Downtime))
 	state := api.StateRunning
 	if ferr != nil {
 		msg += "; " + ferr.Error()
-		if !m.hostStatusRunning(target, name) {
+		if s, ok := dst.Status(name); !ok || !s.Running {
 			state = api.StateCrashed // the reconciler recovers it under its policy
 		}
 	}
-	move.DowntimeMS = ms(st.Downtime)
-	if err := m.commitMove(ctx, name, func(r *record) {
-		r.Spec, r.Host, r.State, r.Message = spec, target, state, msg
-		r.LastOperation = &api.Operation{Action: "migrate", DurationMS: ms(st.Total), PausedMS: ms(st.Downtime), Bytes: st.Bytes}
-	}); err != nil {
-		return move, err
+	o.r.Spec, o.r.Host = spec, target
+	o.r.LastOperation = &api.Operation{Action: "migrate", DurationMS: ms(st.Total), PausedMS: ms(st.Downtime), Bytes: st.Bytes}
+	o.publish(api.Event{Type: "vm.migrated", VM: name, Host: target, Message: msg})
+	if err := o.finish(ctx, state, msg); err != nil {
+		return ms(st.Downtime), err
 	}
-	m.log.Info("vm state", "vm", name, "state", state, "message", msg)
-	m.publish(api.Event{Type: "vm.state", VM: name, Host: target, State: state, Message: msg})
-	m.publish(api.Event{Type: "vm.migrated", VM: name, Host: target, Message: msg})
-	r.Spec, r.Host, r.State, r.Message = spec, target, state, msg
-	return move, ferr
+	return ms(st.Downtime), ferr
 }
 
 // migrateTimeout bounds a whole move.
 const migrateTimeout = 10 * time.Minute
-
-// hostStatusRunning tells whether host reports vm running.
-func (m *Manager) hostStatusRunning(host, vm string) bool {
-	st, err := m.hostNamed(host).Status(vm)
-	return err == nil && st.Running
-}
-
-// commitMove applies change to the VM's latest record and saves it, retrying
-// on a concurrent write: after a switchover the record must follow the
-// guest whatever else happened to it meanwhile (another manager's
-// reconciler may have touched it).
-func (m *Manager) commitMove(ctx context.Context, name string, change func(*record)) error {
-	var err error
-	for attempt := 0; attempt < 20; attempt++ {
-		r, rev, lerr := m.load(ctx, name)
-		if lerr != nil {
-			return lerr
-		}
-		change(&r)
-		if _, err = m.save(ctx, &r, rev); err == nil {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return err
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
-	return err
-}
 
 // Drain keeps new VMs off host and moves its VMs away: running ones live,
 // stopped and suspended ones by handing over their files. VMs that cannot
@@ -207,18 +223,12 @@ func (m *Manager) Drain(ctx context.Context, host string) (api.DrainResult, erro
 }
 
 func (m *Manager) drainOne(ctx context.Context, name, host string) (api.DrainMove, error) {
-	wctx, cancel := context.WithTimeout(ctx, time.Minute)
-	unlock, err := m.waitLock(wctx, name)
-	cancel()
-	if err != nil {
-		return api.DrainMove{}, errorf(ErrBusy, "vm %s stayed busy with another operation", name)
-	}
-	defer unlock()
-	r, rev, err := m.load(ctx, name)
+	r, _, err := m.load(ctx, name)
 	if err != nil || r.Host != host {
 		return api.DrainMove{}, nil // deleted or moved meanwhile
 	}
-	return m.migrateLocked(ctx, &r, rev, "")
+	move, _, err := m.migrate(ctx, name, "", true)
+	return move, err
 }
 
 // Enable lets the scheduler place VMs on a drained host again.
@@ -236,7 +246,7 @@ func (m *Manager) setHostDrained(ctx context.Context, host string, drained bool)
 	if err := validName(host); err != nil {
 		return err
 	}
-	if m.hostNamed(host).Info().State == "unknown" {
+	if m.hostState(host) == "unknown" {
 		return errorf(ErrNotFound, "no host named %s: see 'vigil host list'", host)
 	}
 	var rec hostRecord

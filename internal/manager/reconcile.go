@@ -8,116 +8,135 @@ import (
 
 	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/workqueue"
 )
 
-// staleMigration is how long a live migration may take before other
-// managers' controllers act on the VM again (the manager running it died).
-const staleMigration = 15 * time.Minute
-
 // staleCreate is how long a "creating" record may sit with no operation in
-// progress before the controller decides its creator died and cleans up.
+// progress before the reconciler decides its creator died and cleans up.
 const staleCreate = time.Minute
 
-// Run reconciles every VM now and then every interval, until ctx ends. It is
-// level-based: each pass compares desired with actual state and acts, so a
-// missed event or a manager restart in the middle of an operation converges.
-func (m *Manager) Run(ctx context.Context, interval time.Duration) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		m.ReconcileAll(ctx)
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-	}
+// errNothing ends a begin whose prepare found nothing to do.
+var errNothing = errors.New("nothing to do")
+
+// hostEvent is a host event waiting on the work queue; handled marks it
+// done, so that a retry of its VM (busy the first time) does not act on it
+// twice.
+type hostEvent struct {
+	e       hostproto.Event
+	handled bool
 }
 
-// ReconcileAll runs one pass over every VM.
-func (m *Manager) ReconcileAll(ctx context.Context) {
-	rs, err := m.records(ctx)
-	if err != nil {
-		m.log.Warn("reconcile: list vms", "err", err)
-		return
-	}
-	for _, r := range rs {
-		if err := m.Reconcile(ctx, r.rec.Spec.Name); err != nil && !errors.Is(err, ErrBusy) {
-			m.log.Warn("reconcile", "vm", r.rec.Spec.Name, "err", err)
+// work is what a queue worker does for one VM: act on the host events that
+// wait for it, in order, then (on the leader) bring its record in line with
+// reality. A busy VM is retried after a backoff.
+func (m *Manager) work(ctx context.Context, w workqueue.Work[*hostEvent]) workqueue.Result {
+	for _, he := range w.Items {
+		if he.handled {
+			continue
 		}
+		err := m.handleEvent(ctx, he.e)
+		if errors.Is(err, ErrBusy) {
+			return workqueue.Result{Err: err}
+		}
+		if err != nil && !errors.Is(err, ErrNotFound) {
+			m.log.Warn("host event", "vm", w.Key, "kind", he.e.Kind, "err", err)
+		}
+		he.handled = true
 	}
+	if w.Dropped > 0 {
+		m.log.Warn("host events dropped: too many waiting for one vm", "vm", w.Key, "dropped", w.Dropped)
+	}
+	if !m.leader.Load() {
+		return workqueue.Result{}
+	}
+	err := m.Reconcile(ctx, w.Key)
+	switch {
+	case errors.Is(err, ErrBusy):
+		return workqueue.Result{Err: err}
+	case err != nil && !errors.Is(err, ErrNotFound):
+		m.log.Warn("reconcile", "vm", w.Key, "err", err)
+	}
+	return workqueue.Result{}
 }
 
-// Reconcile brings one VM's recorded state in line with reality. A VM busy
-// with an API operation is left to that operation.
+// settle is what the reconciler found a VM needs.
+type settle int
+
+const (
+	settleNothing  settle = iota
+	settleOrphan          // finish or roll back an operation a dead manager left
+	settleEvacuate        // its host is dead: move it
+	settleFailover        // moved off a dead host: start it on the new one
+	settleUnstrand        // its dead host came back
+	settleCreate          // a create whose creator died: clean up
+	settleDelete          // an interrupted delete: finish it
+	settleEndSaved        // suspended, but its QEMU still runs: end it
+	settleStop            // an interrupted stop: finish it
+	settleCrashed         // it should run and does not: a crash
+	settleState           // only the recorded state is behind reality
+)
+
+// Reconcile brings one VM's record in line with reality, level-based: it
+// compares what the record wants with what the host reports and acts, so a
+// missed event or a manager dying in the middle of an operation converges.
+// A VM busy with an operation is left to it.
 func (m *Manager) Reconcile(ctx context.Context, name string) error {
-	unlock, err := m.lock(name)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	r, rev, err := m.load(ctx, name)
-	if errors.Is(err, ErrNotFound) {
+	var what settle
+	var want api.VMState
+	o, err := m.begin(ctx, name, opSettle, func(o *vmOp) error {
+		what, want = m.plan(ctx, o)
+		if what == settleNothing {
+			return errNothing
+		}
+		return nil
+	})
+	if errors.Is(err, errNothing) || errors.Is(err, ErrNotFound) {
 		return nil
 	}
 	if err != nil {
 		return err
 	}
-	if r.State == api.StateMigrating && time.Since(r.UpdatedAt) < staleMigration {
-		return nil // the manager running the migration records its outcome
-	}
-	if m.hostNamed(r.Host).Info().State != "up" || r.Failover != nil {
-		// What a silent host last said may be stale: act on nothing until
-		// it reports again. Host failures are WatchHostFailures' to handle.
-		return nil
-	}
-	act := m.actual(r)
-	if r.Stranded {
+	defer o.end(ctx)
+	r := &o.r
+	switch what {
+	case settleOrphan:
+		err := m.recoverOrphan(ctx, o)
+		m.queue.Add(name) // look again, level-based, once the intent is gone
+		return err
+	case settleEvacuate:
+		return m.evacuate(ctx, o)
+	case settleFailover:
+		return m.finishFailover(ctx, o)
+	case settleUnstrand:
 		// Its host is back. Local VMs are not fenced, so it may still run;
 		// if it does not, start it again where its disk is, under its policy.
 		r.Stranded = false
-		if (r.Desired == desiredRunning || r.Desired == desiredPaused) && !act.Running && r.State != api.StateFailed {
-			m.recoverLocked(ctx, &r, rev, hostproto.Incident{Kind: hostproto.IncidentHostFailure, DetectedAt: time.Now().UTC(),
+		if (r.Desired == desiredRunning || r.Desired == desiredPaused) && !m.actual(*r).Running && r.State != api.StateFailed {
+			m.recoverVM(ctx, o, hostproto.Incident{Kind: hostproto.IncidentHostFailure, DetectedAt: time.Now().UTC(),
 				Evidence: hostproto.Evidence{Detail: "its host was dead and came back; the vm's disk is local to it"}})
 			return nil
 		}
-		rev, err = m.save(ctx, &r, rev)
-		if err != nil {
-			return err
-		}
-	}
-	switch r.State {
-	case api.StateCreating:
-		if time.Since(r.UpdatedAt) > staleCreate {
-			m.log.Warn("cleaning up a create that never finished", "vm", name)
-			return m.delete(ctx, &r, rev)
-		}
-		return nil
-	case api.StateDeleting:
-		return m.delete(ctx, &r, rev)
-	}
-	want := desiredView(r, act)
-	if want == api.StateStopping && r.Desired == desiredSuspended {
+		return o.release(ctx)
+	case settleCreate:
+		m.log.Warn("cleaning up a create that never finished", "vm", name)
+		return m.delete(ctx, o)
+	case settleDelete:
+		return m.delete(ctx, o)
+	case settleEndSaved:
 		m.log.Warn("ending a qemu whose state was already saved", "vm", name)
-		if err := m.hostNamed(r.Host).Stop(ctx, name, true, 0); err != nil {
+		if _, err := hostproto.Stop.Call(ctx, m.hostNamed(r.Host), hostproto.StopRequest{VM: name, Force: true}); err != nil {
 			return err
 		}
-		_, err := m.setState(ctx, &r, rev, api.StateSuspended, r.Message)
-		return err
-	}
-	if want == api.StateStopping {
-		// Desired stopped but QEMU runs: an interrupted stop. Finish it.
-		_, err := m.stop(ctx, &r, rev, false, DefaultStopTimeout)
-		return err
-	}
-	if want == api.StateCrashed && (r.State == api.StateRunning || r.State == api.StatePaused || r.State == api.StateRecovering) {
+		return o.finish(ctx, api.StateSuspended, r.Message)
+	case settleStop:
+		return m.stop(ctx, o, false, DefaultStopTimeout, true)
+	case settleCrashed:
 		// It was running and is gone (e.g. it died while the agent was
 		// down): a crash like any other, under the VM's policy.
-		m.recoverLocked(ctx, &r, rev, hostproto.Incident{Kind: hostproto.IncidentExit, DetectedAt: time.Now().UTC(),
+		m.recoverVM(ctx, o, hostproto.Incident{Kind: hostproto.IncidentExit, DetectedAt: time.Now().UTC(),
 			Evidence: hostproto.Evidence{Detail: "qemu was found not running"}})
 		return nil
-	}
-	if want != r.State {
+	case settleState:
 		msg := ""
 		if want == api.StateCrashed {
 			msg = "qemu was found not running"
@@ -128,10 +147,54 @@ func (m *Manager) Reconcile(ctx context.Context, name string) error {
 				msg = r.Message
 			}
 		}
-		_, err := m.setState(ctx, &r, rev, want, msg)
-		return err
+		return o.finish(ctx, want, msg)
 	}
 	return nil
+}
+
+// plan decides what a VM needs, from its record and what its host reports.
+// It only reads.
+func (m *Manager) plan(ctx context.Context, o *vmOp) (settle, api.VMState) {
+	r := o.r
+	if o.orphan != nil {
+		if held, _, err := m.store.Held(ctx, lockKey(r.Spec.Name)); err != nil || held {
+			return settleNothing, "" // in progress (or we cannot tell)
+		}
+		return settleOrphan, ""
+	}
+	state := m.hostState(r.Host)
+	switch {
+	case state == "dead" && r.State != api.StateDeleting && r.State != api.StateCreating:
+		return settleEvacuate, ""
+	case r.Failover != nil:
+		return settleFailover, ""
+	case state != "up":
+		// What a silent host last said may be stale: act on nothing until
+		// it reports again.
+		return settleNothing, ""
+	case r.Stranded:
+		return settleUnstrand, ""
+	case r.State == api.StateCreating:
+		if time.Since(r.UpdatedAt) > staleCreate {
+			return settleCreate, ""
+		}
+		return settleNothing, ""
+	case r.State == api.StateDeleting:
+		return settleDelete, ""
+	}
+	act := m.actual(r)
+	want := desiredView(r, act)
+	switch {
+	case want == api.StateStopping && r.Desired == desiredSuspended:
+		return settleEndSaved, ""
+	case want == api.StateStopping:
+		return settleStop, ""
+	case want == api.StateCrashed && (r.State == api.StateRunning || r.State == api.StatePaused || r.State == api.StateRecovering):
+		return settleCrashed, ""
+	case want != r.State:
+		return settleState, want
+	}
+	return settleNothing, ""
 }
 
 // desiredView is the state a VM should show given what it should be doing
@@ -146,15 +209,16 @@ func desiredView(r record, act hostproto.VMStatus) api.VMState {
 		return api.StateStopping
 	case r.Desired == desiredSuspended:
 		return api.StateCrashed // the saved state is gone
+	case (r.Desired == desiredRunning || r.Desired == desiredPaused) && (r.State == api.StateFailed || r.State == api.StateCrashed):
+		// A crash that was not (or could not be) recovered stays until a
+		// human acts: a hung or panicked guest's QEMU still "runs".
+		return r.State
 	case (r.Desired == desiredRunning || r.Desired == desiredPaused) && act.Running:
 		if act.RunState == "paused" {
 			return api.StatePaused
 		}
 		return api.StateRunning
-	case (r.Desired == desiredRunning || r.Desired == desiredPaused) && !act.Running:
-		if r.State == api.StateFailed {
-			return api.StateFailed
-		}
+	case r.Desired == desiredRunning || r.Desired == desiredPaused:
 		return api.StateCrashed
 	case r.Desired == desiredStopped && act.Running:
 		return api.StateStopping
@@ -163,8 +227,8 @@ func desiredView(r record, act hostproto.VMStatus) api.VMState {
 	}
 }
 
-// HandleHostEvent turns what a host reports into state changes and events.
-// It is the fast path; Reconcile would reach the same result on its next pass.
+// HandleHostEvent publishes what a host reports and queues what needs
+// acting on; the queue's workers act (handleEvent). It never blocks.
 func (m *Manager) HandleHostEvent(e hostproto.Event) {
 	ev := api.Event{Time: e.Time, VM: e.VM, Host: e.Host, Message: e.Message}
 	switch e.Kind {
@@ -193,66 +257,83 @@ func (m *Manager) HandleHostEvent(e hostproto.Event) {
 	}
 	m.publish(ev)
 	switch {
-	case e.Incident != nil:
-		// Not under the API's lock: an operation in progress finishes first.
-		go m.onIncident(e)
-	case e.Kind == hostproto.EventExited:
-		// The operation that stops a VM records its own result; this
-		// catches a guest that powered itself off.
-		go m.onExit(e)
-	case e.Kind == hostproto.EventGuestReady:
-		go m.onGuestReady(e)
-	case e.Kind == hostproto.EventHealth:
-		go m.onHealth(e)
-	case e.Kind == hostproto.EventFenced || e.Kind == hostproto.EventDropped:
-		go m.onOldCopy(e)
+	case e.Incident != nil, e.Kind == hostproto.EventExited, e.Kind == hostproto.EventGuestReady,
+		e.Kind == hostproto.EventHealth, e.Kind == hostproto.EventFenced, e.Kind == hostproto.EventDropped:
+		m.queue.Add(e.VM, &hostEvent{e: e})
 	}
 }
 
+// handleEvent acts on one host event.
+func (m *Manager) handleEvent(ctx context.Context, e hostproto.Event) error {
+	switch {
+	case e.Incident != nil:
+		return m.onIncident(ctx, e)
+	case e.Kind == hostproto.EventExited:
+		return m.onExit(ctx, e)
+	case e.Kind == hostproto.EventGuestReady:
+		return m.onGuestReady(ctx, e)
+	case e.Kind == hostproto.EventHealth:
+		return m.onHealth(ctx, e)
+	case e.Kind == hostproto.EventFenced || e.Kind == hostproto.EventDropped:
+		m.onOldCopy(ctx, e)
+	}
+	return nil
+}
+
+// beginFor is begin for an event handler: errNothing (the event changes
+// nothing) and a VM deleted meanwhile are no errors.
+func (m *Manager) beginFor(ctx context.Context, name, kind string, prepare func(o *vmOp) error) (*vmOp, error) {
+	o, err := m.begin(ctx, name, kind, prepare)
+	if errors.Is(err, errNothing) || errors.Is(err, ErrNotFound) {
+		return nil, nil
+	}
+	return o, err
+}
+
 // onHealth records the guest agent's condition (e.g. agent-unwell).
-func (m *Manager) onHealth(e hostproto.Event) {
+func (m *Manager) onHealth(ctx context.Context, e hostproto.Event) error {
 	cond := ""
 	switch e.Message {
 	case "agent-unwell":
 		cond = "agent-unwell"
 	case "healthy":
 	default:
-		return
+		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	unlock, err := m.lock(e.VM)
-	if err != nil {
-		return // an operation is running; the next verdict change will tell
+	if r, _, err := m.load(ctx, e.VM); err != nil || r.Condition == cond || r.Host != e.Host {
+		return nil // most verdicts change nothing: look before locking
 	}
-	defer unlock()
-	r, rev, err := m.load(ctx, e.VM)
-	if err != nil || r.Condition == cond || r.Host != e.Host {
-		return
+	o, err := m.beginFor(ctx, e.VM, opEvent, func(o *vmOp) error {
+		if o.r.Condition == cond || o.r.Host != e.Host {
+			return errNothing
+		}
+		o.r.Condition = cond
+		return nil
+	})
+	if o == nil || err != nil {
+		return err
 	}
-	r.Condition = cond
-	m.save(ctx, &r, rev)
+	return o.release(ctx)
 }
 
-func (m *Manager) onExit(e hostproto.Event) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	// Wait for an operation in progress to finish, then look again.
-	unlock, err := m.waitLock(ctx, e.VM)
-	if err != nil {
-		return
+// onExit catches a guest that powered itself off: that is a stop, not a
+// crash. (An exit Vigil caused is recorded by the operation that caused it.)
+func (m *Manager) onExit(ctx context.Context, e hostproto.Event) error {
+	if e.Message != hostproto.MsgGuestPoweredOff || !e.Expected {
+		return nil
 	}
-	defer unlock()
-	if e.Message != hostproto.MsgGuestPoweredOff {
-		return // an exit Vigil caused (stop, restart, revert) is recorded by its operation
+	o, err := m.beginFor(ctx, e.VM, opEvent, func(o *vmOp) error {
+		r := o.r
+		if r.Host != e.Host || r.State == api.StateMigrating || m.actual(r).Running || (r.Desired != desiredRunning && r.Desired != desiredPaused) {
+			return errNothing // (an old host's news about a VM that moved is history)
+		}
+		o.r.Desired = desiredStopped
+		return nil
+	})
+	if o == nil || err != nil {
+		return err
 	}
-	r, rev, err := m.load(ctx, e.VM)
-	if err != nil || r.Host != e.Host || r.State == api.StateMigrating || m.actual(r).Running || (r.Desired != desiredRunning && r.Desired != desiredPaused) || !e.Expected {
-		return // (an old host's news about a VM that moved is history)
-	}
-	// The guest powered itself off: that is a stop, not a crash.
-	r.Desired = desiredStopped
-	m.setState(ctx, &r, rev, api.StateStopped, e.Message)
+	return o.finish(ctx, api.StateStopped, e.Message)
 }
 
 // FreePort asks the kernel for a free loopback port that no VM uses yet.

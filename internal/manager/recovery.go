@@ -75,43 +75,52 @@ func toAPIEvidence(e hostproto.Evidence) api.Evidence {
 }
 
 // onIncident records a crash or hang reported by a host and applies the
-// VM's recovery policy. It waits for an operation in progress on the VM to
-// end first (the operation may explain the event away).
-func (m *Manager) onIncident(e hostproto.Event) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	unlock, err := m.waitLock(ctx, e.VM)
-	if err != nil {
-		m.log.Error("incident not handled: vm stayed busy", "vm", e.VM, "kind", e.Incident.Kind)
-		return
-	}
-	defer unlock()
-	r, rev, err := m.load(ctx, e.VM)
-	if err != nil || r.Host != e.Host || r.Failover != nil || r.State == api.StateMigrating {
-		return // the VM moved: what its old host saw is history
-	}
-	if r.Desired != desiredRunning {
-		return // stopped, paused, suspended or deleted on purpose meanwhile
-	}
-	act := m.actual(r)
-	switch e.Incident.Kind {
-	case hostproto.IncidentExit:
-		if act.Running {
-			return // already started again
+// VM's recovery policy. An incident that is history by the time it is
+// handled (the VM moved, was stopped, or is already running again) changes
+// nothing; one handled before (a retry) is not handled twice.
+func (m *Manager) onIncident(ctx context.Context, e hostproto.Event) error {
+	inc := *e.Incident
+	o, err := m.beginFor(ctx, e.VM, opRecover, func(o *vmOp) error {
+		r := o.r
+		if r.Host != e.Host || r.Failover != nil || r.State == api.StateMigrating {
+			return errNothing // the VM moved: what its old host saw is history
 		}
-	case hostproto.IncidentHang:
-		if !act.Running || act.RunState != "running" {
-			return
+		if r.Desired != desiredRunning {
+			return errNothing // stopped, paused, suspended or deleted on purpose meanwhile
 		}
+		act := m.actual(r)
+		switch inc.Kind {
+		case hostproto.IncidentExit:
+			if act.Running {
+				return errNothing // already started again
+			}
+		case hostproto.IncidentHang:
+			if !act.Running || act.RunState != "running" {
+				return errNothing
+			}
+		}
+		var seen incidentRecord
+		if _, err := m.store.Get(ctx, incidentKey(e.VM, incidentID(inc.DetectedAt)), &seen); err == nil {
+			return errNothing
+		}
+		return nil
+	})
+	if o == nil || err != nil {
+		return err
 	}
-	m.recoverLocked(ctx, &r, rev, *e.Incident)
+	defer o.end(ctx)
+	m.recoverVM(ctx, o, inc)
+	return nil
 }
 
-// recoverLocked records inc and applies the policy; the caller holds the lock.
-func (m *Manager) recoverLocked(ctx context.Context, r *record, rev int64, inc hostproto.Incident) {
+func incidentID(t time.Time) string { return fmt.Sprintf("%019d", t.UnixNano()) }
+
+// recoverVM records inc and applies the policy, ending the operation.
+func (m *Manager) recoverVM(ctx context.Context, o *vmOp, inc hostproto.Incident) {
+	r := &o.r
 	name := r.Spec.Name
 	p := withDefaults(r.Policy)
-	rec := incidentRecord{api.Incident{ID: fmt.Sprintf("%019d", inc.DetectedAt.UnixNano()), VM: name, Kind: inc.Kind, Host: r.Host,
+	rec := incidentRecord{api.Incident{ID: incidentID(inc.DetectedAt), VM: name, Kind: inc.Kind, Host: r.Host,
 		DetectedAt: inc.DetectedAt, Evidence: toAPIEvidence(inc.Evidence)}}
 
 	// Keep only the restarts inside the window: that is the budget used.
@@ -126,6 +135,7 @@ func (m *Manager) recoverLocked(ctx context.Context, r *record, rev int64, inc h
 
 	var state api.VMState
 	var msg string
+	h := m.hostNamed(r.Host)
 	switch {
 	case p.Recovery == "none":
 		rec.Action = "none"
@@ -136,7 +146,7 @@ func (m *Manager) recoverLocked(ctx context.Context, r *record, rev int64, inc h
 		msg = fmt.Sprintf("%s detected after %d restarts within %s: giving up; see 'vigil vm incidents %s', then start it by hand", inc.Kind, len(recent), window, name)
 		// Free the host; the evidence is in the incident.
 		if m.actual(*r).Running {
-			m.hostNamed(r.Host).Stop(ctx, name, true, 0)
+			hostproto.Stop.Call(ctx, h, hostproto.StopRequest{VM: name, Force: true})
 		}
 	default:
 		rec.Action = "restart"
@@ -145,54 +155,48 @@ func (m *Manager) recoverLocked(ctx context.Context, r *record, rev int64, inc h
 		m.log.Error("record incident", "vm", name, "err", err)
 	}
 	m.log.Warn("incident", "vm", name, "kind", inc.Kind, "action", rec.Action)
-	m.publish(api.Event{Type: "vm.incident", VM: name, Host: r.Host, Message: inc.Kind + ": " + rec.Action})
+	o.publish(api.Event{Type: "vm.incident", VM: name, Host: r.Host, Message: inc.Kind + ": " + rec.Action})
 
 	if rec.Action != "restart" {
 		if state == api.StateFailed {
 			r.Desired = desiredRunning // keeps "failed" sticky in the reconciler
 		}
-		m.setState(ctx, r, rev, state, msg)
+		o.finish(ctx, state, msg)
 		return
 	}
-	rev, err := m.setState(ctx, r, rev, api.StateRecovering, inc.Kind+" detected; restarting")
-	if err != nil {
+	if err := o.transition(ctx, api.StateRecovering, inc.Kind+" detected; restarting"); err != nil {
 		return
 	}
 	r.Restarts = append(r.Restarts, time.Now().UTC())
 	r.OpenIncident = rec.ID
-	if err := m.hostNamed(r.Host).Restart(ctx, name); err != nil {
+	if _, err := hostproto.Restart.Call(ctx, h, hostproto.VMRef{VM: name}); err != nil {
 		r.OpenIncident = ""
-		m.setState(ctx, r, rev, api.StateCrashed, fmt.Sprintf("%s detected; restart failed: %v", inc.Kind, err))
+		o.finish(ctx, api.StateCrashed, fmt.Sprintf("%s detected; restart failed: %v", inc.Kind, err))
 		return
 	}
-	m.setState(ctx, r, rev, api.StateRunning, fmt.Sprintf("restarted after %s", inc.Kind))
+	o.finish(ctx, api.StateRunning, fmt.Sprintf("restarted after %s", inc.Kind))
 }
 
 // onGuestReady closes a pending incident when its restarted guest is back.
-func (m *Manager) onGuestReady(e hostproto.Event) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+func (m *Manager) onGuestReady(ctx context.Context, e hostproto.Event) error {
 	// Most guest-ready events close nothing: look before taking the lock.
 	if r, _, err := m.load(ctx, e.VM); err != nil || r.OpenIncident == "" || r.Host != e.Host {
-		m.log.Debug("guest ready: no open incident", "vm", e.VM, "host", e.Host, "record_host", r.Host, "err", err)
-		return
+		return nil
 	}
-	unlock, err := m.waitLock(ctx, e.VM)
-	if err != nil {
-		return
+	var id string
+	o, err := m.beginFor(ctx, e.VM, opEvent, func(o *vmOp) error {
+		if o.r.OpenIncident == "" || o.r.Host != e.Host {
+			return errNothing
+		}
+		id = o.r.OpenIncident
+		o.r.OpenIncident = ""
+		return nil
+	})
+	if o == nil || err != nil {
+		return err
 	}
-	r, rev, err := m.load(ctx, e.VM)
-	if err != nil || r.OpenIncident == "" || r.Host != e.Host {
-		unlock()
-		return
-	}
-	id := r.OpenIncident
-	r.OpenIncident = ""
-	_, err = m.save(ctx, &r, rev)
-	unlock()
-	if err != nil {
-		m.log.Warn("close incident", "vm", e.VM, "err", err)
-		return
+	if err := o.release(ctx); err != nil {
+		return err
 	}
 	t := e.Time
 	rec, err := m.updateIncident(ctx, e.VM, id, func(rec *incidentRecord) {
@@ -203,11 +207,11 @@ func (m *Manager) onGuestReady(e hostproto.Event) {
 		}
 	})
 	if err != nil {
-		m.log.Error("record recovery", "vm", e.VM, "err", err)
-		return
+		return fmt.Errorf("record recovery of %s: %w", e.VM, err)
 	}
 	m.publish(api.Event{Type: "vm.recovered", VM: e.VM, Host: e.Host,
 		Message: fmt.Sprintf("%s: guest back %.0f ms after detection", rec.Kind, rec.RecoveredInMS)})
+	return nil
 }
 
 // Incidents lists a VM's incidents, oldest first.
@@ -237,20 +241,21 @@ func (m *Manager) SetPolicy(ctx context.Context, name string, p api.RecoveryPoli
 	if err := validatePolicy(p); err != nil {
 		return api.VM{}, err
 	}
-	r, rev, unlock, err := m.lockLoad(ctx, name)
+	o, err := m.begin(ctx, name, opPolicy, nil)
 	if err != nil {
 		return api.VM{}, err
 	}
-	defer unlock()
-	r.Policy = p
-	if err := m.hostNamed(r.Host).SetHealth(name, p.HangTimeoutSeconds, p.MinUptimeSeconds); err != nil {
+	defer o.end(ctx)
+	if _, err := hostproto.SetHealth.Call(ctx, m.hostNamed(o.r.Host), hostproto.HealthRequest{VM: name, HangTimeoutSeconds: p.HangTimeoutSeconds, MinUptimeSeconds: p.MinUptimeSeconds}); err != nil {
 		return api.VM{}, fmt.Errorf("set policy of %s: %w", name, err)
 	}
-	if _, err := m.save(ctx, &r, rev); err != nil {
+	o.r.Policy = p
+	o.r.Spec.HangTimeoutSeconds, o.r.Spec.MinUptimeSeconds = p.HangTimeoutSeconds, p.MinUptimeSeconds
+	o.publish(api.Event{Type: "vm.policy", VM: name, Host: o.r.Host})
+	if err := o.release(ctx); err != nil {
 		return api.VM{}, err
 	}
-	m.publish(api.Event{Type: "vm.policy", VM: name, Host: r.Host})
-	return m.view(r), nil
+	return m.view(o.r), nil
 }
 
 // Fault injects a fault into a running VM (a drill).
@@ -270,7 +275,7 @@ func (m *Manager) Fault(ctx context.Context, name, kind string) error {
 	if kind != "kill" && vm.Guest == nil {
 		return errorf(ErrConflict, "vm %s has no connected guest agent to inject %s through: %s", name, kind, errGuestAgentHint)
 	}
-	if err := m.hostNamed(vm.Host).Fault(ctx, name, kind); err != nil {
+	if _, err := hostproto.Fault.Call(ctx, m.hostNamed(vm.Host), hostproto.FaultRequest{VM: name, Kind: kind}); err != nil {
 		return fmt.Errorf("fault %s in vm %s: %w", kind, name, err)
 	}
 	m.publish(api.Event{Type: "vm.fault", VM: name, Host: vm.Host, Message: kind})

@@ -9,31 +9,92 @@ import (
 
 	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/remotehost"
 )
 
-// registry holds the hosts the manager can place VMs on.
+// Host is a host agent as the manager sees it: a connection that carries
+// the host operations (declared in hostproto), and what the host last
+// reported. The dev agent's in-process host (LocalHost) and a remote one
+// (remotehost.Host) both implement it; nothing in the manager needs to know
+// which one it has.
+type Host interface {
+	hostproto.Conn
+	Name() string
+	// Info is the host's capacity, and "up" or "down" by its heartbeats.
+	Info() api.Host
+	// Status is what the host last reported of one of its VMs.
+	Status(vm string) (hostproto.VMStatus, bool)
+	// HeardAt is when this manager last heard from the host, on the
+	// monotonic clock.
+	HeardAt() time.Time
+}
+
+var _ Host = (*remotehost.Host)(nil)
+
+// LocalHost makes an in-process host agent a Host: calls go straight to
+// it, and it is always heard from.
+func LocalHost(name string, h hostproto.Handler) Host {
+	return localHost{name: name, conn: hostproto.Local(h)}
+}
+
+type localHost struct {
+	name string
+	conn hostproto.Conn
+}
+
+func (l localHost) Name() string { return l.name }
+func (l localHost) Call(ctx context.Context, op string, req, resp any) error {
+	return l.conn.Call(ctx, op, req, resp)
+}
+func (l localHost) Stream(ctx context.Context, op string, req any, w io.Writer) error {
+	return l.conn.Stream(ctx, op, req, w)
+}
+func (l localHost) Info() api.Host {
+	info, err := hostproto.Info.Call(context.Background(), l.conn, hostproto.None{})
+	if err != nil {
+		return api.Host{Name: l.name, State: "down"}
+	}
+	return info
+}
+func (l localHost) Status(vm string) (hostproto.VMStatus, bool) {
+	st, err := hostproto.Status.Call(context.Background(), l.conn, hostproto.VMRef{VM: vm})
+	return st, err == nil
+}
+func (l localHost) HeardAt() time.Time { return time.Now() }
+
+// registry holds the hosts the manager can place VMs on, with what the
+// manager itself decided about them (drained, dead).
 type registry struct {
 	mu    sync.Mutex
 	hosts map[string]*hostEntry
 }
 
 type hostEntry struct {
-	h       Host
-	enabled bool
+	h Host
+	// remote is h when it is a remote host: registration and heartbeats
+	// feed it. Nothing else looks at the concrete type.
+	remote  *remotehost.Host
+	drained bool
+	// deadAt: the managers declared the host dead (zero while alive).
+	deadAt time.Time
+	// statusRev is the store revision of the host's status this manager
+	// last applied (see declareDead).
+	statusRev int64
 }
 
 func newRegistry() *registry { return &registry{hosts: map[string]*hostEntry{}} }
 
-// AddHost registers (or replaces) a host.
+// AddHost registers (or replaces) a host, keeping what was decided about it.
 func (m *Manager) AddHost(h Host) {
 	m.hosts.mu.Lock()
 	defer m.hosts.mu.Unlock()
 	e, ok := m.hosts.hosts[h.Name()]
 	if !ok {
-		e = &hostEntry{enabled: true}
+		e = &hostEntry{}
 		m.hosts.hosts[h.Name()] = e
 	}
 	e.h = h
+	e.remote, _ = h.(*remotehost.Host)
 }
 
 // setDrained keeps new VMs off a host (or lets them on again).
@@ -41,7 +102,17 @@ func (m *Manager) setDrained(name string, drained bool) {
 	m.hosts.mu.Lock()
 	defer m.hosts.mu.Unlock()
 	if e, ok := m.hosts.hosts[name]; ok {
-		e.enabled = !drained
+		e.drained = drained
+	}
+}
+
+// setDead records that the host was declared dead at t (zero: it joined
+// again).
+func (m *Manager) setDead(name string, t time.Time) {
+	m.hosts.mu.Lock()
+	defer m.hosts.mu.Unlock()
+	if e, ok := m.hosts.hosts[name]; ok {
+		e.deadAt = t
 	}
 }
 
@@ -56,31 +127,52 @@ func (m *Manager) hostNamed(name string) Host {
 	return missingHost(name)
 }
 
-func (r *registry) list() []api.Host {
+// hostState is "up", "down", "dead" or "unknown".
+func (m *Manager) hostState(name string) string {
+	m.hosts.mu.Lock()
+	e, ok := m.hosts.hosts[name]
+	m.hosts.mu.Unlock()
+	if !ok {
+		return "unknown"
+	}
+	return e.view().State
+}
+
+func (e *hostEntry) view() api.Host {
+	info := e.h.Info()
+	info.Drained = e.drained
+	if !e.deadAt.IsZero() {
+		info.State = "dead"
+	}
+	return info
+}
+
+// entries is a snapshot of the registry, by name.
+func (r *registry) entries() []hostEntry {
 	r.mu.Lock()
-	entries := make([]*hostEntry, 0, len(r.hosts))
+	out := make([]hostEntry, 0, len(r.hosts))
 	for _, e := range r.hosts {
-		entries = append(entries, e)
+		out = append(out, *e)
 	}
 	r.mu.Unlock()
-	out := make([]api.Host, 0, len(entries))
-	for _, e := range entries {
-		info := e.h.Info()
-		info.Drained = !e.enabled
-		out = append(out, info)
+	sort.Slice(out, func(i, j int) bool { return out[i].h.Name() < out[j].h.Name() })
+	return out
+}
+
+func (r *registry) list() []api.Host {
+	es := r.entries()
+	out := make([]api.Host, 0, len(es))
+	for _, e := range es {
+		out = append(out, e.view())
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
 }
 
 // candidates describes every host with what its VMs reserve.
 func (r *registry) candidates(rs []storedRecord) []candidate {
-	r.mu.Lock()
-	defer r.mu.Unlock()
 	byName := map[string]*candidate{}
-	var out []candidate
-	for name, e := range r.hosts {
-		byName[name] = &candidate{host: e.h.Info(), enabled: e.enabled}
+	for _, e := range r.entries() {
+		byName[e.h.Name()] = &candidate{host: e.view(), enabled: !e.drained}
 	}
 	for _, s := range rs {
 		if c, ok := byName[s.rec.Host]; ok {
@@ -93,6 +185,7 @@ func (r *registry) candidates(rs []storedRecord) []candidate {
 			}
 		}
 	}
+	out := make([]candidate, 0, len(byName))
 	for _, c := range byName {
 		out = append(out, *c)
 	}
@@ -108,44 +201,13 @@ func (h missingHost) err() error {
 }
 func (h missingHost) Name() string { return string(h) }
 func (h missingHost) Info() api.Host {
-	return api.Host{Name: string(h), State: "unknown", LastHeartbeat: time.Time{}}
+	return api.Host{Name: string(h), State: "unknown"}
 }
-func (h missingHost) Create(context.Context, hostproto.VMSpec) error { return h.err() }
-func (h missingHost) Start(context.Context, string) error            { return h.err() }
-func (h missingHost) Stop(context.Context, string, bool, time.Duration) error {
+func (h missingHost) Call(context.Context, string, any, any) error { return h.err() }
+func (h missingHost) Stream(context.Context, string, any, io.Writer) error {
 	return h.err()
 }
-func (h missingHost) Delete(context.Context, string) error { return h.err() }
-func (h missingHost) Status(string) (hostproto.VMStatus, error) {
-	return hostproto.VMStatus{}, h.err()
-}
-func (h missingHost) Console(context.Context, string, bool, io.Writer) error { return h.err() }
-func (h missingHost) Pause(context.Context, string) error                    { return h.err() }
-func (h missingHost) Resume(context.Context, string) error                   { return h.err() }
-func (h missingHost) Suspend(context.Context, string) (hostproto.SaveResult, error) {
-	return hostproto.SaveResult{}, h.err()
-}
-func (h missingHost) DiscardState(string) error { return h.err() }
-func (h missingHost) SnapshotCreate(context.Context, string, string, bool) (hostproto.SaveResult, error) {
-	return hostproto.SaveResult{}, h.err()
-}
-func (h missingHost) SnapshotRevert(context.Context, string, string, bool) error { return h.err() }
-func (h missingHost) SnapshotDelete(context.Context, string, string) error       { return h.err() }
-func (h missingHost) SnapshotSpace(string) (map[string]int64, error)             { return nil, h.err() }
-func (h missingHost) Exec(context.Context, string, api.ExecRequest) (api.ExecResult, error) {
-	return api.ExecResult{}, h.err()
-}
-func (h missingHost) Restart(context.Context, string) error          { return h.err() }
-func (h missingHost) Attach(context.Context, hostproto.VMSpec) error { return h.err() }
-func (h missingHost) MigrateIn(context.Context, hostproto.VMSpec) (string, error) {
-	return "", h.err()
-}
-func (h missingHost) MigrateOut(context.Context, string, string) (hostproto.Migration, error) {
-	return hostproto.Migration{}, h.err()
-}
-func (h missingHost) MigrateFinish(context.Context, string) error { return h.err() }
-func (h missingHost) MigrateAbort(context.Context, string) error  { return h.err() }
-func (h missingHost) SetHealth(string, int, int) error            { return h.err() }
-func (h missingHost) Fault(context.Context, string, string) error { return h.err() }
+func (h missingHost) Status(string) (hostproto.VMStatus, bool) { return hostproto.VMStatus{}, false }
+func (h missingHost) HeardAt() time.Time                       { return time.Time{} }
 
 var _ Host = missingHost("")

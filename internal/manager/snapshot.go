@@ -67,7 +67,10 @@ func snapshotAllowed(s api.VMState) bool {
 	return false
 }
 
-// CreateSnapshot takes a restore point of a VM.
+// CreateSnapshot takes a restore point of a VM, in named steps: reserve the
+// name in the store (so a crash after the host acted leaves a record to
+// find, not an orphan inside the disk image), take it on the host, record
+// its figures and make it the VM's current snapshot.
 func (m *Manager) CreateSnapshot(ctx context.Context, vm string, req api.SnapshotCreateRequest) (api.Snapshot, error) {
 	if err := validName(vm); err != nil {
 		return api.Snapshot{}, err
@@ -75,58 +78,63 @@ func (m *Manager) CreateSnapshot(ctx context.Context, vm string, req api.Snapsho
 	if !dnsLabel.MatchString(req.Name) {
 		return api.Snapshot{}, errorf(ErrInvalid, "invalid snapshot name %q: it must be a DNS label of 1-63 lower-case letters, digits and '-'", req.Name)
 	}
-	unlock, err := m.lock(vm)
-	if err != nil {
-		return api.Snapshot{}, err
-	}
-	defer unlock()
-	r, _, err := m.load(ctx, vm)
-	if err != nil {
-		return api.Snapshot{}, err
-	}
-	if !snapshotAllowed(r.State) {
-		return api.Snapshot{}, errorf(ErrConflict, "vm %s is %s: a snapshot needs it running, paused, suspended or stopped", vm, r.State)
-	}
 	if _, _, err := m.snapshot(ctx, vm, req.Name); err == nil {
 		return api.Snapshot{}, errorf(ErrConflict, "vm %s already has a snapshot %s: pick another name or delete it first", vm, req.Name)
 	}
+	o, err := m.begin(ctx, vm, opSnapshot, func(o *vmOp) error {
+		if !snapshotAllowed(o.r.State) {
+			return errorf(ErrConflict, "vm %s is %s: a snapshot needs it running, paused, suspended or stopped", vm, o.r.State)
+		}
+		o.intent.Snapshot = req.Name
+		return nil
+	})
+	if err != nil {
+		return api.Snapshot{}, err
+	}
+	defer o.end(ctx)
+	r := o.r
 	act := m.actual(r)
 	memory := !req.NoMemory && (act.Running || act.SavedState)
 	s := snapshotRecord{Name: req.Name, Parent: r.CurrentSnapshot, Created: time.Now().UTC(), IncludesMemory: memory,
 		VMState: r.State, Spec: r.Spec}
-	// Reserve the name first, so a crash after the host acted leaves a record
-	// to find rather than an orphan inside the disk image.
-	rev, err := m.store.Create(ctx, snapKey(vm, req.Name), s)
+	h := m.hostNamed(r.Host)
+	var rev int64
+	var res hostproto.SaveResult
+	err = o.run(ctx, opSnapshot, []step{
+		{name: "reserve",
+			do: func(ctx context.Context) (err error) {
+				rev, err = m.store.Create(ctx, snapKey(vm, req.Name), s)
+				if errors.Is(err, store.ErrExists) {
+					return errorf(ErrConflict, "vm %s already has a snapshot %s: pick another name or delete it first", vm, req.Name)
+				}
+				return err
+			},
+			undo: func(ctx context.Context) error { return m.store.Delete(ctx, snapKey(vm, req.Name)) }},
+		{name: "take",
+			do: func(ctx context.Context) (err error) {
+				res, err = hostproto.SnapshotCreate.Call(ctx, h, hostproto.SnapshotRequest{VM: vm, Snapshot: req.Name, Memory: memory})
+				return err
+			},
+			undo: func(ctx context.Context) error {
+				_, err := hostproto.SnapshotDelete.Call(ctx, h, hostproto.SnapshotRequest{VM: vm, Snapshot: req.Name})
+				return err
+			}},
+		{name: "record",
+			do: func(ctx context.Context) error {
+				s.Operation = operation("snapshot", res)
+				_, err := m.store.Update(ctx, snapKey(vm, req.Name), rev, s)
+				return err
+			}},
+	})
 	if err != nil {
-		return api.Snapshot{}, wrapf(ErrUnavailable, err, "record snapshot %s of %s", req.Name, vm)
-	}
-	res, err := m.hostNamed(r.Host).SnapshotCreate(ctx, vm, req.Name, memory)
-	if err != nil {
-		m.store.Delete(context.WithoutCancel(ctx), snapKey(vm, req.Name))
 		return api.Snapshot{}, fmt.Errorf("snapshot vm %s: %w", vm, err)
 	}
-	s.Operation = operation("snapshot", res)
-	if _, err := m.store.Update(ctx, snapKey(vm, req.Name), rev, s); err != nil {
-		return api.Snapshot{}, wrapf(ErrUnavailable, err, "record snapshot %s of %s", req.Name, vm)
-	}
-	if err := m.setCurrent(ctx, vm, req.Name); err != nil {
+	o.r.CurrentSnapshot = req.Name
+	o.publish(api.Event{Type: "snapshot.created", VM: vm, Host: r.Host, Message: req.Name})
+	if err := o.release(ctx); err != nil {
 		return api.Snapshot{}, err
 	}
-	m.publish(api.Event{Type: "snapshot.created", VM: vm, Host: r.Host, Message: req.Name})
-	out := s.view(req.Name, nil)
-	return out, nil
-}
-
-// setCurrent re-reads the VM record (the state may have moved on) and sets
-// its current snapshot.
-func (m *Manager) setCurrent(ctx context.Context, vm, snap string) error {
-	r, rev, err := m.load(ctx, vm)
-	if err != nil {
-		return err
-	}
-	r.CurrentSnapshot = snap
-	_, err = m.save(ctx, &r, rev)
-	return err
+	return s.view(req.Name, nil), nil
 }
 
 func (s snapshotRecord) view(current string, space map[string]int64) api.Snapshot {
@@ -147,8 +155,12 @@ func (m *Manager) ListSnapshots(ctx context.Context, vm string) (api.SnapshotLis
 	}
 	space := map[string]int64{}
 	if len(ss) > 0 {
-		if space, err = m.hostNamed(r.Host).SnapshotSpace(vm); err != nil {
+		sp, err := hostproto.SnapshotSpace.Call(ctx, m.hostNamed(r.Host), hostproto.VMRef{VM: vm})
+		if err != nil {
 			m.log.Warn("snapshot space unknown", "vm", vm, "err", err)
+		}
+		if sp.Bytes != nil {
+			space = sp.Bytes
 		}
 	}
 	out := api.SnapshotList{VM: vm, Snapshots: []api.Snapshot{}}
@@ -168,45 +180,45 @@ func (m *Manager) RevertSnapshot(ctx context.Context, vm, snap string) (api.VM, 
 	if err := validName(vm); err != nil {
 		return api.VM{}, err
 	}
-	unlock, err := m.lock(vm)
-	if err != nil {
-		return api.VM{}, err
-	}
-	defer unlock()
-	r, rev, err := m.load(ctx, vm)
-	if err != nil {
-		return api.VM{}, err
-	}
 	s, _, err := m.snapshot(ctx, vm, snap)
 	if err != nil {
 		return api.VM{}, err
 	}
-	if !snapshotAllowed(r.State) && r.State != api.StateCrashed {
-		return m.view(r), errorf(ErrConflict, "vm %s is %s: wait until it is running, paused, suspended, stopped or crashed", vm, r.State)
+	o, err := m.begin(ctx, vm, opRevert, func(o *vmOp) error {
+		if !snapshotAllowed(o.r.State) && o.r.State != api.StateCrashed {
+			return errorf(ErrConflict, "vm %s is %s: wait until it is running, paused, suspended, stopped or crashed", vm, o.r.State)
+		}
+		o.intent.Snapshot = snap
+		return nil
+	})
+	if err != nil {
+		return api.VM{}, err
 	}
+	defer o.end(ctx)
 	t0 := time.Now()
-	if err := m.hostNamed(r.Host).SnapshotRevert(ctx, vm, snap, s.IncludesMemory); err != nil {
+	if _, err := hostproto.SnapshotRevert.Call(ctx, m.hostNamed(o.r.Host), hostproto.SnapshotRequest{VM: vm, Snapshot: snap, Memory: s.IncludesMemory}); err != nil {
 		// The host checks the memory file before discarding anything; after
 		// that, the VM is whatever the reconciler finds.
 		if errors.Is(err, hostproto.ErrBadState) {
-			return m.view(r), &kindError{kind: ErrConflict, err: err, full: true, msg: fmt.Sprintf("cannot revert vm %s to %s: %v; the vm was not changed", vm, snap, err)}
+			return m.view(o.r), &kindError{kind: ErrConflict, err: err, full: true, msg: fmt.Sprintf("cannot revert vm %s to %s: %v; the vm was not changed", vm, snap, err)}
 		}
-		m.Reconcile(context.WithoutCancel(ctx), vm)
-		return m.view(r), fmt.Errorf("revert vm %s to %s: %w", vm, snap, err)
+		o.end(ctx)
+		m.queue.Add(vm)
+		return m.view(o.r), fmt.Errorf("revert vm %s to %s: %w", vm, snap, err)
 	}
-	r.Spec.MemoryBytes, r.Spec.CPUs = s.Spec.MemoryBytes, s.Spec.CPUs
-	r.CurrentSnapshot = snap
-	r.LastOperation = &api.Operation{Action: "revert", DurationMS: ms(time.Since(t0))}
+	o.r.Spec.MemoryBytes, o.r.Spec.CPUs = s.Spec.MemoryBytes, s.Spec.CPUs
+	o.r.CurrentSnapshot = snap
+	o.r.LastOperation = &api.Operation{Action: "revert", DurationMS: ms(time.Since(t0))}
 	state := api.StateStopped
-	r.Desired = desiredStopped
+	o.r.Desired = desiredStopped
 	if s.IncludesMemory {
-		state, r.Desired = api.StateRunning, desiredRunning
+		state, o.r.Desired = api.StateRunning, desiredRunning
 	}
-	if _, err := m.setState(ctx, &r, rev, state, "reverted to "+snap); err != nil {
-		return m.view(r), err
+	o.publish(api.Event{Type: "snapshot.reverted", VM: vm, Host: o.r.Host, Message: snap})
+	if err := o.finish(ctx, state, "reverted to "+snap); err != nil {
+		return m.view(o.r), err
 	}
-	m.publish(api.Event{Type: "snapshot.reverted", VM: vm, Host: r.Host, Message: snap})
-	return m.view(r), nil
+	return m.view(o.r), nil
 }
 
 // DeleteSnapshot removes one snapshot. Its children stay valid: they are
@@ -215,28 +227,39 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, vm, snap string) error {
 	if err := validName(vm); err != nil {
 		return err
 	}
-	unlock, err := m.lock(vm)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	r, rev, err := m.load(ctx, vm)
-	if err != nil {
-		return err
-	}
 	s, _, err := m.snapshot(ctx, vm, snap)
 	if err != nil {
 		return err
 	}
-	if err := m.hostNamed(r.Host).SnapshotDelete(ctx, vm, snap); err != nil {
+	o, err := m.begin(ctx, vm, opSnapDel, func(o *vmOp) error {
+		o.intent.Snapshot = snap
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	defer o.end(ctx)
+	if _, err := hostproto.SnapshotDelete.Call(ctx, m.hostNamed(o.r.Host), hostproto.SnapshotRequest{VM: vm, Snapshot: snap}); err != nil {
 		return fmt.Errorf("delete snapshot %s of %s: %w", snap, vm, err)
 	}
+	if err := m.forgetSnapshot(ctx, vm, s); err != nil {
+		return err
+	}
+	if o.r.CurrentSnapshot == snap {
+		o.r.CurrentSnapshot = s.Parent
+	}
+	o.publish(api.Event{Type: "snapshot.deleted", VM: vm, Host: o.r.Host, Message: snap})
+	return o.release(ctx)
+}
+
+// forgetSnapshot removes a snapshot's record, re-parenting its children.
+func (m *Manager) forgetSnapshot(ctx context.Context, vm string, s snapshotRecord) error {
 	ss, err := m.snapshots(ctx, vm)
 	if err != nil {
 		return err
 	}
 	for _, c := range ss {
-		if c.Parent != snap {
+		if c.Parent != s.Name {
 			continue
 		}
 		var cur snapshotRecord
@@ -249,15 +272,8 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, vm, snap string) error {
 			return wrapf(ErrUnavailable, err, "re-parent snapshot %s", c.Name)
 		}
 	}
-	if err := m.store.Delete(ctx, snapKey(vm, snap)); err != nil {
-		return wrapf(ErrUnavailable, err, "delete snapshot %s of %s", snap, vm)
+	if err := m.store.Delete(ctx, snapKey(vm, s.Name)); err != nil {
+		return wrapf(ErrUnavailable, err, "delete snapshot %s of %s", s.Name, vm)
 	}
-	if r.CurrentSnapshot == snap {
-		r.CurrentSnapshot = s.Parent
-		if _, err := m.save(ctx, &r, rev); err != nil {
-			return err
-		}
-	}
-	m.publish(api.Event{Type: "snapshot.deleted", VM: vm, Host: r.Host, Message: snap})
 	return nil
 }

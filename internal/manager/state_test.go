@@ -56,7 +56,7 @@ func TestPauseSuspendResumeTransitions(t *testing.T) {
 		}
 	}
 	if !strings.Contains(h.callsString(), "discard v") {
-		t.Fatalf("discard-state did not reach the host: %v", h.calls)
+		t.Fatalf("discard-state did not reach the host: %v", h.callsString())
 	}
 }
 
@@ -64,7 +64,7 @@ func TestFailedSuspendKeepsRunning(t *testing.T) {
 	m, h := newTestManager(t)
 	ctx := context.Background()
 	mustCreate(t, m, "v", true)
-	h.failNext["suspend"] = errors.New("write state: no space left on device")
+	h.fail("suspend", errors.New("write state: no space left on device"))
 	_, err := m.ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionPause, ToDisk: true})
 	if err == nil || !strings.Contains(err.Error(), "keeps running") || !strings.Contains(err.Error(), "no space") {
 		t.Fatalf("err = %v", err)
@@ -81,7 +81,7 @@ func TestBadStateResumeStaysSuspended(t *testing.T) {
 	if _, err := m.ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionPause, ToDisk: true}); err != nil {
 		t.Fatal(err)
 	}
-	h.failNext["resume"] = fmt.Errorf("%w: state file /x/state.vigil is corrupt", hostproto.ErrBadState)
+	h.fail("resume", fmt.Errorf("%w: state file /x/state.vigil is corrupt", hostproto.ErrBadState))
 	_, err := m.ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionResume})
 	if !errors.Is(err, ErrConflict) || !strings.Contains(err.Error(), "/x/state.vigil") || !strings.Contains(err.Error(), "--discard-state") {
 		t.Fatalf("err = %v", err)
@@ -109,6 +109,8 @@ func TestDesiredView(t *testing.T) {
 		{desiredRunning, api.StateRunning, paused, api.StatePaused},
 		{desiredRunning, api.StateRunning, none, api.StateCrashed},
 		{desiredRunning, api.StateFailed, none, api.StateFailed},
+		{desiredRunning, api.StateCrashed, run, api.StateCrashed}, // a hung guest's qemu still runs
+		{desiredRunning, api.StateFailed, run, api.StateFailed},
 		{desiredPaused, api.StatePaused, paused, api.StatePaused},
 		{desiredPaused, api.StatePaused, none, api.StateCrashed},
 		{desiredStopped, api.StateStopped, none, api.StateStopped},
@@ -182,7 +184,7 @@ func TestSnapshotTreeBookkeeping(t *testing.T) {
 		t.Fatalf("a new vm inherited snapshots: %+v", l.Snapshots)
 	}
 	// A failed snapshot on the host leaves no record.
-	h.failNext["snapshot"] = errors.New("disk full")
+	h.fail("snapshot", errors.New("disk full"))
 	if _, err := m.CreateSnapshot(ctx, "v", api.SnapshotCreateRequest{Name: "x"}); err == nil {
 		t.Fatal("failed snapshot reported success")
 	}

@@ -1,18 +1,13 @@
 // Package remotehost is the manager's side of a host agent that runs in
-// another process or on another machine: it implements the manager's Host
-// interface with calls to the host's API, and keeps what the host reports
-// in its heartbeats (capacity, the status of every VM).
+// another process or on another machine: the host operations over HTTP
+// (hostproto.Client), and what the host reports in its heartbeats
+// (capacity, the status of every VM), with when it was last heard from.
 package remotehost
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
-	"errors"
-	"fmt"
 	"io"
 	"net/http"
-	"net/url"
 	"sync"
 	"time"
 
@@ -28,33 +23,28 @@ const DownAfter = 3 * time.Second
 // Host is a remote host agent.
 type Host struct {
 	name, addr, secret string
-	http               *http.Client
+	conn               *hostproto.Client
 
 	mu       sync.Mutex
 	info     api.Host
 	statuses map[string]hostproto.VMStatus
-	lastSeen time.Time
-	deadAt   time.Time // declared dead; zero while alive
+	// heard is when this process last had news of the host, on its own
+	// monotonic clock: a clock step cannot make a host look silent.
+	heard time.Time
+	// rev orders news: the store revision of the heartbeat last applied.
+	rev int64
+	// lastHeartbeat is the wall-clock time of that heartbeat, for display.
+	lastHeartbeat time.Time
 }
 
-// SetDead records that the managers declared the host dead at t (zero: it
-// joined again).
-func (h *Host) SetDead(t time.Time) {
-	h.mu.Lock()
-	h.deadAt = t
-	h.mu.Unlock()
-}
-
-// DeadAt is when the host was declared dead, or zero.
-func (h *Host) DeadAt() time.Time {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.deadAt
-}
-
-// New returns a remote host reached at addr (host:port) with secret.
-func New(name, addr, secret string) *Host {
-	return &Host{name: name, addr: addr, secret: secret, http: &http.Client{}, statuses: map[string]hostproto.VMStatus{}}
+// New returns a remote host reached at addr (host:port) with secret, over hc
+// (nil: a default client).
+func New(name, addr, secret string, hc *http.Client) *Host {
+	h := &Host{name: name, addr: addr, secret: secret, statuses: map[string]hostproto.VMStatus{}, heard: time.Now()}
+	h.conn = hostproto.NewClient("http://"+addr, hc, func(r *http.Request) {
+		r.Header.Set("Authorization", "Bearer "+secret)
+	})
+	return h
 }
 
 // Secret is the secret the host authenticates with.
@@ -63,37 +53,41 @@ func (h *Host) Secret() string { return h.secret }
 // Addr is where the host agent listens.
 func (h *Host) Addr() string { return h.addr }
 
-// Heartbeat records what the host reported now.
-func (h *Host) Heartbeat(hb hostproto.Heartbeat) { h.HeartbeatAt(hb, time.Now()) }
+// Name is the host's name.
+func (h *Host) Name() string { return h.name }
 
-// HeartbeatAt records what the host reported at seen (a heartbeat another
-// manager received and shared through the store). Older news is ignored.
-func (h *Host) HeartbeatAt(hb hostproto.Heartbeat, seen time.Time) {
+// Heartbeat records a report of the host stored at revision rev of the
+// store (0 when not stored, as in tests), seen now. Older news is ignored.
+func (h *Host) Heartbeat(hb hostproto.Heartbeat, rev int64, wall time.Time) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if seen.Before(h.lastSeen) {
+	if rev != 0 && rev <= h.rev {
 		return
 	}
+	h.rev = max(h.rev, rev)
 	h.info = hb.Info
-	h.lastSeen = seen
+	h.heard = time.Now()
+	h.lastHeartbeat = wall
 	h.statuses = make(map[string]hostproto.VMStatus, len(hb.Statuses))
 	for _, s := range hb.Statuses {
 		h.statuses[s.Name] = s
 	}
 }
 
-// Seen records that the host was heard from at t (e.g. it registered),
+// Heard records that the host was heard from now (e.g. it registered),
 // without a report of its VMs.
-func (h *Host) Seen(t time.Time) {
+func (h *Host) Heard() {
 	h.mu.Lock()
-	defer h.mu.Unlock()
-	if t.After(h.lastSeen) {
-		h.lastSeen = t
-	}
+	h.heard = time.Now()
+	h.mu.Unlock()
 }
 
-// Name is the host's name.
-func (h *Host) Name() string { return h.name }
+// HeardAt is when this process last heard from the host (monotonic).
+func (h *Host) HeardAt() time.Time {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.heard
+}
 
 // Info reports the host's capacity as last heard, and whether it is up.
 func (h *Host) Info() api.Host {
@@ -101,231 +95,49 @@ func (h *Host) Info() api.Host {
 	defer h.mu.Unlock()
 	info := h.info
 	info.Name = h.name
-	info.LastHeartbeat = h.lastSeen.UTC()
+	info.LastHeartbeat = h.lastHeartbeat.UTC()
 	info.State = "up"
-	switch {
-	case !h.deadAt.IsZero():
-		info.State = "dead"
-	case time.Since(h.lastSeen) > DownAfter:
+	if time.Since(h.heard) > DownAfter {
 		info.State = "down"
 	}
 	info.VMs = len(h.statuses)
 	return info
 }
 
-// call sends one request to the host.
-func (h *Host) call(ctx context.Context, c hostproto.Call) (hostproto.Reply, error) {
-	var rep hostproto.Reply
-	b, _ := json.Marshal(c)
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+h.addr+"/v1/host/call", bytes.NewReader(b))
-	if err != nil {
-		return rep, err
-	}
-	req.Header.Set("Authorization", "Bearer "+h.secret)
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := h.http.Do(req)
-	if err != nil {
-		return rep, fmt.Errorf("host %s (%s) does not answer: %w", h.name, h.addr, err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode == http.StatusUnauthorized {
-		return rep, fmt.Errorf("host %s refused the manager's secret: it may have re-registered elsewhere", h.name)
-	}
-	if err := json.NewDecoder(resp.Body).Decode(&rep); err != nil {
-		return rep, fmt.Errorf("host %s: bad answer to %s: %w", h.name, c.Op, err)
-	}
-	if rep.Error != "" {
-		if rep.Code == hostproto.CodeBadState {
-			return rep, &remoteError{msg: rep.Error, sentinel: hostproto.ErrBadState}
-		}
-		return rep, errors.New(rep.Error)
-	}
-	// Refresh the cached status of the VM the call touched, so the next
-	// view does not wait for a heartbeat.
-	if c.VM != "" && c.Op != "status" && c.Op != "delete" {
-		if st, err := h.call(ctx, hostproto.Call{Op: "status", VM: c.VM}); err == nil && st.Status != nil {
-			h.mu.Lock()
-			h.statuses[c.VM] = *st.Status
-			h.mu.Unlock()
-		}
-	}
-	if c.Op == "delete" {
-		h.mu.Lock()
-		delete(h.statuses, c.VM)
-		h.mu.Unlock()
-	}
-	return rep, nil
-}
-
-// remoteError keeps the sentinel a host error wrapped.
-type remoteError struct {
-	msg      string
-	sentinel error
-}
-
-func (e *remoteError) Error() string { return e.msg }
-func (e *remoteError) Unwrap() error { return e.sentinel }
-
-func (h *Host) simple(ctx context.Context, c hostproto.Call) error {
-	_, err := h.call(ctx, c)
-	return err
-}
-
-// Create makes the VM's directory and disk on the host.
-func (h *Host) Create(ctx context.Context, spec hostproto.VMSpec) error {
-	if err := h.simple(ctx, hostproto.Call{Op: "create", Spec: &spec}); err != nil {
-		return err
-	}
-	h.mu.Lock()
-	h.statuses[spec.Name] = hostproto.VMStatus{Name: spec.Name}
-	h.mu.Unlock()
-	return nil
-}
-
-func (h *Host) Start(ctx context.Context, name string) error {
-	return h.simple(ctx, hostproto.Call{Op: "start", VM: name})
-}
-
-func (h *Host) Stop(ctx context.Context, name string, force bool, timeout time.Duration) error {
-	return h.simple(ctx, hostproto.Call{Op: "stop", VM: name, Force: force, TimeoutMS: timeout.Milliseconds()})
-}
-
-func (h *Host) Delete(ctx context.Context, name string) error {
-	return h.simple(ctx, hostproto.Call{Op: "delete", VM: name})
-}
-
 // Status answers from the last heartbeat (or the last call): list views
 // of hundreds of VMs must not cost a network round trip each.
-func (h *Host) Status(name string) (hostproto.VMStatus, error) {
+func (h *Host) Status(name string) (hostproto.VMStatus, bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	st, ok := h.statuses[name]
-	if !ok {
-		return hostproto.VMStatus{}, fmt.Errorf("vm %s is not on host %s", name, h.name)
-	}
-	return st, nil
+	return st, ok
 }
 
-func (h *Host) Console(ctx context.Context, name string, follow bool, w io.Writer) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet,
-		fmt.Sprintf("http://%s/v1/host/console/%s?follow=%t", h.addr, url.PathEscape(name), follow), nil)
-	if err != nil {
+// Call runs a host operation. A call that touched a VM refreshes what is
+// known of it, so the next view does not wait for a heartbeat.
+func (h *Host) Call(ctx context.Context, op string, req, resp any) error {
+	if err := h.conn.Call(ctx, op, req, resp); err != nil {
 		return err
 	}
-	req.Header.Set("Authorization", "Bearer "+h.secret)
-	resp, err := h.http.Do(req)
-	if err != nil {
-		return fmt.Errorf("host %s does not answer: %w", h.name, err)
+	if n, ok := req.(interface{ VMName() string }); ok && op != hostproto.Status.Name {
+		h.refresh(ctx, n.VMName())
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		return fmt.Errorf("console of %s: %s", name, bytes.TrimSpace(b))
-	}
-	_, err = io.Copy(w, resp.Body)
-	if ctx.Err() != nil {
-		return nil
-	}
-	return err
-}
-
-func (h *Host) Pause(ctx context.Context, name string) error {
-	return h.simple(ctx, hostproto.Call{Op: "pause", VM: name})
-}
-
-func (h *Host) Resume(ctx context.Context, name string) error {
-	return h.simple(ctx, hostproto.Call{Op: "resume", VM: name})
-}
-
-func (h *Host) Suspend(ctx context.Context, name string) (hostproto.SaveResult, error) {
-	rep, err := h.call(ctx, hostproto.Call{Op: "suspend", VM: name})
-	if err != nil || rep.Save == nil {
-		return hostproto.SaveResult{}, err
-	}
-	return *rep.Save, nil
-}
-
-func (h *Host) DiscardState(name string) error {
-	return h.simple(context.Background(), hostproto.Call{Op: "discard-state", VM: name})
-}
-
-func (h *Host) SnapshotCreate(ctx context.Context, name, snap string, memory bool) (hostproto.SaveResult, error) {
-	rep, err := h.call(ctx, hostproto.Call{Op: "snapshot-create", VM: name, Snapshot: snap, Memory: memory})
-	if err != nil || rep.Save == nil {
-		return hostproto.SaveResult{}, err
-	}
-	return *rep.Save, nil
-}
-
-func (h *Host) SnapshotRevert(ctx context.Context, name, snap string, memory bool) error {
-	return h.simple(ctx, hostproto.Call{Op: "snapshot-revert", VM: name, Snapshot: snap, Memory: memory})
-}
-
-func (h *Host) SnapshotDelete(ctx context.Context, name, snap string) error {
-	return h.simple(ctx, hostproto.Call{Op: "snapshot-delete", VM: name, Snapshot: snap})
-}
-
-func (h *Host) SnapshotSpace(name string) (map[string]int64, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	rep, err := h.call(ctx, hostproto.Call{Op: "snapshot-space", VM: name})
-	return rep.Space, err
-}
-
-func (h *Host) Exec(ctx context.Context, name string, req api.ExecRequest) (api.ExecResult, error) {
-	rep, err := h.call(ctx, hostproto.Call{Op: "exec", VM: name, Exec: &req})
-	if err != nil || rep.Exec == nil {
-		return api.ExecResult{}, err
-	}
-	return *rep.Exec, nil
-}
-
-// MigrateIn prepares the host to receive a live migration of spec.
-func (h *Host) MigrateIn(ctx context.Context, spec hostproto.VMSpec) (string, error) {
-	rep, err := h.call(ctx, hostproto.Call{Op: "migrate-in", Spec: &spec})
-	return rep.URI, err
-}
-
-// MigrateOut sends the VM to uri and ends the local copy.
-func (h *Host) MigrateOut(ctx context.Context, name, uri string) (hostproto.Migration, error) {
-	rep, err := h.call(ctx, hostproto.Call{Op: "migrate-out", VM: name, URI: uri})
-	if err != nil || rep.Migration == nil {
-		return hostproto.Migration{}, err
-	}
-	return *rep.Migration, nil
-}
-
-// MigrateFinish makes the migrated VM this host's.
-func (h *Host) MigrateFinish(ctx context.Context, name string) error {
-	return h.simple(ctx, hostproto.Call{Op: "migrate-finish", VM: name})
-}
-
-// MigrateAbort ends an incoming migration.
-func (h *Host) MigrateAbort(ctx context.Context, name string) error {
-	return h.simple(ctx, hostproto.Call{Op: "migrate-abort", VM: name})
-}
-
-// Attach takes over a VM from the storage pool.
-func (h *Host) Attach(ctx context.Context, spec hostproto.VMSpec) error {
-	if err := h.simple(ctx, hostproto.Call{Op: "attach", Spec: &spec}); err != nil {
-		return err
-	}
-	h.mu.Lock()
-	if _, ok := h.statuses[spec.Name]; !ok {
-		h.statuses[spec.Name] = hostproto.VMStatus{Name: spec.Name}
-	}
-	h.mu.Unlock()
 	return nil
 }
 
-func (h *Host) Restart(ctx context.Context, name string) error {
-	return h.simple(ctx, hostproto.Call{Op: "restart", VM: name})
+func (h *Host) refresh(ctx context.Context, vm string) {
+	st, err := hostproto.Status.Call(context.WithoutCancel(ctx), h.conn, hostproto.VMRef{VM: vm})
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	switch {
+	case err == nil:
+		h.statuses[vm] = st
+	case hostproto.KindOf(err) == "unknown-vm":
+		delete(h.statuses, vm)
+	}
 }
 
-func (h *Host) SetHealth(name string, hang, minUptime int) error {
-	return h.simple(context.Background(), hostproto.Call{Op: "set-health", VM: name, HangTimeoutSeconds: hang, MinUptimeSeconds: minUptime})
-}
-
-func (h *Host) Fault(ctx context.Context, name, kind string) error {
-	return h.simple(ctx, hostproto.Call{Op: "fault", VM: name, Kind: kind})
+// Stream runs a stream operation (the console).
+func (h *Host) Stream(ctx context.Context, op string, req any, w io.Writer) error {
+	return h.conn.Stream(ctx, op, req, w)
 }

@@ -102,22 +102,22 @@ func (s *Store) Update(ctx context.Context, key string, rev int64, v any) (int64
 // PutIf stores v at key if condKey's modification revision is still
 // condRev (0: condKey does not exist). Two writers that each read the
 // other's key before writing their own cannot both succeed.
-func (s *Store) PutIf(ctx context.Context, key string, v any, condKey string, condRev int64) error {
+func (s *Store) PutIf(ctx context.Context, key string, v any, condKey string, condRev int64) (int64, error) {
 	b, err := json.Marshal(v)
 	if err != nil {
-		return fmt.Errorf("encode %s: %w", key, err)
+		return 0, fmt.Errorf("encode %s: %w", key, err)
 	}
 	resp, err := s.cli.Txn(ctx).
 		If(clientv3.Compare(clientv3.ModRevision(s.key(condKey)), "=", condRev)).
 		Then(clientv3.OpPut(s.key(key), string(b))).
 		Commit()
 	if err != nil {
-		return fmt.Errorf("put %s: %w", key, err)
+		return 0, fmt.Errorf("put %s: %w", key, err)
 	}
 	if !resp.Succeeded {
-		return fmt.Errorf("put %s: %s changed: %w", key, condKey, ErrConflict)
+		return 0, fmt.Errorf("put %s: %s changed: %w", key, condKey, ErrConflict)
 	}
-	return nil
+	return resp.Header.Revision, nil
 }
 
 // PutIfBoth stores v at key if key's revision is still rev and condKey's is
@@ -209,30 +209,33 @@ func (s *Store) List(ctx context.Context, prefix string) ([]KV, error) {
 }
 
 // Scan calls f for every key under prefix (key without the store's
-// prefix) and returns the revision it read at.
-func (s *Store) Scan(ctx context.Context, prefix string, f func(key string, value []byte)) (int64, error) {
+// prefix, value, and the key's modification revision) and returns the
+// revision it read at.
+func (s *Store) Scan(ctx context.Context, prefix string, f func(key string, value []byte, rev int64)) (int64, error) {
 	resp, err := s.cli.Get(ctx, s.key(prefix), clientv3.WithPrefix())
 	if err != nil {
 		return 0, fmt.Errorf("scan %s: %w", prefix, err)
 	}
 	for _, kv := range resp.Kvs {
-		f(string(kv.Key[len(s.prefix):]), kv.Value)
+		f(string(kv.Key[len(s.prefix):]), kv.Value, kv.ModRevision)
 	}
 	return resp.Header.Revision, nil
 }
 
-// Watch calls f for every put under prefix from revision rev on, until ctx
-// ends or the watch fails.
-func (s *Store) Watch(ctx context.Context, prefix string, rev int64, f func(key string, value []byte)) error {
+// Watch calls f for every put under prefix from revision rev on (with a
+// nil value for a delete), until ctx ends or the watch fails.
+func (s *Store) Watch(ctx context.Context, prefix string, rev int64, f func(key string, value []byte, rev int64)) error {
 	wch := s.cli.Watch(clientv3.WithRequireLeader(ctx), s.key(prefix), clientv3.WithPrefix(), clientv3.WithRev(rev))
 	for resp := range wch {
 		if err := resp.Err(); err != nil {
 			return fmt.Errorf("watch %s: %w", prefix, err)
 		}
 		for _, ev := range resp.Events {
+			var v []byte
 			if ev.Type == clientv3.EventTypePut {
-				f(string(ev.Kv.Key[len(s.prefix):]), ev.Kv.Value)
+				v = ev.Kv.Value
 			}
+			f(string(ev.Kv.Key[len(s.prefix):]), v, ev.Kv.ModRevision)
 		}
 	}
 	return ctx.Err()

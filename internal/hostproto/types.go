@@ -5,7 +5,6 @@
 package hostproto
 
 import (
-	"errors"
 	"time"
 
 	"github.com/vigil-project/vigil/api"
@@ -128,56 +127,12 @@ type SaveResult struct {
 	Paused time.Duration `json:"paused"`
 }
 
-// ErrBadState means a state file cannot be resumed (corrupt, truncated, or
-// made for other hardware). The file is left where it is.
-var ErrBadState = errors.New("saved state cannot be resumed")
-
-// Call is one request from a manager to a remote host agent
-// (POST /v1/host/call). Op names a method of the host; the other fields are
-// its arguments.
-type Call struct {
-	Op                 string           `json:"op"`
-	VM                 string           `json:"vm,omitempty"`
-	Spec               *VMSpec          `json:"spec,omitempty"`
-	Force              bool             `json:"force,omitempty"`
-	TimeoutMS          int64            `json:"timeout_ms,omitempty"`
-	Snapshot           string           `json:"snapshot,omitempty"`
-	Memory             bool             `json:"memory,omitempty"`
-	Kind               string           `json:"kind,omitempty"`
-	Exec               *api.ExecRequest `json:"exec,omitempty"`
-	HangTimeoutSeconds int              `json:"hang_timeout_seconds,omitempty"`
-	MinUptimeSeconds   int              `json:"min_uptime_seconds,omitempty"`
-	// URI is where a live migration goes (migrate-out).
-	URI string `json:"uri,omitempty"`
-}
-
 // Migration describes a finished live migration, as QEMU measured it.
 type Migration struct {
 	Total    time.Duration `json:"total"`
 	Downtime time.Duration `json:"downtime"`
 	Bytes    int64         `json:"bytes"`
 }
-
-// Reply answers a Call. Code carries the sentinel an error wraps, so the
-// manager's logic (e.g. a bad state file) works the same over the network.
-type Reply struct {
-	Error  string           `json:"error,omitempty"`
-	Code   string           `json:"code,omitempty"`
-	Save   *SaveResult      `json:"save,omitempty"`
-	Status *VMStatus        `json:"status,omitempty"`
-	Space  map[string]int64 `json:"space,omitempty"`
-	Exec   *api.ExecResult  `json:"exec_result,omitempty"`
-	Info   *api.Host        `json:"info,omitempty"`
-	// URI answers migrate-in; Migration answers migrate-out.
-	URI       string     `json:"uri,omitempty"`
-	Migration *Migration `json:"migration,omitempty"`
-}
-
-// Error codes in a Reply.
-const (
-	CodeBadState = "bad_state"
-	CodeOther    = "error"
-)
 
 // Register is what a host agent sends to join a manager
 // (POST /v1/hosts/register).

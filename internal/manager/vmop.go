@@ -1,0 +1,369 @@
+package manager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
+
+	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/store"
+)
+
+// Operations on one VM are exclusive across every manager. An operation
+// takes the VM's lock — a key bound to this manager's etcd lease — in the
+// same transaction that writes its intent into the VM's record, and every
+// write it makes afterwards checks the lock is still its own. If the
+// manager dies, etcd drops the lock with the lease; the intent stays in the
+// record, and the next pass of the leading manager finishes or rolls back
+// what was left (recoverOrphan).
+
+// Kinds of operations, as recorded in a VM's intent.
+const (
+	opCreate   = "create"
+	opStart    = "start"
+	opStop     = "stop"
+	opRestart  = "restart"
+	opDelete   = "delete"
+	opPause    = "pause"
+	opResume   = "resume"
+	opSuspend  = "suspend"
+	opSnapshot = "snapshot"
+	opRevert   = "revert"
+	opSnapDel  = "snapshot-delete"
+	opMigrate  = "migrate"
+	opMove     = "move" // a cold move (attach elsewhere)
+	opPolicy   = "policy"
+	opRecover  = "recover"   // crash recovery (an incident, a restart)
+	opFailover = "failover"  // moving off a dead host, starting there
+	opSettle   = "reconcile" // the reconciler bringing the record in line
+	opEvent    = "event"     // recording what a host reported
+)
+
+// opIntent is an operation in progress, kept in the VM's record while it
+// runs, so that a manager taking over after a crash knows what was under way.
+type opIntent struct {
+	Kind     string      `json:"kind"`
+	Manager  string      `json:"manager"`
+	Instance string      `json:"instance"`
+	Started  time.Time   `json:"started"`
+	From     api.VMState `json:"from"` // the state before the operation
+	// Kind-specific: a migration's destination and the epoch it gives the
+	// VM there; a snapshot's name.
+	Target   string `json:"target,omitempty"`
+	Epoch    int64  `json:"epoch,omitempty"`
+	Snapshot string `json:"snapshot,omitempty"`
+}
+
+func lockKey(vm string) string { return "locks/vms/" + vm }
+
+// locker holds this manager's etcd session, whose lease the VM locks use.
+type locker struct {
+	cli *clientv3.Client
+	ttl int // seconds
+
+	mu   sync.Mutex
+	sess *concurrency.Session
+}
+
+// lockTTL is how long a dead manager's locks outlive it.
+const lockTTL = 5
+
+func (l *locker) lease(ctx context.Context) (store.Lease, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.sess != nil {
+		select {
+		case <-l.sess.Done():
+			l.sess = nil // expired (a partition): take a new one
+		default:
+			return l.sess.Lease(), nil
+		}
+	}
+	s, err := concurrency.NewSession(l.cli, concurrency.WithTTL(l.ttl), concurrency.WithContext(context.WithoutCancel(ctx)))
+	if err != nil {
+		return 0, err
+	}
+	l.sess = s
+	return s.Lease(), nil
+}
+
+func (l *locker) close() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.sess != nil {
+		l.sess.Close()
+		l.sess = nil
+	}
+}
+
+// vmOp is an operation in progress on one VM: its record as last written,
+// and this manager's hold on the VM's lock. Every change of the record goes
+// through it (save, transition, finish), so that no write lands without the
+// lock and no state change goes unchecked or unpublished.
+type vmOp struct {
+	m    *Manager
+	r    record
+	rev  int64
+	lock store.Lock
+	// orphan is the intent of an operation a dead manager left, when this
+	// operation recovers it.
+	orphan *opIntent
+	// intent holds what prepare records of the operation beyond its kind
+	// (a migration's target, a snapshot's name).
+	intent opIntent
+	// events wait for the next successful write.
+	events   []api.Event
+	released bool
+}
+
+// begin takes the VM's lock for an operation of kind. prepare (may be nil)
+// sees the record first: it refuses with an error (nothing is written and
+// no lock taken) or changes the record, typically with o.set, and the
+// change is written with the lock.
+func (m *Manager) begin(ctx context.Context, name, kind string, prepare func(o *vmOp) error) (*vmOp, error) {
+	lease, err := m.locks.lease(ctx)
+	if err != nil {
+		return nil, wrapf(ErrUnavailable, err, "lock vm %s", name)
+	}
+	for attempt := 0; ; attempt++ {
+		r, rev, err := m.load(ctx, name)
+		if err != nil {
+			return nil, err
+		}
+		o := &vmOp{m: m, r: r, rev: rev, lock: store.Lock{Key: lockKey(name), Lease: lease,
+			Value: fmt.Sprintf("%s %s (manager %s)", kind, time.Now().UTC().Format(time.RFC3339), m.name)}}
+		if r.Op != nil {
+			if kind != opRecover && kind != opSettle {
+				return nil, m.busy(ctx, name, r.Op)
+			}
+			o.orphan = r.Op
+		}
+		from := r.State
+		if o.orphan != nil {
+			from = o.orphan.From
+		}
+		if prepare != nil {
+			if err := prepare(o); err != nil {
+				return nil, err
+			}
+		}
+		in := o.intent
+		if in.Kind == "" {
+			in.Kind = kind
+		}
+		in.Manager, in.Instance, in.Started, in.From = m.name, m.instance, time.Now().UTC(), from
+		o.r.Op = &in
+		o.rev, err = m.store.Acquire(ctx, vmKey(name), rev, o.r, o.lock)
+		switch {
+		case errors.Is(err, store.ErrLocked):
+			return nil, errorf(ErrBusy, "vm %s is busy with another operation: retry when it is done", name)
+		case errors.Is(err, store.ErrConflict) && attempt < 5:
+			continue // the record changed between the read and the lock: read again
+		case err != nil:
+			return nil, wrapf(ErrUnavailable, err, "lock vm %s", name)
+		}
+		o.flush()
+		return o, nil
+	}
+}
+
+// beginWait is begin, waiting up to a minute for an operation in progress
+// to end instead of refusing at once (for a drain, which goes through many
+// VMs and should not give up on one busy for a moment).
+func (m *Manager) beginWait(ctx context.Context, name, kind string, prepare func(o *vmOp) error) (*vmOp, error) {
+	deadline := time.Now().Add(time.Minute)
+	for {
+		o, err := m.begin(ctx, name, kind, prepare)
+		if !errors.Is(err, ErrBusy) || time.Now().After(deadline) {
+			return o, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// beginNew writes the record of a new VM and takes its lock, in one
+// transaction: the name must be free.
+func (m *Manager) beginNew(ctx context.Context, r record, kind string) (*vmOp, error) {
+	name := r.Spec.Name
+	lease, err := m.locks.lease(ctx)
+	if err != nil {
+		return nil, wrapf(ErrUnavailable, err, "lock vm %s", name)
+	}
+	o := &vmOp{m: m, r: r, lock: store.Lock{Key: lockKey(name), Lease: lease,
+		Value: fmt.Sprintf("%s %s (manager %s)", kind, time.Now().UTC().Format(time.RFC3339), m.name)}}
+	o.r.Op = &opIntent{Kind: kind, Manager: m.name, Instance: m.instance, Started: time.Now().UTC(), From: r.State}
+	o.rev, err = m.store.Acquire(ctx, vmKey(name), 0, o.r, o.lock)
+	switch {
+	case errors.Is(err, store.ErrLocked), errors.Is(err, store.ErrConflict):
+		return nil, errorf(ErrConflict, "vm %s already exists: pick another name, or delete it first", name)
+	case err != nil:
+		return nil, wrapf(ErrUnavailable, err, "create vm %s", name)
+	}
+	return o, nil
+}
+
+// busy explains why a VM with an intent in its record cannot be acted on.
+func (m *Manager) busy(ctx context.Context, name string, op *opIntent) error {
+	if held, _, err := m.store.Held(ctx, lockKey(name)); err == nil && !held {
+		m.queue.Add(name) // an orphan: let the reconciler see it soon
+		return errorf(ErrBusy, "vm %s has an unfinished %s left by manager %s, which stopped; the leading manager completes or rolls it back within seconds: retry then",
+			name, op.Kind, op.Manager)
+	}
+	return errorf(ErrBusy, "vm %s is busy with %s (started %s by manager %s): retry when it is done",
+		name, op.Kind, op.Started.Format(time.RFC3339), op.Manager)
+}
+
+// set moves the record to state to with msg, if the lifecycle allows it;
+// the change is written (and published) by the next save.
+func (o *vmOp) set(to api.VMState, msg string) error {
+	from := o.r.State
+	if from == to && o.r.Message == msg {
+		return nil
+	}
+	if err := checkTransition(from, to); err != nil {
+		o.m.log.Error("refused a state change the lifecycle does not allow", "vm", o.r.Spec.Name, "from", from, "to", to, "err", err)
+		return fmt.Errorf("vm %s: %w", o.r.Spec.Name, err)
+	}
+	o.r.State, o.r.Message = to, msg
+	o.events = append(o.events, api.Event{Type: "vm.state", VM: o.r.Spec.Name, Host: o.r.Host, State: to, Message: msg})
+	return nil
+}
+
+// publish queues an event for after the next successful write.
+func (o *vmOp) publish(e api.Event) { o.events = append(o.events, e) }
+
+// save writes the record under the lock and publishes what waited for it.
+func (o *vmOp) save(ctx context.Context) error {
+	return o.write(ctx, false)
+}
+
+// transition is set then save.
+func (o *vmOp) transition(ctx context.Context, to api.VMState, msg string) error {
+	if err := o.set(to, msg); err != nil {
+		return err
+	}
+	return o.save(ctx)
+}
+
+// release ends the operation without a change of state.
+func (o *vmOp) release(ctx context.Context) error {
+	return o.write(ctx, true)
+}
+
+// finish is the operation's last write: the outcome, with the intent
+// cleared and the lock released in the same transaction.
+func (o *vmOp) finish(ctx context.Context, to api.VMState, msg string) error {
+	if err := o.set(to, msg); err != nil {
+		o.end(ctx)
+		return err
+	}
+	return o.write(ctx, true)
+}
+
+// end releases the lock (clearing the intent) if finish has not; deferred
+// by every operation, so an error path cannot leave the VM locked. Its
+// write does not depend on the caller's context: an operation abandoned by
+// its client still ends.
+func (o *vmOp) end(ctx context.Context) {
+	if o.released {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if err := o.write(ctx, true); err != nil {
+		// The janitor keeps trying; the lock goes with this manager's
+		// lease at the latest. The intent left in the record makes the
+		// leader settle the VM.
+		o.m.log.Warn("release vm lock", "vm", o.r.Spec.Name, "err", err)
+		o.released = true
+		select {
+		case o.m.unreleased <- o.lock:
+		default:
+		}
+	}
+}
+
+func (o *vmOp) write(ctx context.Context, release bool) error {
+	r := o.r
+	if release {
+		r.Op = nil
+	}
+	r.UpdatedAt = time.Now().UTC()
+	rev, err := o.m.store.UpdateLocked(ctx, vmKey(r.Spec.Name), o.rev, r, o.lock, release)
+	if err != nil {
+		if errors.Is(err, store.ErrLockLost) {
+			o.released = true
+			return wrapf(ErrUnavailable, err, "lost the lock on vm %s (this manager was cut off from the store): another manager may act on it now", r.Spec.Name)
+		}
+		return wrapf(ErrUnavailable, err, "save vm %s", r.Spec.Name)
+	}
+	o.r, o.rev = r, rev
+	if release {
+		o.released = true
+	}
+	o.flush()
+	return nil
+}
+
+func (o *vmOp) flush() {
+	for _, e := range o.events {
+		if e.Type == "vm.state" {
+			o.m.log.Info("vm state", "vm", e.VM, "state", e.State, "message", e.Message)
+		}
+		o.m.publish(e)
+	}
+	o.events = nil
+}
+
+// deleteRecord removes the VM's record, incidents and snapshots with the
+// lock, and publishes vm.deleted.
+func (o *vmOp) deleteRecord(ctx context.Context) error {
+	name := o.r.Spec.Name
+	if err := o.m.store.DeleteLocked(ctx, o.lock, vmKey(name), "incidents/"+name+"/", "snapshots/"+name+"/"); err != nil {
+		return wrapf(ErrUnavailable, err, "delete vm %s", name)
+	}
+	o.released = true
+	o.m.publish(api.Event{Type: "vm.deleted", VM: name, Host: o.r.Host})
+	return nil
+}
+
+// step is one named step of a multi-phase operation, with its undo.
+type step struct {
+	name string
+	do   func(ctx context.Context) error
+	// undo, if set, reverses do when a later step fails.
+	undo func(ctx context.Context) error
+}
+
+// run runs steps in order. When one fails, the undos of the steps done
+// run in reverse order (on a context the caller cannot cancel: a half
+// rolled-back operation is the worst outcome), and the error names the
+// step. After each step the step hook runs (tests use it to kill the
+// manager at a named point).
+func (o *vmOp) run(ctx context.Context, kind string, steps []step) error {
+	for i, s := range steps {
+		if err := s.do(ctx); err != nil {
+			uctx := context.WithoutCancel(ctx)
+			for j := i - 1; j >= 0; j-- {
+				if steps[j].undo == nil {
+					continue
+				}
+				if uerr := steps[j].undo(uctx); uerr != nil {
+					o.m.log.Error("undo failed", "vm", o.r.Spec.Name, "op", kind, "step", steps[j].name, "err", uerr)
+				}
+			}
+			return fmt.Errorf("%s: %w", s.name, err)
+		}
+		o.m.stepHook(kind + "/" + s.name)
+	}
+	return nil
+}

@@ -1,0 +1,130 @@
+package store
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// Lease is an etcd lease: keys written with it go away when it expires
+// (its holder stopped renewing it, e.g. its process died).
+type Lease = clientv3.LeaseID
+
+// ErrLocked is returned when a lock is held by someone else.
+var ErrLocked = fmt.Errorf("locked by another holder")
+
+// ErrLockLost is returned when a write under a lock finds the lock is no
+// longer held with the writer's lease (it expired, or was broken).
+var ErrLockLost = fmt.Errorf("lock lost")
+
+// Lock guards writes to a record: a lock key bound to the holder's lease.
+// Holding it means the key exists with that lease; when the holder dies,
+// etcd deletes it with the lease.
+type Lock struct {
+	Key   string
+	Lease Lease
+	Value string // who holds it, for people reading the store
+}
+
+// Acquire stores v at key (if its revision is still rev) and takes the
+// lock, in one transaction: nobody can slip between reading the record and
+// locking it.
+func (s *Store) Acquire(ctx context.Context, key string, rev int64, v any, l Lock) (int64, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return 0, fmt.Errorf("encode %s: %w", key, err)
+	}
+	k, lk := s.key(key), s.key(l.Key)
+	resp, err := s.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.ModRevision(k), "=", rev), clientv3.Compare(clientv3.CreateRevision(lk), "=", 0)).
+		Then(clientv3.OpPut(k, string(b)), clientv3.OpPut(lk, l.Value, clientv3.WithLease(l.Lease))).
+		Else(clientv3.OpGet(lk)).
+		Commit()
+	if err != nil {
+		return 0, fmt.Errorf("lock %s: %w", key, err)
+	}
+	if !resp.Succeeded {
+		if r := resp.Responses[0].GetResponseRange(); r != nil && len(r.Kvs) > 0 {
+			return 0, fmt.Errorf("lock %s: %w (%s)", key, ErrLocked, r.Kvs[0].Value)
+		}
+		return 0, fmt.Errorf("lock %s: %w", key, ErrConflict)
+	}
+	return resp.Header.Revision, nil
+}
+
+// UpdateLocked stores v at key if its revision is still rev and the lock
+// is still held with l's lease; with release it also drops the lock.
+func (s *Store) UpdateLocked(ctx context.Context, key string, rev int64, v any, l Lock, release bool) (int64, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return 0, fmt.Errorf("encode %s: %w", key, err)
+	}
+	k, lk := s.key(key), s.key(l.Key)
+	ops := []clientv3.Op{clientv3.OpPut(k, string(b))}
+	if release {
+		ops = append(ops, clientv3.OpDelete(lk))
+	}
+	resp, err := s.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.LeaseValue(lk), "=", l.Lease), clientv3.Compare(clientv3.CreateRevision(lk), ">", 0)).
+		Then(clientv3.OpTxn(
+			[]clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(k), "=", rev)}, ops, nil)).
+		Commit()
+	if err != nil {
+		return 0, fmt.Errorf("update %s: %w", key, err)
+	}
+	if !resp.Succeeded {
+		return 0, fmt.Errorf("update %s: %w", key, ErrLockLost)
+	}
+	if inner := resp.Responses[0].GetResponseTxn(); inner == nil || !inner.Succeeded {
+		return 0, fmt.Errorf("update %s: %w", key, ErrConflict)
+	}
+	return resp.Header.Revision, nil
+}
+
+// DeleteLocked removes key (and keys under prefixes) and the lock, if the
+// lock is still held with l's lease.
+func (s *Store) DeleteLocked(ctx context.Context, l Lock, key string, prefixes ...string) error {
+	lk := s.key(l.Key)
+	ops := []clientv3.Op{clientv3.OpDelete(s.key(key)), clientv3.OpDelete(lk)}
+	for _, p := range prefixes {
+		ops = append(ops, clientv3.OpDelete(s.key(p), clientv3.WithPrefix()))
+	}
+	resp, err := s.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.LeaseValue(lk), "=", l.Lease), clientv3.Compare(clientv3.CreateRevision(lk), ">", 0)).
+		Then(ops...).
+		Commit()
+	if err != nil {
+		return fmt.Errorf("delete %s: %w", key, err)
+	}
+	if !resp.Succeeded {
+		return fmt.Errorf("delete %s: %w", key, ErrLockLost)
+	}
+	return nil
+}
+
+// Unlock drops the lock if it is still held with l's lease.
+func (s *Store) Unlock(ctx context.Context, l Lock) error {
+	lk := s.key(l.Key)
+	_, err := s.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.LeaseValue(lk), "=", l.Lease)).
+		Then(clientv3.OpDelete(lk)).
+		Commit()
+	if err != nil {
+		return fmt.Errorf("unlock %s: %w", l.Key, err)
+	}
+	return nil
+}
+
+// Held tells whether the lock key exists (held by anyone), and its value.
+func (s *Store) Held(ctx context.Context, lockKey string) (bool, string, error) {
+	resp, err := s.cli.Get(ctx, s.key(lockKey))
+	if err != nil {
+		return false, "", fmt.Errorf("get %s: %w", lockKey, err)
+	}
+	if len(resp.Kvs) == 0 {
+		return false, "", nil
+	}
+	return true, string(resp.Kvs[0].Value), nil
+}
