@@ -8,7 +8,7 @@ DATA_DIR ?= $(shell if [ "$$(id -u)" = 0 ]; then echo /var/lib/vigil; else echo 
 # Tests and benchmarks share one guest image, built once.
 TEST_IMAGE := $(CURDIR)/build/image
 
-.PHONY: all deps build image run test test-short bench fmt vet clean
+.PHONY: all deps build image run test test-short fuzz bench fmt vet clean
 
 all: build
 
@@ -34,6 +34,11 @@ test: test-image
 	gofmt -l . | (! grep .) || (echo "gofmt needed on the files above"; exit 1)
 	$(GO) vet ./...
 	VIGIL_TEST_IMAGE=$(TEST_IMAGE) VIGIL_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 20m ./...
+	./scripts/fuzz.sh
+
+# fuzz runs every fuzz target for FUZZTIME (default 5s); make test runs it too.
+fuzz:
+	./scripts/fuzz.sh
 
 test-short:
 	$(GO) test -short -count=1 ./...

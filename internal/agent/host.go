@@ -91,8 +91,12 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 	if cfg.Ready != nil {
 		cfg.Ready(ln.Addr().String())
 	}
-	go j.watchdog(ctx)
+	wdCtx, stopWatchdog := context.WithCancel(ctx)
+	wdDone := make(chan struct{})
+	go func() { defer close(wdDone); j.watchdog(wdCtx) }()
 	runErr := j.run(ctx)
+	stopWatchdog()
+	<-wdDone
 
 	shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	srv.Shutdown(shutCtx)

@@ -41,6 +41,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"math"
 	"os"
 	"sort"
@@ -138,7 +139,18 @@ func Inspect(path string) (*Usage, error) {
 	if !fi.Mode().IsRegular() {
 		return nil, fmt.Errorf("qcow2: %s: not a regular file: %w", path, ErrNotQcow2)
 	}
-	r := &reader{f: f, path: path, size: fi.Size()}
+	return inspectFile(f, path, fi.Size())
+}
+
+// image is what Inspect reads: an *os.File (fuzz tests give it bytes in
+// memory, so that the fuzzer exercises the parser, not the file system).
+type image interface {
+	io.ReaderAt
+	Stat() (fs.FileInfo, error)
+}
+
+func inspectFile(f image, path string, size int64) (*Usage, error) {
+	r := &reader{f: f, path: path, size: size}
 	u, err := inspect(r)
 	if err != nil {
 		return nil, err
@@ -148,7 +160,7 @@ func Inspect(path string) (*Usage, error) {
 
 // reader reads bounded ranges of the image file.
 type reader struct {
-	f    *os.File
+	f    image
 	path string
 	size int64 // current notion of the file size; refreshed when exceeded
 }

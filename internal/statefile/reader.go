@@ -7,6 +7,7 @@ import (
 	"errors"
 	"hash/crc32"
 	"io"
+	"io/fs"
 	"os"
 	"sync"
 )
@@ -19,7 +20,7 @@ const verifyBufSize = 4 << 20
 // with pread and do not share a file offset, except Payload's WriteTo fast
 // path, which is serialised internally.
 type Reader struct {
-	f    *os.File
+	f    file
 	info Info
 	mu   sync.Mutex // guards the file offset, used by payloadReader.WriteTo
 }
@@ -32,6 +33,19 @@ func Open(path string) (*Reader, error) {
 	if err != nil {
 		return nil, ioErr("open", path, err)
 	}
+	return open(f, path)
+}
+
+// file is what a Reader reads: an *os.File (fuzz tests give it bytes in
+// memory, so that the fuzzer exercises the parser, not the file system).
+type file interface {
+	io.ReaderAt
+	io.ReadSeeker
+	io.Closer
+	Stat() (fs.FileInfo, error)
+}
+
+func open(f file, path string) (*Reader, error) {
 	info, err := readInfo(f, path)
 	if err != nil {
 		f.Close()
@@ -40,7 +54,7 @@ func Open(path string) (*Reader, error) {
 	return &Reader{f: f, info: info}, nil
 }
 
-func readInfo(f *os.File, path string) (Info, error) {
+func readInfo(f file, path string) (Info, error) {
 	st, err := f.Stat()
 	if err != nil {
 		return Info{}, ioErr("stat", path, err)
@@ -231,8 +245,9 @@ func (p *payloadReader) WriteTo(w io.Writer) (int64, error) {
 	if _, err := p.r.f.Seek(p.off, io.SeekStart); err != nil {
 		return 0, ioErr("seek", p.r.info.Path, err)
 	}
-	// A LimitedReader around the *os.File is what net.Conn.ReadFrom and
-	// os.File.ReadFrom recognise for their zero-copy paths.
+	// A LimitedReader around the *os.File (held in the interface) is what
+	// net.Conn.ReadFrom and os.File.ReadFrom recognise for their zero-copy
+	// paths.
 	n, err := io.Copy(w, &io.LimitedReader{R: p.r.f, N: p.end - p.off})
 	p.off += n
 	if err != nil {

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs every fuzz target of Vigil for a short while (FUZZTIME, default 5s):
+# `make test` runs it, so every parser of outside input is fuzzed on every
+# run, starting from the seed corpora committed under testdata/fuzz.
+# With --save-seeds, up to 8 new interesting inputs per target found in
+# this run are copied into testdata/fuzz for the next runs (commit them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+fuzztime=${FUZZTIME:-5s}
+save=false
+[ "${1:-}" = --save-seeds ] && save=true
+targets=(
+  "./internal/hostproto FuzzServeRequest"
+  "./internal/hostproto FuzzDecodeRequest"
+  "./internal/manager FuzzDecodeBody"
+  "./internal/manager FuzzAPI"
+  "./internal/statefile FuzzOpen"
+  "./internal/qcow2 FuzzInspect"
+  "./internal/guestproto FuzzDecode"
+)
+cache=$(go env GOCACHE)/fuzz/github.com/vigil-project/vigil
+for t in "${targets[@]}"; do
+  set -- $t
+  pkg=$1 name=$2
+  grep -rqs "func $name(" "$pkg"/*_test.go || { echo "fuzz target $name missing in $pkg" >&2; exit 1; }
+  echo "fuzz $pkg $name ($fuzztime)"
+  go test -run '^$' -fuzz "^$name\$" -fuzztime "$fuzztime" "$pkg" >/tmp/vigil-fuzz.log 2>&1 || { cat /tmp/vigil-fuzz.log; exit 1; }
+  if $save; then
+    dst="$pkg/testdata/fuzz/$name"
+    mkdir -p "$dst"
+    src="$cache/${pkg#./}/$name"
+    if [ -d "$src" ]; then
+      for f in $(ls -t "$src" | head -8); do cp "$src/$f" "$dst/$f"; done
+    fi
+  fi
+done
