@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -27,6 +28,83 @@ type Embedded struct {
 	cli  *clientv3.Client
 }
 
+// DefaultQuotaBytes is the backend size at which an embedded member raises
+// the NOSPACE alarm and refuses writes. It is etcd's own default, set
+// explicitly so that the figure Maintain works against is Vigil's choice,
+// not an accident of the etcd version.
+const DefaultQuotaBytes = 2 << 30
+
+// DefaultKeepRevisions is how many revisions of history are kept by an
+// embedded member's auto-compaction and by Maintain. Vigil needs little
+// history: updates compare-and-swap on the current ModRevision, and a watch
+// that fails re-scans and resumes from the scan's revision
+// (manager/hosts.go), so only the moments between a scan and its watch must
+// survive a compaction. 10000 revisions are 100s of heartbeats from 100
+// hosts, and about 30 MiB of 3 KiB status records.
+const DefaultKeepRevisions = 10000
+
+// Limits bound an embedded member's history and database file.
+type Limits struct {
+	// QuotaBytes is the NOSPACE threshold; 0 means DefaultQuotaBytes.
+	QuotaBytes int64
+	// KeepRevisions is how much history auto-compaction keeps; 0 means
+	// DefaultKeepRevisions and a negative value turns auto-compaction off
+	// (for tests that need to fill the quota).
+	KeepRevisions int64
+}
+
+// apply sets cfg's compaction and quota.
+//
+// Auto-compaction keeps a number of revisions, not a period: history here is
+// written by heartbeats (every host rewrites hoststatus/<name> each
+// second), so a time window holds more bytes the more hosts there are —
+// 5 minutes of 1000 hosts is 300000 revisions, near 1 GiB — while a
+// revision count bounds the bytes whatever the fleet size. etcd runs the
+// revision compactor only every 5 minutes, so between runs history grows by
+// 5 minutes of writes; Maintain compacts more often and defragments.
+func (l Limits) apply(cfg *embed.Config) {
+	cfg.QuotaBackendBytes = l.QuotaBytes
+	if cfg.QuotaBackendBytes == 0 {
+		cfg.QuotaBackendBytes = DefaultQuotaBytes
+	}
+	keep := l.KeepRevisions
+	if keep == 0 {
+		keep = DefaultKeepRevisions
+	}
+	if keep < 0 {
+		cfg.AutoCompactionMode, cfg.AutoCompactionRetention = embed.CompactorModePeriodic, "0"
+		return
+	}
+	cfg.AutoCompactionMode = embed.CompactorModeRevision
+	cfg.AutoCompactionRetention = strconv.FormatInt(keep, 10)
+}
+
+// newEmbedded wraps a started member with its in-process client.
+func newEmbedded(e *embed.Etcd) *Embedded {
+	cli := v3client.New(e.Server)
+	cli.Maintenance = localMaintenance{Maintenance: cli.Maintenance, defrag: e.Server.Defragment}
+	return &Embedded{etcd: e, cli: cli}
+}
+
+// localMaintenance answers Defragment itself: etcd 3.7.3's v3client builds
+// its maintenance server without a health notifier, and that server's
+// Defragment dereferences it (a nil-pointer panic). Like every call of the
+// in-process client, it acts on this member whatever the endpoint.
+type localMaintenance struct {
+	clientv3.Maintenance
+	defrag func() error
+}
+
+func (m localMaintenance) Defragment(ctx context.Context, _ string) (*clientv3.DefragmentResponse, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if err := m.defrag(); err != nil {
+		return nil, fmt.Errorf("defragment: %w", err)
+	}
+	return &clientv3.DefragmentResponse{}, nil
+}
+
 // urls are remembered in the data dir: a member's peer URL is part of its
 // stored identity, so a restart must come back on the same addresses.
 type urls struct {
@@ -34,9 +112,15 @@ type urls struct {
 	Peer   string `json:"peer"`
 }
 
-// StartEmbedded starts (or restarts) an embedded etcd with its data under dir.
-// Free loopback ports are chosen the first time and reused afterwards.
+// StartEmbedded starts (or restarts) an embedded etcd with its data under dir
+// and the default Limits. Free loopback ports are chosen the first time and
+// reused afterwards.
 func StartEmbedded(ctx context.Context, dir string, log *slog.Logger) (*Embedded, error) {
+	return StartEmbeddedWithLimits(ctx, dir, Limits{}, log)
+}
+
+// StartEmbeddedWithLimits is StartEmbedded with a chosen quota and history.
+func StartEmbeddedWithLimits(ctx context.Context, dir string, lim Limits, log *slog.Logger) (*Embedded, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -61,6 +145,7 @@ func StartEmbedded(ctx context.Context, dir string, log *slog.Logger) (*Embedded
 	// etcd's zap logs report routine shutdown as errors; Vigil logs what
 	// matters about the store itself through slog.
 	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
+	lim.apply(cfg)
 
 	e, err := embed.StartEtcd(cfg)
 	if err != nil {
@@ -78,8 +163,9 @@ func StartEmbedded(ctx context.Context, dir string, log *slog.Logger) (*Embedded
 		e.Close()
 		return nil, ctx.Err()
 	}
-	log.Debug("embedded etcd ready", "dir", dir, "client", u.Client)
-	return &Embedded{etcd: e, cli: v3client.New(e.Server)}, nil
+	log.Debug("embedded etcd ready", "dir", dir, "client", u.Client,
+		"quota_bytes", cfg.QuotaBackendBytes, "compaction", cfg.AutoCompactionMode, "retention", cfg.AutoCompactionRetention)
+	return newEmbedded(e), nil
 }
 
 // Client is an in-process client of the embedded member.
@@ -134,6 +220,8 @@ type ClusterConfig struct {
 	Name string
 	// Peers maps every member's name to its peer URL (http://host:port).
 	Peers map[string]string
+	// Limits bound this member's history and database (zero: defaults).
+	Limits Limits
 }
 
 // StartEmbeddedMember starts this manager's member of an embedded etcd
@@ -174,6 +262,7 @@ func StartEmbeddedMember(ctx context.Context, dir string, cc ClusterConfig, log 
 	cfg.InitialCluster = strings.Join(parts, ",")
 	cfg.InitialClusterToken = "vigil"
 	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
+	cc.Limits.apply(cfg)
 	e, err := embed.StartEtcd(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("start etcd member %s in %s: %w", cc.Name, dir, err)
@@ -187,6 +276,7 @@ func StartEmbeddedMember(ctx context.Context, dir string, cc ClusterConfig, log 
 		e.Close()
 		return nil, ctx.Err()
 	}
-	log.Info("etcd member ready", "member", cc.Name, "cluster", cfg.InitialCluster)
-	return &Embedded{etcd: e, cli: v3client.New(e.Server)}, nil
+	log.Info("etcd member ready", "member", cc.Name, "cluster", cfg.InitialCluster,
+		"quota_bytes", cfg.QuotaBackendBytes, "compaction", cfg.AutoCompactionMode, "retention", cfg.AutoCompactionRetention)
+	return newEmbedded(e), nil
 }
