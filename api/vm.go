@@ -187,6 +187,10 @@ type Host struct {
 	// StoragePool is the id of the shared storage pool the host mounts;
 	// VMs on it can be restarted or migrated to any host with the same pool.
 	StoragePool string `json:"storage_pool,omitempty"`
+	// PoolLocks says whether the pool's file system was seen to share
+	// locks between hosts ("shared", "not-shared", "unknown" before another
+	// live host was seen): VM leases depend on it.
+	PoolLocks string `json:"pool_locks,omitempty"`
 	// Drained hosts take no new VMs (see 'vigil host drain').
 	Drained bool `json:"drained,omitempty"`
 }
@@ -201,6 +205,8 @@ type Event struct {
 	Host    string    `json:"host,omitempty"`
 	State   VMState   `json:"state,omitempty"`
 	Message string    `json:"message,omitempty"`
+	// Audit is set on events of type "audit": a mutating call.
+	Audit *AuditEntry `json:"audit,omitempty"`
 }
 
 // Error is the body of every non-2xx answer.

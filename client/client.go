@@ -12,30 +12,20 @@ import (
 	"io"
 	"net/http"
 	"net/url"
-	"strings"
 	"time"
 
 	"github.com/vigil-project/vigil/api"
 )
 
 // DefaultAddr is where `vigil agent --dev` listens by default.
-const DefaultAddr = "http://127.0.0.1:7070"
+const DefaultAddr = "https://127.0.0.1:7070"
 
 // Client talks to a Vigil manager.
 type Client struct {
-	base string
-	http *http.Client
-}
-
-// New returns a client for the manager at addr ("http://host:port" or "host:port").
-func New(addr string) *Client {
-	if addr == "" {
-		addr = DefaultAddr
-	}
-	if !strings.Contains(addr, "://") {
-		addr = "http://" + addr
-	}
-	return &Client{base: strings.TrimRight(addr, "/"), http: &http.Client{}}
+	base  string
+	token string
+	http  *http.Client
+	err   error // see Unusable
 }
 
 // Error is an error answer from the API.
@@ -71,6 +61,9 @@ func (c *Client) do(ctx context.Context, method, path string, body, out any) err
 
 // send performs a request and turns non-2xx answers into *Error.
 func (c *Client) send(ctx context.Context, method, path string, body any, accept string) (*http.Response, error) {
+	if c.err != nil {
+		return nil, c.err
+	}
 	var rd io.Reader
 	if body != nil {
 		b, err := json.Marshal(body)
@@ -89,9 +82,12 @@ func (c *Client) send(ctx context.Context, method, path string, body any, accept
 	if accept != "" {
 		req.Header.Set("Accept", accept)
 	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("cannot reach the vigil agent at %s (is 'vigil agent --dev' running? set --addr or VIGIL_ADDR): %w", c.base, err)
+		return nil, fmt.Errorf("cannot reach the vigil api at %s (is a vigil agent running? see 'vigil --help' for --config and VIGIL_CONFIG): %w", c.base, err)
 	}
 	if resp.StatusCode >= 300 {
 		defer resp.Body.Close()
@@ -223,13 +219,65 @@ func (c *Client) EnableHost(ctx context.Context, host string) error {
 }
 
 // JoinToken asks the manager for a token that admits one new host.
-func (c *Client) JoinToken(ctx context.Context) (string, time.Time, error) {
-	var r struct {
-		Token   string    `json:"token"`
-		Expires time.Time `json:"expires"`
+func (c *Client) JoinToken(ctx context.Context, host string) (api.JoinToken, error) {
+	var r api.JoinToken
+	var body any
+	if host != "" {
+		body = api.JoinTokenRequest{Host: host}
 	}
-	err := c.do(ctx, http.MethodPost, "/v1/hosts/join-tokens", nil, &r)
-	return r.Token, r.Expires, err
+	err := c.do(ctx, http.MethodPost, "/v1/hosts/join-tokens", body, &r)
+	return r, err
+}
+
+// CreateToken makes an API token (admin).
+func (c *Client) CreateToken(ctx context.Context, req api.TokenCreateRequest) (api.TokenCreated, error) {
+	var r api.TokenCreated
+	err := c.do(ctx, http.MethodPost, "/v1/tokens", req, &r)
+	return r, err
+}
+
+// Tokens lists the API tokens (admin).
+func (c *Client) Tokens(ctx context.Context) ([]api.TokenInfo, error) {
+	var r []api.TokenInfo
+	err := c.do(ctx, http.MethodGet, "/v1/tokens", nil, &r)
+	return r, err
+}
+
+// RevokeToken deletes an API token (admin).
+func (c *Client) RevokeToken(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/tokens/"+url.PathEscape(name), nil, nil)
+}
+
+// Audit lists the last limit audit entries.
+func (c *Client) Audit(ctx context.Context, limit int) ([]api.AuditEntry, error) {
+	var r []api.AuditEntry
+	err := c.do(ctx, http.MethodGet, fmt.Sprintf("/v1/audit?limit=%d", limit), nil, &r)
+	return r, err
+}
+
+// Raw performs an authenticated request and returns the status and the
+// body, whatever the status (for 'vigil api').
+func (c *Client) Raw(ctx context.Context, method, path string, body io.Reader) (int, []byte, error) {
+	if c.err != nil {
+		return 0, nil, c.err
+	}
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
+	if err != nil {
+		return 0, nil, fmt.Errorf("build request: %w", err)
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return 0, nil, fmt.Errorf("cannot reach the vigil api at %s: %w", c.base, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	return resp.StatusCode, b, err
 }
 
 // Console copies a VM's serial console to w; with follow, until ctx ends.

@@ -10,8 +10,6 @@ import (
 	"time"
 
 	"github.com/rogpeppe/go-internal/testscript"
-
-	"github.com/vigil-project/vigil/client"
 )
 
 // TestCLIScripts runs the CLI behaviour scripts in testdata/script, each
@@ -37,10 +35,10 @@ func TestCLIScripts(t *testing.T) {
 				killQEMUs(dataDir)
 				os.RemoveAll(dataDir)
 			})
-			c := client.New(addr)
+			a := &devAgent{t: t, dataDir: dataDir, addr: addr}
 			deadline := time.Now().Add(60 * time.Second)
 			for {
-				if _, err := c.Hosts(context.Background()); err == nil {
+				if _, err := a.client().Hosts(context.Background()); err == nil {
 					break
 				}
 				if time.Now().After(deadline) {
@@ -48,7 +46,7 @@ func TestCLIScripts(t *testing.T) {
 				}
 				time.Sleep(50 * time.Millisecond)
 			}
-			env.Setenv("VIGIL_ADDR", "http://"+addr)
+			env.Setenv("VIGIL_CONFIG", a.configPath())
 			env.Setenv("PATH", binDir+string(os.PathListSeparator)+os.Getenv("PATH"))
 			return nil
 		},

@@ -35,6 +35,9 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+	// Dev agents write the user's default CLI configuration: keep theirs
+	// in the test's own directory, not the user's.
+	os.Setenv("XDG_CONFIG_HOME", filepath.Join(tmp, "config"))
 	code, err := setup(tmp)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "integration setup:", err)
@@ -136,10 +139,11 @@ func (a *devAgent) start() {
 	if err := a.cmd.Start(); err != nil {
 		a.t.Fatalf("start agent: %v", err)
 	}
-	c := a.client()
 	deadline := time.Now().Add(60 * time.Second)
 	for {
-		if _, err := c.Hosts(context.Background()); err == nil {
+		// A new client each time: the agent writes its configuration
+		// (the CA, the admin token) once it runs.
+		if _, err := a.client().Hosts(context.Background()); err == nil {
 			return
 		}
 		if time.Now().After(deadline) {
@@ -159,7 +163,21 @@ func (a *devAgent) kill() {
 	a.cmd = nil
 }
 
-func (a *devAgent) client() *client.Client { return client.New(a.addr) }
+// configPath is the admin CLI configuration the agent wrote.
+func (a *devAgent) configPath() string { return filepath.Join(a.dataDir, "client.yaml") }
+
+// client is an API client with the agent's admin configuration.
+func (a *devAgent) client() *client.Client {
+	cfg, err := client.LoadConfig(a.configPath())
+	if err != nil {
+		return client.Unusable(err)
+	}
+	c, err := client.NewFromConfig(cfg)
+	if err != nil {
+		return client.Unusable(err)
+	}
+	return c
+}
 
 // vigil runs the CLI against this agent and returns stdout, stderr and the exit code.
 func (a *devAgent) vigil(args ...string) (string, string, int) {
@@ -167,7 +185,7 @@ func (a *devAgent) vigil(args ...string) (string, string, int) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, filepath.Join(binDir, "vigil"), args...)
-	cmd.Env = append(os.Environ(), "VIGIL_ADDR=http://"+a.addr)
+	cmd.Env = append(os.Environ(), "VIGIL_CONFIG="+a.configPath())
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()

@@ -50,7 +50,7 @@ func startPoolCluster(t *testing.T, names ...string) *poolCluster {
 
 // startHost (re)starts a host agent; a restarted one needs no token.
 func (c *poolCluster) startHost(name, token string) {
-	c.hosts[name] = startProc(c.t, "agent", "--host", "--name", name, "--manager", "http://"+c.m.addr, "--join-token", token,
+	c.hosts[name] = startProc(c.t, "agent", "--host", "--name", name, "--manager", "https://"+c.m.addr, "--join-token", token,
 		"--data-dir", c.dirs[name], "--image-dir", imageDir, "--storage-pool", c.pool)
 }
 

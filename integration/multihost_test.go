@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/client"
+	"github.com/vigil-project/vigil/internal/pki"
 )
 
 // proc is a vigil agent process (manager or host) under test.
@@ -67,13 +69,29 @@ func TestManagerWithHosts(t *testing.T) {
 		_, _, code := m.vigil("host", "list")
 		return code == 0
 	})
-	managerURL := "http://" + m.addr
+	managerURL := "https://" + m.addr
 
-	// Without a valid token a host is refused, and says why.
-	out, err := exec.Command(filepath.Join(binDir, "vigil"), "agent", "--host", "--name", "intruder", "--manager", managerURL,
-		"--join-token", "forged", "--data-dir", shortTempDir(t), "--image-dir", imageDir).CombinedOutput()
-	if err == nil || !strings.Contains(string(out), "no valid join token") {
-		t.Fatalf("host with a forged token: %v\n%s", err, out)
+	// Without a valid token a host is refused, and says why: a token for
+	// this cluster (its CA's fingerprint) with a made-up secret, a token
+	// for another cluster, and something that is no token.
+	cfg, err := client.LoadConfig(m.configPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, err := pki.ParseCert([]byte(cfg.CACert))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for forged, want := range map[string]string{
+		pki.NewJoinToken(pki.Fingerprint(ca)).String():      "no valid join token",
+		pki.NewJoinToken(strings.Repeat("ab", 32)).String(): "does not match the join token's fingerprint",
+		"forged": "vj1.ID.SECRET.FINGERPRINT",
+	} {
+		out, err := exec.Command(filepath.Join(binDir, "vigil"), "agent", "--host", "--name", "intruder", "--manager", managerURL,
+			"--join-token", forged, "--data-dir", shortTempDir(t), "--image-dir", imageDir).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), want) {
+			t.Fatalf("host with the forged token %q: %v\n%s", forged, err, out)
+		}
 	}
 
 	hostDirs := map[string]string{}

@@ -27,6 +27,7 @@ const crashSteps = "migrate/transfer,suspend/saved,snapshot/take"
 type managerTrio struct {
 	t     *testing.T
 	addrs []string
+	dirs  []string
 	args  [][]string
 	procs []*proc
 }
@@ -40,8 +41,9 @@ func startManagerTrio(t *testing.T) *managerTrio {
 		peers = append(peers, fmt.Sprintf("m%d=http://%s", i, freeAddr(t)))
 	}
 	for i := 1; i <= 3; i++ {
+		tr.dirs = append(tr.dirs, shortTempDir(t))
 		tr.args = append(tr.args, []string{"agent", "--manager", "--name", fmt.Sprintf("m%d", i), "--etcd-peers", strings.Join(peers, ","),
-			"--listen", tr.addrs[i-1], "--data-dir", shortTempDir(t), "--log-level", "debug"})
+			"--listen", tr.addrs[i-1], "--data-dir", tr.dirs[i-1], "--log-level", "debug"})
 		tr.procs = append(tr.procs, nil)
 		tr.start(i - 1)
 	}
@@ -83,7 +85,9 @@ func (tr *managerTrio) leader() int {
 }
 
 // client is a CLI against manager i.
-func (tr *managerTrio) client(i int) *devAgent { return &devAgent{t: tr.t, addr: tr.addrs[i]} }
+func (tr *managerTrio) client(i int) *devAgent {
+	return &devAgent{t: tr.t, addr: tr.addrs[i], dataDir: tr.dirs[i]}
+}
 
 // survivor is a live manager other than i.
 func (tr *managerTrio) survivor(i int) *devAgent {
@@ -122,7 +126,7 @@ func TestLeaderDiesMidOperation(t *testing.T) {
 	tr := startManagerTrio(t)
 	var urls []string
 	for _, a := range tr.addrs {
-		urls = append(urls, "http://"+a)
+		urls = append(urls, "https://"+a)
 	}
 	m := tr.client(tr.leader())
 	pool := shortTempDir(t)

@@ -14,9 +14,11 @@ targets=(
   "./internal/hostproto FuzzDecodeRequest"
   "./internal/manager FuzzDecodeBody"
   "./internal/manager FuzzAPI"
+  "./internal/pki FuzzJoinToken"
   "./internal/statefile FuzzOpen"
   "./internal/qcow2 FuzzInspect"
   "./internal/guestproto FuzzDecode"
+  "./internal/guestproto FuzzFitExecResult"
 )
 cache=$(go env GOCACHE)/fuzz/github.com/vigil-project/vigil
 for t in "${targets[@]}"; do

@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/client"
 )
 
@@ -59,11 +60,13 @@ func startCluster(ctx context.Context, dir string, tm timing, hosts ...string) (
 	if err := cl.start(ctx, "manager", bin, margs...); err != nil {
 		return nil, err
 	}
-	cl.c = client.New(addr)
 	var token string
 	for t0 := time.Now(); ; time.Sleep(100 * time.Millisecond) {
+		cl.c = clientFor(filepath.Join(dir, "m"))
 		tctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		token, _, err = cl.c.JoinToken(tctx)
+		var jt api.JoinToken
+		jt, err = cl.c.JoinToken(tctx, "")
+		token = jt.Token
 		cancel()
 		if err == nil {
 			break
@@ -75,13 +78,15 @@ func startCluster(ctx context.Context, dir string, tm timing, hosts ...string) (
 	for i, h := range hosts {
 		if i > 0 {
 			// A token admits one host.
-			if token, _, err = cl.c.JoinToken(ctx); err != nil {
+			jt, err := cl.c.JoinToken(ctx, "")
+			if err != nil {
 				return nil, err
 			}
+			token = jt.Token
 		}
 		hd := filepath.Join(dir, h)
 		cl.hostDirs[h] = hd
-		hargs := []string{"agent", "--host", "--name", h, "--manager", "http://" + addr, "--join-token", token,
+		hargs := []string{"agent", "--host", "--name", h, "--manager", "https://" + addr, "--join-token", token,
 			"--data-dir", hd, "--image-dir", imageDir, "--storage-pool", pool}
 		if tm.fenceAfter > 0 {
 			hargs = append(hargs, "--fence-after", tm.fenceAfter.String())

@@ -28,13 +28,18 @@ func main() {
 	out := flag.String("out", "", "also write the report to this Markdown file")
 	runs := flag.Int("runs", 5, "boots per start-latency series")
 	listRuns := flag.Int("list-runs", 100, "requests per list-latency series")
-	only := flag.String("only", "", "comma-separated sections to run: start,state,snapshot,recovery,managers,hostdeath,migrate,list (default all)")
+	only := flag.String("only", "", "comma-separated sections to run: start,state,snapshot,recovery,managers,hostdeath,migrate,list,soak (default all)")
+	soakFor := flag.Duration("soak", 10*time.Minute, "how long the etcd soak runs (100 simulated hosts heartbeating)")
 	flag.Parse()
+	soakDuration = *soakFor
 	if err := run(*out, *runs, *listRuns, *only); err != nil {
 		fmt.Fprintln(os.Stderr, "vigil-bench:", err)
 		os.Exit(1)
 	}
 }
+
+// soakDuration is how long the soak section runs (-soak).
+var soakDuration time.Duration
 
 // row is one line of the report: Vigil's figure, the same-run baseline, ratio.
 type row struct {
@@ -77,7 +82,7 @@ func run(outPath string, runs, listRuns int, only string) error {
 	case err := <-done:
 		return fmt.Errorf("dev agent: %w", err)
 	}
-	c := client.New(addr)
+	c := clientFor(filepath.Join(tmp, "d"))
 
 	var rows []row
 	b := &bench{c: c, img: img, tmp: tmp, dataDir: filepath.Join(tmp, "d")}
@@ -92,8 +97,9 @@ func run(outPath string, runs, listRuns int, only string) error {
 		{"managers", b.managers},
 		{"hostdeath", b.hostDeath},
 		{"migrate", b.migrate},
+		{"soak", func(ctx context.Context) ([]row, error) { return b.soak(ctx, 100, 5, soakDuration) }},
 		{"list", func(ctx context.Context) ([]row, error) {
-			return benchList(ctx, c, filepath.Join(binDir, "vigil"), addr, listRuns)
+			return benchList(ctx, c, filepath.Join(binDir, "vigil"), filepath.Join(tmp, "d", "client.yaml"), listRuns)
 		}},
 	}
 	for _, sec := range sections {
@@ -207,7 +213,7 @@ func bareBoot(ctx context.Context, bin, accel string, img *guestimage.Image, dir
 // benchList times listing VMs with 1 and with 200 (stopped) VMs defined,
 // through the SDK and through the CLI binary, against the API's floor: a
 // GET /v1/health round trip in the same run.
-func benchList(ctx context.Context, c *client.Client, vigilBin, addr string, n int) ([]row, error) {
+func benchList(ctx context.Context, c *client.Client, vigilBin, config string, n int) ([]row, error) {
 	floor, err := sample(n, func() error {
 		_, err := c.Hosts(ctx)
 		return err
@@ -215,7 +221,7 @@ func benchList(ctx context.Context, c *client.Client, vigilBin, addr string, n i
 	if err != nil {
 		return nil, err
 	}
-	cliFloor, err := sample(n/4, func() error { return exec.Command(vigilBin, "--addr", addr, "host", "list").Run() })
+	cliFloor, err := sample(n/4, func() error { return exec.Command(vigilBin, "--config", config, "host", "list").Run() })
 	if err != nil {
 		return nil, err
 	}
@@ -237,7 +243,7 @@ func benchList(ctx context.Context, c *client.Client, vigilBin, addr string, n i
 		if err != nil {
 			return nil, err
 		}
-		cli, err := sample(n/4, func() error { return exec.Command(vigilBin, "--addr", addr, "vm", "list").Run() })
+		cli, err := sample(n/4, func() error { return exec.Command(vigilBin, "--config", config, "vm", "list").Run() })
 		if err != nil {
 			return nil, err
 		}
@@ -323,4 +329,18 @@ func freePort() (int, error) {
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// clientFor is an API client with the admin configuration an agent wrote
+// in dataDir (an unusable one, that says why, until the file exists).
+func clientFor(dataDir string) *client.Client {
+	cfg, err := client.LoadConfig(filepath.Join(dataDir, "client.yaml"))
+	if err != nil {
+		return client.Unusable(err)
+	}
+	c, err := client.NewFromConfig(cfg)
+	if err != nil {
+		return client.Unusable(err)
+	}
+	return c
 }

@@ -93,7 +93,9 @@ func (a *agent) serve(ctx context.Context, r io.Reader, enc *guestproto.Encoder)
 			// Commands run on their own goroutine: a long one must not hold
 			// up pings or other commands.
 			go func(m guestproto.Message) {
-				res := runExec(ctx, *m.Exec)
+				// Cut to what one line can carry: an over-long line
+				// would never reach the host, which would wait in vain.
+				res := guestproto.FitExecResult(m.ID, runExec(ctx, *m.Exec))
 				if err := enc.Encode(guestproto.Message{Type: guestproto.TypeExecResult, ID: m.ID, ExecResult: &res}); err != nil {
 					a.log.Warn("send exec result", "err", err)
 				}

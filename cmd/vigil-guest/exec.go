@@ -43,6 +43,8 @@ func runExec(ctx context.Context, e guestproto.Exec) guestproto.ExecResult {
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	err := cmd.Run()
+	// Cut to MaxExecOutput here; what the encoded line can carry is
+	// FitExecResult's business, where the message is made.
 	res := guestproto.ExecResult{Output: out.String()}
 	if len(res.Output) > guestproto.MaxExecOutput {
 		res.Output, res.Truncated = res.Output[:guestproto.MaxExecOutput], true

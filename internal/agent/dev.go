@@ -5,6 +5,7 @@ package agent
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -98,8 +99,13 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	defer etcd.Close()
 	broker := events.New(1000)
 	info := host.HostInfo()
-	mgr = manager.New(manager.Config{Name: cfg.HostName,
-		Store: store.New(etcd.Client(), "/vigil/"), Host: manager.LocalHost(cfg.HostName, host), Events: broker, Logger: log,
+	st := store.New(etcd.Client(), "/vigil/")
+	id, err := managerIdentity(ctx, st, cfg.HostName, cfg.Listen, 0)
+	if err != nil {
+		return err
+	}
+	mgr = manager.New(manager.Config{Name: cfg.HostName, Identity: id,
+		Store: st, Host: manager.LocalHost(cfg.HostName, host), Events: broker, Logger: log,
 		Limits:   manager.Limits{MaxMemoryBytes: info.MemoryBytes, MaxCPUs: max(64, 4*runtime.NumCPU())},
 		Resync:   cfg.Reconcile,
 		StepHook: crashHook(log),
@@ -108,13 +114,16 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	if err := host.Recover(ctx); err != nil {
 		return err
 	}
+	cpath, err := writeClientConfigs(ctx, mgr, cfg.DataDir, "admin", apiURL(ln), id.CA.CertPEM, true)
+	if err != nil {
+		return err
+	}
 	hostCtx, stopHost := context.WithCancel(context.Background())
 	hostDone := make(chan error, 1)
 	go func() { hostDone <- host.Run(hostCtx) }()
-
 	ready := func(addr string) {
 		broker.Publish(api.Event{Type: "host.up", Host: cfg.HostName, Message: fmt.Sprintf("accel %s, %d cpus", info.Accel, info.CPUs)})
-		log.Info("vigil agent ready", "api", "http://"+addr, "data_dir", cfg.DataDir, "host", cfg.HostName, "accel", info.Accel)
+		log.Info("vigil agent ready", "api", "https://"+addr, "data_dir", cfg.DataDir, "host", cfg.HostName, "accel", info.Accel, "cli_config", cpath)
 		if cfg.Ready != nil {
 			cfg.Ready(addr)
 		}
@@ -122,12 +131,13 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	controllers := func(ctx context.Context) {
 		mgr.SetLeader(true) // the only manager there is
 		var wg sync.WaitGroup
-		wg.Add(1)
+		wg.Add(2)
 		go func() { defer wg.Done(); mgr.Run(ctx) }()
+		go func() { defer wg.Done(); store.NewMaintainer(etcd.Client(), store.MaintainConfig{}, log).Run(ctx) }()
 		mgr.Lead(ctx)
 		wg.Wait()
 	}
-	err = serve(ctx, ln, mgr, log, ready, controllers)
+	err = serve(ctx, tls.NewListener(ln, id.ServerTLS()), mgr, log, ready, controllers)
 	stopHost()
 	<-hostDone
 	log.Info("vigil agent stopped; virtual machines keep running")
@@ -151,9 +161,11 @@ func prepare(dataDir, listen string) (net.Listener, error) {
 type hostSetup struct {
 	name, dataDir, accel, imageDir, guestAgent string
 	storagePool, migrationHost                 string
-	progress                                   func(string)
-	log                                        *slog.Logger
-	notify                                     func(hostproto.Event)
+	// migrationTLSDir: see hostagent.Config (none in dev mode: one host).
+	migrationTLSDir string
+	progress        func(string)
+	log             *slog.Logger
+	notify          func(hostproto.Event)
 }
 
 // newHostAgent makes sure the guest image exists and creates the host
@@ -165,8 +177,9 @@ func newHostAgent(ctx context.Context, s hostSetup) (*hostagent.Agent, error) {
 	}
 	return hostagent.New(hostagent.Config{
 		Name: s.name, DataDir: filepath.Join(s.dataDir, "host"), Accel: s.accel, StoragePool: s.storagePool, MigrationHost: s.migrationHost,
-		Image:  hostagent.Image{Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: img.Cmdline},
-		Logger: s.log, Notify: s.notify,
+		MigrationTLSDir: s.migrationTLSDir,
+		Image:           hostagent.Image{Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: img.Cmdline},
+		Logger:          s.log, Notify: s.notify,
 	})
 }
 

@@ -1,25 +1,22 @@
 package agent
 
 import (
-	"bytes"
 	"context"
-	"crypto/subtle"
-	"encoding/json"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/vigil-project/vigil/api"
-	"github.com/vigil-project/vigil/internal/atomicfile"
 	"github.com/vigil-project/vigil/internal/hostagent"
 	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/pki"
 )
 
 // HostConfig configures `vigil agent --host`.
@@ -71,23 +68,28 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 	out := &outbox{wake: make(chan struct{}, 1)}
 	host, err := newHostAgent(ctx, hostSetup{name: cfg.Name, dataDir: cfg.DataDir, accel: cfg.Accel, imageDir: cfg.ImageDir,
 		guestAgent: cfg.GuestAgent, progress: cfg.Progress, log: log, notify: out.add, storagePool: cfg.StoragePool,
-		// Live migrations come in on the address the managers reach us at.
-		migrationHost: ln.Addr().(*net.TCPAddr).IP.String()})
+		// Live migrations come in on the address the managers reach us at,
+		// over TLS with the host's certificate.
+		migrationHost: ln.Addr().(*net.TCPAddr).IP.String(), migrationTLSDir: hostTLSDir(cfg.DataDir)})
 	if err != nil {
 		return err
 	}
 	if err := host.Recover(ctx); err != nil {
 		return err
 	}
-	j := &joiner{cfg: cfg, log: log.With("host", cfg.Name), addr: ln.Addr().String(), host: host, out: out,
-		secretPath: filepath.Join(cfg.DataDir, "host-secret"), http: &http.Client{Timeout: 3 * time.Second}, lastAck: time.Now()}
-	j.loadSecret()
+	trust := &hostTrust{dir: cfg.DataDir, name: cfg.Name, tlsDir: hostTLSDir(cfg.DataDir)}
+	j := &joiner{cfg: cfg, log: log.With("host", cfg.Name), addr: ln.Addr().String(), host: host, out: out, trust: trust, lastAck: time.Now()}
+	if err := j.ensureJoined(ctx); err != nil {
+		return err
+	}
+	j.http = &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{TLSClientConfig: trust.clientTLS(), ForceAttemptHTTP2: true}}
 
-	srv := newServer(hostAPI(host, j.currentSecret, log), context.Background())
-	go srv.Serve(ln)
+	srv := newServer(hostproto.Serve(host, log), context.Background())
+	go srv.Serve(tls.NewListener(ln, trust.serverTLS()))
 	hostCtx, stopHost := context.WithCancel(context.Background())
 	hostDone := make(chan error, 1)
 	go func() { hostDone <- host.Run(hostCtx) }()
+	log.Info("host agent ready", "host", cfg.Name, "listen", ln.Addr().String(), "managers", strings.Join(cfg.Managers, ","))
 	if cfg.Ready != nil {
 		cfg.Ready(ln.Addr().String())
 	}
@@ -107,22 +109,6 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 	return runErr
 }
 
-// hostAPI serves the host operations to the manager this host joined:
-// every request must carry the secret it was given at registration (secret
-// returns "" until then, and then nothing is accepted).
-func hostAPI(h hostproto.Handler, secret func() string, log *slog.Logger) http.Handler {
-	ops := hostproto.Serve(h, log)
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		want := secret()
-		got := r.Header.Get("Authorization")
-		if want == "" || subtle.ConstantTimeCompare([]byte(got), []byte("Bearer "+want)) != 1 {
-			http.Error(w, "not authorized: this host agent answers only the manager it joined", http.StatusUnauthorized)
-			return
-		}
-		ops.ServeHTTP(w, r)
-	})
-}
-
 // joinedHost is what the joiner needs of the host agent.
 type joinedHost interface {
 	HostInfo() api.Host
@@ -136,17 +122,20 @@ var _ joinedHost = (*hostagent.Agent)(nil)
 
 // joiner registers with a manager and keeps heartbeating.
 type joiner struct {
-	cfg        HostConfig
-	log        *slog.Logger
-	addr       string
-	host       joinedHost
-	interval   time.Duration // between heartbeats (default a second)
-	out        *outbox
-	http       *http.Client
-	secretPath string
+	cfg      HostConfig
+	log      *slog.Logger
+	addr     string
+	host     joinedHost
+	interval time.Duration // between heartbeats (default a second)
+	out      *outbox
+	http     *http.Client
+	// trust is the host's credentials (nil in tests that fake a manager).
+	trust *hostTrust
+	// dropped is how many queued events the outbox had dropped when last
+	// logged.
+	dropped uint64
 
 	mu      sync.Mutex
-	secret  string
 	manager int       // index of the manager URL in use
 	lastAck time.Time // when a manager last took a heartbeat
 
@@ -220,16 +209,50 @@ func (j *joiner) watchdog(ctx context.Context) {
 	}
 }
 
-func (j *joiner) currentSecret() string {
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	return j.secret
+// ensureJoined loads the host's credentials, or joins with the join token
+// (trying each manager in turn) when the host has none.
+func (j *joiner) ensureJoined(ctx context.Context) error {
+	ok, err := j.trust.load()
+	if err != nil || ok {
+		return err
+	}
+	if j.cfg.JoinToken == "" {
+		return fmt.Errorf("host %s has not joined a cluster: pass --join-token (from 'vigil host join-token' on a manager)", j.cfg.Name)
+	}
+	reg := j.registration()
+	for ctx.Err() == nil {
+		err := j.trust.join(ctx, j.url(), j.cfg.JoinToken, reg)
+		if err == nil {
+			j.log.Info("joined the cluster", "manager", j.url())
+			return nil
+		}
+		if errors.Is(err, errRefused) {
+			return err
+		}
+		j.log.Warn("join", "manager", j.url(), "err", err)
+		j.nextManager()
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Second):
+		}
+	}
+	return ctx.Err()
 }
 
-func (j *joiner) loadSecret() {
-	if b, err := os.ReadFile(j.secretPath); err == nil {
-		j.secret = strings.TrimSpace(string(b))
+func (j *joiner) registration() hostproto.Register {
+	return hostproto.Register{Addr: j.addr, Info: j.host.HostInfo(), FenceAfterMS: j.cfg.FenceAfter.Milliseconds()}
+}
+
+// renewIfDue renews the host's certificate half way through its life.
+func (j *joiner) renewIfDue(ctx context.Context) {
+	if j.trust == nil || j.trust.holder == nil || time.Now().Before(pki.RenewAfter(j.trust.holder.Leaf())) {
+		return
 	}
+	if err := j.trust.renew(ctx, j.http, j.url()); err != nil {
+		j.log.Warn("renew the host's certificate", "manager", j.url(), "expires", j.trust.holder.Leaf().NotAfter, "err", err)
+		return
+	}
+	j.log.Info("renewed the host's certificate", "expires", j.trust.holder.Leaf().NotAfter)
 }
 
 func (j *joiner) url() string {
@@ -268,8 +291,10 @@ func (j *joiner) run(ctx context.Context) error {
 			}
 		}
 		if registered {
+			j.renewIfDue(ctx)
 			switch err := j.heartbeat(ctx); {
-			case errors.Is(err, errUnauthorized):
+			case errors.Is(err, errRefused):
+				// Not known (any more) to this manager: register again.
 				registered = false
 				continue
 			case errors.Is(err, errDeclaredDead):
@@ -294,74 +319,15 @@ func (j *joiner) run(ctx context.Context) error {
 }
 
 var (
-	errUnauthorized = errors.New("the manager does not know this host")
 	errRefused      = errors.New("the manager refused this host")
 	errDeclaredDead = errors.New("the managers declared this host dead")
 )
 
-func (j *joiner) post(ctx context.Context, path string, body, out any, auth string) error {
-	b, _ := json.Marshal(body)
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, j.url()+path, bytes.NewReader(b))
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Content-Type", "application/json")
-	if auth != "" {
-		req.Header.Set("Authorization", "Bearer "+auth)
-	}
-	resp, err := j.http.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode == http.StatusUnauthorized && path != "/v1/hosts/register" {
-		return errUnauthorized
-	}
-	if resp.StatusCode == http.StatusGone {
-		return errDeclaredDead
-	}
-	if resp.StatusCode == http.StatusUnauthorized {
-		var e struct {
-			Error string `json:"error"`
-		}
-		json.NewDecoder(resp.Body).Decode(&e)
-		return fmt.Errorf("%w: %s", errRefused, e.Error)
-	}
-	if resp.StatusCode >= 300 {
-		var e struct {
-			Error string `json:"error"`
-		}
-		json.NewDecoder(resp.Body).Decode(&e)
-		return fmt.Errorf("%s: %s", resp.Status, e.Error)
-	}
-	if out != nil {
-		return json.NewDecoder(resp.Body).Decode(out)
-	}
-	return nil
-}
-
-// register presents the join token, or the secret from an earlier
-// registration (so a restarted host needs no new token).
+// register tells the managers where this (joined) host is, after a start
+// or a fence; its certificate names it.
 func (j *joiner) register(ctx context.Context) error {
-	tok := j.cfg.JoinToken
-	if s := j.currentSecret(); s != "" {
-		tok = s
-	}
-	var reg hostproto.Registered
-	fence := j.cfg.FenceAfter.Milliseconds()
-	err := j.post(ctx, "/v1/hosts/register", hostproto.Register{Name: j.cfg.Name, Token: tok, Addr: j.addr, Info: j.host.HostInfo(), FenceAfterMS: fence}, &reg, "")
-	if err != nil && tok != j.cfg.JoinToken && j.cfg.JoinToken != "" {
-		// The manager forgot us (a new cluster): try the join token.
-		err = j.post(ctx, "/v1/hosts/register", hostproto.Register{Name: j.cfg.Name, Token: j.cfg.JoinToken, Addr: j.addr, Info: j.host.HostInfo(), FenceAfterMS: fence}, &reg, "")
-	}
-	if err != nil {
+	if err := postJSON(ctx, j.http, j.url()+"/v1/hosts/register", j.registration(), nil); err != nil {
 		return err
-	}
-	j.mu.Lock()
-	j.secret = reg.Secret
-	j.mu.Unlock()
-	if err := atomicfile.WriteFile(j.secretPath, []byte(reg.Secret+"\n"), 0o600); err != nil {
-		j.log.Warn("keep host secret", "err", err)
 	}
 	j.log.Info("registered with manager", "manager", j.url())
 	return nil
@@ -369,12 +335,20 @@ func (j *joiner) register(ctx context.Context) error {
 
 func (j *joiner) heartbeat(ctx context.Context) error {
 	ev := j.out.take()
+	if d := j.out.Dropped(); d > j.dropped {
+		j.log.Warn("host events dropped: too many were queued", "dropped", d-j.dropped, "total", d)
+		j.dropped = d
+	}
 	hb := hostproto.Heartbeat{Info: j.host.HostInfo(), Statuses: j.host.Statuses(), Events: ev}
 	sent := time.Now()
-	if err := j.post(ctx, "/v1/hosts/"+j.cfg.Name+"/heartbeat", hb, nil, j.currentSecret()); err != nil {
+	if err := postJSON(ctx, j.http, j.url()+"/v1/hosts/"+j.cfg.Name+"/heartbeat", hb, nil); err != nil {
 		j.out.putBack(ev)
 		return err
 	}
 	j.acked(sent)
 	return nil
 }
+
+// hostTLSDir is where a host keeps the credentials QEMU reads for
+// migration streams.
+func hostTLSDir(dataDir string) string { return filepath.Join(dataDir, "host", "tls") }

@@ -78,7 +78,7 @@ func TestJoinerFencing(t *testing.T) {
 					if mode.Load() == answerGone {
 						mode.Store(answerOK)
 					}
-					w.Write([]byte(`{"secret":"s"}`))
+					w.WriteHeader(http.StatusNoContent)
 					return
 				}
 				switch mode.Load() {
@@ -97,8 +97,7 @@ func TestJoinerFencing(t *testing.T) {
 			host := &fencedHost{}
 			j := &joiner{cfg: HostConfig{Name: "h1", Managers: []string{srv.URL}, FenceAfter: fence},
 				log: slog.New(slog.DiscardHandler), addr: "127.0.0.1:1", host: host, interval: 50 * time.Millisecond,
-				out: &outbox{wake: make(chan struct{}, 1)}, http: &http.Client{Timeout: 10 * fence},
-				secretPath: t.TempDir() + "/secret", lastAck: time.Now()}
+				out: &outbox{wake: make(chan struct{}, 1)}, http: &http.Client{Timeout: 10 * fence}, lastAck: time.Now()}
 			ctx, cancel := context.WithCancel(context.Background())
 			done := make(chan struct{})
 			go func() { defer close(done); j.watchdog(ctx) }()

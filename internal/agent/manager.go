@@ -2,6 +2,8 @@ package agent
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"log/slog"
 	"net"
@@ -40,6 +42,39 @@ type ManagerConfig struct {
 	// Overcommit bounds what the scheduler promises a host (zero values:
 	// manager.DefaultOvercommit).
 	Overcommit manager.Overcommit
+	// CertTTL is the life of node certificates (default 24h).
+	CertTTL time.Duration
+	// EtcdTLS, for an external etcd over https.
+	EtcdTLS EtcdTLS
+}
+
+// EtcdTLS are PEM files for an external etcd's TLS (all optional: the CA
+// to trust, a client certificate and key if etcd asks for one).
+type EtcdTLS struct{ CA, Cert, Key string }
+
+func (e EtcdTLS) config() (*tls.Config, error) {
+	if e == (EtcdTLS{}) {
+		return nil, nil
+	}
+	c := &tls.Config{MinVersion: tls.VersionTLS12}
+	if e.CA != "" {
+		b, err := os.ReadFile(e.CA)
+		if err != nil {
+			return nil, fmt.Errorf("--etcd-ca: %w", err)
+		}
+		c.RootCAs = x509.NewCertPool()
+		if !c.RootCAs.AppendCertsFromPEM(b) {
+			return nil, fmt.Errorf("--etcd-ca %s holds no PEM certificate", e.CA)
+		}
+	}
+	if e.Cert != "" || e.Key != "" {
+		kp, err := tls.LoadX509KeyPair(e.Cert, e.Key)
+		if err != nil {
+			return nil, fmt.Errorf("--etcd-cert/--etcd-key: %w", err)
+		}
+		c.Certificates = []tls.Certificate{kp}
+	}
+	return c, nil
 }
 
 // RunManager runs a manager (API, controllers, store) with no host of its
@@ -57,7 +92,11 @@ func RunManager(ctx context.Context, cfg ManagerConfig) error {
 
 	var cli *clientv3.Client
 	if len(cfg.EtcdEndpoints) > 0 {
-		cli, err = clientv3.New(clientv3.Config{Endpoints: cfg.EtcdEndpoints, DialTimeout: 5 * time.Second})
+		tc, err := cfg.EtcdTLS.config()
+		if err != nil {
+			return err
+		}
+		cli, err = clientv3.New(clientv3.Config{Endpoints: cfg.EtcdEndpoints, DialTimeout: 5 * time.Second, TLS: tc})
 		if err != nil {
 			return fmt.Errorf("connect to etcd %s: %w", strings.Join(cfg.EtcdEndpoints, ","), err)
 		}
@@ -81,12 +120,29 @@ func RunManager(ctx context.Context, cfg ManagerConfig) error {
 		defer etcd.Close()
 		cli = etcd.Client()
 	}
-	mgr := manager.New(manager.Config{Store: store.New(cli, "/vigil/"), Events: events.New(1000), Logger: log, Name: cfg.Name,
+	if cfg.Name == "" {
+		cfg.Name, _ = os.Hostname()
+	}
+	st := store.New(cli, "/vigil/")
+	id, err := managerIdentity(ctx, st, cfg.Name, cfg.Listen, cfg.CertTTL)
+	if err != nil {
+		return err
+	}
+	mgr := manager.New(manager.Config{Store: st, Events: events.New(1000), Logger: log, Name: cfg.Name, Identity: id, CertTTL: cfg.CertTTL,
 		HostDeadAfter: cfg.HostDeadAfter, ShareEvents: true, Overcommit: cfg.Overcommit, StepHook: crashHook(log)})
-	return serve(ctx, ln, mgr, log, cfg.Ready, func(ctx context.Context) {
+	cpath, err := writeClientConfigs(ctx, mgr, cfg.DataDir, "admin-"+cfg.Name, apiURL(ln), id.CA.CertPEM, false)
+	if err != nil {
+		return err
+	}
+	log.Info("admin cli configuration written", "path", cpath)
+	return serve(ctx, tls.NewListener(ln, id.ServerTLS()), mgr, log, cfg.Ready, func(ctx context.Context) {
 		var wg sync.WaitGroup
-		wg.Add(1)
+		wg.Add(2)
 		go func() { defer wg.Done(); mgr.Run(ctx) }()
+		// On every manager, not only the leader: under the quota alarm no
+		// leader can be elected (campaigning writes), and compacting twice
+		// is harmless.
+		go func() { defer wg.Done(); store.NewMaintainer(cli, store.MaintainConfig{}, log).Run(ctx) }()
 		lead(ctx, cli, cfg.Name, mgr, log)
 		wg.Wait()
 	})
@@ -136,15 +192,17 @@ func lead(ctx context.Context, cli *clientv3.Client, name string, mgr *manager.M
 // serve runs the API until ctx ends, and controllers runs the controllers
 // (directly, or only while leading); it returns once both stopped.
 func serve(ctx context.Context, ln net.Listener, mgr *manager.Manager, log *slog.Logger, ready func(string), controllers func(context.Context)) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	srv := newServer(mgr.Handler(), ctx)
+	// The controllers (and the VM locks they hold) outlive the API's
+	// drain: a request still running at shutdown keeps its lock until it
+	// has recorded its outcome.
+	ctlCtx, stopControllers := context.WithCancel(context.WithoutCancel(ctx))
+	ctlDone := make(chan struct{})
+	go func() { defer close(ctlDone); controllers(ctlCtx) }()
+	defer func() { stopControllers(); <-ctlDone }()
+	srv := newServer(mgr.Handler(), ctlCtx)
 	srvDone := make(chan error, 1)
 	go func() { srvDone <- srv.Serve(ln) }()
-	ctlDone := make(chan struct{})
-	go func() { defer close(ctlDone); controllers(ctx) }()
-	defer func() { cancel(); <-ctlDone }()
-	log.Info("vigil manager ready", "api", "http://"+ln.Addr().String())
+	log.Info("vigil manager ready", "api", "https://"+ln.Addr().String())
 	if ready != nil {
 		ready(ln.Addr().String())
 	}

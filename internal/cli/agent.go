@@ -13,6 +13,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/vigil-project/vigil/client"
 	"github.com/vigil-project/vigil/internal/agent"
 	"github.com/vigil-project/vigil/internal/manager"
 )
@@ -21,7 +22,8 @@ func newAgentCmd(g *globals) *cobra.Command {
 	var cfg agent.DevConfig
 	var dev, isHost bool
 	var logLevel, managerFlag, managers, joinToken, etcdEndpoints, etcdPeers, storagePool string
-	var fenceAfter, deadAfter time.Duration
+	var fenceAfter, deadAfter, certTTL time.Duration
+	var etcdCA, etcdCert, etcdKey string
 	var oc manager.Overcommit
 	cmd := &cobra.Command{
 		Use:   "agent",
@@ -81,8 +83,12 @@ func newAgentCmd(g *globals) *cobra.Command {
 				if oc.Memory <= 0 || oc.Memory > 4 || oc.CPU <= 0 || oc.CPU > 64 {
 					return fmt.Errorf("--memory-overcommit %g / --cpu-overcommit %g out of range: use 0 < memory ≤ 4 and 0 < cpu ≤ 64 (1.0 promises exactly what a host has)", oc.Memory, oc.CPU)
 				}
+				if certTTL < 10*time.Minute {
+					return fmt.Errorf("--cert-ttl %s is too short: hosts renew at half-life and must survive a manager outage; use at least 10m", certTTL)
+				}
 				return agent.RunManager(ctx, agent.ManagerConfig{Overcommit: oc, Listen: cfg.Listen, DataDir: cfg.DataDir, Name: cfg.HostName,
-					EtcdEndpoints: splitList(etcdEndpoints), EtcdPeers: peers, Logger: log, HostDeadAfter: deadAfter})
+					EtcdEndpoints: splitList(etcdEndpoints), EtcdPeers: peers, Logger: log, HostDeadAfter: deadAfter, CertTTL: certTTL,
+					EtcdTLS: agent.EtcdTLS{CA: etcdCA, Cert: etcdCert, Key: etcdKey}})
 			case isHost:
 				if cfg.HostName == "" {
 					return fmt.Errorf("--host needs --name")
@@ -98,9 +104,9 @@ func newAgentCmd(g *globals) *cobra.Command {
 			cfg.Logger = log
 			cfg.Progress = progress
 			cfg.Ready = func(addr string) {
-				fmt.Fprintf(os.Stderr, "\nVigil is running: API on http://%s, data in %s.\n", addr, cfg.DataDir)
-				fmt.Fprintf(os.Stderr, "In another terminal try:\n")
-				fmt.Fprintf(os.Stderr, "  export VIGIL_ADDR=http://%s\n", addr)
+				fmt.Fprintf(os.Stderr, "\nVigil is running: API on https://%s, data in %s.\n", addr, cfg.DataDir)
+				fmt.Fprintf(os.Stderr, "The CLI configuration (API, CA, admin token) is in %s/client.yaml,\n", cfg.DataDir)
+				fmt.Fprintf(os.Stderr, "and in %s unless you had your own. In another terminal try:\n", client.DefaultConfigPath())
 				fmt.Fprintf(os.Stderr, "  vigil vm create web1 --memory 128M --cpus 1 --disk 256M --start --wait\n")
 				fmt.Fprintf(os.Stderr, "  vigil vm list; vigil vm show web1; vigil events --follow\n")
 				fmt.Fprintf(os.Stderr, "Stop with Ctrl-C: virtual servers keep running and are adopted at the next start.\n\n")
@@ -128,6 +134,10 @@ func newAgentCmd(g *globals) *cobra.Command {
 	f.DurationVar(&deadAfter, "host-dead-after", manager.DefaultHostDeadAfter, "with --manager: declare a host dead (and restart its VMs elsewhere) after this long without heartbeats; must exceed every host's --fence-after by 2s")
 	f.Float64Var(&oc.Memory, "memory-overcommit", manager.DefaultOvercommit.Memory, "with --manager: memory the scheduler may promise a host, as a multiple of what it has (1.0: never more)")
 	f.Float64Var(&oc.CPU, "cpu-overcommit", manager.DefaultOvercommit.CPU, "with --manager: vCPUs the scheduler may promise a host, per host CPU")
+	f.DurationVar(&certTTL, "cert-ttl", 24*time.Hour, "with --manager: how long the certificates issued to hosts and managers live (renewed at half-life)")
+	f.StringVar(&etcdCA, "etcd-ca", "", "with --etcd-endpoints: CA certificate (PEM file) of the external etcd's TLS")
+	f.StringVar(&etcdCert, "etcd-cert", "", "with --etcd-endpoints: client certificate (PEM file) for the external etcd")
+	f.StringVar(&etcdKey, "etcd-key", "", "with --etcd-endpoints: client key (PEM file) for the external etcd")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd
 }

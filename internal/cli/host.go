@@ -35,27 +35,41 @@ func newHostCmd(g *globals) *cobra.Command {
 					if pool == "" {
 						pool = "-"
 					}
+					if h.PoolLocks == "not-shared" {
+						pool += " (locks not shared!)"
+					}
 					row(w, h.Name, state, h.Accel, h.CPUs, humanSize(h.MemoryBytes), h.VMs, pool, h.QEMUVersion, ago(h.LastHeartbeat))
 				}
 			})
 		},
 	})
-	cmd.AddCommand(&cobra.Command{
+	var forHost string
+	jt := &cobra.Command{
 		Use:   "join-token",
 		Short: "Make a token that admits one new host (valid for an hour); the token is the last line",
-		Args:  cobra.NoArgs,
+		Long: `Make a token that admits one new host, valid for an hour. It carries the fingerprint of the
+cluster's CA: the host checks it talks to this cluster before it sends anything, makes its own key,
+and gets a certificate naming it. A token never lets a host take the name of a registered host; to
+replace one that lost its keys, make a token for it with --host NAME.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			tok, exp, err := g.client().JoinToken(cmd.Context())
+			tok, err := g.client().JoinToken(cmd.Context(), forHost)
 			if err != nil {
 				return err
 			}
 			if !g.quiet {
-				fmt.Fprintf(g.out, "Start the host agent with --join-token; this token admits one host until %s:\n", exp.Local().Format(time.DateTime))
+				who := "one new host"
+				if tok.Host != "" {
+					who = "host " + tok.Host
+				}
+				fmt.Fprintf(g.out, "Start the host agent with --join-token; this token admits %s until %s:\n", who, tok.Expires.Local().Format(time.DateTime))
 			}
-			fmt.Fprintln(g.out, tok)
+			fmt.Fprintln(g.out, tok.Token)
 			return nil
 		},
-	})
+	}
+	jt.Flags().StringVar(&forHost, "host", "", "admit only this host name, even if registered (to replace a host that lost its keys)")
+	cmd.AddCommand(jt)
 	cmd.AddCommand(&cobra.Command{
 		Use:   "drain NAME",
 		Short: "Keep new VMs off a host and move its VMs away (running ones live)",

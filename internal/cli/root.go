@@ -3,8 +3,10 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"strings"
 
@@ -16,13 +18,64 @@ import (
 // globals are the persistent flags every command shares.
 type globals struct {
 	addr   string
+	config string
 	output string
 	quiet  bool
 	out    io.Writer
 	errOut io.Writer
 }
 
-func (g *globals) client() *client.Client { return client.New(g.addr) }
+// client is the API client the configuration describes; if it cannot be
+// loaded, every call fails with the reason.
+func (g *globals) client() *client.Client {
+	cfg, err := g.loadConfig()
+	if err != nil {
+		return client.Unusable(err)
+	}
+	c, err := client.NewFromConfig(cfg)
+	if err != nil {
+		return client.Unusable(err)
+	}
+	return c
+}
+
+// loadConfig finds how to reach the API: --config FILE or VIGIL_CONFIG;
+// else VIGIL_ADDR with VIGIL_TOKEN and VIGIL_CACERT (a PEM file); else the
+// user's default file (written by 'vigil agent --dev'). --addr overrides
+// the URL of any of them.
+func (g *globals) loadConfig() (client.Config, error) {
+	var cfg client.Config
+	var err error
+	switch {
+	case g.config != "":
+		cfg, err = client.LoadConfig(g.config)
+	case os.Getenv("VIGIL_ADDR") != "" || os.Getenv("VIGIL_TOKEN") != "":
+		cfg = client.Config{URL: os.Getenv("VIGIL_ADDR"), Token: os.Getenv("VIGIL_TOKEN")}
+		if cfg.URL == "" {
+			cfg.URL = client.DefaultAddr
+		}
+		if p := os.Getenv("VIGIL_CACERT"); p != "" {
+			b, rerr := os.ReadFile(p)
+			if rerr != nil {
+				return cfg, fmt.Errorf("VIGIL_CACERT: %w", rerr)
+			}
+			cfg.CACert = string(b)
+		}
+	default:
+		path := client.DefaultConfigPath()
+		cfg, err = client.LoadConfig(path)
+		if errors.Is(err, fs.ErrNotExist) {
+			return cfg, fmt.Errorf("no vigil configuration: start 'vigil agent --dev' (it writes %s), or give --config FILE (an agent's DATA_DIR/client.yaml), or set VIGIL_ADDR, VIGIL_TOKEN and VIGIL_CACERT", path)
+		}
+	}
+	if err != nil {
+		return cfg, err
+	}
+	if g.addr != "" {
+		cfg.URL = g.addr
+	}
+	return cfg, nil
+}
 
 // NewRoot builds the vigil command tree.
 func NewRoot() *cobra.Command {
@@ -42,14 +95,12 @@ func NewRoot() *cobra.Command {
 			return nil
 		},
 	}
-	addr := os.Getenv("VIGIL_ADDR")
-	if addr == "" {
-		addr = client.DefaultAddr
-	}
-	root.PersistentFlags().StringVar(&g.addr, "addr", addr, "address of the vigil API (env VIGIL_ADDR)")
+	root.PersistentFlags().StringVar(&g.addr, "addr", "", "URL of the vigil API, overriding the configuration's (https://HOST:PORT)")
+	root.PersistentFlags().StringVar(&g.config, "config", os.Getenv("VIGIL_CONFIG"), "the CLI configuration: API URL, CA certificate, token (env VIGIL_CONFIG; default "+client.DefaultConfigPath()+")")
 	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "output format: table, json or yaml")
 	root.PersistentFlags().BoolVarP(&g.quiet, "quiet", "q", false, "print only what scripts need")
-	root.AddCommand(newVMCmd(g), newSnapshotCmd(g), newHostCmd(g), newEventsCmd(g), newImageCmd(g), newAgentCmd(g))
+	root.AddCommand(newVMCmd(g), newSnapshotCmd(g), newHostCmd(g), newEventsCmd(g), newImageCmd(g), newAgentCmd(g),
+		newTokenCmd(g), newAuditCmd(g), newAPICmd(g))
 	// cobra adds its "completion" group lazily on Execute; add it now so the
 	// walk below covers it too (it is a no-op if it already exists).
 	root.InitDefaultCompletionCmd()

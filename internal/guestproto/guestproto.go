@@ -17,6 +17,7 @@ import (
 	"io"
 	"sync"
 	"time"
+	"unicode/utf8"
 )
 
 // Version is the protocol major version spoken by this package.
@@ -42,8 +43,9 @@ const (
 	TypeExecResult = "exec-result"
 )
 
-// MaxExecOutput bounds the output an exec result carries, so that the
-// result (JSON-escaped) stays well inside MaxLineBytes.
+// MaxExecOutput bounds the output an exec result carries. JSON escaping
+// can grow output up to six times (a control byte becomes \u0001), so a
+// result is further cut to fit its line: see FitExecResult.
 const MaxExecOutput = 16 << 10
 
 var (
@@ -80,7 +82,8 @@ type Exec struct {
 // ExecResult is the outcome of an Exec.
 type ExecResult struct {
 	ExitCode int `json:"exit_code"`
-	// Output is stdout and stderr together, cut to MaxExecOutput bytes.
+	// Output is stdout and stderr together, cut to MaxExecOutput bytes and
+	// to what fits in one line (FitExecResult).
 	Output    string `json:"output"`
 	Truncated bool   `json:"truncated,omitempty"`
 	// Error is set when the command could not be run at all (or timed out).
@@ -233,4 +236,87 @@ func (d *Decoder) drain(lastErr error) error {
 		}
 		_, lastErr = d.r.ReadSlice('\n')
 	}
+}
+
+// FitExecResult cuts r's output so that the exec-result message answering
+// id encodes to at most MaxLineBytes, whatever bytes the command printed,
+// and marks it Truncated if anything was cut. A line over the limit would
+// be refused by Encode (and by the peer's Decoder), leaving the caller
+// without an answer.
+func FitExecResult(id string, r ExecResult) ExecResult {
+	if len(r.Output) > MaxExecOutput {
+		r.Output, r.Truncated = cutValid(r.Output, MaxExecOutput), true
+	}
+	env := r
+	env.Output, env.Truncated = "", true // the envelope as it is once cut
+	b, err := json.Marshal(Message{V: Version, Type: TypeExecResult, ID: id, ExecResult: &env})
+	if err != nil {
+		return r
+	}
+	budget := MaxLineBytes - len(b)
+	if n := jsonLen(r.Output); n <= budget {
+		return r
+	}
+	r.Output, r.Truncated = cutJSON(r.Output, max(budget, 0)), true
+	return r
+}
+
+// jsonLen is the length of s inside a JSON string as encoding/json writes
+// it (HTML-safe escaping on), or more: it may overestimate, never under.
+func jsonLen(s string) int {
+	n := 0
+	for i := 0; i < len(s); {
+		w, size := runeJSONLen(s[i:])
+		n += w
+		i += size
+	}
+	return n
+}
+
+// cutJSON returns the longest prefix of s, ending on a character
+// boundary, whose JSON encoding takes at most budget bytes.
+func cutJSON(s string, budget int) string {
+	n := 0
+	for i := 0; i < len(s); {
+		w, size := runeJSONLen(s[i:])
+		if n+w > budget {
+			return s[:i]
+		}
+		n += w
+		i += size
+	}
+	return s
+}
+
+// cutValid cuts s to at most n bytes without splitting a UTF-8 sequence.
+func cutValid(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for i := n; i > n-utf8.UTFMax && i > 0; i-- {
+		if utf8.RuneStart(s[i]) {
+			return s[:i]
+		}
+	}
+	return s[:n]
+}
+
+// runeJSONLen is the encoded length of the first character of s (a byte
+// of invalid UTF-8 counts as one character) and its length in s.
+func runeJSONLen(s string) (encoded, size int) {
+	if c := s[0]; c < utf8.RuneSelf {
+		switch {
+		case c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t':
+			return 2, 1
+		case c < 0x20 || c == '<' || c == '>' || c == '&':
+			return 6, 1 // \u00XX
+		default:
+			return 1, 1
+		}
+	}
+	r, size := utf8.DecodeRuneInString(s)
+	if r == utf8.RuneError && size == 1 || r == '\u2028' || r == '\u2029' {
+		return 6, size // \ufffd, \u2028, \u2029
+	}
+	return size, size
 }

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -37,9 +38,13 @@ type Config struct {
 	// MigrationHost is the address incoming live migrations listen on
 	// (default 127.0.0.1); it must be reachable from the other hosts.
 	MigrationHost string
-	Accel         string // auto, kvm or tcg
-	Image         Image
-	Logger        *slog.Logger
+	// MigrationTLSDir holds the host's certificate, key and the cluster CA
+	// as QEMU's tls-creds-x509 reads them; live migrations go over TLS
+	// with them (a host without one neither sends nor takes migrations).
+	MigrationTLSDir string
+	Accel           string // auto, kvm or tcg
+	Image           Image
+	Logger          *slog.Logger
 	// Notify receives every host event. It is called from the agent's
 	// goroutines and must not block for long.
 	Notify func(hostproto.Event)
@@ -54,6 +59,15 @@ type Agent struct {
 	poolID  string
 	cutOff  atomic.Bool // see SetCutOff
 	log     *slog.Logger
+
+	// guestLimits bound what each guest can make the agent do (zero: the
+	// defaults; tests shorten them).
+	guestLimits guestLimits
+	// poolLocks checks the pool's locks while Run runs (see PoolLocks).
+	poolLocks atomic.Pointer[lockCheck]
+	// execGrace is how long past a command's timeout Exec waits (zero: the
+	// default; tests shorten it).
+	execGrace time.Duration
 
 	mu  sync.Mutex
 	vms map[string]*vm
@@ -115,6 +129,7 @@ func (a *Agent) HostInfo() api.Host {
 		QEMUVersion:   a.qemuVer,
 		LastHeartbeat: time.Now().UTC(),
 		StoragePool:   a.poolID,
+		PoolLocks:     a.PoolLocks(),
 	}
 }
 
@@ -129,15 +144,7 @@ func (a *Agent) Recover(ctx context.Context) error {
 // stopping the agent never stops the VMs.
 func (a *Agent) Run(ctx context.Context) error {
 	if a.poolID != "" {
-		t := time.NewTicker(time.Second)
-		defer t.Stop()
-		for ctx.Err() == nil {
-			select {
-			case <-ctx.Done():
-			case <-t.C:
-				a.Sweep()
-			}
-		}
+		a.watchPool(ctx)
 	}
 	<-ctx.Done()
 	a.mu.Lock()
@@ -160,12 +167,15 @@ func (a *Agent) storeDir(spec hostproto.VMSpec) string {
 	return a.vmDir(spec.Name)
 }
 
-// loadAndAdopt reads each VM's spec.json and reconnects to live QEMUs.
+// loadAndAdopt reads each VM's spec.json and reconnects to live QEMUs,
+// then fences every QEMU of this data dir it could not adopt.
 func (a *Agent) loadAndAdopt(ctx context.Context) error {
 	ents, err := os.ReadDir(filepath.Join(a.cfg.DataDir, "vms"))
 	if err != nil {
 		return fmt.Errorf("list vms: %w", err)
 	}
+	// why each VM directory is not managed, for fenceUnadopted
+	unmanaged := map[string]string{}
 	for _, e := range ents {
 		if !e.IsDir() {
 			continue
@@ -174,10 +184,12 @@ func (a *Agent) loadAndAdopt(ctx context.Context) error {
 		b, err := os.ReadFile(filepath.Join(a.vmDir(e.Name()), "spec.json"))
 		if err != nil || json.Unmarshal(b, &spec) != nil {
 			a.log.Warn("skipping vm directory without a valid spec", "dir", a.vmDir(e.Name()))
+			unmanaged[e.Name()] = "its directory has no readable spec"
 			continue
 		}
 		if spec.Pool != "" && spec.Pool != a.poolID {
 			a.log.Error("vm's storage pool is not mounted here: start the host agent with its --storage-pool", "vm", spec.Name, "pool", spec.Pool)
+			unmanaged[e.Name()] = fmt.Sprintf("its storage pool is not mounted here (it is in %s): another host may run it", spec.Pool)
 			continue
 		}
 		v := a.newVM(spec)
@@ -190,13 +202,59 @@ func (a *Agent) loadAndAdopt(ctx context.Context) error {
 		}
 		if err != nil {
 			a.log.Error("adopt failed", "vm", spec.Name, "err", err)
+			unmanaged[e.Name()] = fmt.Sprintf("adoption failed: %v", err)
 			continue
 		}
 		a.log.Info("adopted running vm", "vm", spec.Name, "pid", p.PID)
 		v.attach(p)
 		a.notify(spec.Name, hostproto.EventAdopted, false, fmt.Sprintf("pid %d", p.PID))
 	}
+	a.fenceUnadopted(ctx, unmanaged)
 	return nil
+}
+
+// fenceUnadopted kills every QEMU of this data dir that the agent does not
+// manage now: nothing would supervise it, report its crashes or stop it, and
+// a pooled one may run on another host too, both writing its disk. why
+// gives the reason for the VM directories loadAndAdopt gave up on.
+func (a *Agent) fenceUnadopted(ctx context.Context, why map[string]string) {
+	found, err := qemu.FindUnder(filepath.Join(a.cfg.DataDir, "vms"))
+	if err != nil {
+		a.log.Error("look for unmanaged qemu processes", "err", err)
+	}
+	for _, f := range found {
+		name := filepath.Base(f.Dir)
+		a.mu.Lock()
+		v := a.vms[name]
+		a.mu.Unlock()
+		if v != nil {
+			v.mu.Lock()
+			adopted := v.proc != nil && v.proc.PID == f.PID
+			v.mu.Unlock()
+			if adopted {
+				continue
+			}
+		}
+		reason, ok := why[name]
+		switch {
+		case ok:
+		case v == nil:
+			reason = "no vm directory or spec on this host"
+		default:
+			reason = "not adopted: its pid file does not name it"
+		}
+		// Not the caller's context: adoption may have used it up, and the
+		// kill must still happen.
+		kctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		err := qemu.KillFound(kctx, f)
+		cancel()
+		if err != nil {
+			a.log.Error("fence unmanaged qemu: kill failed", "vm", name, "pid", f.PID, "reason", reason, "err", err)
+			continue
+		}
+		a.log.Warn("fenced unmanaged qemu: killed", "vm", name, "pid", f.PID, "reason", reason)
+		a.notify(name, hostproto.EventFenced, true, "unmanaged qemu killed after an agent restart: "+reason)
+	}
 }
 
 func (a *Agent) newVM(spec hostproto.VMSpec) *vm {
@@ -233,14 +291,31 @@ func (a *Agent) get(name string) (*vm, error) {
 }
 
 // Create makes the VM's directory and disk. A failure leaves nothing behind.
-func (a *Agent) Create(ctx context.Context, spec hostproto.VMSpec) (_ hostproto.None, err error) {
+func (a *Agent) Create(ctx context.Context, req hostproto.CreateRequest) (_ hostproto.CreateResult, err error) {
+	spec := req.Spec
+	fail := func(err error) (hostproto.CreateResult, error) { return hostproto.CreateResult{}, err }
 	if err := checkName("vm", spec.Name); err != nil {
-		return none(err)
+		return fail(err)
 	}
 	a.mu.Lock()
 	if _, ok := a.vms[spec.Name]; ok {
 		a.mu.Unlock()
-		return none(fmt.Errorf("create %s: a vm of that name is already on this host", spec.Name))
+		return fail(fmt.Errorf("create %s: a vm of that name is already on this host", spec.Name))
+	}
+	if spec.HostPort == 0 {
+		// The port the guest's endpoint is forwarded from is this host's:
+		// ask this host's kernel, avoiding what the cluster's VMs hold.
+		avoid := map[int]bool{}
+		for _, p := range req.AvoidPorts {
+			avoid[p] = true
+		}
+		for _, v := range a.vms {
+			avoid[v.spec.HostPort] = true
+		}
+		if spec.HostPort, err = freePort(avoid); err != nil {
+			a.mu.Unlock()
+			return fail(fmt.Errorf("create %s: no free port for its endpoint: %w", spec.Name, err))
+		}
 	}
 	v := a.newVM(spec)
 	v.creating = true
@@ -263,34 +338,34 @@ func (a *Agent) Create(ctx context.Context, spec hostproto.VMSpec) (_ hostproto.
 		v.creating = false
 	}()
 	if err := v.machine.Validate(); err != nil {
-		return none(fmt.Errorf("create %s: %w", spec.Name, err))
+		return fail(fmt.Errorf("create %s: %w", spec.Name, err))
 	}
 	if spec.Pool != "" && spec.Pool != a.poolID {
-		return none(fmt.Errorf("create %s: %w (it is meant for %s, this host has %q)", spec.Name, ErrWrongPool, spec.Pool, a.poolID))
+		return fail(fmt.Errorf("create %s: %w (it is meant for %s, this host has %q)", spec.Name, ErrWrongPool, spec.Pool, a.poolID))
 	}
 	if v.storeDir != dir {
 		// Mkdir, not MkdirAll: a leftover directory of the same name in the
 		// pool belongs to someone else and must not be reused or removed.
 		if err := os.Mkdir(v.storeDir, 0o755); err != nil {
-			return none(fmt.Errorf("create %s in the storage pool: %w (remove %s if it is a leftover)", spec.Name, err, v.storeDir))
+			return fail(fmt.Errorf("create %s in the storage pool: %w (remove %s if it is a leftover)", spec.Name, err, v.storeDir))
 		}
 		madeStore = true
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return none(fmt.Errorf("create %s: %w", spec.Name, err))
+		return fail(fmt.Errorf("create %s: %w", spec.Name, err))
 	}
 	if err := qemu.CreateDisk(ctx, v.machine.Disk, spec.DiskBytes); err != nil {
-		return none(fmt.Errorf("create %s: %w", spec.Name, err))
+		return fail(fmt.Errorf("create %s: %w", spec.Name, err))
 	}
 	if v.pooled() {
 		if err := v.writeOwner(spec.Epoch); err != nil {
-			return none(fmt.Errorf("create %s: %w", spec.Name, err))
+			return fail(fmt.Errorf("create %s: %w", spec.Name, err))
 		}
 	}
 	if err := v.writeSpec(); err != nil {
-		return none(fmt.Errorf("create %s: %w", spec.Name, err))
+		return fail(fmt.Errorf("create %s: %w", spec.Name, err))
 	}
-	return hostproto.None{}, nil
+	return hostproto.CreateResult{HostPort: spec.HostPort}, nil
 }
 
 // Start boots the VM's QEMU process.
@@ -382,4 +457,20 @@ func memTotal() int64 {
 	var kb int64
 	fmt.Sscanf(string(b), "MemTotal: %d kB", &kb)
 	return kb << 10
+}
+
+// freePort asks the kernel for a free loopback port not in avoid.
+func freePort(avoid map[int]bool) (int, error) {
+	for i := 0; i < 100; i++ {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return 0, err
+		}
+		p := l.Addr().(*net.TCPAddr).Port
+		l.Close()
+		if !avoid[p] {
+			return p, nil
+		}
+	}
+	return 0, errors.New("no free port after 100 tries")
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -40,7 +41,7 @@ func spec(name string, disk int64) hostproto.VMSpec {
 func TestCreateAndDelete(t *testing.T) {
 	a := newTestAgent(t)
 	ctx := context.Background()
-	if _, err := a.Create(ctx, spec("web1", 64<<20)); err != nil {
+	if _, err := a.Create(ctx, hostproto.CreateRequest{Spec: spec("web1", 64<<20)}); err != nil {
 		t.Fatalf("create: %v", err)
 	}
 	dir := a.vmDir("web1")
@@ -49,7 +50,7 @@ func TestCreateAndDelete(t *testing.T) {
 			t.Fatalf("%s missing after create: %v", f, err)
 		}
 	}
-	if _, err := a.Create(ctx, spec("web1", 64<<20)); err == nil {
+	if _, err := a.Create(ctx, hostproto.CreateRequest{Spec: spec("web1", 64<<20)}); err == nil {
 		t.Fatal("second create of the same name succeeded")
 	}
 	if st, err := a.Status(ctx, hostproto.VMRef{VM: "web1"}); err != nil || st.Running {
@@ -74,7 +75,7 @@ func TestCreateAndDelete(t *testing.T) {
 
 func TestFailedCreateLeavesNothing(t *testing.T) {
 	a := newTestAgent(t)
-	_, err := a.Create(context.Background(), spec("web1", -1)) // qemu-img refuses the size
+	_, err := a.Create(context.Background(), hostproto.CreateRequest{Spec: spec("web1", -1)}) // qemu-img refuses the size
 	if err == nil {
 		t.Fatal("create with an impossible disk succeeded")
 	}
@@ -89,7 +90,7 @@ func TestFailedCreateLeavesNothing(t *testing.T) {
 func TestRecoverLoadsSpecsWithoutProcesses(t *testing.T) {
 	a := newTestAgent(t)
 	ctx := context.Background()
-	if _, err := a.Create(ctx, spec("web1", 64<<20)); err != nil {
+	if _, err := a.Create(ctx, hostproto.CreateRequest{Spec: spec("web1", 64<<20)}); err != nil {
 		t.Fatal(err)
 	}
 	os.MkdirAll(filepath.Join(a.cfg.DataDir, "vms", "junk"), 0o755) // no spec.json: skipped
@@ -130,7 +131,7 @@ func (s *syncBuffer) String() string {
 func TestConsoleFollowsAcrossReboots(t *testing.T) {
 	a := newTestAgent(t)
 	ctx := context.Background()
-	if _, err := a.Create(ctx, spec("web1", 64<<20)); err != nil {
+	if _, err := a.Create(ctx, hostproto.CreateRequest{Spec: spec("web1", 64<<20)}); err != nil {
 		t.Fatal(err)
 	}
 	log, _ := a.SerialLog("web1")
@@ -172,5 +173,37 @@ func waitUntil(t *testing.T, cond func() bool) {
 			t.Fatal("condition not met within 3s")
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestCreatePicksAHostPort: a VM without a port gets one free on this
+// host, none the cluster's other VMs hold (the manager passes those).
+func TestCreatePicksAHostPort(t *testing.T) {
+	a := newTestAgent(t)
+	ctx := context.Background()
+	s := spec("p1", 64<<20)
+	s.HostPort = 0
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	taken := l.Addr().(*net.TCPAddr).Port
+	res, err := a.Create(ctx, hostproto.CreateRequest{Spec: s, AvoidPorts: []int{taken + 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.HostPort == 0 || res.HostPort == taken || res.HostPort == taken+1 {
+		t.Fatalf("port %d (taken %d, avoided %d)", res.HostPort, taken, taken+1)
+	}
+	v, _ := a.get("p1")
+	if v.spec.HostPort != res.HostPort || v.machine.HostPort != res.HostPort {
+		t.Fatalf("vm keeps port %d/%d, answered %d", v.spec.HostPort, v.machine.HostPort, res.HostPort)
+	}
+	// A port given in the spec is kept (a VM moving between hosts).
+	s2 := spec("p2", 64<<20)
+	s2.HostPort = 40123
+	if res, err := a.Create(ctx, hostproto.CreateRequest{Spec: s2}); err != nil || res.HostPort != 40123 {
+		t.Fatalf("given port: %+v, %v", res, err)
 	}
 }

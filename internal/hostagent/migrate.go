@@ -3,10 +3,14 @@ package hostagent
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/pki"
 	"github.com/vigil-project/vigil/internal/qemu"
 )
 
@@ -21,11 +25,19 @@ import (
 // stays the VM's; if anything fails before the switchover the source keeps
 // running and MigrateAbort removes the destination's QEMU.
 
-// MigrateIn starts a QEMU for spec waiting for a live migration and returns
-// the URI the source must send to.
-func (a *Agent) MigrateIn(ctx context.Context, spec hostproto.VMSpec) (hostproto.MigrateInResult, error) {
+// MigrateIn starts a QEMU for req.Spec waiting for a live migration from
+// host req.Source (over TLS: only that host's certificate is admitted) and
+// returns the port it listens on.
+func (a *Agent) MigrateIn(ctx context.Context, req hostproto.MigrateInRequest) (hostproto.MigrateInResult, error) {
+	spec := req.Spec
 	if err := checkName("vm", spec.Name); err != nil {
 		return hostproto.MigrateInResult{}, err
+	}
+	if err := checkName("host", req.Source); err != nil {
+		return hostproto.MigrateInResult{}, err
+	}
+	if a.cfg.MigrationTLSDir == "" {
+		return hostproto.MigrateInResult{}, fmt.Errorf("migrate %s here: %w: this host has no certificate, and migration streams go over TLS only", spec.Name, ErrInvalid)
 	}
 	if spec.Pool == "" || spec.Pool != a.poolID {
 		return hostproto.MigrateInResult{}, fmt.Errorf("migrate %s here: %w (it is in %q, this host has %q)", spec.Name, ErrWrongPool, spec.Pool, a.poolID)
@@ -57,40 +69,53 @@ func (a *Agent) MigrateIn(ctx context.Context, spec hostproto.VMSpec) (hostproto
 	}
 	m := v.machine
 	m.Incoming, m.NoHostFwd = true, true
-	v.opMu.Lock()
-	defer v.opMu.Unlock()
+	defer v.lockOp("migrate-in")()
 	p, err := v.launch(ctx, m, true)
 	if err != nil {
 		return fail(err)
 	}
 	v.attach(p)
-	uri, err := qemu.MigrateIncoming(ctx, p.Monitor, a.cfg.MigrationHost)
-	if err != nil {
-		kctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-		v.killLocked(kctx, p)
-		cancel()
-		return fail(err)
+	tls := &qemu.MigrationTLS{Dir: a.cfg.MigrationTLSDir, Peer: qemu.SubjectDN(pki.RoleHost, req.Source)}
+	uri, err := qemu.MigrateIncoming(ctx, p.Monitor, a.cfg.MigrationHost, tls)
+	if err == nil {
+		_, port, _ := net.SplitHostPort(strings.TrimPrefix(uri, "tcp:"))
+		res := hostproto.MigrateInResult{}
+		if res.Port, err = strconv.Atoi(port); err == nil {
+			v.log.Info("waiting for a live migration", "uri", uri, "from", req.Source, "pid", p.PID)
+			return res, nil
+		}
 	}
-	v.log.Info("waiting for a live migration", "uri", uri, "pid", p.PID)
-	return hostproto.MigrateInResult{URI: uri}, nil
+	kctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	v.killLocked(kctx, p)
+	cancel()
+	return fail(err)
 }
 
 // MigrateOut sends the running VM to uri (a destination's MigrateIn) and,
 // once the guest runs there, ends the local QEMU. The local entry stays
 // until the pool's owner file names the new host (Sweep drops it).
 func (a *Agent) MigrateOut(ctx context.Context, r hostproto.MigrateOutRequest) (hostproto.Migration, error) {
-	name, uri := r.VM, r.URI
+	name := r.VM
+	if err := checkName("host", r.Dest); err != nil {
+		return hostproto.Migration{}, err
+	}
+	if net.ParseIP(r.Addr) == nil || r.Port < 1 || r.Port > 65535 {
+		return hostproto.Migration{}, fmt.Errorf("%w: migrate %s: the destination must be an IP address and a port, not %q:%d", ErrInvalid, name, r.Addr, r.Port)
+	}
+	if a.cfg.MigrationTLSDir == "" {
+		return hostproto.Migration{}, fmt.Errorf("%w: migrate %s: this host has no certificate, and migration streams go over TLS only", ErrInvalid, name)
+	}
+	uri := "tcp:" + net.JoinHostPort(r.Addr, strconv.Itoa(r.Port))
 	v, err := a.get(name)
 	if err != nil {
 		return hostproto.Migration{}, err
 	}
-	v.opMu.Lock()
-	defer v.opMu.Unlock()
+	defer v.lockOp("migrate-out")()
 	p, _, err := v.running()
 	if err != nil {
 		return hostproto.Migration{}, err
 	}
-	st, err := qemu.MigrateOut(ctx, p.Monitor, uri)
+	st, err := qemu.MigrateOut(ctx, p.Monitor, uri, &qemu.MigrationTLS{Dir: a.cfg.MigrationTLSDir, Peer: r.Dest})
 	if err != nil {
 		return hostproto.Migration{}, fmt.Errorf("migrate %s: %w", name, err)
 	}
@@ -123,8 +148,7 @@ func (a *Agent) MigrateFinish(ctx context.Context, r hostproto.VMRef) (hostproto
 	if err != nil {
 		return none(err)
 	}
-	v.opMu.Lock()
-	defer v.opMu.Unlock()
+	defer v.lockOp("migrate-finish")()
 	v.mu.Lock()
 	incoming := v.incoming
 	v.mu.Unlock()
@@ -189,8 +213,7 @@ func (a *Agent) MigrateAbort(ctx context.Context, r hostproto.VMRef) (hostproto.
 	if !incoming {
 		return none(fmt.Errorf("abort migration of %s: it is not migrating to this host", name))
 	}
-	v.opMu.Lock()
-	defer v.opMu.Unlock()
+	defer v.lockOp("migrate-abort")()
 	if p, _, err := v.running(); err == nil {
 		// A destination that runs the guest has it: the migration
 		// completed after all, and killing it would lose the VM.

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -18,6 +19,7 @@ import (
 	"github.com/vigil-project/vigil/internal/atomicfile"
 	"github.com/vigil-project/vigil/internal/hostproto"
 	"github.com/vigil-project/vigil/internal/qemu"
+	"golang.org/x/sys/unix"
 )
 
 // poolIDFile names a pool: every host that mounts the same directory reads
@@ -126,14 +128,22 @@ func (v *vm) checkOwner() error {
 // QEMU has its disk open. An incoming live migration skips both: its QEMU
 // opens the disk inactive, and the lease changes hands when it completes.
 func (v *vm) launch(ctx context.Context, m qemu.Machine, migrating bool) (*qemu.Process, error) {
+	if err := v.mayLaunch(m, migrating); err != nil {
+		return nil, err
+	}
+	return qemu.Start(ctx, v.agent.qemuBin, m)
+}
+
+// mayLaunch refuses a launch this host must not do (see launch).
+func (v *vm) mayLaunch(m qemu.Machine, migrating bool) error {
 	if v.pooled() {
 		if err := v.agent.refuseIfCutOff("start " + v.spec.Name); err != nil {
-			return nil, err
+			return err
 		}
 	}
 	if !migrating {
 		if err := v.checkOwner(); err != nil {
-			return nil, err
+			return err
 		}
 		// A QEMU just killed (a restart, a revert) can hold its locks for
 		// a moment after its main thread is gone, until its last thread
@@ -144,13 +154,13 @@ func (v *vm) launch(ctx context.Context, m qemu.Machine, migrating bool) (*qemu.
 			inUse, err = qemu.DiskInUse(m.Disk)
 		}
 		if err != nil {
-			return nil, err
+			return err
 		}
 		if inUse {
-			return nil, fmt.Errorf("%s: %w (%s): an old copy may still run on a host that lost contact; it ends when that host fences itself", v.spec.Name, ErrDiskInUse, m.Disk)
+			return fmt.Errorf("%s: %w (%s): an old copy may still run on a host that lost contact; it ends when that host fences itself", v.spec.Name, ErrDiskInUse, m.Disk)
 		}
 	}
-	return qemu.Start(ctx, v.agent.qemuBin, m)
+	return nil
 }
 
 // Attach takes over a pooled VM whose disk another host made: it records
@@ -295,7 +305,7 @@ func (a *Agent) Sweep() {
 		if !stale {
 			continue
 		}
-		v.opMu.Lock()
+		unlock := v.lockOp("sweep")
 		if p, _, err := v.running(); err == nil {
 			v.mu.Lock()
 			v.fencing = why
@@ -305,7 +315,7 @@ func (a *Agent) Sweep() {
 			cancel()
 		}
 		a.dropLocal(v)
-		v.opMu.Unlock()
+		unlock()
 		v.log.Warn("dropped a vm another host owns now", "why", why)
 		a.notify(v.spec.Name, hostproto.EventDropped, true, why)
 	}
@@ -327,4 +337,240 @@ func (v *vm) stale() (bool, string) {
 		return true, fmt.Sprintf("host %s owns it now (epoch %d; this host had %d)", o.Host, o.Epoch, epoch)
 	}
 	return false, ""
+}
+
+// Whether the pool's file system shares locks across hosts. The lease on a
+// pooled VM and the refusal to start a VM whose disk is in use rest on
+// seeing another host's locks (QEMU's image locks, our F_OFD_GETLK probe).
+// That holds on one machine, NFSv4 and CephFS, not on NFSv3 without lockd
+// or on some FUSE file systems, where two hosts could run one VM and
+// corrupt its disk. So each host holds a lock on a file of its own in the
+// pool, POOL/hosts/NAME.lock, keeps its mtime fresh, and looks for the
+// locks of the other hosts whose files are fresh.
+
+// Verdicts of PoolLocks.
+const (
+	PoolLocksShared    = "shared"     // another live host's lock is seen here
+	PoolLocksNotShared = "not-shared" // another live host's lock is not
+	PoolLocksUnknown   = "unknown"    // no other live host seen yet
+)
+
+const (
+	hostLockTouchEvery = 10 * time.Second
+	hostLockProbeEvery = 30 * time.Second
+	// hostLockFresh is the age under which a host's lock file counts as
+	// its host's being alive: over two touches.
+	hostLockFresh = 25 * time.Second
+)
+
+// PoolLocks tells whether this host sees the locks other hosts hold in the
+// storage pool: PoolLocksShared, PoolLocksNotShared or PoolLocksUnknown; ""
+// when the host has no storage pool.
+func (a *Agent) PoolLocks() string {
+	if a.poolID == "" {
+		return ""
+	}
+	if lc := a.poolLocks.Load(); lc != nil {
+		return lc.verdict()
+	}
+	return PoolLocksUnknown
+}
+
+// lockCheck holds this host's lock file in the pool and checks the others'.
+type lockCheck struct {
+	dir, name string
+	log       *slog.Logger
+	now       func() time.Time
+	// probe tells whether a lock is held on path by anyone else; a fake in
+	// tests plays a file system that does not share locks.
+	probe func(path string) (bool, error)
+
+	mu   sync.Mutex
+	f    *os.File // this host's lock file, locked; nil until hold succeeds
+	held string   // verdict
+	// unseen holds the mtime of each fresh file of another host whose lock
+	// was not seen at the last check. One such look proves nothing (its
+	// host may have just died, taking its lock along); the same file
+	// touched again since, with still no lock seen, does.
+	unseen map[string]time.Time
+}
+
+func newLockCheck(dir, name string, log *slog.Logger) *lockCheck {
+	return &lockCheck{dir: dir, name: name, log: log, now: time.Now, probe: lockHeld,
+		held: PoolLocksUnknown, unseen: map[string]time.Time{}}
+}
+
+func (lc *lockCheck) path() string { return filepath.Join(lc.dir, lc.name+".lock") }
+
+// hold takes the OFD write lock on this host's file, for as long as the
+// agent runs (release), and touches it.
+func (lc *lockCheck) hold() error {
+	lc.mu.Lock()
+	defer lc.mu.Unlock()
+	if lc.f != nil {
+		return nil
+	}
+	if err := os.MkdirAll(lc.dir, 0o755); err != nil {
+		return fmt.Errorf("host lock in the storage pool: %w", err)
+	}
+	f, err := os.OpenFile(lc.path(), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return fmt.Errorf("host lock in the storage pool: %w", err)
+	}
+	lk := unix.Flock_t{Type: unix.F_WRLCK}
+	if err := unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &lk); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EACCES) {
+			return fmt.Errorf("host lock %s is held by another process: is another host agent named %s using this pool?", lc.path(), lc.name)
+		}
+		return fmt.Errorf("lock %s: %w", lc.path(), err)
+	}
+	lc.f = f
+	now := lc.now()
+	os.Chtimes(lc.path(), now, now)
+	return nil
+}
+
+// touch tells the other hosts this one is alive.
+func (lc *lockCheck) touch() error {
+	lc.mu.Lock()
+	held := lc.f != nil
+	lc.mu.Unlock()
+	if !held {
+		return lc.hold() // the pool was not reachable, or the name was taken
+	}
+	now := lc.now()
+	if err := os.Chtimes(lc.path(), now, now); err != nil {
+		return fmt.Errorf("touch host lock: %w", err)
+	}
+	return nil
+}
+
+// release lets go of the lock and removes the file, so the other hosts
+// stop looking for this one at once.
+func (lc *lockCheck) release() {
+	lc.mu.Lock()
+	defer lc.mu.Unlock()
+	if lc.f == nil {
+		return
+	}
+	os.Remove(lc.path())
+	lc.f.Close()
+	lc.f = nil
+}
+
+func (lc *lockCheck) verdict() string {
+	lc.mu.Lock()
+	defer lc.mu.Unlock()
+	return lc.held
+}
+
+// check looks at the lock files of the other hosts and updates the
+// verdict. Without evidence either way (no other live host) it keeps the
+// last one: the file system does not change under a running agent.
+func (lc *lockCheck) check() {
+	paths, err := filepath.Glob(filepath.Join(lc.dir, "*.lock"))
+	if err != nil {
+		return
+	}
+	now := lc.now()
+	lc.mu.Lock()
+	prev := lc.unseen
+	lc.mu.Unlock()
+	var seen, unseen []string // hosts whose lock is seen, and is not
+	next := map[string]time.Time{}
+	for _, p := range paths {
+		if p == lc.path() {
+			continue
+		}
+		fi, err := os.Stat(p)
+		if err != nil || now.Sub(fi.ModTime()) >= hostLockFresh {
+			continue // gone, or its host is not running
+		}
+		held, err := lc.probe(p)
+		if err != nil {
+			lc.log.Warn("probe another host's lock in the storage pool", "file", p, "err", err)
+			continue
+		}
+		host := strings.TrimSuffix(filepath.Base(p), ".lock")
+		switch last, ok := prev[p]; {
+		case held:
+			seen = append(seen, host)
+		case ok && fi.ModTime().After(last):
+			unseen = append(unseen, host)
+		default:
+			next[p] = fi.ModTime()
+		}
+	}
+	lc.mu.Lock()
+	lc.unseen = next
+	was := lc.held
+	switch {
+	case len(unseen) > 0:
+		lc.held = PoolLocksNotShared
+	case len(seen) > 0:
+		lc.held = PoolLocksShared
+	}
+	is := lc.held
+	lc.mu.Unlock()
+	if is == was {
+		return
+	}
+	pool := filepath.Dir(lc.dir)
+	switch is {
+	case PoolLocksNotShared:
+		lc.log.Error("the storage pool does not share file locks between hosts: live hosts hold locks this host cannot see. "+
+			"Vigil relies on them to keep two hosts from running the same pooled VM and corrupting its disk. "+
+			"Mount the pool with NFSv4 or CephFS (not NFSv3 without lockd, nor a FUSE file system without POSIX locks)",
+			"pool", pool, "hosts_with_unseen_locks", unseen)
+	case PoolLocksShared:
+		lc.log.Info("the storage pool shares file locks between hosts", "pool", pool, "hosts_seen", seen)
+	}
+}
+
+// lockHeld tells whether anyone else holds a lock on path, without taking
+// one.
+func lockHeld(path string) (bool, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	lk := unix.Flock_t{Type: unix.F_WRLCK}
+	if err := unix.FcntlFlock(f.Fd(), unix.F_OFD_GETLK, &lk); err != nil {
+		return false, fmt.Errorf("probe lock of %s: %w", path, err)
+	}
+	return lk.Type != unix.F_UNLCK, nil
+}
+
+// watchPool runs while the agent does with a storage pool: it sweeps VMs
+// other hosts own now, and keeps the host lock and its verdict.
+func (a *Agent) watchPool(ctx context.Context) {
+	lc := newLockCheck(filepath.Join(a.cfg.StoragePool, "hosts"), a.cfg.Name, a.log)
+	if err := lc.hold(); err != nil {
+		a.log.Error("cannot check whether the storage pool shares locks", "err", err)
+	}
+	defer lc.release()
+	lc.check()
+	a.poolLocks.Store(lc)
+	sweep := time.NewTicker(time.Second)
+	defer sweep.Stop()
+	touch := time.NewTicker(hostLockTouchEvery)
+	defer touch.Stop()
+	probe := time.NewTicker(hostLockProbeEvery)
+	defer probe.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-sweep.C:
+			a.Sweep()
+		case <-touch.C:
+			if err := lc.touch(); err != nil {
+				a.log.Warn("keep the host lock in the storage pool", "err", err)
+			}
+		case <-probe.C:
+			lc.check()
+		}
+	}
 }

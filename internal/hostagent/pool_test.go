@@ -31,7 +31,7 @@ func TestPoolOwnership(t *testing.T) {
 	ctx := context.Background()
 	s := spec("db", 64<<20)
 	s.Pool, s.Epoch = id, 1
-	if _, err := a1.Create(ctx, s); err != nil {
+	if _, err := a1.Create(ctx, hostproto.CreateRequest{Spec: s}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(filepath.Join(pool, "vms", "db", "disk.qcow2")); err != nil {

@@ -16,8 +16,7 @@ func (a *Agent) Restart(ctx context.Context, r hostproto.VMRef) (hostproto.None,
 	if err != nil {
 		return none(err)
 	}
-	v.opMu.Lock()
-	defer v.opMu.Unlock()
+	defer v.lockOp("restart")()
 	if p, _, err := v.running(); err == nil {
 		if err := v.killLocked(ctx, p); err != nil {
 			return none(fmt.Errorf("restart %s: %w", name, err))

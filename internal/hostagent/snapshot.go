@@ -34,8 +34,7 @@ func (a *Agent) SnapshotCreate(ctx context.Context, r hostproto.SnapshotRequest)
 	if err != nil {
 		return SaveResult{}, err
 	}
-	v.opMu.Lock()
-	defer v.opMu.Unlock()
+	defer v.lockOp("snapshot")()
 	start := time.Now()
 	p, runState, err := v.running()
 	if err != nil {
@@ -165,8 +164,7 @@ func (a *Agent) SnapshotRevert(ctx context.Context, r hostproto.SnapshotRequest)
 	if err != nil {
 		return none(err)
 	}
-	v.opMu.Lock()
-	defer v.opMu.Unlock()
+	defer v.lockOp("revert")()
 	if memory {
 		// Check the memory file before anything is thrown away.
 		r, err := v.checkStateFile(v.snapshotFile(snap))
@@ -203,8 +201,7 @@ func (a *Agent) SnapshotDelete(ctx context.Context, r hostproto.SnapshotRequest)
 	if err != nil {
 		return none(err)
 	}
-	v.opMu.Lock()
-	defer v.opMu.Unlock()
+	defer v.lockOp("snapshot-delete")()
 	if p, _, err := v.running(); err == nil {
 		err = p.Monitor.Run(ctx, "blockdev-snapshot-delete-internal-sync", map[string]any{"device": "disk0", "name": snap}, nil)
 	} else {

@@ -47,8 +47,7 @@ func (a *Agent) Pause(ctx context.Context, r hostproto.VMRef) (hostproto.None, e
 	if err != nil {
 		return none(err)
 	}
-	v.opMu.Lock()
-	defer v.opMu.Unlock()
+	defer v.lockOp("pause")()
 	p, _, err := v.running()
 	if err != nil {
 		return none(err)
@@ -68,8 +67,7 @@ func (a *Agent) Resume(ctx context.Context, r hostproto.VMRef) (hostproto.None, 
 	if err != nil {
 		return none(err)
 	}
-	v.opMu.Lock()
-	defer v.opMu.Unlock()
+	defer v.lockOp("resume")()
 	if p, _, err := v.running(); err == nil {
 		if err := p.Monitor.Cont(ctx); err != nil {
 			return none(fmt.Errorf("resume %s: %w", name, err))
@@ -110,8 +108,7 @@ func (a *Agent) Suspend(ctx context.Context, r hostproto.VMRef) (SaveResult, err
 	if err != nil {
 		return SaveResult{}, err
 	}
-	v.opMu.Lock()
-	defer v.opMu.Unlock()
+	defer v.lockOp("suspend")()
 	p, runState, err := v.running()
 	if err != nil {
 		return SaveResult{}, err

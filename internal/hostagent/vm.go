@@ -26,7 +26,8 @@ type vm struct {
 	storeDir string
 	log      *slog.Logger
 
-	// opMu serialises start/stop/delete of this VM.
+	// opMu serialises the operations on this VM (take it with lockOp, so
+	// the status says what runs).
 	opMu sync.Mutex
 
 	mu        sync.Mutex
@@ -39,6 +40,7 @@ type vm struct {
 	detached  bool   // the agent is shutting down: an exit is not the VM's
 	fencing   string // why the host is killing it to fence; its exit is no crash
 	incoming  bool   // the destination of a live migration in progress
+	busy      string // the operation holding opMu (see lockOp)
 	guest     *api.GuestInfo
 	guestEnc  *guestproto.Encoder // set while connected to the guest agent
 	pending   map[string]chan guestproto.Message
@@ -47,10 +49,26 @@ type vm struct {
 	exited    chan struct{}      // closed by the watcher when proc is gone
 }
 
+// lockOp takes the VM's operation lock for the operation named what, which
+// the VM's status reports until the returned func releases it: a manager
+// settling what a dead manager left waits while the host is still at it.
+func (v *vm) lockOp(what string) func() {
+	v.opMu.Lock()
+	v.mu.Lock()
+	v.busy = what
+	v.mu.Unlock()
+	return func() {
+		v.mu.Lock()
+		v.busy = ""
+		v.mu.Unlock()
+		v.opMu.Unlock()
+	}
+}
+
 func (v *vm) status() hostproto.VMStatus {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	s := hostproto.VMStatus{Name: v.spec.Name}
+	s := hostproto.VMStatus{Name: v.spec.Name, Busy: v.busy}
 	if _, err := os.Stat(v.stateFile()); err == nil {
 		s.SavedState = true
 	}
@@ -68,8 +86,7 @@ func (v *vm) status() hostproto.VMStatus {
 }
 
 func (v *vm) start(ctx context.Context) error {
-	v.opMu.Lock()
-	defer v.opMu.Unlock()
+	defer v.lockOp("start")()
 	return v.startLocked(ctx)
 }
 
@@ -80,7 +97,19 @@ func (v *vm) startLocked(ctx context.Context) error {
 	if running {
 		return fmt.Errorf("start %s: %w", v.spec.Name, ErrRunning)
 	}
-	p, err := v.launch(ctx, v.machine, false)
+	if err := v.mayLaunch(v.machine, false); err != nil {
+		return err
+	}
+	// A cold boot moves the disk on from any saved instant: a state file
+	// left from a suspend must never be loaded over it by a later resume.
+	// It goes only once this host is sure to boot the VM (a refused start
+	// leaves the pool's files alone), and before QEMU touches the disk.
+	if err := os.Remove(v.stateFile()); err == nil {
+		v.log.Warn("cold boot: discarded the saved state, which no longer matches the disk", "file", v.stateFile())
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("start %s: discard its saved state before a cold boot: %w", v.spec.Name, err)
+	}
+	p, err := qemu.Start(ctx, v.agent.qemuBin, v.machine)
 	if err != nil {
 		return err
 	}
@@ -245,6 +274,18 @@ func (v *vm) setRunState(s string) {
 // records its heartbeats. QEMU accepts one client at a time; after an agent
 // restart the new agent simply connects again.
 func (v *vm) watchGuest(ctx context.Context) {
+	// One gate per QEMU process, kept across reconnections: a new process
+	// is the host's doing, so its first boot is reported at once, while
+	// what one guest sends is bounded for as long as it runs.
+	g := newGuestGate(v.agent.limitsForGuest())
+	defer func() {
+		v.mu.Lock()
+		g.closed = true
+		if g.timer != nil {
+			g.timer.Stop()
+		}
+		v.mu.Unlock()
+	}()
 	var d net.Dialer
 	for ctx.Err() == nil {
 		conn, err := d.DialContext(ctx, "unix", v.machine.AgentSocket())
@@ -260,7 +301,7 @@ func (v *vm) watchGuest(ctx context.Context) {
 		v.mu.Lock()
 		v.guestEnc = guestproto.NewEncoder(conn)
 		v.mu.Unlock()
-		v.readGuest(conn)
+		v.readGuest(conn, g)
 		v.mu.Lock()
 		v.guestEnc = nil
 		for id, ch := range v.pending {
@@ -273,7 +314,7 @@ func (v *vm) watchGuest(ctx context.Context) {
 	}
 }
 
-func (v *vm) readGuest(conn net.Conn) {
+func (v *vm) readGuest(conn net.Conn, g *guestGate) {
 	dec := guestproto.NewDecoder(conn)
 	for {
 		m, err := dec.Decode()
@@ -297,28 +338,61 @@ func (v *vm) readGuest(conn net.Conn) {
 			continue
 		}
 		hb := m.Heartbeat
+		now := time.Now()
 		v.mu.Lock()
-		newBoot := v.guest == nil || v.guest.BootID != hb.BootID
+		ok, ignored := g.allow(now)
+		if !ok {
+			v.mu.Unlock()
+			if ignored > 0 {
+				v.log.Warn("guest agent exceeds its heartbeat rate: ignoring the excess", "ignored", ignored,
+					"limit_per_second", g.lim.hbPerSecond, "next_warning_in", g.lim.warnEvery)
+			}
+			continue
+		}
 		v.guest = &api.GuestInfo{
 			BootID: hb.BootID, Seq: hb.Seq, UptimeSeconds: hb.UptimeSeconds, Load1: hb.Load1,
-			MemUsedBytes: hb.MemUsedBytes, LastHeartbeat: time.Now().UTC(),
+			MemUsedBytes: hb.MemUsedBytes, LastHeartbeat: now.UTC(),
+		}
+		report, later := g.boot(now, hb.BootID, hb.Seq)
+		if later > 0 {
+			// A boot change inside the window is reported when it ends,
+			// with whatever boot the guest is on by then.
+			g.timer = time.AfterFunc(later, func() { v.flushReady(g) })
 		}
 		v.mu.Unlock()
-		if newBoot {
-			v.log.Info("guest agent up", "boot_id", hb.BootID, "seq", hb.Seq)
-			b, _ := json.Marshal(struct {
-				BootID string `json:"boot_id"`
-				Seq    uint64 `json:"seq"`
-			}{hb.BootID, hb.Seq})
-			v.agent.notify(v.spec.Name, hostproto.EventGuestReady, true, string(b))
+		if report {
+			v.reportReady(hb.BootID, hb.Seq)
 		}
 	}
 }
 
+// flushReady reports the guest's latest boot at the end of a guest-ready
+// window, unless it was reported already or the guest is gone.
+func (v *vm) flushReady(g *guestGate) {
+	v.mu.Lock()
+	g.due = false
+	if g.closed || v.guest == nil || g.reported && v.guest.BootID == g.readyBoot {
+		v.mu.Unlock()
+		return
+	}
+	id, seq := v.guest.BootID, g.bootSeq
+	g.markReported(time.Now(), id)
+	v.mu.Unlock()
+	v.reportReady(id, seq)
+}
+
+func (v *vm) reportReady(bootID string, seq uint64) {
+	v.log.Info("guest agent up", "boot_id", bootID, "seq", seq)
+	b, _ := json.Marshal(struct {
+		BootID string `json:"boot_id"`
+		Seq    uint64 `json:"seq"`
+	}{bootID, seq})
+	v.agent.notify(v.spec.Name, hostproto.EventGuestReady, true, string(b))
+}
+
 // stop powers the VM down; see Agent.Stop.
 func (v *vm) stop(ctx context.Context, force bool, timeout time.Duration) error {
-	v.opMu.Lock()
-	defer v.opMu.Unlock()
+	defer v.lockOp("stop")()
 	v.mu.Lock()
 	p, exited := v.proc, v.exited
 	if p == nil {

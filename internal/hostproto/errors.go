@@ -71,13 +71,13 @@ var kinds = []struct {
 
 // KindOf names the kind of err ("internal" when it has none).
 func KindOf(err error) string {
-	if errors.Is(err, context.DeadlineExceeded) {
-		return "timeout"
-	}
 	for _, k := range kinds {
 		if errors.Is(err, k.err) {
 			return k.name
 		}
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return "timeout"
 	}
 	return "internal"
 }

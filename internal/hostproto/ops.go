@@ -3,6 +3,7 @@ package hostproto
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"time"
@@ -18,7 +19,7 @@ import (
 // host agent. TestEveryMethodIsDeclared keeps the two lists equal.
 type Handler interface {
 	Info(context.Context, None) (api.Host, error)
-	Create(context.Context, VMSpec) (None, error)
+	Create(context.Context, CreateRequest) (CreateResult, error)
 	Attach(context.Context, VMSpec) (None, error)
 	Start(context.Context, VMRef) (None, error)
 	Stop(context.Context, StopRequest) (None, error)
@@ -36,7 +37,7 @@ type Handler interface {
 	Exec(context.Context, ExecRequest) (api.ExecResult, error)
 	SetHealth(context.Context, HealthRequest) (None, error)
 	Fault(context.Context, FaultRequest) (None, error)
-	MigrateIn(context.Context, VMSpec) (MigrateInResult, error)
+	MigrateIn(context.Context, MigrateInRequest) (MigrateInResult, error)
 	MigrateOut(context.Context, MigrateOutRequest) (Migration, error)
 	MigrateFinish(context.Context, VMRef) (None, error)
 	MigrateAbort(context.Context, VMRef) (None, error)
@@ -76,6 +77,19 @@ var (
 
 // None is the request or answer of an operation that has none.
 type None struct{}
+
+// CreateRequest makes a VM's directory and disk on a host. A Spec without
+// a HostPort gets a port free on that host (not one of AvoidPorts, which
+// other VMs of the cluster hold).
+type CreateRequest struct {
+	Spec       VMSpec `json:"spec"`
+	AvoidPorts []int  `json:"avoid_ports,omitempty"`
+}
+
+// CreateResult tells the port the host forwards to the guest.
+type CreateResult struct {
+	HostPort int `json:"host_port"`
+}
 
 // VMRef names the VM an operation acts on.
 type VMRef struct {
@@ -126,15 +140,27 @@ type FaultRequest struct {
 	Kind string `json:"kind"`
 }
 
-// MigrateInResult tells where an incoming live migration listens.
-type MigrateInResult struct {
-	URI string `json:"uri"`
+// MigrateInRequest prepares a host to receive a live migration of Spec
+// from host Source: only that host's certificate may send the stream.
+type MigrateInRequest struct {
+	Spec   VMSpec `json:"spec"`
+	Source string `json:"source"`
 }
 
-// MigrateOutRequest sends a running VM to a destination's MigrateIn.
+// MigrateInResult tells which port an incoming live migration listens on
+// (on the address the managers reach the host at).
+type MigrateInResult struct {
+	Port int `json:"port"`
+}
+
+// MigrateOutRequest sends a running VM to host Dest, listening at Addr
+// (an IP address: the destination's registered one) and Port. The stream
+// goes over TLS and Dest must present its certificate.
 type MigrateOutRequest struct {
-	VM  string `json:"vm"`
-	URI string `json:"uri"`
+	VM   string `json:"vm"`
+	Dest string `json:"dest"`
+	Addr string `json:"addr"`
+	Port int    `json:"port"`
 }
 
 // ConsoleRequest asks for a VM's serial console.
@@ -154,6 +180,8 @@ func (r FaultRequest) VMName() string      { return r.VM }
 func (r MigrateOutRequest) VMName() string { return r.VM }
 func (r ConsoleRequest) VMName() string    { return r.VM }
 func (s VMSpec) VMName() string            { return s.Name }
+func (r MigrateInRequest) VMName() string  { return r.Spec.Name }
+func (r CreateRequest) VMName() string     { return r.Spec.Name }
 
 // Conn carries operations to one host: in process (Local) or over HTTP
 // (Client). Requests and answers are the declared types; resp is a pointer.
@@ -293,7 +321,8 @@ func Ops() []string {
 }
 
 // Local is a Conn to a host agent in this process: calls go straight to h,
-// with the same operations, checks and time limits as over the wire.
+// with the same operations, checks and time limits as over the wire, and
+// the same behaviour when the caller goes away (the operation finishes).
 func Local(h Handler) Conn { return local{h} }
 
 type local struct{ h Handler }
@@ -303,7 +332,16 @@ func (l local) Call(ctx context.Context, op string, req, resp any) error {
 	if !ok || e.stream {
 		return fmt.Errorf("%w: unknown host operation %q", ErrInvalid, op)
 	}
-	out, err := e.serve(ctx, l.h, req)
+	timeout := e.timeout
+	if d, ok := ctx.Deadline(); ok {
+		timeout = time.Until(d)
+	}
+	hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)
+	defer cancel()
+	out, err := e.serve(hctx, l.h, req)
+	if err != nil && errors.Is(err, context.DeadlineExceeded) && hctx.Err() != nil {
+		err = fmt.Errorf("%w after %s: %v", ErrTimeout, timeout, err)
+	}
 	if err != nil || resp == nil {
 		return err
 	}

@@ -47,8 +47,8 @@ func answer[T any](r *recorder, method string, req any) (T, error) {
 func (r *recorder) Info(_ context.Context, q None) (api.Host, error) {
 	return answer[api.Host](r, "Info", q)
 }
-func (r *recorder) Create(_ context.Context, q VMSpec) (None, error) {
-	return answer[None](r, "Create", q)
+func (r *recorder) Create(_ context.Context, q CreateRequest) (CreateResult, error) {
+	return answer[CreateResult](r, "Create", q)
 }
 func (r *recorder) Attach(_ context.Context, q VMSpec) (None, error) {
 	return answer[None](r, "Attach", q)
@@ -101,7 +101,7 @@ func (r *recorder) SetHealth(_ context.Context, q HealthRequest) (None, error) {
 func (r *recorder) Fault(_ context.Context, q FaultRequest) (None, error) {
 	return answer[None](r, "Fault", q)
 }
-func (r *recorder) MigrateIn(_ context.Context, q VMSpec) (MigrateInResult, error) {
+func (r *recorder) MigrateIn(_ context.Context, q MigrateInRequest) (MigrateInResult, error) {
 	return answer[MigrateInResult](r, "MigrateIn", q)
 }
 func (r *recorder) MigrateOut(_ context.Context, q MigrateOutRequest) (Migration, error) {

@@ -42,6 +42,9 @@ type VMStatus struct {
 	StartedAt time.Time `json:"started_at,omitzero"`
 	// SavedState is set when a state file from a suspend waits to be resumed.
 	SavedState bool `json:"saved_state,omitempty"`
+	// Busy names the host operation in progress on the VM, if any (a save,
+	// a migration): a manager settling what another left waits for it.
+	Busy string `json:"busy,omitempty"`
 }
 
 // EventKind names what happened to a VM on a host.
@@ -134,12 +137,26 @@ type Migration struct {
 	Bytes    int64         `json:"bytes"`
 }
 
-// Register is what a host agent sends to join a manager
-// (POST /v1/hosts/register).
-type Register struct {
-	Name string `json:"name"`
-	// Token is a join token from `vigil host join-token`.
+// Join is what a host sends to join a cluster the first time
+// (POST /v1/hosts/join, over TLS pinned to the CA of the join token): its
+// name, the token, a certificate request for the key it made, and where
+// the managers reach it.
+type Join struct {
+	Name  string `json:"name"`
 	Token string `json:"token"`
+	CSR   string `json:"csr"` // PEM
+	Register
+}
+
+// Joined answers Join: the host's certificate and the cluster CA.
+type Joined struct {
+	Cert string `json:"cert"` // PEM
+	CA   string `json:"ca"`   // PEM
+}
+
+// Register is what a joined host sends when it (re)starts
+// (POST /v1/hosts/register, over mutual TLS: its certificate names it).
+type Register struct {
 	// Addr is where the manager reaches the host agent (host:port).
 	Addr string   `json:"addr"`
 	Info api.Host `json:"info"`
@@ -148,10 +165,10 @@ type Register struct {
 	FenceAfterMS int64 `json:"fence_after_ms"`
 }
 
-// Registered answers Register: the secret the host and the manager then
-// present to each other.
-type Registered struct {
-	Secret string `json:"secret"`
+// Renew asks for a new certificate for a new key, before the current one
+// expires (POST /v1/hosts/{name}/certificate, over mutual TLS).
+type Renew struct {
+	CSR string `json:"csr"` // PEM
 }
 
 // Heartbeat is sent by a host agent every second

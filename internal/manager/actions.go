@@ -53,6 +53,8 @@ func (m *Manager) ChangeState(ctx context.Context, name string, req api.VMStateR
 	if err != nil {
 		return api.VM{}, err
 	}
+	ctx, cancel := detach(ctx)
+	defer cancel()
 	defer o.end(ctx)
 	// A paused guest cannot act on an ACPI power-down: stopping it is a kill.
 	force := req.Force || act.RunState == "paused"
@@ -195,6 +197,8 @@ func (m *Manager) Delete(ctx context.Context, name string, force bool) error {
 	if err != nil {
 		return err
 	}
+	ctx, cancel := detach(ctx)
+	defer cancel()
 	defer o.end(ctx)
 	return m.delete(ctx, o)
 }

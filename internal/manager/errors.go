@@ -1,9 +1,12 @@
 package manager
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/http"
+
+	"github.com/vigil-project/vigil/internal/hostproto"
 )
 
 // Kinds of failure the API distinguishes. handlers map them to status codes
@@ -15,6 +18,8 @@ var (
 	ErrBusy         = errors.New("busy")
 	ErrUnavailable  = errors.New("unavailable")
 	ErrUnauthorized = errors.New("unauthorized")
+	// ErrForbidden: authenticated, but the role does not allow it.
+	ErrForbidden = errors.New("forbidden")
 	// ErrGone: the host was declared dead; it must fence and join again.
 	ErrGone = errors.New("gone")
 )
@@ -63,9 +68,21 @@ func statusOf(err error) (int, string) {
 		return http.StatusConflict, "conflict"
 	case errors.Is(err, ErrUnauthorized):
 		return http.StatusUnauthorized, "unauthorized"
+	case errors.Is(err, ErrForbidden):
+		return http.StatusForbidden, "forbidden"
 	case errors.Is(err, ErrGone):
 		return http.StatusGone, "gone"
 	case errors.Is(err, ErrUnavailable):
+		return http.StatusServiceUnavailable, "unavailable"
+	// What a host answered keeps its meaning, in process or over the wire.
+	case errors.Is(err, hostproto.ErrInvalid):
+		return http.StatusBadRequest, "invalid"
+	case errors.Is(err, hostproto.ErrDiskInUse), errors.Is(err, hostproto.ErrNotOwner), errors.Is(err, hostproto.ErrRunning),
+		errors.Is(err, hostproto.ErrNotRunning), errors.Is(err, hostproto.ErrBadState), errors.Is(err, hostproto.ErrNoGuestAgent),
+		errors.Is(err, hostproto.ErrWrongPool), errors.Is(err, hostproto.ErrUnknownVM), errors.Is(err, hostproto.ErrNoSnapshot):
+		return http.StatusConflict, "conflict"
+	case errors.Is(err, hostproto.ErrCutOff), errors.Is(err, hostproto.ErrUnreachable), errors.Is(err, hostproto.ErrTimeout),
+		errors.Is(err, hostproto.ErrUnauthorized), errors.Is(err, context.DeadlineExceeded):
 		return http.StatusServiceUnavailable, "unavailable"
 	default:
 		return http.StatusInternalServerError, "internal"

@@ -150,12 +150,11 @@ func (m *Manager) evacuate(ctx context.Context, o *vmOp) error {
 		}
 		return o.finish(ctx, state, fmt.Sprintf("host %s is dead and this vm's disk is on that host's local storage: it comes back with the host", r.Host))
 	}
-	// Placement, the new lease and the record's move happen under the
-	// placement lock: VMs evacuated at once each see the others' reservations.
-	m.placeMu.Lock()
-	target, err := m.placeLocked(ctx, *r, "")
+	// Room is held on the target from placement until the record says
+	// the VM is there: VMs evacuated at once each see the others'.
+	target, err := m.placeElsewhere(ctx, *r, "")
+	defer m.arrived(name)
 	if err != nil {
-		m.placeMu.Unlock()
 		state := r.State
 		if wantRun {
 			state = api.StateCrashed
@@ -170,15 +169,12 @@ func (m *Manager) evacuate(ctx context.Context, o *vmOp) error {
 	_, err = hostproto.Attach.Call(actx, m.hostNamed(target), spec)
 	cancel()
 	if err != nil {
-		m.placeMu.Unlock()
 		return fmt.Errorf("attach %s to %s: %w", name, target, err)
 	}
 	m.stepHook(opFailover + "/attach")
 	from := r.Host
 	r.Spec, r.Host, r.Stranded = spec, target, false
-	err = o.save(ctx)
-	m.placeMu.Unlock()
-	if err != nil {
+	if err := o.save(ctx); err != nil {
 		return err
 	}
 	o.publish(api.Event{Type: "vm.relocated", VM: name, Host: target, Message: "from dead host " + from})

@@ -17,10 +17,10 @@ import (
 // never again (nothing listens at its address).
 func deadHost(t *testing.T, m *Manager) *remotehost.Host {
 	t.Helper()
-	h := remotehost.New("h0", "127.0.0.1:1", "secret", nil)
+	h := remotehost.New("h0", "127.0.0.1:1", m.identity.HostClientTLS("h0"))
 	h.Heartbeat(hostproto.Heartbeat{Info: api.Host{Name: "h0", MemoryBytes: 64 << 30, CPUs: 16, StoragePool: "p1"}}, 0, time.Now())
 	m.AddHost(h)
-	if err := m.store.Put(context.Background(), "hosts/h0", hostRecord{Name: "h0", Secret: "secret", SecretHash: hashHex("secret"), FenceAfterMS: 5000}); err != nil {
+	if err := m.store.Put(context.Background(), "hosts/h0", hostRecord{Name: "h0", Addr: "127.0.0.1:1", FenceAfterMS: 5000}); err != nil {
 		t.Fatal(err)
 	}
 	return h
@@ -71,7 +71,7 @@ func TestDetectDeaths(t *testing.T) {
 			if death.DeadAt == nil {
 				t.Fatalf("death record %+v", death)
 			}
-			err := m.Heartbeat(context.Background(), "h0", "Bearer secret", hostproto.Heartbeat{})
+			err := m.Heartbeat(context.Background(), "h0", hostproto.Heartbeat{})
 			if !errors.Is(err, ErrGone) {
 				t.Fatalf("heartbeat of a dead host: %v, want ErrGone", err)
 			}
@@ -85,13 +85,20 @@ func TestDetectDeaths(t *testing.T) {
 func TestDeathIgnoresClockSteps(t *testing.T) {
 	for _, step := range []time.Duration{time.Hour, -time.Hour} {
 		m, _ := newTestManager(t)
-		m.deadAfter = time.Second
+		m.deadAfter = 300 * time.Millisecond
 		h := deadHost(t, m)
 		setLeadingFor(m, time.Minute)
 		h.Heartbeat(hostproto.Heartbeat{Info: api.Host{Name: "h0"}}, 0, time.Now().Add(step))
 		m.detectDeaths(context.Background())
 		if m.hostState("h0") == "dead" {
 			t.Fatalf("a heartbeat stamped %s away made the host dead", step)
+		}
+		// And it delays no failover: silent for deadAfter on the
+		// monotonic clock, it is dead, whatever its stamp said.
+		time.Sleep(400 * time.Millisecond)
+		m.detectDeaths(context.Background())
+		if m.hostState("h0") != "dead" {
+			t.Fatalf("a host silent past the limit, its last heartbeat stamped %s away, is not dead", step)
 		}
 	}
 }

@@ -2,11 +2,15 @@ package manager
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -15,6 +19,7 @@ import (
 	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/internal/events"
 	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/pki"
 	"github.com/vigil-project/vigil/internal/remotehost"
 	"github.com/vigil-project/vigil/internal/store"
 )
@@ -65,6 +70,7 @@ type fakeHost struct {
 	calls     []string
 	stopDelay time.Duration
 	pool      string // storage pool id it reports
+	nextPort  int
 	// changed, if set, is told of every change (to send a heartbeat).
 	changed func()
 }
@@ -143,8 +149,17 @@ func (h *fakeHost) mutate(op, name string, f func()) (hostproto.None, error) {
 }
 
 func (h *fakeHost) Info(context.Context, hostproto.None) (api.Host, error) { return h.info(), nil }
-func (h *fakeHost) Create(_ context.Context, s hostproto.VMSpec) (hostproto.None, error) {
-	return h.mutate("create", s.Name, func() { h.vms[s.Name] = false })
+func (h *fakeHost) Create(_ context.Context, r hostproto.CreateRequest) (hostproto.CreateResult, error) {
+	var port int
+	_, err := h.mutate("create", r.Spec.Name, func() {
+		h.vms[r.Spec.Name] = false
+		h.nextPort++
+		port = 40000 + h.nextPort
+		for slices.Contains(r.AvoidPorts, port) {
+			port++
+		}
+	})
+	return hostproto.CreateResult{HostPort: port}, err
 }
 func (h *fakeHost) Attach(_ context.Context, s hostproto.VMSpec) (hostproto.None, error) {
 	return h.mutate("attach", s.Name, func() { h.vms[s.Name] = false })
@@ -220,8 +235,8 @@ func (h *fakeHost) SetHealth(_ context.Context, r hostproto.HealthRequest) (host
 func (h *fakeHost) Fault(_ context.Context, r hostproto.FaultRequest) (hostproto.None, error) {
 	return hostproto.None{}, h.record("fault", r.VM+"/"+r.Kind)
 }
-func (h *fakeHost) MigrateIn(_ context.Context, s hostproto.VMSpec) (hostproto.MigrateInResult, error) {
-	return hostproto.MigrateInResult{}, h.record("migrate-in", s.Name)
+func (h *fakeHost) MigrateIn(_ context.Context, r hostproto.MigrateInRequest) (hostproto.MigrateInResult, error) {
+	return hostproto.MigrateInResult{Port: 4444}, h.record("migrate-in", r.Spec.Name)
 }
 func (h *fakeHost) MigrateOut(_ context.Context, r hostproto.MigrateOutRequest) (hostproto.Migration, error) {
 	return hostproto.Migration{}, h.record("migrate-out", r.VM)
@@ -267,16 +282,49 @@ func (h *fakeHost) fail(op string, err error) {
 	h.mu.Unlock()
 }
 
+// testIdentity is a cluster CA and a manager certificate for tests.
+func testIdentity(t testing.TB) *Identity {
+	t.Helper()
+	ca, _, err := pki.NewCA("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := NewIdentity(ca, "m-test", "127.0.0.1:0", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// hostTLS is the server side of a host agent named name, with a
+// certificate from id's CA: mutual TLS, managers only.
+func hostTLS(t testing.TB, id *Identity, name string) *tls.Config {
+	t.Helper()
+	cert, key, err := id.CA.Issue(pki.Profile{Role: pki.RoleHost, Name: name, IPs: []net.IP{net.IPv4(127, 0, 0, 1)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &pki.Holder{}
+	if err := h.Set(cert, key, id.CA.CertPEM); err != nil {
+		t.Fatal(err)
+	}
+	c := pki.ServerConfig(h, id.CA.Pool(), false)
+	c.VerifyConnection = pki.RequirePeer(pki.RoleManager, "")
+	return c
+}
+
 // asHost makes the fake a Host for the manager: in process, or (in the
-// run over the wire) a remote host over HTTP with heartbeats.
-func asHost(t testing.TB, h *fakeHost) Host {
+// run over the wire) a remote host over mutual TLS, with heartbeats.
+func asHost(t testing.TB, id *Identity, h *fakeHost) Host {
 	t.Helper()
 	if !remoteHosts {
 		return LocalHost(h.name, h)
 	}
-	srv := httptest.NewServer(hostproto.Serve(h, nil))
+	srv := httptest.NewUnstartedServer(hostproto.Serve(h, nil))
+	srv.TLS = hostTLS(t, id, h.name)
+	srv.StartTLS()
 	t.Cleanup(srv.Close)
-	rh := remotehost.New(h.name, strings.TrimPrefix(srv.URL, "http://"), "secret", srv.Client())
+	rh := remotehost.New(h.name, strings.TrimPrefix(srv.URL, "https://"), id.HostClientTLS(h.name))
 	beat := func() {
 		rh.Heartbeat(hostproto.Heartbeat{Info: h.info(), Statuses: h.statuses()}, 0, time.Now())
 	}
@@ -311,17 +359,10 @@ func newTestManager(t testing.TB) (*Manager, *fakeHost) {
 	}
 	t.Cleanup(e.Close)
 	h := newFakeHost()
-	port := 20000
-	var portMu sync.Mutex
+	id := testIdentity(t)
 	m := New(Config{
-		Store: store.New(e.Client(), "/test/"), Host: asHost(t, h), Events: events.New(1000),
+		Store: store.New(e.Client(), "/test/"), Host: asHost(t, id, h), Events: events.New(1000), Identity: id,
 		Limits: Limits{MaxMemoryBytes: 4 << 30, MaxCPUs: 8},
-		Ports: func(used map[int]bool) (int, error) {
-			portMu.Lock()
-			defer portMu.Unlock()
-			port++
-			return port, nil
-		},
 	})
 	m.SetLeader(true)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -337,4 +378,18 @@ func putRecord(t *testing.T, m *Manager, r record) {
 	if err := m.store.Put(context.Background(), vmKey(r.Spec.Name), r); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// authed is the manager's API with a token of role on every request.
+func authed(t testing.TB, m *Manager, role string) http.Handler {
+	t.Helper()
+	tok, err := m.CreateToken(context.Background(), api.TokenCreateRequest{Name: "test-" + role + "-" + randomHex(3), Role: role}, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := m.Handler()
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		r.Header.Set("Authorization", "Bearer "+tok.Token)
+		h.ServeHTTP(w, r)
+	})
 }

@@ -54,7 +54,7 @@ func FuzzAPI(f *testing.F) {
 	f.Add("DELETE", "/v1/vms/a?force=true", ``)
 	f.Add("GET", "/v1/vms/..%2f..", ``)
 	m, _ := newTestManager(f)
-	h := m.Handler()
+	h := authed(f, m, RoleAdmin)
 	f.Fuzz(func(t *testing.T, method, path, body string) {
 		if !strings.HasPrefix(path, "/") || strings.ContainsAny(path, " \t\r\n") || method == "" || strings.ContainsAny(method, " \t\r\n/") {
 			return

@@ -5,15 +5,19 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"net"
 	"net/http"
 	"strings"
 	"time"
 
 	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/pki"
 	"github.com/vigil-project/vigil/internal/remotehost"
 	"github.com/vigil-project/vigil/internal/store"
 )
@@ -21,12 +25,15 @@ import (
 // JoinTokenTTL is how long a join token admits a host.
 const JoinTokenTTL = time.Hour
 
-// tokenRecord is a join token as stored under "tokens/<sha256>": only the
-// hash is kept, so reading the store does not let anyone join.
-type tokenRecord struct {
+// joinTokenRecord is a join token under "jointokens/<id>": only the hash of
+// its secret is kept, so reading the store does not let anyone join.
+type joinTokenRecord struct {
+	Hash    string    `json:"hash"`
 	Expires time.Time `json:"expires"`
-	// UsedBy is the host that joined with it; the same host may present
-	// it again (a re-registration), no other.
+	// Host, if set, is the only name the token admits; such a token may
+	// replace a registered host (one that lost its keys).
+	Host string `json:"host,omitempty"`
+	// UsedBy is the host that joined with it: a token admits once.
 	UsedBy string `json:"used_by,omitempty"`
 }
 
@@ -34,8 +41,6 @@ type tokenRecord struct {
 type hostRecord struct {
 	Name         string    `json:"name"`
 	Addr         string    `json:"addr"`
-	SecretHash   string    `json:"secret_hash"`
-	Secret       string    `json:"secret"` // the manager must present it to the host
 	RegisteredAt time.Time `json:"registered_at"`
 	FenceAfterMS int64     `json:"fence_after_ms"`
 	// DeadAt is set when the leader declared the host dead (its VMs then
@@ -58,77 +63,184 @@ func randomHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-// JoinToken makes a token that admits one new host for JoinTokenTTL.
-func (m *Manager) JoinToken(ctx context.Context) (string, time.Time, error) {
-	tok := randomHex(24)
-	exp := time.Now().Add(JoinTokenTTL).UTC()
-	if _, err := m.store.Create(ctx, "tokens/"+hashHex(tok), tokenRecord{Expires: exp}); err != nil {
-		return "", time.Time{}, wrapf(ErrUnavailable, err, "store join token")
-	}
-	return tok, exp, nil
+// noTrust is the error of a host endpoint on a manager without a CA (a
+// unit test's manager).
+func noTrust() error {
+	return errorf(ErrUnavailable, "this manager has no cluster ca: hosts cannot join it")
 }
 
-// Register admits a host that presents a valid join token (or the secret
-// it was given before), records it and returns its secret.
-func (m *Manager) Register(ctx context.Context, req hostproto.Register) (hostproto.Registered, error) {
-	if err := validName(req.Name); err != nil {
-		return hostproto.Registered{}, errorf(ErrInvalid, "invalid host name %q: it must be a DNS label", req.Name)
+// JoinToken makes a token that admits one new host (or, with host, one
+// host of that name, even if registered) for JoinTokenTTL. It carries the
+// cluster CA's fingerprint.
+func (m *Manager) JoinToken(ctx context.Context, host string) (api.JoinToken, error) {
+	if m.identity == nil {
+		return api.JoinToken{}, noTrust()
 	}
-	if req.Addr == "" {
-		return hostproto.Registered{}, errorf(ErrInvalid, "host %s gave no address to reach it at", req.Name)
+	if host != "" && !dnsLabel.MatchString(host) {
+		return api.JoinToken{}, errorf(ErrInvalid, "invalid host name %q: it must be a DNS label", host)
+	}
+	t := pki.NewJoinToken(pki.Fingerprint(m.identity.CA.Cert))
+	exp := time.Now().Add(JoinTokenTTL).UTC()
+	if _, err := m.store.Create(ctx, "jointokens/"+t.ID, joinTokenRecord{Hash: hashHex(t.Secret), Expires: exp, Host: host}); err != nil {
+		return api.JoinToken{}, wrapf(ErrUnavailable, err, "store join token")
+	}
+	return api.JoinToken{Token: t.String(), Expires: exp, Host: host}, nil
+}
+
+// Join admits a new host: it presents a valid, unused join token and a
+// certificate request, and gets a certificate naming it. A token admits a
+// name that is not registered yet, or the one name it was made for: it
+// never lets a host take another host's identity.
+func (m *Manager) Join(ctx context.Context, req hostproto.Join) (hostproto.Joined, error) {
+	if m.identity == nil {
+		return hostproto.Joined{}, noTrust()
+	}
+	if !dnsLabel.MatchString(req.Name) {
+		return hostproto.Joined{}, errorf(ErrInvalid, "invalid host name %q: it must be a DNS label", req.Name)
+	}
+	if err := m.checkRegister(req.Name, req.Register); err != nil {
+		return hostproto.Joined{}, err
+	}
+	tok, err := pki.ParseJoinToken(req.Token)
+	if err != nil {
+		return hostproto.Joined{}, errorf(ErrUnauthorized, "host %s: %v", req.Name, err)
+	}
+	refuse := errorf(ErrUnauthorized, "host %s presented no valid join token: make one with 'vigil host join-token' and pass it with --join-token", req.Name)
+	var tr joinTokenRecord
+	trev, err := m.store.Get(ctx, "jointokens/"+tok.ID, &tr)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		return hostproto.Joined{}, refuse
+	case err != nil:
+		return hostproto.Joined{}, wrapf(ErrUnavailable, err, "check join token")
+	case subtle.ConstantTimeCompare([]byte(hashHex(tok.Secret)), []byte(tr.Hash)) != 1:
+		return hostproto.Joined{}, refuse
+	case time.Now().After(tr.Expires):
+		return hostproto.Joined{}, errorf(ErrUnauthorized, "the join token of host %s expired at %s: make a new one with 'vigil host join-token'", req.Name, tr.Expires.Format(time.RFC3339))
+	case tr.UsedBy != "":
+		return hostproto.Joined{}, errorf(ErrUnauthorized, "the join token of host %s was already used (by host %s): make a new one with 'vigil host join-token'", req.Name, tr.UsedBy)
+	case tr.Host != "" && tr.Host != req.Name:
+		return hostproto.Joined{}, errorf(ErrUnauthorized, "the join token was made for host %s, not %s", tr.Host, req.Name)
+	}
+	var prev hostRecord
+	_, err = m.store.Get(ctx, "hosts/"+req.Name, &prev)
+	if err == nil && tr.Host != req.Name {
+		return hostproto.Joined{}, errorf(ErrForbidden,
+			"a host named %s is already registered: a join token does not let a new host take its name. To replace that host (it lost its keys), make a token for it with 'vigil host join-token --host %s'",
+			req.Name, req.Name)
+	}
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
+		return hostproto.Joined{}, wrapf(ErrUnavailable, err, "read host %s", req.Name)
+	}
+	certPEM, err := m.signHost(req.Name, req.Addr, req.CSR)
+	if err != nil {
+		return hostproto.Joined{}, err
+	}
+	tr.UsedBy = req.Name
+	if _, err := m.store.Update(ctx, "jointokens/"+tok.ID, trev, tr); err != nil {
+		return hostproto.Joined{}, wrapf(ErrUnavailable, err, "use join token")
+	}
+	if err := m.admit(ctx, req.Name, req.Register, prev.Drained); err != nil {
+		return hostproto.Joined{}, err
+	}
+	return hostproto.Joined{Cert: string(certPEM), CA: string(m.identity.CA.CertPEM)}, nil
+}
+
+// signHost issues a host certificate for the key of csrPEM, naming the
+// host and the address it is reached at.
+func (m *Manager) signHost(name, addr, csrPEM string) ([]byte, error) {
+	csr, err := pki.ParseCSR([]byte(csrPEM))
+	if err != nil {
+		return nil, errorf(ErrInvalid, "host %s: %v", name, err)
+	}
+	p := pki.Profile{Role: pki.RoleHost, Name: name, TTL: m.certTTL}
+	if host, _, err := net.SplitHostPort(addr); err == nil {
+		if ip := net.ParseIP(host); ip != nil {
+			p.IPs = []net.IP{ip}
+		} else if host != "" {
+			p.DNSNames = []string{host}
+		}
+	}
+	cert, err := m.identity.CA.Sign(csr, p)
+	if err != nil {
+		return nil, wrapf(ErrUnavailable, err, "sign the certificate of host %s", name)
+	}
+	return cert, nil
+}
+
+// checkRegister refuses what a manager cannot work with.
+func (m *Manager) checkRegister(name string, req hostproto.Register) error {
+	if _, _, err := net.SplitHostPort(req.Addr); err != nil {
+		return errorf(ErrInvalid, "host %s gave no address to reach it at (host:port): %q", name, req.Addr)
 	}
 	fence := time.Duration(req.FenceAfterMS) * time.Millisecond
 	if fence <= 0 || fence+fenceMargin > m.deadAfter {
-		return hostproto.Registered{}, errorf(ErrUnauthorized,
+		return errorf(ErrForbidden,
 			"host %s fences itself after %s, but the managers declare a host dead after %s: a host must fence at least %s before that; give it --fence-after %s or less",
-			req.Name, fence, m.deadAfter, fenceMargin, m.deadAfter-fenceMargin)
+			name, fence, m.deadAfter, fenceMargin, m.deadAfter-fenceMargin)
+	}
+	return nil
+}
+
+// Register takes a joined host back after a restart (or after it fenced):
+// its certificate names it, and only a registered host may register.
+func (m *Manager) Register(ctx context.Context, name string, req hostproto.Register) error {
+	if m.identity == nil {
+		return noTrust()
+	}
+	if err := m.checkRegister(name, req); err != nil {
+		return err
 	}
 	var prev hostRecord
-	_, err := m.store.Get(ctx, "hosts/"+req.Name, &prev)
-	known := err == nil
-	// A known host may come back with its secret instead of a token.
-	if known && req.Token != "" && subtle.ConstantTimeCompare([]byte(hashHex(req.Token)), []byte(prev.SecretHash)) == 1 {
-		return m.admit(ctx, req, prev.Secret, prev.Drained)
+	if _, err := m.store.Get(ctx, "hosts/"+name, &prev); errors.Is(err, store.ErrNotFound) {
+		return errorf(ErrUnauthorized, "host %s is not registered (it was removed, or the cluster is new): join it again with a new join token", name)
+	} else if err != nil {
+		return wrapf(ErrUnavailable, err, "read host %s", name)
 	}
-	var tr tokenRecord
-	trev, err := m.store.Get(ctx, "tokens/"+hashHex(req.Token), &tr)
-	switch {
-	case req.Token == "" || errors.Is(err, store.ErrNotFound):
-		return hostproto.Registered{}, errorf(ErrUnauthorized, "host %s presented no valid join token: make one with 'vigil host join-token' and pass it with --join-token", req.Name)
-	case err != nil:
-		return hostproto.Registered{}, wrapf(ErrUnavailable, err, "check join token")
-	case time.Now().After(tr.Expires):
-		return hostproto.Registered{}, errorf(ErrUnauthorized, "the join token of host %s expired at %s: make a new one with 'vigil host join-token'", req.Name, tr.Expires.Format(time.RFC3339))
-	case tr.UsedBy != "" && tr.UsedBy != req.Name:
-		return hostproto.Registered{}, errorf(ErrUnauthorized, "the join token of host %s was already used by host %s: make a new one with 'vigil host join-token'", req.Name, tr.UsedBy)
+	return m.admit(ctx, name, req, prev.Drained)
+}
+
+// Renew issues a registered host a new certificate for a new key.
+func (m *Manager) Renew(ctx context.Context, name string, req hostproto.Renew) (hostproto.Joined, error) {
+	if m.identity == nil {
+		return hostproto.Joined{}, noTrust()
 	}
-	tr.UsedBy = req.Name
-	if _, err := m.store.Update(ctx, "tokens/"+hashHex(req.Token), trev, tr); err != nil {
-		return hostproto.Registered{}, wrapf(ErrUnavailable, err, "use join token")
+	var rec hostRecord
+	if _, err := m.store.Get(ctx, "hosts/"+name, &rec); err != nil {
+		return hostproto.Joined{}, errorf(ErrUnauthorized, "host %s is not registered: join it again with a new join token", name)
 	}
-	secret := prev.Secret
-	if !known {
-		secret = randomHex(24)
+	cert, err := m.signHost(name, rec.Addr, req.CSR)
+	if err != nil {
+		return hostproto.Joined{}, err
 	}
-	return m.admit(ctx, req, secret, prev.Drained)
+	return hostproto.Joined{Cert: string(cert), CA: string(m.identity.CA.CertPEM)}, nil
 }
 
 // admit records the host as alive (clearing a death: the host fenced
 // before it registered again) and starts talking to it.
-func (m *Manager) admit(ctx context.Context, req hostproto.Register, secret string, drained bool) (hostproto.Registered, error) {
-	rec := hostRecord{Name: req.Name, Addr: req.Addr, SecretHash: hashHex(secret), Secret: secret, RegisteredAt: time.Now().UTC(),
-		FenceAfterMS: req.FenceAfterMS, Drained: drained}
-	if err := m.store.Put(ctx, "hosts/"+req.Name, rec); err != nil {
-		return hostproto.Registered{}, wrapf(ErrUnavailable, err, "record host %s", req.Name)
+func (m *Manager) admit(ctx context.Context, name string, req hostproto.Register, drained bool) error {
+	rec := hostRecord{Name: name, Addr: req.Addr, RegisteredAt: time.Now().UTC(), FenceAfterMS: req.FenceAfterMS, Drained: drained}
+	if err := m.store.Put(ctx, "hosts/"+name, rec); err != nil {
+		return wrapf(ErrUnavailable, err, "record host %s", name)
 	}
-	h := remotehost.New(req.Name, req.Addr, secret, nil)
+	h := m.newRemote(name, req.Addr)
 	h.Heartbeat(hostproto.Heartbeat{Info: req.Info}, 0, time.Now())
 	m.AddHost(h)
-	m.setDrained(req.Name, drained)
-	m.setDead(req.Name, time.Time{})
-	m.log.Info("host registered", "host", req.Name, "addr", req.Addr)
-	m.publish(api.Event{Type: "host.up", Host: req.Name, Message: "registered from " + req.Addr})
-	return hostproto.Registered{Secret: secret}, nil
+	m.setDrained(name, drained)
+	m.setDead(name, time.Time{})
+	m.log.Info("host registered", "host", name, "addr", req.Addr)
+	m.publish(api.Event{Type: "host.up", Host: name, Message: "registered from " + req.Addr})
+	return nil
+}
+
+// newRemote is a remote host reached over mutual TLS: it must present
+// the host certificate for its name.
+func (m *Manager) newRemote(name, addr string) *remotehost.Host {
+	var tlsConf *tls.Config
+	if m.identity != nil {
+		tlsConf = m.identity.HostClientTLS(name)
+	}
+	return remotehost.New(name, addr, tlsConf)
 }
 
 // hostStatusRecord is the latest heartbeat of a host, under "hoststatus/<name>".
@@ -177,8 +289,8 @@ func (m *Manager) WatchHosts(ctx context.Context) {
 				return
 			}
 			cur := m.remote(rec.Name)
-			if cur == nil || cur.Secret() != rec.Secret || cur.Addr() != rec.Addr {
-				cur = remotehost.New(rec.Name, rec.Addr, rec.Secret, nil)
+			if cur == nil || cur.Addr() != rec.Addr {
+				cur = m.newRemote(rec.Name, rec.Addr)
 				m.AddHost(cur)
 			}
 			var dead time.Time
@@ -215,13 +327,11 @@ func (m *Manager) WatchHosts(ctx context.Context) {
 }
 
 // Heartbeat takes a host's heartbeat and the events it carries.
-func (m *Manager) Heartbeat(ctx context.Context, name, auth string, hb hostproto.Heartbeat) error {
-	h := m.remote(name)
-	if h == nil {
+// Its certificate named the host; it reports only for itself: an event
+// that claims another host is dropped (and audited).
+func (m *Manager) Heartbeat(ctx context.Context, name string, hb hostproto.Heartbeat) error {
+	if m.remote(name) == nil {
 		return errorf(ErrUnauthorized, "host %s is not registered with this manager: register again", name)
-	}
-	if subtle.ConstantTimeCompare([]byte(auth), []byte("Bearer "+h.Secret())) != 1 {
-		return errorf(ErrUnauthorized, "host %s presented a wrong secret: register again", name)
 	}
 	gone := func(dead time.Time) error {
 		return errorf(ErrGone, "host %s was declared dead at %s and its vms may run elsewhere: kill them and register again", name, dead.Format(time.RFC3339Nano))
@@ -262,18 +372,46 @@ func (m *Manager) Heartbeat(ctx context.Context, name, auth string, hb hostproto
 		m.publish(api.Event{Type: "host.up", Host: name})
 	}
 	for _, e := range hb.Events {
+		if e.Host != name {
+			m.log.Warn("dropped an event a host sent for another host", "host", name, "claimed", e.Host, "vm", e.VM, "kind", e.Kind)
+			m.audit(api.AuditEntry{Time: time.Now(), Actor: "host:" + name, Role: "host", Action: "event " + string(e.Kind), VM: e.VM, Host: e.Host,
+				Status: http.StatusForbidden, Error: fmt.Sprintf("host %s sent an event as host %s: dropped", name, e.Host)})
+			continue
+		}
 		m.HandleHostEvent(e)
 	}
 	return nil
 }
 
 func (m *Manager) handleJoinToken(w http.ResponseWriter, r *http.Request) {
-	tok, exp, err := m.JoinToken(r.Context())
+	var req api.JoinTokenRequest
+	if r.ContentLength != 0 {
+		if err := decodeBody(r, &req); err != nil {
+			writeError(w, m.log, err)
+			return
+		}
+	}
+	tok, err := m.JoinToken(r.Context(), req.Host)
 	if err != nil {
 		writeError(w, m.log, err)
 		return
 	}
-	writeJSON(w, http.StatusCreated, map[string]any{"token": tok, "expires": exp})
+	writeJSON(w, http.StatusCreated, tok)
+}
+
+func (m *Manager) handleJoin(w http.ResponseWriter, r *http.Request) {
+	var req hostproto.Join
+	if err := decodeBody(r, &req); err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	*r = *r.WithContext(context.WithValue(r.Context(), callerKey{}, caller{Kind: "host", Name: req.Name, Role: "joining"}))
+	out, err := m.Join(r.Context(), req)
+	if err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
 }
 
 func (m *Manager) handleRegister(w http.ResponseWriter, r *http.Request) {
@@ -282,12 +420,25 @@ func (m *Manager) handleRegister(w http.ResponseWriter, r *http.Request) {
 		writeError(w, m.log, err)
 		return
 	}
-	reg, err := m.Register(r.Context(), req)
+	if err := m.Register(r.Context(), callerOf(r).Name, req); err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (m *Manager) handleRenew(w http.ResponseWriter, r *http.Request) {
+	var req hostproto.Renew
+	if err := decodeBody(r, &req); err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	out, err := m.Renew(r.Context(), callerOf(r).Name, req)
 	if err != nil {
 		writeError(w, m.log, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, reg)
+	writeJSON(w, http.StatusOK, out)
 }
 
 func (m *Manager) handleHeartbeat(w http.ResponseWriter, r *http.Request) {
@@ -296,7 +447,7 @@ func (m *Manager) handleHeartbeat(w http.ResponseWriter, r *http.Request) {
 		writeError(w, m.log, wrapf(ErrInvalid, err, "malformed heartbeat"))
 		return
 	}
-	if err := m.Heartbeat(r.Context(), r.PathValue("name"), strings.TrimSpace(r.Header.Get("Authorization")), hb); err != nil {
+	if err := m.Heartbeat(r.Context(), callerOf(r).Name, hb); err != nil {
 		writeError(w, m.log, err)
 		return
 	}

@@ -1,6 +1,7 @@
 package manager
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -11,45 +12,227 @@ import (
 	"time"
 
 	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/pki"
 )
 
 // maxBody bounds request bodies; every request we accept is tiny.
 const maxBody = 1 << 20
 
-// Handler serves the REST API under /v1/.
+// Handler serves the REST API under /v1/. Every route says who may call it
+// (the role an API token needs, or a host's certificate) and whether it is
+// audited; a request is authenticated before its body is read.
 func (m *Manager) Handler() http.Handler {
 	mux := http.NewServeMux()
+	user := func(pattern, role string, audited bool, h http.HandlerFunc) {
+		mux.Handle(pattern, m.userRoute(role, audited, h))
+	}
 	mux.HandleFunc("GET /v1/health", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "manager": m.name, "leader": m.leader.Load()})
 	})
-	mux.HandleFunc("POST /v1/vms", m.handleCreate)
-	mux.HandleFunc("GET /v1/vms", m.handleList)
-	mux.HandleFunc("GET /v1/vms/{name}", m.handleGet)
-	mux.HandleFunc("DELETE /v1/vms/{name}", m.handleDelete)
-	mux.HandleFunc("PUT /v1/vms/{name}/state", m.handleState)
-	mux.HandleFunc("GET /v1/vms/{name}/console", m.handleConsole)
-	mux.HandleFunc("POST /v1/vms/{name}/exec", m.handleExec)
-	mux.HandleFunc("GET /v1/vms/{name}/incidents", m.handleIncidents)
-	mux.HandleFunc("POST /v1/vms/{name}/fault", m.handleFault)
-	mux.HandleFunc("PUT /v1/vms/{name}/policy", m.handlePolicy)
-	mux.HandleFunc("POST /v1/vms/{name}/migrate", m.handleMigrate)
-	mux.HandleFunc("GET /v1/vms/{name}/snapshots", m.handleSnapshotList)
-	mux.HandleFunc("POST /v1/vms/{name}/snapshots", m.handleSnapshotCreate)
-	mux.HandleFunc("POST /v1/vms/{name}/snapshots/{snap}/revert", m.handleSnapshotRevert)
-	mux.HandleFunc("DELETE /v1/vms/{name}/snapshots/{snap}", m.handleSnapshotDelete)
-	mux.HandleFunc("GET /v1/hosts", func(w http.ResponseWriter, r *http.Request) {
+	user("POST /v1/vms", RoleOperator, true, m.handleCreate)
+	user("GET /v1/vms", RoleViewer, false, m.handleList)
+	user("GET /v1/vms/{name}", RoleViewer, false, m.handleGet)
+	user("DELETE /v1/vms/{name}", RoleOperator, true, m.handleDelete)
+	user("PUT /v1/vms/{name}/state", RoleOperator, true, m.handleState)
+	user("GET /v1/vms/{name}/console", RoleOperator, false, m.handleConsole)
+	user("POST /v1/vms/{name}/exec", RoleOperator, true, m.handleExec)
+	user("GET /v1/vms/{name}/incidents", RoleViewer, false, m.handleIncidents)
+	user("POST /v1/vms/{name}/fault", RoleOperator, true, m.handleFault)
+	user("PUT /v1/vms/{name}/policy", RoleOperator, true, m.handlePolicy)
+	user("POST /v1/vms/{name}/migrate", RoleOperator, true, m.handleMigrate)
+	user("GET /v1/vms/{name}/snapshots", RoleViewer, false, m.handleSnapshotList)
+	user("POST /v1/vms/{name}/snapshots", RoleOperator, true, m.handleSnapshotCreate)
+	user("POST /v1/vms/{name}/snapshots/{snap}/revert", RoleOperator, true, m.handleSnapshotRevert)
+	user("DELETE /v1/vms/{name}/snapshots/{snap}", RoleOperator, true, m.handleSnapshotDelete)
+	user("GET /v1/hosts", RoleViewer, false, func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, m.Hosts())
 	})
-	mux.HandleFunc("GET /v1/events", m.handleEvents)
-	mux.HandleFunc("POST /v1/hosts/join-tokens", m.handleJoinToken)
-	mux.HandleFunc("POST /v1/hosts/register", m.handleRegister)
-	mux.HandleFunc("POST /v1/hosts/{name}/heartbeat", m.handleHeartbeat)
-	mux.HandleFunc("POST /v1/hosts/{name}/drain", m.handleDrain)
-	mux.HandleFunc("POST /v1/hosts/{name}/enable", m.handleEnable)
+	user("GET /v1/events", RoleViewer, false, m.handleEvents)
+	user("GET /v1/audit", RoleViewer, false, m.handleAudit)
+	user("POST /v1/hosts/join-tokens", RoleAdmin, true, m.handleJoinToken)
+	user("POST /v1/hosts/{name}/drain", RoleOperator, true, m.handleDrain)
+	user("POST /v1/hosts/{name}/enable", RoleOperator, true, m.handleEnable)
+	user("POST /v1/tokens", RoleAdmin, true, m.handleTokenCreate)
+	user("GET /v1/tokens", RoleAdmin, false, m.handleTokenList)
+	user("DELETE /v1/tokens/{name}", RoleAdmin, true, m.handleTokenRevoke)
+	// Hosts: a join token in the body for the first contact, then the
+	// host's certificate, which names it.
+	mux.Handle("POST /v1/hosts/join", m.auditRoute(m.handleJoin))
+	mux.Handle("POST /v1/hosts/register", m.hostRoute(false, true, m.handleRegister))
+	mux.Handle("POST /v1/hosts/{name}/heartbeat", m.hostRoute(true, false, m.handleHeartbeat))
+	mux.Handle("POST /v1/hosts/{name}/certificate", m.hostRoute(true, true, m.handleRenew))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, m.log, errorf(ErrNotFound, "no such endpoint %s %s: see docs/architecture.md for the API", r.Method, r.URL.Path))
 	})
 	return mux
+}
+
+type callerKey struct{}
+
+// callerOf is who made the request (set by the route wrappers).
+func callerOf(r *http.Request) caller {
+	c, _ := r.Context().Value(callerKey{}).(caller)
+	return c
+}
+
+// userRoute needs an API token of at least role.
+func (m *Manager) userRoute(role string, audited bool, h http.HandlerFunc) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, err := m.authenticate(r.Context(), r.Header.Get("Authorization"))
+		if err == nil && !authorized(c.Role, role) {
+			err = errorf(ErrForbidden, "token %s has role %s; this needs %s", c.Name, c.Role, role)
+		}
+		r = r.WithContext(context.WithValue(r.Context(), callerKey{}, c))
+		if !audited && err == nil {
+			h(w, r)
+			return
+		}
+		m.audited(w, r, func(w http.ResponseWriter, r *http.Request) {
+			if err != nil {
+				writeError(w, m.log, err)
+				return
+			}
+			h(w, r)
+		})
+	})
+}
+
+// hostRoute needs a host's certificate (verified by TLS against the
+// cluster CA); with named, the {name} in the path must be that host.
+// Refusals are always audited; successes when audited is set.
+func (m *Manager) hostRoute(named, audited bool, h http.HandlerFunc) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		role, name, ok := pki.Peer(r.TLS)
+		var err error
+		switch {
+		case !ok:
+			err = errorf(ErrUnauthorized, "this endpoint is for host agents: present the host's certificate (join with 'vigil agent --host --join-token ...')")
+		case role != pki.RoleHost:
+			err = errorf(ErrForbidden, "this endpoint is for host agents, not %s", role)
+		case named && r.PathValue("name") != name:
+			err = errorf(ErrForbidden, "host %s may act only for itself, not for host %s", name, r.PathValue("name"))
+		}
+		c := caller{Kind: "host", Name: name, Role: "host"}
+		r = r.WithContext(context.WithValue(r.Context(), callerKey{}, c))
+		if err == nil && !audited {
+			h(w, r)
+			return
+		}
+		m.audited(w, r, func(w http.ResponseWriter, r *http.Request) {
+			if err != nil {
+				writeError(w, m.log, err)
+				return
+			}
+			h(w, r)
+		})
+	})
+}
+
+// auditRoute audits a route that authenticates in its handler (joining).
+func (m *Manager) auditRoute(h http.HandlerFunc) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { m.audited(w, r, h) })
+}
+
+type auditNoteKey struct{}
+
+// auditNote lets a handler name the VM of a call whose path does not (a
+// create).
+type auditNote struct{ vm string }
+
+func noteVM(r *http.Request, vm string) {
+	if n, ok := r.Context().Value(auditNoteKey{}).(*auditNote); ok {
+		n.vm = vm
+	}
+}
+
+// audited runs h and records the call with its result.
+func (m *Manager) audited(w http.ResponseWriter, r *http.Request, h http.HandlerFunc) {
+	rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
+	note := &auditNote{vm: r.PathValue("name")}
+	r = r.WithContext(context.WithValue(r.Context(), auditNoteKey{}, note))
+	h(rec, r)
+	c := callerOf(r)
+	e := api.AuditEntry{Time: time.Now(), Actor: c.String(), Role: c.Role, Action: r.Method + " " + r.URL.Path,
+		VM: note.vm, Status: rec.status, Error: rec.err, Remote: r.RemoteAddr}
+	if strings.HasPrefix(r.URL.Path, "/v1/hosts/") {
+		e.VM, e.Host = "", r.PathValue("name")
+	}
+	if strings.HasPrefix(r.URL.Path, "/v1/tokens/") {
+		e.VM = ""
+	}
+	if c.Kind == "host" && e.Host == "" {
+		e.Host = c.Name
+	}
+	m.audit(e)
+}
+
+// statusRecorder remembers the status and error message of an answer.
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+	err    string
+}
+
+func (s *statusRecorder) WriteHeader(code int) {
+	s.status = code
+	s.ResponseWriter.WriteHeader(code)
+}
+
+func (s *statusRecorder) Write(b []byte) (int, error) {
+	if s.status >= 400 && s.err == "" {
+		var e api.Error
+		if json.Unmarshal(b, &e) == nil {
+			s.err = e.Error
+		}
+	}
+	return s.ResponseWriter.Write(b)
+}
+
+func (s *statusRecorder) Flush() {
+	if f, ok := s.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+func (m *Manager) handleAudit(w http.ResponseWriter, r *http.Request) {
+	limit, _ := strconv.Atoi(r.URL.Query().Get("limit"))
+	out, err := m.Audit(r.Context(), limit)
+	if err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (m *Manager) handleTokenCreate(w http.ResponseWriter, r *http.Request) {
+	var req api.TokenCreateRequest
+	if err := decodeBody(r, &req); err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	t, err := m.CreateToken(r.Context(), req, callerOf(r).String())
+	if err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, t)
+}
+
+func (m *Manager) handleTokenList(w http.ResponseWriter, r *http.Request) {
+	out, err := m.Tokens(r.Context())
+	if err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (m *Manager) handleTokenRevoke(w http.ResponseWriter, r *http.Request) {
+	if err := m.RevokeToken(r.Context(), r.PathValue("name")); err != nil {
+		writeError(w, m.log, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
 }
 
 func (m *Manager) handleCreate(w http.ResponseWriter, r *http.Request) {
@@ -58,6 +241,7 @@ func (m *Manager) handleCreate(w http.ResponseWriter, r *http.Request) {
 		writeError(w, m.log, err)
 		return
 	}
+	noteVM(r, req.Name)
 	vm, err := m.Create(r.Context(), req)
 	if err != nil {
 		writeError(w, m.log, err)

@@ -18,6 +18,7 @@ import (
 	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/internal/events"
 	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/pki"
 	"github.com/vigil-project/vigil/internal/store"
 	"github.com/vigil-project/vigil/internal/workqueue"
 )
@@ -74,7 +75,6 @@ type Manager struct {
 	events     *events.Broker
 	log        *slog.Logger
 	limits     Limits
-	ports      PortAllocator
 	locks      *locker
 	// unreleased are locks whose release failed; the janitor retries.
 	unreleased chan store.Lock
@@ -82,10 +82,18 @@ type Manager struct {
 	// them; its workers are the only place events are acted on.
 	queue *workqueue.Queue[*hostEvent]
 	// placeMu serialises placement decisions made by this manager, so two
-	// VMs placed at once each see the other's reservation.
+	// VMs placed at once each see the other's reservation; moving (guarded
+	// by it) holds room for VMs on their way to a host.
 	placeMu sync.Mutex
+	moving  map[string]reservation
 	// stepHook runs after each named step of a multi-phase operation.
 	stepHook func(string)
+	// identity is the cluster CA and this manager's certificate (nil: no
+	// remote hosts, as in a unit test).
+	identity *Identity
+	certTTL  time.Duration
+	tokens   *tokenCache
+	auditQ   chan api.AuditEntry
 
 	name        string
 	leader      atomic.Bool
@@ -97,9 +105,6 @@ type Manager struct {
 	share       chan api.Event // events to share with other managers; nil in dev mode
 }
 
-// PortAllocator hands out free host ports for guest endpoints.
-type PortAllocator func(used map[int]bool) (int, error)
-
 // Config configures a Manager.
 type Config struct {
 	Store *store.Store
@@ -109,7 +114,6 @@ type Config struct {
 	Events     *events.Broker
 	Logger     *slog.Logger
 	Limits     Limits
-	Ports      PortAllocator
 	// Name identifies this manager among several (default "manager").
 	Name string
 	// ShareEvents makes this manager share its events with the other
@@ -124,15 +128,18 @@ type Config struct {
 	// StepHook, if set, runs after each named step of a multi-phase
 	// operation with "op/step" (e.g. "migrate/transfer").
 	StepHook func(step string)
+	// Identity is the cluster CA and this manager's certificate; without
+	// it no host can join (the dev agent's in-process host needs none).
+	Identity *Identity
+	// CertTTL is the life of the host certificates this manager issues
+	// (default pki.DefaultTTL).
+	CertTTL time.Duration
 }
 
 // New returns a Manager. Run (and, while leading, Lead) make it work.
 func New(cfg Config) *Manager {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
-	}
-	if cfg.Ports == nil {
-		cfg.Ports = FreePort
 	}
 	if cfg.Name == "" {
 		cfg.Name = "manager"
@@ -147,11 +154,19 @@ func New(cfg Config) *Manager {
 		cfg.StepHook = func(string) {}
 	}
 	m := &Manager{name: cfg.Name, store: cfg.Store, hosts: newRegistry(), overcommit: cfg.Overcommit, events: cfg.Events, log: cfg.Logger,
-		limits: cfg.Limits, ports: cfg.Ports, deadAfter: cfg.HostDeadAfter, resync: cfg.Resync, stepHook: cfg.StepHook,
+		limits: cfg.Limits, deadAfter: cfg.HostDeadAfter, resync: cfg.Resync, stepHook: cfg.StepHook,
 		locks:      &locker{cli: cfg.Store.Client(), ttl: lockTTL},
 		unreleased: make(chan store.Lock, 1000),
 		queue:      workqueue.New[*hostEvent](workqueue.Config{BaseDelay: 50 * time.Millisecond, MaxDelay: 2 * time.Second}),
 		started:    time.Now(),
+		moving:     map[string]reservation{},
+		identity:   cfg.Identity,
+		certTTL:    cfg.CertTTL,
+		tokens:     &tokenCache{byID: map[string]tokenRecord{}},
+		auditQ:     make(chan api.AuditEntry, 4096),
+	}
+	if m.certTTL == 0 {
+		m.certTTL = pki.DefaultTTL
 	}
 	m.instance = randomHex(8)
 	if cfg.ShareEvents {
@@ -194,6 +209,11 @@ func (m *Manager) Run(ctx context.Context) {
 	}
 	run(func(ctx context.Context) { m.queue.Run(ctx, queueWorkers, m.work) })
 	run(m.janitor)
+	run(m.watchTokens)
+	run(m.auditWriter)
+	if m.identity != nil {
+		run(func(ctx context.Context) { m.identity.KeepRenewed(ctx, m.log) })
+	}
 	if m.share != nil {
 		run(m.WatchHosts)
 		run(m.ShareEvents)
@@ -292,12 +312,26 @@ func (m *Manager) Create(ctx context.Context, req api.VMCreateRequest) (api.VM, 
 	if err != nil {
 		return api.VM{}, err
 	}
+	ctx, cancel := detach(ctx)
+	defer cancel()
 	defer o.end(ctx)
 	r := o.r
-	if _, err := hostproto.Create.Call(ctx, m.hostNamed(r.Host), r.Spec); err != nil {
+	// The host picks the endpoint's port on its own loopback, avoiding the
+	// ports of the cluster's other VMs (hosts of a pool may share a machine).
+	var avoid []int
+	if rs, err := m.records(ctx); err == nil {
+		for _, s := range rs {
+			if s.rec.Spec.HostPort != 0 {
+				avoid = append(avoid, s.rec.Spec.HostPort)
+			}
+		}
+	}
+	res, err := hostproto.Create.Call(ctx, m.hostNamed(r.Host), hostproto.CreateRequest{Spec: r.Spec, AvoidPorts: avoid})
+	if err != nil {
 		o.deleteRecord(context.WithoutCancel(ctx))
 		return api.VM{}, fmt.Errorf("create vm %s on host %s: %w", req.Name, r.Host, err)
 	}
+	o.r.Spec.HostPort = res.HostPort
 	o.publish(api.Event{Type: "vm.created", VM: req.Name, Host: r.Host})
 	if !req.Start {
 		if err := o.finish(ctx, api.StateStopped, ""); err != nil {
@@ -326,7 +360,7 @@ func (m *Manager) define(ctx context.Context, req api.VMCreateRequest, policy ap
 			return nil, errorf(ErrConflict, "vm %s already exists: pick another name, or delete it first", req.Name)
 		}
 	}
-	cands := m.hosts.candidates(rs)
+	cands := m.hosts.candidates(rs, m.moving)
 	hostName, err := place(cands, need{mem: req.MemoryBytes, cpus: req.CPUs, pin: req.Host}, m.overcommit)
 	if err != nil {
 		return nil, err
@@ -339,18 +373,10 @@ func (m *Manager) define(ctx context.Context, req api.VMCreateRequest, policy ap
 			pool = c.host.StoragePool
 		}
 	}
-	used := map[int]bool{}
-	for _, r := range rs {
-		used[r.rec.Spec.HostPort] = true
-	}
-	port, err := m.ports(used)
-	if err != nil {
-		return nil, wrapf(ErrUnavailable, err, "no free port for the endpoint of %s", req.Name)
-	}
 	now := time.Now().UTC()
 	r := record{
 		Spec: hostproto.VMSpec{Name: req.Name, UUID: newUUID(), MemoryBytes: req.MemoryBytes, CPUs: req.CPUs,
-			DiskBytes: req.DiskBytes, HostPort: port, HangTimeoutSeconds: policy.HangTimeoutSeconds, MinUptimeSeconds: policy.MinUptimeSeconds,
+			DiskBytes: req.DiskBytes, HangTimeoutSeconds: policy.HangTimeoutSeconds, MinUptimeSeconds: policy.MinUptimeSeconds,
 			Pool: pool, Epoch: 1},
 		Host: hostName, Desired: desiredStopped, State: api.StateCreating, CreatedAt: now, UpdatedAt: now, Policy: policy,
 	}

@@ -26,7 +26,7 @@ func call(t *testing.T, srv http.Handler, method, path, body string) (int, []byt
 
 func TestAPIValidationAndErrorMapping(t *testing.T) {
 	m, h := newTestManager(t)
-	srv := m.Handler()
+	srv := authed(t, m, RoleAdmin)
 	if code, b := call(t, srv, "POST", "/v1/vms", `{"name":"web1","memory_bytes":134217728,"cpus":1,"disk_bytes":268435456}`); code != 201 {
 		t.Fatalf("create web1: %d %s", code, b)
 	}
@@ -381,7 +381,7 @@ func TestEventsEndpointNDJSON(t *testing.T) {
 	m, _ := newTestManager(t)
 	m.Events().Publish(api.Event{Type: "vm.created", VM: "a"})
 	m.Events().Publish(api.Event{Type: "vm.created", VM: "b"})
-	code, b := call(t, m.Handler(), "GET", "/v1/events?vm=b", "")
+	code, b := call(t, authed(t, m, RoleViewer), "GET", "/v1/events?vm=b", "")
 	if code != 200 {
 		t.Fatalf("status %d", code)
 	}
@@ -392,5 +392,23 @@ func TestEventsEndpointNDJSON(t *testing.T) {
 	var e api.Event
 	if err := json.Unmarshal(lines[0], &e); err != nil || e.VM != "b" || e.Seq != 2 {
 		t.Fatalf("event = %+v, %v", e, err)
+	}
+}
+
+// TestEndpointPortIsTheHosts: the endpoint's port is picked by the VM's
+// host (on its own loopback), avoiding the ports other VMs hold, not by
+// the manager on its own machine.
+func TestEndpointPortIsTheHosts(t *testing.T) {
+	m, _ := newTestManager(t)
+	a, err := m.Create(context.Background(), api.VMCreateRequest{Name: "a", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := m.Create(context.Background(), api.VMCreateRequest{Name: "b", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Endpoint != "127.0.0.1:40001" || b.Endpoint != "127.0.0.1:40002" {
+		t.Fatalf("endpoints %s, %s; want the ports the host chose (40001, 40002)", a.Endpoint, b.Endpoint)
 	}
 }

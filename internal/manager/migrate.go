@@ -3,6 +3,7 @@ package manager
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/http"
 	"time"
 
@@ -78,6 +79,7 @@ func (m *Manager) migrate(ctx context.Context, name, to string, wait bool) (api.
 	} else {
 		o, err = m.begin(ctx, name, opMigrate, prepare)
 	}
+	defer m.arrived(name)
 	if err != nil {
 		r, _, _ := m.load(context.WithoutCancel(ctx), name)
 		return move, r, err
@@ -99,7 +101,7 @@ func (m *Manager) migrate(ctx context.Context, name, to string, wait bool) (api.
 }
 
 // placeElsewhere picks a host of the VM's pool other than its own (to, if
-// given).
+// given), and holds room there until arrived.
 func (m *Manager) placeElsewhere(ctx context.Context, r record, to string) (string, error) {
 	m.placeMu.Lock()
 	defer m.placeMu.Unlock()
@@ -113,12 +115,24 @@ func (m *Manager) placeLocked(ctx context.Context, r record, to string) (string,
 		return "", err
 	}
 	var cands []candidate
-	for _, c := range m.hosts.candidates(rs) {
+	for _, c := range m.hosts.candidates(rs, m.moving) {
 		if c.host.Name != r.Host {
 			cands = append(cands, c)
 		}
 	}
-	return place(cands, need{mem: r.Spec.MemoryBytes, cpus: r.Spec.CPUs, pin: to, pool: r.Spec.Pool}, m.overcommit)
+	target, err := place(cands, need{mem: r.Spec.MemoryBytes, cpus: r.Spec.CPUs, pin: to, pool: r.Spec.Pool}, m.overcommit)
+	if err == nil {
+		m.moving[r.Spec.Name] = reservation{host: target, mem: r.Spec.MemoryBytes, cpus: r.Spec.CPUs}
+	}
+	return target, err
+}
+
+// arrived drops the room held for a VM on its way (its record now says
+// where it is, or it did not go).
+func (m *Manager) arrived(vm string) {
+	m.placeMu.Lock()
+	delete(m.moving, vm)
+	m.placeMu.Unlock()
 }
 
 // moveCold hands a VM that does not run to another host of its pool: the
@@ -141,13 +155,20 @@ func (m *Manager) moveCold(ctx context.Context, o *vmOp, spec hostproto.VMSpec, 
 func (m *Manager) moveLive(ctx context.Context, o *vmOp, spec hostproto.VMSpec, target, kind string) (float64, error) {
 	name, from := o.r.Spec.Name, o.r.Host
 	src, dst := m.hostNamed(from), m.hostNamed(target)
-	var uri string
+	// The stream goes to the destination's registered address (never to
+	// one a host or a caller names), over TLS between the two hosts.
+	addr, err := m.hostIP(target)
+	if err != nil {
+		o.finish(ctx, api.StateRunning, fmt.Sprintf("live migration to %s failed; still on %s: %v", target, from, err))
+		return 0, err
+	}
+	var port int
 	var st hostproto.Migration
-	err := o.run(ctx, kind, []step{
+	err = o.run(ctx, kind, []step{
 		{name: "prepare-destination",
 			do: func(ctx context.Context) error {
-				res, err := hostproto.MigrateIn.Call(ctx, dst, spec)
-				uri = res.URI
+				res, err := hostproto.MigrateIn.Call(ctx, dst, hostproto.MigrateInRequest{Spec: spec, Source: from})
+				port = res.Port
 				return err
 			},
 			undo: func(ctx context.Context) error {
@@ -159,33 +180,71 @@ func (m *Manager) moveLive(ctx context.Context, o *vmOp, spec hostproto.VMSpec, 
 		// the source; the destination refuses to abort a guest it runs.
 		{name: "transfer",
 			do: func(ctx context.Context) (err error) {
-				st, err = hostproto.MigrateOut.Call(ctx, src, hostproto.MigrateOutRequest{VM: name, URI: uri})
+				st, err = hostproto.MigrateOut.Call(ctx, src, hostproto.MigrateOutRequest{VM: name, Dest: target, Addr: addr, Port: port})
 				return err
 			}},
 	})
 	if err != nil {
+		if k := hostproto.KindOf(err); k == "unreachable" || k == "timeout" {
+			// The answer was lost, not the migration: where the guest is
+			// now is what the hosts say.
+			in := *o.r.Op
+			if serr := m.settleMove2(ctx, o, &in, "the transfer's answer was lost: "+err.Error()); serr != nil {
+				o.keepIntent = true // the reconciler settles it
+				return 0, wrapf(ErrUnavailable, err, "migrate vm %s to %s: its outcome is not known yet (%v)", name, target, serr)
+			}
+			return 0, o.release(ctx)
+		}
 		o.finish(ctx, api.StateRunning, fmt.Sprintf("live migration to %s failed; still on %s: %v", target, from, err))
 		return 0, wrapf(ErrConflict, err, "migrate vm %s to %s", name, target)
 	}
 	// The guest runs on the destination now: whatever happens next, the
-	// record must follow it.
-	_, ferr := hostproto.MigrateFinish.Call(ctx, dst, hostproto.VMRef{VM: name})
+	// record must follow it. Finishing (the destination takes the lease and
+	// the port) is retried; if it still fails, the intent stays and the
+	// reconciler finishes it (migrate-finish is idempotent).
+	var ferr error
+	for attempt := 0; attempt < 3; attempt++ {
+		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), hostproto.MigrateFinish.Timeout)
+		_, ferr = hostproto.MigrateFinish.Call(fctx, dst, hostproto.VMRef{VM: name})
+		cancel()
+		if ferr == nil || hostproto.KindOf(ferr) != "unreachable" && hostproto.KindOf(ferr) != "timeout" {
+			break
+		}
+	}
 	m.stepHook(kind + "/finish")
 	msg := fmt.Sprintf("migrated live from %s in %.0f ms (downtime %.0f ms)", from, ms(st.Total), ms(st.Downtime))
+	o.r.LastOperation = &api.Operation{Action: "migrate", DurationMS: ms(st.Total), PausedMS: ms(st.Downtime), Bytes: st.Bytes}
+	if ferr != nil && (hostproto.KindOf(ferr) == "unreachable" || hostproto.KindOf(ferr) == "timeout") {
+		o.keepIntent = true
+		o.save(ctx)
+		return ms(st.Downtime), wrapf(ErrUnavailable, ferr, "vm %s moved to %s, but the destination did not confirm; the manager finishes it", name, target)
+	}
 	state := api.StateRunning
 	if ferr != nil {
 		msg += "; " + ferr.Error()
-		if s, ok := dst.Status(name); !ok || !s.Running {
+		if s, err := m.freshStatus(ctx, target, name); err != nil || !s.Running {
 			state = api.StateCrashed // the reconciler recovers it under its policy
 		}
 	}
 	o.r.Spec, o.r.Host = spec, target
-	o.r.LastOperation = &api.Operation{Action: "migrate", DurationMS: ms(st.Total), PausedMS: ms(st.Downtime), Bytes: st.Bytes}
 	o.publish(api.Event{Type: "vm.migrated", VM: name, Host: target, Message: msg})
 	if err := o.finish(ctx, state, msg); err != nil {
 		return ms(st.Downtime), err
 	}
 	return ms(st.Downtime), ferr
+}
+
+// hostIP is the IP address a host registered to be reached at.
+func (m *Manager) hostIP(name string) (string, error) {
+	h := m.remote(name)
+	if h == nil {
+		return "", errorf(ErrConflict, "host %s is not a remote host with a registered address: live migration needs two joined hosts", name)
+	}
+	ip, _, err := net.SplitHostPort(h.Addr())
+	if err != nil || net.ParseIP(ip) == nil {
+		return "", errorf(ErrConflict, "host %s registered the address %q, which is not IP:PORT: live migration needs its IP address", name, h.Addr())
+	}
+	return ip, nil
 }
 
 // migrateTimeout bounds a whole move.

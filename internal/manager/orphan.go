@@ -18,6 +18,11 @@ import (
 func (m *Manager) recoverOrphan(ctx context.Context, o *vmOp) error {
 	in := o.orphan
 	name := o.r.Spec.Name
+	// A host finishes an operation even when the manager that asked is
+	// gone: while it is at it, wait.
+	if st, err := m.freshStatus(ctx, o.r.Host, name); err == nil && st.Busy != "" {
+		return fmt.Errorf("host %s is still running the %s", o.r.Host, st.Busy)
+	}
 	m.log.Warn("settling an operation a stopped manager left", "vm", name, "op", in.Kind, "manager", in.Manager, "since", in.Started)
 	o.publish(api.Event{Type: "vm.op-recovered", VM: name, Host: o.r.Host,
 		Message: fmt.Sprintf("%s left by manager %s", in.Kind, in.Manager)})
@@ -54,33 +59,48 @@ func (m *Manager) freshStatus(ctx context.Context, host, vm string) (hostproto.V
 // goes. If it runs nowhere, the destination's QEMU goes and the VM is
 // recorded as crashed, for crash recovery to restart it where its record is.
 func (m *Manager) settleMigration(ctx context.Context, o *vmOp, in *opIntent) error {
+	return m.settleMove2(ctx, o, in, "its manager stopped")
+}
+
+// settleMove2 decides where a live migration's guest ended up and records
+// it (see settleMigration); why says what cut the migration short.
+func (m *Manager) settleMove2(ctx context.Context, o *vmOp, in *opIntent, why string) error {
 	name, from := o.r.Spec.Name, o.r.Host
 	dst := m.hostNamed(in.Target)
-	dstSt, dstErr := m.freshStatus(ctx, in.Target, name)
+	// The source first: once it has quit, the destination's answer is
+	// final (it runs the guest, or the guest is lost), never in flight.
 	srcSt, srcErr := m.freshStatus(ctx, from, name)
+	dstSt, dstErr := m.freshStatus(ctx, in.Target, name)
 	if dstErr != nil && !errors.Is(dstErr, hostproto.ErrUnknownVM) || srcErr != nil && !errors.Is(srcErr, hostproto.ErrUnknownVM) {
 		return fmt.Errorf("cannot tell where the guest runs: source %v, destination %v", srcErr, dstErr)
+	}
+	if srcSt.Busy != "" || dstSt.Busy != "" {
+		return fmt.Errorf("a host is still at it (source: %q, destination: %q)", srcSt.Busy, dstSt.Busy)
 	}
 	switch {
 	case dstErr == nil && dstSt.Running && dstSt.RunState != "inmigrate" && !srcSt.Running:
 		if _, err := hostproto.MigrateFinish.Call(ctx, dst, hostproto.VMRef{VM: name}); err != nil {
-			m.log.Warn("finish a migration left by a stopped manager", "vm", name, "err", err)
+			return fmt.Errorf("finish the migration on %s: %w", in.Target, err)
 		}
 		o.r.Spec.Epoch, o.r.Host = in.Epoch, in.Target
-		o.publish(api.Event{Type: "vm.migrated", VM: name, Host: in.Target, Message: "from " + from + " (completed after its manager stopped)"})
-		return o.set(api.StateRunning, fmt.Sprintf("migrated live from %s; the manager that started the move stopped, another finished it", from))
-	case srcSt.Running:
+		o.publish(api.Event{Type: "vm.migrated", VM: name, Host: in.Target, Message: "from " + from + " (completed after " + why + ")"})
+		return o.set(api.StateRunning, fmt.Sprintf("migrated live from %s; completed after %s", from, why))
+	case srcSt.Running && srcSt.RunState != "postmigrate":
 		if dstErr == nil {
 			if _, err := hostproto.MigrateAbort.Call(ctx, dst, hostproto.VMRef{VM: name}); err != nil {
 				return fmt.Errorf("abort the incoming copy on %s: %w", in.Target, err)
 			}
 		}
-		return o.set(api.StateRunning, fmt.Sprintf("live migration to %s was abandoned when its manager stopped; still on %s", in.Target, from))
+		return o.set(api.StateRunning, fmt.Sprintf("live migration to %s was abandoned (%s); still on %s", in.Target, why, from))
+	case dstErr == nil && dstSt.Running && dstSt.RunState == "inmigrate" && srcSt.Running:
+		return fmt.Errorf("the migration to %s is still in flight", in.Target)
 	default:
 		if dstErr == nil {
-			hostproto.MigrateAbort.Call(ctx, dst, hostproto.VMRef{VM: name})
+			if _, err := hostproto.MigrateAbort.Call(ctx, dst, hostproto.VMRef{VM: name}); err != nil {
+				return fmt.Errorf("abort the incoming copy on %s: %w", in.Target, err)
+			}
 		}
-		return o.set(api.StateCrashed, fmt.Sprintf("live migration to %s was cut short when its manager stopped and the guest runs on neither host", in.Target))
+		return o.set(api.StateCrashed, fmt.Sprintf("live migration to %s was cut short (%s) and the guest runs on neither host", in.Target, why))
 	}
 }
 
@@ -90,8 +110,7 @@ func (m *Manager) settleMove(ctx context.Context, o *vmOp, in *opIntent) error {
 	spec := o.r.Spec
 	spec.Epoch = in.Epoch
 	if _, err := hostproto.Attach.Call(ctx, m.hostNamed(in.Target), spec); err != nil {
-		m.log.Warn("a cold move left by a stopped manager cannot finish: the vm stays", "vm", spec.Name, "to", in.Target, "err", err)
-		return nil
+		return fmt.Errorf("attach to %s: %w", in.Target, err)
 	}
 	from := o.r.Host
 	o.r.Spec, o.r.Host = spec, in.Target
@@ -106,6 +125,9 @@ func (m *Manager) settleSuspend(ctx context.Context, o *vmOp) error {
 	st, err := m.freshStatus(ctx, o.r.Host, o.r.Spec.Name)
 	if err != nil {
 		return err
+	}
+	if st.Busy != "" {
+		return fmt.Errorf("the host is still at it (%s)", st.Busy)
 	}
 	switch {
 	case st.SavedState && !st.Running:

@@ -3,7 +3,6 @@ package manager
 import (
 	"context"
 	"errors"
-	"net"
 	"time"
 
 	"github.com/vigil-project/vigil/api"
@@ -101,8 +100,14 @@ func (m *Manager) Reconcile(ctx context.Context, name string) error {
 	switch what {
 	case settleOrphan:
 		err := m.recoverOrphan(ctx, o)
+		if err != nil {
+			// Neither finished nor rolled back: keep the intent, try again.
+			o.keepIntent = true
+			m.queue.AddAfter(name, time.Second)
+			return err
+		}
 		m.queue.Add(name) // look again, level-based, once the intent is gone
-		return err
+		return nil
 	case settleEvacuate:
 		return m.evacuate(ctx, o)
 	case settleFailover:
@@ -184,6 +189,16 @@ func (m *Manager) plan(ctx context.Context, o *vmOp) (settle, api.VMState) {
 	}
 	act := m.actual(r)
 	want := desiredView(r, act)
+	if destructive(r, want) {
+		// About to kill or restart on what a cached report said: ask the
+		// host itself first (the cache may lag an operation another
+		// manager just made).
+		fresh, err := m.freshStatus(ctx, r.Host, r.Spec.Name)
+		if err != nil && !errors.Is(err, hostproto.ErrUnknownVM) {
+			return settleNothing, ""
+		}
+		act, want = fresh, desiredView(r, fresh)
+	}
 	switch {
 	case want == api.StateStopping && r.Desired == desiredSuspended:
 		return settleEndSaved, ""
@@ -195,6 +210,12 @@ func (m *Manager) plan(ctx context.Context, o *vmOp) (settle, api.VMState) {
 		return settleState, want
 	}
 	return settleNothing, ""
+}
+
+// destructive tells whether the reconciler would stop or restart the VM.
+func destructive(r record, want api.VMState) bool {
+	return want == api.StateStopping ||
+		want == api.StateCrashed && (r.State == api.StateRunning || r.State == api.StatePaused || r.State == api.StateRecovering)
 }
 
 // desiredView is the state a VM should show given what it should be doing
@@ -334,20 +355,4 @@ func (m *Manager) onExit(ctx context.Context, e hostproto.Event) error {
 		return err
 	}
 	return o.finish(ctx, api.StateStopped, e.Message)
-}
-
-// FreePort asks the kernel for a free loopback port that no VM uses yet.
-func FreePort(used map[int]bool) (int, error) {
-	for i := 0; i < 100; i++ {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return 0, err
-		}
-		p := l.Addr().(*net.TCPAddr).Port
-		l.Close()
-		if !used[p] {
-			return p, nil
-		}
-	}
-	return 0, errors.New("no free port after 100 tries")
 }

@@ -245,6 +245,8 @@ func (m *Manager) SetPolicy(ctx context.Context, name string, p api.RecoveryPoli
 	if err != nil {
 		return api.VM{}, err
 	}
+	ctx, cancel := detach(ctx)
+	defer cancel()
 	defer o.end(ctx)
 	if _, err := hostproto.SetHealth.Call(ctx, m.hostNamed(o.r.Host), hostproto.HealthRequest{VM: name, HangTimeoutSeconds: p.HangTimeoutSeconds, MinUptimeSeconds: p.MinUptimeSeconds}); err != nil {
 		return api.VM{}, fmt.Errorf("set policy of %s: %w", name, err)

@@ -168,8 +168,17 @@ func (r *registry) list() []api.Host {
 	return out
 }
 
-// candidates describes every host with what its VMs reserve.
-func (r *registry) candidates(rs []storedRecord) []candidate {
+// reservation holds room on a host for a VM on its way there (a live
+// migration, an evacuation) before its record says so.
+type reservation struct {
+	host string
+	mem  int64
+	cpus int
+}
+
+// candidates describes every host with what its VMs reserve, and what is
+// reserved for VMs on their way.
+func (r *registry) candidates(rs []storedRecord, moving map[string]reservation) []candidate {
 	byName := map[string]*candidate{}
 	for _, e := range r.entries() {
 		byName[e.h.Name()] = &candidate{host: e.view(), enabled: !e.drained}
@@ -183,6 +192,13 @@ func (r *registry) candidates(rs []storedRecord) []candidate {
 			if s.rec.Desired == desiredRunning || s.rec.Desired == desiredPaused {
 				c.usedCPUs += s.rec.Spec.CPUs
 			}
+		}
+	}
+	for _, s := range rs {
+		res, ok := moving[s.rec.Spec.Name]
+		if c, there := byName[res.host]; ok && there && res.host != s.rec.Host {
+			c.usedMemory += res.mem
+			c.usedCPUs += res.cpus
 		}
 	}
 	out := make([]candidate, 0, len(byName))

@@ -72,6 +72,10 @@ func place(cands []candidate, n need, oc Overcommit) (string, error) {
 			why = append(why, fmt.Sprintf("%s is drained", c.host.Name))
 		case n.pool != "" && c.host.StoragePool != n.pool:
 			why = append(why, fmt.Sprintf("%s does not mount storage pool %s", c.host.Name, n.pool))
+		case n.pool != "" && c.host.PoolLocks == "not-shared":
+			// The lease and the disk-lock probe would not see another host's
+			// copy: a move there could run a VM twice.
+			why = append(why, fmt.Sprintf("%s's storage pool does not share locks between hosts (use NFSv4 or CephFS)", c.host.Name))
 		case freeMem < mem:
 			why = append(why, fmt.Sprintf("%s has %s of memory unreserved", c.host.Name, size(max(freeMem, 0))))
 		case freeCPU < cpus:

@@ -91,6 +91,8 @@ func (m *Manager) CreateSnapshot(ctx context.Context, vm string, req api.Snapsho
 	if err != nil {
 		return api.Snapshot{}, err
 	}
+	ctx, cancel := detach(ctx)
+	defer cancel()
 	defer o.end(ctx)
 	r := o.r
 	act := m.actual(r)
@@ -194,6 +196,8 @@ func (m *Manager) RevertSnapshot(ctx context.Context, vm, snap string) (api.VM, 
 	if err != nil {
 		return api.VM{}, err
 	}
+	ctx, cancel := detach(ctx)
+	defer cancel()
 	defer o.end(ctx)
 	t0 := time.Now()
 	if _, err := hostproto.SnapshotRevert.Call(ctx, m.hostNamed(o.r.Host), hostproto.SnapshotRequest{VM: vm, Snapshot: snap, Memory: s.IncludesMemory}); err != nil {
@@ -238,6 +242,8 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, vm, snap string) error {
 	if err != nil {
 		return err
 	}
+	ctx, cancel := detach(ctx)
+	defer cancel()
 	defer o.end(ctx)
 	if _, err := hostproto.SnapshotDelete.Call(ctx, m.hostNamed(o.r.Host), hostproto.SnapshotRequest{VM: vm, Snapshot: snap}); err != nil {
 		return fmt.Errorf("delete snapshot %s of %s: %w", snap, vm, err)

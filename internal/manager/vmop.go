@@ -61,13 +61,22 @@ type opIntent struct {
 
 func lockKey(vm string) string { return "locks/vms/" + vm }
 
+// newLock is the lock of one operation: its value is unique (an operation
+// id), so a stale release can never drop a later operation's lock held
+// with the same lease.
+func (m *Manager) newLock(vm, kind string, lease store.Lease) store.Lock {
+	return store.Lock{Key: lockKey(vm), Lease: lease,
+		Value: fmt.Sprintf("%s %s by manager %s, op %s", kind, time.Now().UTC().Format(time.RFC3339), m.name, randomHex(6))}
+}
+
 // locker holds this manager's etcd session, whose lease the VM locks use.
 type locker struct {
 	cli *clientv3.Client
 	ttl int // seconds
 
-	mu   sync.Mutex
-	sess *concurrency.Session
+	mu     sync.Mutex
+	sess   *concurrency.Session
+	closed bool
 }
 
 // lockTTL is how long a dead manager's locks outlive it.
@@ -76,6 +85,9 @@ const lockTTL = 5
 func (l *locker) lease(ctx context.Context) (store.Lease, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.closed {
+		return 0, errors.New("the manager is shutting down")
+	}
 	if l.sess != nil {
 		select {
 		case <-l.sess.Done():
@@ -95,6 +107,7 @@ func (l *locker) lease(ctx context.Context) (store.Lease, error) {
 func (l *locker) close() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	l.closed = true
 	if l.sess != nil {
 		l.sess.Close()
 		l.sess = nil
@@ -119,6 +132,10 @@ type vmOp struct {
 	// events wait for the next successful write.
 	events   []api.Event
 	released bool
+	// keepIntent makes the release keep the intent in the record (the
+	// operation could not be finished or rolled back: the reconciler must
+	// try again).
+	keepIntent bool
 }
 
 // begin takes the VM's lock for an operation of kind. prepare (may be nil)
@@ -135,10 +152,11 @@ func (m *Manager) begin(ctx context.Context, name, kind string, prepare func(o *
 		if err != nil {
 			return nil, err
 		}
-		o := &vmOp{m: m, r: r, rev: rev, lock: store.Lock{Key: lockKey(name), Lease: lease,
-			Value: fmt.Sprintf("%s %s (manager %s)", kind, time.Now().UTC().Format(time.RFC3339), m.name)}}
+		o := &vmOp{m: m, r: r, rev: rev, lock: m.newLock(name, kind, lease)}
 		if r.Op != nil {
-			if kind != opRecover && kind != opSettle {
+			// Only the reconciler takes over a VM with an intent left in its
+			// record (and only once nobody holds its lock): it settles it.
+			if kind != opSettle {
 				return nil, m.busy(ctx, name, r.Op)
 			}
 			o.orphan = r.Op
@@ -153,6 +171,11 @@ func (m *Manager) begin(ctx context.Context, name, kind string, prepare func(o *
 			}
 		}
 		in := o.intent
+		if o.orphan != nil {
+			// Settling keeps what the orphan was doing: if this manager dies
+			// too, the next one still knows.
+			in = *o.orphan
+		}
 		if in.Kind == "" {
 			in.Kind = kind
 		}
@@ -198,8 +221,7 @@ func (m *Manager) beginNew(ctx context.Context, r record, kind string) (*vmOp, e
 	if err != nil {
 		return nil, wrapf(ErrUnavailable, err, "lock vm %s", name)
 	}
-	o := &vmOp{m: m, r: r, lock: store.Lock{Key: lockKey(name), Lease: lease,
-		Value: fmt.Sprintf("%s %s (manager %s)", kind, time.Now().UTC().Format(time.RFC3339), m.name)}}
+	o := &vmOp{m: m, r: r, lock: m.newLock(name, kind, lease)}
 	o.r.Op = &opIntent{Kind: kind, Manager: m.name, Instance: m.instance, Started: time.Now().UTC(), From: r.State}
 	o.rev, err = m.store.Acquire(ctx, vmKey(name), 0, o.r, o.lock)
 	switch {
@@ -210,6 +232,17 @@ func (m *Manager) beginNew(ctx context.Context, r record, kind string) (*vmOp, e
 	}
 	return o, nil
 }
+
+// detach gives an operation that has begun a context of its own: once a
+// host has been asked to act, the outcome must be recorded even if the
+// client goes away (the host finishes what it was asked anyway).
+func detach(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), opTimeout)
+}
+
+// opTimeout bounds an operation that has begun (each host call has its own,
+// shorter, limit).
+const opTimeout = 15 * time.Minute
 
 // busy explains why a VM with an intent in its record cannot be acted on.
 func (m *Manager) busy(ctx context.Context, name string, op *opIntent) error {
@@ -263,6 +296,8 @@ func (o *vmOp) release(ctx context.Context) error {
 // cleared and the lock released in the same transaction.
 func (o *vmOp) finish(ctx context.Context, to api.VMState, msg string) error {
 	if err := o.set(to, msg); err != nil {
+		// The host may have acted: leave the intent for the reconciler.
+		o.keepIntent = true
 		o.end(ctx)
 		return err
 	}
@@ -294,7 +329,7 @@ func (o *vmOp) end(ctx context.Context) {
 
 func (o *vmOp) write(ctx context.Context, release bool) error {
 	r := o.r
-	if release {
+	if release && !o.keepIntent {
 		r.Op = nil
 	}
 	r.UpdatedAt = time.Now().UTC()

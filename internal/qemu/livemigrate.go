@@ -2,10 +2,12 @@ package qemu
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
+	"strconv"
 	"strings"
 	"time"
 
@@ -58,17 +60,70 @@ func (mi liveMigrationInfo) stats() MigrationStats {
 	}
 }
 
+// MigrationTLS are the credentials of a migration stream, for QEMU's
+// tls-creds-x509: Dir holds ca-cert.pem, server-cert.pem, server-key.pem,
+// client-cert.pem and client-key.pem. Peer is who the other end must be:
+// on the destination, the subject DN of the source's certificate (QEMU's
+// authz-simple accepts only that one); on the source, the destination's
+// host name, checked against its certificate.
+type MigrationTLS struct {
+	Dir  string
+	Peer string
+}
+
+// tlsCredsID and tlsAuthzID name the QOM objects a migration uses.
+const (
+	tlsCredsID = "vigil-mig-tls"
+	tlsAuthzID = "vigil-mig-authz"
+)
+
+// setMigrationTLS makes the next migration (in or out) go over TLS with
+// tls, or (tls nil) in the clear, replacing what an earlier one left. The
+// credentials are read afresh, so a renewed certificate takes effect.
+func setMigrationTLS(ctx context.Context, mon *qmp.Monitor, tls *MigrationTLS, server bool) error {
+	mon.Run(ctx, "migrate-set-parameters", map[string]any{"tls-creds": "", "tls-authz": "", "tls-hostname": ""}, nil)
+	mon.Run(ctx, "object-del", map[string]any{"id": tlsAuthzID}, nil)
+	mon.Run(ctx, "object-del", map[string]any{"id": tlsCredsID}, nil)
+	if tls == nil {
+		return nil
+	}
+	if tls.Dir == "" || tls.Peer == "" {
+		return errors.New("migration tls needs credentials and a peer")
+	}
+	endpoint := "client"
+	if server {
+		endpoint = "server"
+	}
+	if err := mon.Run(ctx, "object-add", map[string]any{"qom-type": "tls-creds-x509", "id": tlsCredsID, "dir": tls.Dir,
+		"endpoint": endpoint, "verify-peer": true}, nil); err != nil {
+		return fmt.Errorf("load migration tls credentials from %s: %w", tls.Dir, err)
+	}
+	params := map[string]any{"tls-creds": tlsCredsID}
+	if server {
+		if err := mon.Run(ctx, "object-add", map[string]any{"qom-type": "authz-simple", "id": tlsAuthzID, "identity": tls.Peer}, nil); err != nil {
+			return fmt.Errorf("allow migration from %s: %w", tls.Peer, err)
+		}
+		params["tls-authz"] = tlsAuthzID
+	} else {
+		params["tls-hostname"] = tls.Peer
+	}
+	return mon.Run(ctx, "migrate-set-parameters", params, nil)
+}
+
 // MigrateIncoming makes a QEMU started with Machine.Incoming listen for a
 // live migration on listenHost, on a port the kernel picks, and returns the
 // URI to give MigrateOut on the source. QEMU 7.2 accepts port 0 and reports
 // the bound address in query-migrate's socket-address; the URI names that
 // address, so on a wildcard listenHost (0.0.0.0) the caller puts in one the
-// source can reach.
-func MigrateIncoming(ctx context.Context, mon *qmp.Monitor, listenHost string) (string, error) {
+// source can reach. With tls the stream must come over TLS from tls.Peer.
+func MigrateIncoming(ctx context.Context, mon *qmp.Monitor, listenHost string, tls *MigrationTLS) (string, error) {
 	listen := "tcp:" + net.JoinHostPort(listenHost, "0")
 	// MIGRATION events let WaitIncoming wake at the end instead of polling.
 	caps := []map[string]any{{"capability": "events", "state": true}}
 	if err := mon.Run(ctx, "migrate-set-capabilities", map[string]any{"capabilities": caps}, nil); err != nil {
+		return "", fmt.Errorf("listen for migration on %s: %w", listen, err)
+	}
+	if err := setMigrationTLS(ctx, mon, tls, true); err != nil {
 		return "", fmt.Errorf("listen for migration on %s: %w", listen, err)
 	}
 	if err := mon.Run(ctx, "migrate-incoming", map[string]any{"uri": listen}, nil); err != nil {
@@ -97,11 +152,25 @@ func MigrateIncoming(ctx context.Context, mon *qmp.Monitor, listenHost string) (
 // and a source guest that was running is running again. Should the
 // migration complete while being cancelled, that is reported as success:
 // the guest then lives on the destination.
-func MigrateOut(ctx context.Context, mon *qmp.Monitor, uri string) (MigrationStats, error) {
+//
+// Only a tcp:IP:PORT uri is accepted: a migration never runs a command
+// (exec:) or opens a local path (unix:, file:) because of a uri it was
+// given. With tls the stream is encrypted and the destination must present
+// the certificate of tls.Peer.
+func MigrateOut(ctx context.Context, mon *qmp.Monitor, uri string, tls *MigrationTLS) (MigrationStats, error) {
+	if err := CheckMigrationURI(uri); err != nil {
+		return MigrationStats{}, err
+	}
 	st, err := mon.QueryStatus(ctx)
 	if err != nil {
 		return MigrationStats{}, fmt.Errorf("migrate to %s: %w", uri, err)
 	}
+	if err := setMigrationTLS(ctx, mon, tls, false); err != nil {
+		return MigrationStats{}, fmt.Errorf("migrate to %s: %w", uri, err)
+	}
+	// A later save (suspend, snapshot) streams to a local socket in the
+	// clear: leave no TLS settings behind.
+	defer setMigrationTLS(context.WithoutCancel(ctx), mon, nil, false)
 	wasRunning := st.Running
 	// Capabilities and parameters stay set in QEMU between migrations: a
 	// snapshot by SaveState may have left pause-before-switchover on, which
@@ -159,6 +228,46 @@ func MigrateOut(ctx context.Context, mon *qmp.Monitor, uri string) (MigrationSta
 			return abortMigration(ctx, mon, wasRunning, fmt.Errorf("migrate to %s: migration %s: %s", uri, mi.Status, mi.ErrorDesc))
 		}
 	}
+}
+
+// CertDN is a certificate's subject as QEMU's TLS authorization (GnuTLS)
+// names it, for MigrationTLS.Peer on a destination.
+// GnuTLS writes the attributes in the certificate's own order (not
+// reversed as RFC 4514 has it): "O=vigil-hosts,CN=h1".
+func CertDN(c *x509.Certificate) string {
+	short := map[string]string{"2.5.4.3": "CN", "2.5.4.10": "O", "2.5.4.11": "OU", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST"}
+	var parts []string
+	for _, rdn := range c.Subject.ToRDNSequence() {
+		for _, a := range rdn {
+			name, ok := short[a.Type.String()]
+			if !ok {
+				name = a.Type.String()
+			}
+			parts = append(parts, fmt.Sprintf("%s=%v", name, a.Value))
+		}
+	}
+	return strings.Join(parts, ",")
+}
+
+// SubjectDN is the DN CertDN gives for a certificate whose subject is
+// organization org and common name cn (as Vigil's node certificates are).
+func SubjectDN(org, cn string) string { return "O=" + org + ",CN=" + cn }
+
+// CheckMigrationURI accepts only tcp:IP:PORT with an IP literal and a port
+// in range.
+func CheckMigrationURI(uri string) error {
+	hostport, ok := strings.CutPrefix(uri, "tcp:")
+	if !ok {
+		return fmt.Errorf("migration uri %q refused: only tcp:IP:PORT is allowed", uri)
+	}
+	host, port, err := net.SplitHostPort(hostport)
+	if err != nil || net.ParseIP(host) == nil {
+		return fmt.Errorf("migration uri %q refused: only tcp:IP:PORT with an IP address is allowed", uri)
+	}
+	if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 {
+		return fmt.Errorf("migration uri %q refused: bad port", uri)
+	}
+	return nil
 }
 
 // completedStats returns the figures of a completed migration. QEMU (7.2)
@@ -254,6 +363,7 @@ func WaitIncoming(ctx context.Context, mon *qmp.Monitor) error {
 			if !st.Running {
 				return fmt.Errorf("incoming migration completed but the guest is %s", st.Status)
 			}
+			setMigrationTLS(ctx, mon, nil, true) // later local saves go in the clear
 			return nil
 		case "failed", "cancelled":
 			return fmt.Errorf("incoming migration %s: %s", mi.Status, mi.ErrorDesc)

@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/vigil-project/vigil/internal/guestimage"
 	"github.com/vigil-project/vigil/internal/guestproto"
+	"github.com/vigil-project/vigil/internal/pki"
 	"github.com/vigil-project/vigil/internal/qemu/qmp"
 	"github.com/vigil-project/vigil/internal/testenv"
 )
@@ -89,10 +91,57 @@ func TestLiveMigrate(t *testing.T) {
 	first := heartbeats(ctx, t, src.AgentSocket(), 1)[0]
 	t.Logf("source: first heartbeat %v after start, boot %s seq %d", time.Since(booted).Round(time.Millisecond), first.BootID, first.Seq)
 
-	dstP := start(dst)
-	uri, err := MigrateIncoming(ctx, dstP.Monitor, "127.0.0.1")
+	// The stream goes over TLS between two hosts of one cluster CA: the
+	// destination admits only the source's certificate, the source checks
+	// the destination's name.
+	ca, _, err := pki.NewCA("lm")
 	if err != nil {
 		t.Fatal(err)
+	}
+	creds := func(name string) (string, *x509.Certificate) {
+		t.Helper()
+		d := filepath.Join(dir, "tls-"+name)
+		cert, key, err := ca.Issue(pki.Profile{Role: pki.RoleHost, Name: name, IPs: []net.IP{net.IPv4(127, 0, 0, 1)}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		os.Mkdir(d, 0o700)
+		for f, b := range map[string][]byte{"ca-cert.pem": ca.CertPEM, "server-cert.pem": cert, "server-key.pem": key, "client-cert.pem": cert, "client-key.pem": key} {
+			if err := os.WriteFile(filepath.Join(d, f), b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		c, _ := pki.ParseCert(cert)
+		return d, c
+	}
+	srcTLS, srcCert := creds("h-src")
+	dstTLS, _ := creds("h-dst")
+	rogueTLS, _ := creds("h-rogue")
+
+	if got, want := CertDN(srcCert), SubjectDN(pki.RoleHost, "h-src"); got != want {
+		t.Fatalf("CertDN %q, SubjectDN %q", got, want)
+	}
+	dstP := start(dst)
+	if _, err := MigrateIncoming(ctx, dstP.Monitor, "127.0.0.1", &MigrationTLS{Dir: dstTLS, Peer: CertDN(srcCert)}); err != nil {
+		t.Fatal(err)
+	}
+	var mi liveMigrationInfo
+	dstP.Monitor.Run(ctx, "query-migrate", nil, &mi)
+	uri := "tcp:127.0.0.1:" + mi.SocketAddress[0].Port
+	for _, bad := range []string{"exec:cat > /tmp/x", "unix:/tmp/s", "tcp:localhost:1", "tcp:127.0.0.1:0", "fd:3", "file:/tmp/x"} {
+		if _, err := MigrateOut(ctx, srcP.Monitor, bad, nil); err == nil || !strings.Contains(err.Error(), "refused") {
+			t.Fatalf("MigrateOut to %q: %v, want refused", bad, err)
+		}
+	}
+	// A source that is another host (its certificate names h-rogue) is
+	// refused by the destination; a destination that is not h-dst by the
+	// source. Neither attempt may disturb the guest or the waiting QEMU.
+	roguing := srcP
+	if _, err := MigrateOut(ctx, roguing.Monitor, uri, &MigrationTLS{Dir: rogueTLS, Peer: "h-dst"}); err == nil {
+		t.Fatal("a source with another host's certificate migrated")
+	}
+	if !strings.HasPrefix(uri, "tcp:127.0.0.1:") || strings.HasSuffix(uri, ":0") {
+		t.Fatalf("incoming uri %q: want tcp:127.0.0.1:<bound port>", uri)
 	}
 	if !strings.HasPrefix(uri, "tcp:127.0.0.1:") || strings.HasSuffix(uri, ":0") {
 		t.Fatalf("incoming uri %q: want tcp:127.0.0.1:<bound port>", uri)
@@ -106,7 +155,7 @@ func TestLiveMigrate(t *testing.T) {
 	dstEvents, unsubscribe := dstP.Monitor.Subscribe()
 	defer unsubscribe()
 	t0 := time.Now()
-	stats, err := MigrateOut(ctx, srcP.Monitor, uri)
+	stats, err := MigrateOut(ctx, srcP.Monitor, uri, &MigrationTLS{Dir: srcTLS, Peer: "h-dst"})
 	if err != nil {
 		t.Fatal(err)
 	}

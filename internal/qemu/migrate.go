@@ -75,7 +75,9 @@ func SaveState(ctx context.Context, mon *qmp.Monitor, dir string, w io.Writer, o
 	if o.AtSwitchover != nil {
 		downtime = downtimeSteps[0].limitMS
 	}
-	if err := mon.Run(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": int64(migrationBandwidth), "downtime-limit": downtime}, nil); err != nil {
+	// tls-creds empty: a local save is never TLS, whatever a live
+	// migration of this QEMU set before.
+	if err := mon.Run(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": int64(migrationBandwidth), "downtime-limit": downtime, "tls-creds": ""}, nil); err != nil {
 		return SaveStats{}, err
 	}
 

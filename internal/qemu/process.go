@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -153,7 +154,124 @@ func ownsSocket(pid int, sock string) bool {
 	if err != nil {
 		return false
 	}
-	return bytes.Contains(b, []byte(sock))
+	return cmdlineNamesSocket(b, sock)
+}
+
+// cmdlineNamesSocket tells whether a NUL-separated command line names sock
+// as a whole path: at the start of an argument or after ':' or '=' (as in
+// "unix:SOCK,server=on" or "path=SOCK"), and followed by the end of the
+// argument or ','. A plain substring test would take /srv/vigil/vms/a/qmp.sock
+// for /vigil/vms/a/qmp.sock, or web1/qmp.sock2 for web1/qmp.sock.
+func cmdlineNamesSocket(cmdline []byte, sock string) bool {
+	for arg := range bytes.SplitSeq(cmdline, []byte{0}) {
+		for i := 0; ; {
+			j := bytes.Index(arg[i:], []byte(sock))
+			if j < 0 {
+				break
+			}
+			start, end := i+j, i+j+len(sock)
+			before := start == 0 || arg[start-1] == ':' || arg[start-1] == '='
+			after := end == len(arg) || arg[end] == ','
+			if before && after {
+				return true
+			}
+			i = start + 1
+		}
+	}
+	return false
+}
+
+// qmpDirUnder returns the VM directory, directly under vmsDir, whose QMP
+// socket a qemu-system-* command line names (as Machine.Args does), or ""
+// when the command line is not such a QEMU's.
+func qmpDirUnder(cmdline []byte, vmsDir string) string {
+	args := strings.Split(strings.TrimRight(string(cmdline), "\x00"), "\x00")
+	if !strings.HasPrefix(filepath.Base(args[0]), "qemu-system-") {
+		return ""
+	}
+	prefix := filepath.Clean(vmsDir) + "/"
+	for i, arg := range args[1:] {
+		if arg != "-qmp" && arg != "--qmp" || i+2 >= len(args) {
+			continue
+		}
+		path, _, _ := strings.Cut(strings.TrimPrefix(args[i+2], "unix:"), ",")
+		name, ok := strings.CutPrefix(path, prefix)
+		if !ok {
+			continue
+		}
+		name, ok = strings.CutSuffix(name, "/qmp.sock")
+		if ok && name != "" && name != "." && name != ".." && !strings.Contains(name, "/") {
+			return prefix + name
+		}
+	}
+	return ""
+}
+
+// Found is a live QEMU process of a VM directory.
+type Found struct {
+	PID int
+	Dir string // the VM directory whose QMP socket its command line names
+}
+
+// FindUnder lists the live QEMU processes of the VM directories directly
+// under vmsDir, whether or not anyone manages them: the process each
+// DIR/qemu.pid names, and every qemu-system-* process whose command line
+// names a QMP socket DIR/qmp.sock (its pid file may be gone, or the whole
+// directory). Either way the command line must name DIR/qmp.sock, so a
+// recycled pid is never taken for a QEMU.
+func FindUnder(vmsDir string) ([]Found, error) {
+	vmsDir = filepath.Clean(vmsDir)
+	seen := map[int]bool{}
+	var found []Found
+	ents, err := os.ReadDir(vmsDir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("find qemu processes of %s: %w", vmsDir, err)
+	}
+	for _, e := range ents {
+		if !e.IsDir() {
+			continue
+		}
+		dir := filepath.Join(vmsDir, e.Name())
+		m := Machine{Dir: dir}
+		pid, err := readPID(m.PIDFile())
+		if err != nil || !ownsSocket(pid, m.QMPSocket()) {
+			continue
+		}
+		seen[pid] = true
+		found = append(found, Found{PID: pid, Dir: dir})
+	}
+	procs, err := os.ReadDir("/proc")
+	if err != nil {
+		return found, fmt.Errorf("find qemu processes of %s: %w", vmsDir, err)
+	}
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil || seen[pid] || !Alive(pid) {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + p.Name() + "/cmdline")
+		if err != nil {
+			continue // gone meanwhile, or not ours to read
+		}
+		if dir := qmpDirUnder(b, vmsDir); dir != "" {
+			found = append(found, Found{PID: pid, Dir: dir})
+		}
+	}
+	return found, nil
+}
+
+// KillFound sends SIGKILL to f, if its command line still names its VM's
+// QMP socket (the pid may have been recycled since FindUnder), and waits
+// until it is gone.
+func KillFound(ctx context.Context, f Found) error {
+	sock := Machine{Dir: f.Dir}.QMPSocket()
+	if !ownsSocket(f.PID, sock) {
+		return nil
+	}
+	if err := syscall.Kill(f.PID, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("kill qemu of %s (pid %d): %w", f.Dir, f.PID, err)
+	}
+	return WaitGone(ctx, f.PID)
 }
 
 func killPID(pid int) {

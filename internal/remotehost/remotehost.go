@@ -6,6 +6,7 @@ package remotehost
 
 import (
 	"context"
+	"crypto/tls"
 	"io"
 	"net/http"
 	"sync"
@@ -22,8 +23,8 @@ const DownAfter = 3 * time.Second
 
 // Host is a remote host agent.
 type Host struct {
-	name, addr, secret string
-	conn               *hostproto.Client
+	name, addr string
+	conn       *hostproto.Client
 
 	mu       sync.Mutex
 	info     api.Host
@@ -37,18 +38,21 @@ type Host struct {
 	lastHeartbeat time.Time
 }
 
-// New returns a remote host reached at addr (host:port) with secret, over hc
-// (nil: a default client).
-func New(name, addr, secret string, hc *http.Client) *Host {
-	h := &Host{name: name, addr: addr, secret: secret, statuses: map[string]hostproto.VMStatus{}, heard: time.Now()}
-	h.conn = hostproto.NewClient("http://"+addr, hc, func(r *http.Request) {
-		r.Header.Set("Authorization", "Bearer "+secret)
-	})
+// New returns a remote host reached at addr (host:port) over TLS with
+// tlsConf, which must pin the host's identity (the manager's is
+// Identity.HostClientTLS) and present the manager's certificate.
+func New(name, addr string, tlsConf *tls.Config) *Host {
+	h := &Host{name: name, addr: addr, statuses: map[string]hostproto.VMStatus{}, heard: time.Now()}
+	hc := &http.Client{Transport: &http.Transport{
+		TLSClientConfig:     tlsConf,
+		ForceAttemptHTTP2:   true,
+		MaxIdleConnsPerHost: 8,
+		IdleConnTimeout:     90 * time.Second,
+		TLSHandshakeTimeout: 10 * time.Second,
+	}}
+	h.conn = hostproto.NewClient("https://"+addr, hc, nil)
 	return h
 }
-
-// Secret is the secret the host authenticates with.
-func (h *Host) Secret() string { return h.secret }
 
 // Addr is where the host agent listens.
 func (h *Host) Addr() string { return h.addr }

@@ -28,6 +28,14 @@ type Lock struct {
 	Value string // who holds it, for people reading the store
 }
 
+// held is the condition "this lock is held by l": the key exists, with
+// l's lease and l's value (unique per holder, so two holders sharing a
+// lease never release each other's lock).
+func (l Lock) held(lk string) []clientv3.Cmp {
+	return []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(lk), ">", 0),
+		clientv3.Compare(clientv3.LeaseValue(lk), "=", l.Lease), clientv3.Compare(clientv3.Value(lk), "=", l.Value)}
+}
+
 // Acquire stores v at key (if its revision is still rev) and takes the
 // lock, in one transaction: nobody can slip between reading the record and
 // locking it.
@@ -67,7 +75,7 @@ func (s *Store) UpdateLocked(ctx context.Context, key string, rev int64, v any, 
 		ops = append(ops, clientv3.OpDelete(lk))
 	}
 	resp, err := s.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.LeaseValue(lk), "=", l.Lease), clientv3.Compare(clientv3.CreateRevision(lk), ">", 0)).
+		If(l.held(lk)...).
 		Then(clientv3.OpTxn(
 			[]clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(k), "=", rev)}, ops, nil)).
 		Commit()
@@ -92,7 +100,7 @@ func (s *Store) DeleteLocked(ctx context.Context, l Lock, key string, prefixes .
 		ops = append(ops, clientv3.OpDelete(s.key(p), clientv3.WithPrefix()))
 	}
 	resp, err := s.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.LeaseValue(lk), "=", l.Lease), clientv3.Compare(clientv3.CreateRevision(lk), ">", 0)).
+		If(l.held(lk)...).
 		Then(ops...).
 		Commit()
 	if err != nil {
@@ -108,7 +116,7 @@ func (s *Store) DeleteLocked(ctx context.Context, l Lock, key string, prefixes .
 func (s *Store) Unlock(ctx context.Context, l Lock) error {
 	lk := s.key(l.Key)
 	_, err := s.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.LeaseValue(lk), "=", l.Lease)).
+		If(l.held(lk)...).
 		Then(clientv3.OpDelete(lk)).
 		Commit()
 	if err != nil {
