@@ -9,17 +9,10 @@ cd "$(dirname "$0")/.."
 fuzztime=${FUZZTIME:-5s}
 save=false
 [ "${1:-}" = --save-seeds ] && save=true
-targets=(
-  "./internal/hostproto FuzzServeRequest"
-  "./internal/hostproto FuzzDecodeRequest"
-  "./internal/manager FuzzDecodeBody"
-  "./internal/manager FuzzAPI"
-  "./internal/pki FuzzJoinToken"
-  "./internal/statefile FuzzOpen"
-  "./internal/qcow2 FuzzInspect"
-  "./internal/guestproto FuzzDecode"
-  "./internal/guestproto FuzzFitExecResult"
-)
+# Every fuzz target in the tree, so a new one is never left out.
+mapfile -t targets < <(grep -rHo --include='*_test.go' '^func Fuzz[A-Za-z0-9_]*' internal cmd |
+  sed -E 's#^(.*)/[^/]*_test\.go:func (Fuzz.*)$#./\1 \2#' | sort -u)
+[ ${#targets[@]} -gt 0 ] || { echo "no fuzz targets found" >&2; exit 1; }
 cache=$(go env GOCACHE)/fuzz/github.com/vigil-project/vigil
 for t in "${targets[@]}"; do
   set -- $t

@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"testing"
 	"time"
 )
@@ -36,4 +39,30 @@ func HTTPGet(ctx context.Context, t testing.TB, url string) string {
 	}
 	t.Fatalf("GET %s: %v", url, lastErr)
 	return ""
+}
+
+// NeedProgram returns the path of program, looked up in PATH and then in
+// the sbin directories. Missing, it skips the test on a developer's
+// machine but fails it in CI (CI=true), where .ci/run must have installed
+// Debian package pkg: a skip there would hide a missing install step.
+func NeedProgram(t testing.TB, program, pkg string) string {
+	t.Helper()
+	if p, err := exec.LookPath(program); err == nil {
+		return p
+	}
+	for _, dir := range []string{"/usr/sbin", "/sbin"} {
+		if p := filepath.Join(dir, program); isExecutable(p) {
+			return p
+		}
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("%s is not installed in CI: add Debian package %s to .ci/run", program, pkg)
+	}
+	t.Skipf("%s not installed (Debian package %s)", program, pkg)
+	return ""
+}
+
+func isExecutable(p string) bool {
+	st, err := os.Stat(p)
+	return err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0
 }
