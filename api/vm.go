@@ -36,6 +36,45 @@ type VMCreateRequest struct {
 	Policy *RecoveryPolicy `json:"policy,omitempty"`
 	// Host pins the VM to this host; empty lets the scheduler choose.
 	Host string `json:"host,omitempty"`
+	// Image, if set, names an imported OS image (qcow2 or raw): the VM's
+	// disk is a copy-on-write overlay on it, grown to DiskBytes (0: the
+	// image's size). Without Image or ISO the VM boots the built-in guest.
+	Image string `json:"image,omitempty"`
+	// ISO, if set, names an imported ISO attached as a CD-ROM (an
+	// installer), with an empty disk of DiskBytes.
+	ISO string `json:"iso,omitempty"`
+	// UserData is cloud-init user-data for a VM from an image (a
+	// #cloud-config document, a script, ...); SSHKeys, if UserData is
+	// empty, makes one that installs these public keys.
+	UserData string   `json:"user_data,omitempty"`
+	SSHKeys  []string `json:"ssh_keys,omitempty"`
+	// Firmware is bios (default) or uefi.
+	Firmware string `json:"firmware,omitempty"`
+}
+
+// VMConfigRequest is the body of PATCH /v1/vms/{name}: what the guest
+// gets at its next boot.
+type VMConfigRequest struct {
+	// UserData replaces the cloud-init user-data (empty: none) under a new
+	// instance id, so cloud-init applies it at the next boot; SSHKeys
+	// instead makes user-data that installs these keys.
+	UserData *string  `json:"user_data,omitempty"`
+	SSHKeys  []string `json:"ssh_keys,omitempty"`
+	// Eject empties the installer's CD-ROM, at once if the VM runs: the
+	// installed system boots from the disk.
+	Eject bool `json:"eject,omitempty"`
+}
+
+// Image is an OS image imported into the cluster.
+type Image struct {
+	Name        string    `json:"name"`
+	Digest      string    `json:"digest"` // sha256:HEX
+	Format      string    `json:"format"` // qcow2, raw or iso
+	VirtualSize int64     `json:"virtual_size"`
+	FileSize    int64     `json:"file_size"`
+	Created     time.Time `json:"created"`
+	// VMs lists the VMs whose disk (or CD-ROM) is made from it.
+	VMs []string `json:"vms"`
 }
 
 // RecoveryPolicy says what Vigil does when a VM's guest crashes or hangs.
@@ -126,6 +165,11 @@ type VM struct {
 	// StoragePool is the pool holding the VM's disk (it can move to any
 	// host of the pool); empty when the disk is local to its host.
 	StoragePool string `json:"storage_pool,omitempty"`
+	// Image and ISO name what the VM was made from (empty: the built-in
+	// guest); Firmware is bios or uefi.
+	Image    string `json:"image,omitempty"`
+	ISO      string `json:"iso,omitempty"`
+	Firmware string `json:"firmware,omitempty"`
 }
 
 // Operation reports how a state operation went.
@@ -134,7 +178,12 @@ type Operation struct {
 	DurationMS float64 `json:"duration_ms"`
 	// PausedMS is how long the guest's CPUs were stopped by it.
 	PausedMS float64 `json:"paused_ms,omitempty"`
+	// FrozenMS is how long the guest's file systems were frozen (a
+	// quiesced snapshot): writes waited, the CPUs ran.
+	FrozenMS float64 `json:"frozen_ms,omitempty"`
 	Bytes    int64   `json:"bytes,omitempty"`
+	// Note says what the operation could not do as asked, and why.
+	Note string `json:"note,omitempty"`
 }
 
 // GuestInfo is the latest heartbeat of a VM's guest agent.
@@ -145,6 +194,13 @@ type GuestInfo struct {
 	Load1         float64   `json:"load1"`
 	MemUsedBytes  uint64    `json:"mem_used_bytes"`
 	LastHeartbeat time.Time `json:"last_heartbeat"`
+	// Agent is who answers in the guest: "vigil" (vigil-guest) or
+	// "qemu-ga" (the distribution's qemu-guest-agent).
+	Agent string `json:"agent,omitempty"`
+	// OS, Hostname and Addresses are what qemu-guest-agent tells.
+	OS        string   `json:"os,omitempty"`
+	Hostname  string   `json:"hostname,omitempty"`
+	Addresses []string `json:"addresses,omitempty"`
 }
 
 // Action is a state change asked of a VM through PUT /v1/vms/{name}/state.
@@ -231,6 +287,10 @@ type Snapshot struct {
 	Created time.Time `json:"created"`
 	// IncludesMemory: reverting resumes the guest at the snapshot's instant.
 	IncludesMemory bool `json:"includes_memory"`
+	// Consistency is "memory" (a full restore point), "application" (the
+	// disk with the guest's file systems frozen by qemu-guest-agent, or of
+	// a stopped VM) or "crash" (the disk as a power cut would leave it).
+	Consistency string `json:"consistency,omitempty"`
 	// SizeBytes is the space only this snapshot holds (freed by deleting it).
 	SizeBytes int64 `json:"size_bytes"`
 	// Current marks the snapshot the VM's present state descends from.

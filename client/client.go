@@ -91,14 +91,19 @@ func (c *Client) send(ctx context.Context, method, path string, body any, accept
 	}
 	if resp.StatusCode >= 300 {
 		defer resp.Body.Close()
-		var e api.Error
-		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-		if json.Unmarshal(b, &e) != nil || e.Error == "" {
-			e.Error = fmt.Sprintf("%s %s: %s", method, path, resp.Status)
-		}
-		return nil, &Error{Status: resp.StatusCode, Code: e.Code, Message: e.Error}
+		return nil, errorFrom(req, resp)
 	}
 	return resp, nil
+}
+
+// errorFrom turns a non-2xx answer into *Error.
+func errorFrom(req *http.Request, resp *http.Response) error {
+	var e api.Error
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if json.Unmarshal(b, &e) != nil || e.Error == "" {
+		e.Error = fmt.Sprintf("%s %s: %s", req.Method, req.URL.Path, resp.Status)
+	}
+	return &Error{Status: resp.StatusCode, Code: e.Code, Message: e.Error}
 }
 
 // CreateVM defines a VM (and starts it when req.Start).
@@ -394,3 +399,97 @@ func (c *Client) WaitGuest(ctx context.Context, name string) (api.VM, error) {
 		}
 	}
 }
+
+// ImportImage uploads an image file under name. size, when known (≥ 0),
+// lets the server refuse an upload it has no room for before it starts.
+func (c *Client) ImportImage(ctx context.Context, name string, r io.Reader, size int64) (api.Image, error) {
+	if c.err != nil {
+		return api.Image{}, c.err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, c.base+"/v1/images/"+url.PathEscape(name), r)
+	if err != nil {
+		return api.Image{}, fmt.Errorf("build request: %w", err)
+	}
+	req.ContentLength = size
+	req.Header.Set("Content-Type", "application/octet-stream")
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return api.Image{}, fmt.Errorf("upload image to %s: %w", c.base, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode >= 300 {
+		return api.Image{}, errorFrom(req, resp)
+	}
+	var img api.Image
+	if err := json.NewDecoder(resp.Body).Decode(&img); err != nil {
+		return img, fmt.Errorf("decode answer of image import: %w", err)
+	}
+	return img, nil
+}
+
+// Images lists the imported images.
+func (c *Client) Images(ctx context.Context) ([]api.Image, error) {
+	var out []api.Image
+	err := c.do(ctx, http.MethodGet, "/v1/images", nil, &out)
+	return out, err
+}
+
+// DeleteImage removes an image no VM uses.
+func (c *Client) DeleteImage(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/images/"+url.PathEscape(name), nil, nil)
+}
+
+// Reconfigure changes what a VM's guest gets at its next boot (new
+// cloud-init user-data, an ejected installer CD-ROM).
+func (c *Client) Reconfigure(ctx context.Context, name string, req api.VMConfigRequest) (api.VM, error) {
+	var vm api.VM
+	err := c.do(ctx, http.MethodPatch, "/v1/vms/"+url.PathEscape(name), req, &vm)
+	return vm, err
+}
+
+// Screenshot returns a PNG of a VM's display.
+func (c *Client) Screenshot(ctx context.Context, name string) ([]byte, error) {
+	resp, err := c.send(ctx, http.MethodGet, "/v1/vms/"+url.PathEscape(name)+"/screenshot", nil, "image/png")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	return io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+}
+
+// VNC opens a tunnel to a VM's VNC server through the API: what is written
+// goes to the VM's VNC server and what it sends can be read, until Close.
+func (c *Client) VNC(ctx context.Context, name string) (io.ReadWriteCloser, error) {
+	if c.err != nil {
+		return nil, c.err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+"/v1/vms/"+url.PathEscape(name)+"/vnc", nil)
+	if err != nil {
+		return nil, fmt.Errorf("build request: %w", err)
+	}
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Upgrade", tunnelProtocol)
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("cannot reach the vigil api at %s: %w", c.base, err)
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		defer resp.Body.Close()
+		return nil, errorFrom(req, resp)
+	}
+	rwc, ok := resp.Body.(io.ReadWriteCloser)
+	if !ok {
+		resp.Body.Close()
+		return nil, errors.New("the api answered 101 but gave no connection")
+	}
+	return rwc, nil
+}
+
+// tunnelProtocol is the Upgrade token of the API's tunnels.
+const tunnelProtocol = "vigil-tunnel"

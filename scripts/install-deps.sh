@@ -8,6 +8,7 @@ command -v qemu-img >/dev/null || need+=(qemu-utils)
 [ "${file_is_static}" = 1 ] || need+=(busybox-static)
 command -v cpio >/dev/null || need+=(cpio)
 command -v curl >/dev/null || need+=(curl)
+[ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need+=(ovmf)
 if [ ${#need[@]} -eq 0 ]; then
 	exit 0
 fi

@@ -21,6 +21,7 @@ import (
 	"github.com/vigil-project/vigil/internal/guestimage"
 	"github.com/vigil-project/vigil/internal/hostagent"
 	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/imagestore"
 	"github.com/vigil-project/vigil/internal/manager"
 	"github.com/vigil-project/vigil/internal/store"
 )
@@ -81,7 +82,11 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	defer ln.Close()
 
 	var mgr *manager.Manager
-	host, err := newHostAgent(ctx, hostSetup{name: cfg.HostName, dataDir: cfg.DataDir, accel: cfg.Accel, imageDir: cfg.ImageDir,
+	images, err := imagestore.Open(filepath.Join(cfg.DataDir, "images", "blobs"))
+	if err != nil {
+		return err
+	}
+	host, err := newHostAgent(ctx, hostSetup{images: localImages{images}, name: cfg.HostName, dataDir: cfg.DataDir, accel: cfg.Accel, imageDir: cfg.ImageDir,
 		guestAgent: cfg.GuestAgent, progress: cfg.Progress, log: log,
 		notify: func(e hostproto.Event) {
 			if mgr != nil {
@@ -104,7 +109,7 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	if err != nil {
 		return err
 	}
-	mgr = manager.New(manager.Config{Name: cfg.HostName, Identity: id,
+	mgr = manager.New(manager.Config{Name: cfg.HostName, Identity: id, Images: images, URL: apiURL(ln),
 		Store: st, Host: manager.LocalHost(cfg.HostName, host), Events: broker, Logger: log,
 		Limits:   manager.Limits{MaxMemoryBytes: info.MemoryBytes, MaxCPUs: max(64, 4*runtime.NumCPU())},
 		Resync:   cfg.Reconcile,
@@ -159,6 +164,7 @@ func prepare(dataDir, listen string) (net.Listener, error) {
 
 // hostSetup is what a host agent needs, in dev and in host mode alike.
 type hostSetup struct {
+	images                                     hostagent.ImageSource
 	name, dataDir, accel, imageDir, guestAgent string
 	storagePool, migrationHost                 string
 	// migrationTLSDir: see hostagent.Config (none in dev mode: one host).
@@ -177,9 +183,9 @@ func newHostAgent(ctx context.Context, s hostSetup) (*hostagent.Agent, error) {
 	}
 	return hostagent.New(hostagent.Config{
 		Name: s.name, DataDir: filepath.Join(s.dataDir, "host"), Accel: s.accel, StoragePool: s.storagePool, MigrationHost: s.migrationHost,
-		MigrationTLSDir: s.migrationTLSDir,
-		Image:           hostagent.Image{Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: img.Cmdline},
-		Logger:          s.log, Notify: s.notify,
+		MigrationTLSDir: s.migrationTLSDir, Images: s.images,
+		Image:  hostagent.Image{Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: img.Cmdline},
+		Logger: s.log, Notify: s.notify,
 	})
 }
 

@@ -66,7 +66,8 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 	defer ln.Close()
 
 	out := &outbox{wake: make(chan struct{}, 1)}
-	host, err := newHostAgent(ctx, hostSetup{name: cfg.Name, dataDir: cfg.DataDir, accel: cfg.Accel, imageDir: cfg.ImageDir,
+	j := &joiner{cfg: cfg, log: log.With("host", cfg.Name), addr: ln.Addr().String(), out: out, lastAck: time.Now()}
+	host, err := newHostAgent(ctx, hostSetup{images: j, name: cfg.Name, dataDir: cfg.DataDir, accel: cfg.Accel, imageDir: cfg.ImageDir,
 		guestAgent: cfg.GuestAgent, progress: cfg.Progress, log: log, notify: out.add, storagePool: cfg.StoragePool,
 		// Live migrations come in on the address the managers reach us at,
 		// over TLS with the host's certificate.
@@ -78,7 +79,7 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 		return err
 	}
 	trust := &hostTrust{dir: cfg.DataDir, name: cfg.Name, tlsDir: hostTLSDir(cfg.DataDir)}
-	j := &joiner{cfg: cfg, log: log.With("host", cfg.Name), addr: ln.Addr().String(), host: host, out: out, trust: trust, lastAck: time.Now()}
+	j.host, j.trust = host, trust
 	if err := j.ensureJoined(ctx); err != nil {
 		return err
 	}

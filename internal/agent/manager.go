@@ -20,6 +20,7 @@ import (
 	"go.etcd.io/etcd/client/v3/concurrency"
 
 	"github.com/vigil-project/vigil/internal/events"
+	"github.com/vigil-project/vigil/internal/imagestore"
 	"github.com/vigil-project/vigil/internal/manager"
 	"github.com/vigil-project/vigil/internal/store"
 )
@@ -128,7 +129,12 @@ func RunManager(ctx context.Context, cfg ManagerConfig) error {
 	if err != nil {
 		return err
 	}
+	images, err := imagestore.Open(filepath.Join(cfg.DataDir, "images", "blobs"))
+	if err != nil {
+		return err
+	}
 	mgr := manager.New(manager.Config{Store: st, Events: events.New(1000), Logger: log, Name: cfg.Name, Identity: id, CertTTL: cfg.CertTTL,
+		Images: images, URL: apiURL(ln),
 		HostDeadAfter: cfg.HostDeadAfter, ShareEvents: true, Overcommit: cfg.Overcommit, StepHook: crashHook(log)})
 	cpath, err := writeClientConfigs(ctx, mgr, cfg.DataDir, "admin-"+cfg.Name, apiURL(ln), id.CA.CertPEM, false)
 	if err != nil {

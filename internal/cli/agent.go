@@ -2,11 +2,9 @@ package cli
 
 import (
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -153,42 +151,6 @@ func splitList(s string) []string {
 		}
 	}
 	return out
-}
-
-func newImageCmd(g *globals) *cobra.Command {
-	cmd := &cobra.Command{Use: "image", Short: "Manage the guest image"}
-	var dataDir, dir, guestAgent string
-	build := &cobra.Command{
-		Use:   "build",
-		Short: "Build the default guest image (Debian cloud kernel, busybox, vigil-guest); reused when up to date",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if dir == "" {
-				dir = filepath.Join(dataDir, "images", "default")
-			}
-			img, err := agent.BuildImage(cmd.Context(), dir, guestAgent, func(s string) {
-				if !g.quiet {
-					fmt.Fprint(g.errOut, s)
-				}
-			})
-			if err != nil {
-				return err
-			}
-			if g.quiet {
-				return nil
-			}
-			return g.printValue(img, func(w io.Writer) {
-				row(w, "KERNEL:", img.Kernel)
-				row(w, "INITRD:", img.Initrd)
-				row(w, "KERNEL VERSION:", img.KernelVersion)
-			})
-		},
-	}
-	build.Flags().StringVar(&dataDir, "data-dir", envOr("VIGIL_DATA_DIR", agent.DefaultDataDir()), "data dir whose images/default to build")
-	build.Flags().StringVar(&dir, "out", "", "build into this directory instead")
-	build.Flags().StringVar(&guestAgent, "guest-agent", "", "vigil-guest binary (default: next to vigil)")
-	cmd.AddCommand(build)
-	return cmd
 }
 
 func envOr(key, def string) string {

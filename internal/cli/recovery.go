@@ -3,6 +3,8 @@ package cli
 import (
 	"fmt"
 	"io"
+	"os"
+	"slices"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -61,13 +63,44 @@ func (f *policyFlags) policy(cmd *cobra.Command, base api.RecoveryPolicy) (api.R
 
 func newVMSetCmd(g *globals) *cobra.Command {
 	var pf policyFlags
+	var userData string
+	var sshKeys []string
+	var eject bool
 	cmd := &cobra.Command{
-		Use:               "set NAME",
-		Short:             "Change a VM's crash recovery policy",
+		Use:   "set NAME",
+		Short: "Change a VM's crash recovery policy, its cloud-init user-data, or eject its installer CD-ROM",
+		Long: `Change a VM's crash recovery policy (at once), its cloud-init user-data
+(--user-data or --ssh-key: applied at the next boot, under a new instance id
+so cloud-init runs it), or eject its installer CD-ROM (--eject: at once, and
+the installed system boots from the disk).`,
 		Args:              cobra.ExactArgs(1),
 		ValidArgsFunction: completeVMs(g),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c := g.client()
+			fl := cmd.Flags()
+			var cfg api.VMConfigRequest
+			if fl.Changed("user-data") {
+				b, err := os.ReadFile(userData)
+				if err != nil {
+					return fmt.Errorf("--user-data: %w", err)
+				}
+				s := string(b)
+				cfg.UserData = &s
+			}
+			for _, f := range sshKeys {
+				keys, err := readSSHKeys(f)
+				if err != nil {
+					return fmt.Errorf("--ssh-key: %w", err)
+				}
+				cfg.SSHKeys = append(cfg.SSHKeys, keys...)
+			}
+			cfg.Eject = eject
+			policyChanged := slices.ContainsFunc([]string{"recovery", "hang-timeout", "min-uptime", "max-restarts", "restart-window"}, fl.Changed)
+			configChanged := cfg.UserData != nil || len(cfg.SSHKeys) > 0 || cfg.Eject
+			if !policyChanged && !configChanged {
+				return fmt.Errorf("nothing to change: give a policy flag (--recovery, --hang-timeout, ...), --user-data, --ssh-key or --eject")
+			}
+			// Check both changes before making either.
 			vm, err := c.VM(cmd.Context(), args[0])
 			if err != nil {
 				return err
@@ -76,13 +109,23 @@ func newVMSetCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if vm, err = c.SetPolicy(cmd.Context(), args[0], p); err != nil {
-				return err
+			if configChanged {
+				if vm, err = c.Reconfigure(cmd.Context(), args[0], cfg); err != nil {
+					return err
+				}
+			}
+			if policyChanged {
+				if vm, err = c.SetPolicy(cmd.Context(), args[0], p); err != nil {
+					return err
+				}
 			}
 			return g.printVM(vm)
 		},
 	}
 	pf.register(cmd)
+	cmd.Flags().StringVar(&userData, "user-data", "", "new cloud-init user-data file, applied at the next boot")
+	cmd.Flags().StringSliceVar(&sshKeys, "ssh-key", nil, "public key file for new user-data that installs it; repeatable")
+	cmd.Flags().BoolVar(&eject, "eject", false, "eject the installer CD-ROM: the VM boots from its disk")
 	return cmd
 }
 

@@ -35,7 +35,7 @@ func TestUnknownSubcommandFails(t *testing.T) {
 		{[]string{"host", "frob"}, "frob", "vigil host", "list"},
 		{[]string{"snapshot", "frob"}, "frob", "vigil snapshot", "revert"},
 		{[]string{"snap", "frob"}, "frob", "vigil snapshot", "revert"},
-		{[]string{"image", "import", "x"}, "import", "vigil image", "build"},
+		{[]string{"image", "frobnicate", "x"}, "frobnicate", "vigil image", "import"},
 		{[]string{"completion", "frob"}, "frob", "vigil completion", "bash"},
 		{[]string{"frob"}, "frob", "vigil", "vm"},
 		{[]string{"-o", "json", "vm", "frobnicate"}, "frobnicate", "vigil vm", "list"},

@@ -38,7 +38,7 @@ func newSnapshotCreateCmd(g *globals) *cobra.Command {
 				return nil
 			}
 			return g.printValue(s, func(w io.Writer) {
-				what := "disk only"
+				what := "disk only, " + s.Consistency + "-consistent"
 				if s.IncludesMemory {
 					what = "disk + memory"
 				}
@@ -48,12 +48,18 @@ func newSnapshotCreateCmd(g *globals) *cobra.Command {
 					if op.PausedMS > 0 {
 						line += fmt.Sprintf(", guest paused %.1f ms", op.PausedMS)
 					}
+					if op.FrozenMS > 0 {
+						line += fmt.Sprintf(", file systems frozen %.1f ms", op.FrozenMS)
+					}
 				}
 				fmt.Fprintln(w, line)
+				if op := s.Operation; op != nil && op.Note != "" && !s.IncludesMemory {
+					fmt.Fprintln(w, "note: "+op.Note)
+				}
 			})
 		},
 	}
-	cmd.Flags().BoolVar(&noMemory, "no-memory", false, "disk only (crash-consistent); the guest is not paused")
+	cmd.Flags().BoolVar(&noMemory, "no-memory", false, "disk only; the guest is not paused, its file systems are frozen through qemu-guest-agent if it answers (else crash-consistent)")
 	return cmd
 }
 

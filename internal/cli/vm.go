@@ -1,14 +1,19 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"io"
+	"net"
+	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/hostproto"
 )
 
 func newVMCmd(g *globals) *cobra.Command {
@@ -19,7 +24,7 @@ func newVMCmd(g *globals) *cobra.Command {
 		newVMStateCmd(g, api.ActionRestart, "Stop (if running) and start a VM: a fresh boot"),
 		newVMPauseCmd(g), newVMResumeCmd(g), newVMExecCmd(g),
 		newVMIncidentsCmd(g), newVMFaultCmd(g), newVMSetCmd(g),
-		newVMDeleteCmd(g), newVMConsoleCmd(g), newVMMigrateCmd(g))
+		newVMDeleteCmd(g), newVMConsoleCmd(g), newVMScreenshotCmd(g), newVMMigrateCmd(g))
 	return cmd
 }
 
@@ -45,13 +50,39 @@ func newVMCreateCmd(g *globals) *cobra.Command {
 	var memory, disk string
 	var cpus int
 	var start, wait bool
-	var host string
+	var host, image, iso, userData, firmware string
+	var sshKeys []string
 	var pf policyFlags
 	cmd := &cobra.Command{
 		Use:   "create NAME",
-		Short: "Create a VM with a fresh disk, booting the default guest image",
-		Args:  cobra.ExactArgs(1),
+		Short: "Create a VM: the built-in guest, an imported OS image (--image) or an installer (--iso)",
+		Long: `Create a VM.
+
+Without --image or --iso the VM boots Vigil's built-in guest with an empty
+data disk (128M of memory, a 256M disk). With --image it boots an imported
+disk image from a copy-on-write overlay grown to --disk (default: the
+image's size; 1G of memory), configured by cloud-init from --user-data or
+--ssh-key. With --iso it boots an imported installer ISO from a CD-ROM with
+an empty --disk (default 8G; 1G of memory).`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			osGuest := image != "" || iso != ""
+			if image != "" && iso != "" {
+				return fmt.Errorf("--image and --iso exclude each other: boot an image, or install from an ISO onto an empty disk")
+			}
+			if !osGuest && (userData != "" || len(sshKeys) > 0 || firmware != "") {
+				return fmt.Errorf("--user-data, --ssh-key and --firmware apply to VMs from --image or --iso: the built-in guest has no cloud-init or firmware choice")
+			}
+			if !cmd.Flags().Changed("memory") && osGuest {
+				memory = "1G"
+			}
+			switch {
+			case cmd.Flags().Changed("disk"):
+			case image != "":
+				disk = "0"
+			case iso != "":
+				disk = "8G"
+			}
 			mem, err := parseSize(memory)
 			if err != nil {
 				return fmt.Errorf("--memory: %w", err)
@@ -63,12 +94,29 @@ func newVMCreateCmd(g *globals) *cobra.Command {
 			if wait && !start {
 				return fmt.Errorf("--wait needs --start: a VM that is not started has no guest to wait for")
 			}
+			req := api.VMCreateRequest{Name: args[0], MemoryBytes: mem, CPUs: cpus, DiskBytes: dsk, Start: start, Host: host,
+				Image: image, ISO: iso, Firmware: firmware}
+			if userData != "" {
+				b, err := os.ReadFile(userData)
+				if err != nil {
+					return fmt.Errorf("--user-data: %w", err)
+				}
+				req.UserData = string(b)
+			}
+			for _, f := range sshKeys {
+				keys, err := readSSHKeys(f)
+				if err != nil {
+					return fmt.Errorf("--ssh-key: %w", err)
+				}
+				req.SSHKeys = append(req.SSHKeys, keys...)
+			}
 			c := g.client()
 			policy, err := pf.policy(cmd, api.RecoveryPolicy{})
 			if err != nil {
 				return err
 			}
-			vm, err := c.CreateVM(cmd.Context(), api.VMCreateRequest{Name: args[0], MemoryBytes: mem, CPUs: cpus, DiskBytes: dsk, Start: start, Policy: &policy, Host: host})
+			req.Policy = &policy
+			vm, err := c.CreateVM(cmd.Context(), req)
 			if err != nil {
 				return err
 			}
@@ -83,14 +131,38 @@ func newVMCreateCmd(g *globals) *cobra.Command {
 			return g.printVM(vm)
 		},
 	}
-	cmd.Flags().StringVar(&memory, "memory", "128M", "memory, e.g. 128M or 1G")
+	cmd.Flags().StringVar(&memory, "memory", "128M", "memory, e.g. 128M or 1G (1G with --image or --iso)")
 	cmd.Flags().IntVar(&cpus, "cpus", 1, "virtual CPUs")
-	cmd.Flags().StringVar(&disk, "disk", "256M", "data disk size (qcow2, allocated as used)")
+	cmd.Flags().StringVar(&disk, "disk", "256M", "disk size (qcow2, allocated as used); with --image the image's size, with --iso 8G")
 	cmd.Flags().BoolVar(&start, "start", false, "start the VM once it is created")
-	cmd.Flags().BoolVar(&wait, "wait", false, "with --start: wait for the guest agent's first heartbeat")
+	cmd.Flags().BoolVar(&wait, "wait", false, "with --start: wait until the guest's agent (vigil-guest or qemu-guest-agent) answers")
 	cmd.Flags().StringVar(&host, "host", "", "place the VM on this host (default: the scheduler picks one with room)")
+	cmd.Flags().StringVar(&image, "image", "", "boot this imported disk image (see 'vigil image import')")
+	cmd.Flags().StringVar(&iso, "iso", "", "boot this imported installer ISO from a CD-ROM, with an empty disk")
+	cmd.Flags().StringVar(&userData, "user-data", "", "cloud-init user-data file for the guest")
+	cmd.Flags().StringSliceVar(&sshKeys, "ssh-key", nil, "public key file (e.g. ~/.ssh/id_ed25519.pub) installed by cloud-init; repeatable")
+	cmd.Flags().StringVar(&firmware, "firmware", "", "bios (default) or uefi (OVMF, with per-VM variables)")
 	pf.register(cmd)
 	return cmd
+}
+
+// readSSHKeys returns the public keys of an authorized_keys-style file,
+// skipping blank lines and comments; the API checks each key.
+func readSSHKeys(path string) ([]string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var keys []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if l = strings.TrimSpace(l); l != "" && !strings.HasPrefix(l, "#") {
+			keys = append(keys, l)
+		}
+	}
+	if len(keys) == 0 {
+		return nil, fmt.Errorf("%s holds no public key", path)
+	}
+	return keys, nil
 }
 
 func (g *globals) printVM(vm api.VM) error {
@@ -114,6 +186,17 @@ func (g *globals) printVM(vm api.VM) error {
 		row(w, "CPUS:", vm.CPUs)
 		row(w, "MEMORY:", humanSize(vm.MemoryBytes))
 		row(w, "DISK:", humanSize(vm.DiskBytes))
+		switch {
+		case vm.Image != "":
+			row(w, "IMAGE:", vm.Image)
+		case vm.ISO != "":
+			row(w, "ISO:", vm.ISO)
+		default:
+			row(w, "IMAGE:", "built-in guest")
+		}
+		if vm.Firmware != "" {
+			row(w, "FIRMWARE:", vm.Firmware)
+		}
 		row(w, "ENDPOINT:", "http://"+vm.Endpoint)
 		row(w, "CREATED:", vm.CreatedAt.Format(time.RFC3339))
 		p := vm.Policy
@@ -135,11 +218,26 @@ func (g *globals) printVM(vm api.VM) error {
 			row(w, "LAST OPERATION:", line)
 		}
 		if gi := vm.Guest; gi != nil {
+			if gi.Agent != "" {
+				row(w, "GUEST AGENT:", gi.Agent)
+			}
+			if gi.OS != "" {
+				row(w, "GUEST OS:", gi.OS)
+			}
+			if gi.Hostname != "" {
+				row(w, "GUEST HOSTNAME:", gi.Hostname)
+			}
+			if len(gi.Addresses) > 0 {
+				row(w, "GUEST ADDRESSES:", strings.Join(gi.Addresses, ", "))
+			}
 			row(w, "GUEST BOOT ID:", gi.BootID)
 			row(w, "GUEST SEQ:", gi.Seq)
 			row(w, "GUEST UPTIME:", fmt.Sprintf("%.1fs", gi.UptimeSeconds))
-			row(w, "GUEST LOAD:", fmt.Sprintf("%.2f", gi.Load1))
-			row(w, "GUEST MEMORY USED:", humanSize(int64(gi.MemUsedBytes)))
+			if gi.Agent != "qemu-ga" {
+				// qemu-guest-agent does not tell these.
+				row(w, "GUEST LOAD:", fmt.Sprintf("%.2f", gi.Load1))
+				row(w, "GUEST MEMORY USED:", humanSize(int64(gi.MemUsedBytes)))
+			}
 			row(w, "LAST HEARTBEAT:", gi.LastHeartbeat.Format(time.RFC3339)+" ("+ago(gi.LastHeartbeat)+")")
 		} else {
 			row(w, "GUEST:", "no heartbeat yet")
@@ -301,18 +399,103 @@ func newVMDeleteCmd(g *globals) *cobra.Command {
 }
 
 func newVMConsoleCmd(g *globals) *cobra.Command {
-	var follow bool
+	var follow, vnc bool
+	var listen string
 	cmd := &cobra.Command{
-		Use:               "console NAME",
-		Short:             "Print the VM's serial console (--follow streams it)",
+		Use:   "console NAME",
+		Short: "Print the VM's serial console (--follow streams it), or serve its screen over VNC (--vnc)",
+		Long: `Print the VM's serial console (--follow streams it).
+
+With --vnc, serve the VM's graphical console on a local VNC port (default
+127.0.0.1:5901) until interrupted: each VNC client that connects is
+tunnelled through the authenticated API to QEMU's VNC server, which listens
+on a unix socket on the VM's host and never on a TCP port. Point any VNC
+viewer at the port (e.g. 'vncviewer 127.0.0.1:5901').`,
 		Args:              cobra.ExactArgs(1),
 		ValidArgsFunction: completeVMs(g),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return g.client().Console(cmd.Context(), args[0], follow, g.out)
+			if !vnc {
+				if cmd.Flags().Changed("listen") {
+					return fmt.Errorf("--listen goes with --vnc")
+				}
+				return g.client().Console(cmd.Context(), args[0], follow, g.out)
+			}
+			if follow {
+				return fmt.Errorf("--follow is for the serial console, not --vnc")
+			}
+			return g.serveVNC(cmd.Context(), args[0], listen)
 		},
 	}
 	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new console output")
+	cmd.Flags().BoolVar(&vnc, "vnc", false, "serve the VM's graphical console on a local VNC port")
+	cmd.Flags().StringVar(&listen, "listen", "127.0.0.1:5901", "with --vnc: the local address to serve VNC on")
 	return cmd
+}
+
+// serveVNC accepts VNC clients on listen and tunnels each to the VM's
+// screen until ctx ends.
+func (g *globals) serveVNC(ctx context.Context, vm, listen string) error {
+	c := g.client()
+	// Fail now, not at the first viewer, if the VM has no screen or the
+	// caller may not see it.
+	probe, err := c.VNC(ctx, vm)
+	if err != nil {
+		return err
+	}
+	probe.Close()
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		return fmt.Errorf("--listen: %w", err)
+	}
+	defer ln.Close()
+	context.AfterFunc(ctx, func() { ln.Close() })
+	if !g.quiet {
+		fmt.Fprintf(g.errOut, "VNC console of %s on %s (tunnelled through the vigil api); Ctrl-C to stop\n", vm, ln.Addr())
+	}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("accept a vnc client: %w", err)
+		}
+		wg.Go(func() {
+			defer conn.Close()
+			stop := context.AfterFunc(ctx, func() { conn.Close() })
+			defer stop()
+			t, err := c.VNC(ctx, vm)
+			if err != nil {
+				fmt.Fprintf(g.errOut, "vnc client %s: %v\n", conn.RemoteAddr(), err)
+				return
+			}
+			hostproto.Pipe(conn, t)
+		})
+	}
+}
+
+func newVMScreenshotCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:               "screenshot NAME FILE.png",
+		Short:             "Save a PNG of the VM's screen",
+		Args:              cobra.ExactArgs(2),
+		ValidArgsFunction: completeVMs(g),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			png, err := g.client().Screenshot(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			if err := os.WriteFile(args[1], png, 0o644); err != nil {
+				return fmt.Errorf("save the screenshot: %w", err)
+			}
+			if !g.quiet && g.output == "table" {
+				fmt.Fprintf(g.errOut, "saved %s (%s)\n", args[1], humanSize(int64(len(png))))
+			}
+			return nil
+		},
+	}
 }
 
 func newVMExecCmd(g *globals) *cobra.Command {

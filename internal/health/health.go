@@ -27,6 +27,10 @@ const (
 	AgentUnwell Verdict = "agent-unwell"
 	// Hung: no heartbeats and no sign of operation for the hang timeout.
 	Hung Verdict = "hung"
+	// NoAgent: no guest agent has ever answered for this VM (none is
+	// installed, or an installer runs), so silence tells nothing: such a
+	// guest is judged by its exits and panics alone.
+	NoAgent Verdict = "no-agent"
 )
 
 // Policy configures judgement for one VM.
@@ -47,6 +51,9 @@ type Sample struct {
 	StartedAt     time.Time // this QEMU process (or boot) started
 	RunState      string    // QEMU's run state: "running", "paused", ...
 	LastHeartbeat time.Time // arrival of the latest guest heartbeat (zero: none yet)
+	// AgentExpected: the guest has an agent (one answered in some boot of
+	// this VM, or its image has one), so its silence can mean a hang.
+	AgentExpected bool
 	CPUTime       time.Duration
 	DiskOps       uint64 // read + write operations, all disks
 	NetBytes      uint64 // rx + tx, when known
@@ -136,6 +143,8 @@ func (m *Monitor) Observe(s Sample) Verdict {
 func (m *Monitor) judge(s Sample) Verdict {
 	booting := s.At.Sub(s.StartedAt) < m.policy.MinUptime
 	switch {
+	case !s.AgentExpected && s.LastHeartbeat.IsZero():
+		return NoAgent
 	case m.hbSilent < m.policy.HangTimeout:
 		if booting && s.LastHeartbeat.IsZero() {
 			return Booting

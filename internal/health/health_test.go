@@ -15,11 +15,14 @@ type step struct {
 	skipWatch bool // the agent was not sampling before this one
 }
 
-func run(p Policy, steps []step) []Verdict {
+func run(p Policy, steps []step) []Verdict { return runAgent(p, steps, true) }
+
+func runAgent(p Policy, steps []step, agent bool) []Verdict {
 	m := NewMonitor(p)
 	start := time.Unix(1000, 0)
 	var s Sample
 	s.StartedAt = start
+	s.AgentExpected = agent
 	var out []Verdict
 	for _, st := range steps {
 		s.At = start.Add(st.at)
@@ -125,5 +128,31 @@ func TestAgentStoppedIsNotSilence(t *testing.T) {
 	steps = append(steps, step{at: 20 * time.Second})
 	if v := last(run(p, steps)); v == Hung {
 		t.Fatal("one quiet sample after an unobserved gap was judged hung")
+	}
+}
+
+// TestGuestWithoutAgent: a guest no agent ever answered for (an installer
+// waiting at a prompt, an image without qemu-guest-agent) is never judged
+// hung, however idle; once an agent is known, silence counts again.
+func TestGuestWithoutAgent(t *testing.T) {
+	const i = 250 * time.Millisecond
+	p := Policy{HangTimeout: 3 * time.Second, MinUptime: 5 * time.Second, Interval: i}
+	for _, tt := range []struct {
+		name  string
+		steps []step
+		agent bool
+		want  Verdict
+	}{
+		{"idle for a minute, no agent", every(0, time.Minute, i, false, false, ""), false, NoAgent},
+		{"busy, no agent", every(0, time.Minute, i, false, true, ""), false, NoAgent},
+		{"idle for a minute, agent known but silent", every(0, time.Minute, i, false, false, ""), true, Hung},
+		{"no agent expected, but one answers", append(every(0, 6*time.Second, i, true, true, ""), every(6*time.Second, 10*time.Second, i, false, false, "")...), false, Hung},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			v := runAgent(p, tt.steps, tt.agent)
+			if got := last(v); got != tt.want {
+				t.Fatalf("verdict %s, want %s", got, tt.want)
+			}
+		})
 	}
 }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/imagestore"
 	"github.com/vigil-project/vigil/internal/qemu"
 )
 
@@ -45,6 +46,8 @@ type Config struct {
 	Accel           string // auto, kvm or tcg
 	Image           Image
 	Logger          *slog.Logger
+	// Images fetches image blobs this host lacks (nil: none can be).
+	Images ImageSource
 	// Notify receives every host event. It is called from the agent's
 	// goroutines and must not block for long.
 	Notify func(hostproto.Event)
@@ -68,9 +71,17 @@ type Agent struct {
 	// execGrace is how long past a command's timeout Exec waits (zero: the
 	// default; tests shorten it).
 	execGrace time.Duration
+	// qgaTimings pace the watch of qemu-guest-agent (zero: the defaults).
+	qgaTimings qgaTimings
 
 	mu  sync.Mutex
 	vms map[string]*vm
+	// fetching serialises fetches of one image blob (guarded by mu).
+	fetching map[string]*sync.Mutex
+
+	imagesOnce sync.Once
+	images     *imagestore.Store
+	imagesErr  error
 
 	wg sync.WaitGroup // supervision goroutines
 }
@@ -259,18 +270,7 @@ func (a *Agent) fenceUnadopted(ctx context.Context, why map[string]string) {
 
 func (a *Agent) newVM(spec hostproto.VMSpec) *vm {
 	dir, store := a.vmDir(spec.Name), a.storeDir(spec)
-	cmdline := a.cfg.Image.Cmdline + " vigil.name=" + spec.Name
-	return &vm{
-		agent:    a,
-		spec:     spec,
-		storeDir: store,
-		machine: qemu.Machine{
-			Name: spec.Name, UUID: spec.UUID, MemoryBytes: spec.MemoryBytes, CPUs: spec.CPUs,
-			Accel: a.accel, Kernel: a.cfg.Image.Kernel, Initrd: a.cfg.Image.Initrd, Cmdline: cmdline,
-			Disk: filepath.Join(store, "disk.qcow2"), HostPort: spec.HostPort, Dir: dir,
-		},
-		log: a.log.With("vm", spec.Name),
-	}
+	return &vm{agent: a, spec: spec, storeDir: store, machine: a.machineFor(spec, dir, store), log: a.log.With("vm", spec.Name)}
 }
 
 func (a *Agent) notify(vm string, kind hostproto.EventKind, expected bool, msg string) {
@@ -354,7 +354,7 @@ func (a *Agent) Create(ctx context.Context, req hostproto.CreateRequest) (_ host
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fail(fmt.Errorf("create %s: %w", spec.Name, err))
 	}
-	if err := qemu.CreateDisk(ctx, v.machine.Disk, spec.DiskBytes); err != nil {
+	if err := v.makeDisk(ctx); err != nil {
 		return fail(fmt.Errorf("create %s: %w", spec.Name, err))
 	}
 	if v.pooled() {

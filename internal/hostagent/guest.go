@@ -101,6 +101,13 @@ func (a *Agent) Exec(ctx context.Context, r hostproto.ExecRequest) (api.ExecResu
 	wait := a.execDeadline(req)
 	rctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
+	if v.execAgent() == agentQGA {
+		res, err := v.execQGA(rctx, req)
+		if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
+			return api.ExecResult{}, fmt.Errorf("exec in %s: no answer from qemu-guest-agent within %s: %w", name, wait, err)
+		}
+		return res, err
+	}
 	e := guestproto.Exec{Command: req.Command, TimeoutSeconds: req.TimeoutSeconds, Background: req.Background}
 	m, err := v.request(rctx, guestproto.Message{Type: guestproto.TypeExec, Exec: &e})
 	if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {

@@ -97,7 +97,7 @@ func startFakeGuest(t *testing.T, v *vm, mute bool) *fakeGuest {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { defer close(done); v.watchGuest(ctx) }()
+	go func() { defer close(done); v.watchGuest(ctx, newGuestGate(v.agent.limitsForGuest())) }()
 	conn, err := ln.Accept()
 	if err != nil {
 		t.Fatal(err)

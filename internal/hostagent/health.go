@@ -58,7 +58,10 @@ func (v *vm) watchHealth(ctx context.Context, p *qemu.Process) {
 		}
 		v.mu.Lock()
 		mon.SetPolicy(v.healthPolicy())
-		s := health.Sample{At: time.Now(), StartedAt: v.startedAt, RunState: v.runState}
+		// The built-in guest always runs vigil-guest; another guest has an
+		// agent once one answered.
+		s := health.Sample{At: time.Now(), StartedAt: v.startedAt, RunState: v.runState,
+			AgentExpected: v.agentSeen || v.spec.Image == nil && v.spec.ISO == nil}
 		if v.guest != nil {
 			s.LastHeartbeat = v.guest.LastHeartbeat
 		}

@@ -131,6 +131,9 @@ func (v *vm) launch(ctx context.Context, m qemu.Machine, migrating bool) (*qemu.
 	if err := v.mayLaunch(m, migrating); err != nil {
 		return nil, err
 	}
+	if err := v.prepareBoot(ctx); err != nil {
+		return nil, err
+	}
 	return qemu.Start(ctx, v.agent.qemuBin, m)
 }
 

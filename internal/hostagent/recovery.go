@@ -77,6 +77,9 @@ func (a *Agent) Fault(ctx context.Context, r hostproto.FaultRequest) (hostproto.
 		return none(p.Kill(ctx))
 	}
 	cmd, ok := faultCommands[kind]
+	if kind == FaultAgentStop && v.execAgent() == agentQGA {
+		cmd = "sleep 0.2; kill -STOP $(pidof qemu-ga)"
+	}
 	if !ok {
 		return none(fmt.Errorf("%w: unknown fault %q: use panic, hang, agent-stop or kill", ErrInvalid, kind))
 	}

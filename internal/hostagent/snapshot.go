@@ -12,6 +12,7 @@ import (
 	"github.com/vigil-project/vigil/internal/qcow2"
 	"github.com/vigil-project/vigil/internal/qemu"
 	"github.com/vigil-project/vigil/internal/qemu/qmp"
+	"github.com/vigil-project/vigil/internal/qga"
 	"github.com/vigil-project/vigil/internal/statefile"
 )
 
@@ -58,11 +59,12 @@ func (a *Agent) SnapshotCreate(ctx context.Context, r hostproto.SnapshotRequest)
 		return p.Monitor.Run(ctx, "blockdev-snapshot-internal-sync", map[string]any{"device": "disk0", "name": snap}, nil)
 	}
 	if !memory {
-		// Crash-consistent: the disk as it is now, the guest never stops.
-		if err := diskSnap(ctx); err != nil {
+		res, err := v.diskOnlySnapshot(ctx, runState, diskSnap)
+		if err != nil {
 			return SaveResult{}, fmt.Errorf("snapshot %s of %s: %w", snap, name, err)
 		}
-		return SaveResult{Duration: time.Since(start)}, nil
+		res.Duration = time.Since(start)
+		return res, nil
 	}
 
 	res, err := v.liveSnapshot(ctx, p, snap, runState, diskSnap)
@@ -257,4 +259,71 @@ func (v *vm) killLocked(ctx context.Context, p *qemu.Process) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+// diskOnlySnapshot takes the disk of a running VM. With qemu-guest-agent
+// answering, the guest's file systems are frozen around it (application
+// consistent, like VMware's quiesced snapshots: flushed, and applications
+// with freeze hooks at a safe point); otherwise the disk is taken as it is
+// (crash consistent) and the result says why.
+func (v *vm) diskOnlySnapshot(ctx context.Context, runState string, diskSnap func(context.Context) error) (SaveResult, error) {
+	cl := v.qgaClient()
+	var note string
+	switch {
+	case runState == "paused":
+		note = "crash-consistent: the vm was paused, so its file systems could not be frozen"
+	case cl == nil:
+		note = "crash-consistent: no qemu-guest-agent answered to freeze the file systems"
+	}
+	if note != "" {
+		if err := diskSnap(ctx); err != nil {
+			return SaveResult{}, err
+		}
+		return SaveResult{Note: note}, nil
+	}
+	fctx, cancel := context.WithTimeout(ctx, freezeTimeout)
+	frozeAt := time.Now()
+	n, ferr := cl.FSFreeze(fctx)
+	cancel()
+	if ferr != nil {
+		// A freeze that failed half way may have frozen some: thaw them.
+		v.thaw(ctx, cl)
+		v.log.Warn("could not freeze the guest's file systems; taking a crash-consistent snapshot", "err", ferr)
+		if err := diskSnap(ctx); err != nil {
+			return SaveResult{}, err
+		}
+		return SaveResult{Note: "crash-consistent: freezing the file systems failed: " + ferr.Error()}, nil
+	}
+	err := diskSnap(ctx)
+	thawErr := v.thaw(ctx, cl)
+	frozen := time.Since(frozeAt)
+	if err != nil {
+		return SaveResult{}, err
+	}
+	res := SaveResult{Quiesced: true, Frozen: frozen, Note: fmt.Sprintf("application-consistent: %d file systems frozen for %s", n, frozen.Round(time.Millisecond))}
+	if thawErr != nil {
+		res.Note += "; thawing them failed: " + thawErr.Error()
+	}
+	return res, nil
+}
+
+// freezeTimeout bounds guest-fsfreeze-freeze: syncing a guest with much
+// dirty data takes a while under TCG.
+const freezeTimeout = time.Minute
+
+// thaw thaws the guest's file systems, trying a few times: a guest left
+// frozen blocks every write.
+func (v *vm) thaw(ctx context.Context, cl *qga.Client) error {
+	var err error
+	for try := range 5 {
+		tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		_, err = cl.FSThaw(tctx)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		v.log.Warn("thaw of the guest's file systems failed", "try", try+1, "err", err)
+		time.Sleep(time.Second)
+	}
+	return err
 }

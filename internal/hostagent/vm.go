@@ -15,6 +15,7 @@ import (
 	"github.com/vigil-project/vigil/internal/guestproto"
 	"github.com/vigil-project/vigil/internal/hostproto"
 	"github.com/vigil-project/vigil/internal/qemu"
+	"github.com/vigil-project/vigil/internal/qga"
 )
 
 // vm is one VM's supervision state on this host.
@@ -43,6 +44,11 @@ type vm struct {
 	busy      string // the operation holding opMu (see lockOp)
 	guest     *api.GuestInfo
 	guestEnc  *guestproto.Encoder // set while connected to the guest agent
+	qga       *qga.Client         // set while qemu-guest-agent answers
+	// agentSeen: some guest agent has answered in a boot of this VM, so
+	// silence from it can mean a hang. A guest never heard from (no agent
+	// installed, an installer) is judged by its exits and panics only.
+	agentSeen bool
 	pending   map[string]chan guestproto.Message
 	nextID    uint64
 	cancel    context.CancelFunc // ends the watchers of proc
@@ -140,11 +146,27 @@ func (v *vm) attach(p *qemu.Process) {
 	if st, err := p.Monitor.QueryStatus(ctx); err == nil {
 		v.setRunState(st.Status)
 	}
+	// One gate per QEMU process, shared by both agents' watchers and kept
+	// across reconnections: a new process is the host's doing, so its
+	// first boot is reported at once, while what one guest sends is
+	// bounded for as long as it runs.
+	g := newGuestGate(v.agent.limitsForGuest())
+	context.AfterFunc(ctx, func() {
+		v.mu.Lock()
+		defer v.mu.Unlock()
+		g.closed = true
+		if g.timer != nil {
+			g.timer.Stop()
+		}
+	})
 	v.agent.wg.Add(4)
 	go func() { defer v.agent.wg.Done(); v.watchExit(ctx, p, exited) }()
 	go func() { defer v.agent.wg.Done(); v.watchQMP(ctx, p) }()
-	go func() { defer v.agent.wg.Done(); v.watchGuest(ctx) }()
+	go func() { defer v.agent.wg.Done(); v.watchGuest(ctx, g) }()
 	go func() { defer v.agent.wg.Done(); v.watchHealth(ctx, p) }()
+	if v.machine.GuestAgent {
+		v.agent.wg.Go(func() { v.watchQGA(ctx, g) })
+	}
 }
 
 // watchExit waits for the QMP connection to end and then for the process to
@@ -273,19 +295,7 @@ func (v *vm) setRunState(s string) {
 // watchGuest keeps a connection to the guest agent's virtio-serial socket and
 // records its heartbeats. QEMU accepts one client at a time; after an agent
 // restart the new agent simply connects again.
-func (v *vm) watchGuest(ctx context.Context) {
-	// One gate per QEMU process, kept across reconnections: a new process
-	// is the host's doing, so its first boot is reported at once, while
-	// what one guest sends is bounded for as long as it runs.
-	g := newGuestGate(v.agent.limitsForGuest())
-	defer func() {
-		v.mu.Lock()
-		g.closed = true
-		if g.timer != nil {
-			g.timer.Stop()
-		}
-		v.mu.Unlock()
-	}()
+func (v *vm) watchGuest(ctx context.Context, g *guestGate) {
 	var d net.Dialer
 	for ctx.Err() == nil {
 		conn, err := d.DialContext(ctx, "unix", v.machine.AgentSocket())
@@ -349,10 +359,16 @@ func (v *vm) readGuest(conn net.Conn, g *guestGate) {
 			}
 			continue
 		}
-		v.guest = &api.GuestInfo{
+		gi := &api.GuestInfo{
 			BootID: hb.BootID, Seq: hb.Seq, UptimeSeconds: hb.UptimeSeconds, Load1: hb.Load1,
-			MemUsedBytes: hb.MemUsedBytes, LastHeartbeat: now.UTC(),
+			MemUsedBytes: hb.MemUsedBytes, LastHeartbeat: now.UTC(), Agent: agentVigil,
 		}
+		if old := v.guest; old != nil {
+			// What qemu-ga told of this guest stays.
+			gi.OS, gi.Hostname, gi.Addresses = old.OS, old.Hostname, old.Addresses
+		}
+		v.guest = gi
+		v.agentSeen = true
 		report, later := g.boot(now, hb.BootID, hb.Seq)
 		if later > 0 {
 			// A boot change inside the window is reported when it ends,
@@ -403,20 +419,11 @@ func (v *vm) stop(ctx context.Context, force bool, timeout time.Duration) error 
 	v.mu.Unlock()
 
 	if !force {
-		if err := p.Monitor.SystemPowerdown(ctx); err != nil {
-			v.log.Warn("acpi power-down failed; killing", "err", err)
-		} else {
-			t := time.NewTimer(timeout)
-			select {
-			case <-exited:
-				t.Stop()
-				return nil
-			case <-t.C:
-				v.log.Warn("guest did not power off in time; killing", "timeout", timeout)
-			case <-ctx.Done():
-				t.Stop()
-				return fmt.Errorf("stop %s: %w", v.spec.Name, ctx.Err())
-			}
+		if v.powerDown(ctx, p, exited, timeout) {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("stop %s: %w", v.spec.Name, ctx.Err())
 		}
 	}
 	if err := p.Kill(ctx); err != nil {
@@ -428,6 +435,50 @@ func (v *vm) stop(ctx context.Context, force bool, timeout time.Duration) error 
 	case <-ctx.Done():
 		return fmt.Errorf("stop %s: %w", v.spec.Name, ctx.Err())
 	}
+}
+
+// powerDown asks the guest to power off and waits up to timeout for QEMU
+// to exit: an ACPI power button press first and, if the guest ignores it
+// for half the time (no acpid, an installer), qemu-guest-agent's
+// guest-shutdown. It reports whether QEMU exited.
+func (v *vm) powerDown(ctx context.Context, p *qemu.Process, exited <-chan struct{}, timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	wait := func(d time.Duration) bool {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-exited:
+			return true
+		case <-t.C:
+		case <-ctx.Done():
+		}
+		return false
+	}
+	acpi := p.Monitor.SystemPowerdown(ctx)
+	if acpi != nil {
+		v.log.Warn("acpi power-down failed", "err", acpi)
+	} else if wait(timeout / 2) {
+		return true
+	}
+	if ctx.Err() != nil {
+		return false
+	}
+	if cl := v.qgaClient(); cl != nil {
+		v.log.Info("guest ignored the acpi power button; asking qemu-guest-agent to shut it down")
+		sctx, cancel := context.WithDeadline(ctx, deadline)
+		err := cl.Shutdown(sctx, "powerdown")
+		cancel()
+		if err != nil {
+			v.log.Warn("qemu-guest-agent shutdown failed", "err", err)
+		}
+	} else if acpi != nil {
+		return false
+	}
+	if wait(time.Until(deadline)) {
+		return true
+	}
+	v.log.Warn("guest did not power off in time; killing", "timeout", timeout)
+	return false
 }
 
 // detach lets go of the process without touching it (agent shutdown).

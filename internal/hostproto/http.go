@@ -18,7 +18,7 @@ import (
 // The wire: POST /v1/host/ops/{op} with the request as JSON answers 200 and
 // the answer as JSON, or an error status (from the kinds table) and
 // wireError. POST /v1/host/streams/{op} answers 200 and the stream, or an
-// error before the first byte.
+// error before the first byte. Tunnels are in tunnel.go.
 const (
 	opsPath     = "/v1/host/ops/"
 	streamsPath = "/v1/host/streams/"
@@ -44,7 +44,7 @@ func Serve(h Handler, log *slog.Logger) http.Handler {
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+opsPath+"{op}", func(w http.ResponseWriter, r *http.Request) {
-		e, req, ok := decodeRequest(w, r, false)
+		e, req, ok := decodeRequest(w, r, kindCall)
 		if !ok {
 			return
 		}
@@ -67,7 +67,7 @@ func Serve(h Handler, log *slog.Logger) http.Handler {
 		writeError(w, err)
 	})
 	mux.HandleFunc("POST "+streamsPath+"{op}", func(w http.ResponseWriter, r *http.Request) {
-		e, req, ok := decodeRequest(w, r, true)
+		e, req, ok := decodeRequest(w, r, kindStream)
 		if !ok {
 			return
 		}
@@ -77,16 +77,19 @@ func Serve(h Handler, log *slog.Logger) http.Handler {
 			writeError(w, err)
 		}
 	})
+	mux.HandleFunc("POST "+tunnelsPath+"{op}", func(w http.ResponseWriter, r *http.Request) {
+		serveTunnel(h, w, r)
+	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, fmt.Errorf("%w: no such host endpoint %s %s", ErrInvalid, r.Method, r.URL.Path))
 	})
 	return mux
 }
 
-func decodeRequest(w http.ResponseWriter, r *http.Request, stream bool) (*entry, any, bool) {
+func decodeRequest(w http.ResponseWriter, r *http.Request, kind opKind) (*entry, any, bool) {
 	name := r.PathValue("op")
 	e, ok := registry[name]
-	if !ok || e.stream != stream {
+	if !ok || e.kind() != kind {
 		writeError(w, fmt.Errorf("%w: unknown host operation %q (the manager and this host agent may be of different versions)", ErrInvalid, name))
 		return nil, nil, false
 	}
@@ -142,7 +145,7 @@ func NewClient(base string, hc *http.Client, auth func(*http.Request)) *Client {
 
 // Call runs op on the host; see Conn.
 func (c *Client) Call(ctx context.Context, op string, req, resp any) error {
-	resp2, err := c.post(ctx, opsPath+url.PathEscape(op), req)
+	resp2, err := c.do(ctx, opsPath+url.PathEscape(op), req, nil)
 	if err != nil {
 		return err
 	}
@@ -159,7 +162,7 @@ func (c *Client) Call(ctx context.Context, op string, req, resp any) error {
 // Stream runs a stream op on the host and copies its output to w until the
 // stream or ctx ends.
 func (c *Client) Stream(ctx context.Context, op string, req any, w io.Writer) error {
-	resp, err := c.post(ctx, streamsPath+url.PathEscape(op), req)
+	resp, err := c.do(ctx, streamsPath+url.PathEscape(op), req, nil)
 	if err != nil {
 		return err
 	}
@@ -171,7 +174,9 @@ func (c *Client) Stream(ctx context.Context, op string, req any, w io.Writer) er
 	return err
 }
 
-func (c *Client) post(ctx context.Context, path string, body any) (*http.Response, error) {
+// do posts body to path (edit, if set, adjusts the request) and returns a
+// 200 or 101 answer, or the host's error.
+func (c *Client) do(ctx context.Context, path string, body any, edit func(*http.Request)) (*http.Response, error) {
 	b, err := json.Marshal(body)
 	if err != nil {
 		return nil, fmt.Errorf("%w: encode request: %v", ErrInvalid, err)
@@ -187,6 +192,9 @@ func (c *Client) post(ctx context.Context, path string, body any) (*http.Respons
 	if c.auth != nil {
 		c.auth(req)
 	}
+	if edit != nil {
+		edit(req)
+	}
 	resp, err := c.http.Do(req)
 	if err != nil {
 		if ctx.Err() != nil {
@@ -194,7 +202,7 @@ func (c *Client) post(ctx context.Context, path string, body any) (*http.Respons
 		}
 		return nil, fmt.Errorf("%w: %v", ErrUnreachable, err)
 	}
-	if resp.StatusCode == http.StatusOK {
+	if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusSwitchingProtocols {
 		return resp, nil
 	}
 	defer resp.Body.Close()

@@ -36,6 +36,8 @@ type Handler interface {
 	SnapshotSpace(context.Context, VMRef) (Space, error)
 	Exec(context.Context, ExecRequest) (api.ExecResult, error)
 	SetHealth(context.Context, HealthRequest) (None, error)
+	Configure(context.Context, ConfigureRequest) (None, error)
+	Screenshot(context.Context, VMRef) (ScreenshotResult, error)
 	Fault(context.Context, FaultRequest) (None, error)
 	MigrateIn(context.Context, MigrateInRequest) (MigrateInResult, error)
 	MigrateOut(context.Context, MigrateOutRequest) (Migration, error)
@@ -44,6 +46,8 @@ type Handler interface {
 	// Console writes the VM's serial console to w; with Follow it goes on
 	// until ctx ends.
 	Console(context.Context, ConsoleRequest, io.Writer) error
+	// VNC connects to the VM's VNC server (a unix socket on the host).
+	VNC(context.Context, VMRef) (io.ReadWriteCloser, error)
 }
 
 // The operations. The time limit applies when the caller's context has no
@@ -67,12 +71,15 @@ var (
 	SnapshotSpace  = declare("snapshot-space", Handler.SnapshotSpace, 30*time.Second)
 	Exec           = declare("exec", Handler.Exec, time.Hour+time.Minute)
 	SetHealth      = declare("set-health", Handler.SetHealth, 10*time.Second)
+	Configure      = declare("configure", Handler.Configure, time.Minute)
+	Screenshot     = declare("screenshot", Handler.Screenshot, 30*time.Second)
 	Fault          = declare("fault", Handler.Fault, 30*time.Second)
 	MigrateIn      = declare("migrate-in", Handler.MigrateIn, time.Minute)
 	MigrateOut     = declare("migrate-out", Handler.MigrateOut, 10*time.Minute)
 	MigrateFinish  = declare("migrate-finish", Handler.MigrateFinish, time.Minute)
 	MigrateAbort   = declare("migrate-abort", Handler.MigrateAbort, time.Minute)
 	Console        = declareStream("console", Handler.Console)
+	VNC            = declareTunnel("vnc", Handler.VNC)
 )
 
 // None is the request or answer of an operation that has none.
@@ -163,6 +170,20 @@ type MigrateOutRequest struct {
 	Port int    `json:"port"`
 }
 
+// ConfigureRequest changes what a VM's next boot gets: a new cloud-init
+// configuration (with a new instance id), or an empty CD-ROM drive
+// (Eject, at once when the VM runs).
+type ConfigureRequest struct {
+	VM        string     `json:"vm"`
+	CloudInit *CloudInit `json:"cloud_init,omitempty"`
+	Eject     bool       `json:"eject,omitempty"`
+}
+
+// ScreenshotResult is a PNG of a VM's display.
+type ScreenshotResult struct {
+	PNG []byte `json:"png"`
+}
+
 // ConsoleRequest asks for a VM's serial console.
 type ConsoleRequest struct {
 	VM     string `json:"vm"`
@@ -179,6 +200,7 @@ func (r HealthRequest) VMName() string     { return r.VM }
 func (r FaultRequest) VMName() string      { return r.VM }
 func (r MigrateOutRequest) VMName() string { return r.VM }
 func (r ConsoleRequest) VMName() string    { return r.VM }
+func (r ConfigureRequest) VMName() string  { return r.VM }
 func (s VMSpec) VMName() string            { return s.Name }
 func (r MigrateInRequest) VMName() string  { return r.Spec.Name }
 func (r CreateRequest) VMName() string     { return r.Spec.Name }
@@ -188,6 +210,7 @@ func (r CreateRequest) VMName() string     { return r.Spec.Name }
 type Conn interface {
 	Call(ctx context.Context, op string, req, resp any) error
 	Stream(ctx context.Context, op string, req any, w io.Writer) error
+	Tunnel(ctx context.Context, op string, req any) (io.ReadWriteCloser, error)
 }
 
 // Op is a declared host operation with request Req and answer Resp.
@@ -226,6 +249,7 @@ type entry struct {
 	name    string
 	timeout time.Duration
 	stream  bool
+	tunnel  bool
 	reqType string
 	// decode reads a request from JSON (unknown fields refused).
 	decode func([]byte) (any, error)
@@ -236,6 +260,27 @@ type entry struct {
 	assign func(dst, v any) error
 	// serveStream runs a stream operation.
 	serveStream func(ctx context.Context, h Handler, req any, w io.Writer) error
+	// serveTunnel opens a tunnel.
+	serveTunnel func(ctx context.Context, h Handler, req any) (io.ReadWriteCloser, error)
+}
+
+// The kinds of operation, each with its own path on the wire.
+type opKind int
+
+const (
+	kindCall opKind = iota
+	kindStream
+	kindTunnel
+)
+
+func (e *entry) kind() opKind {
+	switch {
+	case e.stream:
+		return kindStream
+	case e.tunnel:
+		return kindTunnel
+	}
+	return kindCall
 }
 
 var registry = map[string]*entry{}
@@ -329,7 +374,7 @@ type local struct{ h Handler }
 
 func (l local) Call(ctx context.Context, op string, req, resp any) error {
 	e, ok := registry[op]
-	if !ok || e.stream {
+	if !ok || e.kind() != kindCall {
 		return fmt.Errorf("%w: unknown host operation %q", ErrInvalid, op)
 	}
 	timeout := e.timeout
@@ -350,7 +395,7 @@ func (l local) Call(ctx context.Context, op string, req, resp any) error {
 
 func (l local) Stream(ctx context.Context, op string, req any, w io.Writer) error {
 	e, ok := registry[op]
-	if !ok || !e.stream {
+	if !ok || e.kind() != kindStream {
 		return fmt.Errorf("%w: unknown host stream %q", ErrInvalid, op)
 	}
 	return e.serveStream(ctx, l.h, req, w)

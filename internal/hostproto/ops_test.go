@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"reflect"
@@ -121,17 +122,38 @@ func (r *recorder) Console(_ context.Context, q ConsoleRequest, w io.Writer) err
 	return err
 }
 
+func (r *recorder) Configure(_ context.Context, q ConfigureRequest) (None, error) {
+	return answer[None](r, "Configure", q)
+}
+func (r *recorder) Screenshot(_ context.Context, q VMRef) (ScreenshotResult, error) {
+	return answer[ScreenshotResult](r, "Screenshot", q)
+}
+
+// VNC answers with an echo: what the caller writes comes back.
+func (r *recorder) VNC(_ context.Context, q VMRef) (io.ReadWriteCloser, error) {
+	if _, err := answer[None](r, "VNC", q); err != nil {
+		return nil, err
+	}
+	a, b := net.Pipe()
+	go func() { io.Copy(b, b); b.Close() }()
+	return a, nil
+}
+
 var _ Handler = (*recorder)(nil)
 
-// kebab turns a method name into its wire name: SnapshotCreate → snapshot-create.
+// kebab turns a method name into its wire name: SnapshotCreate →
+// snapshot-create, VNC → vnc.
 func kebab(s string) string {
 	var b strings.Builder
-	for i, r := range s {
+	prev := rune(0)
+	for _, r := range s {
 		if unicode.IsUpper(r) {
-			if i > 0 {
+			if unicode.IsLower(prev) {
 				b.WriteByte('-')
 			}
-			r = unicode.ToLower(r)
+			prev, r = r, unicode.ToLower(r)
+		} else {
+			prev = r
 		}
 		b.WriteRune(r)
 	}
@@ -158,6 +180,9 @@ func TestEveryMethodIsDeclared(t *testing.T) {
 		}
 		if e.stream != (m.Type.NumIn() == 3) {
 			t.Errorf("operation %q: stream %v, but Handler.%s has %d arguments", name, e.stream, m.Name, m.Type.NumIn())
+		}
+		if isTunnel := m.Type.Out(0) == reflect.TypeFor[io.ReadWriteCloser](); e.tunnel != isTunnel {
+			t.Errorf("operation %q: tunnel %v, but Handler.%s answers %s", name, e.tunnel, m.Name, m.Type.Out(0))
 		}
 	}
 	for _, name := range Ops() {
@@ -234,7 +259,20 @@ func TestEveryOpRoundTrips(t *testing.T) {
 			t.Run(name+"/"+cname, func(t *testing.T) {
 				var got reflect.Value
 				var err error
-				if m.Type.NumIn() == 3 {
+				if m.Type.NumOut() == 2 && m.Type.Out(0) == reflect.TypeFor[io.ReadWriteCloser]() {
+					var conn io.ReadWriteCloser
+					conn, err = c.Tunnel(context.Background(), name, req.Interface())
+					if err == nil {
+						echoed := make([]byte, 4)
+						if _, werr := conn.Write([]byte("ping")); werr != nil {
+							t.Fatalf("write to the tunnel: %v", werr)
+						}
+						if _, rerr := io.ReadFull(conn, echoed); rerr != nil || string(echoed) != "ping" {
+							t.Fatalf("tunnel echoed %q, %v; want \"ping\"", echoed, rerr)
+						}
+						conn.Close()
+					}
+				} else if m.Type.NumIn() == 3 {
 					var sb strings.Builder
 					err = c.Stream(context.Background(), name, req.Interface(), &sb)
 					got = reflect.ValueOf(sb.String())
@@ -375,7 +413,7 @@ func FuzzServeRequest(f *testing.F) {
 	rec := &recorder{answers: map[string]any{}}
 	h := Serve(rec, nil)
 	f.Fuzz(func(t *testing.T, op string, body []byte) {
-		for _, base := range []string{opsPath, streamsPath} {
+		for _, base := range []string{opsPath, streamsPath, tunnelsPath} {
 			req := httptest.NewRequest(http.MethodPost, "http://h"+base+"x", strings.NewReader(string(body)))
 			req.URL.Path = base + op
 			req.SetPathValue("op", op)
@@ -430,4 +468,29 @@ func mustJSON(t *testing.T, v any) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// TestTunnelRefusals: a tunnel needs the upgrade headers, and a host's
+// refusal reaches the caller with its kind before any byte is tunnelled.
+func TestTunnelRefusals(t *testing.T) {
+	rec := &recorder{answers: map[string]any{}}
+	srv := httptest.NewServer(Serve(rec, nil))
+	defer srv.Close()
+	resp, err := srv.Client().Post(srv.URL+tunnelsPath+"vnc", "application/json", strings.NewReader(`{"vm":"a"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Fatalf("a tunnel without Upgrade answered %s, want 400", resp.Status)
+	}
+	rec.err = fmt.Errorf("vnc of a: %w", ErrUnknownVM)
+	for cname, c := range map[string]Conn{"http": NewClient(srv.URL, srv.Client(), nil), "local": Local(rec)} {
+		if _, err := VNC.Open(context.Background(), c, VMRef{VM: "a"}); !errors.Is(err, ErrUnknownVM) {
+			t.Fatalf("%s: tunnel to an unknown vm: %v, want ErrUnknownVM", cname, err)
+		}
+		if _, err := c.Tunnel(context.Background(), "start", VMRef{VM: "a"}); KindOf(err) != "invalid" {
+			t.Fatalf("%s: start as a tunnel: %v, want an invalid request", cname, err)
+		}
+	}
 }

@@ -28,6 +28,39 @@ type VMSpec struct {
 	// Epoch grows each time the VM is given to another host. A host starts
 	// QEMU only while the pool's owner file names it with this epoch.
 	Epoch int64 `json:"epoch,omitempty"`
+	// Image, if set, is the OS image the disk is an overlay on; ISO, an
+	// installer attached as a CD-ROM. Neither: the built-in guest, booted
+	// directly from its kernel.
+	Image *ImageRef `json:"image,omitempty"`
+	ISO   *ImageRef `json:"iso,omitempty"`
+	// Firmware is bios (or empty) or uefi.
+	Firmware string `json:"firmware,omitempty"`
+	// Ejected: the ISO's CD-ROM is empty (the installed system boots from
+	// its disk).
+	Ejected bool `json:"ejected,omitempty"`
+	// CloudInit, if set, is served to the guest as a NoCloud volume.
+	CloudInit *CloudInit `json:"cloud_init,omitempty"`
+	// QGAPort gives the VM the port of qemu-guest-agent (every VM made
+	// since Vigil knows it; older VMs keep their hardware, so that their
+	// saved states still load).
+	QGAPort bool `json:"qga_port,omitempty"`
+}
+
+// ImageRef names an image blob by its content.
+type ImageRef struct {
+	Name   string `json:"name"`
+	Digest string `json:"digest"` // sha256:HEX
+	Format string `json:"format"` // qcow2, raw or iso
+	Size   int64  `json:"size"`   // the file's
+}
+
+// CloudInit is what a VM's NoCloud volume says.
+type CloudInit struct {
+	// InstanceID is stable for the VM's life; a new one makes cloud-init
+	// run its once-per-instance modules again (new user-data).
+	InstanceID    string `json:"instance_id"`
+	UserData      string `json:"user_data,omitempty"`
+	NetworkConfig string `json:"network_config,omitempty"`
 }
 
 // VMStatus is what a host knows about one of its VMs right now.
@@ -128,6 +161,11 @@ type SaveResult struct {
 	Duration time.Duration `json:"duration"`
 	// Paused is how long the guest's CPUs were stopped by the operation.
 	Paused time.Duration `json:"paused"`
+	// Quiesced: a disk snapshot taken with the guest's file systems
+	// frozen (for Frozen); Note says how consistent it is and why.
+	Quiesced bool          `json:"quiesced,omitempty"`
+	Frozen   time.Duration `json:"frozen,omitempty"`
+	Note     string        `json:"note,omitempty"`
 }
 
 // Migration describes a finished live migration, as QEMU measured it.

@@ -122,6 +122,23 @@ func (s *Store) Add(r io.Reader, digest string, max int64) error {
 	return s.place(tmp, digest)
 }
 
+// LinkFrom places the blob of digest held by other, a store on the same
+// file system, as a hard link: blobs are read-only and never change, so
+// the two stores can share it (the dev agent's manager and host do). It
+// fails, changing nothing, when the stores are on different file systems.
+func (s *Store) LinkFrom(other *Store, digest string) error {
+	if !ValidDigest(digest) {
+		return fmt.Errorf("%w: %q is not a sha256 digest", ErrDigest, digest)
+	}
+	if s.Has(digest) {
+		return nil
+	}
+	if err := os.Link(other.Path(digest), s.Path(digest)); err != nil && !errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("link image: %w", err)
+	}
+	return nil
+}
+
 // receive writes r to a temporary file in the store, hashing it.
 func (s *Store) receive(r io.Reader, max int64) (string, string, int64, error) {
 	var suffix [8]byte

@@ -138,3 +138,38 @@ func TestAddChecksTheDigest(t *testing.T) {
 		t.Fatalf("%d files, want the blob only", len(left))
 	}
 }
+
+// TestLinkFrom: a blob goes to a second store as a hard link, once.
+func TestLinkFrom(t *testing.T) {
+	a, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := []byte("blob")
+	sum := sha256.Sum256(data)
+	d := "sha256:" + hex.EncodeToString(sum[:])
+	if err := a.Add(bytes.NewReader(data), d, 100); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.LinkFrom(a, "sha256:nope"); err == nil {
+		t.Fatal("linked a bad digest")
+	}
+	for range 2 {
+		if err := b.LinkFrom(a, d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sa, _ := os.Stat(a.Path(d))
+	sb, _ := os.Stat(b.Path(d))
+	if !os.SameFile(sa, sb) {
+		t.Fatal("the blob was not linked")
+	}
+	missing := "sha256:" + strings.Repeat("0", 64)
+	if err := b.LinkFrom(a, missing); err == nil || b.Has(missing) {
+		t.Fatalf("linked a blob the other store lacks: %v", err)
+	}
+}

@@ -19,6 +19,7 @@ import (
 	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/internal/events"
 	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/imagestore"
 	"github.com/vigil-project/vigil/internal/pki"
 	"github.com/vigil-project/vigil/internal/remotehost"
 	"github.com/vigil-project/vigil/internal/store"
@@ -232,6 +233,34 @@ func (h *fakeHost) Exec(_ context.Context, r hostproto.ExecRequest) (api.ExecRes
 func (h *fakeHost) SetHealth(_ context.Context, r hostproto.HealthRequest) (hostproto.None, error) {
 	return hostproto.None{}, h.record("sethealth", r.VM)
 }
+func (h *fakeHost) Configure(_ context.Context, r hostproto.ConfigureRequest) (hostproto.None, error) {
+	what := r.VM
+	if r.Eject {
+		what += "/eject"
+	}
+	if r.CloudInit != nil {
+		what += "/cloud-init"
+	}
+	return hostproto.None{}, h.record("configure", what)
+}
+
+// fakePNG is what the fake host's screen shows.
+var fakePNG = []byte("\x89PNG\r\n\x1a\nfake screen")
+
+func (h *fakeHost) Screenshot(_ context.Context, r hostproto.VMRef) (hostproto.ScreenshotResult, error) {
+	return hostproto.ScreenshotResult{PNG: fakePNG}, h.record("screenshot", r.VM)
+}
+
+// VNC answers with an echo: what the client writes comes back.
+func (h *fakeHost) VNC(_ context.Context, r hostproto.VMRef) (io.ReadWriteCloser, error) {
+	if err := h.record("vnc", r.VM); err != nil {
+		return nil, err
+	}
+	a, b := net.Pipe()
+	go func() { io.Copy(b, b); b.Close() }()
+	return a, nil
+}
+
 func (h *fakeHost) Fault(_ context.Context, r hostproto.FaultRequest) (hostproto.None, error) {
 	return hostproto.None{}, h.record("fault", r.VM+"/"+r.Kind)
 }
@@ -360,9 +389,13 @@ func newTestManager(t testing.TB) (*Manager, *fakeHost) {
 	t.Cleanup(e.Close)
 	h := newFakeHost()
 	id := testIdentity(t)
+	imgs, err := imagestore.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
 	m := New(Config{
 		Store: store.New(e.Client(), "/test/"), Host: asHost(t, id, h), Events: events.New(1000), Identity: id,
-		Limits: Limits{MaxMemoryBytes: 4 << 30, MaxCPUs: 8},
+		Limits: Limits{MaxMemoryBytes: 4 << 30, MaxCPUs: 8}, Images: imgs,
 	})
 	m.SetLeader(true)
 	ctx, cancel := context.WithCancel(context.Background())

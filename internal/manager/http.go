@@ -34,7 +34,11 @@ func (m *Manager) Handler() http.Handler {
 	user("GET /v1/vms/{name}", RoleViewer, false, m.handleGet)
 	user("DELETE /v1/vms/{name}", RoleOperator, true, m.handleDelete)
 	user("PUT /v1/vms/{name}/state", RoleOperator, true, m.handleState)
+	user("PATCH /v1/vms/{name}", RoleOperator, true, m.handleReconfigure)
 	user("GET /v1/vms/{name}/console", RoleOperator, false, m.handleConsole)
+	user("GET /v1/vms/{name}/screenshot", RoleOperator, false, m.handleScreenshot)
+	// Audited by the handler when the tunnel opens, not when it ends.
+	user("GET /v1/vms/{name}/vnc", RoleOperator, false, m.handleVNC)
 	user("POST /v1/vms/{name}/exec", RoleOperator, true, m.handleExec)
 	user("GET /v1/vms/{name}/incidents", RoleViewer, false, m.handleIncidents)
 	user("POST /v1/vms/{name}/fault", RoleOperator, true, m.handleFault)
@@ -52,6 +56,10 @@ func (m *Manager) Handler() http.Handler {
 	user("POST /v1/hosts/join-tokens", RoleAdmin, true, m.handleJoinToken)
 	user("POST /v1/hosts/{name}/drain", RoleOperator, true, m.handleDrain)
 	user("POST /v1/hosts/{name}/enable", RoleOperator, true, m.handleEnable)
+	user("PUT /v1/images/{name}", RoleOperator, true, m.handleImageImport)
+	user("GET /v1/images", RoleViewer, false, m.handleImageList)
+	user("DELETE /v1/images/{name}", RoleOperator, true, m.handleImageDelete)
+	mux.Handle("GET /v1/images/blobs/{digest}", m.nodeRoute(m.handleBlob))
 	user("POST /v1/tokens", RoleAdmin, true, m.handleTokenCreate)
 	user("GET /v1/tokens", RoleAdmin, false, m.handleTokenList)
 	user("DELETE /v1/tokens/{name}", RoleAdmin, true, m.handleTokenRevoke)
@@ -125,6 +133,22 @@ func (m *Manager) hostRoute(named, audited bool, h http.HandlerFunc) http.Handle
 			}
 			h(w, r)
 		})
+	})
+}
+
+// nodeRoute needs a certificate of the cluster, a host's or a manager's
+// (image blobs go to both).
+func (m *Manager) nodeRoute(h http.HandlerFunc) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		role, name, ok := pki.Peer(r.TLS)
+		if !ok || (role != pki.RoleHost && role != pki.RoleManager) {
+			m.audited(w, r, func(w http.ResponseWriter, r *http.Request) {
+				writeError(w, m.log, errorf(ErrUnauthorized, "this endpoint is for the cluster's hosts and managers"))
+			})
+			return
+		}
+		r = r.WithContext(context.WithValue(r.Context(), callerKey{}, caller{Kind: strings.TrimPrefix(role, "vigil-"), Name: name, Role: role}))
+		h(w, r)
 	})
 }
 

@@ -16,8 +16,10 @@ import (
 	"time"
 
 	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/cloudinit"
 	"github.com/vigil-project/vigil/internal/events"
 	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/imagestore"
 	"github.com/vigil-project/vigil/internal/pki"
 	"github.com/vigil-project/vigil/internal/store"
 	"github.com/vigil-project/vigil/internal/workqueue"
@@ -94,6 +96,10 @@ type Manager struct {
 	certTTL  time.Duration
 	tokens   *tokenCache
 	auditQ   chan api.AuditEntry
+	// images is this manager's blob store (nil: no images); url is where
+	// the other managers reach its API.
+	images *imagestore.Store
+	url    string
 
 	name        string
 	leader      atomic.Bool
@@ -134,6 +140,10 @@ type Config struct {
 	// CertTTL is the life of the host certificates this manager issues
 	// (default pki.DefaultTTL).
 	CertTTL time.Duration
+	// Images is where this manager keeps image blobs (nil: none).
+	Images *imagestore.Store
+	// URL is where the other managers reach this one's API.
+	URL string
 }
 
 // New returns a Manager. Run (and, while leading, Lead) make it work.
@@ -164,6 +174,8 @@ func New(cfg Config) *Manager {
 		certTTL:    cfg.CertTTL,
 		tokens:     &tokenCache{byID: map[string]tokenRecord{}},
 		auditQ:     make(chan api.AuditEntry, 4096),
+		images:     cfg.Images,
+		url:        cfg.URL,
 	}
 	if m.certTTL == 0 {
 		m.certTTL = pki.DefaultTTL
@@ -211,6 +223,7 @@ func (m *Manager) Run(ctx context.Context) {
 	run(m.janitor)
 	run(m.watchTokens)
 	run(m.auditWriter)
+	run(m.syncImages)
 	if m.identity != nil {
 		run(func(ctx context.Context) { m.identity.KeepRenewed(ctx, m.log) })
 	}
@@ -374,13 +387,59 @@ func (m *Manager) define(ctx context.Context, req api.VMCreateRequest, policy ap
 		}
 	}
 	now := time.Now().UTC()
+	spec := hostproto.VMSpec{Name: req.Name, UUID: newUUID(), MemoryBytes: req.MemoryBytes, CPUs: req.CPUs,
+		DiskBytes: req.DiskBytes, HangTimeoutSeconds: policy.HangTimeoutSeconds, MinUptimeSeconds: policy.MinUptimeSeconds,
+		Pool: pool, Epoch: 1, QGAPort: true, Firmware: req.Firmware}
+	if err := m.specFromImages(ctx, req, &spec); err != nil {
+		return nil, err
+	}
 	r := record{
-		Spec: hostproto.VMSpec{Name: req.Name, UUID: newUUID(), MemoryBytes: req.MemoryBytes, CPUs: req.CPUs,
-			DiskBytes: req.DiskBytes, HangTimeoutSeconds: policy.HangTimeoutSeconds, MinUptimeSeconds: policy.MinUptimeSeconds,
-			Pool: pool, Epoch: 1},
+		Spec: spec,
 		Host: hostName, Desired: desiredStopped, State: api.StateCreating, CreatedAt: now, UpdatedAt: now, Policy: policy,
 	}
 	return m.beginNew(ctx, r, opCreate)
+}
+
+// specFromImages fills what a VM made from an image or an ISO needs: the
+// image's blob, the disk's size, cloud-init's volume.
+func (m *Manager) specFromImages(ctx context.Context, req api.VMCreateRequest, spec *hostproto.VMSpec) error {
+	switch {
+	case req.Image != "":
+		ref, vsize, err := m.resolveImage(ctx, req.Image, false)
+		if err != nil {
+			return err
+		}
+		if spec.DiskBytes == 0 {
+			spec.DiskBytes = vsize
+		}
+		if spec.DiskBytes < vsize {
+			return errorf(ErrInvalid, "disk %s is smaller than image %s (%s): give --disk %s or more", size(spec.DiskBytes), req.Image, size(vsize), size(vsize))
+		}
+		spec.Image = ref
+		userData := []byte(req.UserData)
+		if len(req.SSHKeys) > 0 {
+			b, err := cloudinit.UserDataForSSHKeys(req.SSHKeys)
+			if err != nil {
+				return wrapf(ErrInvalid, err, "--ssh-key")
+			}
+			userData = b
+		}
+		if len(userData) > 0 {
+			if err := cloudinit.ValidateUserData(userData); err != nil {
+				return wrapf(ErrInvalid, err, "user-data")
+			}
+		}
+		// The instance id is the VM's UUID: stable for its life, so
+		// cloud-init runs its once-per-instance steps once.
+		spec.CloudInit = &hostproto.CloudInit{InstanceID: spec.UUID, UserData: string(userData)}
+	case req.ISO != "":
+		ref, _, err := m.resolveImage(ctx, req.ISO, true)
+		if err != nil {
+			return err
+		}
+		spec.ISO = ref
+	}
+	return nil
 }
 
 // Get reports one VM.
@@ -485,7 +544,13 @@ func (m *Manager) view(r record) api.VM {
 		Name: r.Spec.Name, State: r.State, Host: r.Host, MemoryBytes: r.Spec.MemoryBytes, CPUs: r.Spec.CPUs,
 		DiskBytes: r.Spec.DiskBytes, Endpoint: fmt.Sprintf("127.0.0.1:%d", r.Spec.HostPort),
 		CreatedAt: r.CreatedAt, Message: r.Message, CurrentSnapshot: r.CurrentSnapshot, LastOperation: r.LastOperation,
-		Policy: withDefaults(r.Policy), Condition: r.Condition, StoragePool: r.Spec.Pool,
+		Policy: withDefaults(r.Policy), Condition: r.Condition, StoragePool: r.Spec.Pool, Firmware: r.Spec.Firmware,
+	}
+	if r.Spec.Image != nil {
+		v.Image = r.Spec.Image.Name
+	}
+	if r.Spec.ISO != nil {
+		v.ISO = r.Spec.ISO.Name
 	}
 	if st.Running {
 		v.PID = st.PID

@@ -49,6 +49,9 @@ func (l localHost) Call(ctx context.Context, op string, req, resp any) error {
 func (l localHost) Stream(ctx context.Context, op string, req any, w io.Writer) error {
 	return l.conn.Stream(ctx, op, req, w)
 }
+func (l localHost) Tunnel(ctx context.Context, op string, req any) (io.ReadWriteCloser, error) {
+	return l.conn.Tunnel(ctx, op, req)
+}
 func (l localHost) Info() api.Host {
 	info, err := hostproto.Info.Call(context.Background(), l.conn, hostproto.None{})
 	if err != nil {
@@ -222,6 +225,9 @@ func (h missingHost) Info() api.Host {
 func (h missingHost) Call(context.Context, string, any, any) error { return h.err() }
 func (h missingHost) Stream(context.Context, string, any, io.Writer) error {
 	return h.err()
+}
+func (h missingHost) Tunnel(context.Context, string, any) (io.ReadWriteCloser, error) {
+	return nil, h.err()
 }
 func (h missingHost) Status(string) (hostproto.VMStatus, bool) { return hostproto.VMStatus{}, false }
 func (h missingHost) HeardAt() time.Time                       { return time.Time{} }

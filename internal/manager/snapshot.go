@@ -24,6 +24,9 @@ type snapshotRecord struct {
 	VMState        api.VMState      `json:"vm_state"`
 	Spec           hostproto.VMSpec `json:"spec"` // the hardware settings at that moment
 	Operation      *api.Operation   `json:"operation,omitempty"`
+	// Quiesced: the disk was taken with the guest's file systems frozen
+	// (a stopped VM's disk is as consistent).
+	Quiesced bool `json:"quiesced,omitempty"`
 }
 
 func snapKey(vm, snap string) string { return "snapshots/" + vm + "/" + snap }
@@ -123,7 +126,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, vm string, req api.Snapsho
 			}},
 		{name: "record",
 			do: func(ctx context.Context) error {
-				s.Operation = operation("snapshot", res)
+				s.Operation, s.Quiesced = operation("snapshot", res), res.Quiesced
 				_, err := m.store.Update(ctx, snapKey(vm, req.Name), rev, s)
 				return err
 			}},
@@ -140,8 +143,15 @@ func (m *Manager) CreateSnapshot(ctx context.Context, vm string, req api.Snapsho
 }
 
 func (s snapshotRecord) view(current string, space map[string]int64) api.Snapshot {
+	consistency := "crash"
+	switch {
+	case s.IncludesMemory:
+		consistency = "memory"
+	case s.Quiesced || s.VMState == api.StateStopped:
+		consistency = "application"
+	}
 	return api.Snapshot{Name: s.Name, Parent: s.Parent, Created: s.Created, IncludesMemory: s.IncludesMemory,
-		SizeBytes: space[s.Name], Current: s.Name == current, VMState: s.VMState,
+		Consistency: consistency, SizeBytes: space[s.Name], Current: s.Name == current, VMState: s.VMState,
 		MemoryBytes: s.Spec.MemoryBytes, CPUs: s.Spec.CPUs, Operation: s.Operation}
 }
 

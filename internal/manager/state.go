@@ -11,7 +11,8 @@ import (
 )
 
 func operation(action string, res hostproto.SaveResult) *api.Operation {
-	return &api.Operation{Action: action, DurationMS: ms(res.Duration), PausedMS: ms(res.Paused), Bytes: res.Bytes}
+	return &api.Operation{Action: action, DurationMS: ms(res.Duration), PausedMS: ms(res.Paused), FrozenMS: ms(res.Frozen),
+		Bytes: res.Bytes, Note: res.Note}
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -42,10 +42,20 @@ func validateCreate(r api.VMCreateRequest, lim Limits) error {
 		return errorf(ErrInvalid, "%d cpus: give at least 1 (e.g. --cpus 1)", r.CPUs)
 	case lim.MaxCPUs > 0 && r.CPUs > lim.MaxCPUs:
 		return errorf(ErrInvalid, "%d cpus is more than allowed on this host (%d): ask for fewer", r.CPUs, lim.MaxCPUs)
-	case r.DiskBytes < minDisk:
+	case r.DiskBytes < minDisk && !(r.Image != "" && r.DiskBytes == 0):
 		return errorf(ErrInvalid, "disk %s is too small: give at least %s (e.g. --disk 256M)", size(r.DiskBytes), size(minDisk))
 	case r.DiskBytes > maxDisk:
 		return errorf(ErrInvalid, "disk %s is larger than the %s limit", size(r.DiskBytes), size(maxDisk))
+	case r.Image != "" && r.ISO != "":
+		return errorf(ErrInvalid, "give --image (a disk image to run) or --iso (an installer), not both")
+	case r.Firmware != "" && r.Firmware != "bios" && r.Firmware != "uefi":
+		return errorf(ErrInvalid, "unknown firmware %q: use bios or uefi", r.Firmware)
+	case r.Image == "" && r.ISO == "" && r.Firmware == "uefi":
+		return errorf(ErrInvalid, "the built-in guest boots its kernel directly: --firmware goes with --image or --iso")
+	case r.Image == "" && (r.UserData != "" || len(r.SSHKeys) > 0):
+		return errorf(ErrInvalid, "user-data and ssh keys are for cloud-init in a VM from an --image")
+	case r.UserData != "" && len(r.SSHKeys) > 0:
+		return errorf(ErrInvalid, "give --user-data or --ssh-key, not both (put the keys in your user-data)")
 	}
 	return nil
 }

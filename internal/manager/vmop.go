@@ -24,24 +24,25 @@ import (
 
 // Kinds of operations, as recorded in a VM's intent.
 const (
-	opCreate   = "create"
-	opStart    = "start"
-	opStop     = "stop"
-	opRestart  = "restart"
-	opDelete   = "delete"
-	opPause    = "pause"
-	opResume   = "resume"
-	opSuspend  = "suspend"
-	opSnapshot = "snapshot"
-	opRevert   = "revert"
-	opSnapDel  = "snapshot-delete"
-	opMigrate  = "migrate"
-	opMove     = "move" // a cold move (attach elsewhere)
-	opPolicy   = "policy"
-	opRecover  = "recover"   // crash recovery (an incident, a restart)
-	opFailover = "failover"  // moving off a dead host, starting there
-	opSettle   = "reconcile" // the reconciler bringing the record in line
-	opEvent    = "event"     // recording what a host reported
+	opCreate    = "create"
+	opStart     = "start"
+	opStop      = "stop"
+	opRestart   = "restart"
+	opDelete    = "delete"
+	opPause     = "pause"
+	opResume    = "resume"
+	opSuspend   = "suspend"
+	opSnapshot  = "snapshot"
+	opRevert    = "revert"
+	opSnapDel   = "snapshot-delete"
+	opMigrate   = "migrate"
+	opMove      = "move" // a cold move (attach elsewhere)
+	opPolicy    = "policy"
+	opConfigure = "configure"
+	opRecover   = "recover"   // crash recovery (an incident, a restart)
+	opFailover  = "failover"  // moving off a dead host, starting there
+	opSettle    = "reconcile" // the reconciler bringing the record in line
+	opEvent     = "event"     // recording what a host reported
 )
 
 // opIntent is an operation in progress, kept in the VM's record while it

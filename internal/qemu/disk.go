@@ -39,3 +39,21 @@ func DiskSnapshot(ctx context.Context, path, op, name string) error {
 	}
 	return nil
 }
+
+// CreateOverlay makes a qcow2 at path whose backing file is backing (a
+// path relative to path's directory, of format fmt), of size bytes (0: the
+// backing file's size). Writes go to the overlay; the backing file is only
+// read, and shared by every VM made from it.
+func CreateOverlay(ctx context.Context, path, backing, format string, size int64) error {
+	args := []string{"create", "-q", "-f", "qcow2", "-b", backing, "-F", format, path}
+	if size > 0 {
+		args = append(args, strconv.FormatInt(size, 10))
+	}
+	cmd := exec.CommandContext(ctx, "qemu-img", args...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("create disk %s on %s: %s: %w", path, backing, strings.TrimSpace(out.String()), err)
+	}
+	return nil
+}

@@ -18,12 +18,33 @@ type Machine struct {
 	MemoryBytes int64
 	CPUs        int
 	Accel       string // kvm or tcg, already resolved
-	Kernel      string
-	Initrd      string
-	Cmdline     string
-	Disk        string // qcow2 image, attached as virtio-blk node "disk0"
-	HostPort    int    // 127.0.0.1:HostPort is forwarded to the guest's port 80
-	Dir         string // holds the sockets, serial log and pid file
+	// Kernel, Initrd and Cmdline boot Vigil's built-in guest directly;
+	// without them the machine boots from its disk (or CDROM) through its
+	// firmware, as a user's own OS image does.
+	Kernel  string
+	Initrd  string
+	Cmdline string
+	Disk    string // qcow2 image, attached as virtio-blk node "disk0"
+	// Firmware is "bios" (SeaBIOS, the default) or "uefi" (OVMF: FirmwareCode
+	// read-only, FirmwareVars the VM's own writable variables).
+	Firmware     string
+	FirmwareCode string
+	FirmwareVars string
+	// CDROMDrive adds a CD-ROM drive, booted when the disk is not bootable
+	// (an installer); CDROM is the ISO in it, read-only, or empty once
+	// ejected (the drive stays, so saved states still match).
+	CDROMDrive bool
+	CDROM      string
+	// Seed, if set, is a cloud-init NoCloud volume attached read-only.
+	Seed string
+	// GuestAgent adds the port of QEMU's own guest agent
+	// (org.qemu.guest_agent.0) for guests that run qemu-guest-agent.
+	GuestAgent bool
+	// Display adds a standard VGA card and a VNC server on a unix socket
+	// in Dir (never a TCP port), for installers and graphical consoles.
+	Display  bool
+	HostPort int    // 127.0.0.1:HostPort is forwarded to the guest's port 80
+	Dir      string // holds the sockets, serial log and pid file
 	// Incoming starts QEMU waiting for a saved state (-incoming defer)
 	// instead of booting; LoadState or MigrateIncoming then feeds it.
 	Incoming bool
@@ -51,9 +72,30 @@ var devices = []string{"virtio-blk-pci:vda", "virtio-net-pci:nic0", "virtio-seri
 
 // Hardware describes m's hardware.
 func (m Machine) Hardware() Hardware {
-	return Hardware{MachineType: machineType, CPUModel: cpuModel(m.Accel), MemoryBytes: m.MemoryBytes, CPUs: m.CPUs,
-		Devices: append([]string(nil), devices...)}
+	d := append([]string(nil), devices...)
+	if m.GuestAgent {
+		d = append(d, "virtserialport:org.qemu.guest_agent.0")
+	}
+	if m.Seed != "" {
+		d = append(d, "virtio-blk-pci:vdb")
+	}
+	if m.CDROMDrive {
+		d = append(d, "ide-cd:cd0")
+	}
+	if m.Display {
+		d = append(d, "VGA")
+	}
+	if m.Firmware == FirmwareUEFI {
+		d = append(d, "pflash:uefi")
+	}
+	return Hardware{MachineType: machineType, CPUModel: cpuModel(m.Accel), MemoryBytes: m.MemoryBytes, CPUs: m.CPUs, Devices: d}
 }
+
+// Firmwares.
+const (
+	FirmwareBIOS = "bios"
+	FirmwareUEFI = "uefi"
+)
 
 // Diff lists how h differs from other, in words; empty when they match.
 func (h Hardware) Diff(other Hardware) []string {
@@ -82,6 +124,8 @@ func (m Machine) AgentSocket() string { return filepath.Join(m.Dir, "agent.sock"
 func (m Machine) SerialLog() string   { return filepath.Join(m.Dir, "serial.log") }
 func (m Machine) PIDFile() string     { return filepath.Join(m.Dir, "qemu.pid") }
 func (m Machine) LogFile() string     { return filepath.Join(m.Dir, "qemu.log") }
+func (m Machine) QGASocket() string   { return filepath.Join(m.Dir, "qga.sock") }
+func (m Machine) VNCSocket() string   { return filepath.Join(m.Dir, "vnc.sock") }
 
 // unixPathMax is sun_path's size on Linux, including the terminating NUL.
 const unixPathMax = 108
@@ -97,8 +141,14 @@ func (m Machine) Validate() error {
 		return fmt.Errorf("%d cpus: give at least 1", m.CPUs)
 	case m.Accel != AccelKVM && m.Accel != AccelTCG:
 		return fmt.Errorf("accelerator %q is not resolved: use kvm or tcg", m.Accel)
-	case m.Kernel == "" || m.Initrd == "":
-		return errors.New("no guest image: build it with 'vigil image build'")
+	case (m.Kernel == "") != (m.Initrd == ""):
+		return errors.New("a direct kernel boot needs both a kernel and an initrd: build the built-in image with 'vigil image build'")
+	case m.Firmware != "" && m.Firmware != FirmwareBIOS && m.Firmware != FirmwareUEFI:
+		return fmt.Errorf("firmware %q: use bios or uefi", m.Firmware)
+	case m.CDROM != "" && !m.CDROMDrive:
+		return fmt.Errorf("an iso (%s) needs a cd-rom drive", m.CDROM)
+	case m.Firmware == FirmwareUEFI && (m.FirmwareCode == "" || m.FirmwareVars == ""):
+		return errors.New("uefi needs OVMF: install it with 'apt-get install ovmf'")
 	case m.Disk == "":
 		return errors.New("machine has no disk")
 	case m.HostPort <= 0 || m.HostPort > 65535:
@@ -121,19 +171,27 @@ func (m Machine) Args() []string {
 		"-m", mem,
 		"-smp", strconv.Itoa(m.CPUs),
 		"-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
-		"-kernel", m.Kernel,
-		"-initrd", m.Initrd,
-		"-append", m.Cmdline,
-		"-chardev", "file,id=serial0,path=" + m.SerialLog(),
+	}
+	if m.Kernel != "" {
+		args = append(args, "-kernel", m.Kernel, "-initrd", m.Initrd, "-append", m.Cmdline)
+	}
+	if m.Firmware == FirmwareUEFI {
+		args = append(args,
+			"-blockdev", "driver=file,filename="+m.FirmwareCode+",node-name=fw-code,read-only=on",
+			"-blockdev", "driver=file,filename="+m.FirmwareVars+",node-name=fw-vars",
+			"-machine", "pflash0=fw-code,pflash1=fw-vars")
+	}
+	args = append(args,
+		"-chardev", "file,id=serial0,path="+m.SerialLog(),
 		"-serial", "chardev:serial0",
-		"-qmp", "unix:" + m.QMPSocket() + ",server=on,wait=off",
-		"-blockdev", "driver=file,filename=" + m.Disk + ",node-name=disk0-file",
+		"-qmp", "unix:"+m.QMPSocket()+",server=on,wait=off",
+		"-blockdev", "driver=file,filename="+m.Disk+",node-name=disk0-file",
 		"-blockdev", "driver=qcow2,file=disk0-file,node-name=disk0",
-		"-device", "virtio-blk-pci,drive=disk0,id=vda",
+		"-device", "virtio-blk-pci,drive=disk0,id=vda,bootindex=1",
 		"-netdev", m.netdev(),
 		"-device", "virtio-net-pci,netdev=net0,id=nic0",
 		"-device", "virtio-serial-pci,id=vser0",
-		"-chardev", "socket,id=agent0,path=" + m.AgentSocket() + ",server=on,wait=off",
+		"-chardev", "socket,id=agent0,path="+m.AgentSocket()+",server=on,wait=off",
 		"-device", "virtserialport,chardev=agent0,name=org.vigil.agent.0",
 		"-device", "pvpanic-pci",
 		// A panicked guest is kept (paused) for its evidence; the host
@@ -141,6 +199,29 @@ func (m Machine) Args() []string {
 		"-action", "panic=pause",
 		"-pidfile", m.PIDFile(),
 		"-D", m.LogFile(),
+	)
+	if m.GuestAgent {
+		args = append(args,
+			"-chardev", "socket,id=qga0,path="+m.QGASocket()+",server=on,wait=off",
+			"-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0")
+	}
+	if m.Seed != "" {
+		args = append(args,
+			"-blockdev", "driver=file,filename="+m.Seed+",node-name=seed0-file,read-only=on",
+			"-blockdev", "driver=raw,file=seed0-file,node-name=seed0,read-only=on",
+			"-device", "virtio-blk-pci,drive=seed0,id=vdb")
+	}
+	switch {
+	case m.CDROMDrive && m.CDROM != "":
+		args = append(args,
+			"-blockdev", "driver=file,filename="+m.CDROM+",node-name=cd0-file,read-only=on",
+			"-blockdev", "driver=raw,file=cd0-file,node-name=cd0,read-only=on",
+			"-device", "ide-cd,drive=cd0,id=cd0,bus=ide.0,bootindex=2")
+	case m.CDROMDrive:
+		args = append(args, "-device", "ide-cd,id=cd0,bus=ide.0,bootindex=2")
+	}
+	if m.Display {
+		args = append(args, "-device", "VGA,id=vga0", "-vnc", "unix:"+m.VNCSocket())
 	}
 	if m.Incoming {
 		args = append(args, "-incoming", "defer")

@@ -145,3 +145,8 @@ func (h *Host) refresh(ctx context.Context, vm string) {
 func (h *Host) Stream(ctx context.Context, op string, req any, w io.Writer) error {
 	return h.conn.Stream(ctx, op, req, w)
 }
+
+// Tunnel opens a tunnel operation (a VM's VNC console).
+func (h *Host) Tunnel(ctx context.Context, op string, req any) (io.ReadWriteCloser, error) {
+	return h.conn.Tunnel(ctx, op, req)
+}

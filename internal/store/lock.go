@@ -136,3 +136,15 @@ func (s *Store) Held(ctx context.Context, lockKey string) (bool, string, error) 
 	}
 	return true, string(resp.Kvs[0].Value), nil
 }
+
+// PutLease stores v at key bound to lease: it goes when the lease does.
+func (s *Store) PutLease(ctx context.Context, key string, v any, lease Lease) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("encode %s: %w", key, err)
+	}
+	if _, err := s.cli.Put(ctx, s.key(key), string(b), clientv3.WithLease(lease)); err != nil {
+		return fmt.Errorf("put %s: %w", key, err)
+	}
+	return nil
+}
