@@ -276,8 +276,11 @@ type Error struct {
 // SnapshotCreateRequest is the body of POST /v1/vms/{name}/snapshots.
 type SnapshotCreateRequest struct {
 	Name string `json:"name"`
-	// NoMemory takes a disk-only (crash-consistent) snapshot of a running VM.
-	NoMemory bool `json:"no_memory,omitempty"`
+	// NoMemory takes a disk-only snapshot of a running VM: with
+	// qemu-guest-agent answering, its file systems are frozen around it
+	// (application-consistent) unless NoQuiesce; otherwise crash-consistent.
+	NoMemory  bool `json:"no_memory,omitempty"`
+	NoQuiesce bool `json:"no_quiesce,omitempty"`
 }
 
 // Snapshot is one restore point of a VM.

@@ -18,7 +18,7 @@ func newSnapshotCmd(g *globals) *cobra.Command {
 }
 
 func newSnapshotCreateCmd(g *globals) *cobra.Command {
-	var noMemory bool
+	var noMemory, noQuiesce bool
 	cmd := &cobra.Command{
 		Use:               "create VM SNAPSHOT",
 		Short:             "Take a snapshot: disk + memory + devices + hardware settings (disk only for a stopped VM)",
@@ -27,7 +27,7 @@ func newSnapshotCreateCmd(g *globals) *cobra.Command {
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var s api.Snapshot
 			err := g.withProgress(cmd.Context(), args[0], func() (err error) {
-				s, err = g.client().CreateSnapshot(cmd.Context(), args[0], api.SnapshotCreateRequest{Name: args[1], NoMemory: noMemory})
+				s, err = g.client().CreateSnapshot(cmd.Context(), args[0], api.SnapshotCreateRequest{Name: args[1], NoMemory: noMemory, NoQuiesce: noQuiesce})
 				return err
 			})
 			if err != nil {
@@ -60,6 +60,7 @@ func newSnapshotCreateCmd(g *globals) *cobra.Command {
 		},
 	}
 	cmd.Flags().BoolVar(&noMemory, "no-memory", false, "disk only; the guest is not paused, its file systems are frozen through qemu-guest-agent if it answers (else crash-consistent)")
+	cmd.Flags().BoolVar(&noQuiesce, "no-quiesce", false, "with --no-memory: do not freeze the guest's file systems (crash-consistent)")
 	return cmd
 }
 

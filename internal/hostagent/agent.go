@@ -422,13 +422,27 @@ func (a *Agent) Delete(ctx context.Context, r hostproto.VMRef) (hostproto.None, 
 }
 
 // Status reports what runs for name right now.
-func (a *Agent) Status(_ context.Context, r hostproto.VMRef) (hostproto.VMStatus, error) {
+func (a *Agent) Status(ctx context.Context, r hostproto.VMRef) (hostproto.VMStatus, error) {
 	name := r.VM
 	v, err := a.get(name)
 	if err != nil {
 		return hostproto.VMStatus{}, err
 	}
-	return v.status(), nil
+	s := v.status()
+	if s.Running && s.RunState == "inmigrate" {
+		// An incoming migration ends without a QMP event when the source
+		// stopped the guest first (TCG): the guest waits here, paused,
+		// and only QEMU knows. A manager settling a move must see that.
+		if p, _, err := v.running(); err == nil {
+			qctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			if st, err := p.Monitor.QueryStatus(qctx); err == nil && st.Status != "inmigrate" {
+				v.setRunState(st.Status)
+				s.RunState = st.Status
+			}
+			cancel()
+		}
+	}
+	return s, nil
 }
 
 // SerialLog is the path of the VM's console log.

@@ -101,6 +101,9 @@ func (a *Agent) Exec(ctx context.Context, r hostproto.ExecRequest) (api.ExecResu
 	wait := a.execDeadline(req)
 	rctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
+	// Just after a start, a resume or a migration the agents reconnect:
+	// give them a moment rather than fail at once.
+	v.waitAgent(rctx, agentWait)
 	if v.execAgent() == agentQGA {
 		res, err := v.execQGA(rctx, req)
 		if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {

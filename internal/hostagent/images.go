@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"sync"
 
+	"github.com/vigil-project/vigil/internal/atomicfile"
 	"github.com/vigil-project/vigil/internal/cloudinit"
 	"github.com/vigil-project/vigil/internal/hostproto"
 	"github.com/vigil-project/vigil/internal/imagestore"
@@ -136,7 +137,7 @@ func (v *vm) prepareBoot(ctx context.Context) error {
 			if err != nil {
 				return fmt.Errorf("uefi firmware: %w (install Debian's ovmf package)", err)
 			}
-			if err := os.WriteFile(v.machine.FirmwareVars, b, 0o644); err != nil {
+			if err := atomicfile.WriteFile(v.machine.FirmwareVars, b, 0o644); err != nil {
 				return err
 			}
 		}
@@ -182,4 +183,45 @@ func (a *Agent) machineFor(spec hostproto.VMSpec, dir, store string) qemu.Machin
 		}
 	}
 	return m
+}
+
+// varsSnapshotFile keeps a UEFI VM's firmware variables as they were at
+// snapshot snap.
+func (v *vm) varsSnapshotFile(snap string) string {
+	return filepath.Join(v.storeDir, "snapshots", snap+".efivars.fd")
+}
+
+// saveVars copies the firmware's variables into snapshot snap (nothing
+// for a BIOS VM, or a UEFI VM never booted).
+func (v *vm) saveVars(snap string) error {
+	if v.machine.FirmwareVars == "" {
+		return nil
+	}
+	b, err := os.ReadFile(v.machine.FirmwareVars)
+	if os.IsNotExist(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("keep the firmware variables: %w", err)
+	}
+	if err := os.MkdirAll(filepath.Dir(v.varsSnapshotFile(snap)), 0o755); err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(v.varsSnapshotFile(snap), b, 0o644)
+}
+
+// restoreVars puts back the firmware's variables of snapshot snap, if it
+// has them; QEMU is not running.
+func (v *vm) restoreVars(snap string) error {
+	if v.machine.FirmwareVars == "" {
+		return nil
+	}
+	b, err := os.ReadFile(v.varsSnapshotFile(snap))
+	if os.IsNotExist(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("restore the firmware variables: %w", err)
+	}
+	return atomicfile.WriteFile(v.machine.FirmwareVars, b, 0o644)
 }

@@ -75,7 +75,7 @@ func (v *vm) watchQGA(ctx context.Context, g *guestGate) {
 	var st qgaState
 	answered := false
 	for {
-		if ctx.Err() != nil {
+		if !v.waitArrived(ctx) {
 			return
 		}
 		began := time.Now()
@@ -134,6 +134,18 @@ func (v *vm) qgaAnswered(ctx context.Context, cl *qga.Client, g *guestGate, st *
 				*st = qgaState{bootID: id}
 			}
 			st.uptime, st.uptimeAt, st.bootRead = uptime, now, now
+		}
+	}
+	if v.takeResync() {
+		// As VMware Tools does after a resume: the guest's clock is
+		// behind by as long as it was paused or saved.
+		sctx, cancel := context.WithTimeout(ctx, t.answer)
+		err := cl.Run(sctx, "guest-set-time", map[string]int64{"time": time.Now().UnixNano()}, nil)
+		cancel()
+		if err != nil {
+			v.log.Info("qemu-ga could not set the guest's clock after a resume", "err", err)
+		} else {
+			v.log.Debug("guest clock set after a resume")
 		}
 	}
 	if newBoot || now.Sub(st.infoRead) >= t.infoEvery {
@@ -282,12 +294,14 @@ func (v *vm) qgaClient() *qga.Client {
 }
 
 // execAgent is the agent that runs commands in the guest: vigil-guest when
-// it is connected, else qemu-ga when it answers, else vigil-guest (whose
-// absence is then the error).
+// it beats, else qemu-ga when it answers, else vigil-guest (whose absence
+// is then the error). The vigil port's socket alone says nothing: QEMU
+// accepts the connection whether or not anything in the guest listens.
 func (v *vm) execAgent() string {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if v.guestEnc == nil && v.qga != nil {
+	vigilBeats := v.guestEnc != nil && !v.vigilAt.IsZero() && time.Since(v.vigilAt) < 5*time.Second
+	if !vigilBeats && v.qga != nil {
 		return agentQGA
 	}
 	return agentVigil
@@ -336,4 +350,43 @@ func (v *vm) execQGA(ctx context.Context, req api.ExecRequest) (api.ExecResult, 
 		out.Error = fmt.Sprintf("killed by signal %d", res.Signal)
 	}
 	return out, nil
+}
+
+// setResync asks for the guest's clock to be set once qemu-ga answers
+// (after a resume, in memory or from a saved state).
+func (v *vm) setResync() {
+	v.mu.Lock()
+	v.resync = true
+	v.mu.Unlock()
+}
+
+func (v *vm) takeResync() bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	r := v.resync
+	v.resync = false
+	return r
+}
+
+// agentWait is how long a command waits for a guest agent to (re)connect.
+const agentWait = 10 * time.Second
+
+// waitAgent returns once vigil-guest beats or qemu-ga answers, after d, or
+// when ctx ends.
+func (v *vm) waitAgent(ctx context.Context, d time.Duration) {
+	deadline := time.Now().Add(d)
+	for {
+		v.mu.Lock()
+		ready := v.qga != nil || v.guestEnc != nil && !v.vigilAt.IsZero() && time.Since(v.vigilAt) < 5*time.Second
+		running := v.proc != nil
+		v.mu.Unlock()
+		if ready || !running || time.Now().After(deadline) {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }

@@ -165,6 +165,12 @@ func TestQGAWatcher(t *testing.T) {
 		}
 	}
 
+	// After a resume the guest's clock is set through the agent (this
+	// test's agent refuses guest-set-time: it must not set this machine's
+	// clock).
+	v.setResync()
+	waitUntil(t, func() bool { return rec.logged("could not set the guest's clock") == 1 })
+
 	// A frozen agent: no more heartbeats; thawed, they come back, in the
 	// same boot (no new guest-ready).
 	if err := agent.Signal(syscall.SIGSTOP); err != nil {

@@ -27,15 +27,29 @@ import (
 // or paused VM) it is a full restore point; the guest is stopped only for
 // the final phase of a live save, while the disk is frozen.
 func (a *Agent) SnapshotCreate(ctx context.Context, r hostproto.SnapshotRequest) (SaveResult, error) {
-	name, snap, memory := r.VM, r.Snapshot, r.Memory
-	if err := checkName("snapshot", snap); err != nil {
+	if err := checkName("snapshot", r.Snapshot); err != nil {
 		return SaveResult{}, err
 	}
-	v, err := a.get(name)
+	v, err := a.get(r.VM)
 	if err != nil {
 		return SaveResult{}, err
 	}
 	defer v.lockOp("snapshot")()
+	res, err := v.snapshotCreate(ctx, r)
+	if err != nil {
+		return res, err
+	}
+	// The firmware's variables (a UEFI VM's boot entries) are part of the
+	// restore point.
+	if err := v.saveVars(r.Snapshot); err != nil {
+		v.deleteSnapshot(context.WithoutCancel(ctx), r.Snapshot)
+		return SaveResult{}, fmt.Errorf("snapshot %s of %s: %w", r.Snapshot, r.VM, err)
+	}
+	return res, nil
+}
+
+func (v *vm) snapshotCreate(ctx context.Context, r hostproto.SnapshotRequest) (SaveResult, error) {
+	name, snap, memory := r.VM, r.Snapshot, r.Memory
 	start := time.Now()
 	p, runState, err := v.running()
 	if err != nil {
@@ -59,7 +73,7 @@ func (a *Agent) SnapshotCreate(ctx context.Context, r hostproto.SnapshotRequest)
 		return p.Monitor.Run(ctx, "blockdev-snapshot-internal-sync", map[string]any{"device": "disk0", "name": snap}, nil)
 	}
 	if !memory {
-		res, err := v.diskOnlySnapshot(ctx, runState, diskSnap)
+		res, err := v.diskOnlySnapshot(ctx, runState, !r.NoQuiesce, diskSnap)
 		if err != nil {
 			return SaveResult{}, fmt.Errorf("snapshot %s of %s: %w", snap, name, err)
 		}
@@ -96,6 +110,14 @@ func (v *vm) liveSnapshot(ctx context.Context, p *qemu.Process, snap, runState s
 	}
 	wasRunning := runState != "paused"
 	tookDisk := false
+	if wasRunning && !qemu.LivePrecopySafe(v.machine.Accel) {
+		// Under TCG memory cannot be copied while the guest runs (see
+		// qemu.LivePrecopySafe): it is stopped for the whole save.
+		if err := p.Monitor.Stop(ctx); err != nil {
+			w.Abort()
+			return SaveResult{}, fmt.Errorf("snapshot %s of %s: stop the guest: %w", snap, name, err)
+		}
+	}
 	stats, err := qemu.SaveState(ctx, p.Monitor, v.machine.Dir, w, qemu.SaveOptions{
 		AtSwitchover: func(ctx context.Context) error {
 			if err := diskSnap(ctx); err != nil {
@@ -187,6 +209,9 @@ func (a *Agent) SnapshotRevert(ctx context.Context, r hostproto.SnapshotRequest)
 		return none(err)
 	}
 	os.Remove(v.stateFile())
+	if err := v.restoreVars(snap); err != nil {
+		return none(fmt.Errorf("revert %s to %s: %w", name, snap, err))
+	}
 	if !memory {
 		return hostproto.None{}, nil
 	}
@@ -204,18 +229,30 @@ func (a *Agent) SnapshotDelete(ctx context.Context, r hostproto.SnapshotRequest)
 		return none(err)
 	}
 	defer v.lockOp("snapshot-delete")()
-	if p, _, err := v.running(); err == nil {
+	if err := v.deleteSnapshot(ctx, snap); err != nil {
+		return none(fmt.Errorf("delete snapshot %s of %s: %w", snap, name, err))
+	}
+	return hostproto.None{}, nil
+}
+
+// deleteSnapshot removes a snapshot's disk part, memory and firmware
+// variables (absent ones are fine); the caller holds opMu.
+func (v *vm) deleteSnapshot(ctx context.Context, snap string) error {
+	var err error
+	if p, _, rerr := v.running(); rerr == nil {
 		err = p.Monitor.Run(ctx, "blockdev-snapshot-delete-internal-sync", map[string]any{"device": "disk0", "name": snap}, nil)
 	} else {
 		err = qemu.DiskSnapshot(ctx, v.machine.Disk, "delete", snap)
 	}
 	if err != nil && !strings.Contains(err.Error(), "not found") && !strings.Contains(err.Error(), "not exist") && !strings.Contains(err.Error(), "find") {
-		return none(fmt.Errorf("delete snapshot %s of %s: %w", snap, name, err))
+		return err
 	}
-	if err := os.Remove(v.snapshotFile(snap)); err != nil && !os.IsNotExist(err) {
-		return none(fmt.Errorf("delete snapshot %s of %s: %w", snap, name, err))
+	for _, f := range []string{v.snapshotFile(snap), v.varsSnapshotFile(snap)} {
+		if err := os.Remove(f); err != nil && !os.IsNotExist(err) {
+			return err
+		}
 	}
-	return hostproto.None{}, nil
+	return nil
 }
 
 // SnapshotSpace reports, per snapshot, the bytes only it holds: disk
@@ -266,10 +303,12 @@ func (v *vm) killLocked(ctx context.Context, p *qemu.Process) error {
 // consistent, like VMware's quiesced snapshots: flushed, and applications
 // with freeze hooks at a safe point); otherwise the disk is taken as it is
 // (crash consistent) and the result says why.
-func (v *vm) diskOnlySnapshot(ctx context.Context, runState string, diskSnap func(context.Context) error) (SaveResult, error) {
+func (v *vm) diskOnlySnapshot(ctx context.Context, runState string, quiesce bool, diskSnap func(context.Context) error) (SaveResult, error) {
 	cl := v.qgaClient()
 	var note string
 	switch {
+	case !quiesce:
+		note = "crash-consistent: taken without freezing the file systems, as asked"
 	case runState == "paused":
 		note = "crash-consistent: the vm was paused, so its file systems could not be frozen"
 	case cl == nil:

@@ -69,6 +69,7 @@ func (a *Agent) Resume(ctx context.Context, r hostproto.VMRef) (hostproto.None, 
 	}
 	defer v.lockOp("resume")()
 	if p, _, err := v.running(); err == nil {
+		v.setResync()
 		if err := p.Monitor.Cont(ctx); err != nil {
 			return none(fmt.Errorf("resume %s: %w", name, err))
 		}
@@ -221,6 +222,7 @@ func (v *vm) startFromState(ctx context.Context, path string) error {
 		return fmt.Errorf("%w: %w", ErrBadState, err)
 	}
 	v.attach(p)
+	v.setResync()
 	if err := p.Monitor.Cont(ctx); err != nil {
 		return fmt.Errorf("continue %s after loading its state: %w", v.spec.Name, err)
 	}

@@ -45,6 +45,10 @@ type vm struct {
 	guest     *api.GuestInfo
 	guestEnc  *guestproto.Encoder // set while connected to the guest agent
 	qga       *qga.Client         // set while qemu-guest-agent answers
+	vigilAt   time.Time           // the latest vigil-guest heartbeat of this process
+	// resync: the guest's clock stood still while it was paused or saved;
+	// qemu-ga sets it from the host's once it answers.
+	resync bool
 	// agentSeen: some guest agent has answered in a boot of this VM, so
 	// silence from it can mean a hang. A guest never heard from (no agent
 	// installed, an installer) is judged by its exits and panics only.
@@ -115,6 +119,9 @@ func (v *vm) startLocked(ctx context.Context) error {
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("start %s: discard its saved state before a cold boot: %w", v.spec.Name, err)
 	}
+	if err := v.prepareBoot(ctx); err != nil {
+		return err
+	}
 	p, err := qemu.Start(ctx, v.agent.qemuBin, v.machine)
 	if err != nil {
 		return err
@@ -138,6 +145,7 @@ func (v *vm) attach(p *qemu.Process) {
 	v.detached = false
 	v.fencing = ""
 	v.guest = nil
+	v.vigilAt = time.Time{}
 	v.cancel = cancel
 	v.exited = make(chan struct{})
 	exited := v.exited
@@ -297,7 +305,7 @@ func (v *vm) setRunState(s string) {
 // restart the new agent simply connects again.
 func (v *vm) watchGuest(ctx context.Context, g *guestGate) {
 	var d net.Dialer
-	for ctx.Err() == nil {
+	for v.waitArrived(ctx) {
 		conn, err := d.DialContext(ctx, "unix", v.machine.AgentSocket())
 		if err != nil {
 			select {
@@ -369,6 +377,7 @@ func (v *vm) readGuest(conn net.Conn, g *guestGate) {
 		}
 		v.guest = gi
 		v.agentSeen = true
+		v.vigilAt = now
 		report, later := g.boot(now, hb.BootID, hb.Seq)
 		if later > 0 {
 			// A boot change inside the window is reported when it ends,
@@ -439,8 +448,10 @@ func (v *vm) stop(ctx context.Context, force bool, timeout time.Duration) error 
 
 // powerDown asks the guest to power off and waits up to timeout for QEMU
 // to exit: an ACPI power button press first and, if the guest ignores it
-// for half the time (no acpid, an installer), qemu-guest-agent's
-// guest-shutdown. It reports whether QEMU exited.
+// for half the time or acpiGrace, whichever is shorter (no acpid or
+// logind, an installer), qemu-guest-agent's guest-shutdown: a clean
+// shutdown too, so asking for it while an ACPI one is slowly under way
+// does no harm. It reports whether QEMU exited.
 func (v *vm) powerDown(ctx context.Context, p *qemu.Process, exited <-chan struct{}, timeout time.Duration) bool {
 	deadline := time.Now().Add(timeout)
 	wait := func(d time.Duration) bool {
@@ -457,7 +468,7 @@ func (v *vm) powerDown(ctx context.Context, p *qemu.Process, exited <-chan struc
 	acpi := p.Monitor.SystemPowerdown(ctx)
 	if acpi != nil {
 		v.log.Warn("acpi power-down failed", "err", acpi)
-	} else if wait(timeout / 2) {
+	} else if wait(min(timeout/2, acpiGrace)) {
 		return true
 	}
 	if ctx.Err() != nil {
@@ -479,6 +490,34 @@ func (v *vm) powerDown(ctx context.Context, p *qemu.Process, exited <-chan struc
 	}
 	v.log.Warn("guest did not power off in time; killing", "timeout", timeout)
 	return false
+}
+
+// acpiGrace is the longest a stop waits for the guest to act on the ACPI
+// power button before it also asks qemu-guest-agent.
+const acpiGrace = 10 * time.Second
+
+// waitArrived holds a watcher of the guest's channels while the VM is the
+// destination of a live migration still under way, and reports whether
+// the watch should go on (false once ctx ends): until the switchover there
+// is no guest to talk to, and a connection would change the state of the
+// virtio-serial ports while QEMU loads it from the stream.
+func (v *vm) waitArrived(ctx context.Context) bool {
+	for {
+		v.mu.Lock()
+		incoming := v.incoming
+		v.mu.Unlock()
+		if ctx.Err() != nil {
+			return false
+		}
+		if !incoming {
+			return true
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 // detach lets go of the process without touching it (agent shutdown).

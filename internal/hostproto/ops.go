@@ -120,6 +120,9 @@ type SnapshotRequest struct {
 	VM       string `json:"vm"`
 	Snapshot string `json:"snapshot"`
 	Memory   bool   `json:"memory,omitempty"`
+	// NoQuiesce: a disk-only snapshot without freezing the guest's file
+	// systems, even if its agent could.
+	NoQuiesce bool `json:"no_quiesce,omitempty"`
 }
 
 // Space is, per snapshot, the bytes only it holds.

@@ -117,7 +117,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, vm string, req api.Snapsho
 			undo: func(ctx context.Context) error { return m.store.Delete(ctx, snapKey(vm, req.Name)) }},
 		{name: "take",
 			do: func(ctx context.Context) (err error) {
-				res, err = hostproto.SnapshotCreate.Call(ctx, h, hostproto.SnapshotRequest{VM: vm, Snapshot: req.Name, Memory: memory})
+				res, err = hostproto.SnapshotCreate.Call(ctx, h, hostproto.SnapshotRequest{VM: vm, Snapshot: req.Name, Memory: memory, NoQuiesce: req.NoQuiesce})
 				return err
 			},
 			undo: func(ctx context.Context) error {
