@@ -23,6 +23,8 @@ type bench struct {
 	img     *guestimage.Image
 	tmp     string
 	dataDir string
+	runs    int    // runs per series, each side (-runs)
+	accel   string // the accelerator every QEMU here uses
 }
 
 // bareVM is QEMU started by hand with the same command line Vigil uses, as
@@ -42,14 +44,13 @@ func (b *bench) bareMachine(name string, mem int64, disk string) (qemu.Machine, 
 	if err != nil {
 		return qemu.Machine{}, err
 	}
-	accel, _ := qemu.ChooseAccel("auto")
 	if disk == "" {
 		disk = filepath.Join(dir, "disk.qcow2")
 		if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", disk, "256M").CombinedOutput(); err != nil {
 			return qemu.Machine{}, fmt.Errorf("qemu-img: %v: %s", err, out)
 		}
 	}
-	return qemu.Machine{Name: name, UUID: "00000000-0000-4000-8000-000000000002", MemoryBytes: mem, CPUs: 1, Accel: accel,
+	return qemu.Machine{Name: name, UUID: "00000000-0000-4000-8000-000000000002", MemoryBytes: mem, CPUs: 1, Accel: b.accel,
 		Kernel: b.img.Kernel, Initrd: b.img.Initrd, Cmdline: b.img.Cmdline + " vigil.name=" + name,
 		Disk: disk, HostPort: port, Dir: dir}, nil
 }

@@ -26,20 +26,25 @@ import (
 
 func main() {
 	out := flag.String("out", "", "also write the report to this Markdown file")
-	runs := flag.Int("runs", 5, "boots per start-latency series")
+	runs := flag.Int("runs", 10, "runs per series, each side, in every section (pause/resume, list, soak and realguest have their own counts); p50 and p99 need at least 10")
 	listRuns := flag.Int("list-runs", 100, "requests per list-latency series")
-	only := flag.String("only", "", "comma-separated sections to run: start,state,snapshot,recovery,managers,hostdeath,migrate,list,soak (default all)")
+	only := flag.String("only", "", "comma-separated sections to run: start,state,snapshot,recovery,managers,hostdeath,migrate,list,soak,realguest (default all)")
+	realRuns := flag.Int("real-runs", 10, "runs per real-guest series (a Debian boot takes over a minute under TCG)")
 	soakFor := flag.Duration("soak", 10*time.Minute, "how long the etcd soak runs (100 simulated hosts heartbeating)")
 	flag.Parse()
-	soakDuration = *soakFor
+	soakDuration, realGuestRuns = *soakFor, *realRuns
 	if err := run(*out, *runs, *listRuns, *only); err != nil {
 		fmt.Fprintln(os.Stderr, "vigil-bench:", err)
 		os.Exit(1)
 	}
 }
 
-// soakDuration is how long the soak section runs (-soak).
-var soakDuration time.Duration
+// soakDuration is how long the soak section runs (-soak); realGuestRuns
+// how many runs each real-guest series has (-real-runs).
+var (
+	soakDuration  time.Duration
+	realGuestRuns int
+)
 
 // row is one line of the report: Vigil's figure, the same-run baseline, ratio.
 type row struct {
@@ -85,12 +90,13 @@ func run(outPath string, runs, listRuns int, only string) error {
 	c := clientFor(filepath.Join(tmp, "d"))
 
 	var rows []row
-	b := &bench{c: c, img: img, tmp: tmp, dataDir: filepath.Join(tmp, "d")}
+	accel, _ := qemu.ChooseAccel("auto")
+	b := &bench{c: c, img: img, tmp: tmp, dataDir: filepath.Join(tmp, "d"), runs: runs, accel: accel}
 	sections := []struct {
 		name string
 		f    func(context.Context) ([]row, error)
 	}{
-		{"start", func(ctx context.Context) ([]row, error) { return benchStart(ctx, c, img, tmp, runs) }},
+		{"start", b.start},
 		{"state", b.state},
 		{"snapshot", b.snapshots},
 		{"recovery", b.recovery},
@@ -98,6 +104,7 @@ func run(outPath string, runs, listRuns int, only string) error {
 		{"hostdeath", b.hostDeath},
 		{"migrate", b.migrate},
 		{"soak", func(ctx context.Context) ([]row, error) { return b.soak(ctx, 100, 5, soakDuration) }},
+		{"realguest", func(ctx context.Context) ([]row, error) { return b.realGuest(ctx, realGuestRuns) }},
 		{"list", func(ctx context.Context) ([]row, error) {
 			return benchList(ctx, c, filepath.Join(binDir, "vigil"), filepath.Join(tmp, "d", "client.yaml"), listRuns)
 		}},
@@ -116,7 +123,6 @@ func run(outPath string, runs, listRuns int, only string) error {
 
 	cancel()
 	<-done
-	accel, _ := qemu.ChooseAccel("auto")
 	report := render(rows, accel, runs, listRuns)
 	fmt.Print(report)
 	if outPath != "" {
@@ -125,45 +131,41 @@ func run(outPath string, runs, listRuns int, only string) error {
 	return nil
 }
 
-// benchStart times create --start until the first guest heartbeat, against
+// start times create --start until the first guest heartbeat, against
 // bare QEMU started with the same command line on a fresh disk until its
 // first heartbeat. Both sides boot a blank disk, so both format /data.
-func benchStart(ctx context.Context, c *client.Client, img *guestimage.Image, tmp string, runs int) ([]row, error) {
+func (b *bench) start(ctx context.Context) ([]row, error) {
 	bin, err := qemu.FindBinary()
 	if err != nil {
 		return nil, err
 	}
-	accel, _ := qemu.ChooseAccel("auto")
 	var vigil, bare []time.Duration
-	for i := 0; i < runs; i++ {
+	for i := 0; i < b.runs; i++ {
 		// Alternate, so drift in the machine's load hits both sides alike.
 		name := fmt.Sprintf("bench%d", i)
 		t0 := time.Now()
-		if _, err := c.CreateVM(ctx, api.VMCreateRequest{Name: name, MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20, Start: true}); err != nil {
+		if _, err := b.c.CreateVM(ctx, api.VMCreateRequest{Name: name, MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20, Start: true}); err != nil {
 			return nil, err
 		}
-		if _, err := c.WaitGuest(ctx, name); err != nil {
+		if _, err := b.c.WaitGuest(ctx, name); err != nil {
 			return nil, err
 		}
 		vigil = append(vigil, time.Since(t0))
-		if err := c.DeleteVM(ctx, name); err != nil {
+		if err := b.c.DeleteVM(ctx, name); err != nil {
 			return nil, err
 		}
 
-		d, err := bareBoot(ctx, bin, accel, img, filepath.Join(tmp, fmt.Sprintf("bare%d", i)))
+		d, err := bareBoot(ctx, bin, b.accel, b.img, filepath.Join(b.tmp, fmt.Sprintf("bare%d", i)))
 		if err != nil {
 			return nil, err
 		}
 		bare = append(bare, d)
 	}
-	mv, mb := median(vigil), median(bare)
-	return []row{{
-		what:     "Start latency: create --start → first guest heartbeat (128 MiB, 1 vCPU, blank 256 MiB disk; median of " + fmt.Sprint(runs) + ")",
-		vigil:    ms(mv),
-		baseline: ms(mb) + " (bare qemu-system-x86_64, same image and devices, until the same first heartbeat)",
-		ratio:    fmt.Sprintf("%.3f", float64(mv)/float64(mb)),
-		note:     fmt.Sprintf("Vigil adds %+.1f%%; min/max Vigil %s/%s, bare %s/%s", 100*(float64(mv)/float64(mb)-1), ms(minD(vigil)), ms(maxD(vigil)), ms(minD(bare)), ms(maxD(bare))),
-	}}, nil
+	mv, mb := p(vigil, 50), p(bare, 50)
+	return []row{versus(
+		fmt.Sprintf("Start latency: create --start → first guest heartbeat (128 MiB, 1 vCPU, blank 256 MiB disk; %d runs)", b.runs),
+		vigil, bare, ms, "bare qemu-system-x86_64, same image and devices, until the same first heartbeat",
+		fmt.Sprintf("Vigil adds %+.1f%% at p50", 100*(float64(mv)/float64(mb)-1)))}, nil
 }
 
 // bareBoot starts QEMU by hand (its disk created with qemu-img, as an
@@ -248,10 +250,8 @@ func benchList(ctx context.Context, c *client.Client, vigilBin, config string, n
 			return nil, err
 		}
 		rows = append(rows,
-			row{what: fmt.Sprintf("API GET /v1/vms, %d VM(s) defined", count), vigil: pct(api),
-				baseline: pct(floor) + " (GET /v1/hosts, no store read)", ratio: fmt.Sprintf("%.2f", float64(p(api, 50))/float64(p(floor, 50))), note: "p50 ratio"},
-			row{what: fmt.Sprintf("CLI `vigil vm list`, %d VM(s) defined", count), vigil: pct(cli),
-				baseline: pct(cliFloor) + " (`vigil host list`)", ratio: fmt.Sprintf("%.2f", float64(p(cli, 50))/float64(p(cliFloor, 50))), note: "p50 ratio; includes process start"})
+			versus(fmt.Sprintf("API GET /v1/vms, %d VM(s) defined", count), api, floor, ms2, "GET /v1/hosts, no store read", ""),
+			versus(fmt.Sprintf("CLI `vigil vm list`, %d VM(s) defined", count), cli, cliFloor, ms2, "`vigil host list`", "includes process start"))
 	}
 	return rows, nil
 }
@@ -278,17 +278,52 @@ func p(ds []time.Duration, q int) time.Duration {
 	return s[i]
 }
 
-func median(ds []time.Duration) time.Duration { return p(ds, 50) }
-
-func minD(ds []time.Duration) time.Duration { return p(ds, 0) }
-
-func maxD(ds []time.Duration) time.Duration { return p(ds, 100) }
-
 func ms(d time.Duration) string { return fmt.Sprintf("%.0f ms", float64(d)/float64(time.Millisecond)) }
 
-func pct(ds []time.Duration) string {
-	f := func(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d)/float64(time.Millisecond)) }
+func ms1(d time.Duration) string { return fmt.Sprintf("%.1f ms", float64(d)/float64(time.Millisecond)) }
+
+func ms2(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d)/float64(time.Millisecond)) }
+
+// pctWith reports a series as its p50 and p99, each formatted with f.
+func pctWith(ds []time.Duration, f func(time.Duration) string) string {
 	return "p50 " + f(p(ds, 50)) + ", p99 " + f(p(ds, 99))
+}
+
+func pct(ds []time.Duration) string { return pctWith(ds, ms2) }
+
+// ratio is a/b for the Ratio column, "-" without a baseline. Small ratios
+// get a third digit so that they do not round to 0.
+func ratio(a, b float64) string {
+	switch r := a / b; {
+	case b <= 0:
+		return "-"
+	case r < 0.1:
+		return fmt.Sprintf("%.3f", r)
+	default:
+		return fmt.Sprintf("%.2f", r)
+	}
+}
+
+// versus is the row of a Vigil series against its baseline series from the
+// same run: both as p50 and p99 (formatted with f), the ratio of the p50s.
+// baseHow says what the baseline is; note, if any, follows "p50 ratio".
+func versus(what string, vigil, base []time.Duration, f func(time.Duration) string, baseHow, note string) row {
+	return row{what: what, vigil: pctWith(vigil, f), baseline: pctWith(base, f) + " (" + baseHow + ")",
+		ratio: ratio(float64(p(vigil, 50)), float64(p(base, 50))), note: appendNote("p50 ratio", note)}
+}
+
+// versusF is versus for throughput series in unit, where higher is better:
+// each side as p50 and p1 (the slow tail), the ratio of the p50s.
+func versusF(what string, vigil, base []float64, unit, baseHow, note string) row {
+	return row{what: what, vigil: pctF(vigil, unit), baseline: pctF(base, unit) + " (" + baseHow + ")",
+		ratio: ratio(pF(vigil, 50), pF(base, 50)), note: appendNote("p50 ratio, higher is better", note)}
+}
+
+func appendNote(head, note string) string {
+	if note == "" {
+		return head
+	}
+	return head + "; " + note
 }
 
 func render(rows []row, accel string, runs, listRuns int) string {
@@ -301,7 +336,14 @@ func render(rows []row, accel string, runs, listRuns int) string {
 	for _, r := range rows {
 		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s |\n", r.what, r.vigil, r.baseline, r.ratio, r.note)
 	}
-	fmt.Fprintf(&b, "\nStart-latency series: %d boots each side, alternating; list series: %d API requests, %d CLI runs per point.\n", runs, listRuns, listRuns/4)
+	fmt.Fprintf(&b, "\nEvery Vigil figure, and every baseline measured here, is a series of %d runs (-runs), reported as p50 and p99 (p50 and p1, the slow tail, for throughput); ratios are of the p50s. "+
+		"Exceptions: pause + resume, 30 pairs; list, %d API requests and %d CLI runs per point; real guest, %d runs (-real-runs); the etcd soak, one run of %s. ",
+		runs, listRuns, listRuns/4, realGuestRuns, soakDuration)
+	if runs < 100 {
+		fmt.Fprintf(&b, "With %d runs, p99 is the slowest run. ", runs)
+	}
+	fmt.Fprintf(&b, "Vigil and baseline runs alternate in start, suspend/resume from disk, host death and migration, so drift in the machine's load hits both sides; "+
+		"the snapshot baseline runs after Vigil's series (two guests at once would slow each other), the fault-recovery baseline once before the faults, shared by the three kinds.\n")
 	return b.String()
 }
 

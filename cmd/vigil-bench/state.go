@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"time"
 
 	"github.com/vigil-project/vigil/api"
@@ -16,7 +15,8 @@ import (
 
 // state measures the state manager: pause/resume in memory against raw QMP
 // stop/cont, suspend-to-disk throughput against dd with fsync to the same
-// filesystem, and resume-from-disk against QEMU restoring the same state by hand.
+// filesystem and against QEMU saving by hand, and resume-from-disk against
+// QEMU restoring the same state by hand.
 func (b *bench) state(ctx context.Context) ([]row, error) {
 	const name = "state1"
 	if _, err := b.c.CreateVM(ctx, api.VMCreateRequest{Name: name, MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20, Start: true}); err != nil {
@@ -28,7 +28,7 @@ func (b *bench) state(ctx context.Context) ([]row, error) {
 	}
 	var rows []row
 
-	// Pause/resume round trips.
+	// Pause/resume round trips: cheap, so more of them than -runs.
 	const n = 30
 	vigil, err := sample(n, func() error {
 		if _, err := b.c.ChangeState(ctx, name, api.VMStateRequest{Action: api.ActionPause}); err != nil {
@@ -58,105 +58,114 @@ func (b *bench) state(ctx context.Context) ([]row, error) {
 		bare.stop()
 		return nil, err
 	}
-	// QEMU's own ceiling: the same save done by hand to a file.
-	if err := nextHeartbeat(m.AgentSocket(), 60*time.Second); err != nil {
-		bare.stop()
-		return nil, err
-	}
-	bareMBs, bareBytes, err := bareSave(ctx, bare, filepath.Join(b.tmp, "bare-save.raw"))
-	bare.stop()
-	if err != nil {
-		return nil, err
-	}
-	rows = append(rows, row{what: "Pause + resume in memory (API round trips, pause then resume)", vigil: pct(vigil),
-		baseline: pct(raw) + " (raw QMP stop + cont)", ratio: fmt.Sprintf("%.1f", float64(p(vigil, 50))/float64(p(raw, 50))),
-		note: fmt.Sprintf("p50 ratio over %d pairs; Vigil's includes HTTP, etcd writes with fsync and events", n)})
-
-	// Suspend to disk, three times (resuming in between); the median counts.
-	var ops []*api.Operation
-	for i := 0; i < 3; i++ {
-		if i > 0 {
-			if _, err := b.c.ChangeState(ctx, name, api.VMStateRequest{Action: api.ActionResume}); err != nil {
-				return nil, err
-			}
-			if _, err := b.c.WaitGuest(ctx, name); err != nil {
-				return nil, err
-			}
+	// QEMU's own ceiling: the same save done by hand to a file, each time
+	// of a running guest, as Vigil's suspends are.
+	var bareMBs, bareMiB []float64
+	for i := 0; i < b.runs; i++ {
+		if err := nextHeartbeat(m.AgentSocket(), 60*time.Second); err != nil {
+			bare.stop()
+			return nil, err
 		}
+		mbs, size, err := bareSave(ctx, bare, filepath.Join(b.tmp, "bare-save.raw"))
+		if err == nil {
+			err = bare.mon.Cont(ctx) // QEMU re-activates the disk handed over by the save
+		}
+		if err != nil {
+			bare.stop()
+			return nil, err
+		}
+		bareMBs, bareMiB = append(bareMBs, mbs), append(bareMiB, float64(size)/(1<<20))
+	}
+	bare.stop()
+	rows = append(rows, versus("Pause + resume in memory (API round trips, pause then resume)", vigil, raw, ms2, "raw QMP stop + cont",
+		fmt.Sprintf("over %d pairs; Vigil's includes HTTP, etcd writes with fsync and events", n)))
+
+	// Suspend to disk and resume from it, -runs times. Each run, between
+	// Vigil's suspend and resume: dd writing as many bytes to the same
+	// filesystem, and bare QEMU restoring the same stream (from copies:
+	// Vigil deletes the state file once it has resumed from it).
+	vmDir := filepath.Join(b.dataDir, "host", "vms", name)
+	var saveMBs, ddMBs, sizeMiB []float64
+	var vigilRun, vigilHB, bareRun, bareHB []time.Duration
+	for i := 0; i < b.runs; i++ {
 		vm, err := b.c.ChangeState(ctx, name, api.VMStateRequest{Action: api.ActionPause, ToDisk: true})
 		if err != nil {
 			return nil, err
 		}
-		ops = append(ops, vm.LastOperation)
-	}
-	sort.Slice(ops, func(i, j int) bool { return ops[i].DurationMS < ops[j].DurationMS })
-	op := ops[1]
-	saveMBs := float64(op.Bytes) / (1 << 20) / (op.DurationMS / 1000)
-	vmDir := filepath.Join(b.dataDir, "host", "vms", name)
-	ddMBs, err := ddThroughput(ctx, vmDir, op.Bytes)
-	if err != nil {
-		return nil, err
+		op := vm.LastOperation
+		saveMBs = append(saveMBs, float64(op.Bytes)/(1<<20)/(op.DurationMS/1000))
+		sizeMiB = append(sizeMiB, float64(op.Bytes)/(1<<20))
+		dd, err := ddThroughput(ctx, vmDir, op.Bytes)
+		if err != nil {
+			return nil, err
+		}
+		ddMBs = append(ddMBs, dd)
+
+		run, hb, err := b.bareResume(ctx, vmDir)
+		if err != nil {
+			return nil, err
+		}
+		bareRun, bareHB = append(bareRun, run), append(bareHB, hb)
+
+		t0 := time.Now()
+		if _, err := b.c.ChangeState(ctx, name, api.VMStateRequest{Action: api.ActionResume}); err != nil {
+			return nil, err
+		}
+		vigilRun = append(vigilRun, time.Since(t0))
+		if _, err := b.c.WaitGuest(ctx, name); err != nil {
+			return nil, err
+		}
+		vigilHB = append(vigilHB, time.Since(t0))
 	}
 	rows = append(rows,
-		row{what: "Suspend to disk: state written per second (128 MiB guest, stop → state file fsynced; median of 3)", vigil: fmt.Sprintf("%.0f MB/s (%d MiB in %.0f ms)", saveMBs, op.Bytes>>20, op.DurationMS),
-			baseline: fmt.Sprintf("%.0f MB/s (dd bs=4M conv=fsync, same size, same filesystem)", ddMBs), ratio: fmt.Sprintf("%.2f", saveMBs/ddMBs), note: "target ≥ 0.80"},
-		row{what: "Suspend to disk vs QEMU saving by hand", vigil: fmt.Sprintf("%.0f MB/s", saveMBs),
-			baseline: fmt.Sprintf("%.0f MB/s (bare QEMU: stop, migrate to exec:cat > file, fsync; %d MiB)", bareMBs, bareBytes>>20), ratio: fmt.Sprintf("%.2f", saveMBs/bareMBs),
-			note: "QEMU 7.2 produces the stream on one thread; this is the ceiling the dd target is measured against"},
-		row{what: "State file size vs guest RAM", vigil: fmt.Sprintf("%d MiB", op.Bytes>>20), baseline: "128 MiB (guest RAM)",
-			ratio: fmt.Sprintf("%.2f", float64(op.Bytes)/float64(128<<20)), note: "zero pages are not stored"})
+		versusF(fmt.Sprintf("Suspend to disk: state written per second (128 MiB guest, stop → state file fsynced; %d runs)", b.runs), saveMBs, ddMBs, "MB/s",
+			"dd bs=4M conv=fsync, same size, same filesystem", "target ≥ 0.80"),
+		versusF("Suspend to disk vs QEMU saving by hand", saveMBs, bareMBs, "MB/s",
+			fmt.Sprintf("bare QEMU: stop, migrate to exec:cat > file, fsync; p50 %.0f MiB", pF(bareMiB, 50)),
+			"QEMU 7.2 produces the stream on one thread; this is the ceiling the dd target is measured against"),
+		row{what: "State file size vs guest RAM", vigil: fmt.Sprintf("p50 %.0f MiB", pF(sizeMiB, 50)), baseline: "128 MiB (guest RAM)",
+			ratio: ratio(pF(sizeMiB, 50), 128), note: "zero pages are not stored"},
+		versus(fmt.Sprintf("Resume from disk until the guest runs (128 MiB guest; %d runs)", b.runs), vigilRun, bareRun, ms,
+			"bare QEMU -incoming exec:cat of the same stream, then cont",
+			"Vigil also verifies the file's checksum first; context: Cloud Hypervisor restores 512 MiB in ~160 ms, Firecracker < 8 ms at 512 MiB (KVM)"),
+		versus("Resume from disk until the next guest heartbeat", vigilHB, bareHB, ms, "same bare restore",
+			"heartbeats come every 1 s, so up to 1 s of this is waiting for the next one"))
+	return rows, nil
+}
 
-	// Resume from disk: first the bare baseline on copies (Vigil deletes
-	// the state file once it has resumed from it).
-	stateFile := filepath.Join(vmDir, "state.vigil")
+// bareResume restores the guest suspended in vmDir by hand: bare QEMU on a
+// copy of its disk, -incoming exec:cat of the state file's payload, then
+// cont. It returns how long until the guest ran and until its next
+// heartbeat, counted from QEMU's start.
+func (b *bench) bareResume(ctx context.Context, vmDir string) (run, hb time.Duration, err error) {
 	rawState := filepath.Join(b.tmp, "state.raw")
-	if err := extractPayload(stateFile, rawState); err != nil {
-		return nil, err
+	if err := extractPayload(filepath.Join(vmDir, "state.vigil"), rawState); err != nil {
+		return 0, 0, err
 	}
 	bm, err := b.bareMachine("bare-resume", 128<<20, filepath.Join(b.tmp, "resume-disk.qcow2"))
 	if err != nil {
-		return nil, err
+		return 0, 0, err
 	}
 	if out, err := exec.Command("cp", filepath.Join(vmDir, "disk.qcow2"), bm.Disk).CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("copy disk: %v %s", err, out)
+		return 0, 0, fmt.Errorf("copy disk: %v %s", err, out)
 	}
 	t0 := time.Now()
 	bv, err := startBare(ctx, bm, "-incoming", "exec:cat "+rawState)
 	if err != nil {
-		return nil, err
+		return 0, 0, err
 	}
+	defer bv.stop()
 	if err := waitIncoming(ctx, bv); err != nil {
-		bv.stop()
-		return nil, err
+		return 0, 0, err
 	}
 	if err := bv.mon.Cont(ctx); err != nil {
-		bv.stop()
-		return nil, err
+		return 0, 0, err
 	}
-	bareRun := time.Since(t0)
-	err = nextHeartbeat(bm.AgentSocket(), 30*time.Second)
-	bareHB := time.Since(t0)
-	bv.stop()
-	if err != nil {
-		return nil, err
+	run = time.Since(t0)
+	if err := nextHeartbeat(bm.AgentSocket(), 30*time.Second); err != nil {
+		return 0, 0, err
 	}
-
-	t0 = time.Now()
-	if _, err := b.c.ChangeState(ctx, name, api.VMStateRequest{Action: api.ActionResume}); err != nil {
-		return nil, err
-	}
-	vigilRun := time.Since(t0)
-	if _, err := b.c.WaitGuest(ctx, name); err != nil {
-		return nil, err
-	}
-	vigilHB := time.Since(t0)
-	rows = append(rows,
-		row{what: "Resume from disk until the guest runs (128 MiB guest)", vigil: ms(vigilRun),
-			baseline: ms(bareRun) + " (bare QEMU -incoming exec:cat of the same stream, then cont)", ratio: fmt.Sprintf("%.2f", float64(vigilRun)/float64(bareRun)),
-			note: "Vigil also verifies the file's checksum first; context: Cloud Hypervisor restores 512 MiB in ~160 ms, Firecracker < 8 ms at 512 MiB (KVM)"},
-		row{what: "Resume from disk until the next guest heartbeat", vigil: ms(vigilHB), baseline: ms(bareHB) + " (same bare restore)",
-			ratio: fmt.Sprintf("%.2f", float64(vigilHB)/float64(bareHB)), note: "heartbeats come every 1 s, so up to 1 s of this is waiting for the next one"})
-	return rows, nil
+	return run, time.Since(t0), nil
 }
 
 func waitIncoming(ctx context.Context, v *bareVM) error {
