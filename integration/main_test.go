@@ -23,6 +23,9 @@ import (
 var (
 	binDir   string // holds vigil and vigil-guest
 	imageDir string // a built guest image
+	// debianImage is a Debian cloud-style qcow2 with cloud-init and
+	// qemu-guest-agent (scripts/build-debian-image.sh; make test sets it).
+	debianImage string
 )
 
 func TestMain(m *testing.M) {
@@ -65,6 +68,7 @@ func setup(tmp string) (int, error) {
 			}
 		}
 	}
+	debianImage = os.Getenv("VIGIL_DEBIAN_IMAGE")
 	imageDir = os.Getenv("VIGIL_TEST_IMAGE")
 	if imageDir == "" {
 		imageDir = filepath.Join(tmp, "image")
@@ -83,6 +87,20 @@ func needIntegration(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots real guests; skipped with -short")
 	}
+}
+
+// needDebian skips a test that boots the Debian image when none was built
+// (a plain 'go test'), but fails it in CI, where make test builds one.
+func needDebian(t *testing.T) {
+	t.Helper()
+	needIntegration(t)
+	if debianImage != "" {
+		return
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatal("VIGIL_DEBIAN_IMAGE is not set in CI: make test builds the image and sets it")
+	}
+	t.Skip("no Debian image: run make test, or set VIGIL_DEBIAN_IMAGE to scripts/build-debian-image.sh's output")
 }
 
 // devAgent is a `vigil agent --dev` process under test.
@@ -182,7 +200,13 @@ func (a *devAgent) client() *client.Client {
 // vigil runs the CLI against this agent and returns stdout, stderr and the exit code.
 func (a *devAgent) vigil(args ...string) (string, string, int) {
 	a.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	return a.vigilFor(2*time.Minute, args...)
+}
+
+// vigilFor is vigil with a time limit other than 2 minutes.
+func (a *devAgent) vigilFor(limit time.Duration, args ...string) (string, string, int) {
+	a.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, filepath.Join(binDir, "vigil"), args...)
 	cmd.Env = append(os.Environ(), "VIGIL_CONFIG="+a.configPath())

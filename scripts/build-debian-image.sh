@@ -16,7 +16,7 @@
 #     [ NoCloud, ConfigDrive, None ], units enabled), qemu-guest-agent (started by udev
 #     when /dev/virtio-ports/org.qemu.guest_agent.0 appears), ifupdown + isc-dhcp-client
 #     (cloud-init writes /etc/network/interfaces.d/50-cloud-init), openssh-server (host
-#     keys made on first boot), busybox (e.g. `busybox httpd`), locales (LANG=C.UTF-8),
+#     keys made on first boot), busybox (e.g. `busybox httpd`), fio (disk benchmarks), locales (LANG=C.UTF-8),
 #     serial getty on ttyS0, empty /etc/machine-id, no root password, apt-daily timers off.
 #
 # How it is built (no loop devices, no mounts of the image)
@@ -32,9 +32,11 @@
 # OUT_DIR/debian-12.qcow2 exists the script exits at once, so `make test` may call it on
 # every run. Delete the stamp (or edit the script) to rebuild.
 #
-# Needs: root, network access to the Debian mirror, and these Debian packages (missing
-# ones are installed with apt-get): debootstrap, qemu-utils, e2fsprogs (plus coreutils,
-# util-linux, gzip/tar from any Debian base system).
+# Needs: root, network access to the Debian mirror, ~2.5 GB in TMPDIR, and these Debian
+# packages (missing ones are installed with apt-get): debootstrap (pulls wget), qemu-utils,
+# e2fsprogs, debian-archive-keyring (plus coreutils, util-linux, gawk/mawk of any Debian
+# base system). GRUB and sfdisk are not needed on the host: the guest's own grub-mkimage
+# is used and the partition table is written by hand.
 #
 # Environment (all optional):
 #   DEBIAN_MIRROR      default http://deb.debian.org/debian
@@ -64,6 +66,7 @@ INCLUDE=(
 	ifupdown isc-dhcp-client iproute2 netbase
 	openssh-server sudo ca-certificates
 	busybox locales less
+	fio
 )
 
 log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
@@ -124,9 +127,10 @@ cleanup() {
 	set +e
 	# Anything debootstrap left mounted under the chroot (only after a crash) must go
 	# before rm -rf, or rm would walk into /proc and /sys of the host.
-	for m in $(awk -v w="$WORK/" 'index($2, w) == 1 { print $2 }' /proc/mounts | sort -r); do
-		umount "$m" 2>/dev/null || umount -l "$m"
-	done
+	awk -v w="$WORK/" 'index($2, w) == 1 { print $2 }' /proc/mounts | sort -r |
+		while read -r m; do
+			umount "$m" 2>/dev/null || umount -l "$m"
+		done
 	rm -rf --one-file-system "$WORK"
 	rm -f "$IMAGE.tmp"
 	if [ $rc -ne 0 ]; then
@@ -192,8 +196,9 @@ log "debootstrap done after $(($(date +%s) - START)) s"
 
 KVER=$(basename "$(readlink -f "$ROOT/vmlinuz")")
 KVER=${KVER#vmlinuz-}
-[ -f "$ROOT/boot/vmlinuz-$KVER" ] && [ -f "$ROOT/boot/initrd.img-$KVER" ] ||
+if [ ! -f "$ROOT/boot/vmlinuz-$KVER" ] || [ ! -f "$ROOT/boot/initrd.img-$KVER" ]; then
 	die "no kernel/initrd in the chroot (/vmlinuz -> $(readlink "$ROOT/vmlinuz"))"
+fi
 chroot "$ROOT" lsinitramfs "/boot/initrd.img-$KVER" >"$WORK/initrd.list" ||
 	die "lsinitramfs failed"
 grep -q '/virtio_blk\.ko' "$WORK/initrd.list" || die "the initramfs has no virtio_blk driver"
@@ -220,6 +225,11 @@ cat >"$ROOT/etc/hosts" <<'EOF'
 ff02::1		ip6-allnodes
 ff02::2		ip6-allrouters
 EOF
+cat >"$ROOT/etc/apt/sources.list" <<'EOF'
+deb http://deb.debian.org/debian bookworm main
+deb http://deb.debian.org/debian bookworm-updates main
+deb http://deb.debian.org/debian-security bookworm-security main
+EOF
 # debootstrap copies the build host's resolv.conf; dhclient writes the guest's own.
 : >"$ROOT/etc/resolv.conf"
 cat >"$ROOT/etc/network/interfaces" <<'EOF'
@@ -239,6 +249,13 @@ datasource_list: [ NoCloud, ConfigDrive, None ]
 manage_etc_hosts: true
 # RSA (3072 bit) and DSA host keys took ~20 s of the first boot under TCG.
 ssh_genkeytypes: [ ed25519, ecdsa ]
+EOF
+
+# Without a seed ds-identify would disable cloud-init for the boot, leaving the NIC
+# unconfigured; enabled, cloud-init runs with DataSourceNone and its fallback network
+# config (DHCP on the first NIC).
+cat >"$ROOT/etc/cloud/ds-identify.cfg" <<'EOF'
+policy: search,found=all,maybe=all,notfound=enabled
 EOF
 
 # C.UTF-8 needs no locale-gen: cloud-init's locale module finds it set and does nothing.
@@ -307,9 +324,10 @@ PART_SECTORS=$((DISK_BYTES / 512 - PART_START))
 log "making ext4 ($((PART_SECTORS / 2048)) MiB, UUID $FS_UUID) from the chroot"
 # Keep features that bookworm's GRUB 2.06 reads: no metadata_csum_seed; no orphan_file
 # (mke2fs >= 1.47 elsewhere may enable them by default).
-mkfs_opts=(-O ^metadata_csum_seed)
-if mke2fs -V 2>&1 | grep -qE 'mke2fs 1\.(4[7-9]|[5-9][0-9])'; then
-	mkfs_opts=(-O ^metadata_csum_seed,^orphan_file)
+mkfs_opts=(-O '^metadata_csum_seed')
+mke2fs_version=$(mke2fs -V 2>&1 || true)
+if [[ $mke2fs_version =~ mke2fs\ 1\.(4[7-9]|[5-9][0-9]) ]]; then
+	mkfs_opts=(-O '^metadata_csum_seed,^orphan_file')
 fi
 truncate -s $((PART_SECTORS * 512)) "$WORK/part.img"
 mke2fs -q -F -t ext4 -L root -U "$FS_UUID" -m 1 "${mkfs_opts[@]}" -d "$ROOT" "$WORK/part.img" ||
@@ -336,7 +354,7 @@ core_sectors=$((($(stat -c %s "$CORE") + 511) / 512))
 [ "$(od -An -tu4 -j $((0x200 - 12)) -N 4 "$CORE" | tr -d ' ')" = 2 ] ||
 	die "unexpected block list in core.img"
 
-# bytes as \xHH escapes for printf
+# bytes as \xHH escapes for printf %b
 hexb() { printf '\\x%02x' "$@"; }
 le32() { hexb $(($1 & 255)) $((($1 >> 8) & 255)) $((($1 >> 16) & 255)) $((($1 >> 24) & 255)); }
 chs() { # LBA -> the 3 CHS bytes with 255 heads / 63 sectors, clamped at cylinder 1023
@@ -356,13 +374,14 @@ dd if="$ROOT/usr/lib/grub/i386-pc/boot.img" of="$DISK" bs=440 count=1 conv=notru
 [ "$(od -An -tx1 -j $((0x66)) -N 1 "$DISK" | tr -d ' ')" = eb ] || die "unexpected boot.img"
 printf '\x90\x90' | dd of="$DISK" bs=1 seek=$((0x66)) conv=notrunc status=none
 sig=$((0x${FS_UUID:0:8}))
-printf "$(le32 $sig)\\x00\\x00" | dd of="$DISK" bs=1 seek=440 conv=notrunc status=none
+printf '%b' "$(le32 $sig)\\x00\\x00" | dd of="$DISK" bs=1 seek=440 conv=notrunc status=none
 entry="\\x80$(chs $PART_START)\\x83$(chs $((PART_START + PART_SECTORS - 1)))"
 entry+="$(le32 $PART_START)$(le32 $PART_SECTORS)"
-printf "$entry" | dd of="$DISK" bs=1 seek=446 conv=notrunc status=none
+printf '%b' "$entry" | dd of="$DISK" bs=1 seek=446 conv=notrunc status=none
 printf '\x55\xaa' | dd of="$DISK" bs=1 seek=510 conv=notrunc status=none
 dd if="$CORE" of="$DISK" bs=512 seek=1 conv=notrunc status=none
 dd if="$WORK/part.img" of="$DISK" bs=1M seek=$((PART_START / 2048)) conv=notrunc,sparse status=none
+rm -f "$WORK/part.img"
 
 log "writing compressed qcow2"
 rm -f "$IMAGE.tmp"

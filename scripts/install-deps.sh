@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian packages Vigil needs, only when something is missing.
+# Installs the Debian packages Vigil needs, only when something is missing;
+# with --test, also what its tests need.
 set -euo pipefail
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
@@ -9,6 +10,13 @@ command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v cpio >/dev/null || need+=(cpio)
 command -v curl >/dev/null || need+=(curl)
 [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need+=(ovmf)
+if [ "${1:-}" = --test ]; then
+	# The real qemu-guest-agent the qga tests talk to; tools that check the
+	# cloud-init volumes Vigil writes.
+	[ -x /usr/sbin/qemu-ga ] || need+=(qemu-guest-agent)
+	command -v isoinfo >/dev/null || need+=(genisoimage)
+	command -v xorriso >/dev/null || need+=(xorriso)
+fi
 if [ ${#need[@]} -eq 0 ]; then
 	exit 0
 fi
