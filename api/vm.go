@@ -50,6 +50,12 @@ type VMCreateRequest struct {
 	SSHKeys  []string `json:"ssh_keys,omitempty"`
 	// Firmware is bios (default) or uefi.
 	Firmware string `json:"firmware,omitempty"`
+	// NICs puts the VM on networks (none: the cluster's default network,
+	// or QEMU's user-mode network where there is none). "user" names
+	// user-mode networking explicitly.
+	NICs []NICRequest `json:"nics,omitempty"`
+	// Publish forwards host ports to the VM (on a network, not user-mode).
+	Publish []PortPublish `json:"publish,omitempty"`
 }
 
 // VMConfigRequest is the body of PATCH /v1/vms/{name}: what the guest
@@ -170,6 +176,9 @@ type VM struct {
 	Image    string `json:"image,omitempty"`
 	ISO      string `json:"iso,omitempty"`
 	Firmware string `json:"firmware,omitempty"`
+	// NICs are the VM's network cards (none: QEMU's user-mode network).
+	NICs    []NIC         `json:"nics,omitempty"`
+	Publish []PortPublish `json:"publish,omitempty"`
 }
 
 // Operation reports how a state operation went.

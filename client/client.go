@@ -493,3 +493,29 @@ func (c *Client) VNC(ctx context.Context, name string) (io.ReadWriteCloser, erro
 
 // tunnelProtocol is the Upgrade token of the API's tunnels.
 const tunnelProtocol = "vigil-tunnel"
+
+// CreateNetwork defines a network.
+func (c *Client) CreateNetwork(ctx context.Context, req api.NetworkCreateRequest) (api.Network, error) {
+	var out api.Network
+	err := c.do(ctx, http.MethodPost, "/v1/networks", req, &out)
+	return out, err
+}
+
+// Networks lists the networks.
+func (c *Client) Networks(ctx context.Context) ([]api.Network, error) {
+	var out []api.Network
+	err := c.do(ctx, http.MethodGet, "/v1/networks", nil, &out)
+	return out, err
+}
+
+// Network reports one network.
+func (c *Client) Network(ctx context.Context, name string) (api.Network, error) {
+	var out api.Network
+	err := c.do(ctx, http.MethodGet, "/v1/networks/"+url.PathEscape(name), nil, &out)
+	return out, err
+}
+
+// DeleteNetwork removes a network no VM uses.
+func (c *Client) DeleteNetwork(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/networks/"+url.PathEscape(name), nil, nil)
+}

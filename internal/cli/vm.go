@@ -51,7 +51,7 @@ func newVMCreateCmd(g *globals) *cobra.Command {
 	var cpus int
 	var start, wait bool
 	var host, image, iso, userData, firmware string
-	var sshKeys []string
+	var sshKeys, networks, publish []string
 	var pf policyFlags
 	cmd := &cobra.Command{
 		Use:   "create NAME",
@@ -96,6 +96,20 @@ an empty --disk (default 8G; 1G of memory).`,
 			}
 			req := api.VMCreateRequest{Name: args[0], MemoryBytes: mem, CPUs: cpus, DiskBytes: dsk, Start: start, Host: host,
 				Image: image, ISO: iso, Firmware: firmware}
+			for _, n := range networks {
+				nic, err := parseNIC(n)
+				if err != nil {
+					return err
+				}
+				req.NICs = append(req.NICs, nic)
+			}
+			for _, p := range publish {
+				pp, err := parsePublish(p)
+				if err != nil {
+					return err
+				}
+				req.Publish = append(req.Publish, pp)
+			}
 			if userData != "" {
 				b, err := os.ReadFile(userData)
 				if err != nil {
@@ -142,6 +156,8 @@ an empty --disk (default 8G; 1G of memory).`,
 	cmd.Flags().StringVar(&userData, "user-data", "", "cloud-init user-data file for the guest")
 	cmd.Flags().StringSliceVar(&sshKeys, "ssh-key", nil, "public key file (e.g. ~/.ssh/id_ed25519.pub) installed by cloud-init; repeatable")
 	cmd.Flags().StringVar(&firmware, "firmware", "", "bios (default) or uefi (OVMF, with per-VM variables)")
+	cmd.Flags().StringArrayVar(&networks, "network", nil, "NAME[,ip=ADDR][,mac=MAC]: a NIC on this network; repeatable (default: network 'default' if it exists, else user-mode; 'user' names user-mode)")
+	cmd.Flags().StringArrayVar(&publish, "publish", nil, "HOSTPORT:GUESTPORT[/udp]: forward this port of the VM's host to the VM; repeatable")
 	pf.register(cmd)
 	return cmd
 }
@@ -198,6 +214,19 @@ func (g *globals) printVM(vm api.VM) error {
 			row(w, "FIRMWARE:", vm.Firmware)
 		}
 		row(w, "ENDPOINT:", "http://"+vm.Endpoint)
+		if len(vm.NICs) == 0 {
+			row(w, "NETWORK:", "user-mode (QEMU's own; reached through the endpoint)")
+		}
+		for i, n := range vm.NICs {
+			row(w, fmt.Sprintf("NIC %d:", i), fmt.Sprintf("network %s, mac %s, ip %s", n.Network, n.MAC, orNone(n.IP)))
+		}
+		for _, p := range vm.Publish {
+			proto := p.Proto
+			if proto == "" {
+				proto = "tcp"
+			}
+			row(w, "PUBLISHED:", fmt.Sprintf("host port %d/%s -> guest port %d", p.HostPort, proto, p.GuestPort))
+		}
 		row(w, "CREATED:", vm.CreatedAt.Format(time.RFC3339))
 		p := vm.Policy
 		row(w, "RECOVERY:", fmt.Sprintf("%s (hang after %ds, min uptime %ds, at most %d restarts per %ds)", p.Recovery, p.HangTimeoutSeconds, p.MinUptimeSeconds, p.MaxRestarts, p.RestartWindowSeconds))

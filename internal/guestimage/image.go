@@ -50,7 +50,7 @@ type Image struct {
 
 // Format is bumped whenever the initramfs contents change in a way that an
 // existing image must be rebuilt for (rcS, inittab, module list).
-const Format = 1
+const Format = 2
 
 const (
 	manifestName = "manifest.json"

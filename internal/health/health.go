@@ -1,6 +1,7 @@
 // Package health turns a VM's liveness signals into a verdict. It is pure
 // logic: the host agent samples the signals (guest heartbeats, vCPU time,
-// disk and network I/O, QEMU's run state) and feeds them in.
+// disk and network I/O, ARP answers from the guest's kernel, QEMU's run
+// state) and feeds them in.
 //
 // Only time the agent actually observed counts. If the agent itself was
 // stopped or starved (a gap between samples much longer than the sampling
@@ -56,7 +57,14 @@ type Sample struct {
 	AgentExpected bool
 	CPUTime       time.Duration
 	DiskOps       uint64 // read + write operations, all disks
-	NetBytes      uint64 // rx + tx, when known
+	// NetPackets counts frames the guest sent (its taps' receive side),
+	// when it is on a network.
+	NetPackets uint64
+	// KernelAnswered is when the guest's kernel last answered an ARP probe
+	// for its address (zero: never, or not on a network). The kernel
+	// answers ARP without any process: a guest that answers lives, even
+	// with its agent frozen.
+	KernelAnswered time.Time
 }
 
 // Monitor accumulates observed silence for one VM. Not safe for concurrent use.
@@ -126,7 +134,7 @@ func (m *Monitor) Observe(s Sample) Verdict {
 	} else {
 		m.hbSilent += dt
 	}
-	if s.DiskOps != prev.DiskOps || s.NetBytes != prev.NetBytes {
+	if s.DiskOps != prev.DiskOps || s.NetPackets != prev.NetPackets || s.KernelAnswered.After(prev.KernelAnswered) {
 		m.actSilent, m.cpuInSilence = 0, 0
 	} else {
 		m.actSilent += dt

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/hostnet"
 	"github.com/vigil-project/vigil/internal/hostproto"
 	"github.com/vigil-project/vigil/internal/imagestore"
 	"github.com/vigil-project/vigil/internal/qemu"
@@ -78,6 +79,11 @@ type Agent struct {
 	vms map[string]*vm
 	// fetching serialises fetches of one image blob (guarded by mu).
 	fetching map[string]*sync.Mutex
+
+	// net wires VMs to networks (see hostNet).
+	netOnce sync.Once
+	net     *hostnet.Host
+	netErr  error
 
 	imagesOnce sync.Once
 	images     *imagestore.Store
@@ -164,6 +170,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.mu.Unlock()
 	a.wg.Wait()
+	if a.net != nil {
+		a.net.Close()
+	}
 	return nil
 }
 
@@ -217,6 +226,9 @@ func (a *Agent) loadAndAdopt(ctx context.Context) error {
 			continue
 		}
 		a.log.Info("adopted running vm", "vm", spec.Name, "pid", p.PID)
+		if err := v.plugNICs(); err != nil {
+			a.log.Error("adopted vm's network not wired: its guest is cut off until it restarts", "vm", spec.Name, "err", err)
+		}
 		v.attach(p)
 		a.notify(spec.Name, hostproto.EventAdopted, false, fmt.Sprintf("pid %d", p.PID))
 	}

@@ -74,6 +74,8 @@ func (v *vm) watchHealth(ctx context.Context, p *qemu.Process) {
 			}
 		}
 		cancel()
+		s.NetPackets = v.tapRxPackets()
+		s.KernelAnswered, _ = v.arpAnswered()
 		verdict := mon.Observe(s)
 		if verdict == last {
 			continue

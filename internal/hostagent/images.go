@@ -143,7 +143,14 @@ func (v *vm) prepareBoot(ctx context.Context) error {
 		}
 	}
 	if ci := v.spec.CloudInit; ci != nil && v.machine.Seed != "" {
-		seed, err := cloudinit.Seed(cloudinit.Meta{InstanceID: ci.InstanceID, Hostname: v.spec.Name}, []byte(ci.UserData), []byte(ci.NetworkConfig))
+		netConfig := []byte(ci.NetworkConfig)
+		if len(netConfig) == 0 && len(v.spec.NICs) > 0 {
+			var err error
+			if netConfig, err = v.networkConfig(); err != nil {
+				return fmt.Errorf("cloud-init volume of %s: %w", v.spec.Name, err)
+			}
+		}
+		seed, err := cloudinit.Seed(cloudinit.Meta{InstanceID: ci.InstanceID, Hostname: v.spec.Name}, []byte(ci.UserData), netConfig)
 		if err != nil {
 			return fmt.Errorf("cloud-init volume of %s: %w", v.spec.Name, err)
 		}
@@ -151,7 +158,7 @@ func (v *vm) prepareBoot(ctx context.Context) error {
 			return fmt.Errorf("cloud-init volume of %s: %w", v.spec.Name, err)
 		}
 	}
-	return nil
+	return v.plugNICs()
 }
 
 // machineFor is the QEMU definition of a VM with spec, its run files in
@@ -160,12 +167,15 @@ func (a *Agent) machineFor(spec hostproto.VMSpec, dir, store string) qemu.Machin
 	m := qemu.Machine{
 		Name: spec.Name, UUID: spec.UUID, MemoryBytes: spec.MemoryBytes, CPUs: spec.CPUs,
 		Accel: a.accel, Disk: filepath.Join(store, "disk.qcow2"), HostPort: spec.HostPort, Dir: dir,
-		GuestAgent: spec.QGAPort,
+		GuestAgent: spec.QGAPort, NICs: a.machineNICs(spec),
 	}
 	if spec.Image == nil && spec.ISO == nil {
 		// The built-in guest boots its kernel directly.
 		m.Kernel, m.Initrd = a.cfg.Image.Kernel, a.cfg.Image.Initrd
 		m.Cmdline = a.cfg.Image.Cmdline + " vigil.name=" + spec.Name
+		if len(spec.NICs) > 0 {
+			m.Cmdline += " vigil.net=dhcp"
+		}
 		return m
 	}
 	m.Display = true

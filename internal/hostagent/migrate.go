@@ -183,8 +183,9 @@ func (a *Agent) MigrateFinish(ctx context.Context, r hostproto.VMRef) (hostproto
 	}
 	// The source quit before this call, but its port may take a moment to
 	// be released by the kernel.
+	v.announce(p)
 	var ferr error
-	for i := 0; i < 50; i++ {
+	for i := 0; i < 50 && len(v.spec.NICs) == 0; i++ {
 		if ferr = qemu.AddHostFwd(ctx, p.Monitor, v.spec.HostPort); ferr == nil {
 			break
 		}

@@ -214,6 +214,7 @@ func (v *vm) watchExit(ctx context.Context, p *qemu.Process, exited chan struct{
 	}
 	v.mu.Unlock()
 	close(exited)
+	v.unplugNICs()
 	msg := "qemu exited"
 	if guestOff {
 		msg = hostproto.MsgGuestPoweredOff

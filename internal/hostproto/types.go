@@ -44,6 +44,42 @@ type VMSpec struct {
 	// since Vigil knows it; older VMs keep their hardware, so that their
 	// saved states still load).
 	QGAPort bool `json:"qga_port,omitempty"`
+	// NICs are the VM's network cards, in PCI order; none means QEMU's
+	// user-mode network with HostPort forwarded. Each carries its network
+	// as it stands, so a host needs nothing else to wire it.
+	NICs []NIC `json:"nics,omitempty"`
+}
+
+// NIC is a VM network card on a network.
+type NIC struct {
+	Network NetworkSpec `json:"network"`
+	MAC     string      `json:"mac"`
+	// IP is the address reserved for the NIC (empty: none, on an
+	// operator's bridge).
+	IP      string    `json:"ip,omitempty"`
+	Publish []Publish `json:"publish,omitempty"`
+}
+
+// NetworkSpec is a network as a host wires it.
+type NetworkSpec struct {
+	Name string `json:"name"`
+	// Bridge is the operator's bridge; empty for a managed network.
+	Bridge  string   `json:"bridge,omitempty"`
+	Subnet  string   `json:"subnet,omitempty"`
+	Gateway string   `json:"gateway,omitempty"`
+	NAT     bool     `json:"nat,omitempty"`
+	DNS     []string `json:"dns,omitempty"`
+	VNI     int      `json:"vni,omitempty"`
+	// Peers are the underlay addresses of the other hosts (on other
+	// machines) that the network's VXLAN reaches.
+	Peers []string `json:"peers,omitempty"`
+}
+
+// Publish forwards a host port to a NIC's address.
+type Publish struct {
+	Proto     string `json:"proto,omitempty"`
+	HostPort  int    `json:"host_port"`
+	GuestPort int    `json:"guest_port"`
 }
 
 // ImageRef names an image blob by its content.

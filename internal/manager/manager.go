@@ -393,11 +393,16 @@ func (m *Manager) define(ctx context.Context, req api.VMCreateRequest, policy ap
 	if err := m.specFromImages(ctx, req, &spec); err != nil {
 		return nil, err
 	}
+	nics, claims, err := m.allocNICs(ctx, req, spec.UUID, hostName)
+	if err != nil {
+		return nil, err
+	}
+	spec.NICs = nics
 	r := record{
 		Spec: spec,
 		Host: hostName, Desired: desiredStopped, State: api.StateCreating, CreatedAt: now, UpdatedAt: now, Policy: policy,
 	}
-	return m.beginNew(ctx, r, opCreate)
+	return m.beginNew(ctx, r, opCreate, claims)
 }
 
 // specFromImages fills what a VM made from an image or an ISO needs: the
@@ -542,7 +547,8 @@ func (m *Manager) view(r record) api.VM {
 	st := m.actual(r)
 	v := api.VM{
 		Name: r.Spec.Name, State: r.State, Host: r.Host, MemoryBytes: r.Spec.MemoryBytes, CPUs: r.Spec.CPUs,
-		DiskBytes: r.Spec.DiskBytes, Endpoint: fmt.Sprintf("127.0.0.1:%d", r.Spec.HostPort),
+		DiskBytes: r.Spec.DiskBytes, Endpoint: endpointOf(r.Spec),
+		NICs: nicViews(r.Spec.NICs), Publish: publishViews(r.Spec.NICs),
 		CreatedAt: r.CreatedAt, Message: r.Message, CurrentSnapshot: r.CurrentSnapshot, LastOperation: r.LastOperation,
 		Policy: withDefaults(r.Policy), Condition: r.Condition, StoragePool: r.Spec.Pool, Firmware: r.Spec.Firmware,
 	}

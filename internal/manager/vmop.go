@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -216,7 +217,7 @@ func (m *Manager) beginWait(ctx context.Context, name, kind string, prepare func
 
 // beginNew writes the record of a new VM and takes its lock, in one
 // transaction: the name must be free.
-func (m *Manager) beginNew(ctx context.Context, r record, kind string) (*vmOp, error) {
+func (m *Manager) beginNew(ctx context.Context, r record, kind string, claims map[string]string) (*vmOp, error) {
 	name := r.Spec.Name
 	lease, err := m.locks.lease(ctx)
 	if err != nil {
@@ -224,8 +225,11 @@ func (m *Manager) beginNew(ctx context.Context, r record, kind string) (*vmOp, e
 	}
 	o := &vmOp{m: m, r: r, lock: m.newLock(name, kind, lease)}
 	o.r.Op = &opIntent{Kind: kind, Manager: m.name, Instance: m.instance, Started: time.Now().UTC(), From: r.State}
-	o.rev, err = m.store.Acquire(ctx, vmKey(name), 0, o.r, o.lock)
+	o.rev, err = m.store.AcquireClaiming(ctx, vmKey(name), 0, o.r, o.lock, claims)
+	var ce *store.ClaimError
 	switch {
+	case errors.As(err, &ce):
+		return nil, errorf(ErrConflict, "vm %s: %s was taken by vm %s meanwhile: retry", name, strings.TrimSuffix(ce.Key, "/"), ce.Holder)
 	case errors.Is(err, store.ErrLocked), errors.Is(err, store.ErrConflict):
 		return nil, errorf(ErrConflict, "vm %s already exists: pick another name, or delete it first", name)
 	case err != nil:
@@ -364,7 +368,8 @@ func (o *vmOp) flush() {
 // lock, and publishes vm.deleted.
 func (o *vmOp) deleteRecord(ctx context.Context) error {
 	name := o.r.Spec.Name
-	if err := o.m.store.DeleteLocked(ctx, o.lock, vmKey(name), "incidents/"+name+"/", "snapshots/"+name+"/"); err != nil {
+	prefixes := append([]string{"incidents/" + name + "/", "snapshots/" + name + "/"}, nicClaims(name, o.r.Spec.NICs)...)
+	if err := o.m.store.DeleteLocked(ctx, o.lock, vmKey(name), prefixes...); err != nil {
 		return wrapf(ErrUnavailable, err, "delete vm %s", name)
 	}
 	o.released = true

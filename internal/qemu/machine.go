@@ -43,8 +43,11 @@ type Machine struct {
 	// Display adds a standard VGA card and a VNC server on a unix socket
 	// in Dir (never a TCP port), for installers and graphical consoles.
 	Display  bool
-	HostPort int    // 127.0.0.1:HostPort is forwarded to the guest's port 80
-	Dir      string // holds the sockets, serial log and pid file
+	HostPort int // 127.0.0.1:HostPort is forwarded to the guest's port 80
+	// NICs, if any, replace user-mode networking: one virtio NIC per tap
+	// (made and wired by the host agent), nic0 first.
+	NICs []NIC
+	Dir  string // holds the sockets, serial log and pid file
 	// Incoming starts QEMU waiting for a saved state (-incoming defer)
 	// instead of booting; LoadState or MigrateIncoming then feeds it.
 	Incoming bool
@@ -52,6 +55,15 @@ type Machine struct {
 	// live migration adds it (AddHostFwd) once the source has let go of
 	// the port.
 	NoHostFwd bool
+}
+
+// NIC is a virtio network card on a tap.
+type NIC struct {
+	Tap string
+	MAC string
+	// Vhost moves the card's data path into the kernel (vhost-net), where
+	// the host has it.
+	Vhost bool
 }
 
 // Hardware is the part of a machine that a saved state depends on: QEMU
@@ -75,6 +87,9 @@ func (m Machine) Hardware() Hardware {
 	d := append([]string(nil), devices...)
 	if m.GuestAgent {
 		d = append(d, "virtserialport:org.qemu.guest_agent.0")
+	}
+	for i := 1; i < len(m.NICs); i++ {
+		d = append(d, "virtio-net-pci:nic"+strconv.Itoa(i))
 	}
 	if m.Seed != "" {
 		d = append(d, "virtio-blk-pci:vdb")
@@ -151,7 +166,7 @@ func (m Machine) Validate() error {
 		return errors.New("uefi needs OVMF: install it with 'apt-get install ovmf'")
 	case m.Disk == "":
 		return errors.New("machine has no disk")
-	case m.HostPort <= 0 || m.HostPort > 65535:
+	case len(m.NICs) == 0 && (m.HostPort <= 0 || m.HostPort > 65535):
 		return fmt.Errorf("host port %d is out of range", m.HostPort)
 	case len(m.QMPSocket()) >= unixPathMax || len(m.AgentSocket()) >= unixPathMax:
 		return fmt.Errorf("vm directory %s is too long for unix sockets (max %d bytes): use a shorter --data-dir", m.Dir, unixPathMax-12)
@@ -188,8 +203,9 @@ func (m Machine) Args() []string {
 		"-blockdev", "driver=file,filename="+m.Disk+",node-name=disk0-file",
 		"-blockdev", "driver=qcow2,file=disk0-file,node-name=disk0",
 		"-device", "virtio-blk-pci,drive=disk0,id=vda,bootindex=1",
-		"-netdev", m.netdev(),
-		"-device", "virtio-net-pci,netdev=net0,id=nic0",
+	)
+	args = append(args, m.netArgs()...)
+	args = append(args,
 		"-device", "virtio-serial-pci,id=vser0",
 		"-chardev", "socket,id=agent0,path="+m.AgentSocket()+",server=on,wait=off",
 		"-device", "virtserialport,chardev=agent0,name=org.vigil.agent.0",
@@ -229,13 +245,30 @@ func (m Machine) Args() []string {
 	return append(args, "-daemonize")
 }
 
-// netdev is user-mode networking with the guest's port 80 forwarded to
-// 127.0.0.1:HostPort (the rule AddHostFwd adds).
-func (m Machine) netdev() string {
-	if m.NoHostFwd {
-		return "user,id=net0"
+// netArgs are the VM's network cards: on taps, or one on user-mode
+// networking with the guest's port 80 forwarded to 127.0.0.1:HostPort (the
+// rule AddHostFwd adds). nic0 keeps its PCI place either way, so the
+// devices a saved state depends on do not change with the backend.
+func (m Machine) netArgs() []string {
+	if len(m.NICs) == 0 {
+		netdev := "user,id=net0,hostfwd=" + hostFwdRule(m.HostPort) + "-:80"
+		if m.NoHostFwd {
+			netdev = "user,id=net0"
+		}
+		return []string{"-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,id=nic0"}
 	}
-	return "user,id=net0,hostfwd=" + hostFwdRule(m.HostPort) + "-:80"
+	var args []string
+	for i, n := range m.NICs {
+		id := strconv.Itoa(i)
+		vhost := "off"
+		if n.Vhost {
+			vhost = "on"
+		}
+		args = append(args,
+			"-netdev", "tap,id=net"+id+",ifname="+n.Tap+",script=no,downscript=no,vhost="+vhost,
+			"-device", "virtio-net-pci,netdev=net"+id+",id=nic"+id+",mac="+n.MAC)
+	}
+	return args
 }
 
 // hostFwdRule is the host side of the forward, in hostfwd_add's syntax.

@@ -203,7 +203,7 @@ func (s *Store) List(ctx context.Context, prefix string) ([]KV, error) {
 	}
 	out := make([]KV, 0, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
-		out = append(out, KV{Key: string(kv.Key[len(s.key(prefix)):]), Value: kv.Value, Revision: kv.ModRevision})
+		out = append(out, KV{Key: string(kv.Key[len(s.key(prefix)):]), Value: kv.Value, Revision: kv.ModRevision, Created: kv.CreateRevision})
 	}
 	return out, nil
 }
@@ -245,5 +245,6 @@ func (s *Store) Watch(ctx context.Context, prefix string, rev int64, f func(key 
 type KV struct {
 	Key      string
 	Value    []byte
-	Revision int64
+	Revision int64 // of the last change
+	Created  int64 // the revision that created the key
 }

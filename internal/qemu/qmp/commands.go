@@ -44,6 +44,13 @@ func (m *Monitor) Cont(ctx context.Context) error {
 	return m.Run(ctx, "cont", nil, nil)
 }
 
+// AnnounceSelf makes QEMU send gratuitous ARP (RARP) frames for every NIC,
+// a few times over about a second, so that bridges and switches learn at
+// once where a guest that moved now is.
+func (m *Monitor) AnnounceSelf(ctx context.Context) error {
+	return m.Run(ctx, "announce-self", map[string]int{"initial": 50, "max": 550, "rounds": 5, "step": 100}, nil)
+}
+
 // SystemPowerdown sends an ACPI power-button press; the guest decides
 // whether and when to shut down, so success means only that the request
 // was delivered.
