@@ -5,6 +5,11 @@ export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 BIN := bin
 DATA_DIR ?= $(shell if [ "$$(id -u)" = 0 ]; then echo /var/lib/vigil; else echo $${XDG_STATE_HOME:-$$HOME/.local/state}/vigil; fi)
+# As root, make run gives VMs a managed network (bridge, DHCP, NAT) as
+# libvirt's default network does; VMs are reached at their own address.
+# Without root they get QEMU's user-mode network and a forwarded port.
+DEFAULT_NETWORK ?= 10.231.0.0/24
+RUN_NETWORK := $(if $(filter 0,$(shell id -u)),--default-network $(DEFAULT_NETWORK))
 # Tests and benchmarks share one guest image, built once.
 TEST_IMAGE := $(CURDIR)/build/image
 # ... and one Debian image with cloud-init and qemu-guest-agent, built from
@@ -38,7 +43,7 @@ image: deps build
 
 run: deps build
 	$(BIN)/vigil image build --data-dir $(DATA_DIR)
-	$(BIN)/vigil agent --dev --data-dir $(DATA_DIR)
+	$(BIN)/vigil agent --dev --data-dir $(DATA_DIR) $(RUN_NETWORK)
 
 test-image: deps-test build debian-image installer-iso
 	$(BIN)/vigil image build --out $(TEST_IMAGE) -q

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -328,4 +329,51 @@ func TestNetworks(t *testing.T) {
 			t.Fatal("addresses changed with the failover")
 		}
 	})
+}
+
+// TestRealGuestNetwork boots the Debian image on a managed network: cloud-
+// init's network-config gives it its reserved address (qemu-guest-agent
+// reports it), the host reaches its service there, and with its agent
+// stopped the idle guest is reported agent-unwell, never restarted: its
+// kernel still answers ARP.
+func TestRealGuestNetwork(t *testing.T) {
+	needDebian(t)
+	if !inOwnNetNS(t) {
+		return
+	}
+	m := newDevAgent(t)
+	m.mustVigil("network", "create", "blue", "--subnet", "10.80.0.0/24", "--nat")
+	mustVigilFor(t, m, 5*time.Minute, "image", "import", "debian", debianImage)
+	start := time.Now()
+	var v api.VM
+	out := mustVigilFor(t, m, 8*time.Minute, "vm", "create", "deb", "--image", "debian", "--network", "blue,ip=10.80.0.20",
+		"--user-data", userData(t, "net1"), "--start", "--wait", "-o", "json")
+	if err := json.Unmarshal([]byte(out), &v); err != nil || v.Guest == nil || v.Guest.Agent != "qemu-ga" || v.Endpoint != "10.80.0.20:80" {
+		t.Fatalf("create --wait: %v\n%s", err, out)
+	}
+	v, _ = serving(t, m, "deb", "net1", 6*time.Minute)
+	t.Logf("serving on its own address after %s", time.Since(start).Round(time.Millisecond))
+	waitFor(t, "qemu-ga reporting the address", time.Minute, func() bool {
+		v = showVM(t, m, "deb")
+		return v.Guest != nil && slices.Contains(v.Guest.Addresses, "10.80.0.20/24")
+	})
+	if got := strings.TrimSpace(execOut(t, m, "deb", "ip -4 route show default")); !strings.Contains(got, "via 10.80.0.1") {
+		t.Fatalf("the guest's default route: %q", got)
+	}
+
+	waitFor(t, "deb past its grace period", 2*time.Minute, func() bool {
+		g := showVM(t, m, "deb").Guest
+		return g != nil && g.UptimeSeconds > 31
+	})
+	m.mustVigil("vm", "fault", "deb", "agent-stop")
+	waitFor(t, "deb agent-unwell", time.Minute, func() bool { return showVM(t, m, "deb").Condition == "agent-unwell" })
+	time.Sleep(20 * time.Second) // twice the hang timeout
+	var incs []api.Incident
+	json.Unmarshal([]byte(m.mustVigil("vm", "incidents", "deb", "-o", "json")), &incs)
+	if len(incs) != 0 {
+		t.Fatalf("an idle Debian guest with its qemu-ga stopped was judged: %+v", incs)
+	}
+	if fetch("http://10.80.0.20/") != "net1" {
+		t.Fatal("the guest stopped serving")
+	}
 }

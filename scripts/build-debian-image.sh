@@ -16,7 +16,7 @@
 #     [ NoCloud, ConfigDrive, None ], units enabled), qemu-guest-agent (started by udev
 #     when /dev/virtio-ports/org.qemu.guest_agent.0 appears), ifupdown + isc-dhcp-client
 #     (cloud-init writes /etc/network/interfaces.d/50-cloud-init), openssh-server (host
-#     keys made on first boot), busybox (e.g. `busybox httpd`), fio (disk benchmarks), locales (LANG=C.UTF-8),
+#     keys made on first boot), busybox (e.g. `busybox httpd`), fio and iperf3 (benchmarks), locales (LANG=C.UTF-8),
 #     serial getty on ttyS0, empty /etc/machine-id, no root password, apt-daily timers off.
 #
 # How it is built (no loop devices, no mounts of the image)
@@ -66,7 +66,7 @@ INCLUDE=(
 	ifupdown isc-dhcp-client iproute2 netbase
 	openssh-server sudo ca-certificates
 	busybox locales less
-	fio
+	fio iperf3
 )
 
 log() { printf '%s: %s\n' "$PROG" "$*" >&2; }

@@ -16,6 +16,9 @@ if [ "${1:-}" = --test ]; then
 	[ -x /usr/sbin/qemu-ga ] || need+=(qemu-guest-agent)
 	command -v isoinfo >/dev/null || need+=(genisoimage)
 	command -v xorriso >/dev/null || need+=(xorriso)
+	# The network tests' client namespace (ip netns); iperf3 for make bench.
+	command -v ip >/dev/null || need+=(iproute2)
+	command -v iperf3 >/dev/null || need+=(iperf3)
 fi
 if [ ${#need[@]} -eq 0 ]; then
 	exit 0

@@ -52,7 +52,10 @@ func (b *bench) bareMachine(name string, mem int64, disk string) (qemu.Machine, 
 	}
 	return qemu.Machine{Name: name, UUID: "00000000-0000-4000-8000-000000000002", MemoryBytes: mem, CPUs: 1, Accel: b.accel,
 		Kernel: b.img.Kernel, Initrd: b.img.Initrd, Cmdline: b.img.Cmdline + " vigil.name=" + name,
-		Disk: disk, HostPort: port, Dir: dir}, nil
+		Disk: disk, HostPort: port, Dir: dir,
+		// Every VM Vigil makes has qemu-guest-agent's port: the same devices
+		// (a saved state loads only into the same hardware).
+		GuestAgent: true}, nil
 }
 
 // startBare runs m in the foreground (no -daemonize) and connects QMP.

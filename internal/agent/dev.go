@@ -42,6 +42,10 @@ type DevConfig struct {
 	Reconcile time.Duration // controller period (default 2s)
 	// Ready, if set, is called with the API's address once it serves.
 	Ready func(addr string)
+	// DefaultNetwork, if set, is the subnet of network "default" (with
+	// NAT), made at start unless it exists: VMs created without --network
+	// join it. Empty: no default network (VMs get user-mode networking).
+	DefaultNetwork string
 }
 
 // DefaultDataDir is /var/lib/vigil for root, else $XDG_STATE_HOME/vigil.
@@ -121,6 +125,9 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	}
 	cpath, err := writeClientConfigs(ctx, mgr, cfg.DataDir, "admin", apiURL(ln), id.CA.CertPEM, true)
 	if err != nil {
+		return err
+	}
+	if err := ensureDefaultNetwork(ctx, mgr, cfg.DefaultNetwork, log); err != nil {
 		return err
 	}
 	hostCtx, stopHost := context.WithCancel(context.Background())
@@ -231,4 +238,24 @@ type progressWriter func(string)
 func (p progressWriter) Write(b []byte) (int, error) {
 	p(string(b))
 	return len(b), nil
+}
+
+// ensureDefaultNetwork makes network "default" (subnet, NAT) unless it
+// exists; one that exists is kept as it is.
+func ensureDefaultNetwork(ctx context.Context, mgr *manager.Manager, subnet string, log *slog.Logger) error {
+	if subnet == "" {
+		return nil
+	}
+	if n, err := mgr.Network(ctx, manager.DefaultNetwork); err == nil {
+		if n.Subnet != subnet {
+			log.Warn("network default exists with another subnet; keeping it", "subnet", n.Subnet, "asked", subnet)
+		}
+		return nil
+	}
+	n, err := mgr.CreateNetwork(ctx, api.NetworkCreateRequest{Name: manager.DefaultNetwork, Subnet: subnet, NAT: true}, "vigil agent --dev")
+	if err != nil {
+		return fmt.Errorf("--default-network %s: %w", subnet, err)
+	}
+	log.Info("network default made: VMs created without --network join it", "subnet", n.Subnet, "gateway", n.Gateway)
+	return nil
 }

@@ -136,6 +136,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 	f.StringVar(&etcdCA, "etcd-ca", "", "with --etcd-endpoints: CA certificate (PEM file) of the external etcd's TLS")
 	f.StringVar(&etcdCert, "etcd-cert", "", "with --etcd-endpoints: client certificate (PEM file) for the external etcd")
 	f.StringVar(&etcdKey, "etcd-key", "", "with --etcd-endpoints: client key (PEM file) for the external etcd")
+	f.StringVar(&cfg.DefaultNetwork, "default-network", envOr("VIGIL_DEFAULT_NETWORK", ""), "with --dev: make network 'default' on this subnet with NAT (e.g. 10.231.0.0/24; needs root), which VMs join unless they name another (env VIGIL_DEFAULT_NETWORK)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd
 }

@@ -165,6 +165,7 @@ func (m *Manager) evacuate(ctx context.Context, o *vmOp) error {
 	// from then on the old host can neither start nor keep the VM.
 	spec := r.Spec
 	spec.Epoch++
+	spec.NICs = m.nicsOn(spec.NICs, target)
 	actx, cancel := context.WithTimeout(ctx, hostCallTimeout)
 	_, err = hostproto.Attach.Call(actx, m.hostNamed(target), spec)
 	cancel()

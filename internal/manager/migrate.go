@@ -139,6 +139,7 @@ func (m *Manager) arrived(vm string) {
 // new host takes the lease, then the record follows.
 func (m *Manager) moveCold(ctx context.Context, o *vmOp, spec hostproto.VMSpec, target string) error {
 	name, from := o.r.Spec.Name, o.r.Host
+	spec.NICs = m.nicsOn(spec.NICs, target)
 	if _, err := hostproto.Attach.Call(ctx, m.hostNamed(target), spec); err != nil {
 		return fmt.Errorf("move vm %s to %s: %w", name, target, err)
 	}
@@ -167,6 +168,7 @@ func (m *Manager) moveLive(ctx context.Context, o *vmOp, spec hostproto.VMSpec, 
 	err = o.run(ctx, kind, []step{
 		{name: "prepare-destination",
 			do: func(ctx context.Context) error {
+				spec.NICs = m.nicsOn(spec.NICs, target)
 				res, err := hostproto.MigrateIn.Call(ctx, dst, hostproto.MigrateInRequest{Spec: spec, Source: from})
 				port = res.Port
 				return err

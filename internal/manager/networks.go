@@ -351,6 +351,23 @@ func (m *Manager) vxlanPeers(host string) []string {
 	return out
 }
 
+// nicsOn is a VM's NICs as host gets them: each network's VXLAN peers
+// are the hosts on other machines than host's (the ones of the VM's old
+// host would include host itself and leave out the old one).
+func (m *Manager) nicsOn(nics []hostproto.NIC, host string) []hostproto.NIC {
+	if len(nics) == 0 {
+		return nics
+	}
+	out := make([]hostproto.NIC, len(nics))
+	for i, n := range nics {
+		out[i] = n
+		if n.Network.Bridge == "" {
+			out[i].Network.Peers = m.vxlanPeers(host)
+		}
+	}
+	return out
+}
+
 // allocNICs picks each NIC's network, MAC and address for a new VM, and
 // the claims that hold them. No NICs asked for: the default network if
 // there is one, else user-mode networking.

@@ -109,6 +109,7 @@ func (m *Manager) settleMove2(ctx context.Context, o *vmOp, in *opIntent, why st
 func (m *Manager) settleMove(ctx context.Context, o *vmOp, in *opIntent) error {
 	spec := o.r.Spec
 	spec.Epoch = in.Epoch
+	spec.NICs = m.nicsOn(spec.NICs, in.Target)
 	if _, err := hostproto.Attach.Call(ctx, m.hostNamed(in.Target), spec); err != nil {
 		return fmt.Errorf("attach to %s: %w", in.Target, err)
 	}
