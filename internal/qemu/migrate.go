@@ -124,7 +124,7 @@ func SaveState(ctx context.Context, mon *qmp.Monitor, dir string, w io.Writer, o
 	}
 
 	var copyErr error
-	copyDone := false
+	copyDone, switched := false, false
 	step := 0
 	// A live save polls often so the switchover is caught at once (the
 	// guest is stopped meanwhile). A save of a stopped guest need not: the
@@ -162,6 +162,12 @@ func SaveState(ctx context.Context, mon *qmp.Monitor, dir string, w io.Writer, o
 		}
 		switch mi.Status {
 		case "pre-switchover":
+			if switched {
+				// migrate-continue is under way; a query can still see
+				// the state it leaves.
+				continue
+			}
+			switched = true
 			if err := o.AtSwitchover(ctx); err != nil {
 				return fail(fmt.Errorf("at switchover: %w", err))
 			}
