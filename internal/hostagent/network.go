@@ -192,3 +192,26 @@ func (v *vm) networkConfig() ([]byte, error) {
 	}
 	return cloudinit.NetworkConfig(ifs)
 }
+
+// SetNetworks updates the networks this host has wired (their VXLAN peers
+// change as hosts come and go); networks no VM of this host uses are not
+// made for it.
+func (a *Agent) SetNetworks(_ context.Context, r hostproto.NetworksRequest) (hostproto.None, error) {
+	if a.net == nil {
+		return hostproto.None{}, nil
+	}
+	var errs []error
+	for _, s := range r.Networks {
+		if !a.net.Has(s.Name) {
+			continue
+		}
+		n, err := a.hostNetwork(s)
+		if err == nil {
+			err = a.net.EnsureNetwork(n)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("network %s: %w", s.Name, err))
+		}
+	}
+	return hostproto.None{}, errors.Join(errs...)
+}

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -30,6 +31,11 @@ type Network struct {
 	VNI   int
 	Local netip.Addr
 	Peers []netip.Addr
+}
+
+func (n Network) equal(o Network) bool {
+	return n.Name == o.Name && n.Bridge == o.Bridge && n.Subnet == o.Subnet && n.Gateway == o.Gateway && n.NAT == o.NAT &&
+		n.VNI == o.VNI && n.Local == o.Local && slices.Equal(n.DNS, o.DNS) && slices.Equal(n.Peers, o.Peers)
 }
 
 // Managed says whether Vigil runs the network's bridge.
@@ -94,6 +100,14 @@ func (n Network) BridgeOf() string {
 	return n.Bridge
 }
 
+// Has says whether the network is wired on this host.
+func (h *Host) Has(name string) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	_, ok := h.nets[name]
+	return ok
+}
+
 // EnsureNetwork makes the network ready on this host (idempotent: a spec
 // that changed, such as new peers, is applied).
 func (h *Host) EnsureNetwork(n Network) error {
@@ -106,6 +120,8 @@ func (h *Host) ensureLocked(n Network) error {
 	st := h.nets[n.Name]
 	if st == nil {
 		st = &netState{}
+	} else if st.spec.equal(n) {
+		return nil
 	}
 	var err error
 	if n.Managed() {

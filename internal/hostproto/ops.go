@@ -43,6 +43,9 @@ type Handler interface {
 	MigrateOut(context.Context, MigrateOutRequest) (Migration, error)
 	MigrateFinish(context.Context, VMRef) (None, error)
 	MigrateAbort(context.Context, VMRef) (None, error)
+	// SetNetworks gives the host the networks its VMs use as they stand
+	// now (VXLAN peers change as hosts come and go).
+	SetNetworks(context.Context, NetworksRequest) (None, error)
 	// Console writes the VM's serial console to w; with Follow it goes on
 	// until ctx ends.
 	Console(context.Context, ConsoleRequest, io.Writer) error
@@ -78,6 +81,7 @@ var (
 	MigrateOut     = declare("migrate-out", Handler.MigrateOut, 10*time.Minute)
 	MigrateFinish  = declare("migrate-finish", Handler.MigrateFinish, time.Minute)
 	MigrateAbort   = declare("migrate-abort", Handler.MigrateAbort, time.Minute)
+	SetNetworks    = declare("set-networks", Handler.SetNetworks, 30*time.Second)
 	Console        = declareStream("console", Handler.Console)
 	VNC            = declareTunnel("vnc", Handler.VNC)
 )
@@ -180,6 +184,11 @@ type ConfigureRequest struct {
 	VM        string     `json:"vm"`
 	CloudInit *CloudInit `json:"cloud_init,omitempty"`
 	Eject     bool       `json:"eject,omitempty"`
+}
+
+// NetworksRequest lists networks a host's VMs use.
+type NetworksRequest struct {
+	Networks []NetworkSpec `json:"networks"`
 }
 
 // ScreenshotResult is a PNG of a VM's display.

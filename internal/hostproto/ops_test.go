@@ -114,6 +114,9 @@ func (r *recorder) MigrateFinish(_ context.Context, q VMRef) (None, error) {
 func (r *recorder) MigrateAbort(_ context.Context, q VMRef) (None, error) {
 	return answer[None](r, "MigrateAbort", q)
 }
+func (r *recorder) SetNetworks(_ context.Context, q NetworksRequest) (None, error) {
+	return answer[None](r, "SetNetworks", q)
+}
 func (r *recorder) Console(_ context.Context, q ConsoleRequest, w io.Writer) error {
 	if _, err := answer[None](r, "Console", q); err != nil {
 		return err

@@ -74,6 +74,8 @@ type fakeHost struct {
 	nextPort  int
 	// changed, if set, is told of every change (to send a heartbeat).
 	changed func()
+	// networks is what SetNetworks last gave.
+	networks []hostproto.NetworkSpec
 }
 
 func newFakeHost() *fakeHost {
@@ -275,6 +277,12 @@ func (h *fakeHost) MigrateFinish(_ context.Context, r hostproto.VMRef) (hostprot
 }
 func (h *fakeHost) MigrateAbort(_ context.Context, r hostproto.VMRef) (hostproto.None, error) {
 	return hostproto.None{}, h.record("migrate-abort", r.VM)
+}
+func (h *fakeHost) SetNetworks(_ context.Context, r hostproto.NetworksRequest) (hostproto.None, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.networks = r.Networks
+	return hostproto.None{}, nil
 }
 func (h *fakeHost) Console(_ context.Context, r hostproto.ConsoleRequest, w io.Writer) error {
 	_, err := io.WriteString(w, "console of "+r.VM+"\n")

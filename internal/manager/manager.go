@@ -240,9 +240,10 @@ func (m *Manager) Run(ctx context.Context) {
 // runs two sets of controllers.
 func (m *Manager) Lead(ctx context.Context) {
 	var wg sync.WaitGroup
-	wg.Add(2)
+	wg.Add(3)
 	go func() { defer wg.Done(); m.resyncLoop(ctx) }()
 	go func() { defer wg.Done(); m.WatchHostFailures(ctx) }()
+	go func() { defer wg.Done(); m.pushNetworksLoop(ctx) }()
 	wg.Wait()
 }
 

@@ -12,6 +12,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/vigil-project/vigil/api"
@@ -349,6 +350,69 @@ func (m *Manager) vxlanPeers(host string) []string {
 	}
 	sort.Strings(out)
 	return out
+}
+
+// networkPush is how often the leader tells every host the networks its
+// VMs use, with the VXLAN peers of the moment: a host that joins reaches
+// the others' VMs within this time.
+const networkPush = 10 * time.Second
+
+func (m *Manager) pushNetworksLoop(ctx context.Context) {
+	t := time.NewTicker(networkPush)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		m.pushNetworks(ctx)
+	}
+}
+
+// pushNetworks sends each host the networks its VMs use.
+func (m *Manager) pushNetworks(ctx context.Context) {
+	recs, err := m.networkRecords(ctx)
+	if err != nil || len(recs) == 0 {
+		return
+	}
+	byName := map[string]networkRecord{}
+	for _, r := range recs {
+		byName[r.Name] = r
+	}
+	rs, err := m.records(ctx)
+	if err != nil {
+		return
+	}
+	used := map[string]map[string]bool{} // host → networks
+	for _, s := range rs {
+		for _, n := range s.rec.Spec.NICs {
+			if used[s.rec.Host] == nil {
+				used[s.rec.Host] = map[string]bool{}
+			}
+			used[s.rec.Host][n.Network.Name] = true
+		}
+	}
+	var wg sync.WaitGroup
+	for host, nets := range used {
+		req := hostproto.NetworksRequest{}
+		for name := range nets {
+			if r, ok := byName[name]; ok {
+				req.Networks = append(req.Networks, m.networkSpec(r, host))
+			}
+		}
+		sort.Slice(req.Networks, func(i, j int) bool { return req.Networks[i].Name < req.Networks[j].Name })
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cctx, cancel := context.WithTimeout(ctx, networkPush)
+			defer cancel()
+			if _, err := hostproto.SetNetworks.Call(cctx, m.hostNamed(host), req); err != nil && ctx.Err() == nil {
+				m.log.Debug("networks not pushed", "host", host, "err", err)
+			}
+		}()
+	}
+	wg.Wait()
 }
 
 // nicsOn is a VM's NICs as host gets them: each network's VXLAN peers

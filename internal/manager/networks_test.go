@@ -1,6 +1,7 @@
 package manager
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"strings"
@@ -8,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/hostproto"
 )
 
 func TestNetworksThroughTheAPI(t *testing.T) {
@@ -114,6 +116,15 @@ func TestNetworksThroughTheAPI(t *testing.T) {
 	}
 	if _, code, b := create("full", `[{"network":"blue"}]`, `[]`); code != 409 || !strings.Contains(string(b), "no free address") {
 		t.Fatalf("create on a full network: %d %s", code, b)
+	}
+
+	// The leader tells each host the networks its VMs use.
+	m.pushNetworks(context.Background())
+	h.mu.Lock()
+	pushed := append([]hostproto.NetworkSpec(nil), h.networks...)
+	h.mu.Unlock()
+	if len(pushed) != 2 || pushed[0].Name != "blue" || pushed[0].Subnet != "10.80.0.0/29" || pushed[0].VNI != blue.VNI || pushed[1].Name != "lan" || pushed[1].Bridge != "br0" {
+		t.Fatalf("networks pushed to the host: %+v", pushed)
 	}
 
 	if code, b := call(t, srv, "DELETE", "/v1/networks/blue", ""); code != 409 || !strings.Contains(string(b), "in use by") {
