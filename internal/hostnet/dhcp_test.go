@@ -4,6 +4,7 @@ import (
 	"net"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/insomniacslk/dhcp/dhcpv4"
 )
@@ -77,6 +78,27 @@ func FuzzAnswer(f *testing.F) {
 		}
 		if _, err := dhcpv4.FromBytes(resp.ToBytes()); err != nil {
 			t.Fatalf("the answer does not parse: %v", err)
+		}
+	})
+}
+
+// FuzzHeard feeds the ARP prober anything a guest could send: it must
+// never panic, and only a reply from the watched address and its own MAC
+// counts as an answer.
+func FuzzHeard(f *testing.F) {
+	mac := mustMAC("52:54:00:00:00:0a")
+	ip := netip.MustParseAddr("10.80.0.10")
+	f.Add(arpFrame(2, mac, ip, mustMAC("02:00:00:00:00:01"), netip.MustParseAddr("10.80.0.1")))
+	f.Add(arpFrame(1, mac, ip, make([]byte, 6), ip))
+	f.Add([]byte{0, 1, 8, 0, 6, 4})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		p := &prober{targets: map[netip.Addr]*target{ip: {mac: mac}}}
+		p.heard(b, time.Unix(1, 0))
+		if at := p.answered(ip); !at.IsZero() {
+			op, sha, spa, _, ok := arpOf(ether(broadcastMAC, mac, etherTypeARP, b))
+			if !ok || spa != ip || sha.String() != mac.String() || op == 0 {
+				t.Fatalf("counted as an answer: %x", b)
+			}
 		}
 	})
 }
