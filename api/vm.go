@@ -152,7 +152,10 @@ type VM struct {
 	MemoryBytes int64   `json:"memory_bytes"`
 	CPUs        int     `json:"cpus"`
 	DiskBytes   int64   `json:"disk_bytes"`
-	// Endpoint is host:port forwarded to the guest's port 80.
+	// Endpoint is where the guest's port 80 is reached from its host: its
+	// first NIC's address, or on user-mode networking a port of the host's
+	// 127.0.0.1 forwarded to it; empty when the address comes from an
+	// operator's DHCP (see Guest.Addresses).
 	Endpoint  string    `json:"endpoint"`
 	CreatedAt time.Time `json:"created_at"`
 	// Guest is nil until the guest agent has sent a heartbeat in this boot.

@@ -213,7 +213,11 @@ func (g *globals) printVM(vm api.VM) error {
 		if vm.Firmware != "" {
 			row(w, "FIRMWARE:", vm.Firmware)
 		}
-		row(w, "ENDPOINT:", "http://"+vm.Endpoint)
+		if vm.Endpoint != "" {
+			row(w, "ENDPOINT:", "http://"+vm.Endpoint)
+		} else {
+			row(w, "ENDPOINT:", "- (the address comes from your network's DHCP: see GUEST ADDRESSES)")
+		}
 		if len(vm.NICs) == 0 {
 			row(w, "NETWORK:", "user-mode (QEMU's own; reached through the endpoint)")
 		}

@@ -630,12 +630,17 @@ func publishViews(nics []hostproto.NIC) []api.PortPublish {
 	return out
 }
 
-// endpointOf is where the guest's port 80 is reached from its host.
+// endpointOf is where the guest's port 80 is reached from its host: its
+// first NIC's address, a forwarded port on user-mode networking, or
+// nothing Vigil knows (an operator's bridge whose DHCP gives the address).
 func endpointOf(spec hostproto.VMSpec) string {
-	if len(spec.NICs) > 0 && spec.NICs[0].IP != "" {
+	switch {
+	case len(spec.NICs) == 0:
+		return fmt.Sprintf("127.0.0.1:%d", spec.HostPort)
+	case spec.NICs[0].IP != "":
 		return net.JoinHostPort(spec.NICs[0].IP, "80")
 	}
-	return fmt.Sprintf("127.0.0.1:%d", spec.HostPort)
+	return ""
 }
 
 func (m *Manager) handleNetworkCreate(w http.ResponseWriter, r *http.Request) {
