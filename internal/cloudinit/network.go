@@ -34,7 +34,11 @@ func NetworkConfig(ifaces []Interface) ([]byte, error) {
 			e["dhcp4"] = false
 			e["addresses"] = []string{f.Address.String()}
 			if f.Gateway.IsValid() && i == 0 {
-				e["routes"] = []map[string]string{{"to": "0.0.0.0/0", "via": f.Gateway.String()}}
+				// gateway4, not routes: Debian 12's cloud-init (22.4)
+				// renders routes for ifupdown as "route add", a command
+				// minimal systems lack, and gateway4 as ifupdown's own
+				// "gateway" line.
+				e["gateway4"] = f.Gateway.String()
 			}
 			if len(f.DNS) > 0 {
 				var dns []string

@@ -20,11 +20,11 @@ func TestNetworkConfig(t *testing.T) {
 	var doc struct {
 		Version   int `json:"version"`
 		Ethernets map[string]struct {
-			Match       map[string]string   `json:"match"`
-			SetName     string              `json:"set-name"`
-			DHCP4       bool                `json:"dhcp4"`
-			Addresses   []string            `json:"addresses"`
-			Routes      []map[string]string `json:"routes"`
+			Match       map[string]string `json:"match"`
+			SetName     string            `json:"set-name"`
+			DHCP4       bool              `json:"dhcp4"`
+			Addresses   []string          `json:"addresses"`
+			Gateway4    string            `json:"gateway4"`
 			Nameservers struct {
 				Addresses []string `json:"addresses"`
 			} `json:"nameservers"`
@@ -35,11 +35,11 @@ func TestNetworkConfig(t *testing.T) {
 	}
 	e0, e1 := doc.Ethernets["eth0"], doc.Ethernets["eth1"]
 	if doc.Version != 2 || e0.Match["macaddress"] != "52:54:00:00:00:0a" || e0.SetName != "eth0" || e0.DHCP4 ||
-		strings.Join(e0.Addresses, ",") != "10.80.0.10/24" || len(e0.Routes) != 1 || e0.Routes[0]["via"] != "10.80.0.1" ||
+		strings.Join(e0.Addresses, ",") != "10.80.0.10/24" || e0.Gateway4 != "10.80.0.1" ||
 		strings.Join(e0.Nameservers.Addresses, ",") != "10.80.0.1" {
 		t.Fatalf("eth0:\n%s", b)
 	}
-	if !e1.DHCP4 || e1.Match["macaddress"] != "52:54:00:00:00:0b" || len(e1.Routes) != 0 {
+	if !e1.DHCP4 || e1.Match["macaddress"] != "52:54:00:00:00:0b" || e1.Gateway4 != "" {
 		t.Fatalf("eth1:\n%s", b)
 	}
 }

@@ -424,9 +424,18 @@ func putRecord(t *testing.T, m *Manager, r record) {
 // authed is the manager's API with a token of role on every request.
 func authed(t testing.TB, m *Manager, role string) http.Handler {
 	t.Helper()
-	tok, err := m.CreateToken(context.Background(), api.TokenCreateRequest{Name: "test-" + role + "-" + randomHex(3), Role: role}, "test")
+	// A fuzz worker starts its own etcd while others fuzz: the first
+	// writes can time out on a loaded machine.
+	var tok api.TokenCreated
+	var err error
+	for try := 0; try < 5; try++ {
+		if tok, err = m.CreateToken(context.Background(), api.TokenCreateRequest{Name: "test-" + role + "-" + randomHex(3), Role: role}, "test"); err == nil {
+			break
+		}
+		time.Sleep(time.Second)
+	}
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("create a token: %v", err)
 	}
 	h := m.Handler()
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
