@@ -482,12 +482,12 @@ func (b *bench) hangOnNetwork(ctx context.Context) ([]row, error) {
 			if err != nil {
 				return nil, err
 			}
-			if len(incs) > 0 {
-				inc = incs[0]
+			if len(incs) > 0 && incs[0].RecoveredAt != nil {
+				inc = incs[0] // recovered: the VM is free to delete
 				break
 			}
 			if time.Now().After(deadline) {
-				return nil, fmt.Errorf("%s: the hang was not detected within a minute", name)
+				return nil, fmt.Errorf("%s: the hang was not detected and recovered within a minute", name)
 			}
 		}
 		if inc.Kind != "hang" {
