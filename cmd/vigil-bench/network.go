@@ -22,6 +22,7 @@ import (
 	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/internal/cloudinit"
 	"github.com/vigil-project/vigil/internal/qemu"
+	"github.com/vigil-project/vigil/internal/qga"
 )
 
 // The network section makes bridges, taps and firewall rules: it runs in a
@@ -54,11 +55,12 @@ func (b *bench) network(ctx context.Context) ([]row, error) {
 	cmd := exec.CommandContext(ctx, os.Args[0], "-only", "network-inner", "-runs", strconv.Itoa(b.runs), "-rows", file)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET}
-	if err := cmd.Run(); err != nil {
-		return nil, fmt.Errorf("in its own network namespace: %w", err)
-	}
+	runErr := cmd.Run()
 	raw, err := os.ReadFile(file)
 	if err != nil {
+		if runErr != nil {
+			return nil, fmt.Errorf("in its own network namespace: %w", runErr)
+		}
 		return nil, err
 	}
 	var in []jsonRow
@@ -68,6 +70,11 @@ func (b *bench) network(ctx context.Context) ([]row, error) {
 	rows := make([]row, len(in))
 	for i, r := range in {
 		rows[i] = row{r.What, r.Vigil, r.Baseline, r.Ratio, r.Note}
+	}
+	if runErr != nil {
+		// Keep what was measured, and say where it stopped.
+		rows = append(rows, row{what: "Network section stopped early", vigil: "-", baseline: "-", ratio: "-",
+			note: "the rest failed: see vigil-bench's output"})
 	}
 	return rows, nil
 }
@@ -85,17 +92,19 @@ func upLoopback() error {
 // networking and bare QEMU on a hand-made tap, a TCP stream through live
 // migrations, and hang detection on a network.
 func (b *bench) networkInner(ctx context.Context) ([]row, error) {
-	rows, err := b.throughput(ctx)
-	if err != nil {
-		return nil, err
+	// Rows are written as each part ends, so a later failure keeps them.
+	var rows []row
+	for _, part := range []func(context.Context) ([]row, error){b.throughput, b.streamThroughMigration, b.hangOnNetwork} {
+		more, err := part(ctx)
+		rows = append(rows, more...)
+		if rowsOut != "" {
+			writeRows(rowsOut, rows)
+		}
+		if err != nil {
+			return rows, err
+		}
 	}
-	more, err := b.streamThroughMigration(ctx)
-	if err != nil {
-		return nil, err
-	}
-	rows = append(rows, more...)
-	more, err = b.hangOnNetwork(ctx)
-	return append(rows, more...), err
+	return rows, nil
 }
 
 const benchSubnet = "10.80.0.0/24"
@@ -250,7 +259,7 @@ func (b *bench) bareOnTap(ctx context.Context, image string) (*bareVM, string, e
 	if err != nil {
 		return nil, "", err
 	}
-	seed, err := cloudinit.Seed(cloudinit.Meta{InstanceID: uuid, Hostname: "bare-net"}, []byte("#cloud-config\nruncmd:\n  - [iperf3, -s, -D]\n"), netConfig)
+	seed, err := cloudinit.Seed(cloudinit.Meta{InstanceID: uuid, Hostname: "bare-net"}, []byte(realUserData), netConfig)
 	if err != nil {
 		return nil, "", err
 	}
@@ -262,7 +271,34 @@ func (b *bench) bareOnTap(ctx context.Context, image string) (*bareVM, string, e
 	if err != nil {
 		return nil, "", err
 	}
-	return bv, "10.90.0.2:5201", nil
+	// iperf3 is started through qemu-ga, as on Vigil's side (a daemon
+	// started by cloud-init's runcmd can go with cloud-final's cgroup).
+	for deadline := time.Now().Add(10 * time.Minute); ; time.Sleep(time.Second) {
+		dctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		cl, err := qga.Dial(dctx, m.QGASocket())
+		if err == nil {
+			err = cl.Ping(dctx)
+		}
+		cancel()
+		if err == nil {
+			xctx, cancel := context.WithTimeout(ctx, time.Minute)
+			res, err := cl.Exec(xctx, "/bin/sh", []string{"-c", "iperf3 -s -D"}, nil, nil, 1<<16)
+			cancel()
+			cl.Close()
+			if err != nil || res.ExitCode != 0 {
+				bv.stop()
+				return nil, "", fmt.Errorf("bare-net: start iperf3: %v (exit %d)", err, res.ExitCode)
+			}
+			return bv, "10.90.0.2:5201", nil
+		}
+		if cl != nil {
+			cl.Close()
+		}
+		if time.Now().After(deadline) {
+			bv.stop()
+			return nil, "", errors.New("bare-net: qemu-guest-agent never answered")
+		}
+	}
 }
 
 func waitTCP(ctx context.Context, addr string, d time.Duration) error {
