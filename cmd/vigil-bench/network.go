@@ -176,7 +176,16 @@ func (b *bench) throughput(ctx context.Context) ([]row, error) {
 		fmt.Fprintf(os.Stderr, "vigil-bench: iperf3 round %d of %d\n", i+1, b.runs)
 		for _, t := range targets {
 			for _, rev := range []bool{false, true} {
-				gbps, err := iperf3(ctx, t.addr, rev)
+				var gbps float64
+				var err error
+				// An iperf3 server serves one test at a time and can still
+				// be busy with a connection that just closed: try again.
+				for try := 0; try < 3; try++ {
+					if gbps, err = iperf3(ctx, t.addr, rev); err == nil {
+						break
+					}
+					time.Sleep(2 * time.Second)
+				}
 				if err != nil {
 					return nil, fmt.Errorf("iperf3 to %s: %w", t.name, err)
 				}
