@@ -123,14 +123,7 @@ func (b *bench) throughput(ctx context.Context) ([]row, error) {
 	if _, err := b.c.CreateNetwork(ctx, api.NetworkCreateRequest{Name: "bench", Subnet: benchSubnet}); err != nil {
 		return nil, err
 	}
-	f, err := os.Open(image)
-	if err != nil {
-		return nil, err
-	}
-	st, _ := f.Stat()
-	_, err = b.c.ImportImage(ctx, "bench-debian", f, st.Size())
-	f.Close()
-	if err != nil {
+	if err := b.importDebian(ctx, image); err != nil {
 		return nil, err
 	}
 	boot := func(name string, nic api.NICRequest) (api.VM, error) {

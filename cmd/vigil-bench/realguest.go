@@ -34,14 +34,7 @@ func (b *bench) realGuest(ctx context.Context, runs int) ([]row, error) {
 	if image == "" {
 		return nil, errors.New("set VIGIL_DEBIAN_IMAGE to scripts/build-debian-image.sh's image (make bench does)")
 	}
-	f, err := os.Open(image)
-	if err != nil {
-		return nil, err
-	}
-	st, _ := f.Stat()
-	_, err = b.c.ImportImage(ctx, "bench-debian", f, st.Size())
-	f.Close()
-	if err != nil {
+	if err := b.importDebian(ctx, image); err != nil {
 		return nil, err
 	}
 	rows, err := b.realBoots(ctx, image, runs)
@@ -50,6 +43,21 @@ func (b *bench) realGuest(ctx context.Context, runs int) ([]row, error) {
 	}
 	more, err := b.realDiskAndSnapshots(ctx, image, runs)
 	return append(rows, more...), err
+}
+
+// importDebian imports the Debian test image as bench-debian.
+func (b *bench) importDebian(ctx context.Context, image string) error {
+	f, err := os.Open(image)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	_, err = b.c.ImportImage(ctx, "bench-debian", f, st.Size())
+	return err
 }
 
 // realBoots: create --start until qemu-ga answers, against bare QEMU from
