@@ -63,8 +63,9 @@ func (s *Store) Acquire(ctx context.Context, key string, rev int64, v any, l Loc
 }
 
 // UpdateLocked stores v at key if its revision is still rev and the lock
-// is still held with l's lease; with release it also drops the lock.
-func (s *Store) UpdateLocked(ctx context.Context, key string, rev int64, v any, l Lock, release bool) (int64, error) {
+// is still held with l's lease; with release it also drops the lock. The
+// keys in also are written with v, or not at all.
+func (s *Store) UpdateLocked(ctx context.Context, key string, rev int64, v any, l Lock, release bool, also ...Also) (int64, error) {
 	b, err := json.Marshal(v)
 	if err != nil {
 		return 0, fmt.Errorf("encode %s: %w", key, err)
@@ -74,6 +75,11 @@ func (s *Store) UpdateLocked(ctx context.Context, key string, rev int64, v any, 
 	if release {
 		ops = append(ops, clientv3.OpDelete(lk))
 	}
+	more, err := s.alsoOps(ctx, also)
+	if err != nil {
+		return 0, err
+	}
+	ops = append(ops, more...)
 	resp, err := s.cli.Txn(ctx).
 		If(l.held(lk)...).
 		Then(clientv3.OpTxn(

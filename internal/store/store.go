@@ -28,9 +28,14 @@ type Store struct {
 	cli    *clientv3.Client
 	prefix string
 
-	leaseMu      sync.Mutex
-	lease        clientv3.LeaseID // shared by PutTTL's keys until leaseRenewAt
-	leaseRenewAt time.Time
+	leaseMu sync.Mutex
+	leases  map[time.Duration]ttlLease // by TTL, shared by the keys written with it
+}
+
+// ttlLease is a lease shared by keys written with one TTL until renewAt.
+type ttlLease struct {
+	id      clientv3.LeaseID
+	renewAt time.Time
 }
 
 // New wraps an etcd client. Keys are kept under prefix (e.g. "/vigil/").
@@ -162,28 +167,70 @@ func (s *Store) Put(ctx context.Context, key string, v any) error {
 }
 
 // PutTTL stores v at key and lets etcd delete it after ttl to 2×ttl: keys
-// written within one ttl share a lease, so a stream of short-lived keys
-// costs one lease grant per ttl, not one per key.
+// written with one ttl within one ttl share a lease, so a stream of
+// short-lived keys costs one lease grant per ttl, not one per key.
 func (s *Store) PutTTL(ctx context.Context, key string, v any, ttl time.Duration) error {
 	b, err := json.Marshal(v)
 	if err != nil {
 		return fmt.Errorf("encode %s: %w", key, err)
 	}
-	s.leaseMu.Lock()
-	if s.lease == 0 || time.Now().After(s.leaseRenewAt) {
-		lr, err := s.cli.Grant(ctx, int64((2 * ttl).Seconds()))
-		if err != nil {
-			s.leaseMu.Unlock()
-			return fmt.Errorf("put %s: grant lease: %w", key, err)
-		}
-		s.lease, s.leaseRenewAt = lr.ID, time.Now().Add(ttl)
+	lease, err := s.ttlLease(ctx, ttl)
+	if err != nil {
+		return fmt.Errorf("put %s: %w", key, err)
 	}
-	lease := s.lease
-	s.leaseMu.Unlock()
 	if _, err := s.cli.Put(ctx, s.key(key), string(b), clientv3.WithLease(lease)); err != nil {
 		return fmt.Errorf("put %s: %w", key, err)
 	}
 	return nil
+}
+
+// ttlLease returns the lease that keys written now with ttl share: it lasts
+// 2×ttl and is replaced after ttl, so each key lives ttl to 2×ttl. Each ttl
+// has its own: a key must never inherit a shorter-lived kind's lease.
+func (s *Store) ttlLease(ctx context.Context, ttl time.Duration) (clientv3.LeaseID, error) {
+	s.leaseMu.Lock()
+	defer s.leaseMu.Unlock()
+	if l, ok := s.leases[ttl]; ok && time.Now().Before(l.renewAt) {
+		return l.id, nil
+	}
+	lr, err := s.cli.Grant(ctx, int64((2 * ttl).Seconds()))
+	if err != nil {
+		return 0, fmt.Errorf("grant lease: %w", err)
+	}
+	if s.leases == nil {
+		s.leases = map[time.Duration]ttlLease{}
+	}
+	s.leases[ttl] = ttlLease{id: lr.ID, renewAt: time.Now().Add(ttl)}
+	return lr.ID, nil
+}
+
+// Also is a key written in the same transaction as a record: it lands if
+// and only if the record's write does (an audit entry with the change it
+// records). With TTL, it goes as PutTTL's keys do.
+type Also struct {
+	Key   string
+	Value any
+	TTL   time.Duration
+}
+
+func (s *Store) alsoOps(ctx context.Context, also []Also) ([]clientv3.Op, error) {
+	var ops []clientv3.Op
+	for _, a := range also {
+		b, err := json.Marshal(a.Value)
+		if err != nil {
+			return nil, fmt.Errorf("encode %s: %w", a.Key, err)
+		}
+		var opts []clientv3.OpOption
+		if a.TTL > 0 {
+			lease, err := s.ttlLease(ctx, a.TTL)
+			if err != nil {
+				return nil, fmt.Errorf("put %s: %w", a.Key, err)
+			}
+			opts = append(opts, clientv3.WithLease(lease))
+		}
+		ops = append(ops, clientv3.OpPut(s.key(a.Key), string(b), opts...))
+	}
+	return ops, nil
 }
 
 // DeletePrefix removes every key under prefix.
