@@ -48,7 +48,13 @@ func (m *Manager) ChangeState(ctx context.Context, name string, req api.VMStateR
 	var act hostproto.VMStatus
 	o, err := m.begin(ctx, name, kind, func(o *vmOp) error {
 		act = m.actual(o.r)
-		return checkAction(o.r, act, req)
+		if err := checkAction(o.r, act, req); err != nil {
+			return err
+		}
+		// In memory, a pause or a resume leaves what it did on the host's
+		// status for the reconciler to see: it can do without an intent.
+		o.quick = act.Running && ((req.Action == api.ActionPause && !req.ToDisk) || req.Action == api.ActionResume)
+		return nil
 	})
 	if err != nil {
 		return api.VM{}, err

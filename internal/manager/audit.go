@@ -18,8 +18,7 @@ const auditTTL = 30 * 24 * time.Hour
 
 func (m *Manager) audit(e api.AuditEntry) {
 	e.Time = e.Time.UTC()
-	msg := fmt.Sprintf("%s %s: %d", e.Actor, e.Action, e.Status)
-	m.publish(api.Event{Type: "audit", VM: e.VM, Host: e.Host, Message: msg, Audit: &e})
+	m.publishAudit(e)
 	select {
 	case m.auditQ <- e:
 	default:
@@ -27,13 +26,23 @@ func (m *Manager) audit(e api.AuditEntry) {
 	}
 }
 
+// publishAudit puts an audit entry on the event stream.
+func (m *Manager) publishAudit(e api.AuditEntry) {
+	msg := fmt.Sprintf("%s %s: %d", e.Actor, e.Action, e.Status)
+	m.publish(api.Event{Type: "audit", VM: e.VM, Host: e.Host, Message: msg, Audit: &e})
+}
+
+// auditKey is where entry e is stored.
+func (m *Manager) auditKey(e api.AuditEntry) string {
+	return fmt.Sprintf("audit/%019d-%s", e.Time.UnixNano(), m.instance)
+}
+
 // auditWriter stores audit entries until ctx ends, then what is queued.
 func (m *Manager) auditWriter(ctx context.Context) {
 	write := func(e api.AuditEntry) {
 		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 		defer cancel()
-		key := fmt.Sprintf("audit/%019d-%s", e.Time.UnixNano(), m.instance)
-		if err := m.store.PutTTL(wctx, key, e, auditTTL); err != nil {
+		if err := m.store.PutTTL(wctx, m.auditKey(e), e, auditTTL); err != nil {
 			m.log.Error("store audit entry", "actor", e.Actor, "action", e.Action, "err", err)
 		}
 	}

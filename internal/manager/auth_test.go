@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/internal/hostproto"
 	"github.com/vigil-project/vigil/internal/pki"
@@ -259,4 +261,55 @@ func TestHostErrorsKeepTheirStatus(t *testing.T) {
 	if code != http.StatusConflict || !strings.Contains(body, "in use") {
 		t.Fatalf("a start refused for a disk in use: %d %s, want 409", code, body)
 	}
+}
+
+// TestAuditEntryLandsWithTheOutcome: an audited call on a VM writes its
+// entry in the transaction that writes the operation's outcome, once.
+func TestAuditEntryLandsWithTheOutcome(t *testing.T) {
+	m, _ := newTestManager(t)
+	ctx := context.Background()
+	op := token(t, m, "ops", RoleOperator, 0)
+	if code, body := request(t, m, "POST", "/v1/vms", `{"name":"a","memory_bytes":134217728,"cpus":1,"disk_bytes":268435456,"start":true}`, op, nil); code != 201 {
+		t.Fatalf("create: %d %s", code, body)
+	}
+	cli := m.store.Client()
+	start, err := cli.Get(ctx, "/test/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code, body := request(t, m, "PUT", "/v1/vms/a/state", `{"action":"pause"}`, op, nil); code != 200 {
+		t.Fatalf("pause: %d %s", code, body)
+	}
+	end, err := cli.Get(ctx, "/test/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hist, err := cli.Get(ctx, "/test/audit/", clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pauseRev int64
+	for _, kv := range hist.Kvs {
+		if kv.ModRevision > start.Header.Revision && kv.ModRevision <= end.Header.Revision {
+			if pauseRev != 0 {
+				t.Fatal("the pause was audited twice")
+			}
+			pauseRev = kv.ModRevision
+		}
+	}
+	rec, err := cli.Get(ctx, "/test/"+vmKey("a"))
+	if err != nil || len(rec.Kvs) == 0 {
+		t.Fatal(err)
+	}
+	if pauseRev == 0 || rec.Kvs[0].ModRevision != pauseRev {
+		t.Fatalf("audit entry at revision %d, the paused record at %d: want one transaction", pauseRev, rec.Kvs[0].ModRevision)
+	}
+	// One entry per call, each with the status the call answered.
+	waitFor(t, func() bool {
+		es, err := m.Audit(ctx, 10)
+		if err != nil || len(es) != 2 {
+			return false
+		}
+		return es[0].Action == "POST /v1/vms" && es[0].Status == 201 && es[1].Action == "PUT /v1/vms/a/state" && es[1].Status == 200
+	})
 }

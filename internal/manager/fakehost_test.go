@@ -390,6 +390,14 @@ func asHost(t testing.TB, id *Identity, h *fakeHost) Host {
 // real embedded etcd, with one fake host h1.
 func newTestManager(t testing.TB) (*Manager, *fakeHost) {
 	t.Helper()
+	ms, h := newTestManagers(t, 1)
+	return ms[0], h
+}
+
+// newTestManagers starts n managers on one etcd, each reaching the same
+// fake host; the first leads.
+func newTestManagers(t testing.TB, n int) ([]*Manager, *fakeHost) {
+	t.Helper()
 	e, err := store.StartEmbedded(context.Background(), t.TempDir(), nil)
 	if err != nil {
 		t.Fatalf("start etcd: %v", err)
@@ -397,20 +405,25 @@ func newTestManager(t testing.TB) (*Manager, *fakeHost) {
 	t.Cleanup(e.Close)
 	h := newFakeHost()
 	id := testIdentity(t)
-	imgs, err := imagestore.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
+	var ms []*Manager
+	for i := 0; i < n; i++ {
+		imgs, err := imagestore.Open(t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := New(Config{
+			Name:  fmt.Sprintf("m%d", i),
+			Store: store.New(e.Client(), "/test/"), Host: asHost(t, id, h), Events: events.New(1000), Identity: id,
+			Limits: Limits{MaxMemoryBytes: 4 << 30, MaxCPUs: 8}, Images: imgs,
+		})
+		m.SetLeader(i == 0)
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { defer close(done); m.Run(ctx) }()
+		t.Cleanup(func() { cancel(); <-done })
+		ms = append(ms, m)
 	}
-	m := New(Config{
-		Store: store.New(e.Client(), "/test/"), Host: asHost(t, id, h), Events: events.New(1000), Identity: id,
-		Limits: Limits{MaxMemoryBytes: 4 << 30, MaxCPUs: 8}, Images: imgs,
-	})
-	m.SetLeader(true)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); m.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
-	return m, h
+	return ms, h
 }
 
 // putRecord overwrites a VM's record, as a test sets the scene.

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/vigil-project/vigil/api"
@@ -163,34 +164,97 @@ func (m *Manager) auditRoute(h http.HandlerFunc) http.Handler {
 
 type auditNoteKey struct{}
 
-// auditNote lets a handler name the VM of a call whose path does not (a
-// create).
-type auditNote struct{ vm string }
+// auditNote follows a call being audited. A handler names in it the VM of
+// a call whose path does not (a create). The operation the call makes on
+// that VM writes the call's entry in the same transaction as its outcome
+// (vmOp.write), so the change and its record land together; the entry is
+// then only published when the call returns.
+type auditNote struct {
+	mu sync.Mutex
+	vm string
+	// ok is the status the call answers when it succeeds (200 unless the
+	// handler says otherwise: noteSuccess).
+	ok     int
+	entry  func(status int, errMsg string) api.AuditEntry
+	stored *api.AuditEntry // written with an operation's outcome
+	done   bool            // the call returned: too late to store with it
+}
 
 func noteVM(r *http.Request, vm string) {
 	if n, ok := r.Context().Value(auditNoteKey{}).(*auditNote); ok {
+		n.mu.Lock()
 		n.vm = vm
+		n.mu.Unlock()
 	}
+}
+
+// noteSuccess tells the audit the status the call answers when it
+// succeeds, if not 200.
+func noteSuccess(r *http.Request, status int) {
+	if n, ok := r.Context().Value(auditNoteKey{}).(*auditNote); ok {
+		n.mu.Lock()
+		n.ok = status
+		n.mu.Unlock()
+	}
+}
+
+// auditFor returns the entry of the call ctx belongs to, if the call is
+// audited, acts on vm, and has no entry stored yet; stored must be called
+// once the entry is written.
+func auditFor(ctx context.Context, vm string) (e api.AuditEntry, stored func(), ok bool) {
+	n, _ := ctx.Value(auditNoteKey{}).(*auditNote)
+	if n == nil {
+		return api.AuditEntry{}, nil, false
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.done || n.stored != nil || n.vm != vm || vm == "" {
+		return api.AuditEntry{}, nil, false
+	}
+	e = n.entry(n.ok, "")
+	e.Time = e.Time.UTC()
+	if e.VM != vm {
+		return api.AuditEntry{}, nil, false // a host's call, not one on the vm
+	}
+	return e, func() {
+		n.mu.Lock()
+		n.stored = &e
+		n.mu.Unlock()
+	}, true
 }
 
 // audited runs h and records the call with its result.
 func (m *Manager) audited(w http.ResponseWriter, r *http.Request, h http.HandlerFunc) {
 	rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
-	note := &auditNote{vm: r.PathValue("name")}
+	note := &auditNote{vm: r.PathValue("name"), ok: http.StatusOK}
+	note.entry = func(status int, errMsg string) api.AuditEntry {
+		c := callerOf(r)
+		e := api.AuditEntry{Time: time.Now(), Actor: c.String(), Role: c.Role, Action: r.Method + " " + r.URL.Path,
+			VM: note.vm, Status: status, Error: errMsg, Remote: r.RemoteAddr}
+		if strings.HasPrefix(r.URL.Path, "/v1/hosts/") {
+			e.VM, e.Host = "", r.PathValue("name")
+		}
+		if strings.HasPrefix(r.URL.Path, "/v1/tokens/") {
+			e.VM = ""
+		}
+		if c.Kind == "host" && e.Host == "" {
+			e.Host = c.Name
+		}
+		return e
+	}
 	r = r.WithContext(context.WithValue(r.Context(), auditNoteKey{}, note))
 	h(rec, r)
-	c := callerOf(r)
-	e := api.AuditEntry{Time: time.Now(), Actor: c.String(), Role: c.Role, Action: r.Method + " " + r.URL.Path,
-		VM: note.vm, Status: rec.status, Error: rec.err, Remote: r.RemoteAddr}
-	if strings.HasPrefix(r.URL.Path, "/v1/hosts/") {
-		e.VM, e.Host = "", r.PathValue("name")
+	note.mu.Lock()
+	note.done = true
+	stored := note.stored
+	e := note.entry(rec.status, rec.err)
+	note.mu.Unlock()
+	if stored != nil && rec.status == stored.Status {
+		m.publishAudit(*stored)
+		return
 	}
-	if strings.HasPrefix(r.URL.Path, "/v1/tokens/") {
-		e.VM = ""
-	}
-	if c.Kind == "host" && e.Host == "" {
-		e.Host = c.Name
-	}
+	// Not stored with an outcome, or the call answered otherwise after all
+	// (then both entries stay on record).
 	m.audit(e)
 }
 
@@ -270,6 +334,7 @@ func (m *Manager) handleCreate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	noteVM(r, req.Name)
+	noteSuccess(r, http.StatusCreated)
 	vm, err := m.Create(r.Context(), req)
 	if err != nil {
 		writeError(w, m.log, err)
@@ -297,6 +362,7 @@ func (m *Manager) handleGet(w http.ResponseWriter, r *http.Request) {
 }
 
 func (m *Manager) handleDelete(w http.ResponseWriter, r *http.Request) {
+	noteSuccess(r, http.StatusNoContent)
 	if err := m.Delete(r.Context(), r.PathValue("name"), boolParam(r, "force")); err != nil {
 		writeError(w, m.log, err)
 		return
@@ -342,6 +408,7 @@ func (m *Manager) handleIncidents(w http.ResponseWriter, r *http.Request) {
 }
 
 func (m *Manager) handleFault(w http.ResponseWriter, r *http.Request) {
+	noteSuccess(r, http.StatusAccepted)
 	var req api.FaultRequest
 	if err := decodeBody(r, &req); err != nil {
 		writeError(w, m.log, err)
@@ -383,6 +450,7 @@ func (m *Manager) handleSnapshotCreate(w http.ResponseWriter, r *http.Request) {
 		writeError(w, m.log, err)
 		return
 	}
+	noteSuccess(r, http.StatusCreated)
 	s, err := m.CreateSnapshot(r.Context(), r.PathValue("name"), req)
 	if err != nil {
 		writeError(w, m.log, err)
@@ -401,6 +469,7 @@ func (m *Manager) handleSnapshotRevert(w http.ResponseWriter, r *http.Request) {
 }
 
 func (m *Manager) handleSnapshotDelete(w http.ResponseWriter, r *http.Request) {
+	noteSuccess(r, http.StatusNoContent)
 	if err := m.DeleteSnapshot(r.Context(), r.PathValue("name"), r.PathValue("snap")); err != nil {
 		writeError(w, m.log, err)
 		return

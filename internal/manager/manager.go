@@ -80,6 +80,8 @@ type Manager struct {
 	locks      *locker
 	// unreleased are locks whose release failed; the janitor retries.
 	unreleased chan store.Lock
+	// kept are VM locks held between operations (keptlock.go).
+	kept *keptLocks
 	// queue holds the VMs to look at, with the host events that wait for
 	// them; its workers are the only place events are acted on.
 	queue *workqueue.Queue[*hostEvent]
@@ -167,6 +169,7 @@ func New(cfg Config) *Manager {
 		limits: cfg.Limits, deadAfter: cfg.HostDeadAfter, resync: cfg.Resync, stepHook: cfg.StepHook,
 		locks:      &locker{cli: cfg.Store.Client(), ttl: lockTTL},
 		unreleased: make(chan store.Lock, 1000),
+		kept:       newKeptLocks(),
 		queue:      workqueue.New[*hostEvent](workqueue.Config{BaseDelay: 50 * time.Millisecond, MaxDelay: 2 * time.Second}),
 		started:    time.Now(),
 		moving:     map[string]reservation{},
@@ -221,6 +224,7 @@ func (m *Manager) Run(ctx context.Context) {
 	}
 	run(func(ctx context.Context) { m.queue.Run(ctx, queueWorkers, m.work) })
 	run(m.janitor)
+	run(m.releaseKeptLocks)
 	run(m.watchTokens)
 	run(m.auditWriter)
 	run(m.syncImages)

@@ -138,6 +138,11 @@ type vmOp struct {
 	// operation could not be finished or rolled back: the reconciler must
 	// try again).
 	keepIntent bool
+	// quick marks, from prepare, an operation whose outcome the host's
+	// status shows by itself (pause or resume in memory): on a kept lock it
+	// records no intent, and once it has ended well the lock is kept
+	// (keptlock.go).
+	quick bool
 }
 
 // begin takes the VM's lock for an operation of kind. prepare (may be nil)
@@ -149,16 +154,34 @@ func (m *Manager) begin(ctx context.Context, name, kind string, prepare func(o *
 	if err != nil {
 		return nil, wrapf(ErrUnavailable, err, "lock vm %s", name)
 	}
-	for attempt := 0; ; attempt++ {
+	// An idle lock another manager keeps goes within keepLocksFor: an
+	// operation a user asked for waits for it. The controllers (settling,
+	// host events) come back to the VM anyway, so they need not wait.
+	waitKept := time.Now().Add(keepLocksFor + 500*time.Millisecond)
+	if kind == opSettle || kind == opEvent {
+		waitKept = time.Time{}
+	}
+	for conflicts := 0; ; {
 		r, rev, err := m.load(ctx, name)
 		if err != nil {
 			return nil, err
 		}
-		o := &vmOp{m: m, r: r, rev: rev, lock: m.newLock(name, kind, lease)}
+		lock, kept := m.kept.take(name, lease)
+		if !kept {
+			lock = m.newLock(name, kind, lease)
+		}
+		// giveBack returns a kept lock this attempt does not use.
+		giveBack := func() {
+			if kept {
+				m.kept.keep(name, lock)
+			}
+		}
+		o := &vmOp{m: m, r: r, rev: rev, lock: lock}
 		if r.Op != nil {
 			// Only the reconciler takes over a VM with an intent left in its
 			// record (and only once nobody holds its lock): it settles it.
 			if kind != opSettle {
+				giveBack()
 				return nil, m.busy(ctx, name, r.Op)
 			}
 			o.orphan = r.Op
@@ -169,8 +192,14 @@ func (m *Manager) begin(ctx context.Context, name, kind string, prepare func(o *
 		}
 		if prepare != nil {
 			if err := prepare(o); err != nil {
+				giveBack()
 				return nil, err
 			}
+		}
+		if kept && o.quick && o.orphan == nil {
+			// The lock is already ours, and the host will show what became
+			// of the operation: no intent to write.
+			return o, nil
 		}
 		in := o.intent
 		if o.orphan != nil {
@@ -183,13 +212,32 @@ func (m *Manager) begin(ctx context.Context, name, kind string, prepare func(o *
 		}
 		in.Manager, in.Instance, in.Started, in.From = m.name, m.instance, time.Now().UTC(), from
 		o.r.Op = &in
-		o.rev, err = m.store.Acquire(ctx, vmKey(name), rev, o.r, o.lock)
+		if kept {
+			o.rev, err = m.store.UpdateLocked(ctx, vmKey(name), rev, o.r, o.lock, false)
+			if errors.Is(err, store.ErrLockLost) {
+				continue // gone with an old session: take the lock afresh
+			}
+		} else {
+			o.rev, err = m.store.Acquire(ctx, vmKey(name), rev, o.r, o.lock)
+		}
 		switch {
+		case errors.Is(err, store.ErrLocked) && r.Op == nil && time.Now().Before(waitKept):
+			// Held with no intent: kept idle by another manager, or a quick
+			// operation of its own. Either ends in a moment.
+			select {
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			case <-time.After(20 * time.Millisecond):
+			}
+			continue
 		case errors.Is(err, store.ErrLocked):
 			return nil, errorf(ErrBusy, "vm %s is busy with another operation: retry when it is done", name)
-		case errors.Is(err, store.ErrConflict) && attempt < 5:
+		case errors.Is(err, store.ErrConflict) && conflicts < 5:
+			giveBack()
+			conflicts++
 			continue // the record changed between the read and the lock: read again
 		case err != nil:
+			giveBack()
 			return nil, wrapf(ErrUnavailable, err, "lock vm %s", name)
 		}
 		o.flush()
@@ -338,7 +386,16 @@ func (o *vmOp) write(ctx context.Context, release bool) error {
 		r.Op = nil
 	}
 	r.UpdatedAt = time.Now().UTC()
-	rev, err := o.m.store.UpdateLocked(ctx, vmKey(r.Spec.Name), o.rev, r, o.lock, release)
+	keep := release && o.quick && !o.keepIntent
+	var also []store.Also
+	var audited func()
+	if release && !o.keepIntent {
+		// The outcome of an audited call on this VM: its entry lands with it.
+		if e, stored, ok := auditFor(ctx, r.Spec.Name); ok {
+			also, audited = append(also, store.Also{Key: o.m.auditKey(e), Value: e, TTL: auditTTL}), stored
+		}
+	}
+	rev, err := o.m.store.UpdateLocked(ctx, vmKey(r.Spec.Name), o.rev, r, o.lock, release && !keep, also...)
 	if err != nil {
 		if errors.Is(err, store.ErrLockLost) {
 			o.released = true
@@ -349,6 +406,12 @@ func (o *vmOp) write(ctx context.Context, release bool) error {
 	o.r, o.rev = r, rev
 	if release {
 		o.released = true
+	}
+	if keep {
+		o.m.kept.keep(r.Spec.Name, o.lock)
+	}
+	if audited != nil {
+		audited()
 	}
 	o.flush()
 	return nil

@@ -1,0 +1,105 @@
+package manager
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/vigil-project/vigil/internal/store"
+)
+
+// A quick operation (pause or resume in memory) costs two durable writes
+// when it takes and drops the VM's lock around its work: the intent with
+// the lock, then the outcome with the release. The manager instead keeps
+// the lock for keepLocksFor after a quick operation: the next operation on
+// the same VM through this manager starts without a write, and a quick one
+// writes only its outcome. Nothing else changes hands: the lock stays bound
+// to this manager's lease (it goes with the manager), and another manager
+// that wants the VM meanwhile waits for the release (begin) rather than
+// being told the VM is busy.
+//
+// A quick operation on a kept lock records no intent: if the manager dies
+// during it, the record is only behind what the host reports (paused or
+// running), which the reconciler brings in line like any missed event.
+
+// keepLocksFor is how long an idle kept lock stays with this manager.
+const keepLocksFor = time.Second
+
+type keptLock struct {
+	lock  store.Lock
+	until time.Time
+}
+
+// keptLocks are the VM locks this manager holds with no operation running.
+// Whoever removes a lock from the map owns it: an operation (take) or the
+// release of an idle one (expired, all).
+type keptLocks struct {
+	mu sync.Mutex
+	m  map[string]keptLock
+}
+
+func newKeptLocks() *keptLocks { return &keptLocks{m: map[string]keptLock{}} }
+
+// take returns vm's kept lock for an operation, if there is one with lease
+// (a lock kept under an earlier, expired lease is gone from etcd: dropped).
+func (k *keptLocks) take(vm string, lease store.Lease) (store.Lock, bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	kl, ok := k.m[vm]
+	if !ok {
+		return store.Lock{}, false
+	}
+	delete(k.m, vm)
+	return kl.lock, kl.lock.Lease == lease
+}
+
+// keep puts an idle lock back for keepLocksFor.
+func (k *keptLocks) keep(vm string, l store.Lock) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.m[vm] = keptLock{lock: l, until: time.Now().Add(keepLocksFor)}
+}
+
+// expired removes and returns the locks idle past their time (all of them
+// with all set).
+func (k *keptLocks) expired(now time.Time, all bool) []store.Lock {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	var out []store.Lock
+	for vm, kl := range k.m {
+		if all || now.After(kl.until) {
+			out = append(out, kl.lock)
+			delete(k.m, vm)
+		}
+	}
+	return out
+}
+
+// releaseKeptLocks drops idle kept locks once their time is up, and all of
+// them when ctx ends (the lease would take them within lockTTL anyway).
+func (m *Manager) releaseKeptLocks(ctx context.Context) {
+	t := time.NewTicker(keepLocksFor / 4)
+	defer t.Stop()
+	unlock := func(ls []store.Lock) {
+		for _, l := range ls {
+			uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			err := m.store.Unlock(uctx, l)
+			cancel()
+			if err != nil {
+				select {
+				case m.unreleased <- l:
+				default:
+				}
+			}
+		}
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			unlock(m.kept.expired(time.Now(), true))
+			return
+		case now := <-t.C:
+			unlock(m.kept.expired(now, false))
+		}
+	}
+}

@@ -1,0 +1,183 @@
+package manager
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/vigil-project/vigil/api"
+)
+
+// writesDuring counts the puts and deletes of vm's record and of its lock
+// key while f runs.
+func writesDuring(t *testing.T, m *Manager, vm string, f func()) (record, lock int) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	cli := m.store.Client()
+	start, err := cli.Get(ctx, "/test/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := cli.Watch(ctx, "/test/", clientv3.WithPrefix(), clientv3.WithRev(start.Header.Revision+1))
+	f()
+	end, err := cli.Get(ctx, "/test/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for resp := range w {
+		for _, ev := range resp.Events {
+			switch string(ev.Kv.Key) {
+			case "/test/" + vmKey(vm):
+				record++
+			case "/test/" + lockKey(vm):
+				lock++
+			}
+		}
+		if resp.Header.Revision >= end.Header.Revision {
+			break
+		}
+	}
+	return record, lock
+}
+
+func TestQuickOperationsWriteOnce(t *testing.T) {
+	m, _ := newTestManager(t)
+	ctx := context.Background()
+	mustCreate(t, m, "v", true)
+	pause := api.VMStateRequest{Action: api.ActionPause}
+	resume := api.VMStateRequest{Action: api.ActionResume}
+	// The first takes the lock with its intent, then writes its outcome
+	// and keeps the lock.
+	rec, lock := writesDuring(t, m, "v", func() {
+		if _, err := m.ChangeState(ctx, "v", pause); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if rec != 2 || lock != 1 {
+		t.Fatalf("first pause: %d record and %d lock writes, want 2 and 1 (taken, kept)", rec, lock)
+	}
+	// The next ones, on the kept lock, write only their outcome.
+	for i, req := range []api.VMStateRequest{resume, pause, resume} {
+		rec, lock := writesDuring(t, m, "v", func() {
+			if _, err := m.ChangeState(ctx, "v", req); err != nil {
+				t.Fatal(err)
+			}
+		})
+		if rec != 1 || lock != 0 {
+			t.Fatalf("op %d (%s) on a kept lock: %d record and %d lock writes, want 1 and 0", i, req.Action, rec, lock)
+		}
+	}
+	if got, _ := m.Get(ctx, "v"); got.State != api.StateRunning {
+		t.Fatalf("state %s, want running", got.State)
+	}
+	// An operation that is not quick starts on the kept lock with its
+	// intent, and releases the lock when it ends.
+	rec, lock = writesDuring(t, m, "v", func() {
+		if _, err := m.ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionStop}); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if lock != 1 {
+		t.Fatalf("stop on a kept lock: %d lock writes, want 1 (the release)", lock)
+	}
+	if held, _, _ := m.store.Held(ctx, lockKey("v")); held {
+		t.Fatal("the lock is still held after a stop")
+	}
+}
+
+func TestKeptLockIsReleasedWhenIdle(t *testing.T) {
+	m, _ := newTestManager(t)
+	ctx := context.Background()
+	mustCreate(t, m, "v", true)
+	if _, err := m.ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionPause}); err != nil {
+		t.Fatal(err)
+	}
+	if held, _, _ := m.store.Held(ctx, lockKey("v")); !held {
+		t.Fatal("the lock was not kept after a pause")
+	}
+	deadline := time.Now().Add(keepLocksFor + 2*time.Second)
+	for {
+		held, _, err := m.store.Held(ctx, lockKey("v"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !held {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the kept lock was still held %s after the pause", keepLocksFor+2*time.Second)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// A second manager acting on a VM the first keeps the lock of waits for
+// it instead of calling the VM busy.
+func TestOtherManagerWaitsForKeptLock(t *testing.T) {
+	ms, _ := newTestManagers(t, 2)
+	ctx := context.Background()
+	mustCreate(t, ms[0], "v", true)
+	if _, err := ms[0].ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionPause}); err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	vm, err := ms[1].ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionResume})
+	if err != nil {
+		t.Fatalf("resume through the other manager: %v", err)
+	}
+	if vm.State != api.StateRunning {
+		t.Fatalf("state %s, want running", vm.State)
+	}
+	t.Logf("waited %s for the kept lock", time.Since(t0))
+	// The controllers do not wait: a settle finds the VM busy at once.
+	if _, err := ms[1].ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionPause}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = ms[0].begin(ctx, "v", opSettle, nil)
+	if !errors.Is(err, ErrBusy) {
+		t.Fatalf("settle on a lock another manager keeps: %v, want busy", err)
+	}
+}
+
+// A lock kept under a lease that has since expired is not used: the
+// operation takes the lock afresh.
+func TestKeptLockFromOldLeaseIsDropped(t *testing.T) {
+	m, _ := newTestManager(t)
+	ctx := context.Background()
+	mustCreate(t, m, "v", true)
+	if _, err := m.ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionPause}); err != nil {
+		t.Fatal(err)
+	}
+	lease, err := m.locks.lease(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.store.Client().Revoke(ctx, lease); err != nil {
+		t.Fatal(err)
+	}
+	// The session notices the revocation asynchronously.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		l, err := m.locks.lease(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if l != lease {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the lock session did not notice its lease was revoked")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if _, err := m.ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionResume}); err != nil {
+		t.Fatalf("resume after the lease changed: %v", err)
+	}
+	if got, _ := m.Get(ctx, "v"); got.State != api.StateRunning {
+		t.Fatalf("state %s, want running", got.State)
+	}
+}
