@@ -266,7 +266,7 @@ func TestHostErrorsKeepTheirStatus(t *testing.T) {
 // TestAuditEntryLandsWithTheOutcome: an audited call on a VM writes its
 // entry in the transaction that writes the operation's outcome, once.
 func TestAuditEntryLandsWithTheOutcome(t *testing.T) {
-	m, _ := newTestManager(t)
+	m, h := newTestManager(t)
 	ctx := context.Background()
 	op := token(t, m, "ops", RoleOperator, 0)
 	if code, body := request(t, m, "POST", "/v1/vms", `{"name":"a","memory_bytes":134217728,"cpus":1,"disk_bytes":268435456,"start":true}`, op, nil); code != 201 {
@@ -304,12 +304,52 @@ func TestAuditEntryLandsWithTheOutcome(t *testing.T) {
 	if pauseRev == 0 || rec.Kvs[0].ModRevision != pauseRev {
 		t.Fatalf("audit entry at revision %d, the paused record at %d: want one transaction", pauseRev, rec.Kvs[0].ModRevision)
 	}
-	// One entry per call, each with the status the call answered.
-	waitFor(t, func() bool {
-		es, err := m.Audit(ctx, 10)
-		if err != nil || len(es) != 2 {
-			return false
+	// A resume the host fails (on the lock the pause kept), and a start
+	// the host fails (an operation that records its outcome, stopped, and
+	// answers an error), are each on record once, as the failure they were.
+	codes := []int{201, 200}
+	call := func(body string) int {
+		code, _ := request(t, m, "PUT", "/v1/vms/a/state", body, op, nil)
+		codes = append(codes, code)
+		return code
+	}
+	call(`{"action":"resume"}`)
+	call(`{"action":"pause"}`)
+	h.fail("resume", errors.New("qemu is wedged"))
+	if code := call(`{"action":"resume"}`); code < 400 {
+		t.Fatalf("a resume the host failed answered %d", code)
+	}
+	if code := call(`{"action":"stop","force":true}`); code != 200 {
+		t.Fatalf("stop: %d", code)
+	}
+	h.fail("start", errors.New("no room"))
+	if code := call(`{"action":"start"}`); code < 400 {
+		t.Fatalf("a start the host failed answered %d", code)
+	}
+	var want, got []string
+	for i, c := range codes {
+		a := "PUT /v1/vms/a/state"
+		if i == 0 {
+			a = "POST /v1/vms"
 		}
-		return es[0].Action == "POST /v1/vms" && es[0].Status == 201 && es[1].Action == "PUT /v1/vms/a/state" && es[1].Status == 200
-	})
+		want = append(want, fmt.Sprintf("%s %d", a, c))
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		es, err := m.Audit(ctx, 20)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = got[:0]
+		for _, e := range es {
+			got = append(got, fmt.Sprintf("%s %d", e.Action, e.Status))
+		}
+		if strings.Join(got, "|") == strings.Join(want, "|") {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("audit trail:\n got %q\nwant %q (one entry per call, with its status)", got, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }

@@ -253,8 +253,12 @@ func (m *Manager) audited(w http.ResponseWriter, r *http.Request, h http.Handler
 		m.publishAudit(*stored)
 		return
 	}
-	// Not stored with an outcome, or the call answered otherwise after all
-	// (then both entries stay on record).
+	if stored != nil {
+		// The call answered otherwise after all (an operation that
+		// recorded its outcome, then failed): the entry stored with the
+		// outcome is replaced, so each call has one entry.
+		e.Time = stored.Time
+	}
 	m.audit(e)
 }
 

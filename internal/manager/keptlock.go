@@ -16,7 +16,8 @@ import (
 // writes only its outcome. Nothing else changes hands: the lock stays bound
 // to this manager's lease (it goes with the manager), and another manager
 // that wants the VM meanwhile waits for the release (begin) rather than
-// being told the VM is busy.
+// being told the VM is busy (it polls with reads: a refused lock
+// transaction would still be a write).
 //
 // A quick operation on a kept lock records no intent: if the manager dies
 // during it, the record is only behind what the host reports (paused or
@@ -42,22 +43,35 @@ func newKeptLocks() *keptLocks { return &keptLocks{m: map[string]keptLock{}} }
 
 // take returns vm's kept lock for an operation, if there is one with lease
 // (a lock kept under an earlier, expired lease is gone from etcd: dropped).
-func (k *keptLocks) take(vm string, lease store.Lease) (store.Lock, bool) {
+func (k *keptLocks) take(vm string, lease store.Lease) (keptLock, bool) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	kl, ok := k.m[vm]
 	if !ok {
-		return store.Lock{}, false
+		return keptLock{}, false
 	}
 	delete(k.m, vm)
-	return kl.lock, kl.lock.Lease == lease
+	return kl, kl.lock.Lease == lease
 }
 
-// keep puts an idle lock back for keepLocksFor.
+// keep puts an idle lock in the map for keepLocksFor.
 func (k *keptLocks) keep(vm string, l store.Lock) {
+	k.putBack(vm, keptLock{lock: l, until: time.Now().Add(keepLocksFor)})
+}
+
+// putBack returns a lock taken but not used, with its time unchanged.
+func (k *keptLocks) putBack(vm string, kl keptLock) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	k.m[vm] = keptLock{lock: l, until: time.Now().Add(keepLocksFor)}
+	k.m[vm] = kl
+}
+
+// has tells whether vm's lock is kept idle here.
+func (k *keptLocks) has(vm string) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	_, ok := k.m[vm]
+	return ok
 }
 
 // expired removes and returns the locks idle past their time (all of them

@@ -3,6 +3,7 @@ package manager
 import (
 	"context"
 	"errors"
+	"sync"
 	"testing"
 	"time"
 
@@ -15,7 +16,9 @@ import (
 // key while f runs.
 func writesDuring(t *testing.T, m *Manager, vm string, f func()) (record, lock int) {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
+	// The watch ends with ctx: an operation that wrote less than expected
+	// fails the count instead of hanging the test.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	cli := m.store.Client()
 	start, err := cli.Get(ctx, "/test/")
@@ -179,5 +182,65 @@ func TestKeptLockFromOldLeaseIsDropped(t *testing.T) {
 	}
 	if got, _ := m.Get(ctx, "v"); got.State != api.StateRunning {
 		t.Fatalf("state %s, want running", got.State)
+	}
+}
+
+// Pauses and resumes racing on one VM through one manager: each is done or
+// refused (busy, or already in that state), never half-done, and the record
+// ends in line with the host.
+func TestConcurrentQuickOperations(t *testing.T) {
+	m, h := newTestManager(t)
+	ctx := context.Background()
+	mustCreate(t, m, "v", true)
+	var wg sync.WaitGroup
+	errs := make(chan error, 100)
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			for i := 0; i < 15; i++ {
+				act := api.ActionPause
+				if (i+g)%2 == 1 {
+					act = api.ActionResume
+				}
+				_, err := m.ChangeState(ctx, "v", api.VMStateRequest{Action: act})
+				if err != nil && !errors.Is(err, ErrConflict) && !errors.Is(err, ErrBusy) {
+					errs <- err
+				}
+			}
+		}(g)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Errorf("concurrent pause/resume: %v", err)
+	}
+	got, err := m.Get(ctx, "v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.mu.Lock()
+	paused := h.paused["v"]
+	h.mu.Unlock()
+	if (got.State == api.StatePaused) != paused {
+		t.Fatalf("record says %s, host paused=%v", got.State, paused)
+	}
+}
+
+// A quick operation that fails does not keep the lock: the VM is free for
+// whoever comes next (a failover, another manager).
+func TestFailedQuickOperationReleasesTheLock(t *testing.T) {
+	m, h := newTestManager(t)
+	ctx := context.Background()
+	mustCreate(t, m, "v", true)
+	if _, err := m.ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionPause}); err != nil {
+		t.Fatal(err)
+	}
+	h.fail("resume", errors.New("qemu is wedged"))
+	if _, err := m.ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionResume}); err == nil {
+		t.Fatal("a resume the host failed succeeded")
+	}
+	if held, _, _ := m.store.Held(ctx, lockKey("v")); held {
+		t.Fatal("the lock is still held after a failed resume")
 	}
 }

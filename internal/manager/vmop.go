@@ -143,6 +143,9 @@ type vmOp struct {
 	// records no intent, and once it has ended well the lock is kept
 	// (keptlock.go).
 	quick bool
+	// abandoned is set when end releases what finish or release did not:
+	// the operation failed, and its call's audit entry must say so.
+	abandoned bool
 }
 
 // begin takes the VM's lock for an operation of kind. prepare (may be nil)
@@ -157,23 +160,45 @@ func (m *Manager) begin(ctx context.Context, name, kind string, prepare func(o *
 	// An idle lock another manager keeps goes within keepLocksFor: an
 	// operation a user asked for waits for it. The controllers (settling,
 	// host events) come back to the VM anyway, so they need not wait.
-	waitKept := time.Now().Add(keepLocksFor + 500*time.Millisecond)
+	waitKept := time.Now().Add(2*keepLocksFor + time.Second)
 	if kind == opSettle || kind == opEvent {
 		waitKept = time.Time{}
 	}
 	for conflicts := 0; ; {
-		r, rev, err := m.load(ctx, name)
-		if err != nil {
-			return nil, err
+		var r record
+		var rev int64
+		kl, kept := m.kept.take(name, lease)
+		lock := kl.lock
+		if kept {
+			// Nobody else writes the record while the lock is ours, so this
+			// read is current — if the lock still is ours, which the same
+			// read-only transaction checks.
+			rev, err = m.store.GetLocked(ctx, vmKey(name), lock, &r)
+			switch {
+			case errors.Is(err, store.ErrLockLost):
+				kept = false // gone with an expired lease: start afresh
+			case errors.Is(err, store.ErrNotFound):
+				select { // a lock left over a deleted record: drop it
+				case m.unreleased <- lock:
+				default:
+				}
+				return nil, errorf(ErrNotFound, "vm %s does not exist: see 'vigil vm list'", name)
+			case err != nil:
+				m.kept.putBack(name, kl)
+				return nil, wrapf(ErrUnavailable, err, "read vm %s", name)
+			}
 		}
-		lock, kept := m.kept.take(name, lease)
 		if !kept {
+			if r, rev, err = m.load(ctx, name); err != nil {
+				return nil, err
+			}
 			lock = m.newLock(name, kind, lease)
 		}
-		// giveBack returns a kept lock this attempt does not use.
+		// giveBack returns a kept lock this attempt does not use, idle for
+		// no longer than it was going to be.
 		giveBack := func() {
 			if kept {
-				m.kept.keep(name, lock)
+				m.kept.putBack(name, kl)
 			}
 		}
 		o := &vmOp{m: m, r: r, rev: rev, lock: lock}
@@ -224,10 +249,8 @@ func (m *Manager) begin(ctx context.Context, name, kind string, prepare func(o *
 		case errors.Is(err, store.ErrLocked) && r.Op == nil && time.Now().Before(waitKept):
 			// Held with no intent: kept idle by another manager, or a quick
 			// operation of its own. Either ends in a moment.
-			select {
-			case <-ctx.Done():
-				return nil, ctx.Err()
-			case <-time.After(20 * time.Millisecond):
+			if err := m.awaitUnlocked(ctx, name, waitKept); err != nil {
+				return nil, err
 			}
 			continue
 		case errors.Is(err, store.ErrLocked):
@@ -243,6 +266,26 @@ func (m *Manager) begin(ctx context.Context, name, kind string, prepare func(o *
 		o.flush()
 		return o, nil
 	}
+}
+
+// awaitUnlocked waits, reading only, until vm's lock is free or kept idle
+// by this manager, or until deadline.
+func (m *Manager) awaitUnlocked(ctx context.Context, vm string, deadline time.Time) error {
+	for time.Now().Before(deadline) && !m.kept.has(vm) {
+		held, _, err := m.store.Held(ctx, lockKey(vm))
+		if err != nil {
+			return wrapf(ErrUnavailable, err, "lock vm %s", vm)
+		}
+		if !held {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	return nil
 }
 
 // beginWait is begin, waiting up to a minute for an operation in progress
@@ -367,6 +410,7 @@ func (o *vmOp) end(ctx context.Context) {
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
+	o.abandoned = true
 	if err := o.write(ctx, true); err != nil {
 		// The janitor keeps trying; the lock goes with this manager's
 		// lease at the latest. The intent left in the record makes the
@@ -386,10 +430,10 @@ func (o *vmOp) write(ctx context.Context, release bool) error {
 		r.Op = nil
 	}
 	r.UpdatedAt = time.Now().UTC()
-	keep := release && o.quick && !o.keepIntent
+	keep := release && o.quick && !o.keepIntent && !o.abandoned
 	var also []store.Also
 	var audited func()
-	if release && !o.keepIntent {
+	if release && !o.keepIntent && !o.abandoned {
 		// The outcome of an audited call on this VM: its entry lands with it.
 		if e, stored, ok := auditFor(ctx, r.Spec.Name); ok {
 			also, audited = append(also, store.Also{Key: o.m.auditKey(e), Value: e, TTL: auditTTL}), stored
@@ -407,13 +451,14 @@ func (o *vmOp) write(ctx context.Context, release bool) error {
 	if release {
 		o.released = true
 	}
-	if keep {
-		o.m.kept.keep(r.Spec.Name, o.lock)
-	}
 	if audited != nil {
 		audited()
 	}
 	o.flush()
+	if keep {
+		// After the events: the next operation's come after this one's.
+		o.m.kept.keep(r.Spec.Name, o.lock)
+	}
 	return nil
 }
 
