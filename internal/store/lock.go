@@ -3,8 +3,10 @@ package store
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -75,18 +77,27 @@ func (s *Store) UpdateLocked(ctx context.Context, key string, rev int64, v any, 
 	if release {
 		ops = append(ops, clientv3.OpDelete(lk))
 	}
-	more, err := s.alsoOps(ctx, also)
-	if err != nil {
-		return 0, err
-	}
-	ops = append(ops, more...)
-	resp, err := s.cli.Txn(ctx).
-		If(l.held(lk)...).
-		Then(clientv3.OpTxn(
-			[]clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(k), "=", rev)}, ops, nil)).
-		Commit()
-	if err != nil {
-		return 0, fmt.Errorf("update %s: %w", key, err)
+	var resp *clientv3.TxnResponse
+	for attempt := 0; ; attempt++ {
+		more, err := s.alsoOps(ctx, also)
+		if err != nil {
+			return 0, err
+		}
+		resp, err = s.cli.Txn(ctx).
+			If(l.held(lk)...).
+			Then(clientv3.OpTxn(
+				[]clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(k), "=", rev)}, append(ops[:len(ops):len(ops)], more...), nil)).
+			Commit()
+		if errors.Is(err, rpctypes.ErrLeaseNotFound) && len(also) > 0 && attempt == 0 {
+			// A shared TTL lease went (revoked, or a restored backup):
+			// the record's write must not fail for its companions' sake.
+			s.forgetTTLLeases()
+			continue
+		}
+		if err != nil {
+			return 0, fmt.Errorf("update %s: %w", key, err)
+		}
+		break
 	}
 	if !resp.Succeeded {
 		return 0, fmt.Errorf("update %s: %w", key, ErrLockLost)
@@ -95,6 +106,28 @@ func (s *Store) UpdateLocked(ctx context.Context, key string, rev int64, v any, 
 		return 0, fmt.Errorf("update %s: %w", key, ErrConflict)
 	}
 	return resp.Header.Revision, nil
+}
+
+// GetLocked reads key into v if the lock is still held with l's lease, in
+// one read-only transaction (no write reaches etcd's log): ErrLockLost if
+// the lock went, ErrNotFound if the key did.
+func (s *Store) GetLocked(ctx context.Context, key string, l Lock, v any) (int64, error) {
+	k, lk := s.key(key), s.key(l.Key)
+	resp, err := s.cli.Txn(ctx).If(l.held(lk)...).Then(clientv3.OpGet(k)).Commit()
+	if err != nil {
+		return 0, fmt.Errorf("get %s: %w", key, err)
+	}
+	if !resp.Succeeded {
+		return 0, fmt.Errorf("get %s: %w", key, ErrLockLost)
+	}
+	r := resp.Responses[0].GetResponseRange()
+	if r == nil || len(r.Kvs) == 0 {
+		return 0, fmt.Errorf("get %s: %w", key, ErrNotFound)
+	}
+	if err := json.Unmarshal(r.Kvs[0].Value, v); err != nil {
+		return 0, fmt.Errorf("decode %s: %w", key, err)
+	}
+	return r.Kvs[0].ModRevision, nil
 }
 
 // DeleteLocked removes key (and keys under prefixes) and the lock, if the
