@@ -202,19 +202,14 @@ func simHeartbeat(name string, vms int) hostproto.Heartbeat {
 	return hb
 }
 
-// etcdClientOf connects to the embedded etcd whose data dir is dir.
+// etcdClientOf connects to the embedded etcd whose data dir is dir, on its
+// client socket.
 func etcdClientOf(dir string) (*clientv3.Client, error) {
-	b, err := os.ReadFile(filepath.Join(dir, "urls.json"))
+	abs, err := filepath.Abs(filepath.Join(dir, "client.sock"))
 	if err != nil {
 		return nil, err
 	}
-	var u struct {
-		Client string `json:"client"`
-	}
-	if err := json.Unmarshal(b, &u); err != nil {
-		return nil, err
-	}
-	return clientv3.New(clientv3.Config{Endpoints: []string{u.Client}, DialTimeout: 5 * time.Second})
+	return clientv3.New(clientv3.Config{Endpoints: []string{"unix://" + abs}, DialTimeout: 5 * time.Second})
 }
 
 func dbStatus(ctx context.Context, cli *clientv3.Client) (int64, int64) {

@@ -108,7 +108,7 @@ func (m localMaintenance) Defragment(ctx context.Context, _ string) (*clientv3.D
 // urls are remembered in the data dir: a member's peer URL is part of its
 // stored identity, so a restart must come back on the same addresses.
 type urls struct {
-	Client string `json:"client"`
+	Client string `json:"client,omitempty"` // not kept: always the socket in the data dir
 	Peer   string `json:"peer"`
 }
 
@@ -127,7 +127,7 @@ func StartEmbeddedWithLimits(ctx context.Context, dir string, lim Limits, log *s
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create etcd dir: %w", err)
 	}
-	u, err := loadURLs(filepath.Join(dir, "urls.json"))
+	u, err := loadURLs(dir)
 	if err != nil {
 		return nil, err
 	}
@@ -177,7 +177,29 @@ func (e *Embedded) Close() {
 	e.etcd.Close()
 }
 
-func loadURLs(path string) (urls, error) {
+// loadURLs returns the member's URLs kept in dir. Clients reach it on a
+// unix socket in dir (mode 0700), never on a TCP port: the in-process
+// client needs no listener at all, and whoever reaches etcd's client API
+// controls the cluster, so only the agent's user may (the socket is there
+// for tools such as etcdctl and the benchmarks).
+func loadURLs(dir string) (urls, error) {
+	u, err := loadPeerURL(filepath.Join(dir, "urls.json"))
+	if err != nil {
+		return u, err
+	}
+	abs, err := filepath.Abs(filepath.Join(dir, "client.sock"))
+	if err != nil {
+		return u, err
+	}
+	// sun_path holds 108 bytes with its terminating NUL.
+	if len(abs) > 107 {
+		return u, fmt.Errorf("etcd's client socket %s is %d bytes long, more than a unix socket takes (107): use a shorter data directory", abs, len(abs))
+	}
+	u.Client = "unix://" + abs
+	return u, nil
+}
+
+func loadPeerURL(path string) (urls, error) {
 	var u urls
 	b, err := os.ReadFile(path)
 	if err == nil {
@@ -189,15 +211,11 @@ func loadURLs(path string) (urls, error) {
 	if !os.IsNotExist(err) {
 		return u, fmt.Errorf("read %s: %w", path, err)
 	}
-	cp, err := freePort()
-	if err != nil {
-		return u, err
-	}
 	pp, err := freePort()
 	if err != nil {
 		return u, err
 	}
-	u = urls{Client: fmt.Sprintf("http://127.0.0.1:%d", cp), Peer: fmt.Sprintf("http://127.0.0.1:%d", pp)}
+	u = urls{Peer: fmt.Sprintf("http://127.0.0.1:%d", pp)}
 	b, _ = json.Marshal(u)
 	if err := atomicfile.WriteFile(path, b, 0o600); err != nil {
 		return u, err
@@ -242,7 +260,7 @@ func StartEmbeddedMember(ctx context.Context, dir string, cc ClusterConfig, log 
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create etcd dir: %w", err)
 	}
-	u, err := loadURLs(filepath.Join(dir, "urls.json"))
+	u, err := loadURLs(dir)
 	if err != nil {
 		return nil, err
 	}

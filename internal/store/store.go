@@ -204,6 +204,13 @@ func (s *Store) ttlLease(ctx context.Context, ttl time.Duration) (clientv3.Lease
 	return lr.ID, nil
 }
 
+// forgetTTLLeases drops the cached TTL leases: the next keys get new ones.
+func (s *Store) forgetTTLLeases() {
+	s.leaseMu.Lock()
+	s.leases = nil
+	s.leaseMu.Unlock()
+}
+
 // Also is a key written in the same transaction as a record: it lands if
 // and only if the record's write does (an audit entry with the change it
 // records). With TTL, it goes as PutTTL's keys do.
