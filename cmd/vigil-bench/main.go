@@ -123,29 +123,39 @@ func run(outPath string, runs, listRuns int, only string) error {
 			return benchList(ctx, c, filepath.Join(binDir, "vigil"), filepath.Join(tmp, "d", "client.yaml"), listRuns)
 		}},
 	}
+	// A section that fails keeps the rows it measured before the failure,
+	// and the report keeps every section measured: an hour of real-guest
+	// runs is not thrown away for its last series.
+	var failed error
 	for _, sec := range sections {
 		if !want(sec.name) {
 			continue
 		}
 		fmt.Fprintf(os.Stderr, "vigil-bench: %s...\n", sec.name)
 		r, err := sec.f(ctx)
-		if err != nil {
-			return fmt.Errorf("%s: %w", sec.name, err)
-		}
 		rows = append(rows, r...)
+		if err != nil {
+			failed = fmt.Errorf("%s: %w", sec.name, err)
+			break
+		}
 	}
 
 	cancel()
 	<-done
 	if rowsOut != "" {
-		return writeRows(rowsOut, rows)
+		return errors.Join(failed, writeRows(rowsOut, rows))
 	}
 	report := render(rows, accel, runs, listRuns)
+	if failed != nil {
+		report += fmt.Sprintf("\n**This run stopped early**: %v. The rows above were measured before that.\n", failed)
+	}
 	fmt.Print(report)
 	if outPath != "" {
-		return os.WriteFile(outPath, []byte(report), 0o644)
+		if err := os.WriteFile(outPath, []byte(report), 0o644); err != nil {
+			return errors.Join(failed, err)
+		}
 	}
-	return nil
+	return failed
 }
 
 // start times create --start until the first guest heartbeat, against

@@ -257,11 +257,11 @@ func (b *bench) realDiskAndSnapshots(ctx context.Context, image string, runs int
 			for side, run := range []func(string) (string, error){vigilRun, bareRun} {
 				out, err := run(fioCommand(job))
 				if err != nil {
-					return nil, err
+					return rows, err
 				}
 				v, err := fioResult(out, job)
 				if err != nil {
-					return nil, err
+					return rows, err
 				}
 				if side == 0 {
 					vigil = append(vigil, v)
@@ -291,16 +291,16 @@ func (b *bench) realDiskAndSnapshots(ctx context.Context, image string, runs int
 	for i := range runs {
 		s, err := b.c.CreateSnapshot(ctx, name, api.SnapshotCreateRequest{Name: fmt.Sprintf("q%d", i), NoMemory: true})
 		if err != nil {
-			return nil, err
+			return rows, err
 		}
 		if s.Consistency != "application" {
-			return nil, fmt.Errorf("snapshot q%d is %s-consistent: %s", i, s.Consistency, s.Operation.Note)
+			return rows, fmt.Errorf("snapshot q%d is %s-consistent: %s", i, s.Consistency, s.Operation.Note)
 		}
 		vq = append(vq, msDur(s.Operation.DurationMS))
 		vqFrozen = append(vqFrozen, msDur(s.Operation.FrozenMS))
 		s, err = b.c.CreateSnapshot(ctx, name, api.SnapshotCreateRequest{Name: fmt.Sprintf("c%d", i), NoMemory: true, NoQuiesce: true})
 		if err != nil {
-			return nil, err
+			return rows, err
 		}
 		vc = append(vc, msDur(s.Operation.DurationMS))
 
@@ -308,19 +308,19 @@ func (b *bench) realDiskAndSnapshots(ctx context.Context, image string, runs int
 		fctx, cancel := context.WithTimeout(ctx, time.Minute)
 		if _, err := bv.qga.FSFreeze(fctx); err != nil {
 			cancel()
-			return nil, fmt.Errorf("bare fsfreeze: %w", err)
+			return rows, fmt.Errorf("bare fsfreeze: %w", err)
 		}
 		serr := bv.vm.mon.Run(fctx, "blockdev-snapshot-internal-sync", map[string]any{"device": "disk0", "name": fmt.Sprintf("q%d", i)}, nil)
 		_, terr := bv.qga.FSThaw(fctx)
 		cancel()
 		if serr != nil || terr != nil {
-			return nil, fmt.Errorf("bare quiesced snapshot: %v, thaw %v", serr, terr)
+			return rows, fmt.Errorf("bare quiesced snapshot: %v, thaw %v", serr, terr)
 		}
 		bq = append(bq, time.Since(t0))
 		bqFrozen = append(bqFrozen, time.Since(t0))
 		t0 = time.Now()
 		if err := bv.vm.mon.Run(ctx, "blockdev-snapshot-internal-sync", map[string]any{"device": "disk0", "name": fmt.Sprintf("c%d", i)}, nil); err != nil {
-			return nil, err
+			return rows, err
 		}
 		bc = append(bc, time.Since(t0))
 	}
