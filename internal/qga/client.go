@@ -51,6 +51,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -62,6 +63,8 @@ const (
 	// execPoll is how often Exec asks whether the process has exited; the
 	// agent offers no notification.
 	execPoll = 50 * time.Millisecond
+	// execPollTimeout bounds one guest-exec-status exchange.
+	execPollTimeout = 10 * time.Second
 	// shutdownGrace is how long Shutdown waits for the agent to either
 	// complain or move on; see Shutdown.
 	shutdownGrace = 3 * time.Second
@@ -83,6 +86,10 @@ type Client struct {
 	// still give up on its context.
 	turn chan struct{}
 
+	// lostAnswers counts guest-exec-status answers that never came (each
+	// asked again on a fresh connection).
+	lostAnswers atomic.Int64
+
 	mu     sync.Mutex
 	conn   *conn // nil when there is no synchronised connection
 	closed bool
@@ -96,6 +103,10 @@ type conn struct {
 	// though the exchange itself succeeded (Shutdown leaves answers pending).
 	dirty bool
 }
+
+// LostAnswers is how many guest-exec-status answers never came and were
+// asked for again.
+func (c *Client) LostAnswers() int64 { return c.lostAnswers.Load() }
 
 // Dial connects to the chardev socket of a guest agent and synchronises
 // with the agent, so an error here means the agent is not answering (or

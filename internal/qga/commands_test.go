@@ -527,3 +527,44 @@ func TestShutdownHonoursEarlierDeadline(t *testing.T) {
 		t.Fatalf("Shutdown took %v", d)
 	}
 }
+
+// An answer to guest-exec-status that never comes costs one poll's time,
+// not the whole exec: the next poll, on a fresh connection, gets the
+// process's status (the agent keeps it until it is read).
+func TestExecSurvivesALostStatusAnswer(t *testing.T) {
+	a := newFakeAgent(t)
+	p := &fakeProcess{polls: 3, status: ret(map[string]any{"exited": true, "exitcode": 0, "out-data": b64("done")})}
+	p.install(a)
+	status := a.handlers["guest-exec-status"]
+	var mu sync.Mutex
+	calls := 0
+	a.handle("guest-exec-status", func(r fakeRequest) string {
+		mu.Lock()
+		calls++
+		n := calls
+		mu.Unlock()
+		if n == 2 {
+			return "" // lost: no answer at all
+		}
+		return status(r)
+	})
+	c := a.dial(t)
+	c.timeout = 200 * time.Millisecond
+	t0 := time.Now()
+	got, err := c.Exec(long(t), "/bin/true", nil, nil, nil, 0)
+	if err != nil {
+		t.Fatalf("exec with one lost answer: %v", err)
+	}
+	if string(got.Stdout) != "done" {
+		t.Fatalf("stdout %q", got.Stdout)
+	}
+	if c.LostAnswers() != 1 {
+		t.Fatalf("%d lost answers counted, want 1", c.LostAnswers())
+	}
+	if d := time.Since(t0); d > 5*time.Second {
+		t.Fatalf("exec took %s: a lost answer cost more than one poll's bound", d)
+	}
+	if a.connections() < 2 {
+		t.Fatalf("%d connections: the poll after the lost answer did not reconnect", a.connections())
+	}
+}

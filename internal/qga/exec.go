@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"time"
 )
 
@@ -69,15 +71,27 @@ func (c *Client) exec(ctx context.Context, path string, args, env []string, inpu
 	for {
 		var raw json.RawMessage
 		args := map[string]int64{"pid": started.PID}
-		if err := c.run(ctx, "guest-exec-status", args, &raw, maxExecAnswer); err != nil {
+		// Each poll has a bound of its own: an answer lost on the way (the
+		// connection is then dropped, and the next poll connects and
+		// synchronises afresh) costs one poll's time, not the whole of
+		// ctx. The agent keeps the process's status until it is read,
+		// whichever connection asks.
+		pctx, cancel := context.WithTimeout(ctx, min(c.timeout, execPollTimeout))
+		err := c.run(pctx, "guest-exec-status", args, &raw, maxExecAnswer)
+		cancel()
+		switch {
+		case err != nil && ctx.Err() == nil && (errors.Is(err, ErrNoAnswer) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)):
+			c.lostAnswers.Add(1) // ask again
+		case err != nil:
 			return ExecResult{}, fmt.Errorf("pid %d: %w", started.PID, err)
-		}
-		res, exited, err := decodeExecStatus(raw, maxOutput)
-		if err != nil {
-			return ExecResult{}, fmt.Errorf("pid %d: guest-exec-status: %w", started.PID, err)
-		}
-		if exited {
-			return res, nil
+		default:
+			res, exited, err := decodeExecStatus(raw, maxOutput)
+			if err != nil {
+				return ExecResult{}, fmt.Errorf("pid %d: guest-exec-status: %w", started.PID, err)
+			}
+			if exited {
+				return res, nil
+			}
 		}
 		if timer == nil {
 			timer = time.NewTimer(c.poll)
