@@ -26,12 +26,12 @@ for t in "${targets[@]}"; do
   # printed that message is run again, once.
   ok=false
   for attempt in 1 2; do
-    before=$(ls "$pkg/testdata/fuzz/$name" 2>/dev/null | sort)
+    before=$(ls "$pkg/testdata/fuzz/$name" 2>/dev/null | sort || true)
     if go test -run '^$' -fuzz "^$name\$" -fuzztime "$fuzztime" "$pkg" >/tmp/vigil-fuzz.log 2>&1; then
       ok=true
       break
     fi
-    after=$(ls "$pkg/testdata/fuzz/$name" 2>/dev/null | sort)
+    after=$(ls "$pkg/testdata/fuzz/$name" 2>/dev/null | sort || true)
     if [ "$attempt" = 1 ] && [ "$before" = "$after" ] &&
       grep -q '^    context deadline exceeded$' /tmp/vigil-fuzz.log; then
       echo "fuzz $name: coordinator deadline race (go.dev/issue/75804), no crasher written; running again"
