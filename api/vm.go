@@ -186,7 +186,10 @@ type VM struct {
 
 // Operation reports how a state operation went.
 type Operation struct {
-	Action     string  `json:"action"`
+	Action string `json:"action"`
+	// DurationMS is 0 when it was not known as the operation was recorded:
+	// a pause or resume in memory records its outcome while the host acts
+	// (the answer to the call has the duration).
 	DurationMS float64 `json:"duration_ms"`
 	// PausedMS is how long the guest's CPUs were stopped by it.
 	PausedMS float64 `json:"paused_ms,omitempty"`

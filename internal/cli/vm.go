@@ -241,7 +241,10 @@ func (g *globals) printVM(vm api.VM) error {
 			row(w, "SNAPSHOT:", vm.CurrentSnapshot)
 		}
 		if op := vm.LastOperation; op != nil {
-			line := fmt.Sprintf("%s in %.1f ms", op.Action, op.DurationMS)
+			line := op.Action
+			if op.DurationMS > 0 { // 0: not known when it was recorded
+				line += fmt.Sprintf(" in %.1f ms", op.DurationMS)
+			}
 			if op.PausedMS > 0 {
 				line += fmt.Sprintf(", guest paused %.1f ms", op.PausedMS)
 			}

@@ -62,12 +62,15 @@ func lastLines(s string, n int) string {
 // fakeHost stands in for a host agent in unit tests: it records calls and
 // keeps a running flag per VM, and can be told to fail.
 type fakeHost struct {
-	name      string
-	mu        sync.Mutex
-	vms       map[string]bool // name -> running
-	paused    map[string]bool
-	saved     map[string]bool // has a suspend state file
-	failNext  map[string]error
+	name     string
+	mu       sync.Mutex
+	vms      map[string]bool // name -> running
+	paused   map[string]bool
+	saved    map[string]bool // has a suspend state file
+	failNext map[string]error
+	// before runs, if set for an operation, as the host starts it (outside
+	// the lock), then is forgotten.
+	before    map[string]func()
 	calls     []string
 	stopDelay time.Duration
 	pool      string // storage pool id it reports
@@ -79,7 +82,7 @@ type fakeHost struct {
 }
 
 func newFakeHost() *fakeHost {
-	return &fakeHost{name: "h1", vms: map[string]bool{}, paused: map[string]bool{}, saved: map[string]bool{}, failNext: map[string]error{}}
+	return &fakeHost{name: "h1", vms: map[string]bool{}, paused: map[string]bool{}, saved: map[string]bool{}, failNext: map[string]error{}, before: map[string]func(){}}
 }
 
 var _ hostproto.Handler = (*fakeHost)(nil)
@@ -129,6 +132,13 @@ func (h *fakeHost) notify() {
 
 // record notes a call and fails it if a failure was set for op.
 func (h *fakeHost) record(op, name string) error {
+	h.mu.Lock()
+	f := h.before[op]
+	delete(h.before, op)
+	h.mu.Unlock()
+	if f != nil {
+		f()
+	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.calls = append(h.calls, op+" "+name)
@@ -311,6 +321,13 @@ func (h *fakeHost) exists(name string) bool {
 	defer h.mu.Unlock()
 	_, ok := h.vms[name]
 	return ok
+}
+
+// onStart makes f run as the host starts the next op.
+func (h *fakeHost) onStart(op string, f func()) {
+	h.mu.Lock()
+	h.before[op] = f
+	h.mu.Unlock()
 }
 
 func (h *fakeHost) fail(op string, err error) {

@@ -2,6 +2,8 @@ package manager
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"sync"
 	"time"
 
@@ -22,13 +24,31 @@ import (
 // A quick operation on a kept lock records no intent: if the manager dies
 // during it, the record is only behind what the host reports (paused or
 // running), which the reconciler brings in line like any missed event.
+// Nor does it read the record first: every write of a VM's record is made
+// under its lock, so while this manager keeps the lock the record it last
+// wrote is current (and the write still checks the lock and the revision).
+// For the same reason its outcome is written while the host acts, not
+// after (vmOp.finishQuick).
 
 // keepLocksFor is how long an idle kept lock stays with this manager.
 const keepLocksFor = time.Second
 
 type keptLock struct {
-	lock  store.Lock
-	until time.Time
+	lock store.Lock
+	// record is the VM's record as last written under the lock (JSON: the
+	// operation that takes the lock gets its own copy), rev its revision.
+	record []byte
+	rev    int64
+	until  time.Time
+}
+
+// load is the record kept with the lock.
+func (kl keptLock) load() (record, int64, error) {
+	var r record
+	if err := json.Unmarshal(kl.record, &r); err != nil {
+		return record{}, 0, fmt.Errorf("decode the kept record: %w", err)
+	}
+	return r, kl.rev, nil
 }
 
 // keptLocks are the VM locks this manager holds with no operation running.
@@ -54,9 +74,15 @@ func (k *keptLocks) take(vm string, lease store.Lease) (keptLock, bool) {
 	return kl, kl.lock.Lease == lease
 }
 
-// keep puts an idle lock in the map for keepLocksFor.
-func (k *keptLocks) keep(vm string, l store.Lock) {
-	k.putBack(vm, keptLock{lock: l, until: time.Now().Add(keepLocksFor)})
+// keep puts an idle lock in the map for keepLocksFor, with the record
+// last written under it and that write's revision.
+func (k *keptLocks) keep(vm string, l store.Lock, r record, rev int64) error {
+	b, err := json.Marshal(r)
+	if err != nil {
+		return fmt.Errorf("keep the record of vm %s: %w", vm, err)
+	}
+	k.putBack(vm, keptLock{lock: l, record: b, rev: rev, until: time.Now().Add(keepLocksFor)})
+	return nil
 }
 
 // putBack returns a lock taken but not used, with its time unchanged.

@@ -236,11 +236,64 @@ func TestFailedQuickOperationReleasesTheLock(t *testing.T) {
 	if _, err := m.ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionPause}); err != nil {
 		t.Fatal(err)
 	}
+	_, events, cancel := m.events.Subscribe(m.events.Last())
+	defer cancel()
 	h.fail("resume", errors.New("qemu is wedged"))
 	if _, err := m.ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionResume}); err == nil {
 		t.Fatal("a resume the host failed succeeded")
 	}
 	if held, _, _ := m.store.Held(ctx, lockKey("v")); held {
 		t.Fatal("the lock is still held after a failed resume")
+	}
+	// The outcome written while the host acted is put back.
+	var r record
+	if _, err := m.store.Get(ctx, vmKey("v"), &r); err != nil {
+		t.Fatal(err)
+	}
+	if r.State != api.StatePaused || r.Desired != desiredPaused || r.Op != nil {
+		t.Fatalf("after a failed resume the record says %s (desired %s, intent %v), want paused as before", r.State, r.Desired, r.Op)
+	}
+	for {
+		select {
+		case e := <-events:
+			if e.Type == "vm.state" {
+				t.Fatalf("a failed resume published %+v", e)
+			}
+			continue
+		default:
+		}
+		break
+	}
+}
+
+// A quick operation on a kept lock writes its outcome while the host acts:
+// the host, still acting, can already read it.
+func TestQuickOutcomeWrittenWhileHostActs(t *testing.T) {
+	m, h := newTestManager(t)
+	ctx := context.Background()
+	mustCreate(t, m, "v", true)
+	if _, err := m.ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionPause}); err != nil {
+		t.Fatal(err)
+	}
+	seen := make(chan api.VMState, 1)
+	h.onStart("resume", func() {
+		var r record
+		for t0 := time.Now(); time.Since(t0) < 5*time.Second; time.Sleep(5 * time.Millisecond) {
+			if _, err := m.store.Get(ctx, vmKey("v"), &r); err == nil && r.State == api.StateRunning {
+				break
+			}
+		}
+		seen <- r.State
+	})
+	vm, err := m.ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionResume})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := <-seen; got != api.StateRunning {
+		t.Fatalf("while the host resumed, the record said %s: the outcome waited for the host", got)
+	}
+	// The answer has the host's time; the record could not know it.
+	if op := vm.LastOperation; op == nil || op.Action != "resume" || op.DurationMS <= 0 {
+		t.Fatalf("answer's last operation %+v, want a resume that took the host's time", op)
 	}
 }

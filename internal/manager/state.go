@@ -23,13 +23,12 @@ func (m *Manager) pause(ctx context.Context, o *vmOp, act hostproto.VMStatus, to
 	name := o.r.Spec.Name
 	h := m.hostNamed(o.r.Host)
 	if !toDisk {
-		t0 := time.Now()
-		if _, err := hostproto.Pause.Call(ctx, h, hostproto.VMRef{VM: name}); err != nil {
-			return fmt.Errorf("pause vm %s: %w", name, err)
-		}
-		o.r.Desired = desiredPaused
-		o.r.LastOperation = &api.Operation{Action: "pause", DurationMS: ms(time.Since(t0))}
-		return o.finish(ctx, api.StatePaused, "")
+		return o.finishQuick(ctx, "pause", desiredPaused, api.StatePaused, func(ctx context.Context) error {
+			if _, err := hostproto.Pause.Call(ctx, h, hostproto.VMRef{VM: name}); err != nil {
+				return fmt.Errorf("pause vm %s: %w", name, err)
+			}
+			return nil
+		})
 	}
 	res, err := hostproto.Suspend.Call(ctx, h, hostproto.VMRef{VM: name})
 	if err != nil {
@@ -48,13 +47,12 @@ func (m *Manager) resume(ctx context.Context, o *vmOp, act hostproto.VMStatus, d
 	name := o.r.Spec.Name
 	h := m.hostNamed(o.r.Host)
 	if act.Running {
-		t0 := time.Now()
-		if _, err := hostproto.Resume.Call(ctx, h, hostproto.VMRef{VM: name}); err != nil {
-			return fmt.Errorf("resume vm %s: %w", name, err)
-		}
-		o.r.Desired = desiredRunning
-		o.r.LastOperation = &api.Operation{Action: "resume", DurationMS: ms(time.Since(t0))}
-		return o.finish(ctx, api.StateRunning, "")
+		return o.finishQuick(ctx, "resume", desiredRunning, api.StateRunning, func(ctx context.Context) error {
+			if _, err := hostproto.Resume.Call(ctx, h, hostproto.VMRef{VM: name}); err != nil {
+				return fmt.Errorf("resume vm %s: %w", name, err)
+			}
+			return nil
+		})
 	}
 	if discard {
 		if _, err := hostproto.DiscardState.Call(ctx, h, hostproto.VMRef{VM: name}); err != nil {

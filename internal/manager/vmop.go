@@ -143,6 +143,9 @@ type vmOp struct {
 	// records no intent, and once it has ended well the lock is kept
 	// (keptlock.go).
 	quick bool
+	// overlap is set by begin on a quick operation under a kept lock: its
+	// outcome is written while the host acts (finishQuick).
+	overlap bool
 	// abandoned is set when end releases what finish or release did not:
 	// the operation failed, and its call's audit entry must say so.
 	abandoned bool
@@ -170,22 +173,15 @@ func (m *Manager) begin(ctx context.Context, name, kind string, prepare func(o *
 		kl, kept := m.kept.take(name, lease)
 		lock := kl.lock
 		if kept {
-			// Nobody else writes the record while the lock is ours, so this
-			// read is current — if the lock still is ours, which the same
-			// read-only transaction checks.
-			rev, err = m.store.GetLocked(ctx, vmKey(name), lock, &r)
-			switch {
-			case errors.Is(err, store.ErrLockLost):
-				kept = false // gone with an expired lease: start afresh
-			case errors.Is(err, store.ErrNotFound):
-				select { // a lock left over a deleted record: drop it
+			// Nobody else writes the record while the lock is ours: the
+			// record this manager last wrote under it is current. Every
+			// write still checks the lock and the revision.
+			if r, rev, err = kl.load(); err != nil {
+				kept = false
+				select { // drop the lock with the copy: start afresh
 				case m.unreleased <- lock:
 				default:
 				}
-				return nil, errorf(ErrNotFound, "vm %s does not exist: see 'vigil vm list'", name)
-			case err != nil:
-				m.kept.putBack(name, kl)
-				return nil, wrapf(ErrUnavailable, err, "read vm %s", name)
 			}
 		}
 		if !kept {
@@ -223,7 +219,9 @@ func (m *Manager) begin(ctx context.Context, name, kind string, prepare func(o *
 		}
 		if kept && o.quick && o.orphan == nil {
 			// The lock is already ours, and the host will show what became
-			// of the operation: no intent to write.
+			// of the operation: no intent to write, and the outcome may be
+			// written while the host acts.
+			o.overlap = true
 			return o, nil
 		}
 		in := o.intent
@@ -425,14 +423,26 @@ func (o *vmOp) end(ctx context.Context) {
 }
 
 func (o *vmOp) write(ctx context.Context, release bool) error {
+	audited, keep, err := o.commit(ctx, release)
+	if err != nil {
+		return err
+	}
+	o.landed(audited, keep)
+	return nil
+}
+
+// commit writes the record under the lock (releasing it with release,
+// unless a quick operation keeps it). What must follow the write — the
+// audit entry marked stored, the events, the kept lock — is left to
+// landed: finishQuick holds it back until the host has acted too.
+func (o *vmOp) commit(ctx context.Context, release bool) (audited func(), keep bool, err error) {
 	r := o.r
 	if release && !o.keepIntent {
 		r.Op = nil
 	}
 	r.UpdatedAt = time.Now().UTC()
-	keep := release && o.quick && !o.keepIntent && !o.abandoned
+	keep = release && o.quick && !o.keepIntent && !o.abandoned
 	var also []store.Also
-	var audited func()
 	if release && !o.keepIntent && !o.abandoned {
 		// The outcome of an audited call on this VM: its entry lands with it.
 		if e, stored, ok := auditFor(ctx, r.Spec.Name); ok {
@@ -443,22 +453,85 @@ func (o *vmOp) write(ctx context.Context, release bool) error {
 	if err != nil {
 		if errors.Is(err, store.ErrLockLost) {
 			o.released = true
-			return wrapf(ErrUnavailable, err, "lost the lock on vm %s (this manager was cut off from the store): another manager may act on it now", r.Spec.Name)
+			return nil, false, wrapf(ErrUnavailable, err, "lost the lock on vm %s (this manager was cut off from the store): another manager may act on it now", r.Spec.Name)
 		}
-		return wrapf(ErrUnavailable, err, "save vm %s", r.Spec.Name)
+		return nil, false, wrapf(ErrUnavailable, err, "save vm %s", r.Spec.Name)
 	}
 	o.r, o.rev = r, rev
 	if release {
 		o.released = true
 	}
+	return audited, keep, nil
+}
+
+// landed follows a write: the audit entry it carried is marked stored, the
+// events it made true are published, and a quick operation's lock is kept.
+func (o *vmOp) landed(audited func(), keep bool) {
 	if audited != nil {
 		audited()
 	}
 	o.flush()
-	if keep {
-		// After the events: the next operation's come after this one's.
-		o.m.kept.keep(r.Spec.Name, o.lock)
+	if !keep {
+		return
 	}
+	// After the events: the next operation's come after this one's.
+	if err := o.m.kept.keep(o.r.Spec.Name, o.lock, o.r, o.rev); err != nil {
+		o.m.log.Warn("keep vm lock", "vm", o.r.Spec.Name, "err", err)
+		select { // the lock goes now instead
+		case o.m.unreleased <- o.lock:
+		default:
+		}
+	}
+}
+
+// finishQuick makes a pause or resume in memory: act on the host, then the
+// record says desired and to. A quick operation under a kept lock
+// (overlap) writes its outcome while the host acts instead of after:
+// nobody else acts on the VM or writes its record meanwhile, and the
+// events, the kept lock and the answer wait for both. If the host fails,
+// the record is put back as it was (by end, which also releases the lock);
+// if the manager dies in between, the record is only out of step with the
+// host's run state, which the reconciler brings in line (keptlock.go).
+// Written that way, the record cannot know how long the host took: its
+// last operation has no duration, and only the answer to the call has it.
+func (o *vmOp) finishQuick(ctx context.Context, action, desired string, to api.VMState, act func(context.Context) error) error {
+	var took time.Duration
+	timed := func(ctx context.Context) error {
+		t0 := time.Now()
+		err := act(ctx)
+		took = time.Since(t0)
+		return err
+	}
+	before, events := o.r, len(o.events)
+	o.r.Desired = desired
+	if !o.overlap {
+		if err := timed(ctx); err != nil {
+			return err
+		}
+		o.r.LastOperation = &api.Operation{Action: action, DurationMS: ms(took)}
+		return o.finish(ctx, to, "")
+	}
+	o.r.LastOperation = &api.Operation{Action: action}
+	if err := o.set(to, ""); err != nil {
+		o.r = before
+		return err // nothing done yet: end releases the lock
+	}
+	acted := make(chan error, 1)
+	go func() { acted <- timed(ctx) }()
+	audited, keep, werr := o.commit(ctx, true)
+	if aerr := <-acted; aerr != nil {
+		if werr == nil && audited != nil {
+			audited() // stored with the outcome: the call's answer replaces it
+		}
+		o.r, o.events, o.quick = before, o.events[:events], false
+		o.released = o.released && werr != nil // a lost lock stays lost
+		return aerr
+	}
+	if werr != nil {
+		return werr
+	}
+	o.r.LastOperation = &api.Operation{Action: action, DurationMS: ms(took)}
+	o.landed(audited, keep)
 	return nil
 }
 
