@@ -3,6 +3,7 @@ package manager
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -26,9 +27,14 @@ import (
 // running), which the reconciler brings in line like any missed event.
 // Nor does it read the record first: every write of a VM's record is made
 // under its lock, so while this manager keeps the lock the record it last
-// wrote is current (and the write still checks the lock and the revision).
+// wrote is current (and the write still checks the lock and the revision;
+// after a failed write, which may have landed, the record is read again).
 // For the same reason its outcome is written while the host acts, not
-// after (vmOp.finishQuick).
+// after (vmOp.finishQuick). The lock is then trusted without a check of
+// its own before the host acts: it was confirmed by a write less than
+// keepLocksFor ago, and its lease is the one this manager's session still
+// holds. A lease that expired on the server unnoticed (a cut-off manager)
+// makes the outcome's write fail, and the answer says the host acted.
 
 // keepLocksFor is how long an idle kept lock stays with this manager.
 const keepLocksFor = time.Second
@@ -36,7 +42,9 @@ const keepLocksFor = time.Second
 type keptLock struct {
 	lock store.Lock
 	// record is the VM's record as last written under the lock (JSON: the
-	// operation that takes the lock gets its own copy), rev its revision.
+	// operation that takes the lock gets its own copy), rev its revision;
+	// nil when a write under the lock failed, which may have landed all
+	// the same (the next operation reads the record).
 	record []byte
 	rev    int64
 	until  time.Time
@@ -44,6 +52,9 @@ type keptLock struct {
 
 // load is the record kept with the lock.
 func (kl keptLock) load() (record, int64, error) {
+	if kl.record == nil {
+		return record{}, 0, errors.New("no record kept with the lock")
+	}
 	var r record
 	if err := json.Unmarshal(kl.record, &r); err != nil {
 		return record{}, 0, fmt.Errorf("decode the kept record: %w", err)

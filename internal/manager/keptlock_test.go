@@ -297,3 +297,52 @@ func TestQuickOutcomeWrittenWhileHostActs(t *testing.T) {
 		t.Fatalf("answer's last operation %+v, want a resume that took the host's time", op)
 	}
 }
+
+// A pause the host refuses, on a lock not kept, leaves the record as it
+// was: the VM is still to run.
+func TestFailedQuickOperationLeavesTheRecord(t *testing.T) {
+	m, h := newTestManager(t)
+	ctx := context.Background()
+	mustCreate(t, m, "v", true)
+	h.fail("pause", errors.New("qemu is wedged"))
+	if _, err := m.ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionPause}); err == nil {
+		t.Fatal("a pause the host failed succeeded")
+	}
+	var r record
+	if _, err := m.store.Get(ctx, vmKey("v"), &r); err != nil {
+		t.Fatal(err)
+	}
+	if r.State != api.StateRunning || r.Desired != desiredRunning || r.Op != nil {
+		t.Fatalf("after a failed pause the record says %s (desired %s, intent %v), want running as before", r.State, r.Desired, r.Op)
+	}
+}
+
+// A write under a kept lock that failed may have landed all the same (a
+// cancelled request): the copy kept with the lock is then stale, and the
+// next operation reads the record instead.
+func TestKeptLockAfterAFailedWriteReadsTheRecord(t *testing.T) {
+	m, _ := newTestManager(t)
+	ctx := context.Background()
+	mustCreate(t, m, "v", true)
+	if _, err := m.ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionPause}); err != nil {
+		t.Fatal(err)
+	}
+	// The record moves on behind the kept copy's back, as a landed write
+	// that answered an error would have moved it.
+	cli := m.store.Client()
+	cur, err := cli.Get(ctx, "/test/"+vmKey("v"))
+	if err != nil || len(cur.Kvs) == 0 {
+		t.Fatal(err)
+	}
+	if _, err := cli.Put(ctx, "/test/"+vmKey("v"), string(cur.Kvs[0].Value)); err != nil {
+		t.Fatal(err)
+	}
+	// A stop starts on the kept lock, finds its copy stale at the first
+	// write, and goes on from the record as it is.
+	if _, err := m.ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionStop, Force: true}); err != nil {
+		t.Fatalf("stop after the record moved: %v", err)
+	}
+	if got, _ := m.Get(ctx, "v"); got.State != api.StateStopped {
+		t.Fatalf("state %s, want stopped", got.State)
+	}
+}

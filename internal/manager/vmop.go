@@ -177,10 +177,21 @@ func (m *Manager) begin(ctx context.Context, name, kind string, prepare func(o *
 			// record this manager last wrote under it is current. Every
 			// write still checks the lock and the revision.
 			if r, rev, err = kl.load(); err != nil {
-				kept = false
-				select { // drop the lock with the copy: start afresh
-				case m.unreleased <- lock:
-				default:
+				// No copy: read it, and check in the same read-only
+				// transaction that the lock still is ours.
+				rev, err = m.store.GetLocked(ctx, vmKey(name), lock, &r)
+				switch {
+				case errors.Is(err, store.ErrLockLost):
+					kept = false // gone with an expired lease: start afresh
+				case errors.Is(err, store.ErrNotFound):
+					select { // a lock left over a deleted record: drop it
+					case m.unreleased <- lock:
+					default:
+					}
+					return nil, errorf(ErrNotFound, "vm %s does not exist: see 'vigil vm list'", name)
+				case err != nil:
+					m.kept.putBack(name, kl)
+					return nil, wrapf(ErrUnavailable, err, "read vm %s", name)
 				}
 			}
 		}
@@ -191,9 +202,13 @@ func (m *Manager) begin(ctx context.Context, name, kind string, prepare func(o *
 			lock = m.newLock(name, kind, lease)
 		}
 		// giveBack returns a kept lock this attempt does not use, idle for
-		// no longer than it was going to be.
-		giveBack := func() {
+		// no longer than it was going to be; after a failed write, without
+		// its copy of the record (the write may have landed).
+		giveBack := func(wrote bool) {
 			if kept {
+				if wrote {
+					kl.record = nil
+				}
 				m.kept.putBack(name, kl)
 			}
 		}
@@ -202,7 +217,7 @@ func (m *Manager) begin(ctx context.Context, name, kind string, prepare func(o *
 			// Only the reconciler takes over a VM with an intent left in its
 			// record (and only once nobody holds its lock): it settles it.
 			if kind != opSettle {
-				giveBack()
+				giveBack(false)
 				return nil, m.busy(ctx, name, r.Op)
 			}
 			o.orphan = r.Op
@@ -213,7 +228,7 @@ func (m *Manager) begin(ctx context.Context, name, kind string, prepare func(o *
 		}
 		if prepare != nil {
 			if err := prepare(o); err != nil {
-				giveBack()
+				giveBack(false)
 				return nil, err
 			}
 		}
@@ -254,11 +269,11 @@ func (m *Manager) begin(ctx context.Context, name, kind string, prepare func(o *
 		case errors.Is(err, store.ErrLocked):
 			return nil, errorf(ErrBusy, "vm %s is busy with another operation: retry when it is done", name)
 		case errors.Is(err, store.ErrConflict) && conflicts < 5:
-			giveBack()
+			giveBack(true)
 			conflicts++
 			continue // the record changed between the read and the lock: read again
 		case err != nil:
-			giveBack()
+			giveBack(true)
 			return nil, wrapf(ErrUnavailable, err, "lock vm %s", name)
 		}
 		o.flush()
@@ -506,6 +521,7 @@ func (o *vmOp) finishQuick(ctx context.Context, action, desired string, to api.V
 	o.r.Desired = desired
 	if !o.overlap {
 		if err := timed(ctx); err != nil {
+			o.r = before
 			return err
 		}
 		o.r.LastOperation = &api.Operation{Action: action, DurationMS: ms(took)}
@@ -528,10 +544,10 @@ func (o *vmOp) finishQuick(ctx context.Context, action, desired string, to api.V
 		return aerr
 	}
 	if werr != nil {
-		return werr
+		return fmt.Errorf("vm %s was %sd on its host, but: %w", o.r.Spec.Name, action, werr)
 	}
+	o.landed(audited, keep) // the lock is kept with the record as written
 	o.r.LastOperation = &api.Operation{Action: action, DurationMS: ms(took)}
-	o.landed(audited, keep)
 	return nil
 }
 

@@ -108,6 +108,28 @@ func (s *Store) UpdateLocked(ctx context.Context, key string, rev int64, v any, 
 	return resp.Header.Revision, nil
 }
 
+// GetLocked reads key into v if the lock is still held with l's lease, in
+// one read-only transaction (no write reaches etcd's log): ErrLockLost if
+// the lock went, ErrNotFound if the key did.
+func (s *Store) GetLocked(ctx context.Context, key string, l Lock, v any) (int64, error) {
+	k, lk := s.key(key), s.key(l.Key)
+	resp, err := s.cli.Txn(ctx).If(l.held(lk)...).Then(clientv3.OpGet(k)).Commit()
+	if err != nil {
+		return 0, fmt.Errorf("get %s: %w", key, err)
+	}
+	if !resp.Succeeded {
+		return 0, fmt.Errorf("get %s: %w", key, ErrLockLost)
+	}
+	r := resp.Responses[0].GetResponseRange()
+	if r == nil || len(r.Kvs) == 0 {
+		return 0, fmt.Errorf("get %s: %w", key, ErrNotFound)
+	}
+	if err := json.Unmarshal(r.Kvs[0].Value, v); err != nil {
+		return 0, fmt.Errorf("decode %s: %w", key, err)
+	}
+	return r.Kvs[0].ModRevision, nil
+}
+
 // DeleteLocked removes key (and keys under prefixes) and the lock, if the
 // lock is still held with l's lease.
 func (s *Store) DeleteLocked(ctx context.Context, l Lock, key string, prefixes ...string) error {
