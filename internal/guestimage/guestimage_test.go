@@ -10,129 +10,21 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vigil-project/vigil/internal/cpio"
 )
 
-// cpioEntry is one parsed newc record.
-type cpioEntry struct {
-	name       string
-	mode       uint32
-	rmaj, rmin uint32
-	data       string
-	ino, nlink uint32
-}
-
-// readCPIO is an independent newc parser used to check the writer.
-func readCPIO(t *testing.T, b []byte) []cpioEntry {
+// readCPIO parses an archive the writer made.
+func readCPIO(t *testing.T, b []byte) []cpio.Entry {
 	t.Helper()
-	var out []cpioEntry
-	off := 0
-	align := func() { off = (off + 3) &^ 3 }
-	for {
-		if off+110 > len(b) {
-			t.Fatalf("truncated header at %d", off)
-		}
-		h := string(b[off : off+110])
-		if h[:6] != "070701" {
-			t.Fatalf("bad magic %q at %d", h[:6], off)
-		}
-		field := func(i int) uint32 {
-			v, err := strconv.ParseUint(h[6+8*i:14+8*i], 16, 32)
-			if err != nil {
-				t.Fatalf("bad field %d: %v", i, err)
-			}
-			return uint32(v)
-		}
-		e := cpioEntry{ino: field(0), mode: field(1), nlink: field(4), rmaj: field(9), rmin: field(10)}
-		size, namesize := int(field(6)), int(field(11))
-		off += 110
-		e.name = string(b[off : off+namesize-1])
-		if b[off+namesize-1] != 0 {
-			t.Fatalf("name %q not NUL-terminated", e.name)
-		}
-		off += namesize
-		align()
-		e.data = string(b[off : off+size])
-		off += size
-		align()
-		if e.name == cpioTrailer {
-			if off != len(b) {
-				t.Fatalf("%d bytes after trailer", len(b)-off)
-			}
-			return out
-		}
-		out = append(out, e)
-	}
-}
-
-func TestCPIORoundTrip(t *testing.T) {
-	var buf bytes.Buffer
-	c := newCPIOWriter(&buf)
-	c.Dir("bin", 0o755)
-	c.File("bin/hello", 0o755, []byte("hello world")) // 11 bytes: exercises padding
-	c.File("empty", 0o644, nil)
-	c.Symlink("init", "bin/hello")
-	c.CharDev("console", 0o600, 5, 1)
-	if err := c.Close(); err != nil {
+	es, err := cpio.Read(b)
+	if err != nil {
 		t.Fatal(err)
 	}
-	got := readCPIO(t, buf.Bytes())
-	want := []struct {
-		name string
-		mode uint32
-		data string
-	}{
-		{"bin", cpioDir | 0o755, ""},
-		{"bin/hello", cpioFile | 0o755, "hello world"},
-		{"empty", cpioFile | 0o644, ""},
-		{"init", cpioSymlink | 0o777, "bin/hello"},
-		{"console", cpioCharDev | 0o600, ""},
-	}
-	if len(got) != len(want) {
-		t.Fatalf("got %d entries, want %d", len(got), len(want))
-	}
-	seen := map[uint32]bool{}
-	for i, w := range want {
-		g := got[i]
-		if g.name != w.name || g.mode != w.mode || g.data != w.data {
-			t.Errorf("entry %d: got %q mode %o data %q, want %q mode %o data %q", i, g.name, g.mode, g.data, w.name, w.mode, w.data)
-		}
-		if seen[g.ino] {
-			t.Errorf("duplicate inode %d", g.ino)
-		}
-		seen[g.ino] = true
-	}
-	if got[4].rmaj != 5 || got[4].rmin != 1 {
-		t.Errorf("console rdev %d:%d", got[4].rmaj, got[4].rmin)
-	}
-
-	// Cross-check with GNU cpio when it is installed.
-	if _, err := exec.LookPath("cpio"); err != nil {
-		t.Skip("cpio not installed")
-	}
-	cmd := exec.Command("cpio", "-t", "--quiet")
-	cmd.Stdin = bytes.NewReader(buf.Bytes())
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("cpio -t: %v", err)
-	}
-	if names := strings.Fields(string(out)); !slices.Equal(names, []string{"bin", "bin/hello", "empty", "init", "console"}) {
-		t.Fatalf("cpio -t listed %q", names)
-	}
-	dir := t.TempDir()
-	cmd = exec.Command("cpio", "-i", "--quiet", "--no-absolute-filenames", "bin", "bin/hello", "init")
-	cmd.Dir = dir
-	cmd.Stdin = bytes.NewReader(buf.Bytes())
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("cpio -i: %v: %s", err, out)
-	}
-	if b, err := os.ReadFile(filepath.Join(dir, "init")); err != nil || string(b) != "hello world" {
-		t.Fatalf("extracted symlink target content %q, %v", b, err)
-	}
+	return es
 }
 
 // fakeInputs creates small stand-ins for busybox, the agent and modules.
@@ -176,36 +68,36 @@ func TestWriteInitramfs(t *testing.T) {
 		t.Fatal(err)
 	}
 	entries := readCPIO(t, raw)
-	byName := map[string]cpioEntry{}
+	byName := map[string]cpio.Entry{}
 	for _, e := range entries {
-		if _, dup := byName[e.name]; dup {
-			t.Errorf("duplicate entry %q", e.name)
+		if _, dup := byName[e.Name]; dup {
+			t.Errorf("duplicate entry %q", e.Name)
 		}
 		// The kernel creates files in archive order: parents first.
-		if d := filepath.Dir(e.name); d != "." {
-			if p, ok := byName[d]; !ok || p.mode&0o170000 != cpioDir {
-				t.Errorf("%q appears before its directory %q", e.name, d)
+		if d := filepath.Dir(e.Name); d != "." {
+			if p, ok := byName[d]; !ok || p.Mode&0o170000 != cpio.ModeDir {
+				t.Errorf("%q appears before its directory %q", e.Name, d)
 			}
 		}
-		byName[e.name] = e
+		byName[e.Name] = e
 	}
 	checks := []struct {
 		name string
 		mode uint32
 		data string
 	}{
-		{"init", cpioSymlink | 0o777, "bin/busybox"},
-		{"bin/busybox", cpioFile | 0o755, "BUSYBOX"},
-		{"bin/sh", cpioSymlink | 0o777, "busybox"},
-		{"bin/poweroff", cpioSymlink | 0o777, "busybox"},
-		{"bin/vigil-guest", cpioFile | 0o755, "AGENT"},
-		{"etc/inittab", cpioFile | 0o644, inittab()},
-		{"etc/init.d/rcS", cpioFile | 0o755, rcS(spec.KernelVersion, guestModules())},
-		{"etc/init.d/rcK", cpioFile | 0o755, rcK()},
-		{"etc/acpi/PWRF/00000080", cpioFile | 0o755, acpiPowerScript()},
-		{"dev/console", cpioCharDev | 0o600, ""},
-		{"lib/modules/6.1.0-99-cloud-amd64/kernel/drivers/virtio/virtio_ring.ko", cpioFile | 0o644, "KO:drivers/virtio/virtio_ring"},
-		{"lib/modules/6.1.0-99-cloud-amd64/kernel/drivers/misc/pvpanic/pvpanic-pci.ko", cpioFile | 0o644, "KO:drivers/misc/pvpanic/pvpanic-pci"},
+		{"init", cpio.ModeSymlink | 0o777, "bin/busybox"},
+		{"bin/busybox", cpio.ModeFile | 0o755, "BUSYBOX"},
+		{"bin/sh", cpio.ModeSymlink | 0o777, "busybox"},
+		{"bin/poweroff", cpio.ModeSymlink | 0o777, "busybox"},
+		{"bin/vigil-guest", cpio.ModeFile | 0o755, "AGENT"},
+		{"etc/inittab", cpio.ModeFile | 0o644, inittab()},
+		{"etc/init.d/rcS", cpio.ModeFile | 0o755, rcS(spec.KernelVersion, guestModules())},
+		{"etc/init.d/rcK", cpio.ModeFile | 0o755, rcK()},
+		{"etc/acpi/PWRF/00000080", cpio.ModeFile | 0o755, acpiPowerScript()},
+		{"dev/console", cpio.ModeCharDev | 0o600, ""},
+		{"lib/modules/6.1.0-99-cloud-amd64/kernel/drivers/virtio/virtio_ring.ko", cpio.ModeFile | 0o644, "KO:drivers/virtio/virtio_ring"},
+		{"lib/modules/6.1.0-99-cloud-amd64/kernel/drivers/misc/pvpanic/pvpanic-pci.ko", cpio.ModeFile | 0o644, "KO:drivers/misc/pvpanic/pvpanic-pci"},
 	}
 	for _, c := range checks {
 		e, ok := byName[c.name]
@@ -213,8 +105,8 @@ func TestWriteInitramfs(t *testing.T) {
 			t.Errorf("missing %s", c.name)
 			continue
 		}
-		if e.mode != c.mode || e.data != c.data {
-			t.Errorf("%s: mode %o data %q, want mode %o data %q", c.name, e.mode, e.data, c.mode, c.data)
+		if e.Mode != c.mode || string(e.Data) != c.data {
+			t.Errorf("%s: mode %o data %q, want mode %o data %q", c.name, e.Mode, string(e.Data), c.mode, c.data)
 		}
 	}
 	// Every applet the scripts call must be linked.
@@ -456,25 +348,6 @@ func TestReplaceDir(t *testing.T) {
 	}
 }
 
-func TestParseDepends(t *testing.T) {
-	tests := []struct {
-		out  string
-		want string
-		ok   bool
-	}{
-		{"linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-56-cloud-amd64\n", "linux-image-6.1.0-56-cloud-amd64", true},
-		{"linux-image-cloud-amd64\n |Depends: linux-image-6.1.0-57-cloud-amd64\n  Depends: foo\n", "linux-image-6.1.0-57-cloud-amd64", true},
-		{"linux-image-cloud-amd64\n  Depends: <linux-image-virtual>\n", "", false},
-		{"", "", false},
-	}
-	for _, tc := range tests {
-		got, ok := parseDepends([]byte(tc.out))
-		if got != tc.want || ok != tc.ok {
-			t.Errorf("%q: got (%q, %v), want (%q, %v)", tc.out, got, ok, tc.want, tc.ok)
-		}
-	}
-}
-
 func TestLocateKernelNamesMissingModule(t *testing.T) {
 	root := t.TempDir()
 	ver := "6.1.0-1-cloud-amd64"
@@ -490,7 +363,7 @@ func TestLocateKernelNamesMissingModule(t *testing.T) {
 		os.MkdirAll(filepath.Dir(p), 0o755)
 		os.WriteFile(p, []byte("ko"), 0o644)
 	}
-	_, _, err := locateKernel(root, ver)
+	_, err := locateModules(filepath.Join(root, "lib", "modules", ver))
 	if err == nil || !strings.Contains(err.Error(), "drivers/char/virtio_console") {
 		t.Fatalf("got %v, want error naming virtio_console", err)
 	}
@@ -511,45 +384,5 @@ func TestCheckStatic(t *testing.T) {
 		} else if !strings.Contains(err.Error(), "dynamically linked") {
 			t.Fatalf("dynamic binary: got %v", err)
 		}
-	}
-}
-
-func TestAptErrorsSayWhatToDo(t *testing.T) {
-	noop := func(string, ...any) {}
-	t.Setenv("PATH", t.TempDir()) // no apt tools at all
-	if _, err := resolveKernelPackage(t.Context()); err == nil || !strings.Contains(err.Error(), "install apt") {
-		t.Errorf("no apt-cache: got %v", err)
-	}
-	if _, err := fetchKernelDeb(t.Context(), "linux-image-x", t.TempDir(), noop); err == nil || !strings.Contains(err.Error(), "install apt") {
-		t.Errorf("no apt-get: got %v", err)
-	}
-
-	// Failing tools: the error must point at apt-get update.
-	bin := t.TempDir()
-	for _, tool := range []string{"apt-cache", "apt-get"} {
-		script := "#!/bin/sh\necho 'E: Unable to locate package' >&2\nexit 100\n"
-		if err := os.WriteFile(filepath.Join(bin, tool), []byte(script), 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	t.Setenv("PATH", bin+":/bin:/usr/bin")
-	if _, err := resolveKernelPackage(t.Context()); err == nil || !strings.Contains(err.Error(), "run apt-get update") {
-		t.Errorf("failing apt-cache: got %v", err)
-	}
-	cache := t.TempDir()
-	if _, err := fetchKernelDeb(t.Context(), "linux-image-x", cache, noop); err == nil || !strings.Contains(err.Error(), "run apt-get update") {
-		t.Errorf("failing apt-get: got %v", err)
-	}
-	if left, _ := os.ReadDir(cache); len(left) != 0 {
-		t.Errorf("failed download left %v in the cache", left)
-	}
-
-	// A cached package is used without calling apt-get.
-	deb := filepath.Join(cache, "linux-image-x_1.0_amd64.deb")
-	if err := os.WriteFile(deb, []byte("deb"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if got, err := fetchKernelDeb(t.Context(), "linux-image-x", cache, noop); err != nil || got != deb {
-		t.Errorf("cached: got (%q, %v)", got, err)
 	}
 }

@@ -15,8 +15,9 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
+
+	"github.com/vigil-project/vigil/internal/debkernel"
 
 	"github.com/vigil-project/vigil/internal/atomicfile"
 )
@@ -90,29 +91,17 @@ func build(ctx context.Context, o Options, busybox string) (*Image, error) {
 		return nil, fmt.Errorf("create cache dir: %w", err)
 	}
 
-	pkg, err := resolveKernelPackage(ctx)
+	k, err := debkernel.Unpack(ctx, o.CacheDir, progress)
 	if err != nil {
 		return nil, err
 	}
-	version := strings.TrimPrefix(pkg, "linux-image-")
-	deb, err := fetchKernelDeb(ctx, pkg, o.CacheDir, progress)
+	defer k.Close()
+	version := k.Version
+	modules, err := locateModules(k.ModulesDir())
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("kernel %s: %w", version, err)
 	}
-
-	progress("unpacking %s", filepath.Base(deb))
-	unpacked, err := os.MkdirTemp(o.CacheDir, ".unpack-*")
-	if err != nil {
-		return nil, fmt.Errorf("create unpack dir: %w", err)
-	}
-	defer os.RemoveAll(unpacked)
-	if err := extractDeb(ctx, deb, unpacked); err != nil {
-		return nil, err
-	}
-	vmlinuz, modules, err := locateKernel(unpacked, version)
-	if err != nil {
-		return nil, err
-	}
+	vmlinuz := k.Vmlinuz
 
 	parent := filepath.Dir(filepath.Clean(o.Dir))
 	if err := os.MkdirAll(parent, 0o755); err != nil {

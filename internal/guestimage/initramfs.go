@@ -7,6 +7,8 @@ import (
 	"os"
 	"path"
 	"strings"
+
+	"github.com/vigil-project/vigil/internal/cpio"
 )
 
 // DefaultCmdline is the kernel command line stored in the manifest. The host
@@ -200,7 +202,7 @@ func writeInitramfs(w io.Writer, spec initramfsSpec) error {
 	if err != nil {
 		return fmt.Errorf("gzip: %w", err)
 	}
-	c := newCPIOWriter(zw)
+	c := cpio.NewWriter(zw)
 	for _, d := range []string{"bin", "dev", "etc", "etc/init.d", "etc/acpi", "etc/acpi/PWRF",
 		"lib", "lib/modules", "proc", "sys", "tmp", "var", "var/log", "var/run", "root", "data", "www"} {
 		c.Dir(d, 0o755)
