@@ -35,7 +35,7 @@ deps-test:
 	@./scripts/install-deps.sh --test
 
 build:
-	$(GO) build -o $(BIN)/vigil ./cmd/vigil
+	$(GO) build -ldflags='-s -w' -o $(BIN)/vigil ./cmd/vigil
 	CGO_ENABLED=0 $(GO) build -ldflags='-s -w' -o $(BIN)/vigil-guest ./cmd/vigil-guest
 
 image: deps build

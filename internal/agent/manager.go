@@ -47,6 +47,8 @@ type ManagerConfig struct {
 	CertTTL time.Duration
 	// EtcdTLS, for an external etcd over https.
 	EtcdTLS EtcdTLS
+	// Boot, if it names an interface, runs the boot service there.
+	Boot *BootConfig
 }
 
 // EtcdTLS are PEM files for an external etcd's TLS (all optional: the CA
@@ -133,8 +135,12 @@ func RunManager(ctx context.Context, cfg ManagerConfig) error {
 	if err != nil {
 		return err
 	}
+	boot, err := bootService(cfg.Boot, ln)
+	if err != nil {
+		return err
+	}
 	mgr := manager.New(manager.Config{Store: st, Events: events.New(1000), Logger: log, Name: cfg.Name, Identity: id, CertTTL: cfg.CertTTL,
-		Images: images, URL: apiURL(ln),
+		Images: images, URL: apiURL(ln), BootImages: BootImagesDir(cfg.DataDir), Boot: boot,
 		HostDeadAfter: cfg.HostDeadAfter, ShareEvents: true, Overcommit: cfg.Overcommit, StepHook: crashHook(log)})
 	cpath, err := writeClientConfigs(ctx, mgr, cfg.DataDir, "admin-"+cfg.Name, apiURL(ln), id.CA.CertPEM, false)
 	if err != nil {

@@ -22,6 +22,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 	var logLevel, managerFlag, managers, joinToken, etcdEndpoints, etcdPeers, storagePool string
 	var fenceAfter, deadAfter, certTTL time.Duration
 	var etcdCA, etcdCert, etcdKey string
+	var boot agent.BootConfig
 	var oc manager.Overcommit
 	cmd := &cobra.Command{
 		Use:   "agent",
@@ -86,7 +87,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 				}
 				return agent.RunManager(ctx, agent.ManagerConfig{Overcommit: oc, Listen: cfg.Listen, DataDir: cfg.DataDir, Name: cfg.HostName,
 					EtcdEndpoints: splitList(etcdEndpoints), EtcdPeers: peers, Logger: log, HostDeadAfter: deadAfter, CertTTL: certTTL,
-					EtcdTLS: agent.EtcdTLS{CA: etcdCA, Cert: etcdCert, Key: etcdKey}})
+					EtcdTLS: agent.EtcdTLS{CA: etcdCA, Cert: etcdCert, Key: etcdKey}, Boot: &boot})
 			case isHost:
 				if cfg.HostName == "" {
 					return fmt.Errorf("--host needs --name")
@@ -138,6 +139,11 @@ func newAgentCmd(g *globals) *cobra.Command {
 	f.StringVar(&etcdKey, "etcd-key", "", "with --etcd-endpoints: client key (PEM file) for the external etcd")
 	f.StringVar(&cfg.DefaultNetwork, "default-network", envOr("VIGIL_DEFAULT_NETWORK", ""), "with --dev: make network 'default' on this subnet with NAT (e.g. 10.231.0.0/24; needs root), which VMs join unless they name another (env VIGIL_DEFAULT_NETWORK)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	f.StringVar(&boot.Interface, "boot-interface", "", "with --manager: run the boot service for stateless hosts on this interface (DHCP, iPXE over HTTP, signed configurations over TLS)")
+	f.StringVar(&boot.Range, "boot-range", "", "with --boot-interface: addresses given to booting machines, FIRST-LAST (default: the upper half of the interface's subnet)")
+	f.IntVar(&boot.HTTPPort, "boot-http-port", 8067, "with --boot-interface: port of the iPXE scripts and host images (plain HTTP: iPXE has no HTTPS)")
+	f.IntVar(&boot.TLSPort, "boot-tls-port", 8068, "with --boot-interface: port of the signed host configurations (TLS)")
+	f.StringSliceVar(&boot.ManagerURLs, "boot-manager-url", nil, "with --boot-interface: manager API URLs booted hosts join (default: this manager's API on the boot interface's address)")
 	return cmd
 }
 

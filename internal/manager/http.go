@@ -68,6 +68,7 @@ func (m *Manager) Handler() http.Handler {
 	user("POST /v1/tokens", RoleAdmin, true, m.handleTokenCreate)
 	user("GET /v1/tokens", RoleAdmin, false, m.handleTokenList)
 	user("DELETE /v1/tokens/{name}", RoleAdmin, true, m.handleTokenRevoke)
+	m.bootRoutes(user)
 	// Hosts: a join token in the body for the first contact, then the
 	// host's certificate, which names it.
 	mux.Handle("POST /v1/hosts/join", m.auditRoute(m.handleJoin))

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/bootsvc"
 	"github.com/vigil-project/vigil/internal/cloudinit"
 	"github.com/vigil-project/vigil/internal/events"
 	"github.com/vigil-project/vigil/internal/hostproto"
@@ -101,7 +102,11 @@ type Manager struct {
 	// images is this manager's blob store (nil: no images); url is where
 	// the other managers reach its API.
 	images *imagestore.Store
-	url    string
+	// boot is the registry of stateless hosts; bootCfg, if set, the boot
+	// service this manager runs.
+	boot    *bootsvc.Registry
+	bootCfg *bootsvc.Config
+	url     string
 
 	name        string
 	leader      atomic.Bool
@@ -146,6 +151,10 @@ type Config struct {
 	Images *imagestore.Store
 	// URL is where the other managers reach this one's API.
 	URL string
+	// BootImages is where this manager keeps host images for network
+	// boot; Boot, if set, runs the boot service (bootsvc).
+	BootImages string
+	Boot       *bootsvc.Config
 }
 
 // New returns a Manager. Run (and, while leading, Lead) make it work.
@@ -179,6 +188,8 @@ func New(cfg Config) *Manager {
 		auditQ:     make(chan api.AuditEntry, 4096),
 		images:     cfg.Images,
 		url:        cfg.URL,
+		boot:       &bootsvc.Registry{Store: cfg.Store, ImagesDir: cfg.BootImages},
+		bootCfg:    cfg.Boot,
 	}
 	if m.certTTL == 0 {
 		m.certTTL = pki.DefaultTTL
@@ -228,6 +239,9 @@ func (m *Manager) Run(ctx context.Context) {
 	run(m.watchTokens)
 	run(m.auditWriter)
 	run(m.syncImages)
+	if m.bootCfg != nil {
+		run(m.runBoot)
+	}
 	if m.identity != nil {
 		run(func(ctx context.Context) { m.identity.KeepRenewed(ctx, m.log) })
 	}

@@ -273,3 +273,32 @@ func pemBlock(typ string, der []byte) []byte {
 	pem.Encode(&b, &pem.Block{Type: typ, Bytes: der})
 	return b.Bytes()
 }
+
+// SignData signs data with the CA's key, for the purpose named by domain
+// (so that a signature made for one purpose means nothing for another).
+func (ca *CA) SignData(domain string, data []byte) ([]byte, error) {
+	sig, err := ca.key.Sign(rand.Reader, dataDigest(domain, data), crypto.SHA256)
+	if err != nil {
+		return nil, fmt.Errorf("sign %s: %w", domain, err)
+	}
+	return sig, nil
+}
+
+// VerifyData checks a SignData signature against the CA certificate ca.
+func VerifyData(ca *x509.Certificate, domain string, data, sig []byte) error {
+	pub, ok := ca.PublicKey.(*ecdsa.PublicKey)
+	if !ok {
+		return fmt.Errorf("%w: the CA key is not ECDSA", ErrInvalid)
+	}
+	if !ecdsa.VerifyASN1(pub, dataDigest(domain, data), sig) {
+		return fmt.Errorf("%w: the %s signature does not verify against CA %s", ErrInvalid, domain, Fingerprint(ca))
+	}
+	return nil
+}
+
+func dataDigest(domain string, data []byte) []byte {
+	h := sha256.New()
+	fmt.Fprintf(h, "vigil signed data: %s\n", domain)
+	h.Write(data)
+	return h.Sum(nil)
+}

@@ -1,0 +1,51 @@
+package client
+
+import (
+	"context"
+	"net/http"
+	"net/url"
+
+	"github.com/vigil-project/vigil/api"
+)
+
+// BootImages lists the host images stateless hosts boot.
+func (c *Client) BootImages(ctx context.Context) ([]api.BootImage, error) {
+	var out []api.BootImage
+	err := c.do(ctx, http.MethodGet, "/v1/boot/images", nil, &out)
+	return out, err
+}
+
+// SetBootProfile creates or changes a boot profile.
+func (c *Client) SetBootProfile(ctx context.Context, p api.BootProfile) (api.BootProfile, error) {
+	var out api.BootProfile
+	err := c.do(ctx, http.MethodPut, "/v1/boot/profiles/"+url.PathEscape(p.Name), p, &out)
+	return out, err
+}
+
+// BootProfiles lists the boot profiles.
+func (c *Client) BootProfiles(ctx context.Context) ([]api.BootProfile, error) {
+	var out []api.BootProfile
+	err := c.do(ctx, http.MethodGet, "/v1/boot/profiles", nil, &out)
+	return out, err
+}
+
+// BootMachines lists the machines that booted from the boot service.
+func (c *Client) BootMachines(ctx context.Context) ([]api.BootMachine, error) {
+	var out []api.BootMachine
+	err := c.do(ctx, http.MethodGet, "/v1/boot/machines", nil, &out)
+	return out, err
+}
+
+// AdmitMachine lets a quarantined machine join as a host.
+func (c *Client) AdmitMachine(ctx context.Context, mac string, req api.BootAdmitRequest) (api.BootMachine, error) {
+	var out api.BootMachine
+	err := c.do(ctx, http.MethodPost, "/v1/boot/machines/"+url.PathEscape(mac)+"/admit", req, &out)
+	return out, err
+}
+
+// QuarantineMachine takes a machine's admission back.
+func (c *Client) QuarantineMachine(ctx context.Context, mac string) (api.BootMachine, error) {
+	var out api.BootMachine
+	err := c.do(ctx, http.MethodPost, "/v1/boot/machines/"+url.PathEscape(mac)+"/quarantine", nil, &out)
+	return out, err
+}

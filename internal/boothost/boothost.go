@@ -1,0 +1,195 @@
+// Package boothost is what a network-booted host runs first. It learns
+// where it booted from (the kernel command line the boot service's iPXE
+// script wrote), fetches its configuration from the boot service over TLS
+// checked against the cluster CA built into its image, verifies the
+// configuration's signature, and hands it to the host agent. A machine the
+// cluster has not admitted waits, asking again, without credentials; a
+// configuration that does not verify is refused and reported, and the
+// host does not join.
+package boothost
+
+import (
+	"bytes"
+	"context"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/vigil-project/vigil/internal/bootconfig"
+	"github.com/vigil-project/vigil/internal/pki"
+)
+
+// Params is what the kernel command line and the firmware say.
+type Params struct {
+	ConfigURL string // vigil.boot=https://HOST:PORT
+	MAC       string // vigil.bootmac=
+	Image     string // vigil.image= (as the boot service claims)
+	UUID      string // SMBIOS product UUID
+}
+
+// ParseCmdline reads Params from a kernel command line.
+func ParseCmdline(cmdline string) (Params, error) {
+	var p Params
+	for _, f := range strings.Fields(cmdline) {
+		k, v, _ := strings.Cut(f, "=")
+		switch k {
+		case "vigil.boot":
+			p.ConfigURL = v
+		case "vigil.bootmac":
+			p.MAC = strings.ToLower(v)
+		case "vigil.image":
+			p.Image = v
+		}
+	}
+	u, err := url.Parse(p.ConfigURL)
+	if p.ConfigURL == "" || err != nil || u.Scheme != "https" || u.Host == "" {
+		return p, fmt.Errorf("no boot service on the kernel command line (vigil.boot=https://HOST:PORT, got %q): boot through Vigil's boot service", p.ConfigURL)
+	}
+	if _, err := net.ParseMAC(p.MAC); err != nil {
+		return p, fmt.Errorf("no boot interface address on the kernel command line (vigil.bootmac=, got %q)", p.MAC)
+	}
+	return p, nil
+}
+
+// Request is what a host sends the boot service.
+type Request struct {
+	MAC   string `json:"mac"`
+	UUID  string `json:"uuid,omitempty"`
+	Image string `json:"image,omitempty"`
+	// Error, in a report, says why the host refused what it was sent.
+	Error string `json:"error,omitempty"`
+}
+
+// Paths of the boot service's TLS endpoints.
+const (
+	ConfigPath = "/v1/boot/config"
+	ReportPath = "/v1/boot/report"
+)
+
+// ErrQuarantined is the boot service's answer for a machine not admitted.
+var ErrQuarantined = errors.New("this machine is not admitted to the cluster")
+
+// Client fetches a host's configuration.
+type Client struct {
+	Params
+	CA   *x509.Certificate
+	HTTP *http.Client
+	Log  *slog.Logger
+	Now  func() time.Time
+	// Retry is how long to wait between attempts (default 3 s).
+	Retry time.Duration
+}
+
+// NewClient makes a client that trusts only a manager certified by ca.
+func NewClient(p Params, ca *x509.Certificate, log *slog.Logger) *Client {
+	tr := &http.Transport{TLSClientConfig: pki.PinnedConfig(pki.Fingerprint(ca), nil)}
+	return &Client{Params: p, CA: ca, Log: log, Now: time.Now,
+		HTTP: &http.Client{Transport: tr, Timeout: 15 * time.Second}}
+}
+
+// Fetch asks until it has a configuration that verifies, or ctx ends.
+// While the machine is quarantined it keeps asking; a configuration that
+// does not verify is reported and asked for again (a tampered answer on
+// the way may not be tampered with next time), never used.
+func (c *Client) Fetch(ctx context.Context) (bootconfig.Config, bootconfig.Signed, error) {
+	wait := c.Retry
+	if wait == 0 {
+		wait = 3 * time.Second
+	}
+	for {
+		cfg, s, err := c.fetchOnce(ctx)
+		if err == nil {
+			return cfg, s, nil
+		}
+		switch {
+		case errors.Is(err, ErrQuarantined):
+			c.Log.Warn("waiting to be admitted: an operator runs 'vigil boot admit'", "mac", c.MAC, "err", err)
+		case errors.Is(err, bootconfig.ErrRefused):
+			c.Log.Error("refused the boot configuration", "mac", c.MAC, "err", err)
+			c.report(ctx, err)
+		default:
+			c.Log.Warn("boot configuration not fetched", "url", c.ConfigURL, "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return bootconfig.Config{}, bootconfig.Signed{}, ctx.Err()
+		case <-time.After(wait):
+		}
+	}
+}
+
+func (c *Client) fetchOnce(ctx context.Context) (bootconfig.Config, bootconfig.Signed, error) {
+	resp, err := c.post(ctx, ConfigPath, Request{MAC: c.MAC, UUID: c.UUID, Image: c.Image})
+	if err != nil {
+		return bootconfig.Config{}, bootconfig.Signed{}, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, bootconfig.MaxSize+1))
+	if err != nil {
+		return bootconfig.Config{}, bootconfig.Signed{}, fmt.Errorf("read the boot configuration: %w", err)
+	}
+	switch resp.StatusCode {
+	case http.StatusOK:
+	case http.StatusForbidden:
+		return bootconfig.Config{}, bootconfig.Signed{}, fmt.Errorf("%w: %s", ErrQuarantined, errorText(body))
+	default:
+		return bootconfig.Config{}, bootconfig.Signed{}, fmt.Errorf("boot service answered %s: %s", resp.Status, errorText(body))
+	}
+	return bootconfig.Verify(body, c.CA, c.MAC, c.Now())
+}
+
+func (c *Client) report(ctx context.Context, problem error) {
+	resp, err := c.post(ctx, ReportPath, Request{MAC: c.MAC, UUID: c.UUID, Image: c.Image, Error: problem.Error()})
+	if err != nil {
+		c.Log.Warn("report the refused configuration", "err", err)
+		return
+	}
+	resp.Body.Close()
+}
+
+func (c *Client) post(ctx context.Context, path string, r Request) (*http.Response, error) {
+	b, err := json.Marshal(r)
+	if err != nil {
+		return nil, err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, strings.TrimSuffix(c.ConfigURL, "/")+path, bytes.NewReader(b))
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	return c.HTTP.Do(req)
+}
+
+// errorText is the error field of a JSON error answer, or the body.
+func errorText(b []byte) string {
+	var e struct {
+		Error string `json:"error"`
+	}
+	if json.Unmarshal(b, &e) == nil && e.Error != "" {
+		return e.Error
+	}
+	if len(b) > 200 {
+		b = b[:200]
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// AgentArgs are the arguments of `vigil agent` for a host configured by
+// cfg, listening on addr, keeping its state under dataDir (memory). The
+// join token is not among them: it goes in VIGIL_JOIN_TOKEN.
+func AgentArgs(cfg bootconfig.Config, addr, dataDir, imageDir string) []string {
+	args := []string{"agent", "--host", "--name", cfg.HostName, "--manager", strings.Join(cfg.Managers, ","),
+		"--listen", addr, "--data-dir", dataDir, "--image-dir", imageDir}
+	if cfg.StoragePool != "" {
+		args = append(args, "--storage-pool", cfg.StoragePool)
+	}
+	return args
+}

@@ -1,0 +1,141 @@
+package boothost
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vigil-project/vigil/internal/bootconfig"
+	"github.com/vigil-project/vigil/internal/pki"
+)
+
+func TestParseCmdline(t *testing.T) {
+	p, err := ParseCmdline("console=ttyS0 vigil.boot=https://10.77.0.1:8068 vigil.bootmac=52:54:00:BE:EE:01 vigil.image=sha256:ab\n")
+	if err != nil || p.ConfigURL != "https://10.77.0.1:8068" || p.MAC != "52:54:00:be:ee:01" || p.Image != "sha256:ab" {
+		t.Fatalf("%+v %v", p, err)
+	}
+	for _, bad := range []string{"", "vigil.boot=http://10.0.0.1 vigil.bootmac=52:54:00:be:ee:01", "vigil.boot=https://10.0.0.1", "vigil.boot=https:// vigil.bootmac=52:54:00:be:ee:01"} {
+		if _, err := ParseCmdline(bad); err == nil {
+			t.Errorf("%q: accepted", bad)
+		}
+	}
+}
+
+// bootServer is a boot service's TLS side with a manager certificate of
+// ca, answering with answer.
+func bootServer(t *testing.T, ca *pki.CA, answer func(w http.ResponseWriter, req Request)) (*httptest.Server, *[]Request) {
+	t.Helper()
+	cert, key, err := ca.Issue(pki.Profile{Role: pki.RoleManager, Name: "m1", TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &pki.Holder{}
+	if err := h.Set(cert, key, ca.CertPEM); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var reports []Request
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var req Request
+		b, _ := io.ReadAll(r.Body)
+		json.Unmarshal(b, &req)
+		if r.URL.Path == ReportPath {
+			mu.Lock()
+			reports = append(reports, req)
+			mu.Unlock()
+			w.WriteHeader(http.StatusNoContent)
+			return
+		}
+		answer(w, req)
+	}))
+	srv.TLS = pki.ServerConfig(h, nil, false)
+	// httptest puts in its own certificate unless one is there, and a
+	// client dialling an address sends no name to pick another by.
+	kp, err := pki.KeyPair(append(append([]byte(nil), cert...), ca.CertPEM...), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.TLS.Certificates = []tls.Certificate{kp}
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	return srv, &reports
+}
+
+func testConfig(now time.Time) bootconfig.Config {
+	return bootconfig.Config{MAC: "52:54:00:be:ee:01", HostName: "h3", Managers: []string{"https://10.77.0.1:7070"},
+		JoinToken: "vj1.x", Profile: "default", IssuedAt: now, Expires: now.Add(10 * time.Minute)}
+}
+
+func TestFetch(t *testing.T) {
+	ca, _, _ := pki.NewCA("test")
+	now := time.Now()
+	good, err := bootconfig.Sign(ca, testConfig(now))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tampered := good
+	tampered.Config = []byte(strings.Replace(string(good.Config), `"h3"`, `"h4"`, 1))
+	// Quarantined twice, then a tampered answer, then the real one.
+	var n int
+	var mu sync.Mutex
+	srv, reports := bootServer(t, ca, func(w http.ResponseWriter, req Request) {
+		mu.Lock()
+		n++
+		i := n
+		mu.Unlock()
+		switch {
+		case i <= 2:
+			w.WriteHeader(http.StatusForbidden)
+			io.WriteString(w, `{"error":"machine 52:54:00:be:ee:01 is quarantined"}`)
+		case i == 3:
+			json.NewEncoder(w).Encode(tampered)
+		default:
+			json.NewEncoder(w).Encode(good)
+		}
+	})
+	p := Params{ConfigURL: srv.URL, MAC: "52:54:00:be:ee:01", Image: "sha256:ab"}
+	c := NewClient(p, ca.Cert, slog.New(slog.DiscardHandler))
+	c.Retry = 10 * time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cfg, signed, err := c.Fetch(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.HostName != "h3" || signed.Digest() != good.Digest() || n != 4 {
+		t.Fatalf("got %+v after %d requests", cfg, n)
+	}
+	if len(*reports) != 1 || !strings.Contains((*reports)[0].Error, "does not verify") || (*reports)[0].MAC != p.MAC {
+		t.Fatalf("reports %+v", *reports)
+	}
+}
+
+// A server certified by another CA is not asked at all: the answer could be
+// anything.
+func TestFetchTrustsOnlyItsCluster(t *testing.T) {
+	ca, _, _ := pki.NewCA("test")
+	other, _, _ := pki.NewCA("other")
+	asked := false
+	srv, _ := bootServer(t, other, func(w http.ResponseWriter, req Request) { asked = true })
+	c := NewClient(Params{ConfigURL: srv.URL, MAC: "52:54:00:be:ee:01"}, ca.Cert, slog.New(slog.DiscardHandler))
+	_, _, err := c.fetchOnce(context.Background())
+	if !errors.Is(err, pki.ErrNotPinned) || asked {
+		t.Fatalf("another cluster's boot service: err %v, asked %v", err, asked)
+	}
+}
+
+func TestAgentArgsKeepTheTokenOut(t *testing.T) {
+	args := strings.Join(AgentArgs(testConfig(time.Now()), "10.77.0.128:7443", "/run/vigil", "/var/lib/vigil/guest"), " ")
+	if strings.Contains(args, "vj1.x") || !strings.Contains(args, "--name h3") || !strings.Contains(args, "--listen 10.77.0.128:7443") {
+		t.Fatalf("agent args: %s", args)
+	}
+}

@@ -1,0 +1,265 @@
+// Package bootsvc is Vigil's boot service for stateless hosts: DHCP for
+// machines booting from the network, HTTP for the iPXE script and the host
+// image (iPXE speaks no HTTPS here), and over TLS each admitted machine's
+// configuration, signed by the cluster CA. The registry of profiles and
+// machines lives in etcd, so every manager sees the same.
+package bootsvc
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/hostimage"
+	"github.com/vigil-project/vigil/internal/store"
+)
+
+// ErrInvalid and ErrNotFound are what callers map to 400 and 404.
+var (
+	ErrInvalid  = errors.New("invalid")
+	ErrNotFound = errors.New("not found")
+)
+
+// Registry keeps boot profiles and machines in etcd, and finds host
+// images in a directory.
+type Registry struct {
+	Store     *store.Store
+	ImagesDir string
+	Now       func() time.Time
+}
+
+func (r *Registry) now() time.Time {
+	if r.Now != nil {
+		return r.Now().UTC()
+	}
+	return time.Now().UTC()
+}
+
+var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+
+func profileKey(name string) string { return "boot/profiles/" + name }
+func machineKey(mac string) string  { return "boot/machines/" + mac }
+
+// NormalMAC is mac in lower-case colon form, or an error for a bad one.
+func NormalMAC(mac string) (string, error) {
+	hw, err := net.ParseMAC(mac)
+	if err != nil || len(hw) != 6 {
+		return "", fmt.Errorf("%w: %q is not an Ethernet address (like 52:54:00:12:34:56)", ErrInvalid, mac)
+	}
+	return hw.String(), nil
+}
+
+// Images lists the host images.
+func (r *Registry) Images() ([]api.BootImage, error) {
+	imgs, err := hostimage.List(r.ImagesDir)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.BootImage, 0, len(imgs))
+	for _, i := range imgs {
+		out = append(out, api.BootImage{Digest: i.Digest, KernelVersion: i.KernelVersion, QEMUVersion: i.QEMUVersion,
+			CAFingerprint: i.CAFingerprint, Bytes: i.Bytes, BuiltAt: i.BuiltAt})
+	}
+	return out, nil
+}
+
+// image finds a host image by digest.
+func (r *Registry) image(digest string) (*hostimage.Image, error) {
+	if !hostimage.ValidDigest(digest) {
+		return nil, fmt.Errorf("%w: %q is not an image digest (sha256:HEX, see 'vigil boot image list')", ErrInvalid, digest)
+	}
+	img, err := hostimage.Load(hostimage.Path(r.ImagesDir, digest))
+	if err != nil {
+		return nil, fmt.Errorf("%w: host image %s is not on this manager: build it with 'vigil boot image build'", ErrNotFound, digest)
+	}
+	return img, nil
+}
+
+// SetProfile creates or changes a profile.
+func (r *Registry) SetProfile(ctx context.Context, p api.BootProfile) (api.BootProfile, error) {
+	if !nameRE.MatchString(p.Name) {
+		return api.BootProfile{}, fmt.Errorf("%w: profile name %q: use lower-case letters, digits and dashes", ErrInvalid, p.Name)
+	}
+	if _, err := r.image(p.Image); err != nil {
+		return api.BootProfile{}, err
+	}
+	for k := range p.Labels {
+		if !nameRE.MatchString(k) {
+			return api.BootProfile{}, fmt.Errorf("%w: label %q: use lower-case letters, digits and dashes", ErrInvalid, k)
+		}
+	}
+	for {
+		var old api.BootProfile
+		rev, err := r.Store.Get(ctx, profileKey(p.Name), &old)
+		now := r.now()
+		p.UpdatedAt = now
+		switch {
+		case errors.Is(err, store.ErrNotFound):
+			p.CreatedAt = now
+			if _, err := r.Store.Create(ctx, profileKey(p.Name), p); errors.Is(err, store.ErrExists) {
+				continue
+			} else if err != nil {
+				return api.BootProfile{}, err
+			}
+			return p, nil
+		case err != nil:
+			return api.BootProfile{}, err
+		}
+		p.CreatedAt = old.CreatedAt
+		if _, err := r.Store.Update(ctx, profileKey(p.Name), rev, p); errors.Is(err, store.ErrConflict) {
+			continue
+		} else if err != nil {
+			return api.BootProfile{}, err
+		}
+		return p, nil
+	}
+}
+
+// Profile reads one profile.
+func (r *Registry) Profile(ctx context.Context, name string) (api.BootProfile, error) {
+	var p api.BootProfile
+	if _, err := r.Store.Get(ctx, profileKey(name), &p); errors.Is(err, store.ErrNotFound) {
+		return p, fmt.Errorf("%w: no boot profile %q: see 'vigil boot profile list'", ErrNotFound, name)
+	} else if err != nil {
+		return p, err
+	}
+	return p, nil
+}
+
+// Profiles lists the profiles.
+func (r *Registry) Profiles(ctx context.Context) ([]api.BootProfile, error) {
+	kvs, err := r.Store.List(ctx, "boot/profiles/")
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.BootProfile, 0, len(kvs))
+	for _, kv := range kvs {
+		var p api.BootProfile
+		if json.Unmarshal(kv.Value, &p) == nil {
+			out = append(out, p)
+		}
+	}
+	return out, nil
+}
+
+// Machines lists the machines seen booting.
+func (r *Registry) Machines(ctx context.Context) ([]api.BootMachine, error) {
+	kvs, err := r.Store.List(ctx, "boot/machines/")
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.BootMachine, 0, len(kvs))
+	for _, kv := range kvs {
+		var m api.BootMachine
+		if json.Unmarshal(kv.Value, &m) == nil {
+			out = append(out, m)
+		}
+	}
+	return out, nil
+}
+
+// Machine reads one machine.
+func (r *Registry) Machine(ctx context.Context, mac string) (api.BootMachine, error) {
+	mac, err := NormalMAC(mac)
+	if err != nil {
+		return api.BootMachine{}, err
+	}
+	var m api.BootMachine
+	if _, err := r.Store.Get(ctx, machineKey(mac), &m); errors.Is(err, store.ErrNotFound) {
+		return m, fmt.Errorf("%w: machine %s has not booted from this cluster: see 'vigil boot machines'", ErrNotFound, mac)
+	} else if err != nil {
+		return m, err
+	}
+	return m, nil
+}
+
+// update applies f to machine mac's record (made quarantined if new) and
+// stores it; f returning an error leaves the record as it was.
+func (r *Registry) update(ctx context.Context, mac string, f func(m *api.BootMachine) error) (api.BootMachine, error) {
+	mac, err := NormalMAC(mac)
+	if err != nil {
+		return api.BootMachine{}, err
+	}
+	for {
+		var m api.BootMachine
+		rev, err := r.Store.Get(ctx, machineKey(mac), &m)
+		isNew := errors.Is(err, store.ErrNotFound)
+		if err != nil && !isNew {
+			return api.BootMachine{}, err
+		}
+		if isNew {
+			m = api.BootMachine{MAC: mac, State: api.MachineQuarantined, FirstSeen: r.now()}
+		}
+		if err := f(&m); err != nil {
+			return api.BootMachine{}, err
+		}
+		if isNew {
+			_, err = r.Store.Create(ctx, machineKey(mac), m)
+		} else {
+			_, err = r.Store.Update(ctx, machineKey(mac), rev, m)
+		}
+		if errors.Is(err, store.ErrExists) || errors.Is(err, store.ErrConflict) {
+			continue
+		}
+		return m, err
+	}
+}
+
+// Admit lets machine mac join as host name with profile's configuration.
+// A host name is one machine's: admitting another under it is refused.
+func (r *Registry) Admit(ctx context.Context, mac string, req api.BootAdmitRequest) (api.BootMachine, error) {
+	if !nameRE.MatchString(req.HostName) {
+		return api.BootMachine{}, fmt.Errorf("%w: host name %q: it must be a DNS label", ErrInvalid, req.HostName)
+	}
+	if _, err := r.Profile(ctx, req.Profile); err != nil {
+		return api.BootMachine{}, err
+	}
+	norm, err := NormalMAC(mac)
+	if err != nil {
+		return api.BootMachine{}, err
+	}
+	ms, err := r.Machines(ctx)
+	if err != nil {
+		return api.BootMachine{}, err
+	}
+	for _, m := range ms {
+		if m.HostName == req.HostName && m.MAC != norm {
+			return api.BootMachine{}, fmt.Errorf("%w: host name %s is machine %s's", ErrInvalid, req.HostName, m.MAC)
+		}
+	}
+	return r.update(ctx, norm, func(m *api.BootMachine) error {
+		m.State, m.Profile, m.HostName = api.MachineAdmitted, req.Profile, req.HostName
+		return nil
+	})
+}
+
+// Quarantine takes a machine's admission back.
+func (r *Registry) Quarantine(ctx context.Context, mac string) (api.BootMachine, error) {
+	if _, err := r.Machine(ctx, mac); err != nil {
+		return api.BootMachine{}, err
+	}
+	return r.update(ctx, mac, func(m *api.BootMachine) error {
+		m.State = api.MachineQuarantined
+		return nil
+	})
+}
+
+// seen records that machine mac asked for something from ip.
+func (r *Registry) seen(ctx context.Context, mac, uuid, ip string) (api.BootMachine, error) {
+	return r.update(ctx, mac, func(m *api.BootMachine) error {
+		m.LastSeen = r.now()
+		if uuid != "" {
+			m.UUID = strings.ToLower(uuid)
+		}
+		if ip != "" {
+			m.IP = ip
+		}
+		return nil
+	})
+}

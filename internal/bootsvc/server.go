@@ -1,0 +1,188 @@
+package bootsvc
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/insomniacslk/dhcp/dhcpv4"
+	"github.com/insomniacslk/dhcp/dhcpv4/server4"
+
+	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/pki"
+)
+
+// Config is where and how a boot service serves.
+type Config struct {
+	// Interface is the boot network's interface; the service answers
+	// DHCP and listens only there.
+	Interface string
+	// First and Last bound the addresses given to machines (zero: the
+	// upper half of the interface's subnet).
+	First, Last netip.Addr
+	// HTTPPort serves iPXE (plain HTTP: images and scripts, nothing
+	// secret); TLSPort serves configurations.
+	HTTPPort, TLSPort int
+	// ManagerURLs are what hosts are told to join (reachable from the
+	// boot network).
+	ManagerURLs []string
+}
+
+// Cluster is what the boot service needs of the manager.
+type Cluster interface {
+	// JoinToken makes a one-use token admitting host (its name only).
+	JoinToken(ctx context.Context, host string) (api.JoinToken, error)
+}
+
+// Server is a running boot service.
+type Server struct {
+	cfg         Config
+	reg         *Registry
+	ca          *pki.CA
+	tlsConfig   *tls.Config
+	cluster     Cluster
+	log         *slog.Logger
+	managerURLs []string
+
+	ip      netip.Addr
+	prefix  netip.Prefix
+	tlsAddr string
+	dhcp    dhcpConfig
+}
+
+// New checks cfg against the interface and makes a server.
+func New(cfg Config, reg *Registry, ca *pki.CA, tlsConfig *tls.Config, cluster Cluster, log *slog.Logger) (*Server, error) {
+	ifi, err := net.InterfaceByName(cfg.Interface)
+	if err != nil {
+		return nil, fmt.Errorf("boot interface %s: %w", cfg.Interface, err)
+	}
+	addrs, err := ifi.Addrs()
+	if err != nil {
+		return nil, fmt.Errorf("boot interface %s: %w", cfg.Interface, err)
+	}
+	var prefix netip.Prefix
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok {
+			if p, err := netip.ParsePrefix(n.String()); err == nil && p.Addr().Is4() {
+				prefix = p
+				break
+			}
+		}
+	}
+	if !prefix.IsValid() {
+		return nil, fmt.Errorf("boot interface %s has no IPv4 address: give it one (the boot service answers from it)", cfg.Interface)
+	}
+	if len(cfg.ManagerURLs) == 0 {
+		return nil, errors.New("boot service: no manager urls for hosts to join")
+	}
+	s := &Server{cfg: cfg, reg: reg, ca: ca, tlsConfig: tlsConfig, cluster: cluster, log: log.With("boot_interface", cfg.Interface),
+		managerURLs: cfg.ManagerURLs, ip: prefix.Addr(), prefix: prefix.Masked()}
+	if !s.cfg.First.IsValid() {
+		s.cfg.First, s.cfg.Last = upperHalf(s.prefix)
+	}
+	if !s.prefix.Contains(s.cfg.First) || !s.prefix.Contains(s.cfg.Last) || s.cfg.Last.Less(s.cfg.First) {
+		return nil, fmt.Errorf("boot range %s-%s is not inside %s", s.cfg.First, s.cfg.Last, s.prefix)
+	}
+	s.tlsAddr = net.JoinHostPort(s.ip.String(), strconv.Itoa(cfg.TLSPort))
+	s.dhcp = dhcpConfig{ServerIP: s.ip, Prefix: prefix,
+		Bootfile: "http://" + net.JoinHostPort(s.ip.String(), strconv.Itoa(cfg.HTTPPort)) + "/boot.ipxe?mac=%s"}
+	return s, nil
+}
+
+// upperHalf is the upper half of p's addresses, without the broadcast.
+func upperHalf(p netip.Prefix) (netip.Addr, netip.Addr) {
+	b := p.Addr().As4()
+	host := 32 - p.Bits()
+	size := uint32(1) << host
+	base := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+	first, last := base+size/2, base+size-2
+	if size < 4 {
+		first, last = base+1, base+size-1
+	}
+	u := func(v uint32) netip.Addr {
+		return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+	}
+	return u(first), u(last)
+}
+
+// Run serves until ctx ends.
+func (s *Server) Run(ctx context.Context) error {
+	httpL, err := net.Listen("tcp", net.JoinHostPort(s.ip.String(), strconv.Itoa(s.cfg.HTTPPort)))
+	if err != nil {
+		return fmt.Errorf("boot service http: %w", err)
+	}
+	tlsL, err := net.Listen("tcp", s.tlsAddr)
+	if err != nil {
+		httpL.Close()
+		return fmt.Errorf("boot service tls: %w", err)
+	}
+	dhcpSrv, err := server4.NewServer(s.cfg.Interface, &net.UDPAddr{Port: dhcpv4.ServerPort}, s.handleDHCP)
+	if err != nil {
+		httpL.Close()
+		tlsL.Close()
+		return fmt.Errorf("boot service dhcp on %s: %w", s.cfg.Interface, err)
+	}
+	hs := &http.Server{Handler: s.bootHandler(), ReadHeaderTimeout: 10 * time.Second}
+	ts := &http.Server{Handler: s.tlsHandler(), ReadHeaderTimeout: 10 * time.Second, TLSConfig: s.tlsConfig}
+	var wg sync.WaitGroup
+	wg.Add(4)
+	go func() { defer wg.Done(); hs.Serve(httpL) }()
+	go func() { defer wg.Done(); ts.ServeTLS(tlsL, "", "") }()
+	go func() { defer wg.Done(); dhcpSrv.Serve() }()
+	go func() { defer wg.Done(); s.advertise(ctx) }()
+	s.log.Info("boot service up", "address", s.ip, "range", s.cfg.First.String()+"-"+s.cfg.Last.String(),
+		"http_port", s.cfg.HTTPPort, "tls", s.tlsAddr)
+	<-ctx.Done()
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	hs.Shutdown(sctx)
+	ts.Shutdown(sctx)
+	dhcpSrv.Close()
+	wg.Wait()
+	return nil
+}
+
+func (s *Server) handleDHCP(conn net.PacketConn, peer net.Addr, req *dhcpv4.DHCPv4) {
+	kind := clientKind(req)
+	if kind == "" {
+		return
+	}
+	mac := req.ClientHWAddr.String()
+	if kind == "pxe" {
+		s.log.Warn("boot: a PXE client that is not iPXE: it needs iPXE firmware (no TFTP here)", "mac", mac)
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	ip, err := s.reg.leaseFor(ctx, mac, s.cfg.First, s.cfg.Last)
+	if err != nil {
+		s.log.Error("boot: no address for machine", "mac", mac, "err", err)
+		return
+	}
+	bootfile := ""
+	if kind == "ipxe" {
+		bootfile = fmt.Sprintf(s.dhcp.Bootfile, mac)
+	}
+	resp := answer(req, s.dhcp, ip, bootfile)
+	if resp == nil {
+		return
+	}
+	// A client with no address yet hears only broadcasts.
+	dst := peer
+	if req.ClientIPAddr == nil || req.ClientIPAddr.IsUnspecified() {
+		dst = &net.UDPAddr{IP: net.IPv4bcast, Port: dhcpv4.ClientPort}
+	}
+	if _, err := conn.WriteTo(resp.ToBytes(), dst); err != nil {
+		s.log.Warn("boot: dhcp answer not sent", "mac", mac, "err", err)
+		return
+	}
+	s.log.Debug("boot: dhcp", "mac", mac, "client", kind, "request", req.MessageType().String(), "reply", resp.MessageType().String(), "ip", ip)
+}

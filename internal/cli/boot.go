@@ -1,0 +1,284 @@
+package cli
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/agent"
+	"github.com/vigil-project/vigil/internal/boothost"
+	"github.com/vigil-project/vigil/internal/hostimage"
+	"github.com/vigil-project/vigil/internal/pki"
+)
+
+func newBootCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "boot", Short: "Stateless hosts: host images, boot profiles, machines that boot from the network"}
+	img := &cobra.Command{Use: "image", Short: "Build and list host images"}
+	img.AddCommand(newBootImageBuildCmd(g), newBootImageListCmd(g))
+	prof := &cobra.Command{Use: "profile", Short: "Boot profiles: which image a machine boots and how it joins"}
+	prof.AddCommand(newBootProfileSetCmd(g, "create"), newBootProfileSetCmd(g, "set"), newBootProfileListCmd(g))
+	cmd.AddCommand(img, prof, newBootMachinesCmd(g), newBootAdmitCmd(g), newBootQuarantineCmd(g), newBootHostCmd())
+	return cmd
+}
+
+func newBootImageBuildCmd(g *globals) *cobra.Command {
+	var dataDir, out, guest, caFile string
+	c := &cobra.Command{
+		Use:   "build",
+		Short: "Build a host image: kernel, and an initramfs with vigil, QEMU and the cluster CA",
+		Long: `Build a host image: Debian's cloud kernel, and an initramfs holding busybox,
+this vigil, QEMU with its libraries and firmware, Vigil's built-in guest image
+and the cluster CA certificate (the host refuses any configuration not signed
+by that CA). The image is named by its sha256 digest; building the same inputs
+again gives the same digest. Run it on a manager machine: the image goes to
+DATA_DIR/boot/images, where the boot service serves it.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if out == "" {
+				out = agent.BootImagesDir(dataDir)
+			}
+			if guest == "" {
+				guest = filepath.Join(dataDir, "images", "default")
+			}
+			var ca []byte
+			if caFile != "" {
+				b, err := os.ReadFile(caFile)
+				if err != nil {
+					return fmt.Errorf("--ca: %w", err)
+				}
+				ca = b
+			} else {
+				cfg, err := g.loadConfig()
+				if err != nil || cfg.CACert == "" {
+					return fmt.Errorf("no cluster CA certificate: give --ca FILE, or a CLI configuration with one (%v)", err)
+				}
+				ca = []byte(cfg.CACert)
+			}
+			self, err := os.Executable()
+			if err != nil {
+				return err
+			}
+			var progress io.Writer
+			if !g.quiet {
+				progress = g.errOut
+			}
+			im, err := hostimage.Build(cmd.Context(), hostimage.Options{Dir: out, CacheDir: filepath.Join(dataDir, "images", "cache"),
+				Vigil: self, GuestImage: guest, CACert: ca, Progress: progress})
+			if err != nil {
+				return err
+			}
+			if g.quiet {
+				fmt.Fprintln(g.out, im.Digest)
+				return nil
+			}
+			return g.printValue(im, func(w io.Writer) {
+				row(w, "DIGEST:", im.Digest)
+				row(w, "KERNEL:", im.KernelVersion)
+				row(w, "QEMU:", im.QEMUVersion)
+				row(w, "CA:", im.CAFingerprint)
+				row(w, "SIZE:", humanSize(im.Bytes))
+				row(w, "DIR:", im.Dir)
+			})
+		},
+	}
+	c.Flags().StringVar(&dataDir, "data-dir", envOr("VIGIL_DATA_DIR", agent.DefaultDataDir()), "the manager's data dir (images go to DATA_DIR/boot/images)")
+	c.Flags().StringVar(&out, "out", "", "build into this directory instead")
+	c.Flags().StringVar(&guest, "guest-image", "", "Vigil's guest image to include (default DATA_DIR/images/default; build it with 'vigil image build')")
+	c.Flags().StringVar(&caFile, "ca", "", "the cluster CA certificate (PEM; default: the CLI configuration's)")
+	return c
+}
+
+func newBootImageListCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use: "list", Aliases: []string{"ls"}, Short: "List host images", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			imgs, err := g.client().BootImages(cmd.Context())
+			if err != nil {
+				return err
+			}
+			return g.printValue(imgs, func(w io.Writer) {
+				row(w, "DIGEST", "KERNEL", "SIZE", "BUILT")
+				for _, i := range imgs {
+					row(w, i.Digest, i.KernelVersion, humanSize(i.Bytes), ago(i.BuiltAt))
+				}
+			})
+		},
+	}
+}
+
+func newBootProfileSetCmd(g *globals, verb string) *cobra.Command {
+	var image, pool string
+	var labels []string
+	c := &cobra.Command{
+		Use:   verb + " NAME --image DIGEST",
+		Short: map[string]string{"create": "Create a boot profile", "set": "Change a boot profile (machines take it at their next boot)"}[verb],
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			p := api.BootProfile{Name: args[0], Image: image, StoragePool: pool, Labels: map[string]string{}}
+			for _, l := range labels {
+				k, v, ok := strings.Cut(l, "=")
+				if !ok {
+					return fmt.Errorf("--label %q: give KEY=VALUE", l)
+				}
+				p.Labels[k] = v
+			}
+			p, err := g.client().SetBootProfile(cmd.Context(), p)
+			if err != nil {
+				return err
+			}
+			return g.printValue(p, func(w io.Writer) {
+				row(w, "PROFILE:", p.Name)
+				row(w, "IMAGE:", p.Image)
+			})
+		},
+	}
+	c.Flags().StringVar(&image, "image", "", "host image digest (see 'vigil boot image list')")
+	c.Flags().StringVar(&pool, "pool", "", "storage pool directory the hosts mount")
+	c.Flags().StringSliceVar(&labels, "label", nil, "KEY=VALUE labels of the hosts (repeatable)")
+	c.MarkFlagRequired("image")
+	return c
+}
+
+func newBootProfileListCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use: "list", Aliases: []string{"ls"}, Short: "List boot profiles", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ps, err := g.client().BootProfiles(cmd.Context())
+			if err != nil {
+				return err
+			}
+			return g.printValue(ps, func(w io.Writer) {
+				row(w, "NAME", "IMAGE", "POOL")
+				for _, p := range ps {
+					row(w, p.Name, p.Image, orNone(p.StoragePool))
+				}
+			})
+		},
+	}
+}
+
+func newBootMachinesCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use: "machines", Short: "List the machines that booted from the network, admitted or quarantined", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ms, err := g.client().BootMachines(cmd.Context())
+			if err != nil {
+				return err
+			}
+			return g.printValue(ms, func(w io.Writer) {
+				row(w, "MAC", "STATE", "HOST", "PROFILE", "IP", "BOOTS", "LAST SEEN", "LAST CONFIG", "PROBLEM")
+				for _, m := range ms {
+					row(w, m.MAC, m.State, orNone(m.HostName), orNone(m.Profile), orNone(m.IP), m.Boots, ago(m.LastSeen), orNone(shortDigest(m.LastConfig)), orNone(m.LastError))
+				}
+			})
+		},
+	}
+}
+
+func shortDigest(d string) string {
+	if len(d) > 19 {
+		return d[:19]
+	}
+	return d
+}
+
+func newBootAdmitCmd(g *globals) *cobra.Command {
+	var profile, host string
+	c := &cobra.Command{
+		Use:   "admit MAC --profile PROFILE --host-name NAME",
+		Short: "Admit a quarantined machine: at its next request it gets its configuration and joins",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			m, err := g.client().AdmitMachine(cmd.Context(), args[0], api.BootAdmitRequest{Profile: profile, HostName: host})
+			if err != nil {
+				return err
+			}
+			return g.printValue(m, func(w io.Writer) {
+				row(w, "MACHINE:", m.MAC)
+				row(w, "STATE:", m.State)
+				row(w, "HOST:", m.HostName)
+				row(w, "PROFILE:", m.Profile)
+			})
+		},
+	}
+	c.Flags().StringVar(&profile, "profile", "", "boot profile")
+	c.Flags().StringVar(&host, "host-name", "", "the host name it joins as")
+	c.MarkFlagRequired("profile")
+	c.MarkFlagRequired("host-name")
+	return c
+}
+
+func newBootQuarantineCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use: "quarantine MAC", Short: "Take a machine's admission back: from its next boot it gets no configuration", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			m, err := g.client().QuarantineMachine(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			return g.printValue(m, func(w io.Writer) { row(w, "MACHINE:", m.MAC); row(w, "STATE:", m.State) })
+		},
+	}
+}
+
+// newBootHostCmd is what a network-booted host image runs (its init
+// starts it): fetch and verify the configuration, then become the host
+// agent it describes.
+func newBootHostCmd() *cobra.Command {
+	return &cobra.Command{
+		Use: "host", Short: "Run as a network-booted host (the host image's init runs this)", Hidden: true, Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+			cmdline, err := os.ReadFile("/proc/cmdline")
+			if err != nil {
+				return err
+			}
+			p, err := boothost.ParseCmdline(string(cmdline))
+			if err != nil {
+				return err
+			}
+			if b, err := os.ReadFile("/sys/class/dmi/id/product_uuid"); err == nil {
+				p.UUID = strings.ToLower(strings.TrimSpace(string(b)))
+			}
+			caPEM, err := os.ReadFile(hostimage.CAPath)
+			if err != nil {
+				return fmt.Errorf("this is not a host image (no %s): %w", hostimage.CAPath, err)
+			}
+			ca, err := pki.ParseCert(caPEM)
+			if err != nil {
+				return fmt.Errorf("the image's CA certificate: %w", err)
+			}
+			cfg, signed, err := boothost.NewClient(p, ca, log).Fetch(cmd.Context())
+			if err != nil {
+				return err
+			}
+			addr, err := os.ReadFile("/run/boot-address")
+			if err != nil {
+				return fmt.Errorf("no address on the boot network (the image's DHCP client writes /run/boot-address): %w", err)
+			}
+			dataDir := "/run/vigil"
+			if err := os.MkdirAll(dataDir, 0o700); err != nil {
+				return err
+			}
+			rec, _ := json.MarshalIndent(map[string]string{"image": p.Image, "config": signed.Digest(), "host": cfg.HostName, "profile": cfg.Profile}, "", "  ")
+			os.WriteFile(filepath.Join(dataDir, "boot.json"), rec, 0o600)
+			log.Info("boot configuration verified", "host", cfg.HostName, "profile", cfg.Profile, "config", signed.Digest(), "managers", cfg.Managers)
+			hostArgs := boothost.AgentArgs(cfg, strings.TrimSpace(string(addr))+":7443", dataDir, hostimage.GuestImageDir)
+			self, err := os.Executable()
+			if err != nil {
+				return err
+			}
+			// The join token goes in the environment, not on the command line.
+			env := append(os.Environ(), "VIGIL_JOIN_TOKEN="+cfg.JoinToken)
+			return syscall.Exec(self, append([]string{self}, hostArgs...), env)
+		},
+	}
+}
