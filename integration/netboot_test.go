@@ -1,0 +1,180 @@
+package integration
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/qemu/qmp"
+)
+
+// bootMachine is a QEMU machine standing in for bare metal: no kernel of
+// its own, an empty disk, a NIC on the boot bridge whose ROM (iPXE) boots
+// from the network.
+type bootMachine struct {
+	cmd    *exec.Cmd
+	serial string
+	qmp    string
+	disk   string
+}
+
+func startBootMachine(t *testing.T, dir, tap, mac string) *bootMachine {
+	t.Helper()
+	bm := &bootMachine{serial: filepath.Join(dir, "serial.log"), qmp: filepath.Join(dir, "qmp.sock"), disk: filepath.Join(dir, "disk.raw")}
+	if err := os.WriteFile(bm.disk, make([]byte, 16<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	bm.cmd = exec.Command("qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-m", "2048", "-smp", "2",
+		"-nodefaults", "-display", "none", "-uuid", "6f1c2d3e-0000-4000-8000-0000000000b1", "-boot", "n",
+		"-serial", "file:"+bm.serial, "-qmp", "unix:"+bm.qmp+",server=on,wait=off",
+		"-drive", "file="+bm.disk+",format=raw,if=virtio",
+		"-netdev", "tap,id=n0,ifname="+tap+",script=no,downscript=no", "-device", "virtio-net-pci,netdev=n0,mac="+mac)
+	var out bytes.Buffer
+	bm.cmd.Stdout, bm.cmd.Stderr = &out, &out
+	if err := bm.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		bm.cmd.Process.Kill()
+		bm.cmd.Wait()
+		if t.Failed() {
+			b, _ := os.ReadFile(bm.serial)
+			t.Logf("boot machine: %s\nits console:\n%s", out.String(), lastLines(string(b), 40))
+		}
+	})
+	return bm
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+}
+
+func (bm *bootMachine) console() string {
+	b, _ := os.ReadFile(bm.serial)
+	return string(b)
+}
+
+// reset presses the machine's reset button.
+func (bm *bootMachine) reset(t *testing.T) {
+	t.Helper()
+	mon, err := qmp.Dial(t.Context(), bm.qmp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mon.Close()
+	if err := mon.Run(t.Context(), "system_reset", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestNetworkBoot boots a machine with an empty disk from the network:
+// DHCP and iPXE from a manager's boot service, the host image over HTTP.
+// Unknown, it waits quarantined with no credentials; admitted, it gets its
+// signed configuration and joins as h3; reset, it boots again, fetches its
+// configuration again and rejoins as h3, and its disk was never written.
+func TestNetworkBoot(t *testing.T) {
+	needIntegration(t)
+	if !inOwnNetNS(t) {
+		return
+	}
+	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "br-boot"}}
+	tap := &netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Name: "tap-metal"}, Mode: netlink.TUNTAP_MODE_TAP}
+	for _, step := range []func() error{
+		func() error { return netlink.LinkAdd(br) },
+		func() error { a, _ := netlink.ParseAddr("10.77.0.1/24"); return netlink.AddrAdd(br, a) },
+		func() error { return netlink.LinkSetUp(br) },
+		func() error { return netlink.LinkAdd(tap) },
+		func() error { return netlink.LinkSetMaster(tap, br) },
+		func() error { return netlink.LinkSetUp(tap) },
+	} {
+		if err := step(); err != nil {
+			t.Fatalf("boot network: %v", err)
+		}
+	}
+	m := &devAgent{t: t, dataDir: shortTempDir(t), addr: "10.77.0.1:7070"}
+	startProc(t, "agent", "--manager", "--listen", m.addr, "--data-dir", m.dataDir, "--boot-interface", "br-boot", "--log-level", "debug")
+	waitFor(t, "manager", 60*time.Second, func() bool {
+		_, _, code := m.vigil("host", "list")
+		return code == 0
+	})
+	// The host image, built with this cluster's CA (the kernel package
+	// comes from the guest image's download cache).
+	cache := filepath.Join(m.dataDir, "images", "cache")
+	os.MkdirAll(cache, 0o755)
+	debs, _ := filepath.Glob(filepath.Join(filepath.Dir(imageDir), "cache", "*.deb"))
+	for _, d := range debs {
+		if b, err := os.ReadFile(d); err == nil {
+			os.WriteFile(filepath.Join(cache, filepath.Base(d)), b, 0o644)
+		}
+	}
+	t0 := time.Now()
+	digest := strings.TrimSpace(m.mustVigil("boot", "image", "build", "--data-dir", m.dataDir, "--guest-image", imageDir, "-q"))
+	t.Logf("host image %s built in %s", digest, time.Since(t0).Round(time.Millisecond))
+	m.mustVigil("boot", "profile", "create", "default", "--image", digest)
+
+	const mac = "52:54:00:be:ee:01"
+	machine := func() api.BootMachine {
+		var ms []api.BootMachine
+		json.Unmarshal([]byte(m.mustVigil("boot", "machines", "-o", "json")), &ms)
+		for _, x := range ms {
+			if x.MAC == mac {
+				return x
+			}
+		}
+		return api.BootMachine{}
+	}
+	bm := startBootMachine(t, shortTempDir(t), tap.Name, mac)
+	powerOn := time.Now()
+
+	// Unknown: it boots, asks, and waits without credentials.
+	waitFor(t, "the machine waiting to be admitted", 3*time.Minute, func() bool {
+		return strings.Contains(bm.console(), "waiting to be admitted")
+	})
+	t.Logf("power-on to the first configuration request: %s", time.Since(powerOn).Round(time.Millisecond))
+	if x := machine(); x.State != api.MachineQuarantined || x.Boots != 0 || x.IP == "" {
+		t.Fatalf("unknown machine: %+v", x)
+	}
+	if _, ok := hostList(t, m)["h3"]; ok {
+		t.Fatal("a quarantined machine joined")
+	}
+
+	// Admitted: at its next request it joins.
+	admitted := time.Now()
+	m.mustVigil("boot", "admit", mac, "--profile", "default", "--host-name", "h3")
+	waitFor(t, "h3 up", 90*time.Second, func() bool { return hostList(t, m)["h3"].State == "up" })
+	t.Logf("admission to host up: %s", time.Since(admitted).Round(time.Millisecond))
+	first := machine()
+	if first.State != api.MachineAdmitted || first.Boots != 1 || !strings.HasPrefix(first.LastConfig, "sha256:") || first.LastImage != digest {
+		t.Fatalf("after joining: %+v", first)
+	}
+
+	// Reset: it boots again from the network, is configured again, and
+	// comes back as h3.
+	bm.reset(t)
+	reset := time.Now()
+	waitFor(t, "h3 back after a reset", 3*time.Minute, func() bool {
+		x := machine()
+		return x.Boots == 2 && hostList(t, m)["h3"].State == "up"
+	})
+	t.Logf("reset to host up again: %s", time.Since(reset).Round(time.Millisecond))
+	if again := machine(); again.LastConfig == first.LastConfig {
+		t.Fatal("the second boot was given the first boot's configuration (and join token)")
+	}
+	// Nothing was written to the machine's disk.
+	b, err := os.ReadFile(bm.disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(b, make([]byte, len(b))) {
+		t.Fatal("the host wrote to its disk")
+	}
+}
