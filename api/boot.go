@@ -48,6 +48,9 @@ type BootMachine struct {
 	LastImage    string    `json:"last_image,omitempty"`
 	LastConfig   string    `json:"last_config,omitempty"`
 	LastConfigAt time.Time `json:"last_config_at,omitempty"`
+	// LastBoot is when the boot service saw each stage of the machine's
+	// latest boot.
+	LastBoot *BootStages `json:"last_boot,omitempty"`
 	// LastError is what the machine last reported (a refused configuration).
 	LastError   string    `json:"last_error,omitempty"`
 	LastErrorAt time.Time `json:"last_error_at,omitempty"`
@@ -57,4 +60,18 @@ type BootMachine struct {
 type BootAdmitRequest struct {
 	Profile  string `json:"profile"`
 	HostName string `json:"host_name"`
+}
+
+// BootStages are the moments of one network boot the boot service sees.
+type BootStages struct {
+	// DHCP: iPXE's first request (the NIC's firmware is running).
+	DHCP time.Time `json:"dhcp"`
+	// Script: iPXE fetched its script.
+	Script time.Time `json:"script,omitempty"`
+	// Loaded: the whole initramfs was sent (the kernel before it).
+	Loaded time.Time `json:"loaded,omitempty"`
+	// HostUp: the booted system's own DHCP request (kernel and init ran).
+	HostUp time.Time `json:"host_up,omitempty"`
+	// Configured: the signed configuration was sent.
+	Configured time.Time `json:"configured,omitempty"`
 }

@@ -364,7 +364,7 @@ func render(rows []row, accel string, runs, listRuns int) string {
 		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s |\n", r.what, r.vigil, r.baseline, r.ratio, r.note)
 	}
 	fmt.Fprintf(&b, "\nEvery Vigil figure, and every baseline measured here, is a series of %d runs (-runs), reported as p50 and p99 (p50 and p1, the slow tail, for throughput); ratios are of the p50s. "+
-		"Exceptions: pause + resume, 30 pairs; list, %d API requests and %d CLI runs per point; real guest, %d runs (-real-runs); the etcd soak, one run of %s. ",
+		"Exceptions: pause + resume, 100 pairs; list, %d API requests and %d CLI runs per point; real guest, %d runs (-real-runs); the etcd soak, one run of %s. ",
 		runs, listRuns, listRuns/4, realGuestRuns, soakDuration)
 	if runs < 100 {
 		fmt.Fprintf(&b, "With %d runs, p99 is the slowest run. ", runs)

@@ -263,7 +263,7 @@ func TestBootFlow(t *testing.T) {
 	// Image files: only what is there, by digest.
 	for path, code := range map[string]int{
 		"/images/" + hex + "/vmlinuz":                     200,
-		"/images/" + hex + "/initrd.img":                  200,
+		"/images/" + hex + "/initrd.img?mac=" + mac:       200,
 		"/images/" + hex + "/manifest.json":               404,
 		"/images/" + strings.Repeat("0", 64) + "/vmlinuz": 404,
 		"/images/../../etc/vmlinuz":                       404,
@@ -296,6 +296,9 @@ func TestBootFlow(t *testing.T) {
 	m, _ := s.reg.Machine(ctx, mac)
 	if m.Boots != 1 || m.LastConfig != signed.Digest() || m.LastImage != digest {
 		t.Fatalf("machine after its configuration: %+v", m)
+	}
+	if b := m.LastBoot; b == nil || b.Script.IsZero() || b.Loaded.IsZero() || b.Configured.IsZero() || b.Loaded.Before(b.Script) {
+		t.Fatalf("boot stages: %+v", b)
 	}
 	// Each boot gets a fresh token.
 	w = post(t, tlsH, boothost.ConfigPath, boothost.Request{MAC: mac})

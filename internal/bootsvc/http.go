@@ -86,11 +86,12 @@ func (s *Server) handleScript(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.log.Info("boot: machine booting", "mac", mac, "state", m.State, "image", digest, "ip", remoteIP(r))
+	s.reg.stage(r.Context(), mac, func(b *api.BootStages, now time.Time) { b.Script = now })
 	hex := strings.TrimPrefix(digest, "sha256:")
 	base := "http://" + r.Host + "/images/" + hex
 	w.Header().Set("Content-Type", "text/plain")
-	fmt.Fprintf(w, "#!ipxe\nkernel %s/vmlinuz console=ttyS0 loglevel=4 vigil.boot=https://%s vigil.bootmac=%s vigil.image=%s\ninitrd %s/initrd.img\nboot\n",
-		base, s.tlsAddr, mac, digest, base)
+	fmt.Fprintf(w, "#!ipxe\nkernel %s/vmlinuz?mac=%s console=ttyS0 loglevel=4 vigil.boot=https://%s vigil.bootmac=%s vigil.image=%s\ninitrd %s/initrd.img?mac=%s\nboot\n",
+		base, mac, s.tlsAddr, mac, digest, base, mac)
 }
 
 func (s *Server) handleImageFile(w http.ResponseWriter, r *http.Request) {
@@ -105,6 +106,11 @@ func (s *Server) handleImageFile(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	http.ServeFile(w, r, filepath.Join(img.Dir, file))
+	if file == "initrd.img" && r.Header.Get("Range") == "" {
+		if mac, err := NormalMAC(r.URL.Query().Get("mac")); err == nil {
+			s.reg.stage(r.Context(), mac, func(b *api.BootStages, now time.Time) { b.Loaded = now })
+		}
+	}
 }
 
 func writeJSONError(w http.ResponseWriter, code int, msg string) {
@@ -180,6 +186,9 @@ func (s *Server) configFor(ctx context.Context, m api.BootMachine, req boothost.
 	if _, err := s.reg.update(ctx, m.MAC, func(m *api.BootMachine) error {
 		m.Boots++
 		m.LastConfig, m.LastConfigAt, m.LastImage = signed.Digest(), now, req.Image
+		if m.LastBoot != nil && m.LastBoot.Configured.IsZero() {
+			m.LastBoot.Configured = now
+		}
 		return nil
 	}); err != nil {
 		return bootconfig.Signed{}, err

@@ -263,3 +263,20 @@ func (r *Registry) seen(ctx context.Context, mac, uuid, ip string) (api.BootMach
 		return nil
 	})
 }
+
+// stage records that machine mac reached a stage of its boot; a DHCP
+// request from iPXE starts a new boot's timeline. Only machines already
+// known are recorded (a DHCP client alone makes no record).
+func (r *Registry) stage(ctx context.Context, mac string, set func(b *api.BootStages, now time.Time)) error {
+	if _, err := r.Machine(ctx, mac); err != nil {
+		return err
+	}
+	_, err := r.update(ctx, mac, func(m *api.BootMachine) error {
+		if m.LastBoot == nil {
+			m.LastBoot = &api.BootStages{}
+		}
+		set(m.LastBoot, r.now())
+		return nil
+	})
+	return err
+}

@@ -171,6 +171,17 @@ func (s *Server) handleDHCP(conn net.PacketConn, peer net.Addr, req *dhcpv4.DHCP
 	if kind == "ipxe" {
 		bootfile = fmt.Sprintf(s.dhcp.Bootfile, mac)
 	}
+	if req.MessageType() == dhcpv4.MessageTypeDiscover {
+		s.reg.stage(ctx, mac, func(b *api.BootStages, now time.Time) {
+			if kind == "ipxe" {
+				if b.DHCP.IsZero() || !b.Script.IsZero() {
+					*b = api.BootStages{DHCP: now} // a new boot (not iPXE asking again)
+				}
+			} else if b.HostUp.IsZero() {
+				b.HostUp = now
+			}
+		})
+	}
 	resp := answer(req, s.dhcp, ip, bootfile)
 	if resp == nil {
 		return
