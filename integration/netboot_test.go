@@ -157,6 +157,15 @@ func TestNetworkBoot(t *testing.T) {
 		t.Fatalf("after joining: %+v", first)
 	}
 
+	var shown struct {
+		Name string           `json:"name"`
+		Boot *api.BootMachine `json:"boot"`
+	}
+	json.Unmarshal([]byte(m.mustVigil("host", "show", "h3", "-o", "json")), &shown)
+	if shown.Name != "h3" || shown.Boot == nil || shown.Boot.LastImage != digest || shown.Boot.LastConfig != first.LastConfig {
+		t.Fatalf("vigil host show h3: %+v", shown)
+	}
+
 	// Reset: it boots again from the network, is configured again, and
 	// comes back as h3.
 	bm.reset(t)

@@ -265,7 +265,11 @@ func (b *bench) realDiskAndSnapshots(ctx context.Context, image string, runs int
 	serial := []string{filepath.Join(b.dataDir, "host", "vms", name, "serial.log"), bv.vm.m.SerialLog()}
 	alive := []func() error{
 		func() error { _, err := vigilRun("true"); return err },
-		func() error { pctx, cancel := context.WithTimeout(ctx, 30*time.Second); defer cancel(); return bv.qga.Ping(pctx) },
+		func() error {
+			pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			defer cancel()
+			return bv.qga.Ping(pctx)
+		},
 	}
 	var stalls []string
 	var rows []row

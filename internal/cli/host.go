@@ -5,6 +5,8 @@ import (
 	"io"
 	"time"
 
+	"github.com/vigil-project/vigil/api"
+
 	"github.com/spf13/cobra"
 )
 
@@ -43,6 +45,7 @@ func newHostCmd(g *globals) *cobra.Command {
 			})
 		},
 	})
+	cmd.AddCommand(newHostShowCmd(g))
 	var forHost string
 	jt := &cobra.Command{
 		Use:   "join-token",
@@ -143,4 +146,58 @@ func newVMMigrateCmd(g *globals) *cobra.Command {
 	}
 	cmd.Flags().StringVar(&to, "to", "", "destination host (default: the scheduler picks one of the VM's pool)")
 	return cmd
+}
+
+// hostView is a host and, if it booted from the network, its last boot.
+type hostView struct {
+	api.Host
+	Boot *api.BootMachine `json:"boot,omitempty"`
+}
+
+func newHostShowCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "show NAME",
+		Short: "Show a host, and for a network-booted one the image and configuration it booted with",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c := g.client()
+			hosts, err := c.Hosts(cmd.Context())
+			if err != nil {
+				return err
+			}
+			var v hostView
+			found := false
+			for _, h := range hosts {
+				if h.Name == args[0] {
+					v.Host, found = h, true
+				}
+			}
+			if !found {
+				return fmt.Errorf("no host %s: see 'vigil host list'", args[0])
+			}
+			if ms, err := c.BootMachines(cmd.Context()); err == nil {
+				for _, m := range ms {
+					if m.HostName == args[0] && m.State == api.MachineAdmitted {
+						m := m
+						v.Boot = &m
+					}
+				}
+			}
+			return g.printValue(v, func(w io.Writer) {
+				row(w, "NAME:", v.Name)
+				row(w, "STATE:", v.State)
+				row(w, "CPUS:", v.CPUs)
+				row(w, "MEMORY:", humanSize(v.MemoryBytes))
+				row(w, "VMS:", v.VMs)
+				row(w, "QEMU:", v.QEMUVersion)
+				row(w, "HEARTBEAT:", ago(v.LastHeartbeat))
+				if b := v.Boot; b != nil {
+					row(w, "BOOTED FROM:", "network, machine "+b.MAC+", profile "+b.Profile)
+					row(w, "IMAGE:", orNone(b.LastImage))
+					row(w, "CONFIGURATION:", orNone(b.LastConfig)+" ("+ago(b.LastConfigAt)+")")
+					row(w, "BOOTS:", b.Boots)
+				}
+			})
+		},
+	}
 }
