@@ -139,3 +139,14 @@ func TestAgentArgsKeepTheTokenOut(t *testing.T) {
 		t.Fatalf("agent args: %s", args)
 	}
 }
+
+func FuzzParseCmdline(f *testing.F) {
+	f.Add("console=ttyS0 vigil.boot=https://10.77.0.1:8068 vigil.bootmac=52:54:00:be:ee:01 vigil.image=sha256:ab")
+	f.Add("vigil.boot= vigil.bootmac")
+	f.Fuzz(func(t *testing.T, s string) {
+		p, err := ParseCmdline(s)
+		if err == nil && (!strings.HasPrefix(p.ConfigURL, "https://") || p.MAC == "") {
+			t.Fatalf("accepted %q as %+v", s, p)
+		}
+	})
+}

@@ -347,3 +347,14 @@ func newDigest() interface {
 } {
 	return sha256.New()
 }
+
+func FuzzDecodeRequest(f *testing.F) {
+	f.Add([]byte(`{"mac":"52:54:00:be:ee:01","uuid":"x","image":"sha256:ab"}`))
+	f.Add([]byte(`{"mac":"52:54:00:be:ee:01","error":"` + strings.Repeat("e", 5000) + `"}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		req, err := decodeRequest(httptest.NewRequest("POST", boothost.ConfigPath, bytes.NewReader(b)))
+		if err == nil && (len(req.Error) > 4096 || len(req.MAC) != 17) {
+			t.Fatalf("accepted %q as %+v", b, req)
+		}
+	})
+}
