@@ -48,9 +48,18 @@ type BootMachine struct {
 	LastImage    string    `json:"last_image,omitempty"`
 	LastConfig   string    `json:"last_config,omitempty"`
 	LastConfigAt time.Time `json:"last_config_at,omitempty"`
+	// PinnedImage, during a rollout, is the image the machine boots
+	// instead of its profile's.
+	PinnedImage string `json:"pinned_image,omitempty"`
+	// Power is how the manager resets the machine (qmp:SOCKET for a QEMU
+	// machine standing in for bare metal); empty: it cannot.
+	Power string `json:"power,omitempty"`
 	// LastBoot is when the boot service saw each stage of the machine's
 	// latest boot.
 	LastBoot *BootStages `json:"last_boot,omitempty"`
+	// LastTokenID names the join token of its last configuration (revoked
+	// when the next is issued or the machine is quarantined).
+	LastTokenID string `json:"last_token_id,omitempty"`
 	// LastError is what the machine last reported (a refused configuration).
 	LastError   string    `json:"last_error,omitempty"`
 	LastErrorAt time.Time `json:"last_error_at,omitempty"`
@@ -74,4 +83,50 @@ type BootStages struct {
 	HostUp time.Time `json:"host_up,omitempty"`
 	// Configured: the signed configuration was sent.
 	Configured time.Time `json:"configured,omitempty"`
+}
+
+// BootPowerRequest says how to power-cycle a machine.
+type BootPowerRequest struct {
+	// Power is qmp:SOCKET (a QEMU machine's monitor on the manager's
+	// machine); IPMI and Redfish are not supported yet.
+	Power string `json:"power"`
+}
+
+// BootRolloutRequest moves a profile's hosts to another image.
+type BootRolloutRequest struct {
+	Image string `json:"image"`
+	// TimeoutSeconds is how long a rebooted host may take to be back and
+	// healthy before the rollout rolls it back and stops (default 600).
+	TimeoutSeconds int `json:"timeout_seconds,omitempty"`
+}
+
+// Rollout states.
+const (
+	RolloutRunning    = "running"
+	RolloutSucceeded  = "succeeded"
+	RolloutRolledBack = "rolled-back"
+)
+
+// BootRollout moves the hosts of a profile to a new image one at a time:
+// drain, reboot with the new image, wait until back and healthy, enable.
+type BootRollout struct {
+	Profile  string            `json:"profile"`
+	From     string            `json:"from"`
+	To       string            `json:"to"`
+	State    string            `json:"state"`
+	Timeout  int               `json:"timeout_seconds"`
+	Hosts    []BootRolloutHost `json:"hosts"`
+	Started  time.Time         `json:"started"`
+	Finished time.Time         `json:"finished,omitempty"`
+	Message  string            `json:"message,omitempty"`
+}
+
+// BootRolloutHost is one host's part in a rollout.
+type BootRolloutHost struct {
+	Host     string    `json:"host"`
+	MAC      string    `json:"mac"`
+	State    string    `json:"state"` // pending, draining, rebooting, done, rolled-back
+	Started  time.Time `json:"started,omitempty"`
+	Finished time.Time `json:"finished,omitempty"`
+	Error    string    `json:"error,omitempty"`
 }

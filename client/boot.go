@@ -49,3 +49,29 @@ func (c *Client) QuarantineMachine(ctx context.Context, mac string) (api.BootMac
 	err := c.do(ctx, http.MethodPost, "/v1/boot/machines/"+url.PathEscape(mac)+"/quarantine", nil, &out)
 	return out, err
 }
+
+// SetMachinePower records how the manager resets a machine.
+func (c *Client) SetMachinePower(ctx context.Context, mac, power string) (api.BootMachine, error) {
+	var out api.BootMachine
+	err := c.do(ctx, http.MethodPut, "/v1/boot/machines/"+url.PathEscape(mac)+"/power", api.BootPowerRequest{Power: power}, &out)
+	return out, err
+}
+
+// StartRollout moves a profile's hosts to another image, one at a time.
+func (c *Client) StartRollout(ctx context.Context, profile string, req api.BootRolloutRequest) (api.BootRollout, error) {
+	var out api.BootRollout
+	err := c.do(ctx, http.MethodPost, "/v1/boot/rollouts/"+url.PathEscape(profile), req, &out)
+	return out, err
+}
+
+// Rollout reports a profile's last rollout.
+func (c *Client) Rollout(ctx context.Context, profile string) (api.BootRollout, error) {
+	var out api.BootRollout
+	err := c.do(ctx, http.MethodGet, "/v1/boot/rollouts/"+url.PathEscape(profile), nil, &out)
+	return out, err
+}
+
+// ForgetMachine removes a machine's record and address lease.
+func (c *Client) ForgetMachine(ctx context.Context, mac string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/boot/machines/"+url.PathEscape(mac), nil, nil)
+}

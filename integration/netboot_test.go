@@ -13,6 +13,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/pki"
 	"github.com/vigil-project/vigil/internal/qemu/qmp"
 )
 
@@ -178,6 +179,57 @@ func TestNetworkBoot(t *testing.T) {
 	if again := machine(); again.LastConfig == first.LastConfig {
 		t.Fatal("the second boot was given the first boot's configuration (and join token)")
 	}
+	// Rollouts: to a new image (h3 is drained, reset, back on it, the
+	// profile then names it), then to a broken one (built with another
+	// cluster's CA, so the host refuses every configuration): h3 does not
+	// come back within the timeout, is put back on the image it ran, and
+	// the rollout says so.
+	m.mustVigil("boot", "power", mac, "--qmp", bm.qmp)
+	other := filepath.Join(shortTempDir(t), "vigil")
+	self, _ := os.ReadFile(filepath.Join(binDir, "vigil"))
+	os.WriteFile(other, append(self, []byte("another build")...), 0o755) // another digest, same program
+	digestB := strings.TrimSpace(m.mustVigil("boot", "image", "build", "--data-dir", m.dataDir, "--guest-image", imageDir, "--vigil", other, "-q"))
+	if digestB == digest {
+		t.Fatal("the second image has the first one's digest")
+	}
+	rollout := func(image, timeout string) (api.BootRollout, int) {
+		out, _, code := m.vigilFor(5*time.Minute, "boot", "rollout", "default", "--image", image, "--timeout", timeout, "--wait", "-o", "json")
+		var ro api.BootRollout
+		json.Unmarshal([]byte(out), &ro)
+		return ro, code
+	}
+	t0 = time.Now()
+	ro, code := rollout(digestB, "3m")
+	if code != 0 || ro.State != api.RolloutSucceeded || ro.Hosts[0].State != "done" {
+		t.Fatalf("rollout to a new image: exit %d, %+v", code, ro)
+	}
+	t.Logf("rollout of one host to a new image: %s", time.Since(t0).Round(time.Millisecond))
+	if x := machine(); x.LastImage != digestB || x.Boots != 3 {
+		t.Fatalf("after the rollout: %+v", x)
+	}
+	otherCA := filepath.Join(shortTempDir(t), "ca.pem")
+	ca, _, err := pki.NewCA("another")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(otherCA, ca.CertPEM, 0o644)
+	digestC := strings.TrimSpace(m.mustVigil("boot", "image", "build", "--data-dir", m.dataDir, "--guest-image", imageDir, "--ca", otherCA, "-q"))
+	t0 = time.Now()
+	ro, code = rollout(digestC, "60s")
+	if code == 0 || ro.State != api.RolloutRolledBack || ro.Hosts[0].State != "rolled-back" {
+		t.Fatalf("rollout to a broken image: exit %d, %+v", code, ro)
+	}
+	t.Logf("rollout to a broken image, rolled back: %s (%s)", time.Since(t0).Round(time.Millisecond), ro.Message)
+	waitFor(t, "h3 back on the image it ran", 2*time.Minute, func() bool {
+		x := machine()
+		return x.LastImage == digestB && hostList(t, m)["h3"].State == "up"
+	})
+	var profiles []api.BootProfile
+	json.Unmarshal([]byte(m.mustVigil("boot", "profile", "list", "-o", "json")), &profiles)
+	if len(profiles) != 1 || profiles[0].Image != digestB {
+		t.Fatalf("profile after the rolled-back rollout: %+v", profiles)
+	}
+
 	// Nothing was written to the machine's disk.
 	b, err := os.ReadFile(bm.disk)
 	if err != nil {

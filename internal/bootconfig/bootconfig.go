@@ -6,6 +6,7 @@ package bootconfig
 import (
 	"bytes"
 	"crypto/sha256"
+	"crypto/subtle"
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
@@ -38,6 +39,10 @@ type Config struct {
 	JoinToken string `json:"join_token"`
 	// Image is the digest of the host image the host's profile names.
 	Image string `json:"image"`
+	// Nonce is the one the host sent with its request: an answer made for
+	// another request (a replayed one) does not carry it. It makes the
+	// answer fresh without trusting the host's clock.
+	Nonce string `json:"nonce"`
 	// Profile is the boot profile the machine was given.
 	Profile     string            `json:"profile"`
 	StoragePool string            `json:"storage_pool,omitempty"`
@@ -79,8 +84,10 @@ func Sign(ca *pki.CA, c Config) (Signed, error) {
 var ErrRefused = errors.New("boot configuration refused")
 
 // Verify checks that raw (a Signed, as JSON) is signed by the CA ca, is
-// for the machine mac, and is valid at now; it returns the configuration.
-func Verify(raw []byte, ca *x509.Certificate, mac string, now time.Time) (Config, Signed, error) {
+// for the machine mac, and answers the request that sent nonce; it returns
+// the configuration. The host's clock is not trusted (a machine's clock
+// may be anything before it joins): the nonce makes the answer fresh.
+func Verify(raw []byte, ca *x509.Certificate, mac, nonce string) (Config, Signed, error) {
 	var s Signed
 	if len(raw) > MaxSize {
 		return Config{}, s, fmt.Errorf("%w: %d bytes, more than %d", ErrRefused, len(raw), MaxSize)
@@ -105,9 +112,8 @@ func Verify(raw []byte, ca *x509.Certificate, mac string, now time.Time) (Config
 	if !strings.EqualFold(c.MAC, mac) {
 		return Config{}, s, fmt.Errorf("%w: it is for machine %s, this is %s", ErrRefused, c.MAC, mac)
 	}
-	if now.Before(c.IssuedAt.Add(-5*time.Minute)) || now.After(c.Expires) {
-		return Config{}, s, fmt.Errorf("%w: valid from %s to %s, and it is %s", ErrRefused,
-			c.IssuedAt.Format(time.RFC3339), c.Expires.Format(time.RFC3339), now.UTC().Format(time.RFC3339))
+	if nonce == "" || subtle.ConstantTimeCompare([]byte(c.Nonce), []byte(nonce)) != 1 {
+		return Config{}, s, fmt.Errorf("%w: it does not answer this request (made for another, or replayed)", ErrRefused)
 	}
 	return c, s, nil
 }

@@ -13,7 +13,7 @@ import (
 func testConfig(now time.Time) Config {
 	return Config{MAC: "52:54:00:12:34:56", UUID: "2b7c5f4e-0000-4000-8000-000000000001", HostName: "h3",
 		Managers: []string{"https://10.77.0.1:7070"}, JoinToken: "vjt1.x", Image: "sha256:" + strings.Repeat("a", 64),
-		Profile: "default", IssuedAt: now, Expires: now.Add(10 * time.Minute)}
+		Profile: "default", Nonce: "n1", IssuedAt: now, Expires: now.Add(10 * time.Minute)}
 }
 
 func TestSignVerify(t *testing.T) {
@@ -28,7 +28,7 @@ func TestSignVerify(t *testing.T) {
 		t.Fatal(err)
 	}
 	raw, _ := json.Marshal(s)
-	c, got, err := Verify(raw, ca.Cert, "52:54:00:12:34:56", now)
+	c, got, err := Verify(raw, ca.Cert, "52:54:00:12:34:56", "n1")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -46,16 +46,17 @@ func TestSignVerify(t *testing.T) {
 		raw  []byte
 		ca   *pki.CA
 		mac  string
-		at   time.Time
+		at   string
 		want string
 	}{
-		{"host name changed", tamper(func(s *Signed) { s.Config = []byte(strings.Replace(string(s.Config), `"h3"`, `"h4"`, 1)) }), ca, "52:54:00:12:34:56", now, "does not verify"},
-		{"signature flipped", tamper(func(s *Signed) { s.Signature[10] ^= 1 }), ca, "52:54:00:12:34:56", now, "does not verify"},
-		{"another cluster's ca", raw, other, "52:54:00:12:34:56", now, "does not verify"},
-		{"another machine", raw, ca, "52:54:00:99:99:99", now, "for machine"},
-		{"expired", raw, ca, "52:54:00:12:34:56", now.Add(time.Hour), "valid from"},
-		{"not json", []byte("{"), ca, "52:54:00:12:34:56", now, "not a signed configuration"},
-		{"too big", make([]byte, MaxSize+1), ca, "52:54:00:12:34:56", now, "more than"},
+		{"host name changed", tamper(func(s *Signed) { s.Config = []byte(strings.Replace(string(s.Config), `"h3"`, `"h4"`, 1)) }), ca, "52:54:00:12:34:56", "n1", "does not verify"},
+		{"signature flipped", tamper(func(s *Signed) { s.Signature[10] ^= 1 }), ca, "52:54:00:12:34:56", "n1", "does not verify"},
+		{"another cluster's ca", raw, other, "52:54:00:12:34:56", "n1", "does not verify"},
+		{"another machine", raw, ca, "52:54:00:99:99:99", "n1", "for machine"},
+		{"another request's answer", raw, ca, "52:54:00:12:34:56", "n2", "does not answer this request"},
+		{"no nonce", raw, ca, "52:54:00:12:34:56", "", "does not answer this request"},
+		{"not json", []byte("{"), ca, "52:54:00:12:34:56", "n1", "not a signed configuration"},
+		{"too big", make([]byte, MaxSize+1), ca, "52:54:00:12:34:56", "n1", "more than"},
 	} {
 		_, _, err := Verify(tc.raw, tc.ca.Cert, tc.mac, tc.at)
 		if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), tc.want) {
@@ -91,7 +92,7 @@ func FuzzVerify(f *testing.F) {
 	f.Add(raw)
 	f.Add([]byte(`{"config":"e30=","signature":"AA=="}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		c, _, err := Verify(b, ca.Cert, "52:54:00:12:34:56", now)
+		c, _, err := Verify(b, ca.Cert, "52:54:00:12:34:56", "n1")
 		if err == nil && c.HostName == "" {
 			t.Fatalf("accepted a configuration with no host name: %q", b)
 		}

@@ -11,7 +11,9 @@ package boothost
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -64,6 +66,8 @@ type Request struct {
 	MAC   string `json:"mac"`
 	UUID  string `json:"uuid,omitempty"`
 	Image string `json:"image,omitempty"`
+	// Nonce, in a request for the configuration, must come back in it.
+	Nonce string `json:"nonce,omitempty"`
 	// Error, in a report, says why the host refused what it was sent.
 	Error string `json:"error,omitempty"`
 }
@@ -83,7 +87,6 @@ type Client struct {
 	CA   *x509.Certificate
 	HTTP *http.Client
 	Log  *slog.Logger
-	Now  func() time.Time
 	// Retry is how long to wait between attempts (default 3 s).
 	Retry time.Duration
 }
@@ -91,7 +94,7 @@ type Client struct {
 // NewClient makes a client that trusts only a manager certified by ca.
 func NewClient(p Params, ca *x509.Certificate, log *slog.Logger) *Client {
 	tr := &http.Transport{TLSClientConfig: pki.PinnedConfig(pki.Fingerprint(ca), nil)}
-	return &Client{Params: p, CA: ca, Log: log, Now: time.Now,
+	return &Client{Params: p, CA: ca, Log: log,
 		HTTP: &http.Client{Transport: tr, Timeout: 15 * time.Second}}
 }
 
@@ -127,7 +130,12 @@ func (c *Client) Fetch(ctx context.Context) (bootconfig.Config, bootconfig.Signe
 }
 
 func (c *Client) fetchOnce(ctx context.Context) (bootconfig.Config, bootconfig.Signed, error) {
-	resp, err := c.post(ctx, ConfigPath, Request{MAC: c.MAC, UUID: c.UUID, Image: c.Image})
+	var n [16]byte
+	if _, err := rand.Read(n[:]); err != nil {
+		return bootconfig.Config{}, bootconfig.Signed{}, err
+	}
+	nonce := hex.EncodeToString(n[:])
+	resp, err := c.post(ctx, ConfigPath, Request{MAC: c.MAC, UUID: c.UUID, Image: c.Image, Nonce: nonce})
 	if err != nil {
 		return bootconfig.Config{}, bootconfig.Signed{}, err
 	}
@@ -138,12 +146,14 @@ func (c *Client) fetchOnce(ctx context.Context) (bootconfig.Config, bootconfig.S
 	}
 	switch resp.StatusCode {
 	case http.StatusOK:
+	case http.StatusTooManyRequests:
+		return bootconfig.Config{}, bootconfig.Signed{}, fmt.Errorf("boot service busy: %s", errorText(body))
 	case http.StatusForbidden:
 		return bootconfig.Config{}, bootconfig.Signed{}, fmt.Errorf("%w: %s", ErrQuarantined, errorText(body))
 	default:
 		return bootconfig.Config{}, bootconfig.Signed{}, fmt.Errorf("boot service answered %s: %s", resp.Status, errorText(body))
 	}
-	return bootconfig.Verify(body, c.CA, c.MAC, c.Now())
+	return bootconfig.Verify(body, c.CA, c.MAC, nonce)
 }
 
 func (c *Client) report(ctx context.Context, problem error) {

@@ -78,12 +78,16 @@ func testConfig(now time.Time) bootconfig.Config {
 func TestFetch(t *testing.T) {
 	ca, _, _ := pki.NewCA("test")
 	now := time.Now()
-	good, err := bootconfig.Sign(ca, testConfig(now))
-	if err != nil {
-		t.Fatal(err)
+	sign := func(nonce string) bootconfig.Signed {
+		c := testConfig(now)
+		c.Nonce = nonce
+		s, err := bootconfig.Sign(ca, c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
 	}
-	tampered := good
-	tampered.Config = []byte(strings.Replace(string(good.Config), `"h3"`, `"h4"`, 1))
+	var good bootconfig.Signed
 	// Quarantined twice, then a tampered answer, then the real one.
 	var n int
 	var mu sync.Mutex
@@ -97,9 +101,17 @@ func TestFetch(t *testing.T) {
 			w.WriteHeader(http.StatusForbidden)
 			io.WriteString(w, `{"error":"machine 52:54:00:be:ee:01 is quarantined"}`)
 		case i == 3:
+			tampered := sign(req.Nonce)
+			tampered.Config = []byte(strings.Replace(string(tampered.Config), `"h3"`, `"h4"`, 1))
 			json.NewEncoder(w).Encode(tampered)
+		case i == 4:
+			json.NewEncoder(w).Encode(sign("an old request's nonce")) // a replay
 		default:
-			json.NewEncoder(w).Encode(good)
+			g := sign(req.Nonce)
+			mu.Lock()
+			good = g
+			mu.Unlock()
+			json.NewEncoder(w).Encode(g)
 		}
 	})
 	p := Params{ConfigURL: srv.URL, MAC: "52:54:00:be:ee:01", Image: "sha256:ab"}
@@ -111,10 +123,12 @@ func TestFetch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.HostName != "h3" || signed.Digest() != good.Digest() || n != 4 {
+	mu.Lock()
+	defer mu.Unlock()
+	if cfg.HostName != "h3" || signed.Digest() != good.Digest() || n != 5 {
 		t.Fatalf("got %+v after %d requests", cfg, n)
 	}
-	if len(*reports) != 1 || !strings.Contains((*reports)[0].Error, "does not verify") || (*reports)[0].MAC != p.MAC {
+	if len(*reports) != 2 || !strings.Contains((*reports)[0].Error, "does not verify") || !strings.Contains((*reports)[1].Error, "does not answer this request") || (*reports)[0].MAC != p.MAC {
 		t.Fatalf("reports %+v", *reports)
 	}
 }

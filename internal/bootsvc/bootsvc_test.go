@@ -118,7 +118,7 @@ func TestLeasesAreStableAndNeverShared(t *testing.T) {
 				r = other
 			}
 			mac := fmt.Sprintf("52:54:00:00:01:%02x", i)
-			ip, err := r.leaseFor(ctx, mac, first, last)
+			ip, err := r.leaseFor(ctx, mac, first, last, noSkip)
 			if err != nil {
 				t.Error(err)
 				return
@@ -133,12 +133,12 @@ func TestLeasesAreStableAndNeverShared(t *testing.T) {
 	}
 	wg.Wait()
 	for ip, mac := range got {
-		again, err := other.leaseFor(ctx, mac, first, last)
+		again, err := other.leaseFor(ctx, mac, first, last, noSkip)
 		if err != nil || again != ip {
 			t.Errorf("%s asked again: %s %v, want %s", mac, again, err, ip)
 		}
 	}
-	if _, err := reg.leaseFor(ctx, "52:54:00:00:02:00", first, last); err == nil || !strings.Contains(err.Error(), "full") {
+	if _, err := reg.leaseFor(ctx, "52:54:00:00:02:00", first, last, noSkip); err == nil || !strings.Contains(err.Error(), "full") {
 		t.Fatalf("an eleventh machine in ten addresses: %v", err)
 	}
 }
@@ -209,12 +209,35 @@ func FuzzDHCP(f *testing.F) {
 	})
 }
 
-type fakeCluster struct{ n int }
+type fakeCluster struct {
+	mu      sync.Mutex
+	issued  []string // token ids
+	revoked []string
+}
 
 func (c *fakeCluster) JoinToken(_ context.Context, host string) (api.JoinToken, error) {
-	c.n++
-	return api.JoinToken{Token: fmt.Sprintf("vj1.token%d.for.%s", c.n, host), Host: host}, nil
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	t := pki.NewJoinToken(strings.Repeat("ab", 32))
+	c.issued = append(c.issued, t.ID)
+	return api.JoinToken{Token: t.String(), Host: host}, nil
 }
+
+func (c *fakeCluster) RevokeJoinToken(_ context.Context, id string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.revoked = append(c.revoked, id)
+	return nil
+}
+
+// clock is a settable time for a registry.
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *clock) now() time.Time      { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *clock) add(d time.Duration) { c.mu.Lock(); c.t = c.t.Add(d); c.mu.Unlock() }
 
 // testServer is a boot service's handlers without its listeners.
 func testServer(t *testing.T) (*Server, *pki.CA, string) {
@@ -242,8 +265,11 @@ func post(t *testing.T, h http.Handler, path string, body any) *httptest.Respons
 
 func TestBootFlow(t *testing.T) {
 	s, ca, digest := testServer(t)
+	clk := &clock{t: time.Now()}
+	s.reg.Now = clk.now
 	ctx := context.Background()
 	boot, tlsH := s.bootHandler(), s.tlsHandler()
+	const nonce1, nonce2 = "0123456789abcdef01", "fedcba9876543210fe"
 	const mac = "52:54:00:be:ee:01"
 
 	// An unknown machine boots the default image and is listed, quarantined.
@@ -276,21 +302,25 @@ func TestBootFlow(t *testing.T) {
 	}
 
 	// Quarantined: no configuration, no credentials.
-	if w := post(t, tlsH, boothost.ConfigPath, boothost.Request{MAC: mac}); w.Code != http.StatusForbidden || strings.Contains(w.Body.String(), "vj1") {
+	if w := post(t, tlsH, boothost.ConfigPath, boothost.Request{MAC: mac, Nonce: nonce1}); w.Code != http.StatusForbidden || strings.Contains(w.Body.String(), "vj1") {
 		t.Fatalf("quarantined machine's config: %d %s", w.Code, w.Body)
 	}
 	if _, err := s.reg.Admit(ctx, mac, api.BootAdmitRequest{Profile: "default", HostName: "h3"}); err != nil {
 		t.Fatal(err)
 	}
-	w = post(t, tlsH, boothost.ConfigPath, boothost.Request{MAC: mac, Image: digest})
+	if w := post(t, tlsH, boothost.ConfigPath, boothost.Request{MAC: mac, Image: digest}); w.Code != http.StatusBadRequest {
+		t.Fatalf("a request without a nonce: %d %s", w.Code, w.Body)
+	}
+	w = post(t, tlsH, boothost.ConfigPath, boothost.Request{MAC: mac, Image: digest, Nonce: nonce1})
 	if w.Code != http.StatusOK {
 		t.Fatalf("admitted machine's config: %d %s", w.Code, w.Body)
 	}
-	cfg, signed, err := bootconfig.Verify(w.Body.Bytes(), ca.Cert, mac, time.Now())
+	cfg, signed, err := bootconfig.Verify(w.Body.Bytes(), ca.Cert, mac, nonce1)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.HostName != "h3" || cfg.JoinToken != "vj1.token1.for.h3" || cfg.Image != digest || cfg.Managers[0] != "https://10.77.0.1:7070" {
+	fc := s.cluster.(*fakeCluster)
+	if cfg.HostName != "h3" || !strings.Contains(cfg.JoinToken, fc.issued[0]) || cfg.Image != digest || cfg.Managers[0] != "https://10.77.0.1:7070" {
 		t.Fatalf("config %+v", cfg)
 	}
 	m, _ := s.reg.Machine(ctx, mac)
@@ -300,10 +330,19 @@ func TestBootFlow(t *testing.T) {
 	if b := m.LastBoot; b == nil || b.Script.IsZero() || b.Loaded.IsZero() || b.Configured.IsZero() || b.Loaded.Before(b.Script) {
 		t.Fatalf("boot stages: %+v", b)
 	}
-	// Each boot gets a fresh token.
-	w = post(t, tlsH, boothost.ConfigPath, boothost.Request{MAC: mac})
-	if cfg2, _, _ := bootconfig.Verify(w.Body.Bytes(), ca.Cert, mac, time.Now()); cfg2.JoinToken == cfg.JoinToken {
-		t.Fatal("the same join token twice")
+	// Not again at once (each configuration mints a token)...
+	if w := post(t, tlsH, boothost.ConfigPath, boothost.Request{MAC: mac, Nonce: nonce2}); w.Code != http.StatusTooManyRequests {
+		t.Fatalf("a second configuration at once: %d %s", w.Code, w.Body)
+	}
+	// ...but at the next boot: a fresh token, and the last one revoked.
+	clk.add(configEvery)
+	w = post(t, tlsH, boothost.ConfigPath, boothost.Request{MAC: mac, Nonce: nonce2})
+	cfg2, _, err := bootconfig.Verify(w.Body.Bytes(), ca.Cert, mac, nonce2)
+	if err != nil || cfg2.JoinToken == cfg.JoinToken {
+		t.Fatalf("the next boot's configuration: %v (token %s, before %s)", err, cfg2.JoinToken, cfg.JoinToken)
+	}
+	if len(fc.revoked) != 1 || fc.revoked[0] != fc.issued[0] {
+		t.Fatalf("issued %v, revoked %v: want the first revoked", fc.issued, fc.revoked)
 	}
 
 	// Reports: recorded for machines that booted here, refused otherwise.
@@ -312,6 +351,10 @@ func TestBootFlow(t *testing.T) {
 	}
 	if m, _ := s.reg.Machine(ctx, mac); m.LastError != "signature does not verify" {
 		t.Fatalf("report not recorded: %+v", m)
+	}
+	post(t, tlsH, boothost.ReportPath, boothost.Request{MAC: mac, Error: "again at once"})
+	if m, _ := s.reg.Machine(ctx, mac); m.LastError != "signature does not verify" {
+		t.Fatalf("a report right after another was recorded: %+v", m)
 	}
 	if w := post(t, tlsH, boothost.ReportPath, boothost.Request{MAC: "52:54:00:99:99:99", Error: "x"}); w.Code != http.StatusNotFound {
 		t.Fatalf("report from a stranger: %d", w.Code)
@@ -357,4 +400,72 @@ func FuzzDecodeRequest(f *testing.F) {
 			t.Fatalf("accepted %q as %+v", b, req)
 		}
 	})
+}
+
+func noSkip(netip.Addr) bool { return false }
+
+func TestLeasesExpire(t *testing.T) {
+	reg := testRegistry(t)
+	clk := &clock{t: time.Now()}
+	reg.Now = clk.now
+	ctx := context.Background()
+	first, last := netip.MustParseAddr("10.77.0.10"), netip.MustParseAddr("10.77.0.11")
+	a, _ := reg.leaseFor(ctx, "52:54:00:00:00:0a", first, last, noSkip)
+	b, _ := reg.leaseFor(ctx, "52:54:00:00:00:0b", first, last, noSkip)
+	if a == b || !a.IsValid() || !b.IsValid() {
+		t.Fatalf("two machines got %s and %s", a, b)
+	}
+	if _, err := reg.leaseFor(ctx, "52:54:00:00:00:0c", first, last, noSkip); err == nil {
+		t.Fatal("a third machine got an address of a full range")
+	}
+	// b keeps renewing; a goes silent past its lease.
+	clk.add(leaseTime / 2)
+	if again, _ := reg.leaseFor(ctx, "52:54:00:00:00:0b", first, last, noSkip); again != b {
+		t.Fatalf("b renewing got %s, want %s", again, b)
+	}
+	clk.add(leaseTime/2 + time.Second)
+	c, err := reg.leaseFor(ctx, "52:54:00:00:00:0c", first, last, noSkip)
+	if err != nil || c != a {
+		t.Fatalf("after a's lease expired, c got %s %v; want %s", c, err, a)
+	}
+	// a comes back: its address is c's now, and the range is full.
+	if got, err := reg.leaseFor(ctx, "52:54:00:00:00:0a", first, last, noSkip); err == nil {
+		t.Fatalf("a got %s from a full range", got)
+	}
+	// The range never includes what skip refuses.
+	reg2 := testRegistry(t)
+	if got, _ := reg2.leaseFor(ctx, "52:54:00:00:00:0d", first, last, func(ip netip.Addr) bool { return ip == first }); got != last {
+		t.Fatalf("skipping %s, got %s", first, got)
+	}
+}
+
+func TestUnknownMachinesAreBounded(t *testing.T) {
+	reg := testRegistry(t)
+	reg.MaxMachines = 3
+	ctx := context.Background()
+	for i := 0; i < 3; i++ {
+		if _, err := reg.seen(ctx, fmt.Sprintf("52:54:00:00:01:%02x", i), strings.Repeat("x", 1000), "10.77.0.9"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := reg.seen(ctx, "52:54:00:00:01:ff", "", ""); !errors.Is(err, ErrFull) {
+		t.Fatalf("a fourth unknown machine: %v", err)
+	}
+	m, _ := reg.Machine(ctx, "52:54:00:00:01:00")
+	if m.UUID != "" {
+		t.Fatalf("a made-up uuid was kept: %q", m.UUID)
+	}
+	// Known machines are still seen; forgetting one makes room.
+	if _, err := reg.seen(ctx, "52:54:00:00:01:01", "", "10.77.0.8"); err != nil {
+		t.Fatal(err)
+	}
+	if err := reg.Forget(ctx, "52:54:00:00:01:00"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := reg.seen(ctx, "52:54:00:00:01:ff", "6f1c2d3e-0000-4000-8000-0000000000b1", ""); err != nil {
+		t.Fatalf("after a forget: %v", err)
+	}
+	if m, _ := reg.Machine(ctx, "52:54:00:00:01:ff"); m.UUID != "6f1c2d3e-0000-4000-8000-0000000000b1" {
+		t.Fatalf("a valid uuid was not kept: %+v", m)
+	}
 }

@@ -94,43 +94,101 @@ func answer(req *dhcpv4.DHCPv4, cfg dhcpConfig, ip netip.Addr, bootfile string) 
 	return resp
 }
 
-// leaseRecord is boot/leases/IP: the address belongs to machine MAC.
+// leaseRecord is boot/leases/IP: the address is machine MAC's until
+// Expires (renewed at every answer); boot/leasemac/MAC names it back.
 type leaseRecord struct {
-	MAC string `json:"mac"`
+	MAC     string    `json:"mac"`
+	Expires time.Time `json:"expires"`
+}
+
+type leaseIndex struct {
+	IP string `json:"ip"`
 }
 
 func leaseKey(ip netip.Addr) string { return "boot/leases/" + ip.String() }
+func leaseMACKey(mac string) string { return "boot/leasemac/" + mac }
 
-// leaseFor is mac's address in [first, last]: the one it has, else the
-// lowest free one. Leases are claimed in etcd, so two boot services never
-// give one address to two machines.
-func (r *Registry) leaseFor(ctx context.Context, mac string, first, last netip.Addr) (netip.Addr, error) {
-	kvs, err := r.Store.List(ctx, "boot/leases/")
-	if err != nil {
-		return netip.Addr{}, err
-	}
-	taken := map[netip.Addr]bool{}
-	for _, kv := range kvs {
-		ip, err := netip.ParseAddr(kv.Key)
-		if err != nil {
-			continue
-		}
-		var l leaseRecord
-		if json.Unmarshal(kv.Value, &l) == nil && l.MAC == mac && !ip.Less(first) && !last.Less(ip) {
-			return ip, nil
-		}
-		taken[ip] = true
-	}
-	for ip := first; !last.Less(ip); ip = ip.Next() {
-		if taken[ip] {
-			continue
-		}
-		if _, err := r.Store.Create(ctx, leaseKey(ip), leaseRecord{MAC: mac}); errors.Is(err, store.ErrExists) {
-			continue // taken since the list
-		} else if err != nil {
+// leaseFor is mac's address in [first, last] (never one skip refuses):
+// the one it has, renewed, else the lowest one free or expired. A lease and
+// its index are written in one transaction, so two boot services answering
+// the same request agree on one address and leak none; leases that are
+// not renewed expire, so made-up clients cannot use up the range for good.
+func (r *Registry) leaseFor(ctx context.Context, mac string, first, last netip.Addr, skip func(netip.Addr) bool) (netip.Addr, error) {
+	for attempt := 0; attempt < 8; attempt++ {
+		now := r.now()
+		var idx leaseIndex
+		irev, err := r.Store.Get(ctx, leaseMACKey(mac), &idx)
+		if err != nil && !errors.Is(err, store.ErrNotFound) {
 			return netip.Addr{}, err
 		}
-		return ip, nil
+		if ip, perr := netip.ParseAddr(idx.IP); err == nil && perr == nil && !ip.Less(first) && !last.Less(ip) && !skip(ip) {
+			var l leaseRecord
+			lrev, lerr := r.Store.Get(ctx, leaseKey(ip), &l)
+			if lerr == nil && l.MAC == mac {
+				if _, err := r.Store.Update(ctx, leaseKey(ip), lrev, leaseRecord{MAC: mac, Expires: now.Add(leaseTime)}); errors.Is(err, store.ErrConflict) {
+					continue
+				} else if err != nil {
+					return netip.Addr{}, err
+				}
+				return ip, nil
+			}
+		}
+		// No lease (or a stale index): take the lowest address free or
+		// expired, with the index, in one transaction.
+		kvs, err := r.Store.List(ctx, "boot/leases/")
+		if err != nil {
+			return netip.Addr{}, err
+		}
+		held := map[netip.Addr]struct {
+			rev     int64
+			expired bool
+		}{}
+		for _, kv := range kvs {
+			ip, err := netip.ParseAddr(kv.Key)
+			if err != nil {
+				continue
+			}
+			var l leaseRecord
+			exp := json.Unmarshal(kv.Value, &l) != nil || now.After(l.Expires)
+			held[ip] = struct {
+				rev     int64
+				expired bool
+			}{kv.Revision, exp}
+		}
+		conflict := false
+		for ip := first; !last.Less(ip); ip = ip.Next() {
+			h, taken := held[ip]
+			if skip(ip) || (taken && !h.expired) {
+				continue
+			}
+			err := r.Store.PutPair(ctx, leaseKey(ip), h.rev, leaseRecord{MAC: mac, Expires: now.Add(leaseTime)},
+				leaseMACKey(mac), irev, leaseIndex{IP: ip.String()})
+			if errors.Is(err, store.ErrConflict) {
+				conflict = true
+				break // someone was quicker: look again
+			}
+			if err != nil {
+				return netip.Addr{}, err
+			}
+			return ip, nil
+		}
+		if !conflict {
+			return netip.Addr{}, fmt.Errorf("boot address range %s-%s is full: widen --boot-range, or forget machines ('vigil boot forget MAC')", first, last)
+		}
 	}
-	return netip.Addr{}, fmt.Errorf("boot address range %s-%s is full: widen --boot-range or remove machines", first, last)
+	return netip.Addr{}, errors.New("boot address: too much contention, try again")
+}
+
+// forgetLease drops mac's lease and its index.
+func (r *Registry) forgetLease(ctx context.Context, mac string) error {
+	var idx leaseIndex
+	if _, err := r.Store.Get(ctx, leaseMACKey(mac), &idx); err == nil {
+		if ip, err := netip.ParseAddr(idx.IP); err == nil {
+			var l leaseRecord
+			if _, err := r.Store.Get(ctx, leaseKey(ip), &l); err == nil && l.MAC == mac {
+				r.Store.Delete(ctx, leaseKey(ip))
+			}
+		}
+	}
+	return r.Store.Delete(ctx, leaseMACKey(mac))
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/vigil-project/vigil/internal/bootconfig"
 	"github.com/vigil-project/vigil/internal/boothost"
 	"github.com/vigil-project/vigil/internal/hostimage"
+	"github.com/vigil-project/vigil/internal/pki"
 )
 
 // configTTL is how long a signed configuration (and the join token in it)
@@ -51,6 +52,9 @@ func remoteIP(r *http.Request) string {
 // imageFor is the host image machine m boots: its profile's once admitted,
 // else the default profile's, else the newest image.
 func (s *Server) imageFor(ctx context.Context, m api.BootMachine) (string, error) {
+	if m.State == api.MachineAdmitted && m.PinnedImage != "" {
+		return m.PinnedImage, nil
+	}
 	if m.State == api.MachineAdmitted {
 		if p, err := s.reg.Profile(ctx, m.Profile); err == nil {
 			return p.Image, nil
@@ -132,7 +136,7 @@ func decodeRequest(r *http.Request) (boothost.Request, error) {
 		return req, err
 	}
 	req.MAC = mac
-	if len(req.UUID) > 64 || len(req.Image) > 80 || len(req.Error) > 4096 {
+	if len(req.UUID) > 64 || len(req.Image) > 80 || len(req.Error) > 4096 || len(req.Nonce) > 128 {
 		return req, fmt.Errorf("%w: a field is too long", ErrInvalid)
 	}
 	return req, nil
@@ -155,7 +159,15 @@ func (s *Server) handleConfig(w http.ResponseWriter, r *http.Request) {
 		writeJSONError(w, http.StatusForbidden, fmt.Sprintf("machine %s is quarantined: admit it with 'vigil boot admit %s --profile PROFILE --host-name NAME'", m.MAC, m.MAC))
 		return
 	}
+	if len(req.Nonce) < 16 {
+		writeJSONError(w, http.StatusBadRequest, "bad request: a nonce of at least 16 characters is needed (an older host image?)")
+		return
+	}
 	signed, err := s.configFor(ctx, m, req)
+	if errors.Is(err, errTooSoon) {
+		writeJSONError(w, http.StatusTooManyRequests, err.Error())
+		return
+	}
 	if err != nil {
 		s.log.Error("boot: make configuration", "mac", m.MAC, "err", err)
 		writeJSONError(w, http.StatusServiceUnavailable, "no configuration: "+err.Error())
@@ -165,9 +177,20 @@ func (s *Server) handleConfig(w http.ResponseWriter, r *http.Request) {
 	json.NewEncoder(w).Encode(signed)
 }
 
+// configEvery is the least time between two configurations of a machine:
+// each mints a join token, so a host stuck asking cannot pile them up.
+const configEvery = 10 * time.Second
+
+// errTooSoon is a configuration asked for within configEvery of the last.
+var errTooSoon = errors.New("a configuration was issued a moment ago: ask again in a few seconds")
+
 // configFor signs machine m's configuration with a fresh one-use join
-// token bound to its host name, and records it as m's last.
+// token bound to its host name, records it as m's last, and revokes the
+// token of the one before (unused, it admits nothing any more).
 func (s *Server) configFor(ctx context.Context, m api.BootMachine, req boothost.Request) (bootconfig.Signed, error) {
+	if s.reg.now().Sub(m.LastConfigAt) < configEvery {
+		return bootconfig.Signed{}, errTooSoon
+	}
 	p, err := s.reg.Profile(ctx, m.Profile)
 	if err != nil {
 		return bootconfig.Signed{}, err
@@ -176,26 +199,48 @@ func (s *Server) configFor(ctx context.Context, m api.BootMachine, req boothost.
 	if err != nil {
 		return bootconfig.Signed{}, err
 	}
+	tokenID := ""
+	if t, err := pki.ParseJoinToken(tok.Token); err == nil {
+		tokenID = t.ID
+	}
 	now := s.reg.now()
+	image := p.Image
+	if m.PinnedImage != "" {
+		image = m.PinnedImage
+	}
 	signed, err := bootconfig.Sign(s.ca, bootconfig.Config{MAC: m.MAC, UUID: m.UUID, HostName: m.HostName,
-		Managers: s.managerURLs, JoinToken: tok.Token, Image: p.Image, Profile: p.Name,
+		Managers: s.managerURLs, JoinToken: tok.Token, Image: image, Profile: p.Name, Nonce: req.Nonce,
 		StoragePool: p.StoragePool, Labels: p.Labels, IssuedAt: now, Expires: now.Add(configTTL)})
 	if err != nil {
 		return bootconfig.Signed{}, err
 	}
-	if _, err := s.reg.update(ctx, m.MAC, func(m *api.BootMachine) error {
-		m.Boots++
-		m.LastConfig, m.LastConfigAt, m.LastImage = signed.Digest(), now, req.Image
-		if m.LastBoot != nil && m.LastBoot.Configured.IsZero() {
-			m.LastBoot.Configured = now
+	previous := ""
+	if _, err := s.reg.update(ctx, m.MAC, func(cur *api.BootMachine) error {
+		// Still admitted under the same name (not quarantined or renamed
+		// since it was read)?
+		if cur.State != api.MachineAdmitted || cur.HostName != m.HostName {
+			return fmt.Errorf("machine %s changed while its configuration was made: ask again", m.MAC)
+		}
+		previous = cur.LastTokenID
+		cur.Boots++
+		cur.LastConfig, cur.LastConfigAt, cur.LastImage, cur.LastTokenID = signed.Digest(), now, req.Image, tokenID
+		if cur.LastBoot != nil && cur.LastBoot.Configured.IsZero() {
+			cur.LastBoot.Configured = now
 		}
 		return nil
 	}); err != nil {
+		s.cluster.RevokeJoinToken(ctx, tokenID)
 		return bootconfig.Signed{}, err
+	}
+	if previous != "" {
+		s.cluster.RevokeJoinToken(ctx, previous)
 	}
 	s.log.Info("boot: configuration sent", "mac", m.MAC, "host", m.HostName, "profile", p.Name, "config", signed.Digest())
 	return signed, nil
 }
+
+// reportEvery is the least time between two recorded reports of a machine.
+const reportEvery = 10 * time.Second
 
 func (s *Server) handleReport(w http.ResponseWriter, r *http.Request) {
 	req, err := decodeRequest(r)
@@ -203,15 +248,24 @@ func (s *Server) handleReport(w http.ResponseWriter, r *http.Request) {
 		writeJSONError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	// Only machines that booted from here report: nobody makes records
-	// by posting reports.
-	if _, err := s.reg.Machine(r.Context(), req.MAC); err != nil {
+	// Only admitted machines report (only they are sent configurations):
+	// nobody makes or grows records by posting reports.
+	m, err := s.reg.Machine(r.Context(), req.MAC)
+	if err != nil || m.State != api.MachineAdmitted {
 		writeJSONError(w, http.StatusNotFound, "unknown machine")
 		return
 	}
-	s.log.Error("boot: a machine refused its configuration", "mac", req.MAC, "problem", req.Error)
+	if s.reg.now().Sub(m.LastErrorAt) < reportEvery {
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
+	problem := req.Error
+	if len(problem) > 500 {
+		problem = problem[:500] + "..."
+	}
+	s.log.Warn("boot: a machine refused its configuration", "mac", req.MAC, "problem", problem)
 	if _, err := s.reg.update(r.Context(), req.MAC, func(m *api.BootMachine) error {
-		m.LastError, m.LastErrorAt = req.Error, s.reg.now()
+		m.LastError, m.LastErrorAt = problem, s.reg.now()
 		return nil
 	}); err != nil {
 		writeJSONError(w, http.StatusServiceUnavailable, "boot service unavailable")

@@ -10,7 +10,7 @@ import (
 )
 
 // advertise sends IPv6 router advertisements with a router lifetime of 0
-// on the boot interface ("no router here"), at start, every few seconds
+// on the boot interface ("no router here"), at start, every 4 seconds
 // and in answer to solicitations. iPXE otherwise waits about 15 s for
 // IPv6 autoconfiguration before it goes on with DHCP's answer.
 func (s *Server) advertise(ctx context.Context) {
@@ -59,7 +59,7 @@ func (s *Server) advertise(ctx context.Context) {
 			}
 		}
 	}()
-	t := time.NewTicker(3 * time.Second)
+	t := time.NewTicker(4 * time.Second) // RFC 4861's shortest MaxRtrAdvInterval
 	defer t.Stop()
 	send()
 	for {
@@ -78,7 +78,7 @@ func (s *Server) advertise(ctx context.Context) {
 // source link-layer address option. The kernel fills in the checksum.
 func raMessage(mac net.HardwareAddr) []byte {
 	body := []byte{
-		64, 0, // current hop limit, flags (no managed or other configuration)
+		0, 0, // current hop limit (0: unspecified, hosts keep theirs), flags
 		0, 0, // router lifetime 0: not a default router
 		0, 0, 0, 0, // reachable time
 		0, 0, 0, 0, // retransmit timer

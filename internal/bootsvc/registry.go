@@ -32,6 +32,8 @@ type Registry struct {
 	Store     *store.Store
 	ImagesDir string
 	Now       func() time.Time
+	// MaxMachines bounds the records of machines (default MaxMachines).
+	MaxMachines int
 }
 
 func (r *Registry) now() time.Time {
@@ -250,18 +252,65 @@ func (r *Registry) Quarantine(ctx context.Context, mac string) (api.BootMachine,
 	})
 }
 
-// seen records that machine mac asked for something from ip.
+// MaxMachines bounds the machine records anyone on the boot network can
+// make by booting (or by claiming to): past it, unknown machines are not
+// recorded until some are forgotten.
+const MaxMachines = 4096
+
+// ErrFull is the registry refusing a new machine record.
+var ErrFull = errors.New("too many machines")
+
+var uuidRE = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
+
+// seenEvery is how often a machine's last-seen time is written when
+// nothing else about it changed (a quarantined machine asks every 3 s).
+const seenEvery = 30 * time.Second
+
+// seen records that machine mac asked for something from ip, making an
+// unknown machine's record (quarantined) while there is room. What a
+// machine says of itself is kept only in a valid form.
 func (r *Registry) seen(ctx context.Context, mac, uuid, ip string) (api.BootMachine, error) {
+	uuid = strings.ToLower(uuid)
+	if !uuidRE.MatchString(uuid) {
+		uuid = ""
+	}
+	if m, err := r.Machine(ctx, mac); err == nil {
+		if r.now().Sub(m.LastSeen) < seenEvery && (uuid == "" || uuid == m.UUID) && (ip == "" || ip == m.IP) {
+			return m, nil
+		}
+	} else if !errors.Is(err, ErrNotFound) {
+		return api.BootMachine{}, err
+	} else if n, err := r.Store.Count(ctx, "boot/machines/"); err != nil {
+		return api.BootMachine{}, err
+	} else if n >= int64(r.maxMachines()) {
+		return api.BootMachine{}, fmt.Errorf("%w: %d machines are recorded: forget some ('vigil boot forget MAC')", ErrFull, n)
+	}
 	return r.update(ctx, mac, func(m *api.BootMachine) error {
 		m.LastSeen = r.now()
 		if uuid != "" {
-			m.UUID = strings.ToLower(uuid)
+			m.UUID = uuid
 		}
 		if ip != "" {
 			m.IP = ip
 		}
 		return nil
 	})
+}
+
+// Forget removes a machine's record and address lease: it is unknown
+// again (quarantined at its next boot).
+func (r *Registry) Forget(ctx context.Context, mac string) error {
+	norm, err := NormalMAC(mac)
+	if err != nil {
+		return err
+	}
+	if _, err := r.Machine(ctx, norm); err != nil {
+		return err
+	}
+	if err := r.forgetLease(ctx, norm); err != nil {
+		return err
+	}
+	return r.Store.Delete(ctx, machineKey(norm))
 }
 
 // stage records that machine mac reached a stage of its boot; a DHCP
@@ -279,4 +328,25 @@ func (r *Registry) stage(ctx context.Context, mac string, set func(b *api.BootSt
 		return nil
 	})
 	return err
+}
+
+// HasHostName tells whether an admitted machine has host name name.
+func (r *Registry) HasHostName(ctx context.Context, name string) bool {
+	ms, err := r.Machines(ctx)
+	if err != nil {
+		return false
+	}
+	for _, m := range ms {
+		if m.HostName == name {
+			return true
+		}
+	}
+	return false
+}
+
+func (r *Registry) maxMachines() int {
+	if r.MaxMachines > 0 {
+		return r.MaxMachines
+	}
+	return MaxMachines
 }

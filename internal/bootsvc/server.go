@@ -15,6 +15,7 @@ import (
 
 	"github.com/insomniacslk/dhcp/dhcpv4"
 	"github.com/insomniacslk/dhcp/dhcpv4/server4"
+	"golang.org/x/net/netutil"
 
 	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/internal/pki"
@@ -40,6 +41,8 @@ type Config struct {
 type Cluster interface {
 	// JoinToken makes a one-use token admitting host (its name only).
 	JoinToken(ctx context.Context, host string) (api.JoinToken, error)
+	// RevokeJoinToken deletes token id unless it was used.
+	RevokeJoinToken(ctx context.Context, id string) error
 }
 
 // Server is a running boot service.
@@ -52,10 +55,11 @@ type Server struct {
 	log         *slog.Logger
 	managerURLs []string
 
-	ip      netip.Addr
-	prefix  netip.Prefix
-	tlsAddr string
-	dhcp    dhcpConfig
+	ip        netip.Addr
+	prefix    netip.Prefix
+	tlsAddr   string
+	dhcp      dhcpConfig
+	dhcpSlots chan struct{}
 }
 
 // New checks cfg against the interface and makes a server.
@@ -84,7 +88,7 @@ func New(cfg Config, reg *Registry, ca *pki.CA, tlsConfig *tls.Config, cluster C
 		return nil, errors.New("boot service: no manager urls for hosts to join")
 	}
 	s := &Server{cfg: cfg, reg: reg, ca: ca, tlsConfig: tlsConfig, cluster: cluster, log: log.With("boot_interface", cfg.Interface),
-		managerURLs: cfg.ManagerURLs, ip: prefix.Addr(), prefix: prefix.Masked()}
+		managerURLs: cfg.ManagerURLs, ip: prefix.Addr(), prefix: prefix.Masked(), dhcpSlots: make(chan struct{}, 16)}
 	if !s.cfg.First.IsValid() {
 		s.cfg.First, s.cfg.Last = upperHalf(s.prefix)
 	}
@@ -130,13 +134,22 @@ func (s *Server) Run(ctx context.Context) error {
 		tlsL.Close()
 		return fmt.Errorf("boot service dhcp on %s: %w", s.cfg.Interface, err)
 	}
-	hs := &http.Server{Handler: s.bootHandler(), ReadHeaderTimeout: 10 * time.Second}
-	ts := &http.Server{Handler: s.tlsHandler(), ReadHeaderTimeout: 10 * time.Second, TLSConfig: s.tlsConfig}
+	// Anyone on the boot network reaches these: bounded connections, no
+	// idle or slow ones kept (the image download may take a while).
+	hs := &http.Server{Handler: s.bootHandler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 30 * time.Second}
+	ts := &http.Server{Handler: s.tlsHandler(), ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 20 * time.Second,
+		WriteTimeout: 20 * time.Second, IdleTimeout: 30 * time.Second, TLSConfig: s.tlsConfig}
+	httpL, tlsL = netutil.LimitListener(httpL, 256), netutil.LimitListener(tlsL, 64)
 	var wg sync.WaitGroup
 	wg.Add(4)
-	go func() { defer wg.Done(); hs.Serve(httpL) }()
-	go func() { defer wg.Done(); ts.ServeTLS(tlsL, "", "") }()
-	go func() { defer wg.Done(); dhcpSrv.Serve() }()
+	served := func(what string, err error) {
+		if err != nil && !errors.Is(err, http.ErrServerClosed) && ctx.Err() == nil {
+			s.log.Error("boot service: "+what+" stopped", "err", err)
+		}
+	}
+	go func() { defer wg.Done(); served("http", hs.Serve(httpL)) }()
+	go func() { defer wg.Done(); served("tls", ts.ServeTLS(tlsL, "", "")) }()
+	go func() { defer wg.Done(); served("dhcp", dhcpSrv.Serve()) }()
 	go func() { defer wg.Done(); s.advertise(ctx) }()
 	s.log.Info("boot service up", "address", s.ip, "range", s.cfg.First.String()+"-"+s.cfg.Last.String(),
 		"http_port", s.cfg.HTTPPort, "tls", s.tlsAddr)
@@ -145,12 +158,33 @@ func (s *Server) Run(ctx context.Context) error {
 	defer cancel()
 	hs.Shutdown(sctx)
 	ts.Shutdown(sctx)
+	hs.Close() // downloads still running after the grace period
+	ts.Close()
 	dhcpSrv.Close()
 	wg.Wait()
 	return nil
 }
 
+// skip tells which addresses of the range are never given: the boot
+// service's own, the subnet's network and broadcast addresses.
+func (s *Server) skip(ip netip.Addr) bool {
+	b := s.prefix.Addr().As4()
+	host := uint32(1)<<(32-s.prefix.Bits()) - 1
+	base := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+	v := ip.As4()
+	u := uint32(v[0])<<24 | uint32(v[1])<<16 | uint32(v[2])<<8 | uint32(v[3])
+	return ip == s.ip || u == base || u == base|host
+}
+
 func (s *Server) handleDHCP(conn net.PacketConn, peer net.Addr, req *dhcpv4.DHCPv4) {
+	// Cheap checks first: only discover and request from an Ethernet
+	// client of a kind this service serves go further.
+	if req.OpCode != dhcpv4.OpcodeBootRequest || len(req.ClientHWAddr) != 6 {
+		return
+	}
+	if t := req.MessageType(); t != dhcpv4.MessageTypeDiscover && t != dhcpv4.MessageTypeRequest {
+		return
+	}
 	kind := clientKind(req)
 	if kind == "" {
 		return
@@ -160,9 +194,17 @@ func (s *Server) handleDHCP(conn net.PacketConn, peer net.Addr, req *dhcpv4.DHCP
 		s.log.Warn("boot: a PXE client that is not iPXE: it needs iPXE firmware (no TFTP here)", "mac", mac)
 		return
 	}
+	// A bounded number at once: a flood of requests is dropped (a real
+	// client asks again), not turned into a flood of etcd transactions.
+	select {
+	case s.dhcpSlots <- struct{}{}:
+		defer func() { <-s.dhcpSlots }()
+	default:
+		return
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	ip, err := s.reg.leaseFor(ctx, mac, s.cfg.First, s.cfg.Last)
+	ip, err := s.reg.leaseFor(ctx, mac, s.cfg.First, s.cfg.Last, s.skip)
 	if err != nil {
 		s.log.Error("boot: no address for machine", "mac", mac, "err", err)
 		return

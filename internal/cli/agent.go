@@ -126,6 +126,8 @@ func newAgentCmd(g *globals) *cobra.Command {
 	f.StringVar(&cfg.GuestAgent, "guest-agent", "", "vigil-guest binary for building the image (default: next to vigil)")
 	managers = envOr("VIGIL_MANAGERS", "")
 	f.StringVar(&joinToken, "join-token", envOr("VIGIL_JOIN_TOKEN", ""), "with --host: a token from 'vigil host join-token' (env VIGIL_JOIN_TOKEN)")
+	// Read once: the processes the agent starts (QEMU) need not see it.
+	os.Unsetenv("VIGIL_JOIN_TOKEN")
 	f.StringVar(&etcdEndpoints, "etcd-endpoints", "", "with --manager: an external etcd cluster (comma-separated URLs) instead of the embedded one")
 	f.StringVar(&etcdPeers, "etcd-peers", "", "with --manager and --name: form an embedded etcd cluster with these managers (name=http://HOST:PEERPORT,...)")
 	f.StringVar(&storagePool, "storage-pool", envOr("VIGIL_STORAGE_POOL", ""), "with --host: a directory every host of the pool mounts (NFS, CephFS, or shared on one machine) for VM disks and state, so VMs can move between hosts (env VIGIL_STORAGE_POOL)")

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -25,12 +26,13 @@ func newBootCmd(g *globals) *cobra.Command {
 	img.AddCommand(newBootImageBuildCmd(g), newBootImageListCmd(g))
 	prof := &cobra.Command{Use: "profile", Short: "Boot profiles: which image a machine boots and how it joins"}
 	prof.AddCommand(newBootProfileSetCmd(g, "create"), newBootProfileSetCmd(g, "set"), newBootProfileListCmd(g))
-	cmd.AddCommand(img, prof, newBootMachinesCmd(g), newBootAdmitCmd(g), newBootQuarantineCmd(g), newBootHostCmd())
+	cmd.AddCommand(img, prof, newBootMachinesCmd(g), newBootAdmitCmd(g), newBootQuarantineCmd(g), newBootForgetCmd(g), newBootPowerCmd(g),
+		newBootRolloutCmd(g), newBootHostCmd())
 	return cmd
 }
 
 func newBootImageBuildCmd(g *globals) *cobra.Command {
-	var dataDir, out, guest, caFile string
+	var dataDir, out, guest, caFile, vigilBin string
 	c := &cobra.Command{
 		Use:   "build",
 		Short: "Build a host image: kernel, and an initramfs with vigil, QEMU and the cluster CA",
@@ -62,9 +64,13 @@ DATA_DIR/boot/images, where the boot service serves it.`,
 				}
 				ca = []byte(cfg.CACert)
 			}
-			self, err := os.Executable()
-			if err != nil {
-				return err
+			self := vigilBin
+			if self == "" {
+				exe, err := os.Executable()
+				if err != nil {
+					return err
+				}
+				self = exe
 			}
 			var progress io.Writer
 			if !g.quiet {
@@ -93,6 +99,7 @@ DATA_DIR/boot/images, where the boot service serves it.`,
 	c.Flags().StringVar(&out, "out", "", "build into this directory instead")
 	c.Flags().StringVar(&guest, "guest-image", "", "Vigil's guest image to include (default DATA_DIR/images/default; build it with 'vigil image build')")
 	c.Flags().StringVar(&caFile, "ca", "", "the cluster CA certificate (PEM; default: the CLI configuration's)")
+	c.Flags().StringVar(&vigilBin, "vigil", "", "the vigil binary hosts run (default: this one)")
 	return c
 }
 
@@ -245,6 +252,15 @@ func newBootHostCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			// The MAC on the command line comes from the boot service's
+			// script: the NIC's own address is what counts.
+			if ifName, err := os.ReadFile("/run/boot-interface"); err == nil {
+				if hw, err := os.ReadFile(filepath.Join("/sys/class/net", strings.TrimSpace(string(ifName)), "address")); err == nil {
+					if nic := strings.TrimSpace(string(hw)); nic != p.MAC {
+						return fmt.Errorf("the kernel command line says this machine is %s, its boot interface is %s: not booting on a configuration for another machine", p.MAC, nic)
+					}
+				}
+			}
 			if b, err := os.ReadFile("/sys/class/dmi/id/product_uuid"); err == nil {
 				p.UUID = strings.ToLower(strings.TrimSpace(string(b)))
 			}
@@ -281,4 +297,112 @@ func newBootHostCmd() *cobra.Command {
 			return syscall.Exec(self, append([]string{self}, hostArgs...), env)
 		},
 	}
+}
+
+func newBootForgetCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use: "forget MAC", Short: "Remove a machine's record and address: at its next boot it is unknown (quarantined)", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := g.client().ForgetMachine(cmd.Context(), args[0]); err != nil {
+				return err
+			}
+			if !g.quiet {
+				fmt.Fprintf(g.out, "machine %s forgotten\n", args[0])
+			}
+			return nil
+		},
+	}
+}
+
+func newBootPowerCmd(g *globals) *cobra.Command {
+	var qmpSock string
+	c := &cobra.Command{
+		Use:   "power MAC --qmp SOCKET",
+		Short: "Say how the manager resets a machine (for rollouts): a QEMU machine's QMP socket; IPMI and Redfish later",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			power := ""
+			if qmpSock != "" {
+				abs, err := filepath.Abs(qmpSock)
+				if err != nil {
+					return err
+				}
+				power = "qmp:" + abs
+			}
+			m, err := g.client().SetMachinePower(cmd.Context(), args[0], power)
+			if err != nil {
+				return err
+			}
+			return g.printValue(m, func(w io.Writer) { row(w, "MACHINE:", m.MAC); row(w, "POWER:", orNone(m.Power)) })
+		},
+	}
+	c.Flags().StringVar(&qmpSock, "qmp", "", "the machine's QMP socket, on the managers' machine (empty: none)")
+	return c
+}
+
+func newBootRolloutCmd(g *globals) *cobra.Command {
+	var image string
+	var timeout time.Duration
+	var wait, status bool
+	c := &cobra.Command{
+		Use:   "rollout PROFILE --image DIGEST [--wait] | rollout PROFILE --status",
+		Short: "Move a profile's hosts to another image one at a time, rolling back a host that does not come back",
+		Long: `Move the hosts of a profile to another host image, one at a time: the host is
+drained (its VMs migrate live), its machine reset through its power control
+('vigil boot power'), and the rollout waits until the host is back, registered,
+having booted the new image; then it is enabled and the next one goes. A host
+not back within --timeout is put back on its previous image and reset again,
+and the rollout stops (rolled-back). When every host runs the new image, the
+profile names it.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c := g.client()
+			var ro api.BootRollout
+			var err error
+			if status {
+				ro, err = c.Rollout(cmd.Context(), args[0])
+			} else {
+				if image == "" {
+					return fmt.Errorf("give --image DIGEST (see 'vigil boot image list'), or --status")
+				}
+				ro, err = c.StartRollout(cmd.Context(), args[0], api.BootRolloutRequest{Image: image, TimeoutSeconds: int(timeout / time.Second)})
+				for err == nil && wait && ro.State == api.RolloutRunning {
+					select {
+					case <-cmd.Context().Done():
+						return cmd.Context().Err()
+					case <-time.After(2 * time.Second):
+					}
+					ro, err = c.Rollout(cmd.Context(), args[0])
+				}
+			}
+			if err != nil {
+				return err
+			}
+			if err := g.printValue(ro, func(w io.Writer) {
+				row(w, "PROFILE:", ro.Profile)
+				row(w, "FROM:", ro.From)
+				row(w, "TO:", ro.To)
+				row(w, "STATE:", ro.State)
+				if ro.Message != "" {
+					row(w, "MESSAGE:", ro.Message)
+				}
+				row(w, "")
+				row(w, "HOST", "MACHINE", "STATE", "PROBLEM")
+				for _, h := range ro.Hosts {
+					row(w, h.Host, h.MAC, h.State, orNone(h.Error))
+				}
+			}); err != nil {
+				return err
+			}
+			if ro.State == api.RolloutRolledBack {
+				return fmt.Errorf("rollout of %s rolled back: %s", ro.Profile, ro.Message)
+			}
+			return nil
+		},
+	}
+	c.Flags().StringVar(&image, "image", "", "the host image to move to")
+	c.Flags().DurationVar(&timeout, "timeout", 10*time.Minute, "how long a rebooted host may take to be back")
+	c.Flags().BoolVar(&wait, "wait", false, "wait until the rollout has ended")
+	c.Flags().BoolVar(&status, "status", false, "show the profile's last rollout")
+	return c
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"time"
 
 	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/internal/bootsvc"
@@ -56,12 +57,61 @@ func (m *Manager) bootRoutes(user func(pattern, role string, audited bool, h htt
 			writeError(w, m.log, err)
 			return
 		}
+		// A network-booted host gets tokens bound to its name: never the
+		// name of a host registered otherwise (it would replace it).
+		var hr hostRecord
+		if _, err := m.store.Get(r.Context(), "hosts/"+req.HostName, &hr); err == nil && !m.boot.HasHostName(r.Context(), req.HostName) {
+			writeError(w, m.log, errorf(ErrInvalid, "a host named %s is registered and did not boot from the network: pick another name", req.HostName))
+			return
+		}
 		mach, err := m.boot.Admit(r.Context(), r.PathValue("mac"), req)
 		m.answer(w, mach, bootErr(err))
 	})
+	user("PUT /v1/boot/machines/{mac}/power", RoleAdmin, true, func(w http.ResponseWriter, r *http.Request) {
+		var req api.BootPowerRequest
+		if err := decodeBody(r, &req); err != nil {
+			writeError(w, m.log, err)
+			return
+		}
+		mach, err := m.boot.SetPower(r.Context(), r.PathValue("mac"), req.Power)
+		m.answer(w, mach, bootErr(err))
+	})
+	user("POST /v1/boot/rollouts/{profile}", RoleAdmin, true, func(w http.ResponseWriter, r *http.Request) {
+		var req api.BootRolloutRequest
+		if err := decodeBody(r, &req); err != nil {
+			writeError(w, m.log, err)
+			return
+		}
+		ro, err := m.boot.StartRollout(r.Context(), r.PathValue("profile"), req)
+		if err == nil {
+			select { // the leader's rollout loop starts it now
+			case m.rolloutKick <- struct{}{}:
+			default:
+			}
+		}
+		m.answer(w, ro, bootErr(err))
+	})
+	user("GET /v1/boot/rollouts/{profile}", RoleViewer, false, func(w http.ResponseWriter, r *http.Request) {
+		ro, err := m.boot.Rollout(r.Context(), r.PathValue("profile"))
+		m.answer(w, ro, bootErr(err))
+	})
 	user("POST /v1/boot/machines/{mac}/quarantine", RoleAdmin, true, func(w http.ResponseWriter, r *http.Request) {
 		mach, err := m.boot.Quarantine(r.Context(), r.PathValue("mac"))
+		if err == nil && mach.LastTokenID != "" {
+			m.RevokeJoinToken(r.Context(), mach.LastTokenID)
+		}
 		m.answer(w, mach, bootErr(err))
+	})
+	user("DELETE /v1/boot/machines/{mac}", RoleAdmin, true, func(w http.ResponseWriter, r *http.Request) {
+		if mach, err := m.boot.Machine(r.Context(), r.PathValue("mac")); err == nil && mach.LastTokenID != "" {
+			m.RevokeJoinToken(r.Context(), mach.LastTokenID)
+		}
+		if err := m.boot.Forget(r.Context(), r.PathValue("mac")); err != nil {
+			writeError(w, m.log, bootErr(err))
+			return
+		}
+		noteSuccess(r, http.StatusNoContent)
+		w.WriteHeader(http.StatusNoContent)
 	})
 }
 
@@ -81,11 +131,52 @@ func (m *Manager) runBoot(ctx context.Context) {
 		m.log.Error("boot service not started: this manager has no cluster ca")
 		return
 	}
-	srv, err := bootsvc.New(*m.bootCfg, m.boot, m.identity.CA, pki.ServerConfig(m.identity.Holder, nil, false), m, m.log)
-	if err == nil {
-		err = srv.Run(ctx)
+	// The interface may get its address after the manager starts: try
+	// again until the service runs.
+	for {
+		srv, err := bootsvc.New(*m.bootCfg, m.boot, m.identity.CA, pki.ServerConfig(m.identity.Holder, nil, false), m, m.log)
+		if err == nil {
+			err = srv.Run(ctx)
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		m.log.Error("boot service not running; trying again in 10 s", "err", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(10 * time.Second):
+		}
 	}
-	if err != nil {
-		m.log.Error("boot service stopped", "err", err)
+}
+
+// runRollouts runs host image rollouts while this manager leads: on a
+// kick (a rollout was started here) or every few seconds (one started on
+// another manager, or left by a leader that died).
+func (m *Manager) runRollouts(ctx context.Context) {
+	ro := &bootsvc.Roller{Reg: m.boot, Fleet: m, Power: bootsvc.QMPPower, Log: m.log}
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-m.rolloutKick:
+		}
+		if m.leader.Load() {
+			ro.RunPending(ctx)
+		}
 	}
+}
+
+// RevokeJoinToken deletes join token id unless a host already joined with
+// it (the boot service revokes a machine's last token when it issues the
+// next or the machine is quarantined).
+func (m *Manager) RevokeJoinToken(ctx context.Context, id string) error {
+	var tr joinTokenRecord
+	if _, err := m.store.Get(ctx, "jointokens/"+id, &tr); err != nil || tr.UsedBy != "" {
+		return nil
+	}
+	return m.store.Delete(ctx, "jointokens/"+id)
 }

@@ -106,7 +106,9 @@ type Manager struct {
 	// service this manager runs.
 	boot    *bootsvc.Registry
 	bootCfg *bootsvc.Config
-	url     string
+	// rolloutKick wakes the rollout loop.
+	rolloutKick chan struct{}
+	url         string
 
 	name        string
 	leader      atomic.Bool
@@ -176,20 +178,21 @@ func New(cfg Config) *Manager {
 	}
 	m := &Manager{name: cfg.Name, store: cfg.Store, hosts: newRegistry(), overcommit: cfg.Overcommit, events: cfg.Events, log: cfg.Logger,
 		limits: cfg.Limits, deadAfter: cfg.HostDeadAfter, resync: cfg.Resync, stepHook: cfg.StepHook,
-		locks:      &locker{cli: cfg.Store.Client(), ttl: lockTTL},
-		unreleased: make(chan store.Lock, 1000),
-		kept:       newKeptLocks(),
-		queue:      workqueue.New[*hostEvent](workqueue.Config{BaseDelay: 50 * time.Millisecond, MaxDelay: 2 * time.Second}),
-		started:    time.Now(),
-		moving:     map[string]reservation{},
-		identity:   cfg.Identity,
-		certTTL:    cfg.CertTTL,
-		tokens:     &tokenCache{byID: map[string]tokenRecord{}},
-		auditQ:     make(chan api.AuditEntry, 4096),
-		images:     cfg.Images,
-		url:        cfg.URL,
-		boot:       &bootsvc.Registry{Store: cfg.Store, ImagesDir: cfg.BootImages},
-		bootCfg:    cfg.Boot,
+		locks:       &locker{cli: cfg.Store.Client(), ttl: lockTTL},
+		unreleased:  make(chan store.Lock, 1000),
+		kept:        newKeptLocks(),
+		queue:       workqueue.New[*hostEvent](workqueue.Config{BaseDelay: 50 * time.Millisecond, MaxDelay: 2 * time.Second}),
+		started:     time.Now(),
+		moving:      map[string]reservation{},
+		identity:    cfg.Identity,
+		certTTL:     cfg.CertTTL,
+		tokens:      &tokenCache{byID: map[string]tokenRecord{}},
+		auditQ:      make(chan api.AuditEntry, 4096),
+		images:      cfg.Images,
+		url:         cfg.URL,
+		boot:        &bootsvc.Registry{Store: cfg.Store, ImagesDir: cfg.BootImages},
+		bootCfg:     cfg.Boot,
+		rolloutKick: make(chan struct{}, 1),
 	}
 	if m.certTTL == 0 {
 		m.certTTL = pki.DefaultTTL
@@ -242,6 +245,7 @@ func (m *Manager) Run(ctx context.Context) {
 	if m.bootCfg != nil {
 		run(m.runBoot)
 	}
+	run(m.runRollouts)
 	if m.identity != nil {
 		run(func(ctx context.Context) { m.identity.KeepRenewed(ctx, m.log) })
 	}

@@ -146,6 +146,40 @@ func (s *Store) PutIfBoth(ctx context.Context, key string, rev int64, v any, con
 	return nil
 }
 
+// PutPair stores a at keyA if keyA's revision is still revA (0: it does
+// not exist) and b at keyB if keyB's is still revB, both or neither.
+func (s *Store) PutPair(ctx context.Context, keyA string, revA int64, a any, keyB string, revB int64, b any) error {
+	ba, err := json.Marshal(a)
+	if err != nil {
+		return fmt.Errorf("encode %s: %w", keyA, err)
+	}
+	bb, err := json.Marshal(b)
+	if err != nil {
+		return fmt.Errorf("encode %s: %w", keyB, err)
+	}
+	resp, err := s.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.ModRevision(s.key(keyA)), "=", revA),
+			clientv3.Compare(clientv3.ModRevision(s.key(keyB)), "=", revB)).
+		Then(clientv3.OpPut(s.key(keyA), string(ba)), clientv3.OpPut(s.key(keyB), string(bb))).
+		Commit()
+	if err != nil {
+		return fmt.Errorf("put %s and %s: %w", keyA, keyB, err)
+	}
+	if !resp.Succeeded {
+		return fmt.Errorf("put %s and %s: one changed: %w", keyA, keyB, ErrConflict)
+	}
+	return nil
+}
+
+// Count is how many keys there are under prefix.
+func (s *Store) Count(ctx context.Context, prefix string) (int64, error) {
+	resp, err := s.cli.Get(ctx, s.key(prefix), clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
+		return 0, fmt.Errorf("count %s: %w", prefix, err)
+	}
+	return resp.Count, nil
+}
+
 // Delete removes key. Deleting a missing key is not an error.
 func (s *Store) Delete(ctx context.Context, key string) error {
 	if _, err := s.cli.Delete(ctx, s.key(key)); err != nil {
