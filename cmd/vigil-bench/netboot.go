@@ -275,6 +275,10 @@ func simulateBoots(ctx context.Context, n, first int) ([]time.Duration, error) {
 		xid  dhcpv4.TransactionID
 		mac  net.HardwareAddr
 		file string
+		// next is what the client sends again if no answer comes (a real
+		// client asks again, the boot service drops what it cannot take).
+		next  []byte
+		acked bool
 	}
 	leases := map[dhcpv4.TransactionID]*lease{}
 	var mu sync.Mutex
@@ -301,13 +305,18 @@ func simulateBoots(ctx context.Context, n, first int) ([]time.Duration, error) {
 				req, err := dhcpv4.NewRequestFromOffer(m, dhcpv4.WithUserClass("iPXE", false))
 				if err == nil {
 					req.TransactionID = l.xid
+					mu.Lock()
+					l.next = req.ToBytes()
+					mu.Unlock()
 					conn.WriteTo(req.ToBytes(), &net.UDPAddr{IP: net.IPv4bcast, Port: 67})
 				}
 			case dhcpv4.MessageTypeAck:
-				l.file = m.BootFileNameOption()
-				select {
-				case done <- l:
-				default:
+				mu.Lock()
+				first := !l.acked
+				l.acked, l.file = true, m.BootFileNameOption()
+				mu.Unlock()
+				if first {
+					done <- l
 				}
 			}
 		}
@@ -319,12 +328,36 @@ func simulateBoots(ctx context.Context, n, first int) ([]time.Duration, error) {
 			return nil, err
 		}
 		mu.Lock()
-		leases[d.TransactionID] = &lease{xid: d.TransactionID, mac: mac}
+		leases[d.TransactionID] = &lease{xid: d.TransactionID, mac: mac, next: d.ToBytes()}
 		mu.Unlock()
 		if _, err := conn.WriteTo(d.ToBytes(), &net.UDPAddr{IP: net.IPv4bcast, Port: 67}); err != nil {
 			return nil, err
 		}
 	}
+	stopRetry := make(chan struct{})
+	defer close(stopRetry)
+	go func() {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-stopRetry:
+				return
+			case <-t.C:
+			}
+			mu.Lock()
+			var again [][]byte
+			for _, l := range leases {
+				if !l.acked {
+					again = append(again, l.next)
+				}
+			}
+			mu.Unlock()
+			for _, b := range again {
+				conn.WriteTo(b, &net.UDPAddr{IP: net.IPv4bcast, Port: 67})
+			}
+		}
+	}()
 	var wg sync.WaitGroup
 	times := make(chan time.Duration, n)
 	errs := make(chan error, n)
@@ -339,7 +372,10 @@ func simulateBoots(ctx context.Context, n, first int) ([]time.Duration, error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := fetchBoot(ctx, l.file); err != nil {
+			mu.Lock()
+			file := l.file
+			mu.Unlock()
+			if err := fetchBoot(ctx, file); err != nil {
 				errs <- err
 				return
 			}
@@ -418,6 +454,19 @@ func clientSocket() (net.PacketConn, error) {
 		}
 		for _, l := range []netlink.Link{veth, peer} {
 			if err := netlink.LinkSetUp(l); err != nil {
+				return nil, err
+			}
+		}
+		// The boot service answers from an address of this namespace:
+		// taken in on the client's end, it would be a martian.
+		// Both ways: the simulated clients' UDP socket, with no address of
+		// its own, sends from the namespace's address too.
+		for _, f := range []string{"nb-client/accept_local", "nb-client/rp_filter", bootBridge + "/accept_local", bootBridge + "/rp_filter", "all/rp_filter"} {
+			v := "0"
+			if strings.HasSuffix(f, "accept_local") {
+				v = "1"
+			}
+			if err := os.WriteFile("/proc/sys/net/ipv4/conf/"+f, []byte(v), 0o644); err != nil {
 				return nil, err
 			}
 		}
