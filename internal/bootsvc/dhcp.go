@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"slices"
@@ -114,7 +115,12 @@ func leaseMACKey(mac string) string { return "boot/leasemac/" + mac }
 // the same request agree on one address and leak none; leases that are
 // not renewed expire, so made-up clients cannot use up the range for good.
 func (r *Registry) leaseFor(ctx context.Context, mac string, first, last netip.Addr, skip func(netip.Addr) bool) (netip.Addr, error) {
-	for attempt := 0; attempt < 8; attempt++ {
+	// Each conflict means another lease was just taken: with n machines
+	// asking at once, the last may need n attempts.
+	for attempt := 0; attempt < 64; attempt++ {
+		if attempt > 0 {
+			time.Sleep(time.Duration(1+rand.IntN(4)) * time.Millisecond)
+		}
 		now := r.now()
 		var idx leaseIndex
 		irev, err := r.Store.Get(ctx, leaseMACKey(mac), &idx)
