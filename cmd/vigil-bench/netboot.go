@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -30,30 +29,7 @@ import (
 // clients at once against one alone. It runs in a network namespace of
 // its own (a child run, as the network section).
 func (b *bench) netboot(ctx context.Context) ([]row, error) {
-	if os.Geteuid() != 0 {
-		return nil, errors.New("the netboot section needs root (it runs in a network namespace of its own)")
-	}
-	file := filepath.Join(b.tmp, "netboot-rows.json")
-	cmd := exec.CommandContext(ctx, os.Args[0], "-only", "netboot-inner", "-runs", strconv.Itoa(b.runs), "-rows", file)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET}
-	runErr := cmd.Run()
-	raw, err := os.ReadFile(file)
-	if err != nil {
-		if runErr != nil {
-			return nil, fmt.Errorf("in its own network namespace: %w", runErr)
-		}
-		return nil, err
-	}
-	var in []jsonRow
-	if err := json.Unmarshal(raw, &in); err != nil {
-		return nil, err
-	}
-	rows := make([]row, len(in))
-	for i, r := range in {
-		rows[i] = row{r.What, r.Vigil, r.Baseline, r.Ratio, r.Note}
-	}
-	return rows, runErr
+	return b.inOwnNetNS(ctx, "netboot")
 }
 
 const (

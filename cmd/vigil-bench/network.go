@@ -48,11 +48,27 @@ func writeRows(path string, rows []row) error {
 }
 
 func (b *bench) network(ctx context.Context) ([]row, error) {
-	if os.Geteuid() != 0 {
-		return nil, errors.New("the network section needs root (it runs in a network namespace of its own)")
+	rows, err := b.inOwnNetNS(ctx, "network")
+	if err != nil && rows == nil {
+		return nil, err
 	}
-	file := filepath.Join(b.tmp, "network-rows.json")
-	cmd := exec.CommandContext(ctx, os.Args[0], "-only", "network-inner", "-runs", strconv.Itoa(b.runs), "-rows", file)
+	if err != nil {
+		// Keep what was measured, and say where it stopped.
+		rows = append(rows, row{what: "Network section stopped early", vigil: "-", baseline: "-", ratio: "-",
+			note: "the rest failed: see vigil-bench's output"})
+	}
+	return rows, nil
+}
+
+// inOwnNetNS runs section's inner part ("SECTION-inner") in a child
+// vigil-bench in a network namespace of its own, and returns the rows it
+// wrote, with its error if it failed after some.
+func (b *bench) inOwnNetNS(ctx context.Context, section string) ([]row, error) {
+	if os.Geteuid() != 0 {
+		return nil, fmt.Errorf("the %s section needs root (it runs in a network namespace of its own)", section)
+	}
+	file := filepath.Join(b.tmp, section+"-rows.json")
+	cmd := exec.CommandContext(ctx, os.Args[0], "-only", section+"-inner", "-runs", strconv.Itoa(b.runs), "-rows", file)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET}
 	runErr := cmd.Run()
@@ -71,12 +87,7 @@ func (b *bench) network(ctx context.Context) ([]row, error) {
 	for i, r := range in {
 		rows[i] = row{r.What, r.Vigil, r.Baseline, r.Ratio, r.Note}
 	}
-	if runErr != nil {
-		// Keep what was measured, and say where it stopped.
-		rows = append(rows, row{what: "Network section stopped early", vigil: "-", baseline: "-", ratio: "-",
-			note: "the rest failed: see vigil-bench's output"})
-	}
-	return rows, nil
+	return rows, runErr
 }
 
 // upLoopback brings up lo in a fresh network namespace.
