@@ -63,6 +63,37 @@ type BootMachine struct {
 	// LastError is what the machine last reported (a refused configuration).
 	LastError   string    `json:"last_error,omitempty"`
 	LastErrorAt time.Time `json:"last_error_at,omitempty"`
+	// Vendor and Product are what the machine's firmware says it is
+	// (SMBIOS), as iPXE or the booted host reported them.
+	Vendor  string `json:"vendor,omitempty"`
+	Product string `json:"product,omitempty"`
+	// Rule names the boot rule that admitted it (empty: an operator did).
+	Rule string `json:"rule,omitempty"`
+	// Held: an operator quarantined it; no rule admits it again until an
+	// operator admits it.
+	Held bool `json:"held,omitempty"`
+}
+
+// BootRule admits machines that boot, as VMware Auto Deploy's deploy
+// rules: the first rule (lowest rank) all of whose given matchers match
+// a quarantined machine admits it with its profile. What a machine says of
+// itself (MAC, UUID, vendor) is a claim anyone on the boot network can
+// make: a rule trusts the boot network as much as it admits.
+type BootRule struct {
+	Name string `json:"name"`
+	Rank int    `json:"rank"`
+	// MAC is one address, or a prefix ending in * (52:54:00:*).
+	MAC  string `json:"mac,omitempty"`
+	UUID string `json:"uuid,omitempty"`
+	// Vendor is the SMBIOS manufacturer, compared without case.
+	Vendor  string `json:"vendor,omitempty"`
+	Profile string `json:"profile"`
+	// HostName names the one machine a MAC or UUID rule matches; without
+	// it, hosts are named HostPrefix (default: the profile) and the MAC's
+	// last three bytes, as rack-a-be-ee-01.
+	HostName   string    `json:"host_name,omitempty"`
+	HostPrefix string    `json:"host_prefix,omitempty"`
+	CreatedAt  time.Time `json:"created_at"`
 }
 
 // BootAdmitRequest admits a quarantined machine.

@@ -75,3 +75,22 @@ func (c *Client) Rollout(ctx context.Context, profile string) (api.BootRollout, 
 func (c *Client) ForgetMachine(ctx context.Context, mac string) error {
 	return c.do(ctx, http.MethodDelete, "/v1/boot/machines/"+url.PathEscape(mac), nil, nil)
 }
+
+// SetBootRule creates or replaces a boot rule.
+func (c *Client) SetBootRule(ctx context.Context, r api.BootRule) (api.BootRule, error) {
+	var out api.BootRule
+	err := c.do(ctx, http.MethodPut, "/v1/boot/rules/"+url.PathEscape(r.Name), r, &out)
+	return out, err
+}
+
+// BootRules lists the boot rules in the order they are tried.
+func (c *Client) BootRules(ctx context.Context) ([]api.BootRule, error) {
+	var out []api.BootRule
+	err := c.do(ctx, http.MethodGet, "/v1/boot/rules", nil, &out)
+	return out, err
+}
+
+// DeleteBootRule removes a boot rule (machines it admitted stay admitted).
+func (c *Client) DeleteBootRule(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/boot/rules/"+url.PathEscape(name), nil, nil)
+}

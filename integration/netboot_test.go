@@ -17,6 +17,8 @@ import (
 	"github.com/vigil-project/vigil/internal/qemu/qmp"
 )
 
+const bootMachineUUID = "6f1c2d3e-0000-4000-8000-0000000000b1"
+
 // bootMachine is a QEMU machine standing in for bare metal: no kernel of
 // its own, an empty disk, a NIC on the boot bridge whose ROM (iPXE) boots
 // from the network.
@@ -34,7 +36,7 @@ func startBootMachine(t *testing.T, dir, tap, mac string) *bootMachine {
 		t.Fatal(err)
 	}
 	bm.cmd = exec.Command("qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-m", "2048", "-smp", "2",
-		"-nodefaults", "-display", "none", "-uuid", "6f1c2d3e-0000-4000-8000-0000000000b1", "-boot", "n",
+		"-nodefaults", "-display", "none", "-uuid", bootMachineUUID, "-boot", "n",
 		"-serial", "file:"+bm.serial, "-qmp", "unix:"+bm.qmp+",server=on,wait=off",
 		"-drive", "file="+bm.disk+",format=raw,if=virtio",
 		"-netdev", "tap,id=n0,ifname="+tap+",script=no,downscript=no", "-device", "virtio-net-pci,netdev=n0,mac="+mac)
@@ -133,6 +135,8 @@ func TestNetworkBoot(t *testing.T) {
 		}
 		return api.BootMachine{}
 	}
+	// A rule for other machines: this one stays quarantined.
+	m.mustVigil("boot", "rule", "create", "dell", "--vendor", "Dell Inc.", "--profile", "default")
 	bm := startBootMachine(t, shortTempDir(t), tap.Name, mac)
 	powerOn := time.Now()
 
@@ -141,20 +145,21 @@ func TestNetworkBoot(t *testing.T) {
 		return strings.Contains(bm.console(), "waiting to be admitted")
 	})
 	t.Logf("power-on to the first configuration request: %s", time.Since(powerOn).Round(time.Millisecond))
-	if x := machine(); x.State != api.MachineQuarantined || x.Boots != 0 || x.IP == "" {
+	// iPXE said what the machine is (SMBIOS), for the rules.
+	if x := machine(); x.State != api.MachineQuarantined || x.Boots != 0 || x.IP == "" || x.Vendor != "QEMU" || x.UUID != bootMachineUUID {
 		t.Fatalf("unknown machine: %+v", x)
 	}
 	if _, ok := hostList(t, m)["h3"]; ok {
 		t.Fatal("a quarantined machine joined")
 	}
 
-	// Admitted: at its next request it joins.
+	// Admitted by a rule on its UUID: at its next request it joins.
 	admitted := time.Now()
-	m.mustVigil("boot", "admit", mac, "--profile", "default", "--host-name", "h3")
+	m.mustVigil("boot", "rule", "create", "h3", "--uuid", bootMachineUUID, "--profile", "default", "--host-name", "h3")
 	waitFor(t, "h3 up", 90*time.Second, func() bool { return hostList(t, m)["h3"].State == "up" })
 	t.Logf("admission to host up: %s", time.Since(admitted).Round(time.Millisecond))
 	first := machine()
-	if first.State != api.MachineAdmitted || first.Boots != 1 || !strings.HasPrefix(first.LastConfig, "sha256:") || first.LastImage != digest {
+	if first.State != api.MachineAdmitted || first.Rule != "h3" || first.Boots != 1 || !strings.HasPrefix(first.LastConfig, "sha256:") || first.LastImage != digest {
 		t.Fatalf("after joining: %+v", first)
 	}
 

@@ -400,6 +400,14 @@ func fetchBoot(ctx context.Context, url string) error {
 	if err != nil {
 		return err
 	}
+	// The first script chains to the real one with iPXE's SMBIOS
+	// settings, as iPXE expands them (here: a made-up machine's).
+	if f := strings.Fields(string(script)); len(f) == 3 && f[1] == "chain" {
+		r := strings.NewReplacer("${uuid}", "", "${manufacturer:uristring}", "Simulated", "${product:uristring}", "bench")
+		if script, err = get(r.Replace(f[2])); err != nil {
+			return err
+		}
+	}
 	for _, line := range strings.Split(string(script), "\n") {
 		f := strings.Fields(line)
 		if len(f) >= 2 && (f[0] == "kernel" || f[0] == "initrd") {

@@ -35,6 +35,8 @@ type Params struct {
 	MAC       string // vigil.bootmac=
 	Image     string // vigil.image= (as the boot service claims)
 	UUID      string // SMBIOS product UUID
+	// Vendor and Product are SMBIOS's manufacturer and product name.
+	Vendor, Product string
 }
 
 // ParseCmdline reads Params from a kernel command line.
@@ -66,6 +68,9 @@ type Request struct {
 	MAC   string `json:"mac"`
 	UUID  string `json:"uuid,omitempty"`
 	Image string `json:"image,omitempty"`
+	// Vendor and Product: what the firmware says the machine is (SMBIOS).
+	Vendor  string `json:"vendor,omitempty"`
+	Product string `json:"product,omitempty"`
 	// Nonce, in a request for the configuration, must come back in it.
 	Nonce string `json:"nonce,omitempty"`
 	// Error, in a report, says why the host refused what it was sent.
@@ -114,7 +119,7 @@ func (c *Client) Fetch(ctx context.Context) (bootconfig.Config, bootconfig.Signe
 		}
 		switch {
 		case errors.Is(err, ErrQuarantined):
-			c.Log.Warn("waiting to be admitted: an operator runs 'vigil boot admit'", "mac", c.MAC, "err", err)
+			c.Log.Warn("waiting to be admitted: by an operator ('vigil boot admit') or a boot rule ('vigil boot rule create')", "mac", c.MAC, "err", err)
 		case errors.Is(err, bootconfig.ErrRefused):
 			c.Log.Error("refused the boot configuration", "mac", c.MAC, "err", err)
 			c.report(ctx, err)
@@ -135,7 +140,7 @@ func (c *Client) fetchOnce(ctx context.Context) (bootconfig.Config, bootconfig.S
 		return bootconfig.Config{}, bootconfig.Signed{}, err
 	}
 	nonce := hex.EncodeToString(n[:])
-	resp, err := c.post(ctx, ConfigPath, Request{MAC: c.MAC, UUID: c.UUID, Image: c.Image, Nonce: nonce})
+	resp, err := c.post(ctx, ConfigPath, Request{MAC: c.MAC, UUID: c.UUID, Vendor: c.Vendor, Product: c.Product, Image: c.Image, Nonce: nonce})
 	if err != nil {
 		return bootconfig.Config{}, bootconfig.Signed{}, err
 	}
@@ -175,7 +180,13 @@ func (c *Client) post(ctx context.Context, path string, r Request) (*http.Respon
 		return nil, err
 	}
 	req.Header.Set("Content-Type", "application/json")
-	return c.HTTP.Do(req)
+	resp, err := c.HTTP.Do(req)
+	if errors.Is(err, pki.ErrNotPinned) {
+		// The generic message speaks of join tokens; here the pin is the
+		// image's own CA.
+		return nil, fmt.Errorf("%w (here: the boot service's certificate is not from the cluster CA built into this host image; rebuild the image with this cluster's CA, or boot from this cluster's boot service)", err)
+	}
+	return resp, err
 }
 
 // errorText is the error field of a JSON error answer, or the body.
@@ -190,16 +201,4 @@ func errorText(b []byte) string {
 		b = b[:200]
 	}
 	return strings.TrimSpace(string(b))
-}
-
-// AgentArgs are the arguments of `vigil agent` for a host configured by
-// cfg, listening on addr, keeping its state under dataDir (memory). The
-// join token is not among them: it goes in VIGIL_JOIN_TOKEN.
-func AgentArgs(cfg bootconfig.Config, addr, dataDir, imageDir string) []string {
-	args := []string{"agent", "--host", "--name", cfg.HostName, "--manager", strings.Join(cfg.Managers, ","),
-		"--listen", addr, "--data-dir", dataDir, "--image-dir", imageDir}
-	if cfg.StoragePool != "" {
-		args = append(args, "--storage-pool", cfg.StoragePool)
-	}
-	return args
 }

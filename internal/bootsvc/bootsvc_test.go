@@ -176,9 +176,15 @@ func TestDHCPAnswers(t *testing.T) {
 		offer.BootFileNameOption() != "http://10.77.0.1:8067/boot.ipxe?mac=52:54:00:be:ee:01" || offer.SubnetMask().String() != "ffffff00" {
 		t.Fatalf("offer: %v", offer)
 	}
+	if got := offer.Options.Get(optIPXEEncap); !bytes.Equal(got, []byte{176, 1, 1}) {
+		t.Errorf("offer to iPXE lacks no-pxedhcp (iPXE would wait ~3 s for ProxyDHCP): option 175 = %v", got)
+	}
 	ack := answer(dhcpRequest(t, dhcpv4.MessageTypeRequest, host, dhcpv4.WithOption(dhcpv4.OptRequestedIPAddress(ip.AsSlice()))), cfg, ip, "")
 	if ack == nil || ack.MessageType() != dhcpv4.MessageTypeAck || ack.BootFileNameOption() != "" {
 		t.Fatalf("ack: %v", ack)
+	}
+	if ack.Options.Has(optIPXEEncap) {
+		t.Errorf("iPXE options sent to a booted host")
 	}
 	nak := answer(dhcpRequest(t, dhcpv4.MessageTypeRequest, host, dhcpv4.WithOption(dhcpv4.OptRequestedIPAddress(net.ParseIP("10.77.0.99")))), cfg, ip, "")
 	if nak == nil || nak.MessageType() != dhcpv4.MessageTypeNak {
@@ -273,8 +279,18 @@ func TestBootFlow(t *testing.T) {
 	const mac = "52:54:00:be:ee:01"
 
 	// An unknown machine boots the default image and is listed, quarantined.
+	// First iPXE is asked what the machine is (SMBIOS), then the script
+	// proper is made for it; the first ask records nothing.
 	w := httptest.NewRecorder()
 	boot.ServeHTTP(w, httptest.NewRequest("GET", "http://10.77.0.1:8067/boot.ipxe?mac=52:54:00:BE:EE:01", nil))
+	if want := "#!ipxe\nchain http://10.77.0.1:8067/boot.ipxe?mac=" + mac + "&smbios=1&uuid=${uuid}&vendor=${manufacturer:uristring}&product=${product:uristring}\n"; w.Body.String() != want {
+		t.Fatalf("first script:\n%s\nwant\n%s", w.Body.String(), want)
+	}
+	if _, err := s.reg.Machine(ctx, mac); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("the first ask recorded the machine: %v", err)
+	}
+	w = httptest.NewRecorder()
+	boot.ServeHTTP(w, httptest.NewRequest("GET", "http://10.77.0.1:8067/boot.ipxe?mac="+mac+"&smbios=1&uuid=&vendor=QEMU&product=Standard%20PC%20%28Q35%20%2B%20ICH9%2C%202009%29", nil))
 	script := w.Body.String()
 	hex := strings.TrimPrefix(digest, "sha256:")
 	for _, want := range []string{"#!ipxe", "kernel http://10.77.0.1:8067/images/" + hex + "/vmlinuz", "vigil.boot=https://10.77.0.1:8068",
@@ -283,7 +299,7 @@ func TestBootFlow(t *testing.T) {
 			t.Errorf("script lacks %q:\n%s", want, script)
 		}
 	}
-	if m, err := s.reg.Machine(ctx, mac); err != nil || m.State != api.MachineQuarantined {
+	if m, err := s.reg.Machine(ctx, mac); err != nil || m.State != api.MachineQuarantined || m.Vendor != "QEMU" || m.Product != "Standard PC (Q35 + ICH9, 2009)" {
 		t.Fatalf("after its first boot: %+v %v", m, err)
 	}
 	// Image files: only what is there, by digest.
@@ -444,11 +460,11 @@ func TestUnknownMachinesAreBounded(t *testing.T) {
 	reg.MaxMachines = 3
 	ctx := context.Background()
 	for i := 0; i < 3; i++ {
-		if _, err := reg.seen(ctx, fmt.Sprintf("52:54:00:00:01:%02x", i), strings.Repeat("x", 1000), "10.77.0.9"); err != nil {
+		if _, err := reg.seen(ctx, fmt.Sprintf("52:54:00:00:01:%02x", i), Claims{UUID: strings.Repeat("x", 1000), IP: "10.77.0.9"}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if _, err := reg.seen(ctx, "52:54:00:00:01:ff", "", ""); !errors.Is(err, ErrFull) {
+	if _, err := reg.seen(ctx, "52:54:00:00:01:ff", Claims{}); !errors.Is(err, ErrFull) {
 		t.Fatalf("a fourth unknown machine: %v", err)
 	}
 	m, _ := reg.Machine(ctx, "52:54:00:00:01:00")
@@ -456,13 +472,13 @@ func TestUnknownMachinesAreBounded(t *testing.T) {
 		t.Fatalf("a made-up uuid was kept: %q", m.UUID)
 	}
 	// Known machines are still seen; forgetting one makes room.
-	if _, err := reg.seen(ctx, "52:54:00:00:01:01", "", "10.77.0.8"); err != nil {
+	if _, err := reg.seen(ctx, "52:54:00:00:01:01", Claims{IP: "10.77.0.8"}); err != nil {
 		t.Fatal(err)
 	}
 	if err := reg.Forget(ctx, "52:54:00:00:01:00"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := reg.seen(ctx, "52:54:00:00:01:ff", "6f1c2d3e-0000-4000-8000-0000000000b1", ""); err != nil {
+	if _, err := reg.seen(ctx, "52:54:00:00:01:ff", Claims{UUID: "6f1c2d3e-0000-4000-8000-0000000000b1"}); err != nil {
 		t.Fatalf("after a forget: %v", err)
 	}
 	if m, _ := reg.Machine(ctx, "52:54:00:00:01:ff"); m.UUID != "6f1c2d3e-0000-4000-8000-0000000000b1" {

@@ -76,7 +76,16 @@ func (s *Server) handleScript(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	m, err := s.reg.seen(r.Context(), mac, r.URL.Query().Get("uuid"), remoteIP(r))
+	q := r.URL.Query()
+	if q.Get("smbios") == "" {
+		// First ask iPXE what the machine says it is (SMBIOS, for the
+		// boot rules): the DHCP answer's URL cannot carry its settings,
+		// a script can.
+		w.Header().Set("Content-Type", "text/plain")
+		fmt.Fprintf(w, "#!ipxe\nchain http://%s/boot.ipxe?mac=%s&smbios=1&uuid=${uuid}&vendor=${manufacturer:uristring}&product=${product:uristring}\n", r.Host, mac)
+		return
+	}
+	m, err := s.reg.seen(r.Context(), mac, Claims{UUID: q.Get("uuid"), Vendor: q.Get("vendor"), Product: q.Get("product"), IP: remoteIP(r)})
 	if err != nil {
 		s.log.Error("boot: record machine", "mac", mac, "err", err)
 		http.Error(w, "boot service unavailable", http.StatusServiceUnavailable)
@@ -136,7 +145,7 @@ func decodeRequest(r *http.Request) (boothost.Request, error) {
 		return req, err
 	}
 	req.MAC = mac
-	if len(req.UUID) > 64 || len(req.Image) > 80 || len(req.Error) > 4096 || len(req.Nonce) > 128 {
+	if len(req.UUID) > 64 || len(req.Image) > 80 || len(req.Error) > 4096 || len(req.Nonce) > 128 || len(req.Vendor) > 64 || len(req.Product) > 64 {
 		return req, fmt.Errorf("%w: a field is too long", ErrInvalid)
 	}
 	return req, nil
@@ -149,7 +158,7 @@ func (s *Server) handleConfig(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ctx := r.Context()
-	m, err := s.reg.seen(ctx, req.MAC, req.UUID, remoteIP(r))
+	m, err := s.reg.seen(ctx, req.MAC, Claims{UUID: req.UUID, Vendor: req.Vendor, Product: req.Product, IP: remoteIP(r)})
 	if err != nil {
 		writeJSONError(w, http.StatusServiceUnavailable, "boot service unavailable")
 		return

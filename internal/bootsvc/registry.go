@@ -226,28 +226,25 @@ func (r *Registry) Admit(ctx context.Context, mac string, req api.BootAdmitReque
 	if err != nil {
 		return api.BootMachine{}, err
 	}
-	ms, err := r.Machines(ctx)
-	if err != nil {
+	if free, err := r.nameFree(ctx, req.HostName, norm); err != nil {
 		return api.BootMachine{}, err
-	}
-	for _, m := range ms {
-		if m.HostName == req.HostName && m.MAC != norm {
-			return api.BootMachine{}, fmt.Errorf("%w: host name %s is machine %s's", ErrInvalid, req.HostName, m.MAC)
-		}
+	} else if !free {
+		return api.BootMachine{}, fmt.Errorf("%w: host name %s is taken (by another machine, or by a host that did not boot from the network): pick another name", ErrInvalid, req.HostName)
 	}
 	return r.update(ctx, norm, func(m *api.BootMachine) error {
-		m.State, m.Profile, m.HostName = api.MachineAdmitted, req.Profile, req.HostName
+		m.State, m.Profile, m.HostName, m.Rule, m.Held = api.MachineAdmitted, req.Profile, req.HostName, "", false
 		return nil
 	})
 }
 
-// Quarantine takes a machine's admission back.
+// Quarantine takes a machine's admission back, and holds it: no rule
+// admits it again, only an operator.
 func (r *Registry) Quarantine(ctx context.Context, mac string) (api.BootMachine, error) {
 	if _, err := r.Machine(ctx, mac); err != nil {
 		return api.BootMachine{}, err
 	}
 	return r.update(ctx, mac, func(m *api.BootMachine) error {
-		m.State = api.MachineQuarantined
+		m.State, m.Held = api.MachineQuarantined, true
 		return nil
 	})
 }
@@ -266,35 +263,50 @@ var uuidRE = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4
 // nothing else about it changed (a quarantined machine asks every 3 s).
 const seenEvery = 30 * time.Second
 
-// seen records that machine mac asked for something from ip, making an
-// unknown machine's record (quarantined) while there is room. What a
-// machine says of itself is kept only in a valid form.
-func (r *Registry) seen(ctx context.Context, mac, uuid, ip string) (api.BootMachine, error) {
-	uuid = strings.ToLower(uuid)
-	if !uuidRE.MatchString(uuid) {
-		uuid = ""
+// Claims are what a machine says of itself when it asks for something.
+type Claims struct {
+	UUID, Vendor, Product, IP string
+}
+
+// seen records that machine mac asked for something, making an unknown
+// machine's record (quarantined) while there is room, and lets the boot
+// rules admit it. What a machine says of itself is kept only in a valid
+// form.
+func (r *Registry) seen(ctx context.Context, mac string, c Claims) (api.BootMachine, error) {
+	c.UUID = strings.ToLower(c.UUID)
+	if !uuidRE.MatchString(c.UUID) {
+		c.UUID = ""
 	}
-	if m, err := r.Machine(ctx, mac); err == nil {
-		if r.now().Sub(m.LastSeen) < seenEvery && (uuid == "" || uuid == m.UUID) && (ip == "" || ip == m.IP) {
-			return m, nil
+	c.Vendor, c.Product = cleanClaim(c.Vendor), cleanClaim(c.Product)
+	same := func(claim, have string) bool { return claim == "" || claim == have }
+	m, err := r.Machine(ctx, mac)
+	switch {
+	case err == nil:
+		if r.now().Sub(m.LastSeen) < seenEvery && same(c.UUID, m.UUID) && same(c.IP, m.IP) && same(c.Vendor, m.Vendor) && same(c.Product, m.Product) {
+			return r.applyRules(ctx, m)
 		}
-	} else if !errors.Is(err, ErrNotFound) {
+	case !errors.Is(err, ErrNotFound):
 		return api.BootMachine{}, err
-	} else if n, err := r.Store.Count(ctx, "boot/machines/"); err != nil {
-		return api.BootMachine{}, err
-	} else if n >= int64(r.maxMachines()) {
-		return api.BootMachine{}, fmt.Errorf("%w: %d machines are recorded: forget some ('vigil boot forget MAC')", ErrFull, n)
+	default:
+		if n, err := r.Store.Count(ctx, "boot/machines/"); err != nil {
+			return api.BootMachine{}, err
+		} else if n >= int64(r.maxMachines()) {
+			return api.BootMachine{}, fmt.Errorf("%w: %d machines are recorded: forget some ('vigil boot forget MAC')", ErrFull, n)
+		}
 	}
-	return r.update(ctx, mac, func(m *api.BootMachine) error {
+	m, err = r.update(ctx, mac, func(m *api.BootMachine) error {
 		m.LastSeen = r.now()
-		if uuid != "" {
-			m.UUID = uuid
-		}
-		if ip != "" {
-			m.IP = ip
+		for _, f := range []struct{ claim, have *string }{{&c.UUID, &m.UUID}, {&c.IP, &m.IP}, {&c.Vendor, &m.Vendor}, {&c.Product, &m.Product}} {
+			if *f.claim != "" {
+				*f.have = *f.claim
+			}
 		}
 		return nil
 	})
+	if err != nil {
+		return m, err
+	}
+	return r.applyRules(ctx, m)
 }
 
 // Forget removes a machine's record and address lease: it is unknown
@@ -328,20 +340,6 @@ func (r *Registry) stage(ctx context.Context, mac string, set func(b *api.BootSt
 		return nil
 	})
 	return err
-}
-
-// HasHostName tells whether an admitted machine has host name name.
-func (r *Registry) HasHostName(ctx context.Context, name string) bool {
-	ms, err := r.Machines(ctx)
-	if err != nil {
-		return false
-	}
-	for _, m := range ms {
-		if m.HostName == name {
-			return true
-		}
-	}
-	return false
 }
 
 func (r *Registry) maxMachines() int {

@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -26,7 +28,7 @@ func newBootCmd(g *globals) *cobra.Command {
 	img.AddCommand(newBootImageBuildCmd(g), newBootImageListCmd(g))
 	prof := &cobra.Command{Use: "profile", Short: "Boot profiles: which image a machine boots and how it joins"}
 	prof.AddCommand(newBootProfileSetCmd(g, "create"), newBootProfileSetCmd(g, "set"), newBootProfileListCmd(g))
-	cmd.AddCommand(img, prof, newBootMachinesCmd(g), newBootAdmitCmd(g), newBootQuarantineCmd(g), newBootForgetCmd(g), newBootPowerCmd(g),
+	cmd.AddCommand(img, prof, newBootRuleCmd(g), newBootMachinesCmd(g), newBootAdmitCmd(g), newBootQuarantineCmd(g), newBootForgetCmd(g), newBootPowerCmd(g),
 		newBootRolloutCmd(g), newBootHostCmd())
 	return cmd
 }
@@ -181,9 +183,18 @@ func newBootMachinesCmd(g *globals) *cobra.Command {
 				return err
 			}
 			return g.printValue(ms, func(w io.Writer) {
-				row(w, "MAC", "STATE", "HOST", "PROFILE", "IP", "BOOTS", "LAST SEEN", "LAST CONFIG", "PROBLEM")
+				row(w, "MAC", "STATE", "HOST", "PROFILE", "BY", "VENDOR", "IP", "BOOTS", "LAST SEEN", "LAST CONFIG", "PROBLEM")
 				for _, m := range ms {
-					row(w, m.MAC, m.State, orNone(m.HostName), orNone(m.Profile), orNone(m.IP), m.Boots, ago(m.LastSeen), orNone(shortDigest(m.LastConfig)), orNone(m.LastError))
+					state, by := m.State, "operator"
+					if m.Held {
+						state += " (held)"
+					}
+					if m.Rule != "" {
+						by = "rule " + m.Rule
+					} else if m.State != api.MachineAdmitted {
+						by = "-"
+					}
+					row(w, m.MAC, state, orNone(m.HostName), orNone(m.Profile), by, orNone(m.Vendor), orNone(m.IP), m.Boots, ago(m.LastSeen), orNone(shortDigest(m.LastConfig)), orNone(m.LastError))
 				}
 			})
 		},
@@ -261,9 +272,11 @@ func newBootHostCmd() *cobra.Command {
 					}
 				}
 			}
-			if b, err := os.ReadFile("/sys/class/dmi/id/product_uuid"); err == nil {
-				p.UUID = strings.ToLower(strings.TrimSpace(string(b)))
+			dmi := func(f string) string {
+				b, _ := os.ReadFile("/sys/class/dmi/id/" + f)
+				return strings.TrimSpace(string(b))
 			}
+			p.UUID, p.Vendor, p.Product = strings.ToLower(dmi("product_uuid")), dmi("sys_vendor"), dmi("product_name")
 			caPEM, err := os.ReadFile(hostimage.CAPath)
 			if err != nil {
 				return fmt.Errorf("this is not a host image (no %s): %w", hostimage.CAPath, err)
@@ -287,14 +300,25 @@ func newBootHostCmd() *cobra.Command {
 			rec, _ := json.MarshalIndent(map[string]string{"image": p.Image, "config": signed.Digest(), "host": cfg.HostName, "profile": cfg.Profile}, "", "  ")
 			os.WriteFile(filepath.Join(dataDir, "boot.json"), rec, 0o600)
 			log.Info("boot configuration verified", "host", cfg.HostName, "profile", cfg.Profile, "config", signed.Digest(), "managers", cfg.Managers)
-			hostArgs := boothost.AgentArgs(cfg, strings.TrimSpace(string(addr))+":7443", dataDir, hostimage.GuestImageDir)
-			self, err := os.Executable()
-			if err != nil {
-				return err
+			// The image's init loads the modules the network boot does not
+			// need while the configuration is fetched.
+			for i := 0; i < 300; i++ {
+				if _, err := os.Stat(hostimage.ModulesReady); err == nil {
+					break
+				}
+				if i == 299 {
+					log.Warn("the host image's modules are still loading after 30s: starting anyway", "file", hostimage.ModulesReady)
+				}
+				time.Sleep(100 * time.Millisecond)
 			}
-			// The join token goes in the environment, not on the command line.
-			env := append(os.Environ(), "VIGIL_JOIN_TOKEN="+cfg.JoinToken)
-			return syscall.Exec(self, append([]string{self}, hostArgs...), env)
+			// The host agent runs in this process: under TCG a second
+			// start of this binary cost about half a second of every boot.
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return agent.RunHost(ctx, agent.HostConfig{Name: cfg.HostName, DataDir: dataDir,
+				Listen: net.JoinHostPort(strings.TrimSpace(string(addr)), "7443"), Managers: cfg.Managers,
+				JoinToken: cfg.JoinToken, StoragePool: cfg.StoragePool, FenceAfter: agent.DefaultFenceAfter,
+				Accel: "auto", ImageDir: hostimage.GuestImageDir, Logger: log})
 		},
 	}
 }

@@ -1,9 +1,17 @@
 package hostimage
 
 import (
+	"bytes"
+	"encoding/binary"
+	"io"
+	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/pierrec/lz4/v4"
+	"github.com/vigil-project/vigil/internal/cpio"
 )
 
 func TestParseLdd(t *testing.T) {
@@ -37,7 +45,14 @@ func TestTreeOrdersDirectoriesFirst(t *testing.T) {
 }
 
 func TestInitScripts(t *testing.T) {
-	s := rcS("6.1.0-1-cloud-amd64", []string{"kernel/net/bridge/bridge.ko"})
+	s := rcS("6.1.0-1-cloud-amd64", []string{"kernel/drivers/virtio/virtio_ring.ko", "kernel/net/bridge/bridge.ko", "kernel/net/core/failover.ko", "kernel/drivers/net/virtio_net.ko"})
+	nic, bridge, ready, dhcp := strings.Index(s, "virtio_net.ko"), strings.Index(s, "bridge.ko"), strings.Index(s, "touch "+ModulesReady), strings.Index(s, "udhcpc -i")
+	if strings.Index(s, "virtio_ring.ko") > nic || strings.Index(s, "failover.ko") > nic || nic > bridge || bridge > ready || ready > dhcp {
+		t.Errorf("module order: the NIC's (with its dependencies in order) first, the rest in the background before the network: %s", s)
+	}
+	if !strings.Contains(s, ") &\n") {
+		t.Error("the other modules do not load in the background")
+	}
 	for _, want := range []string{"mount -t tmpfs -o mode=0755 tmpfs /run", "insmod /lib/modules/6.1.0-1-cloud-amd64/kernel/net/bridge/bridge.ko", "vigil.bootmac=", "udhcpc -i", "-V vigil-host"} {
 		if !strings.Contains(s, want) {
 			t.Errorf("rcS lacks %q", want)
@@ -45,5 +60,46 @@ func TestInitScripts(t *testing.T) {
 	}
 	if !strings.Contains(inittab, "::respawn:/bin/vigil boot host") {
 		t.Error("inittab does not run the host program")
+	}
+}
+
+// The kernel reads LZ4 initramfs only in legacy frames: check the magic,
+// and that the archive reads back whole across several 8 MiB blocks.
+func TestInitramfsIsLegacyLZ4(t *testing.T) {
+	tr := newTree()
+	big := make([]byte, 20<<20)
+	for i := range big {
+		big[i] = byte(i * 7 / 1024)
+	}
+	tr.add("bin/big", 0o755, big)
+	tr.add("etc/vigil/ca.pem", 0o644, []byte("ca"))
+	dst := filepath.Join(t.TempDir(), "initrd.img")
+	if err := writeInitramfs(dst, tr); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b) < 4 || binary.LittleEndian.Uint32(b) != 0x184C2102 {
+		t.Fatalf("not an LZ4 legacy frame: starts % x", b[:min(len(b), 8)])
+	}
+	raw, err := io.ReadAll(lz4.NewReader(bytes.NewReader(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	entries, err := cpio.Read(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string][]byte{}
+	for _, e := range entries {
+		got[e.Name] = e.Data
+	}
+	if !bytes.Equal(got["bin/big"], big) || string(got["etc/vigil/ca.pem"]) != "ca" {
+		t.Fatalf("archive did not read back: %d entries", len(entries))
+	}
+	if _, ok := got["dev/console"]; !ok {
+		t.Fatal("no dev/console")
 	}
 }

@@ -3,6 +3,7 @@ package hostimage
 import (
 	"fmt"
 	"path"
+	"slices"
 	"strings"
 )
 
@@ -41,9 +42,25 @@ mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /dev/shm
 hostname vigil-boot
 `)
-	for _, m := range modules {
+	insmod := func(m string) {
 		fmt.Fprintf(&b, "insmod /lib/modules/%s/%s 2>/dev/null || echo \"vigil: insmod %s failed\"\n", kernelVersion, m, path.Base(m))
 	}
+	// The boot NIC's driver first; the rest (bridges, nftables, tunnels)
+	// load while the network comes up and the host program starts: under
+	// TCG each module's signature check costs tens of milliseconds.
+	var later []string
+	for _, m := range modules {
+		if bootNIC(m) {
+			insmod(m)
+		} else {
+			later = append(later, m)
+		}
+	}
+	b.WriteString("(\n")
+	for _, m := range later {
+		insmod(m)
+	}
+	b.WriteString("touch " + ModulesReady + "\n) &\n")
 	b.WriteString(`ip link set lo up
 BOOTMAC=
 for arg in $(cat /proc/cmdline); do
@@ -72,6 +89,17 @@ fi
 echo "vigil: host image up ($(uname -r)), boot interface ${IF:-none}"
 `)
 	return b.String()
+}
+
+// ModulesReady exists once the host image's init has loaded every module
+// (the host agent waits for it before it starts).
+const ModulesReady = "/run/modules-ready"
+
+// bootNIC tells whether module m (a path under the kernel's modules) is
+// needed to reach the boot network: the NIC drivers and what they need.
+func bootNIC(m string) bool {
+	return strings.HasPrefix(m, "kernel/drivers/virtio/") || strings.HasPrefix(m, "kernel/drivers/net/ethernet/") ||
+		slices.Contains([]string{"kernel/drivers/net/virtio_net.ko", "kernel/drivers/net/net_failover.ko", "kernel/net/core/failover.ko"}, m)
 }
 
 // udhcpcScript applies what udhcpc learns.

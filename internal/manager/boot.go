@@ -47,6 +47,28 @@ func (m *Manager) bootRoutes(user func(pattern, role string, audited bool, h htt
 		p, err := m.boot.SetProfile(r.Context(), p)
 		m.answer(w, p, bootErr(err))
 	})
+	user("GET /v1/boot/rules", RoleViewer, false, func(w http.ResponseWriter, r *http.Request) {
+		rs, err := m.boot.Rules(r.Context())
+		m.answer(w, rs, bootErr(err))
+	})
+	user("PUT /v1/boot/rules/{name}", RoleAdmin, true, func(w http.ResponseWriter, r *http.Request) {
+		var rule api.BootRule
+		if err := decodeBody(r, &rule); err != nil {
+			writeError(w, m.log, err)
+			return
+		}
+		rule.Name = r.PathValue("name")
+		rule, err := m.boot.SetRule(r.Context(), rule)
+		m.answer(w, rule, bootErr(err))
+	})
+	user("DELETE /v1/boot/rules/{name}", RoleAdmin, true, func(w http.ResponseWriter, r *http.Request) {
+		if err := m.boot.DeleteRule(r.Context(), r.PathValue("name")); err != nil {
+			writeError(w, m.log, bootErr(err))
+			return
+		}
+		noteSuccess(r, http.StatusNoContent)
+		w.WriteHeader(http.StatusNoContent)
+	})
 	user("GET /v1/boot/machines", RoleViewer, false, func(w http.ResponseWriter, r *http.Request) {
 		ms, err := m.boot.Machines(r.Context())
 		m.answer(w, ms, bootErr(err))
@@ -55,13 +77,6 @@ func (m *Manager) bootRoutes(user func(pattern, role string, audited bool, h htt
 		var req api.BootAdmitRequest
 		if err := decodeBody(r, &req); err != nil {
 			writeError(w, m.log, err)
-			return
-		}
-		// A network-booted host gets tokens bound to its name: never the
-		// name of a host registered otherwise (it would replace it).
-		var hr hostRecord
-		if _, err := m.store.Get(r.Context(), "hosts/"+req.HostName, &hr); err == nil && !m.boot.HasHostName(r.Context(), req.HostName) {
-			writeError(w, m.log, errorf(ErrInvalid, "a host named %s is registered and did not boot from the network: pick another name", req.HostName))
 			return
 		}
 		mach, err := m.boot.Admit(r.Context(), r.PathValue("mac"), req)
