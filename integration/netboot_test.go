@@ -3,6 +3,8 @@ package integration
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -79,16 +81,12 @@ func (bm *bootMachine) reset(t *testing.T) {
 	}
 }
 
-// TestNetworkBoot boots a machine with an empty disk from the network:
-// DHCP and iPXE from a manager's boot service, the host image over HTTP.
-// Unknown, it waits quarantined with no credentials; admitted, it gets its
-// signed configuration and joins as h3; reset, it boots again, fetches its
-// configuration again and rejoins as h3, and its disk was never written.
-func TestNetworkBoot(t *testing.T) {
-	needIntegration(t)
-	if !inOwnNetNS(t) {
-		return
-	}
+// bootLab makes the boot network (bridge br-boot, 10.77.0.1/24, and the
+// bare-metal machine's tap on it), starts a manager with its boot service
+// there (with agentArgs), and builds a host image with the cluster's CA as
+// profile "default". It returns the manager, the image and the tap.
+func bootLab(t *testing.T, agentArgs ...string) (*devAgent, string, *netlink.Tuntap) {
+	t.Helper()
 	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "br-boot"}}
 	tap := &netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Name: "tap-metal"}, Mode: netlink.TUNTAP_MODE_TAP}
 	for _, step := range []func() error{
@@ -104,7 +102,7 @@ func TestNetworkBoot(t *testing.T) {
 		}
 	}
 	m := &devAgent{t: t, dataDir: shortTempDir(t), addr: "10.77.0.1:7070"}
-	startProc(t, "agent", "--manager", "--listen", m.addr, "--data-dir", m.dataDir, "--boot-interface", "br-boot", "--log-level", "debug")
+	startProc(t, append([]string{"agent", "--manager", "--listen", m.addr, "--data-dir", m.dataDir, "--boot-interface", "br-boot", "--log-level", "debug"}, agentArgs...)...)
 	waitFor(t, "manager", 60*time.Second, func() bool {
 		_, _, code := m.vigil("host", "list")
 		return code == 0
@@ -123,6 +121,21 @@ func TestNetworkBoot(t *testing.T) {
 	digest := strings.TrimSpace(m.mustVigil("boot", "image", "build", "--data-dir", m.dataDir, "--guest-image", imageDir, "-q"))
 	t.Logf("host image %s built in %s", digest, time.Since(t0).Round(time.Millisecond))
 	m.mustVigil("boot", "profile", "create", "default", "--image", digest)
+
+	return m, digest, tap
+}
+
+// TestNetworkBoot boots a machine with an empty disk from the network:
+// DHCP and iPXE from a manager's boot service, the host image over HTTP.
+// Unknown, it waits quarantined with no credentials; admitted, it gets its
+// signed configuration and joins as h3; reset, it boots again, fetches its
+// configuration again and rejoins as h3, and its disk was never written.
+func TestNetworkBoot(t *testing.T) {
+	needIntegration(t)
+	if !inOwnNetNS(t) {
+		return
+	}
+	m, digest, tap := bootLab(t)
 
 	const mac = "52:54:00:be:ee:01"
 	machine := func() api.BootMachine {
@@ -203,7 +216,7 @@ func TestNetworkBoot(t *testing.T) {
 		json.Unmarshal([]byte(out), &ro)
 		return ro, code
 	}
-	t0 = time.Now()
+	t0 := time.Now()
 	ro, code := rollout(digestB, "3m")
 	if code != 0 || ro.State != api.RolloutSucceeded || ro.Hosts[0].State != "done" {
 		t.Fatalf("rollout to a new image: exit %d, %+v", code, ro)
@@ -242,5 +255,67 @@ func TestNetworkBoot(t *testing.T) {
 	}
 	if !bytes.Equal(b, make([]byte, len(b))) {
 		t.Fatal("the host wrote to its disk")
+	}
+}
+
+// TestNetworkBootProxyDHCP boots a machine on a network whose own DHCP
+// server (busybox udhcpd, on "another machine": a veth on the bridge)
+// gives the addresses: the boot service answers iPXE with where to boot
+// from only (ProxyDHCP), and a rule on the machine's MAC admits it.
+func TestNetworkBootProxyDHCP(t *testing.T) {
+	needIntegration(t)
+	if !inOwnNetNS(t) {
+		return
+	}
+	m, digest, tap := bootLab(t, "--boot-proxy-dhcp")
+	// The network's DHCP server, with a range of its own.
+	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "dhcp0"}, PeerName: "dhcp1"}
+	if err := netlink.LinkAdd(veth); err != nil {
+		t.Fatal(err)
+	}
+	br, _ := netlink.LinkByName("br-boot")
+	peer, _ := netlink.LinkByName("dhcp1")
+	addr, _ := netlink.ParseAddr("10.77.0.2/24")
+	for _, err := range []error{netlink.LinkSetMaster(veth, br), netlink.LinkSetUp(veth), netlink.AddrAdd(peer, addr), netlink.LinkSetUp(peer)} {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	dir := shortTempDir(t)
+	conf := filepath.Join(dir, "udhcpd.conf")
+	os.WriteFile(conf, []byte(fmt.Sprintf("interface dhcp1\nstart 10.77.0.50\nend 10.77.0.60\noption subnet 255.255.255.0\noption lease 3600\nlease_file %s/leases\npidfile %s/pid\n", dir, dir)), 0o644)
+	os.WriteFile(filepath.Join(dir, "leases"), nil, 0o644)
+	udhcpd := exec.Command("busybox", "udhcpd", "-f", conf)
+	var udhcpdOut bytes.Buffer
+	udhcpd.Stdout, udhcpd.Stderr = &udhcpdOut, &udhcpdOut
+	if err := udhcpd.Start(); err != nil {
+		t.Fatalf("busybox udhcpd (package busybox-static): %v", err)
+	}
+	t.Cleanup(func() {
+		udhcpd.Process.Kill()
+		udhcpd.Wait()
+		if t.Failed() {
+			t.Logf("udhcpd:\n%s", udhcpdOut.String())
+		}
+	})
+
+	const mac = "52:54:00:be:ee:04"
+	m.mustVigil("boot", "rule", "create", "h4", "--mac", mac, "--profile", "default", "--host-name", "h4")
+	bm := startBootMachine(t, shortTempDir(t), tap.Name, mac)
+	powerOn := time.Now()
+	waitFor(t, "h4 up", 3*time.Minute, func() bool { return hostList(t, m)["h4"].State == "up" })
+	t.Logf("power-on to host up (proxydhcp): %s", time.Since(powerOn).Round(time.Millisecond))
+	var ms []api.BootMachine
+	json.Unmarshal([]byte(m.mustVigil("boot", "machines", "-o", "json")), &ms)
+	if len(ms) != 1 || ms[0].Rule != "h4" || ms[0].LastImage != digest || ms[0].Boots != 1 {
+		t.Fatalf("machines: %+v", ms)
+	}
+	// Its address is the network server's, not one of the boot service's.
+	ip, err := netip.ParseAddr(ms[0].IP)
+	if err != nil || ip.Less(netip.MustParseAddr("10.77.0.50")) || netip.MustParseAddr("10.77.0.60").Less(ip) {
+		t.Fatalf("the machine's address %q is not from the network's dhcp server (10.77.0.50-60)", ms[0].IP)
+	}
+	if !strings.Contains(bm.console(), "dhcp bound eth0 "+ip.String()) {
+		t.Fatalf("the booted host did not take its address from the network's server:\n%s", lastLines(bm.console(), 20))
 	}
 }

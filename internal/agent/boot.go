@@ -20,6 +20,8 @@ type BootConfig struct {
 	// ManagerURLs are what booted hosts join (empty: this manager's API
 	// port on the boot interface's address, if the API listens there).
 	ManagerURLs []string
+	// ProxyDHCP: the network's own DHCP server gives the addresses.
+	ProxyDHCP bool
 }
 
 // BootImagesDir is where a manager keeps host images.
@@ -30,7 +32,10 @@ func bootService(b *BootConfig, ln net.Listener) (*bootsvc.Config, error) {
 	if b == nil || b.Interface == "" {
 		return nil, nil
 	}
-	cfg := &bootsvc.Config{Interface: b.Interface, HTTPPort: b.HTTPPort, TLSPort: b.TLSPort, ManagerURLs: b.ManagerURLs}
+	cfg := &bootsvc.Config{Interface: b.Interface, HTTPPort: b.HTTPPort, TLSPort: b.TLSPort, ManagerURLs: b.ManagerURLs, ProxyDHCP: b.ProxyDHCP}
+	if b.ProxyDHCP && b.Range != "" {
+		return nil, fmt.Errorf("--boot-range and --boot-proxy-dhcp: with ProxyDHCP the network's own DHCP server gives the addresses; drop --boot-range")
+	}
 	if b.Range != "" {
 		first, last, ok := strings.Cut(b.Range, "-")
 		f, err1 := netip.ParseAddr(strings.TrimSpace(first))

@@ -211,8 +211,47 @@ func FuzzDHCP(f *testing.F) {
 		}
 		if clientKind(req) != "" {
 			answer(req, cfg, netip.MustParseAddr("10.77.0.128"), "http://x/boot.ipxe")
+			proxyAnswer(req, cfg, "http://x/boot.ipxe", false)
+			proxyAnswer(req, cfg, "http://x/boot.ipxe", true)
 		}
 	})
+}
+
+func TestProxyDHCPAnswers(t *testing.T) {
+	cfg := dhcpConfig{ServerIP: netip.MustParseAddr("10.77.0.1"), Prefix: netip.MustParsePrefix("10.77.0.1/24")}
+	const url = "http://10.77.0.1:8067/boot.ipxe?mac=52:54:00:be:ee:01"
+	ipxe := dhcpv4.WithUserClass("iPXE", false)
+	cases := []struct {
+		name     string
+		typ      dhcpv4.MessageType
+		port4011 bool
+		bootfile string
+		want     dhcpv4.MessageType // none: no answer
+	}{
+		{"discover", dhcpv4.MessageTypeDiscover, false, url, dhcpv4.MessageTypeOffer},
+		{"request for an address (the network's server answers)", dhcpv4.MessageTypeRequest, false, url, dhcpv4.MessageTypeNone},
+		{"proxydhcp request on 4011", dhcpv4.MessageTypeRequest, true, url, dhcpv4.MessageTypeAck},
+		{"discover on 4011", dhcpv4.MessageTypeDiscover, true, url, dhcpv4.MessageTypeNone},
+		{"release", dhcpv4.MessageTypeRelease, false, url, dhcpv4.MessageTypeNone},
+		{"nothing to boot", dhcpv4.MessageTypeDiscover, false, "", dhcpv4.MessageTypeNone},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			r := proxyAnswer(dhcpRequest(t, c.typ, ipxe), cfg, c.bootfile, c.port4011)
+			if c.want == dhcpv4.MessageTypeNone {
+				if r != nil {
+					t.Fatalf("answered: %v", r)
+				}
+				return
+			}
+			// No address (the network's server gives it); PXEClient marks
+			// it as ProxyDHCP; the boot file is the script's URL.
+			if r == nil || r.MessageType() != c.want || !r.YourIPAddr.IsUnspecified() || r.ClassIdentifier() != "PXEClient" ||
+				r.BootFileNameOption() != url || !r.ServerIdentifier().Equal(net.ParseIP("10.77.0.1")) {
+				t.Fatalf("answer: %v", r)
+			}
+		})
+	}
 }
 
 type fakeCluster struct {

@@ -104,6 +104,38 @@ func answer(req *dhcpv4.DHCPv4, cfg dhcpConfig, ip netip.Addr, bootfile string) 
 	return resp
 }
 
+// proxyAnswer is the ProxyDHCP reply to req from an iPXE client, for a
+// network whose own DHCP server gives the addresses: no address, only
+// where to boot from. A DHCPDISCOVER (port 67) gets an offer, a request
+// to port 4011 (what older iPXE sends after taking the real server's
+// address) an ack; anything else nil.
+func proxyAnswer(req *dhcpv4.DHCPv4, cfg dhcpConfig, bootfile string, port4011 bool) *dhcpv4.DHCPv4 {
+	if req.OpCode != dhcpv4.OpcodeBootRequest || len(req.ClientHWAddr) != 6 || bootfile == "" {
+		return nil
+	}
+	var typ dhcpv4.MessageType
+	switch {
+	case !port4011 && req.MessageType() == dhcpv4.MessageTypeDiscover:
+		typ = dhcpv4.MessageTypeOffer
+	case port4011 && req.MessageType() == dhcpv4.MessageTypeRequest:
+		typ = dhcpv4.MessageTypeAck
+	default:
+		return nil
+	}
+	resp, err := dhcpv4.NewReplyFromRequest(req,
+		dhcpv4.WithMessageType(typ),
+		dhcpv4.WithServerIP(cfg.ServerIP.AsSlice()),
+		dhcpv4.WithYourIP(net.IPv4zero),
+		dhcpv4.WithOption(dhcpv4.OptServerIdentifier(cfg.ServerIP.AsSlice())),
+		// "PXEClient" marks a ProxyDHCP answer to a PXE client.
+		dhcpv4.WithOption(dhcpv4.OptClassIdentifier("PXEClient")),
+		dhcpv4.WithOption(dhcpv4.OptBootFileName(bootfile)))
+	if err != nil {
+		return nil
+	}
+	return resp
+}
+
 // leaseRecord is boot/leases/IP: the address is machine MAC's until
 // Expires (renewed at every answer); boot/leasemac/MAC names it back.
 type leaseRecord struct {

@@ -35,6 +35,10 @@ type Config struct {
 	// ManagerURLs are what hosts are told to join (reachable from the
 	// boot network).
 	ManagerURLs []string
+	// ProxyDHCP: the boot network has a DHCP server of its own, which
+	// gives the addresses; this service only tells iPXE where to boot
+	// from (ProxyDHCP, on ports 67 and 4011) and gives no address.
+	ProxyDHCP bool
 }
 
 // Cluster is what the boot service needs of the manager.
@@ -134,6 +138,16 @@ func (s *Server) Run(ctx context.Context) error {
 		tlsL.Close()
 		return fmt.Errorf("boot service dhcp on %s: %w", s.cfg.Interface, err)
 	}
+	var proxySrv *server4.Server
+	if s.cfg.ProxyDHCP {
+		proxySrv, err = server4.NewServer(s.cfg.Interface, &net.UDPAddr{Port: pxePort}, s.handleProxyRequest)
+		if err != nil {
+			httpL.Close()
+			tlsL.Close()
+			dhcpSrv.Close()
+			return fmt.Errorf("boot service proxydhcp on %s port %d: %w", s.cfg.Interface, pxePort, err)
+		}
+	}
 	// Anyone on the boot network reaches these: bounded connections, no
 	// idle or slow ones kept (the image download may take a while).
 	hs := &http.Server{Handler: s.bootHandler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 30 * time.Second}
@@ -151,8 +165,15 @@ func (s *Server) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); served("tls", ts.ServeTLS(tlsL, "", "")) }()
 	go func() { defer wg.Done(); served("dhcp", dhcpSrv.Serve()) }()
 	go func() { defer wg.Done(); s.advertise(ctx) }()
-	s.log.Info("boot service up", "address", s.ip, "range", s.cfg.First.String()+"-"+s.cfg.Last.String(),
-		"http_port", s.cfg.HTTPPort, "tls", s.tlsAddr)
+	if proxySrv != nil {
+		wg.Add(1)
+		go func() { defer wg.Done(); served("proxydhcp", proxySrv.Serve()) }()
+		s.log.Info("boot service up (proxydhcp: the network's dhcp server gives the addresses)", "address", s.ip,
+			"http_port", s.cfg.HTTPPort, "tls", s.tlsAddr)
+	} else {
+		s.log.Info("boot service up", "address", s.ip, "range", s.cfg.First.String()+"-"+s.cfg.Last.String(),
+			"http_port", s.cfg.HTTPPort, "tls", s.tlsAddr)
+	}
 	<-ctx.Done()
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
@@ -161,6 +182,9 @@ func (s *Server) Run(ctx context.Context) error {
 	hs.Close() // downloads still running after the grace period
 	ts.Close()
 	dhcpSrv.Close()
+	if proxySrv != nil {
+		proxySrv.Close()
+	}
 	wg.Wait()
 	return nil
 }
@@ -204,6 +228,10 @@ func (s *Server) handleDHCP(conn net.PacketConn, peer net.Addr, req *dhcpv4.DHCP
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
+	if s.cfg.ProxyDHCP {
+		s.proxyDHCP(ctx, conn, req, kind, mac)
+		return
+	}
 	ip, err := s.reg.leaseFor(ctx, mac, s.cfg.First, s.cfg.Last, s.skip)
 	if err != nil {
 		s.log.Error("boot: no address for machine", "mac", mac, "err", err)
@@ -214,15 +242,7 @@ func (s *Server) handleDHCP(conn net.PacketConn, peer net.Addr, req *dhcpv4.DHCP
 		bootfile = fmt.Sprintf(s.dhcp.Bootfile, mac)
 	}
 	if req.MessageType() == dhcpv4.MessageTypeDiscover {
-		s.reg.stage(ctx, mac, func(b *api.BootStages, now time.Time) {
-			if kind == "ipxe" {
-				if b.DHCP.IsZero() || !b.Script.IsZero() {
-					*b = api.BootStages{DHCP: now} // a new boot (not iPXE asking again)
-				}
-			} else if b.HostUp.IsZero() {
-				b.HostUp = now
-			}
-		})
+		s.stageDHCP(ctx, mac, kind)
 	}
 	resp := answer(req, s.dhcp, ip, bootfile)
 	if resp == nil {
@@ -238,4 +258,61 @@ func (s *Server) handleDHCP(conn net.PacketConn, peer net.Addr, req *dhcpv4.DHCP
 		return
 	}
 	s.log.Debug("boot: dhcp", "mac", mac, "client", kind, "request", req.MessageType().String(), "reply", resp.MessageType().String(), "ip", ip)
+}
+
+// stageDHCP records a DHCPDISCOVER in the machine's boot timeline: from
+// iPXE a new boot, from the booted host its system being up.
+func (s *Server) stageDHCP(ctx context.Context, mac, kind string) {
+	s.reg.stage(ctx, mac, func(b *api.BootStages, now time.Time) {
+		if kind == "ipxe" {
+			if b.DHCP.IsZero() || !b.Script.IsZero() {
+				*b = api.BootStages{DHCP: now} // a new boot (not iPXE asking again)
+			}
+		} else if b.HostUp.IsZero() {
+			b.HostUp = now
+		}
+	})
+}
+
+// pxePort is where PXE clients send ProxyDHCP requests.
+const pxePort = 4011
+
+// proxyDHCP answers a DHCP request in ProxyDHCP mode: an iPXE discover
+// gets where to boot from; the booted host's requests, and every
+// request for an address, are the network's own server's to answer.
+func (s *Server) proxyDHCP(ctx context.Context, conn net.PacketConn, req *dhcpv4.DHCPv4, kind, mac string) {
+	if req.MessageType() != dhcpv4.MessageTypeDiscover {
+		return
+	}
+	s.stageDHCP(ctx, mac, kind)
+	if kind != "ipxe" {
+		return
+	}
+	resp := proxyAnswer(req, s.dhcp, fmt.Sprintf(s.dhcp.Bootfile, mac), false)
+	if resp == nil {
+		return
+	}
+	if _, err := conn.WriteTo(resp.ToBytes(), &net.UDPAddr{IP: net.IPv4bcast, Port: dhcpv4.ClientPort}); err != nil {
+		s.log.Warn("boot: proxydhcp offer not sent", "mac", mac, "err", err)
+		return
+	}
+	s.log.Debug("boot: proxydhcp offer", "mac", mac)
+}
+
+// handleProxyRequest answers an iPXE client's ProxyDHCP request on port
+// 4011 (it has its address from the network's server by then).
+func (s *Server) handleProxyRequest(conn net.PacketConn, peer net.Addr, req *dhcpv4.DHCPv4) {
+	if req.OpCode != dhcpv4.OpcodeBootRequest || len(req.ClientHWAddr) != 6 || clientKind(req) != "ipxe" {
+		return
+	}
+	mac := req.ClientHWAddr.String()
+	resp := proxyAnswer(req, s.dhcp, fmt.Sprintf(s.dhcp.Bootfile, mac), true)
+	if resp == nil {
+		return
+	}
+	if _, err := conn.WriteTo(resp.ToBytes(), peer); err != nil {
+		s.log.Warn("boot: proxydhcp ack not sent", "mac", mac, "err", err)
+		return
+	}
+	s.log.Debug("boot: proxydhcp ack", "mac", mac, "peer", peer)
 }

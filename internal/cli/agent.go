@@ -145,6 +145,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 	f.StringVar(&boot.Range, "boot-range", "", "with --boot-interface: addresses given to booting machines, FIRST-LAST (default: the upper half of the interface's subnet)")
 	f.IntVar(&boot.HTTPPort, "boot-http-port", 8067, "with --boot-interface: port of the iPXE scripts and host images (plain HTTP: iPXE has no HTTPS)")
 	f.IntVar(&boot.TLSPort, "boot-tls-port", 8068, "with --boot-interface: port of the signed host configurations (TLS)")
+	f.BoolVar(&boot.ProxyDHCP, "boot-proxy-dhcp", false, "with --boot-interface: the boot network has its own DHCP server, which gives the addresses; answer only iPXE, with where to boot from (ProxyDHCP)")
 	f.StringSliceVar(&boot.ManagerURLs, "boot-manager-url", nil, "with --boot-interface: manager API URLs booted hosts join (default: this manager's API on the boot interface's address)")
 	return cmd
 }
