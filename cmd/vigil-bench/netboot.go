@@ -199,7 +199,8 @@ func bootOnce(ctx context.Context, c *client.Client, dir, tap, mac, host string,
 		args = append(args, "-boot", "n")
 	} else {
 		args = append(args, "-kernel", filepath.Join(img, "vmlinuz"), "-initrd", filepath.Join(img, "initrd.img"),
-			"-append", fmt.Sprintf("console=ttyS0 loglevel=4 vigil.boot=https://%s:8068 vigil.bootmac=%s vigil.image=%s", bootIP, mac, digest))
+			"-append", fmt.Sprintf("console=ttyS0 loglevel=4 vigil.boot=https://%s:8068 vigil.bootmac=%s vigil.image=%s vigil.kernel=http://%s:8067/images/%s/vmlinuz",
+				bootIP, mac, digest, bootIP, strings.TrimPrefix(digest, "sha256:")))
 	}
 	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", args...)
 	on := time.Now()

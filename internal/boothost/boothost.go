@@ -12,6 +12,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
@@ -22,6 +23,8 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -34,6 +37,9 @@ type Params struct {
 	ConfigURL string // vigil.boot=https://HOST:PORT
 	MAC       string // vigil.bootmac=
 	Image     string // vigil.image= (as the boot service claims)
+	// KernelURL (vigil.kernel=http://...) is where the boot service serves
+	// this image's kernel: the built-in guest's too, when it is the same.
+	KernelURL string
 	UUID      string // SMBIOS product UUID
 	// Vendor and Product are SMBIOS's manufacturer and product name.
 	Vendor, Product string
@@ -51,6 +57,10 @@ func ParseCmdline(cmdline string) (Params, error) {
 			p.MAC = strings.ToLower(v)
 		case "vigil.image":
 			p.Image = v
+		case "vigil.kernel":
+			if u, err := url.Parse(v); err == nil && u.Scheme == "http" && u.Host != "" {
+				p.KernelURL = v
+			}
 		}
 	}
 	u, err := url.Parse(p.ConfigURL)
@@ -201,4 +211,63 @@ func errorText(b []byte) string {
 		b = b[:200]
 	}
 	return strings.TrimSpace(string(b))
+}
+
+// FetchFile gets url into dst (atomically), if its content has sha256 sum
+// (hex): over plain HTTP (what iPXE and the boot service speak), so the
+// sum, from the image itself, is what vouches for it. It asks again a few
+// times before it gives up.
+func FetchFile(ctx context.Context, hc *http.Client, url, sum, dst string) error {
+	var last error
+	for attempt := 0; attempt < 5; attempt++ {
+		if attempt > 0 {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(time.Duration(attempt) * 300 * time.Millisecond):
+			}
+		}
+		if last = fetchOnce(ctx, hc, url, sum, dst); last == nil {
+			return nil
+		}
+	}
+	return last
+}
+
+func fetchOnce(ctx context.Context, hc *http.Client, url, sum, dst string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return err
+	}
+	f, err := os.CreateTemp(filepath.Dir(dst), ".fetch-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	h := sha256.New()
+	if _, err := io.Copy(io.MultiWriter(f, h), io.LimitReader(resp.Body, 1<<30)); err != nil {
+		f.Close()
+		return fmt.Errorf("GET %s: %w", url, err)
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if got := hex.EncodeToString(h.Sum(nil)); got != strings.ToLower(strings.TrimSpace(sum)) {
+		return fmt.Errorf("GET %s: its sha256 is %s, the image says %s: not used", url, got, strings.TrimSpace(sum))
+	}
+	if err := os.Chmod(f.Name(), 0o644); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), dst)
 }

@@ -1,14 +1,19 @@
 package boothost
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -22,6 +27,13 @@ func TestParseCmdline(t *testing.T) {
 	p, err := ParseCmdline("console=ttyS0 vigil.boot=https://10.77.0.1:8068 vigil.bootmac=52:54:00:BE:EE:01 vigil.image=sha256:ab\n")
 	if err != nil || p.ConfigURL != "https://10.77.0.1:8068" || p.MAC != "52:54:00:be:ee:01" || p.Image != "sha256:ab" {
 		t.Fatalf("%+v %v", p, err)
+	}
+	p, _ = ParseCmdline("vigil.boot=https://10.77.0.1:8068 vigil.bootmac=52:54:00:be:ee:01 vigil.kernel=http://10.77.0.1:8067/images/ab/vmlinuz")
+	if p.KernelURL != "http://10.77.0.1:8067/images/ab/vmlinuz" {
+		t.Fatalf("kernel url: %+v", p)
+	}
+	if p, _ := ParseCmdline("vigil.boot=https://10.77.0.1:8068 vigil.bootmac=52:54:00:be:ee:01 vigil.kernel=file:///etc/passwd"); p.KernelURL != "" {
+		t.Fatalf("a kernel url that is not http: %+v", p)
 	}
 	for _, bad := range []string{"", "vigil.boot=http://10.0.0.1 vigil.bootmac=52:54:00:be:ee:01", "vigil.boot=https://10.0.0.1", "vigil.boot=https:// vigil.bootmac=52:54:00:be:ee:01"} {
 		if _, err := ParseCmdline(bad); err == nil {
@@ -156,4 +168,48 @@ func FuzzParseCmdline(f *testing.F) {
 			t.Fatalf("accepted %q as %+v", s, p)
 		}
 	})
+}
+
+func TestFetchFileChecksTheSum(t *testing.T) {
+	content := []byte("the kernel")
+	sum := sha256.Sum256(content)
+	good := hex.EncodeToString(sum[:])
+	hits := 0
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits++
+		switch r.URL.Path {
+		case "/flaky":
+			if hits == 1 {
+				http.Error(w, "busy", http.StatusServiceUnavailable)
+				return
+			}
+		case "/missing":
+			http.NotFound(w, r)
+			return
+		}
+		w.Write(content)
+	}))
+	defer srv.Close()
+	dir := t.TempDir()
+	ctx := context.Background()
+	dst := filepath.Join(dir, "guest", "vmlinuz")
+	if err := FetchFile(ctx, srv.Client(), srv.URL+"/flaky", good+"\n", dst); err != nil {
+		t.Fatalf("asking again: %v", err)
+	}
+	if b, _ := os.ReadFile(dst); !bytes.Equal(b, content) {
+		t.Fatalf("fetched %q", b)
+	}
+	other := filepath.Join(dir, "other")
+	if err := FetchFile(ctx, srv.Client(), srv.URL+"/ok", strings.Repeat("0", 64), other); err == nil || !strings.Contains(err.Error(), "not used") {
+		t.Fatalf("a file with another sum: %v", err)
+	}
+	if err := FetchFile(ctx, srv.Client(), srv.URL+"/missing", good, other); err == nil {
+		t.Fatal("a missing file was fetched")
+	}
+	if _, err := os.Stat(other); !os.IsNotExist(err) {
+		t.Fatalf("a refused file was left: %v", err)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
+		t.Fatalf("temporary files left: %v", ents)
+	}
 }

@@ -333,7 +333,7 @@ func TestBootFlow(t *testing.T) {
 	script := w.Body.String()
 	hex := strings.TrimPrefix(digest, "sha256:")
 	for _, want := range []string{"#!ipxe", "kernel http://10.77.0.1:8067/images/" + hex + "/vmlinuz", "vigil.boot=https://10.77.0.1:8068",
-		"vigil.bootmac=" + mac, "vigil.image=" + digest, "initrd http://10.77.0.1:8067/images/" + hex + "/initrd.img", "boot"} {
+		"vigil.bootmac=" + mac, "vigil.image=" + digest, "vigil.kernel=http://10.77.0.1:8067/images/" + hex + "/vmlinuz", "initrd http://10.77.0.1:8067/images/" + hex + "/initrd.img", "boot"} {
 		if !strings.Contains(script, want) {
 			t.Errorf("script lacks %q:\n%s", want, script)
 		}

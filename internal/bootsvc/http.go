@@ -103,8 +103,8 @@ func (s *Server) handleScript(w http.ResponseWriter, r *http.Request) {
 	hex := strings.TrimPrefix(digest, "sha256:")
 	base := "http://" + r.Host + "/images/" + hex
 	w.Header().Set("Content-Type", "text/plain")
-	fmt.Fprintf(w, "#!ipxe\nkernel %s/vmlinuz?mac=%s console=ttyS0 loglevel=4 vigil.boot=https://%s vigil.bootmac=%s vigil.image=%s\ninitrd %s/initrd.img?mac=%s\nboot\n",
-		base, mac, s.tlsAddr, mac, digest, base, mac)
+	fmt.Fprintf(w, "#!ipxe\nkernel %s/vmlinuz?mac=%s console=ttyS0 loglevel=4 vigil.boot=https://%s vigil.bootmac=%s vigil.image=%s vigil.kernel=%s/vmlinuz\ninitrd %s/initrd.img?mac=%s\nboot\n",
+		base, mac, s.tlsAddr, mac, digest, base, base, mac)
 }
 
 func (s *Server) handleImageFile(w http.ResponseWriter, r *http.Request) {

@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -263,9 +264,13 @@ func newBootHostCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			// The image's init brings the network up while this starts.
+			if !waitForFile(hostimage.BootAddress, time.Minute) {
+				return fmt.Errorf("no address on the boot network after a minute (the image's DHCP client writes %s)", hostimage.BootAddress)
+			}
 			// The MAC on the command line comes from the boot service's
 			// script: the NIC's own address is what counts.
-			if ifName, err := os.ReadFile("/run/boot-interface"); err == nil {
+			if ifName, err := os.ReadFile(hostimage.BootInterface); err == nil {
 				if hw, err := os.ReadFile(filepath.Join("/sys/class/net", strings.TrimSpace(string(ifName)), "address")); err == nil {
 					if nic := strings.TrimSpace(string(hw)); nic != p.MAC {
 						return fmt.Errorf("the kernel command line says this machine is %s, its boot interface is %s: not booting on a configuration for another machine", p.MAC, nic)
@@ -285,11 +290,28 @@ func newBootHostCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("the image's CA certificate: %w", err)
 			}
+			// The built-in guest's kernel, when it is this one, comes from
+			// the boot service while the configuration is fetched.
+			kernelDone := make(chan error, 1)
+			if sum, err := os.ReadFile(hostimage.GuestKernelSumPath); err == nil {
+				if p.KernelURL == "" {
+					return fmt.Errorf("the image's guest kernel is the boot service's (%s), but the kernel command line has no vigil.kernel=: boot through Vigil's boot service", hostimage.GuestKernelSumPath)
+				}
+				go func() {
+					kernelDone <- boothost.FetchFile(cmd.Context(), &http.Client{Timeout: 2 * time.Minute}, p.KernelURL, string(sum),
+						filepath.Join(hostimage.GuestImageDir, "vmlinuz"))
+				}()
+			} else {
+				kernelDone <- nil
+			}
 			cfg, signed, err := boothost.NewClient(p, ca, log).Fetch(cmd.Context())
 			if err != nil {
 				return err
 			}
-			addr, err := os.ReadFile("/run/boot-address")
+			if err := <-kernelDone; err != nil {
+				return fmt.Errorf("the built-in guest's kernel: %w", err)
+			}
+			addr, err := os.ReadFile(hostimage.BootAddress)
 			if err != nil {
 				return fmt.Errorf("no address on the boot network (the image's DHCP client writes /run/boot-address): %w", err)
 			}
@@ -302,14 +324,8 @@ func newBootHostCmd() *cobra.Command {
 			log.Info("boot configuration verified", "host", cfg.HostName, "profile", cfg.Profile, "config", signed.Digest(), "managers", cfg.Managers)
 			// The image's init loads the modules the network boot does not
 			// need while the configuration is fetched.
-			for i := 0; i < 300; i++ {
-				if _, err := os.Stat(hostimage.ModulesReady); err == nil {
-					break
-				}
-				if i == 299 {
-					log.Warn("the host image's modules are still loading after 30s: starting anyway", "file", hostimage.ModulesReady)
-				}
-				time.Sleep(100 * time.Millisecond)
+			if !waitForFile(hostimage.ModulesReady, 30*time.Second) {
+				log.Warn("the host image's modules are still loading after 30s: starting anyway", "file", hostimage.ModulesReady)
 			}
 			// The host agent runs in this process: under TCG a second
 			// start of this binary cost about half a second of every boot.
@@ -429,4 +445,16 @@ profile names it.`,
 	c.Flags().BoolVar(&wait, "wait", false, "wait until the rollout has ended")
 	c.Flags().BoolVar(&status, "status", false, "show the profile's last rollout")
 	return c
+}
+
+// waitForFile tells whether path exists within d.
+func waitForFile(path string, d time.Duration) bool {
+	for end := time.Now().Add(d); ; time.Sleep(50 * time.Millisecond) {
+		if _, err := os.Stat(path); err == nil {
+			return true
+		}
+		if time.Now().After(end) {
+			return false
+		}
+	}
 }

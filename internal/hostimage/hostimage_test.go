@@ -50,8 +50,11 @@ func TestInitScripts(t *testing.T) {
 	if strings.Index(s, "virtio_ring.ko") > nic || strings.Index(s, "failover.ko") > nic || nic > bridge || bridge > ready || ready > dhcp {
 		t.Errorf("module order: the NIC's (with its dependencies in order) first, the rest in the background before the network: %s", s)
 	}
-	if !strings.Contains(s, ") &\n") {
-		t.Error("the other modules do not load in the background")
+	if strings.Count(s, ") &\n") != 2 {
+		t.Error("the other modules and the network do not come up in the background")
+	}
+	if !strings.Contains(udhcpcScript, "mv /run/boot-address.new "+BootAddress) {
+		t.Error("the boot address is not written whole")
 	}
 	for _, want := range []string{"mount -t tmpfs -o mode=0755 tmpfs /run", "insmod /lib/modules/6.1.0-1-cloud-amd64/kernel/net/bridge/bridge.ko", "vigil.bootmac=", "udhcpc -i", "-V vigil-host"} {
 		if !strings.Contains(s, want) {
@@ -101,5 +104,23 @@ func TestInitramfsIsLegacyLZ4(t *testing.T) {
 	}
 	if _, ok := got["dev/console"]; !ok {
 		t.Fatal("no dev/console")
+	}
+}
+
+func TestSameFile(t *testing.T) {
+	dir := t.TempDir()
+	a, b, c := filepath.Join(dir, "a"), filepath.Join(dir, "b"), filepath.Join(dir, "c")
+	os.WriteFile(a, []byte("kernel"), 0o644)
+	os.WriteFile(b, []byte("kernel"), 0o644)
+	os.WriteFile(c, []byte("other"), 0o644)
+	same, sum, err := sameFile(a, b)
+	if err != nil || !same || len(sum) != 64 {
+		t.Fatalf("same files: %v %q %v", same, sum, err)
+	}
+	if same, _, _ := sameFile(a, c); same {
+		t.Fatal("different files are the same")
+	}
+	if _, _, err := sameFile(a, filepath.Join(dir, "none")); err == nil {
+		t.Fatal("a missing file")
 	}
 }

@@ -12,7 +12,7 @@ var applets = []string{
 	"cat", "date", "df", "dmesg", "echo", "free", "grep", "halt", "head", "hostname",
 	"insmod", "ip", "kill", "ln", "ls", "lsmod", "mkdir", "mount", "ping", "poweroff",
 	"ps", "reboot", "rm", "sh", "sleep", "sync", "tr", "udhcpc", "umount", "uname",
-	"uptime", "wc", "wget", "mdev", "cut", "sed", "tail", "top", "free",
+	"uptime", "wc", "wget", "mdev", "cut", "sed", "tail", "top", "mv",
 }
 
 // inittab: busybox init (PID 1) runs rcS once, then keeps the host
@@ -61,7 +61,11 @@ hostname vigil-boot
 		insmod(m)
 	}
 	b.WriteString("touch " + ModulesReady + "\n) &\n")
+	// The network comes up in the background too: init starts the host
+	// program at once, and its start (under TCG, most of a second of
+	// translating code) overlaps DHCP; it waits for BootAddress.
 	b.WriteString(`ip link set lo up
+(
 BOOTMAC=
 for arg in $(cat /proc/cmdline); do
 	case "$arg" in
@@ -87,9 +91,18 @@ else
 	udhcpc -i "$IF" -s /etc/udhcpc.script -V vigil-host -b -t 20 -T 1 -A 1 >/dev/null 2>&1
 fi
 echo "vigil: host image up ($(uname -r)), boot interface ${IF:-none}"
+) &
 `)
 	return b.String()
 }
+
+// BootAddress holds the host's address on the boot network once DHCP gave
+// it one (written by the image's udhcpc script); BootInterface names the
+// interface.
+const (
+	BootAddress   = "/run/boot-address"
+	BootInterface = "/run/boot-interface"
+)
 
 // ModulesReady exists once the host image's init has loaded every module
 // (the host agent waits for it before it starts).
@@ -119,7 +132,8 @@ bound|renew)
 	if [ -n "$router" ]; then
 		ip route replace default via "${router%% *}" dev "$interface"
 	fi
-	echo "$ip" >/run/boot-address
+	# Whole or not at all: the host program waits for this file.
+	echo "$ip" >/run/boot-address.new && mv /run/boot-address.new /run/boot-address
 	echo "vigil: dhcp $1 $interface $ip/$mask" >/dev/console
 	;;
 esac
