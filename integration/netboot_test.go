@@ -87,6 +87,22 @@ func (bm *bootMachine) reset(t *testing.T) {
 // profile "default". It returns the manager, the image and the tap.
 func bootLab(t *testing.T, agentArgs ...string) (*devAgent, string, *netlink.Tuntap) {
 	t.Helper()
+	tap := bootNet(t)
+	m := &devAgent{t: t, dataDir: shortTempDir(t), addr: "10.77.0.1:7070"}
+	startProc(t, append([]string{"agent", "--manager", "--listen", m.addr, "--data-dir", m.dataDir, "--boot-interface", "br-boot", "--log-level", "debug"}, agentArgs...)...)
+	waitFor(t, "manager", 60*time.Second, func() bool {
+		_, _, code := m.vigil("host", "list")
+		return code == 0
+	})
+	digest := buildHostImage(t, m)
+	m.mustVigil("boot", "profile", "create", "default", "--image", digest)
+	return m, digest, tap
+}
+
+// bootNet makes the boot network: bridge br-boot (10.77.0.1/24) and the
+// bare-metal machine's tap on it.
+func bootNet(t *testing.T) *netlink.Tuntap {
+	t.Helper()
 	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "br-boot"}}
 	tap := &netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Name: "tap-metal"}, Mode: netlink.TUNTAP_MODE_TAP}
 	for _, step := range []func() error{
@@ -101,14 +117,13 @@ func bootLab(t *testing.T, agentArgs ...string) (*devAgent, string, *netlink.Tun
 			t.Fatalf("boot network: %v", err)
 		}
 	}
-	m := &devAgent{t: t, dataDir: shortTempDir(t), addr: "10.77.0.1:7070"}
-	startProc(t, append([]string{"agent", "--manager", "--listen", m.addr, "--data-dir", m.dataDir, "--boot-interface", "br-boot", "--log-level", "debug"}, agentArgs...)...)
-	waitFor(t, "manager", 60*time.Second, func() bool {
-		_, _, code := m.vigil("host", "list")
-		return code == 0
-	})
-	// The host image, built with this cluster's CA (the kernel package
-	// comes from the guest image's download cache).
+	return tap
+}
+
+// buildHostImage builds a host image with m's cluster CA into m's data dir
+// (the kernel package comes from the guest image's download cache).
+func buildHostImage(t *testing.T, m *devAgent) string {
+	t.Helper()
 	cache := filepath.Join(m.dataDir, "images", "cache")
 	os.MkdirAll(cache, 0o755)
 	debs, _ := filepath.Glob(filepath.Join(filepath.Dir(imageDir), "cache", "*.deb"))
@@ -120,9 +135,7 @@ func bootLab(t *testing.T, agentArgs ...string) (*devAgent, string, *netlink.Tun
 	t0 := time.Now()
 	digest := strings.TrimSpace(m.mustVigil("boot", "image", "build", "--data-dir", m.dataDir, "--guest-image", imageDir, "-q"))
 	t.Logf("host image %s built in %s", digest, time.Since(t0).Round(time.Millisecond))
-	m.mustVigil("boot", "profile", "create", "default", "--image", digest)
-
-	return m, digest, tap
+	return digest
 }
 
 // TestNetworkBoot boots a machine with an empty disk from the network:
@@ -317,5 +330,52 @@ func TestNetworkBootProxyDHCP(t *testing.T) {
 	}
 	if !strings.Contains(bm.console(), "dhcp bound eth0 "+ip.String()) {
 		t.Fatalf("the booted host did not take its address from the network's server:\n%s", lastLines(bm.console(), 20))
+	}
+}
+
+// TestBootServiceAlone runs the boot service as its own process (vigil
+// agent --boot: DHCP needs root, the manager need not), on the manager's
+// store through its embedded etcd's socket, serving a copy of the host
+// image: a machine boots from it and joins the manager.
+func TestBootServiceAlone(t *testing.T) {
+	needIntegration(t)
+	if !inOwnNetNS(t) {
+		return
+	}
+	tap := bootNet(t)
+	m := &devAgent{t: t, dataDir: shortTempDir(t), addr: "10.77.0.1:7070"}
+	startProc(t, "agent", "--manager", "--listen", m.addr, "--data-dir", m.dataDir, "--log-level", "debug")
+	waitFor(t, "manager", 60*time.Second, func() bool {
+		_, _, code := m.vigil("host", "list")
+		return code == 0
+	})
+	digest := buildHostImage(t, m)
+	m.mustVigil("boot", "profile", "create", "default", "--image", digest)
+	// The boot service's own data dir holds a copy of the image (as an
+	// operator would copy it to the machine that runs the service).
+	bootDir := shortTempDir(t)
+	images := filepath.Join(bootDir, "boot", "images")
+	os.MkdirAll(images, 0o755)
+	hex := strings.TrimPrefix(digest, "sha256:")
+	if out, err := exec.Command("cp", "-a", filepath.Join(m.dataDir, "boot", "images", hex), images).CombinedOutput(); err != nil {
+		t.Fatalf("copy the image: %v: %s", err, out)
+	}
+	// Refused without what it needs, with the reason.
+	if _, stderr, code := m.vigil("agent", "--boot", "--boot-interface", "br-boot", "--data-dir", bootDir); code == 0 || !strings.Contains(stderr, "--etcd-endpoints") {
+		t.Fatalf("--boot without a store: exit %d: %s", code, stderr)
+	}
+	startProc(t, "agent", "--boot", "--etcd-endpoints", "unix://"+filepath.Join(m.dataDir, "etcd", "client.sock"),
+		"--boot-interface", "br-boot", "--boot-manager-url", "https://"+m.addr, "--data-dir", bootDir, "--log-level", "debug")
+
+	const mac = "52:54:00:be:ee:05"
+	m.mustVigil("boot", "rule", "create", "h5", "--mac", mac, "--profile", "default", "--host-name", "h5")
+	startBootMachine(t, shortTempDir(t), tap.Name, mac)
+	powerOn := time.Now()
+	waitFor(t, "h5 up", 3*time.Minute, func() bool { return hostList(t, m)["h5"].State == "up" })
+	t.Logf("power-on to host up (boot service alone): %s", time.Since(powerOn).Round(time.Millisecond))
+	var ms []api.BootMachine
+	json.Unmarshal([]byte(m.mustVigil("boot", "machines", "-o", "json")), &ms)
+	if len(ms) != 1 || ms[0].Rule != "h5" || ms[0].LastImage != digest || ms[0].Boots != 1 {
+		t.Fatalf("machines: %+v", ms)
 	}
 }

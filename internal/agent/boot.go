@@ -1,14 +1,23 @@
 package agent
 
 import (
+	"context"
+	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/vigil-project/vigil/internal/bootsvc"
+	"github.com/vigil-project/vigil/internal/manager"
+	"github.com/vigil-project/vigil/internal/pki"
+	"github.com/vigil-project/vigil/internal/store"
+	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 // BootConfig runs a manager's boot service for stateless hosts.
@@ -63,4 +72,74 @@ func bootService(b *BootConfig, ln net.Listener) (*bootsvc.Config, error) {
 		}
 	}
 	return cfg, nil
+}
+
+// BootOnlyConfig configures `vigil agent --boot`: a boot service alone, on
+// the cluster's store, with no API and no controllers. DHCP needs root;
+// the managers need not: this is how they part.
+type BootOnlyConfig struct {
+	Name    string
+	DataDir string // host images are in BootImagesDir(DataDir)
+	// EtcdEndpoints reach the cluster's store: an external etcd, or a
+	// manager's embedded one on the same machine
+	// (unix://MANAGER_DATA_DIR/etcd/client.sock).
+	EtcdEndpoints []string
+	EtcdTLS       EtcdTLS
+	Boot          BootConfig
+	CertTTL       time.Duration
+	Logger        *slog.Logger
+}
+
+// RunBoot runs a boot service alone until ctx ends.
+func RunBoot(ctx context.Context, cfg BootOnlyConfig) error {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if len(cfg.EtcdEndpoints) == 0 {
+		return errors.New("--boot alone reads the cluster's boot registry from its store: give --etcd-endpoints (an external etcd, or unix://MANAGER_DATA_DIR/etcd/client.sock on a manager's machine)")
+	}
+	if cfg.Boot.Interface == "" {
+		return errors.New("--boot needs --boot-interface")
+	}
+	if len(cfg.Boot.ManagerURLs) == 0 {
+		return errors.New("--boot alone has no API of its own: give --boot-manager-url with the managers booted hosts join")
+	}
+	if cfg.Name == "" {
+		cfg.Name, _ = os.Hostname()
+	}
+	tc, err := cfg.EtcdTLS.config()
+	if err != nil {
+		return err
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: cfg.EtcdEndpoints, DialTimeout: 5 * time.Second, TLS: tc})
+	if err != nil {
+		return fmt.Errorf("connect to etcd %s: %w", strings.Join(cfg.EtcdEndpoints, ","), err)
+	}
+	defer cli.Close()
+	st := store.New(cli, "/vigil/")
+	lctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	ca, err := manager.LoadCA(lctx, st)
+	cancel()
+	if errors.Is(err, store.ErrNotFound) {
+		return errors.New("the store has no cluster ca yet: start a manager first ('vigil agent --manager')")
+	}
+	if err != nil {
+		return err
+	}
+	svc, err := bootService(&cfg.Boot, nil)
+	if err != nil {
+		return err
+	}
+	// The boot service's own certificate, for the configuration endpoint
+	// (hosts pin the CA the image carries).
+	id, err := manager.NewIdentity(ca, cfg.Name, net.JoinHostPort("0.0.0.0", strconv.Itoa(cfg.Boot.TLSPort)), cfg.CertTTL)
+	if err != nil {
+		return err
+	}
+	go id.KeepRenewed(ctx, log)
+	reg := &bootsvc.Registry{Store: st, ImagesDir: BootImagesDir(cfg.DataDir)}
+	log.Info("boot service alone", "interface", cfg.Boot.Interface, "managers", cfg.Boot.ManagerURLs, "images", reg.ImagesDir)
+	bootsvc.Serve(ctx, *svc, reg, ca, pki.ServerConfig(id.Holder, nil, false), manager.JoinTokens{Store: st, CA: ca}, log)
+	return nil
 }

@@ -121,6 +121,26 @@ func upperHalf(p netip.Prefix) (netip.Addr, netip.Addr) {
 	return u(first), u(last)
 }
 
+// Serve runs a boot service until ctx ends. The interface may get its
+// address after the service starts: it tries again until it runs.
+func Serve(ctx context.Context, cfg Config, reg *Registry, ca *pki.CA, tlsConfig *tls.Config, cluster Cluster, log *slog.Logger) {
+	for {
+		srv, err := New(cfg, reg, ca, tlsConfig, cluster, log)
+		if err == nil {
+			err = srv.Run(ctx)
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		log.Error("boot service not running; trying again in 10 s", "err", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(10 * time.Second):
+		}
+	}
+}
+
 // Run serves until ctx ends.
 func (s *Server) Run(ctx context.Context) error {
 	httpL, err := net.Listen("tcp", net.JoinHostPort(s.ip.String(), strconv.Itoa(s.cfg.HTTPPort)))

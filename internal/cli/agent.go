@@ -18,7 +18,7 @@ import (
 
 func newAgentCmd(g *globals) *cobra.Command {
 	var cfg agent.DevConfig
-	var dev, isHost bool
+	var dev, isHost, bootOnly bool
 	var logLevel, managerFlag, managers, joinToken, etcdEndpoints, etcdPeers, storagePool string
 	var fenceAfter, deadAfter, certTTL time.Duration
 	var etcdCA, etcdCert, etcdKey string
@@ -26,11 +26,13 @@ func newAgentCmd(g *globals) *cobra.Command {
 	var oc manager.Overcommit
 	cmd := &cobra.Command{
 		Use:   "agent",
-		Short: "Run a Vigil agent: --dev (all in one), --manager, or --host",
+		Short: "Run a Vigil agent: --dev (all in one), --manager, --host, or --boot",
 		Long: `Run a Vigil agent.
   --dev      manager, embedded etcd and one host agent in one process (a laptop, CI)
   --manager  a manager: API and controllers, with an embedded etcd or --etcd-endpoints
-  --host     a host agent that joins a manager: --name, --manager URL[,URL...], --join-token`,
+  --host     a host agent that joins a manager: --name, --manager URL[,URL...], --join-token
+  --boot     a boot service alone (DHCP, iPXE, signed configurations) on the cluster's
+             store: --etcd-endpoints, --boot-interface, --boot-manager-url`,
 		Args: cobra.ArbitraryArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			// --manager is the manager mode on its own, and with --host it
@@ -47,13 +49,13 @@ func newAgentCmd(g *globals) *cobra.Command {
 				return fmt.Errorf("unexpected arguments %v", args)
 			}
 			modes := 0
-			for _, b := range []bool{dev, isManager, isHost} {
+			for _, b := range []bool{dev, isManager, isHost, bootOnly} {
 				if b {
 					modes++
 				}
 			}
 			if modes != 1 {
-				return fmt.Errorf("choose one of --dev, --manager or --host")
+				return fmt.Errorf("choose one of --dev, --manager, --host or --boot")
 			}
 			var lvl slog.Level
 			if err := lvl.UnmarshalText([]byte(logLevel)); err != nil {
@@ -88,6 +90,9 @@ func newAgentCmd(g *globals) *cobra.Command {
 				return agent.RunManager(ctx, agent.ManagerConfig{Overcommit: oc, Listen: cfg.Listen, DataDir: cfg.DataDir, Name: cfg.HostName,
 					EtcdEndpoints: splitList(etcdEndpoints), EtcdPeers: peers, Logger: log, HostDeadAfter: deadAfter, CertTTL: certTTL,
 					EtcdTLS: agent.EtcdTLS{CA: etcdCA, Cert: etcdCert, Key: etcdKey}, Boot: &boot})
+			case bootOnly:
+				return agent.RunBoot(ctx, agent.BootOnlyConfig{Name: cfg.HostName, DataDir: cfg.DataDir, EtcdEndpoints: splitList(etcdEndpoints),
+					EtcdTLS: agent.EtcdTLS{CA: etcdCA, Cert: etcdCert, Key: etcdKey}, Boot: boot, CertTTL: certTTL, Logger: log})
 			case isHost:
 				if cfg.HostName == "" {
 					return fmt.Errorf("--host needs --name")
@@ -118,6 +123,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 	f.StringVar(&managerFlag, "manager", "", "alone: run a manager (hosts join it); with --host: the manager URLs, comma-separated, tried in turn")
 	f.Lookup("manager").NoOptDefVal = noValue
 	f.BoolVar(&isHost, "host", false, "run a host agent that joins a manager")
+	f.BoolVar(&bootOnly, "boot", false, "run a boot service alone, on the cluster's store (--etcd-endpoints): DHCP needs root, managers need not")
 	f.StringVar(&cfg.Listen, "listen", envOr("VIGIL_LISTEN", "127.0.0.1:7070"), "API listen address (env VIGIL_LISTEN); for --host, where managers reach it (default a free loopback port)")
 	f.StringVar(&cfg.DataDir, "data-dir", envOr("VIGIL_DATA_DIR", agent.DefaultDataDir()), "where VMs, images and etcd live (env VIGIL_DATA_DIR)")
 	f.StringVar(&cfg.HostName, "name", "", "host (or manager) name (default for --dev: the machine's hostname)")
@@ -128,7 +134,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 	f.StringVar(&joinToken, "join-token", envOr("VIGIL_JOIN_TOKEN", ""), "with --host: a token from 'vigil host join-token' (env VIGIL_JOIN_TOKEN)")
 	// Read once: the processes the agent starts (QEMU) need not see it.
 	os.Unsetenv("VIGIL_JOIN_TOKEN")
-	f.StringVar(&etcdEndpoints, "etcd-endpoints", "", "with --manager: an external etcd cluster (comma-separated URLs) instead of the embedded one")
+	f.StringVar(&etcdEndpoints, "etcd-endpoints", "", "with --manager: an external etcd cluster (comma-separated URLs) instead of the embedded one; with --boot: the cluster's store (an external etcd, or unix://MANAGER_DATA_DIR/etcd/client.sock on a manager's machine)")
 	f.StringVar(&etcdPeers, "etcd-peers", "", "with --manager and --name: form an embedded etcd cluster with these managers (name=http://HOST:PEERPORT,...)")
 	f.StringVar(&storagePool, "storage-pool", envOr("VIGIL_STORAGE_POOL", ""), "with --host: a directory every host of the pool mounts (NFS, CephFS, or shared on one machine) for VM disks and state, so VMs can move between hosts (env VIGIL_STORAGE_POOL)")
 	f.DurationVar(&fenceAfter, "fence-after", agent.DefaultFenceAfter, "with --host: kill this host's VMs after this long without any manager")
@@ -141,7 +147,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 	f.StringVar(&etcdKey, "etcd-key", "", "with --etcd-endpoints: client key (PEM file) for the external etcd")
 	f.StringVar(&cfg.DefaultNetwork, "default-network", envOr("VIGIL_DEFAULT_NETWORK", ""), "with --dev: make network 'default' on this subnet with NAT (e.g. 10.231.0.0/24; needs root), which VMs join unless they name another (env VIGIL_DEFAULT_NETWORK)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
-	f.StringVar(&boot.Interface, "boot-interface", "", "with --manager: run the boot service for stateless hosts on this interface (DHCP, iPXE over HTTP, signed configurations over TLS)")
+	f.StringVar(&boot.Interface, "boot-interface", "", "with --manager or --boot: run the boot service for stateless hosts on this interface (DHCP, iPXE over HTTP, signed configurations over TLS)")
 	f.StringVar(&boot.Range, "boot-range", "", "with --boot-interface: addresses given to booting machines, FIRST-LAST (default: the upper half of the interface's subnet)")
 	f.IntVar(&boot.HTTPPort, "boot-http-port", 8067, "with --boot-interface: port of the iPXE scripts and host images (plain HTTP: iPXE has no HTTPS)")
 	f.IntVar(&boot.TLSPort, "boot-tls-port", 8068, "with --boot-interface: port of the signed host configurations (TLS)")

@@ -146,23 +146,7 @@ func (m *Manager) runBoot(ctx context.Context) {
 		m.log.Error("boot service not started: this manager has no cluster ca")
 		return
 	}
-	// The interface may get its address after the manager starts: try
-	// again until the service runs.
-	for {
-		srv, err := bootsvc.New(*m.bootCfg, m.boot, m.identity.CA, pki.ServerConfig(m.identity.Holder, nil, false), m, m.log)
-		if err == nil {
-			err = srv.Run(ctx)
-		}
-		if ctx.Err() != nil {
-			return
-		}
-		m.log.Error("boot service not running; trying again in 10 s", "err", err)
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(10 * time.Second):
-		}
-	}
+	bootsvc.Serve(ctx, *m.bootCfg, m.boot, m.identity.CA, pki.ServerConfig(m.identity.Holder, nil, false), m, m.log)
 }
 
 // runRollouts runs host image rollouts while this manager leads: on a
@@ -186,12 +170,7 @@ func (m *Manager) runRollouts(ctx context.Context) {
 }
 
 // RevokeJoinToken deletes join token id unless a host already joined with
-// it (the boot service revokes a machine's last token when it issues the
-// next or the machine is quarantined).
+// it.
 func (m *Manager) RevokeJoinToken(ctx context.Context, id string) error {
-	var tr joinTokenRecord
-	if _, err := m.store.Get(ctx, "jointokens/"+id, &tr); err != nil || tr.UsedBy != "" {
-		return nil
-	}
-	return m.store.Delete(ctx, "jointokens/"+id)
+	return JoinTokens{Store: m.store}.RevokeJoinToken(ctx, id)
 }

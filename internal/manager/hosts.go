@@ -76,15 +76,40 @@ func (m *Manager) JoinToken(ctx context.Context, host string) (api.JoinToken, er
 	if m.identity == nil {
 		return api.JoinToken{}, noTrust()
 	}
+	return JoinTokens{Store: m.store, CA: m.identity.CA}.JoinToken(ctx, host)
+}
+
+// JoinTokens mints and revokes join tokens: the manager's API does, and so
+// does a boot service for the machines it configures (on a manager, or
+// alone with the store).
+type JoinTokens struct {
+	Store *store.Store
+	CA    *pki.CA
+}
+
+// JoinToken makes a token that admits one new host (or, with host, one
+// host of that name, even if registered) for JoinTokenTTL.
+func (j JoinTokens) JoinToken(ctx context.Context, host string) (api.JoinToken, error) {
 	if host != "" && !dnsLabel.MatchString(host) {
 		return api.JoinToken{}, errorf(ErrInvalid, "invalid host name %q: it must be a DNS label", host)
 	}
-	t := pki.NewJoinToken(pki.Fingerprint(m.identity.CA.Cert))
+	t := pki.NewJoinToken(pki.Fingerprint(j.CA.Cert))
 	exp := time.Now().Add(JoinTokenTTL).UTC()
-	if _, err := m.store.Create(ctx, "jointokens/"+t.ID, joinTokenRecord{Hash: hashHex(t.Secret), Expires: exp, Host: host}); err != nil {
+	if _, err := j.Store.Create(ctx, "jointokens/"+t.ID, joinTokenRecord{Hash: hashHex(t.Secret), Expires: exp, Host: host}); err != nil {
 		return api.JoinToken{}, wrapf(ErrUnavailable, err, "store join token")
 	}
 	return api.JoinToken{Token: t.String(), Expires: exp, Host: host}, nil
+}
+
+// RevokeJoinToken deletes join token id unless a host already joined with
+// it (the boot service revokes a machine's last token when it issues the
+// next or the machine is quarantined).
+func (j JoinTokens) RevokeJoinToken(ctx context.Context, id string) error {
+	var tr joinTokenRecord
+	if _, err := j.Store.Get(ctx, "jointokens/"+id, &tr); err != nil || tr.UsedBy != "" {
+		return nil
+	}
+	return j.Store.Delete(ctx, "jointokens/"+id)
 }
 
 // Join admits a new host: it presents a valid, unused join token and a

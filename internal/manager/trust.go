@@ -26,17 +26,9 @@ type caRecord struct {
 // manager (two managers starting at once agree: the store keeps the first).
 func LoadOrCreateCA(ctx context.Context, s *store.Store, cluster string) (*pki.CA, error) {
 	for attempt := 0; attempt < 2; attempt++ {
-		var rec caRecord
-		_, err := s.Get(ctx, "pki/ca", &rec)
-		if err == nil {
-			ca, err := pki.ParseCA([]byte(rec.CertPEM), []byte(rec.KeyPEM))
-			if err != nil {
-				return nil, fmt.Errorf("the cluster ca in the store is damaged: %w", err)
-			}
-			return ca, nil
-		}
-		if !errors.Is(err, store.ErrNotFound) {
-			return nil, fmt.Errorf("read the cluster ca: %w", err)
+		ca, err := LoadCA(ctx, s)
+		if err == nil || !errors.Is(err, store.ErrNotFound) {
+			return ca, err
 		}
 		ca, keyPEM, err := pki.NewCA(cluster)
 		if err != nil {
@@ -51,6 +43,20 @@ func LoadOrCreateCA(ctx context.Context, s *store.Store, cluster string) (*pki.C
 		}
 	}
 	return nil, errors.New("the cluster ca could not be read nor created")
+}
+
+// LoadCA reads the cluster CA (with its key) from the store; an error
+// wrapping store.ErrNotFound if no manager made one yet.
+func LoadCA(ctx context.Context, s *store.Store) (*pki.CA, error) {
+	var rec caRecord
+	if _, err := s.Get(ctx, "pki/ca", &rec); err != nil {
+		return nil, fmt.Errorf("read the cluster ca: %w", err)
+	}
+	ca, err := pki.ParseCA([]byte(rec.CertPEM), []byte(rec.KeyPEM))
+	if err != nil {
+		return nil, fmt.Errorf("the cluster ca in the store is damaged: %w", err)
+	}
+	return ca, nil
 }
 
 // Identity is this manager's certificate, renewed before it expires.
