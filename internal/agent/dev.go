@@ -174,6 +174,7 @@ type hostSetup struct {
 	images                                     hostagent.ImageSource
 	name, dataDir, accel, imageDir, guestAgent string
 	storagePool, migrationHost                 string
+	qemuVersion                                string // known already, or empty
 	// migrationTLSDir: see hostagent.Config (none in dev mode: one host).
 	migrationTLSDir string
 	progress        func(string)
@@ -189,7 +190,7 @@ func newHostAgent(ctx context.Context, s hostSetup) (*hostagent.Agent, error) {
 		return nil, err
 	}
 	return hostagent.New(hostagent.Config{
-		Name: s.name, DataDir: filepath.Join(s.dataDir, "host"), Accel: s.accel, StoragePool: s.storagePool, MigrationHost: s.migrationHost,
+		Name: s.name, DataDir: filepath.Join(s.dataDir, "host"), Accel: s.accel, QEMUVersion: s.qemuVersion, StoragePool: s.storagePool, MigrationHost: s.migrationHost,
 		MigrationTLSDir: s.migrationTLSDir, Images: s.images,
 		Image:  hostagent.Image{Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: img.Cmdline},
 		Logger: s.log, Notify: s.notify,

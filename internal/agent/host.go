@@ -32,11 +32,13 @@ type HostConfig struct {
 	// kills its VMs (default DefaultFenceAfter).
 	FenceAfter time.Duration
 	Accel      string
-	ImageDir   string
-	GuestAgent string
-	Progress   func(string)
-	Logger     *slog.Logger
-	Ready      func(addr string)
+	// QEMUVersion, if set, is the QEMU binary's version as known already.
+	QEMUVersion string
+	ImageDir    string
+	GuestAgent  string
+	Progress    func(string)
+	Logger      *slog.Logger
+	Ready       func(addr string)
 }
 
 // RunHost runs a host agent that joins a manager: it serves the host API,
@@ -67,7 +69,7 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 
 	out := &outbox{wake: make(chan struct{}, 1)}
 	j := &joiner{cfg: cfg, log: log.With("host", cfg.Name), addr: ln.Addr().String(), out: out, lastAck: time.Now()}
-	host, err := newHostAgent(ctx, hostSetup{images: j, name: cfg.Name, dataDir: cfg.DataDir, accel: cfg.Accel, imageDir: cfg.ImageDir,
+	host, err := newHostAgent(ctx, hostSetup{images: j, name: cfg.Name, dataDir: cfg.DataDir, accel: cfg.Accel, imageDir: cfg.ImageDir, qemuVersion: cfg.QEMUVersion,
 		guestAgent: cfg.GuestAgent, progress: cfg.Progress, log: log, notify: out.add, storagePool: cfg.StoragePool,
 		// Live migrations come in on the address the managers reach us at,
 		// over TLS with the host's certificate.

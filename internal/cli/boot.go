@@ -327,6 +327,7 @@ func newBootHostCmd() *cobra.Command {
 			if !waitForFile(hostimage.ModulesReady, 30*time.Second) {
 				log.Warn("the host image's modules are still loading after 30s: starting anyway", "file", hostimage.ModulesReady)
 			}
+			qemuVersion, _ := os.ReadFile(hostimage.QEMUVersionPath)
 			// The host agent runs in this process: under TCG a second
 			// start of this binary cost about half a second of every boot.
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
@@ -334,7 +335,7 @@ func newBootHostCmd() *cobra.Command {
 			return agent.RunHost(ctx, agent.HostConfig{Name: cfg.HostName, DataDir: dataDir,
 				Listen: net.JoinHostPort(strings.TrimSpace(string(addr)), "7443"), Managers: cfg.Managers,
 				JoinToken: cfg.JoinToken, StoragePool: cfg.StoragePool, FenceAfter: agent.DefaultFenceAfter,
-				Accel: "auto", ImageDir: hostimage.GuestImageDir, Logger: log})
+				Accel: "auto", QEMUVersion: strings.TrimSpace(string(qemuVersion)), ImageDir: hostimage.GuestImageDir, Logger: log})
 		},
 	}
 }

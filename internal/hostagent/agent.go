@@ -45,8 +45,11 @@ type Config struct {
 	// with them (a host without one neither sends nor takes migrations).
 	MigrationTLSDir string
 	Accel           string // auto, kvm or tcg
-	Image           Image
-	Logger          *slog.Logger
+	// QEMUVersion, if set, is the QEMU binary's version as known already
+	// (a host image records the QEMU it carries); else QEMU is asked.
+	QEMUVersion string
+	Image       Image
+	Logger      *slog.Logger
 	// Images fetches image blobs this host lacks (nil: none can be).
 	Images ImageSource
 	// Notify receives every host event. It is called from the agent's
@@ -59,7 +62,10 @@ type Agent struct {
 	cfg     Config
 	accel   string
 	qemuBin string
-	qemuVer string
+	// qemuVer is the QEMU binary's version, asked once, in the background
+	// from New on (running QEMU costs a third of a second on a host that
+	// has just booted under TCG).
+	qemuVer func() string
 	poolID  string
 	cutOff  atomic.Bool // see SetCutOff
 	log     *slog.Logger
@@ -115,8 +121,13 @@ func New(cfg Config) (*Agent, error) {
 	if err := os.MkdirAll(filepath.Join(cfg.DataDir, "vms"), 0o755); err != nil {
 		return nil, fmt.Errorf("create data dir: %w", err)
 	}
-	a := &Agent{cfg: cfg, accel: accel, qemuBin: bin, qemuVer: qemu.BinaryVersion(bin),
-		log: cfg.Logger.With("host", cfg.Name), vms: map[string]*vm{}}
+	a := &Agent{cfg: cfg, accel: accel, qemuBin: bin, qemuVer: sync.OnceValue(func() string {
+		if cfg.QEMUVersion != "" {
+			return cfg.QEMUVersion
+		}
+		return qemu.BinaryVersion(bin)
+	}), log: cfg.Logger.With("host", cfg.Name), vms: map[string]*vm{}}
+	go a.qemuVer()
 	if cfg.StoragePool != "" {
 		if a.poolID, err = openPool(cfg.StoragePool); err != nil {
 			return nil, err
@@ -143,7 +154,7 @@ func (a *Agent) HostInfo() api.Host {
 		CPUs:          runtime.NumCPU(),
 		MemoryBytes:   memTotal(),
 		VMs:           n,
-		QEMUVersion:   a.qemuVer,
+		QEMUVersion:   a.qemuVer(),
 		LastHeartbeat: time.Now().UTC(),
 		StoragePool:   a.poolID,
 		PoolLocks:     a.PoolLocks(),

@@ -172,7 +172,7 @@ func (v *vm) createStateFile(path, kind string) (*statefile.Writer, error) {
 		return nil, err
 	}
 	hw, _ := json.Marshal(v.machine.Hardware())
-	return statefile.Create(path, statefile.Header{VM: v.spec.Name, Hardware: hw, QEMUVersion: v.agent.qemuVer, Kind: kind})
+	return statefile.Create(path, statefile.Header{VM: v.spec.Name, Hardware: hw, QEMUVersion: v.agent.qemuVer(), Kind: kind})
 }
 
 // checkStateFile opens path and checks it fits this VM, without loading it.

@@ -28,6 +28,7 @@ import (
 	"github.com/vigil-project/vigil/internal/cpio"
 	"github.com/vigil-project/vigil/internal/debkernel"
 	"github.com/vigil-project/vigil/internal/pki"
+	"github.com/vigil-project/vigil/internal/qemu"
 )
 
 // Options configures Build.
@@ -64,6 +65,9 @@ const (
 	GuestImageDir = "/var/lib/vigil/guest"
 	// CAPath is where the cluster CA certificate is inside the host.
 	CAPath = "/etc/vigil/ca.pem"
+	// QEMUVersionPath holds the version of the QEMU the image carries (as
+	// qemu.BinaryVersion says it), so the host need not run it to know.
+	QEMUVersionPath = "/etc/vigil/qemu-version"
 	// GuestKernelSumPath, when the guest runs the host's kernel, holds
 	// its sha256 (hex): the host fetches GuestImageDir/vmlinuz at boot.
 	GuestKernelSumPath = "/etc/vigil/guest-kernel.sha256"
@@ -171,6 +175,9 @@ func Build(ctx context.Context, o Options) (*Image, error) {
 		}
 	}
 	t.add(CAPath, 0o644, o.CACert)
+	if v := qemu.BinaryVersion(programs[0]); v != "" {
+		t.add(QEMUVersionPath, 0o644, []byte(v+"\n"))
+	}
 	t.add("etc/inittab", 0o644, []byte(inittab))
 	t.add("etc/init.d/rcS", 0o755, []byte(rcS(k.Version, mods)))
 	t.add("etc/udhcpc.script", 0o755, []byte(udhcpcScript))
