@@ -37,8 +37,9 @@ func (a *agent) run(ctx context.Context, rw io.ReadWriter) error {
 	enc := guestproto.NewEncoder(rw)
 
 	errc := make(chan error, 2)
-	go func() { errc <- a.heartbeats(ctx, enc) }()
-	go func() { errc <- a.serve(ctx, rw, enc) }()
+	now := make(chan struct{}, 1)
+	go func() { errc <- a.heartbeats(ctx, enc, now) }()
+	go func() { errc <- a.serve(ctx, rw, enc, now) }()
 
 	select {
 	case <-ctx.Done():
@@ -48,8 +49,9 @@ func (a *agent) run(ctx context.Context, rw io.ReadWriter) error {
 	}
 }
 
-// heartbeats sends one heartbeat immediately and then one per interval.
-func (a *agent) heartbeats(ctx context.Context, enc *guestproto.Encoder) error {
+// heartbeats sends one heartbeat immediately and then one per interval,
+// and one more at once whenever now says so.
+func (a *agent) heartbeats(ctx context.Context, enc *guestproto.Encoder, now <-chan struct{}) error {
 	t := time.NewTicker(a.interval)
 	defer t.Stop()
 	var seq uint64
@@ -68,12 +70,15 @@ func (a *agent) heartbeats(ctx context.Context, enc *guestproto.Encoder) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-t.C:
+		case <-now:
+			t.Reset(a.interval)
 		}
 	}
 }
 
-// serve answers pings until the reader ends.
-func (a *agent) serve(ctx context.Context, r io.Reader, enc *guestproto.Encoder) error {
+// serve answers pings until the reader ends; a heartbeat asked for goes
+// to the heartbeat loop through now.
+func (a *agent) serve(ctx context.Context, r io.Reader, enc *guestproto.Encoder, now chan<- struct{}) error {
 	dec := guestproto.NewDecoder(r)
 	for ctx.Err() == nil {
 		m, err := dec.Decode()
@@ -88,6 +93,11 @@ func (a *agent) serve(ctx context.Context, r io.Reader, enc *guestproto.Encoder)
 		case guestproto.TypePing:
 			if err := enc.Encode(guestproto.Message{Type: guestproto.TypePong, ID: m.ID}); err != nil {
 				return fmt.Errorf("send pong: %w", err)
+			}
+		case guestproto.TypeHeartbeatNow:
+			select { // one pending is enough, however many are asked for
+			case now <- struct{}{}:
+			default:
 			}
 		case guestproto.TypeExec:
 			// Commands run on their own goroutine: a long one must not hold

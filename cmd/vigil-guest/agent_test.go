@@ -319,3 +319,40 @@ func TestEOFRetryReader(t *testing.T) {
 		t.Fatalf("got %v, want context.Canceled", err)
 	}
 }
+
+// A heartbeat asked for comes at once, not an interval later (a resumed
+// guest shows healthy at once); asking many times makes no flood.
+func TestHeartbeatNow(t *testing.T) {
+	h, _ := startAgent(t, testAgent(fakeProc(), time.Hour), nil)
+	first, err := h.dec.Decode() // the one at start
+	if err != nil || first.Type != guestproto.TypeHeartbeat {
+		t.Fatalf("first message: %+v %v", first, err)
+	}
+	for i := 0; i < 5; i++ {
+		if err := h.enc.Encode(guestproto.Message{Type: guestproto.TypeHeartbeatNow}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := make(chan guestproto.Message, 10)
+	go func() {
+		for {
+			m, err := h.dec.Decode()
+			if err != nil {
+				return
+			}
+			got <- m
+		}
+	}()
+	select {
+	case m := <-got:
+		if m.Type != guestproto.TypeHeartbeat || m.Heartbeat.Seq != 2 {
+			t.Fatalf("answer: %+v", m)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no heartbeat when asked (the interval is an hour)")
+	}
+	time.Sleep(200 * time.Millisecond)
+	if n := len(got); n > 1 {
+		t.Fatalf("%d more heartbeats for 5 asks at once: at most one more", n)
+	}
+}

@@ -41,6 +41,11 @@ const (
 	// TypeExecResult carrying the same ID.
 	TypeExec       = "exec"
 	TypeExecResult = "exec-result"
+	// TypeHeartbeatNow asks the guest for a heartbeat at once (the host
+	// sends it when a guest resumes: its next would come up to an interval
+	// later, and the guest looks unwell meanwhile). No answer but the
+	// heartbeat; an agent that does not know it ignores it.
+	TypeHeartbeatNow = "heartbeat-now"
 )
 
 // MaxExecOutput bounds the output an exec result carries. JSON escaping

@@ -12,6 +12,20 @@ import (
 	"github.com/vigil-project/vigil/internal/hostproto"
 )
 
+// askHeartbeat asks the guest agent for a heartbeat at once (after a
+// resume), without waiting: the heartbeat is its own answer. Nothing is
+// sent when no agent is connected.
+func (v *vm) askHeartbeat() {
+	v.mu.Lock()
+	enc := v.guestEnc
+	v.mu.Unlock()
+	if enc == nil {
+		return
+	}
+	// The write can block while the guest does not read: not the caller.
+	go enc.Encode(guestproto.Message{Type: guestproto.TypeHeartbeatNow})
+}
+
 // request sends m to the guest agent and waits for the answer with its ID.
 func (v *vm) request(ctx context.Context, m guestproto.Message) (guestproto.Message, error) {
 	v.mu.Lock()

@@ -97,10 +97,17 @@ func startFakeGuest(t *testing.T, v *vm, mute bool) *fakeGuest {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { defer close(done); v.watchGuest(ctx, newGuestGate(v.agent.limitsForGuest())) }()
+	linked := make(chan struct{})
+	go func() { defer close(done); v.watchGuest(ctx, newGuestGate(v.agent.limitsForGuest()), linked) }()
 	conn, err := ln.Accept()
 	if err != nil {
 		t.Fatal(err)
+	}
+	// Held: a restored guest may run now.
+	select {
+	case <-linked:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the channel was connected but not said so")
 	}
 	t.Cleanup(func() {
 		cancel()

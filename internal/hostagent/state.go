@@ -73,6 +73,7 @@ func (a *Agent) Resume(ctx context.Context, r hostproto.VMRef) (hostproto.None, 
 		if err := p.Monitor.Cont(ctx); err != nil {
 			return none(fmt.Errorf("resume %s: %w", name, err))
 		}
+		v.askHeartbeat()
 		v.setRunState("running")
 		return hostproto.None{}, nil
 	}
@@ -193,6 +194,10 @@ func (v *vm) checkStateFile(path string) (*statefile.Reader, error) {
 	return r, nil
 }
 
+// guestLinkWait bounds how long a restored guest waits for the host to
+// hold its channel before it runs.
+const guestLinkWait = 2 * time.Second
+
 // startFromState verifies path, starts QEMU waiting for it, feeds it and
 // continues the guest. On failure no QEMU is left and path is untouched.
 func (v *vm) startFromState(ctx context.Context, path string) error {
@@ -221,11 +226,21 @@ func (v *vm) startFromState(ctx context.Context, path string) error {
 		p.Detach()
 		return fmt.Errorf("%w: %w", ErrBadState, err)
 	}
-	v.attach(p)
+	// The guest's channel is held before the guest runs: what it sends at
+	// once (a heartbeat) would otherwise go to a socket nobody holds yet,
+	// and QEMU drops it; the next comes a heartbeat interval later.
+	linked := v.attach(p)
+	select {
+	case <-linked:
+	case <-time.After(guestLinkWait):
+		v.log.Warn("the guest agent's channel was not connected before the guest runs: its first heartbeat may be lost", "wait", guestLinkWait)
+	case <-ctx.Done():
+	}
 	v.setResync()
 	if err := p.Monitor.Cont(ctx); err != nil {
 		return fmt.Errorf("continue %s after loading its state: %w", v.spec.Name, err)
 	}
+	v.askHeartbeat()
 	v.setRunState("running")
 	v.log.Info("resumed from saved state", "file", path, "pid", p.PID)
 	v.agent.notify(v.spec.Name, hostproto.EventStarted, true, fmt.Sprintf("pid %d, from saved state", p.PID))

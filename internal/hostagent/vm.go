@@ -134,7 +134,10 @@ func (v *vm) startLocked(ctx context.Context) error {
 
 // attach starts supervising a QEMU process: its exit, its QMP events and its
 // guest agent channel.
-func (v *vm) attach(p *qemu.Process) {
+//
+// It returns a channel closed once the host holds the guest agent's
+// channel (its socket) for this process.
+func (v *vm) attach(p *qemu.Process) <-chan struct{} {
 	ctx, cancel := context.WithCancel(context.Background())
 	v.mu.Lock()
 	v.proc = p
@@ -170,11 +173,13 @@ func (v *vm) attach(p *qemu.Process) {
 	v.agent.wg.Add(4)
 	go func() { defer v.agent.wg.Done(); v.watchExit(ctx, p, exited) }()
 	go func() { defer v.agent.wg.Done(); v.watchQMP(ctx, p) }()
-	go func() { defer v.agent.wg.Done(); v.watchGuest(ctx, g) }()
+	linked := make(chan struct{})
+	go func() { defer v.agent.wg.Done(); v.watchGuest(ctx, g, linked) }()
 	go func() { defer v.agent.wg.Done(); v.watchHealth(ctx, p) }()
 	if v.machine.GuestAgent {
 		v.agent.wg.Go(func() { v.watchQGA(ctx, g) })
 	}
+	return linked
 }
 
 // watchExit waits for the QMP connection to end and then for the process to
@@ -304,8 +309,9 @@ func (v *vm) setRunState(s string) {
 // watchGuest keeps a connection to the guest agent's virtio-serial socket and
 // records its heartbeats. QEMU accepts one client at a time; after an agent
 // restart the new agent simply connects again.
-func (v *vm) watchGuest(ctx context.Context, g *guestGate) {
+func (v *vm) watchGuest(ctx context.Context, g *guestGate, linked chan struct{}) {
 	var d net.Dialer
+	var once sync.Once
 	for v.waitArrived(ctx) {
 		conn, err := d.DialContext(ctx, "unix", v.machine.AgentSocket())
 		if err != nil {
@@ -316,6 +322,7 @@ func (v *vm) watchGuest(ctx context.Context, g *guestGate) {
 				continue
 			}
 		}
+		once.Do(func() { close(linked) })
 		stop := context.AfterFunc(ctx, func() { conn.Close() })
 		v.mu.Lock()
 		v.guestEnc = guestproto.NewEncoder(conn)
