@@ -73,7 +73,9 @@ func (a *Agent) Resume(ctx context.Context, r hostproto.VMRef) (hostproto.None, 
 		if err := p.Monitor.Cont(ctx); err != nil {
 			return none(fmt.Errorf("resume %s: %w", name, err))
 		}
-		v.askHeartbeat()
+		// No heartbeat asked for here: the guest's record is still there
+		// and its next heartbeat comes within an interval; asking would
+		// only make work while the caller may pause it again.
 		v.setRunState("running")
 		return hostproto.None{}, nil
 	}
