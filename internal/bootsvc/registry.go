@@ -226,15 +226,17 @@ func (r *Registry) Admit(ctx context.Context, mac string, req api.BootAdmitReque
 	if err != nil {
 		return api.BootMachine{}, err
 	}
-	if free, err := r.nameFree(ctx, req.HostName, norm); err != nil {
+	m, admitted, err := r.admitAs(ctx, norm, req.HostName, func(m *api.BootMachine) bool {
+		m.State, m.Profile, m.Rule, m.Held = api.MachineAdmitted, req.Profile, "", false
+		return true
+	})
+	if err != nil {
 		return api.BootMachine{}, err
-	} else if !free {
+	}
+	if !admitted {
 		return api.BootMachine{}, fmt.Errorf("%w: host name %s is taken (by another machine, or by a host that did not boot from the network): pick another name", ErrInvalid, req.HostName)
 	}
-	return r.update(ctx, norm, func(m *api.BootMachine) error {
-		m.State, m.Profile, m.HostName, m.Rule, m.Held = api.MachineAdmitted, req.Profile, req.HostName, "", false
-		return nil
-	})
+	return m, nil
 }
 
 // Quarantine takes a machine's admission back, and holds it: no rule
@@ -321,6 +323,12 @@ func (r *Registry) Forget(ctx context.Context, mac string) error {
 	}
 	if err := r.forgetLease(ctx, norm); err != nil {
 		return err
+	}
+	if m, err := r.Machine(ctx, norm); err == nil && m.HostName != "" {
+		var idx hostNameIndex
+		if _, err := r.Store.Get(ctx, hostNameKey(m.HostName), &idx); err == nil && idx.MAC == norm {
+			r.Store.Delete(ctx, hostNameKey(m.HostName))
+		}
 	}
 	return r.Store.Delete(ctx, machineKey(norm))
 }

@@ -59,14 +59,20 @@ func normalRule(r *api.BootRule) error {
 	if r.HostName != "" && !nameRE.MatchString(r.HostName) {
 		return fmt.Errorf("%w: host name %q: it must be a DNS label", ErrInvalid, r.HostName)
 	}
-	if r.HostPrefix != "" && (len(r.HostPrefix) > 50 || !nameRE.MatchString(r.HostPrefix)) {
-		return fmt.Errorf("%w: host prefix %q: lower-case letters, digits and dashes, at most 50", ErrInvalid, r.HostPrefix)
+	if r.HostPrefix != "" && (len(r.HostPrefix) > maxPrefix || !nameRE.MatchString(r.HostPrefix)) {
+		return fmt.Errorf("%w: host prefix %q: lower-case letters, digits and dashes, at most %d", ErrInvalid, r.HostPrefix, maxPrefix)
 	}
 	if r.Rank < 0 {
 		return fmt.Errorf("%w: rank %d is negative", ErrInvalid, r.Rank)
 	}
+	if r.HostName == "" && r.HostPrefix == "" && len(r.Profile) > maxPrefix {
+		return fmt.Errorf("%w: hosts would be named %s-XXXXXX, longer than a DNS label: give --host-prefix (at most %d characters)", ErrInvalid, r.Profile, maxPrefix)
+	}
 	return nil
 }
+
+// maxPrefix keeps PREFIX-XXXXXX a DNS label (63 characters).
+const maxPrefix = 63 - 7
 
 // cleanClaim is s if it is printable ASCII of at most 64 characters
 // (SMBIOS strings as a machine reports them), else empty.
@@ -181,9 +187,11 @@ func ruleHostName(rule api.BootRule, m api.BootMachine) string {
 }
 
 // applyRules admits quarantined machine m by the first rule that matches
-// it, unless an operator holds it. A rule whose host name is taken (by
-// another machine, or a host that did not boot from the network) is
-// passed over. It returns m as it now is.
+// it, unless an operator holds it. If that rule's host name is taken (by
+// another machine, or a host that did not boot from the network), the
+// machine stays quarantined and says why (its last error): falling
+// through to a later rule would give it a profile nobody meant for it.
+// It returns m as it now is.
 func (r *Registry) applyRules(ctx context.Context, m api.BootMachine) (api.BootMachine, error) {
 	if m.State != api.MachineQuarantined || m.Held {
 		return m, nil
@@ -197,25 +205,97 @@ func (r *Registry) applyRules(ctx context.Context, m api.BootMachine) (api.BootM
 			continue
 		}
 		name := ruleHostName(rule, m)
-		if free, err := r.nameFree(ctx, name, m.MAC); err != nil {
-			return m, err
-		} else if !free {
-			continue
+		if !nameRE.MatchString(name) {
+			return r.noteProblem(ctx, m, fmt.Sprintf("rule %s: host name %q is not a DNS label", rule.Name, name))
 		}
-		return r.update(ctx, m.MAC, func(cur *api.BootMachine) error {
+		got, admitted, err := r.admitAs(ctx, m.MAC, name, func(cur *api.BootMachine) bool {
 			if cur.State != api.MachineQuarantined || cur.Held {
-				return nil // an operator acted meanwhile: theirs stands
+				return false // an operator acted meanwhile: theirs stands
 			}
-			cur.State, cur.Profile, cur.HostName, cur.Rule = api.MachineAdmitted, rule.Profile, name, rule.Name
-			return nil
+			cur.State, cur.Profile, cur.Rule = api.MachineAdmitted, rule.Profile, rule.Name
+			return true
 		})
+		if err != nil || admitted || got.State != api.MachineQuarantined || got.Held {
+			return got, err
+		}
+		return r.noteProblem(ctx, got, fmt.Sprintf("rule %s: host name %s is taken (by another machine, or by a host that did not boot from the network)", rule.Name, name))
 	}
 	return m, nil
 }
 
-// nameFree tells whether host name may be machine mac's: no other machine
-// has it, and no host registered otherwise does (a network-booted host's
-// tokens are bound to its name: it would take that host's place).
+// noteProblem records msg as machine m's last problem, once.
+func (r *Registry) noteProblem(ctx context.Context, m api.BootMachine, msg string) (api.BootMachine, error) {
+	if m.LastError == msg {
+		return m, nil
+	}
+	return r.update(ctx, m.MAC, func(cur *api.BootMachine) error {
+		cur.LastError, cur.LastErrorAt = msg, r.now()
+		return nil
+	})
+}
+
+func hostNameKey(name string) string { return "boot/hostnames/" + name }
+
+// hostNameIndex is boot/hostnames/NAME: the machine that has the name.
+type hostNameIndex struct {
+	MAC string `json:"mac"`
+}
+
+// admitAs gives machine mac host name name if set agrees (set changes the
+// record, or says no), in one transaction with the name's index: two
+// machines never hold one name, however many boot services and operators
+// act at once. The index of a name its machine no longer has is stale and
+// taken over. It reports whether the machine was admitted; false with no
+// error: the name is taken, or set said no.
+func (r *Registry) admitAs(ctx context.Context, mac, name string, set func(m *api.BootMachine) bool) (api.BootMachine, bool, error) {
+	for attempt := 0; attempt < 16; attempt++ {
+		var m api.BootMachine
+		mrev, err := r.Store.Get(ctx, machineKey(mac), &m)
+		if errors.Is(err, store.ErrNotFound) {
+			m, mrev = api.BootMachine{MAC: mac, State: api.MachineQuarantined, FirstSeen: r.now()}, 0
+		} else if err != nil {
+			return m, false, err
+		}
+		var idx hostNameIndex
+		irev, err := r.Store.Get(ctx, hostNameKey(name), &idx)
+		switch {
+		case errors.Is(err, store.ErrNotFound):
+			irev = 0
+			// Not indexed: a host registered otherwise, or a machine
+			// admitted before the index existed, may have it.
+			if free, err := r.nameFree(ctx, name, mac); err != nil || !free {
+				return m, false, err
+			}
+		case err != nil:
+			return m, false, err
+		case idx.MAC != mac:
+			var other api.BootMachine
+			if _, err := r.Store.Get(ctx, machineKey(idx.MAC), &other); err == nil && other.HostName == name {
+				return m, false, nil
+			} else if err != nil && !errors.Is(err, store.ErrNotFound) {
+				return m, false, err
+			}
+		}
+		if !set(&m) {
+			return m, false, nil
+		}
+		m.HostName = name
+		err = r.Store.PutPair(ctx, machineKey(mac), mrev, m, hostNameKey(name), irev, hostNameIndex{MAC: mac})
+		if errors.Is(err, store.ErrConflict) {
+			continue
+		}
+		if err != nil {
+			return m, false, err
+		}
+		return m, true, nil
+	}
+	return api.BootMachine{}, false, errors.New("host name: too much contention, try again")
+}
+
+// nameFree tells whether host name may be machine mac's, by a look at
+// every machine: no other machine has it, and no host registered
+// otherwise does (a network-booted host's tokens are bound to its name:
+// it would take that host's place).
 func (r *Registry) nameFree(ctx context.Context, name, mac string) (bool, error) {
 	ms, err := r.Machines(ctx)
 	if err != nil {

@@ -3,7 +3,9 @@ package bootsvc
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/vigil-project/vigil/api"
@@ -26,6 +28,7 @@ func TestRuleValidation(t *testing.T) {
 		{"no matcher", api.BootRule{Name: "r"}, "matches nothing"},
 		{"a name for many", api.BootRule{Name: "r", Vendor: "QEMU", HostName: "h3"}, "names one machine"},
 		{"a name for a prefix", api.BootRule{Name: "r", MAC: "52:54:00:*", HostName: "h3"}, "names one machine"},
+		{"generated names too long", api.BootRule{Name: "r", Vendor: "QEMU", Profile: strings.Repeat("p", 60)}, "--host-prefix"},
 		{"bad host name", api.BootRule{Name: "r", MAC: "52:54:00:be:ee:01", HostName: "H_3"}, "DNS label"},
 		{"bad prefix", api.BootRule{Name: "r", Vendor: "QEMU", HostPrefix: "Rack A"}, "host prefix"},
 		{"bad rule name", api.BootRule{Name: "R 1", Vendor: "QEMU"}, "rule name"},
@@ -95,9 +98,10 @@ func TestRulesAdmitByRank(t *testing.T) {
 		{"52:54:00:aa:00:02", Claims{Vendor: "QEMU"}, api.MachineAdmitted, "any-qemu", "default-aa0002"},
 		{"52:54:00:aa:00:03", Claims{Vendor: "Dell Inc."}, api.MachineAdmitted, "rack-a", "ra-aa0003"},
 		{"52:54:00:bb:00:04", Claims{Vendor: "Dell Inc."}, api.MachineQuarantined, "", ""},
-		// A second machine claiming gpu1's UUID: gpu1 is taken, the next
-		// rule that matches admits it under its own name.
-		{"52:54:00:bb:00:05", Claims{UUID: "6f1c2d3e-0000-4000-8000-0000000000b1", Vendor: "QEMU"}, api.MachineAdmitted, "any-qemu", "default-bb0005"},
+		// A second machine claiming gpu1's UUID: its first matching rule's
+		// name is taken, so it stays quarantined and says why (a later
+		// rule would give it a profile nobody meant for it).
+		{"52:54:00:bb:00:05", Claims{UUID: "6f1c2d3e-0000-4000-8000-0000000000b1", Vendor: "QEMU"}, api.MachineQuarantined, "", ""},
 	}
 	for _, c := range cases {
 		m, err := reg.seen(ctx, c.mac, c.claims)
@@ -107,6 +111,9 @@ func TestRulesAdmitByRank(t *testing.T) {
 		if m.State != c.state || m.Rule != c.rule || m.HostName != c.host {
 			t.Errorf("%s %+v: got %s by %q as %q, want %s by %q as %q", c.mac, c.claims, m.State, m.Rule, m.HostName, c.state, c.rule, c.host)
 		}
+	}
+	if m, _ := reg.Machine(ctx, "52:54:00:bb:00:05"); !strings.Contains(m.LastError, "rule gpu1: host name gpu1 is taken") {
+		t.Fatalf("the machine does not say why it waits: %+v", m)
 	}
 	// An operator's quarantine holds: the rule does not admit it again.
 	if _, err := reg.Quarantine(ctx, "52:54:00:aa:00:02"); err != nil {
@@ -141,7 +148,70 @@ func TestRulesAdmitByRank(t *testing.T) {
 	if err := reg.DeleteRule(ctx, "any-qemu"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("deleting it again: %v", err)
 	}
-	if m, _ := reg.Machine(ctx, "52:54:00:bb:00:05"); m.State != api.MachineAdmitted {
-		t.Fatalf("deleting the rule quarantined its machine: %+v", m)
+	if m, _ := reg.Machine(ctx, "52:54:00:aa:00:01"); m.State != api.MachineAdmitted {
+		t.Fatalf("deleting a rule quarantined a machine: %+v", m)
+	}
+}
+
+// Machines whose generated names collide (MACs alike in their last three
+// bytes), asking at once through any number of services: one gets the
+// name, the other waits quarantined; never both.
+func TestRuleNamesNeverShared(t *testing.T) {
+	reg := testRegistry(t)
+	ctx := context.Background()
+	if _, err := reg.SetProfile(ctx, api.BootProfile{Name: "default", Image: fakeImage(t, reg, "a")}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := reg.SetRule(ctx, api.BootRule{Name: "any", Vendor: "QEMU", Profile: "default", HostPrefix: "rack"}); err != nil {
+		t.Fatal(err)
+	}
+	for round := 0; round < 10; round++ {
+		macs := []string{fmt.Sprintf("52:54:00:aa:bb:%02x", round), fmt.Sprintf("52:55:00:aa:bb:%02x", round)}
+		var wg sync.WaitGroup
+		for _, mac := range macs {
+			for k := 0; k < 2; k++ { // two services hear each
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					if _, err := reg.seen(ctx, mac, Claims{Vendor: "QEMU"}); err != nil {
+						t.Error(err)
+					}
+				}()
+			}
+		}
+		wg.Wait()
+		admitted := 0
+		for _, mac := range macs {
+			m, _ := reg.Machine(ctx, mac)
+			if m.State == api.MachineAdmitted {
+				admitted++
+				if m.HostName != fmt.Sprintf("rack-aabb%02x", round) {
+					t.Fatalf("name %q", m.HostName)
+				}
+			}
+		}
+		if admitted != 1 {
+			t.Fatalf("round %d: %d machines admitted under one name", round, admitted)
+		}
+	}
+	// An operator cannot give a held name either; forgetting its machine
+	// frees it.
+	ms, _ := reg.Machines(ctx)
+	var holder, other string
+	for _, m := range ms {
+		if m.HostName == "rack-aabb00" {
+			holder = m.MAC
+		} else if strings.HasSuffix(m.MAC, "aa:bb:00") {
+			other = m.MAC
+		}
+	}
+	if _, err := reg.Admit(ctx, other, api.BootAdmitRequest{Profile: "default", HostName: "rack-aabb00"}); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("admitted under a held name: %v", err)
+	}
+	if err := reg.Forget(ctx, holder); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := reg.Admit(ctx, other, api.BootAdmitRequest{Profile: "default", HostName: "rack-aabb00"}); err != nil || m.HostName != "rack-aabb00" {
+		t.Fatalf("after the holder was forgotten: %+v %v", m, err)
 	}
 }

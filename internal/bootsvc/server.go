@@ -304,19 +304,18 @@ func (s *Server) proxyDHCP(ctx context.Context, conn net.PacketConn, req *dhcpv4
 	if req.MessageType() != dhcpv4.MessageTypeDiscover {
 		return
 	}
+	// The offer first, the timeline after: iPXE waits only a moment for
+	// ProxyDHCP offers, and a slow store must not make it boot without.
+	if kind == "ipxe" {
+		if resp := proxyAnswer(req, s.dhcp, fmt.Sprintf(s.dhcp.Bootfile, mac), false); resp != nil {
+			if _, err := conn.WriteTo(resp.ToBytes(), &net.UDPAddr{IP: net.IPv4bcast, Port: dhcpv4.ClientPort}); err != nil {
+				s.log.Warn("boot: proxydhcp offer not sent", "mac", mac, "err", err)
+			} else {
+				s.log.Debug("boot: proxydhcp offer", "mac", mac)
+			}
+		}
+	}
 	s.stageDHCP(ctx, mac, kind)
-	if kind != "ipxe" {
-		return
-	}
-	resp := proxyAnswer(req, s.dhcp, fmt.Sprintf(s.dhcp.Bootfile, mac), false)
-	if resp == nil {
-		return
-	}
-	if _, err := conn.WriteTo(resp.ToBytes(), &net.UDPAddr{IP: net.IPv4bcast, Port: dhcpv4.ClientPort}); err != nil {
-		s.log.Warn("boot: proxydhcp offer not sent", "mac", mac, "err", err)
-		return
-	}
-	s.log.Debug("boot: proxydhcp offer", "mac", mac)
 }
 
 // handleProxyRequest answers an iPXE client's ProxyDHCP request on port

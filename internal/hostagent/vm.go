@@ -322,11 +322,12 @@ func (v *vm) watchGuest(ctx context.Context, g *guestGate, linked chan struct{})
 				continue
 			}
 		}
-		once.Do(func() { close(linked) })
 		stop := context.AfterFunc(ctx, func() { conn.Close() })
 		v.mu.Lock()
 		v.guestEnc = guestproto.NewEncoder(conn)
 		v.mu.Unlock()
+		// Said once the channel can be written to (askHeartbeat).
+		once.Do(func() { close(linked) })
 		v.readGuest(conn, g)
 		v.mu.Lock()
 		v.guestEnc = nil
