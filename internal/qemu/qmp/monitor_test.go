@@ -534,6 +534,12 @@ func TestSubscribeCancel(t *testing.T) {
 	m, s := newPair(t)
 	ch, cancel := m.Subscribe()
 	s.event("A", nil, 1, 0)
+	// A must have been dispatched before the cancel: else the reader may
+	// still hold it when the next subscriber comes, and rightly give it
+	// to that one (seen in CI).
+	if ev := recvEvent(t, ch); ev.Name != "A" {
+		t.Fatalf("got %q, want A", ev.Name)
+	}
 	cancel()
 	cancel() // idempotent
 	drainUntilClosed(t, ch)
