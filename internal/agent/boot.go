@@ -17,7 +17,6 @@ import (
 	"github.com/vigil-project/vigil/internal/manager"
 	"github.com/vigil-project/vigil/internal/pki"
 	"github.com/vigil-project/vigil/internal/store"
-	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 // BootConfig runs a manager's boot service for stateless hosts.
@@ -108,13 +107,9 @@ func RunBoot(ctx context.Context, cfg BootOnlyConfig) error {
 	if cfg.Name == "" {
 		cfg.Name, _ = os.Hostname()
 	}
-	tc, err := cfg.EtcdTLS.config()
+	cli, err := connectEtcd(ctx, cfg.EtcdEndpoints, cfg.EtcdTLS)
 	if err != nil {
 		return err
-	}
-	cli, err := clientv3.New(clientv3.Config{Endpoints: cfg.EtcdEndpoints, DialTimeout: 5 * time.Second, TLS: tc})
-	if err != nil {
-		return fmt.Errorf("connect to etcd %s: %w", strings.Join(cfg.EtcdEndpoints, ","), err)
 	}
 	defer cli.Close()
 	st := store.New(cli, "/vigil/")

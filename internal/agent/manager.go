@@ -80,6 +80,27 @@ func (e EtcdTLS) config() (*tls.Config, error) {
 	return c, nil
 }
 
+// connectEtcd connects to an etcd cluster outside this process and checks
+// that it answers.
+func connectEtcd(ctx context.Context, endpoints []string, t EtcdTLS) (*clientv3.Client, error) {
+	tc, err := t.config()
+	if err != nil {
+		return nil, err
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, TLS: tc})
+	if err != nil {
+		return nil, fmt.Errorf("connect to etcd %s: %w", strings.Join(endpoints, ","), err)
+	}
+	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	_, err = cli.Status(sctx, endpoints[0])
+	cancel()
+	if err != nil {
+		cli.Close()
+		return nil, fmt.Errorf("etcd at %s does not answer: %w", endpoints[0], err)
+	}
+	return cli, nil
+}
+
 // RunManager runs a manager (API, controllers, store) with no host of its
 // own: hosts join it with `vigil agent --host`.
 func RunManager(ctx context.Context, cfg ManagerConfig) error {
@@ -95,21 +116,10 @@ func RunManager(ctx context.Context, cfg ManagerConfig) error {
 
 	var cli *clientv3.Client
 	if len(cfg.EtcdEndpoints) > 0 {
-		tc, err := cfg.EtcdTLS.config()
-		if err != nil {
+		if cli, err = connectEtcd(ctx, cfg.EtcdEndpoints, cfg.EtcdTLS); err != nil {
 			return err
 		}
-		cli, err = clientv3.New(clientv3.Config{Endpoints: cfg.EtcdEndpoints, DialTimeout: 5 * time.Second, TLS: tc})
-		if err != nil {
-			return fmt.Errorf("connect to etcd %s: %w", strings.Join(cfg.EtcdEndpoints, ","), err)
-		}
 		defer cli.Close()
-		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		_, err = cli.Status(sctx, cfg.EtcdEndpoints[0])
-		cancel()
-		if err != nil {
-			return fmt.Errorf("etcd at %s does not answer: %w", cfg.EtcdEndpoints[0], err)
-		}
 	} else {
 		var etcd *store.Embedded
 		if len(cfg.EtcdPeers) > 0 {

@@ -57,6 +57,23 @@ func NormalMAC(mac string) (string, error) {
 	return hw.String(), nil
 }
 
+// listOf reads every record under prefix (those that do not decode are
+// skipped).
+func listOf[T any](ctx context.Context, st *store.Store, prefix string) ([]T, error) {
+	kvs, err := st.List(ctx, prefix)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]T, 0, len(kvs))
+	for _, kv := range kvs {
+		var v T
+		if json.Unmarshal(kv.Value, &v) == nil {
+			out = append(out, v)
+		}
+	}
+	return out, nil
+}
+
 // Images lists the host images.
 func (r *Registry) Images() ([]api.BootImage, error) {
 	imgs, err := hostimage.List(r.ImagesDir)
@@ -136,34 +153,12 @@ func (r *Registry) Profile(ctx context.Context, name string) (api.BootProfile, e
 
 // Profiles lists the profiles.
 func (r *Registry) Profiles(ctx context.Context) ([]api.BootProfile, error) {
-	kvs, err := r.Store.List(ctx, "boot/profiles/")
-	if err != nil {
-		return nil, err
-	}
-	out := make([]api.BootProfile, 0, len(kvs))
-	for _, kv := range kvs {
-		var p api.BootProfile
-		if json.Unmarshal(kv.Value, &p) == nil {
-			out = append(out, p)
-		}
-	}
-	return out, nil
+	return listOf[api.BootProfile](ctx, r.Store, "boot/profiles/")
 }
 
 // Machines lists the machines seen booting.
 func (r *Registry) Machines(ctx context.Context) ([]api.BootMachine, error) {
-	kvs, err := r.Store.List(ctx, "boot/machines/")
-	if err != nil {
-		return nil, err
-	}
-	out := make([]api.BootMachine, 0, len(kvs))
-	for _, kv := range kvs {
-		var m api.BootMachine
-		if json.Unmarshal(kv.Value, &m) == nil {
-			out = append(out, m)
-		}
-	}
-	return out, nil
+	return listOf[api.BootMachine](ctx, r.Store, "boot/machines/")
 }
 
 // Machine reads one machine.

@@ -123,16 +123,9 @@ func (r *Registry) SetRule(ctx context.Context, rule api.BootRule) (api.BootRule
 
 // Rules lists the rules in the order they are tried.
 func (r *Registry) Rules(ctx context.Context) ([]api.BootRule, error) {
-	kvs, err := r.Store.List(ctx, "boot/rules/")
+	out, err := listOf[api.BootRule](ctx, r.Store, "boot/rules/")
 	if err != nil {
 		return nil, err
-	}
-	out := make([]api.BootRule, 0, len(kvs))
-	for _, kv := range kvs {
-		var rule api.BootRule
-		if json.Unmarshal(kv.Value, &rule) == nil {
-			out = append(out, rule)
-		}
 	}
 	slices.SortStableFunc(out, func(a, b api.BootRule) int {
 		if a.Rank != b.Rank {
