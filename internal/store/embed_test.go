@@ -13,10 +13,23 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
-// listeningTCPPorts lists the ports of this machine's listening TCP
-// sockets (IPv4 and IPv6).
+// listeningTCPPorts lists the ports of this process's listening TCP
+// sockets (IPv4 and IPv6). Other processes' do not count: go test runs
+// packages side by side, and theirs come and go.
 func listeningTCPPorts(t *testing.T) map[int]bool {
 	t.Helper()
+	ours := map[string]bool{} // socket inodes held by this process
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, fd := range fds {
+		if l, err := os.Readlink(filepath.Join("/proc/self/fd", fd.Name())); err == nil {
+			if ino, ok := strings.CutPrefix(l, "socket:["); ok {
+				ours[strings.TrimSuffix(ino, "]")] = true
+			}
+		}
+	}
 	ports := map[int]bool{}
 	for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
 		fh, err := os.Open(f)
@@ -26,7 +39,7 @@ func listeningTCPPorts(t *testing.T) map[int]bool {
 		sc := bufio.NewScanner(fh)
 		for sc.Scan() {
 			fields := strings.Fields(sc.Text())
-			if len(fields) < 4 || fields[3] != "0A" { // 0A: LISTEN
+			if len(fields) < 10 || fields[3] != "0A" || !ours[fields[9]] { // 0A: LISTEN; 9: inode
 				continue
 			}
 			i := strings.LastIndexByte(fields[1], ':')
@@ -57,7 +70,11 @@ func TestEmbeddedClientOnlyOnASocket(t *testing.T) {
 	if err != nil {
 		t.Fatalf("peer url %q: %v", u.Peer, err)
 	}
-	for p := range listeningTCPPorts(t) {
+	after := listeningTCPPorts(t)
+	if !after[peer] {
+		t.Fatalf("the peer port %d is not among this process's listeners %v: the check would see nothing", peer, after)
+	}
+	for p := range after {
 		if !before[p] && p != peer {
 			t.Errorf("a new TCP listener on port %d besides the peer port %d", p, peer)
 		}
