@@ -110,7 +110,7 @@ func (v *vm) liveSnapshot(ctx context.Context, p *qemu.Process, snap, runState s
 	}
 	wasRunning := runState != "paused"
 	tookDisk := false
-	if wasRunning && !qemu.LivePrecopySafe(v.machine.Accel) {
+	if wasRunning && !qemu.LivePrecopySafe(v.machine) {
 		// Under TCG memory cannot be copied while the guest runs (see
 		// qemu.LivePrecopySafe): it is stopped for the whole save.
 		if err := p.Monitor.Stop(ctx); err != nil {
@@ -147,31 +147,37 @@ func (v *vm) liveSnapshot(ctx context.Context, p *qemu.Process, snap, runState s
 		}
 		return SaveResult{}, fmt.Errorf("snapshot %s of %s: %w", snap, name, err)
 	}
-	return SaveResult{Path: v.snapshotFile(snap), Bytes: stats.Bytes, Paused: pausedFor(events)}, nil
+	return SaveResult{Path: v.snapshotFile(snap), Bytes: stats.Bytes, Paused: pausedFor(events, wasRunning)}, nil
 }
 
 // pausedFor measures from QEMU's own STOP and RESUME event timestamps how
-// long the guest's CPUs were stopped.
-func pausedFor(events <-chan qmp.Event) time.Duration {
+// long the guest's CPUs were stopped by a save of a running guest. The
+// monitor queues an event before the reply of the command that caused it,
+// so once cont has returned its RESUME is on its way: wait for that one,
+// not for a lull (waiting for 200 ms of quiet added 200 ms to every
+// snapshot). A guest that was not running was not stopped.
+func pausedFor(events <-chan qmp.Event, wasRunning bool) time.Duration {
+	if !wasRunning {
+		return 0
+	}
 	var stop time.Time
-	var total time.Duration
+	timeout := time.After(2 * time.Second) // a lost event must not hold the snapshot
 	for {
 		select {
 		case e, ok := <-events:
 			if !ok {
-				return total
+				return 0
 			}
 			switch e.Name {
 			case "STOP":
 				stop = e.Time
 			case "RESUME":
 				if !stop.IsZero() {
-					total += e.Time.Sub(stop)
-					stop = time.Time{}
+					return e.Time.Sub(stop)
 				}
 			}
-		case <-time.After(200 * time.Millisecond):
-			return total
+		case <-timeout:
+			return 0
 		}
 	}
 }
