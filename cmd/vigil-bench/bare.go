@@ -27,6 +27,12 @@ type bench struct {
 	accel   string // the accelerator every QEMU here uses
 }
 
+// livePrecopy reports whether the VMs measured here (all made with RAMPad,
+// as Vigil makes them) are copied while they run.
+func (b *bench) livePrecopy() bool {
+	return qemu.LivePrecopySafe(qemu.Machine{Accel: b.accel, RAMPad: true})
+}
+
 // bareVM is QEMU started by hand with the same command line Vigil uses, as
 // the baseline an operator would have without Vigil.
 type bareVM struct {
@@ -50,7 +56,7 @@ func (b *bench) bareMachine(name string, mem int64, disk string) (qemu.Machine, 
 			return qemu.Machine{}, fmt.Errorf("qemu-img: %v: %s", err, out)
 		}
 	}
-	return qemu.Machine{Name: name, UUID: "00000000-0000-4000-8000-000000000002", MemoryBytes: mem, CPUs: 1, Accel: b.accel,
+	return qemu.Machine{Name: name, UUID: "00000000-0000-4000-8000-000000000002", MemoryBytes: mem, RAMPad: true, CPUs: 1, Accel: b.accel,
 		Kernel: b.img.Kernel, Initrd: b.img.Initrd, Cmdline: b.img.Cmdline + " vigil.name=" + name,
 		Disk: disk, HostPort: port, Dir: dir,
 		// Every VM Vigil makes has qemu-guest-agent's port: the same devices

@@ -21,7 +21,7 @@ import (
 // has to do what Vigil does there: stop the guest, migrate it in one pass
 // and cont it on the destination. The downtime is then counted from the stop.
 func (b *bench) bareMigrate(ctx context.Context) (qemu.MigrationStats, error) {
-	stopFirst := !qemu.LivePrecopySafe(b.accel)
+	stopFirst := !b.livePrecopy()
 	src, err := b.bareMachine("migsrc", 128<<20, "")
 	if err != nil {
 		return qemu.MigrationStats{}, err

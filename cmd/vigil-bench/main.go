@@ -207,7 +207,7 @@ func bareBoot(ctx context.Context, bin, accel string, img *guestimage.Image, dir
 	if err != nil {
 		return 0, err
 	}
-	m := qemu.Machine{Name: "bare", UUID: "00000000-0000-4000-8000-000000000001", MemoryBytes: 128 << 20, CPUs: 1, Accel: accel,
+	m := qemu.Machine{Name: "bare", UUID: "00000000-0000-4000-8000-000000000001", MemoryBytes: 128 << 20, RAMPad: true, CPUs: 1, Accel: accel,
 		Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: img.Cmdline + " vigil.name=bare",
 		Disk: filepath.Join(dir, "disk.qcow2"), HostPort: port, Dir: dir, GuestAgent: true}
 	t0 := time.Now()

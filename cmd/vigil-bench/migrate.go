@@ -8,7 +8,6 @@ import (
 
 	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/client"
-	"github.com/vigil-project/vigil/internal/qemu"
 )
 
 // migrate compares Vigil's live migration of an idle 128 MiB guest between
@@ -79,7 +78,7 @@ func (b *bench) migrate(ctx context.Context) ([]row, error) {
 
 	how := "bare QEMU migrated by hand over QMP: migrate-incoming, migrate, query-migrate; same command line, bandwidth and 5 ms downtime limit"
 	tcg, downWhat, downNote := "", "guest downtime (QEMU's figure)", "QEMU counts whole milliseconds, so small ratios here are within its resolution"
-	if !qemu.LivePrecopySafe(b.accel) {
+	if !b.livePrecopy() {
 		how = "bare QEMU migrated by hand over QMP: migrate-incoming, stop, migrate, query-migrate, cont on the destination; same command line and bandwidth"
 		tcg = "; under TCG both sides stop the guest for the whole copy and continue it on the destination, as a live copy corrupted a busy guest on QEMU 7.2 TCG"
 		downWhat, downNote = "guest downtime (stop → copy completed)", "the guest is stopped for the whole copy on both sides; the destination's cont comes after, on both sides"

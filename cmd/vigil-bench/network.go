@@ -262,7 +262,7 @@ func (b *bench) bareOnTap(ctx context.Context, image string) (*bareVM, string, e
 	accel, _ := qemu.ChooseAccel("auto")
 	uuid := "00000000-0000-4000-8000-0000000000bb"
 	const mac = "52:54:00:90:00:02"
-	m := qemu.Machine{Name: "bare-net", UUID: uuid, MemoryBytes: realMem, CPUs: 1, Accel: accel, Disk: filepath.Join(dir, "disk.qcow2"),
+	m := qemu.Machine{Name: "bare-net", UUID: uuid, MemoryBytes: realMem, RAMPad: true, CPUs: 1, Accel: accel, Disk: filepath.Join(dir, "disk.qcow2"),
 		Dir: dir, GuestAgent: true, Display: true, Seed: filepath.Join(dir, "seed.iso"), NICs: []qemu.NIC{{Tap: "tapbare", MAC: mac}}}
 	if out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-b", image, "-F", "qcow2", m.Disk, fmt.Sprint(realDisk)).CombinedOutput(); err != nil {
 		return nil, "", fmt.Errorf("qemu-img: %v: %s", err, out)

@@ -120,7 +120,7 @@ func (b *bench) bareReal(ctx context.Context, image, name string) (*bareReal, ti
 	}
 	accel, _ := qemu.ChooseAccel("auto")
 	uuid := "00000000-0000-4000-8000-0000000000aa"
-	m := qemu.Machine{Name: name, UUID: uuid, MemoryBytes: realMem, CPUs: 1, Accel: accel, Disk: filepath.Join(dir, "disk.qcow2"),
+	m := qemu.Machine{Name: name, UUID: uuid, MemoryBytes: realMem, RAMPad: true, CPUs: 1, Accel: accel, Disk: filepath.Join(dir, "disk.qcow2"),
 		HostPort: port, Dir: dir, GuestAgent: true, Display: true, Seed: filepath.Join(dir, "seed.iso")}
 	t0 := time.Now()
 	if out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-b", image, "-F", "qcow2", m.Disk, fmt.Sprint(realDisk)).CombinedOutput(); err != nil {

@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/vigil-project/vigil/api"
-	"github.com/vigil-project/vigil/internal/qemu"
 )
 
 // snapshots measures a full snapshot (disk + memory) of a running guest —
@@ -17,7 +16,7 @@ import (
 // once would slow each other down.
 func (b *bench) snapshots(ctx context.Context) ([]row, error) {
 	pausedNote := "live save, guest stopped only at switchover while the disk snapshot is taken"
-	if !qemu.LivePrecopySafe(b.accel) {
+	if !b.livePrecopy() {
 		pausedNote = "under TCG Vigil too stops the guest for the whole save (a live copy corrupted a busy guest on QEMU 7.2 TCG), so near 1; the save is live only under KVM"
 	}
 	var rows []row

@@ -165,7 +165,7 @@ func (v *vm) prepareBoot(ctx context.Context) error {
 // dir and its disk and state in store.
 func (a *Agent) machineFor(spec hostproto.VMSpec, dir, store string) qemu.Machine {
 	m := qemu.Machine{
-		Name: spec.Name, UUID: spec.UUID, MemoryBytes: spec.MemoryBytes, CPUs: spec.CPUs,
+		Name: spec.Name, UUID: spec.UUID, MemoryBytes: spec.MemoryBytes, RAMPad: spec.RAMPad, CPUs: spec.CPUs,
 		Accel: a.accel, Disk: filepath.Join(store, "disk.qcow2"), HostPort: spec.HostPort, Dir: dir,
 		GuestAgent: spec.QGAPort, NICs: a.machineNICs(spec),
 	}

@@ -115,7 +115,7 @@ func (a *Agent) MigrateOut(ctx context.Context, r hostproto.MigrateOutRequest) (
 	if err != nil {
 		return hostproto.Migration{}, err
 	}
-	st, err := qemu.MigrateOut(ctx, p.Monitor, uri, &qemu.MigrationTLS{Dir: a.cfg.MigrationTLSDir, Peer: r.Dest}, !qemu.LivePrecopySafe(v.machine.Accel))
+	st, err := qemu.MigrateOut(ctx, p.Monitor, uri, &qemu.MigrationTLS{Dir: a.cfg.MigrationTLSDir, Peer: r.Dest}, !qemu.LivePrecopySafe(v.machine))
 	if err != nil {
 		return hostproto.Migration{}, fmt.Errorf("migrate %s: %w", name, err)
 	}

@@ -44,6 +44,11 @@ type VMSpec struct {
 	// since Vigil knows it; older VMs keep their hardware, so that their
 	// saved states still load).
 	QGAPort bool `json:"qga_port,omitempty"`
+	// RAMPad gives the VM a few KiB of RAM above MemoryBytes so that its
+	// memory can be copied while it runs under TCG (qemu.LivePrecopySafe);
+	// every VM made since Vigil knows it has it, older VMs keep their
+	// hardware, as with QGAPort.
+	RAMPad bool `json:"ram_pad,omitempty"`
 	// NICs are the VM's network cards, in PCI order; none means QEMU's
 	// user-mode network with HostPort forwarded. Each carries its network
 	// as it stands, so a host needs nothing else to wire it.

@@ -412,7 +412,7 @@ func (m *Manager) define(ctx context.Context, req api.VMCreateRequest, policy ap
 	now := time.Now().UTC()
 	spec := hostproto.VMSpec{Name: req.Name, UUID: newUUID(), MemoryBytes: req.MemoryBytes, CPUs: req.CPUs,
 		DiskBytes: req.DiskBytes, HangTimeoutSeconds: policy.HangTimeoutSeconds, MinUptimeSeconds: policy.MinUptimeSeconds,
-		Pool: pool, Epoch: 1, QGAPort: true, Firmware: req.Firmware}
+		Pool: pool, Epoch: 1, QGAPort: true, RAMPad: true, Firmware: req.Firmware}
 	if err := m.specFromImages(ctx, req, &spec); err != nil {
 		return nil, err
 	}

@@ -245,15 +245,20 @@ func MigrateOut(ctx context.Context, mon *qmp.Monitor, uri string, tls *Migratio
 	}
 }
 
-// LivePrecopySafe reports whether a running guest's memory can be copied
-// while it runs (precopy: live migration, live snapshots) with accel.
-// Under TCG it cannot on QEMU 7.2 (Debian 12): a guest that keeps writing
-// to memory during the copy crashed on the destination after most
-// migrations (stack-protector panics, jumps to data; reproduced by
-// TestPrecopyUnderTCG), while the same guest stopped first, copied in one
-// pass, never did. So under TCG the guest is stopped for the whole copy;
-// KVM's dirty log has no such problem.
-func LivePrecopySafe(accel string) bool { return accel == AccelKVM }
+// LivePrecopySafe reports whether m's memory can be copied while its guest
+// runs (precopy: live migration, live snapshots). Under KVM it can. Under
+// TCG, QEMU before 9.0 (Debian 12 has 7.2) loses track of pages written
+// during the copy when the RAM block's size is a multiple of 256 KiB: the
+// dirty bitmap's 64-pages-at-a-time fast path clears the bits without
+// re-arming TCG's dirty tracking in the TLB, so later writes through a
+// cached TLB entry are never marked and never resent (fixed upstream by
+// 03bfc2188f06, "physmem: Fix migration dirty bitmap coherency with TCG
+// memory access", QEMU 9.0). A busy guest so copied crashed on the
+// destination after most migrations (TestPrecopyUnderTCG). A machine with
+// RAMPad has RAM that is not such a multiple, which keeps QEMU on the
+// page-by-page path that re-arms it: it is copied live; one without (a VM
+// made before Vigil knew this keeps its hardware) is stopped for the copy.
+func LivePrecopySafe(m Machine) bool { return m.Accel == AccelKVM || m.RAMPad }
 
 // CertDN is a certificate's subject as QEMU's TLS authorization (GnuTLS)
 // names it, for MigrationTLS.Peer on a destination.

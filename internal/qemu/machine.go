@@ -16,8 +16,11 @@ type Machine struct {
 	Name        string
 	UUID        string
 	MemoryBytes int64
-	CPUs        int
-	Accel       string // kvm or tcg, already resolved
+	// RAMPad gives the guest RAMPadKiB more RAM than MemoryBytes, so that
+	// its RAM is not a multiple of 256 KiB: see LivePrecopySafe.
+	RAMPad bool
+	CPUs   int
+	Accel  string // kvm or tcg, already resolved
 	// Kernel, Initrd and Cmdline boot Vigil's built-in guest directly;
 	// without them the machine boots from its disk (or CDROM) through its
 	// firmware, as a user's own OS image does.
@@ -73,8 +76,20 @@ type Hardware struct {
 	MachineType string   `json:"machine_type"`
 	CPUModel    string   `json:"cpu_model"`
 	MemoryBytes int64    `json:"memory_bytes"`
+	RAMPadKiB   int64    `json:"ram_pad_kib,omitempty"`
 	CPUs        int      `json:"cpus"`
 	Devices     []string `json:"devices"`
+}
+
+// RAMPadKiB is how much RAM a machine with RAMPad has above its size: a
+// multiple of the 8 KiB QEMU rounds RAM to, and not of 256 KiB.
+const RAMPadKiB = 8
+
+func (m Machine) ramPadKiB() int64 {
+	if m.RAMPad {
+		return RAMPadKiB
+	}
+	return 0
 }
 
 // machineType and devices must change together with Args.
@@ -103,7 +118,7 @@ func (m Machine) Hardware() Hardware {
 	if m.Firmware == FirmwareUEFI {
 		d = append(d, "pflash:uefi")
 	}
-	return Hardware{MachineType: machineType, CPUModel: cpuModel(m.Accel), MemoryBytes: m.MemoryBytes, CPUs: m.CPUs, Devices: d}
+	return Hardware{MachineType: machineType, CPUModel: cpuModel(m.Accel), MemoryBytes: m.MemoryBytes, RAMPadKiB: m.ramPadKiB(), CPUs: m.CPUs, Devices: d}
 }
 
 // Firmwares.
@@ -123,6 +138,9 @@ func (h Hardware) Diff(other Hardware) []string {
 	}
 	if h.MemoryBytes != other.MemoryBytes {
 		d = append(d, fmt.Sprintf("memory %d MiB vs %d MiB", h.MemoryBytes>>20, other.MemoryBytes>>20))
+	}
+	if h.RAMPadKiB != other.RAMPadKiB {
+		d = append(d, fmt.Sprintf("%d KiB of RAM above it vs %d", h.RAMPadKiB, other.RAMPadKiB))
 	}
 	if h.CPUs != other.CPUs {
 		d = append(d, fmt.Sprintf("%d cpus vs %d", h.CPUs, other.CPUs))
@@ -178,6 +196,9 @@ func (m Machine) Validate() error {
 // -blockdev and node names so later work can add overlays and mirror by name.
 func (m Machine) Args() []string {
 	mem := strconv.FormatInt(m.MemoryBytes>>20, 10) + "M"
+	if m.RAMPad {
+		mem = strconv.FormatInt(m.MemoryBytes>>10+RAMPadKiB, 10) + "K"
+	}
 	args := []string{
 		"-name", "guest=" + m.Name + ",debug-threads=on",
 		"-uuid", m.UUID,

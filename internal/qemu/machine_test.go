@@ -73,6 +73,44 @@ func TestMachineArgs(t *testing.T) {
 	}
 }
 
+// TestRAMPad: a machine with RAMPad has RAM that is not a multiple of
+// 256 KiB (see LivePrecopySafe); it is part of the hardware a saved state
+// must be restored on, and decides whether the memory is copied live.
+func TestRAMPad(t *testing.T) {
+	tests := []struct {
+		name     string
+		pad      bool
+		accel    string
+		wantMem  string
+		wantLive bool
+	}{
+		{"tcg, padded", true, AccelTCG, "-m 131080K", true},
+		{"tcg, made before the pad", false, AccelTCG, "-m 128M", false},
+		{"kvm, padded", true, AccelKVM, "-m 131080K", true},
+		{"kvm", false, AccelKVM, "-m 128M", true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := validMachine()
+			m.RAMPad, m.Accel = tt.pad, tt.accel
+			if a := strings.Join(m.Args(), " "); !strings.Contains(a, tt.wantMem+" ") {
+				t.Errorf("args lack %q: %s", tt.wantMem, a)
+			}
+			if got := LivePrecopySafe(m); got != tt.wantLive {
+				t.Errorf("LivePrecopySafe = %v, want %v", got, tt.wantLive)
+			}
+			if kib := (m.MemoryBytes>>10 + m.Hardware().RAMPadKiB); m.RAMPad && (kib%256 == 0 || kib%8 != 0) {
+				t.Errorf("padded RAM of %d KiB: want a multiple of 8 KiB and not of 256 KiB", kib)
+			}
+		})
+	}
+	padded, old := validMachine(), validMachine()
+	padded.RAMPad = true
+	if d := padded.Hardware().Diff(old.Hardware()); len(d) != 1 || !strings.Contains(d[0], "KiB of RAM") {
+		t.Fatalf("a state saved with padded RAM must not load into a machine without: diff %q", d)
+	}
+}
+
 func TestMachineArgsNetdev(t *testing.T) {
 	tests := []struct {
 		name   string
