@@ -63,10 +63,14 @@ func SaveState(ctx context.Context, mon *qmp.Monitor, dir string, w io.Writer, o
 	defer os.Remove(sock)
 	defer ln.Close()
 
-	caps := []map[string]any{{"capability": "pause-before-switchover", "state": o.AtSwitchover != nil}}
+	// "events": QEMU announces each status change (pre-switchover above
+	// all) with a MIGRATION event, which the loop below wakes on.
+	caps := []map[string]any{{"capability": "pause-before-switchover", "state": o.AtSwitchover != nil}, {"capability": "events", "state": true}}
 	if err := mon.Run(ctx, "migrate-set-capabilities", map[string]any{"capabilities": caps}, nil); err != nil {
 		return SaveStats{}, err
 	}
+	events, unsubscribe := mon.Subscribe()
+	defer unsubscribe()
 	// A live save aims at a short final stop: QEMU keeps copying dirty
 	// memory until what is left fits the downtime limit. A guest dirtying
 	// memory faster than we copy would never get there, so the limit is
@@ -126,15 +130,11 @@ func SaveState(ctx context.Context, mon *qmp.Monitor, dir string, w io.Writer, o
 	var copyErr error
 	copyDone, switched := false, false
 	step := 0
-	// A live save polls often so the switchover is caught at once (the
-	// guest is stopped meanwhile). A save of a stopped guest need not: the
-	// copy ending tells us, and QMP queries would only compete with the
-	// migration for QEMU's main lock.
-	poll := 50 * time.Millisecond
-	if o.AtSwitchover != nil {
-		poll = 2 * time.Millisecond
-	}
-	tick := time.NewTicker(poll)
+	// The switchover (the guest is stopped meanwhile) and the end are
+	// caught by their MIGRATION events at once; the tick is for progress,
+	// the downtime steps and a lost event. Polling query-migrate faster
+	// only competed with the copy for QEMU's main lock.
+	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
 	lastProgress := time.Now()
 	for {
@@ -145,6 +145,13 @@ func SaveState(ctx context.Context, mon *qmp.Monitor, dir string, w io.Writer, o
 			copyDone, copyErr = true, c.err
 			if copyErr != nil {
 				return fail(fmt.Errorf("write state: %w", copyErr))
+			}
+		case ev, ok := <-events:
+			if !ok {
+				return fail(fmt.Errorf("qemu monitor: %w", mon.Err()))
+			}
+			if ev.Name != "MIGRATION" {
+				continue
 			}
 		case <-tick.C:
 		}
