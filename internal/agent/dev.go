@@ -46,6 +46,9 @@ type DevConfig struct {
 	// NAT), made at start unless it exists: VMs created without --network
 	// join it. Empty: no default network (VMs get user-mode networking).
 	DefaultNetwork string
+	// Overcommit bounds what the scheduler promises the host (zero values:
+	// manager.DefaultOvercommit).
+	Overcommit manager.Overcommit
 }
 
 // DefaultDataDir is /var/lib/vigil for root, else $XDG_STATE_HOME/vigil.
@@ -115,9 +118,10 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	}
 	mgr = manager.New(manager.Config{Name: cfg.HostName, Identity: id, Images: images, URL: apiURL(ln),
 		Store: st, Host: manager.LocalHost(cfg.HostName, host), Events: broker, Logger: log,
-		Limits:   manager.Limits{MaxMemoryBytes: info.MemoryBytes, MaxCPUs: max(64, 4*runtime.NumCPU())},
-		Resync:   cfg.Reconcile,
-		StepHook: crashHook(log),
+		Limits:     manager.Limits{MaxMemoryBytes: info.MemoryBytes, MaxCPUs: max(64, 4*runtime.NumCPU())},
+		Resync:     cfg.Reconcile,
+		StepHook:   crashHook(log),
+		Overcommit: cfg.Overcommit,
 	})
 	// Adopt surviving QEMUs only now, so their events reach the manager.
 	if err := host.Recover(ctx); err != nil {

@@ -65,6 +65,9 @@ func newAgentCmd(g *globals) *cobra.Command {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			progress := func(s string) { fmt.Fprint(os.Stderr, s) }
+			if oc.Memory <= 0 || oc.Memory > 4 || oc.CPU <= 0 || oc.CPU > 64 {
+				return fmt.Errorf("--memory-overcommit %g / --cpu-overcommit %g out of range: use 0 < memory ≤ 4 and 0 < cpu ≤ 64 (1.0 promises exactly what a host has)", oc.Memory, oc.CPU)
+			}
 			switch {
 			case isManager:
 				peers := map[string]string{}
@@ -80,9 +83,6 @@ func newAgentCmd(g *globals) *cobra.Command {
 				}
 				if len(peers) > 0 && etcdEndpoints != "" {
 					return fmt.Errorf("use either --etcd-peers (embedded cluster) or --etcd-endpoints (external etcd), not both")
-				}
-				if oc.Memory <= 0 || oc.Memory > 4 || oc.CPU <= 0 || oc.CPU > 64 {
-					return fmt.Errorf("--memory-overcommit %g / --cpu-overcommit %g out of range: use 0 < memory ≤ 4 and 0 < cpu ≤ 64 (1.0 promises exactly what a host has)", oc.Memory, oc.CPU)
 				}
 				if certTTL < 10*time.Minute {
 					return fmt.Errorf("--cert-ttl %s is too short: hosts renew at half-life and must survive a manager outage; use at least 10m", certTTL)
@@ -107,6 +107,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 			}
 			cfg.Logger = log
 			cfg.Progress = progress
+			cfg.Overcommit = oc
 			cfg.Ready = func(addr string) {
 				fmt.Fprintf(os.Stderr, "\nVigil is running: API on https://%s, data in %s.\n", addr, cfg.DataDir)
 				fmt.Fprintf(os.Stderr, "The CLI configuration (API, CA, admin token) is in %s/client.yaml,\n", cfg.DataDir)
@@ -139,8 +140,8 @@ func newAgentCmd(g *globals) *cobra.Command {
 	f.StringVar(&storagePool, "storage-pool", envOr("VIGIL_STORAGE_POOL", ""), "with --host: a directory every host of the pool mounts (NFS, CephFS, or shared on one machine) for VM disks and state, so VMs can move between hosts (env VIGIL_STORAGE_POOL)")
 	f.DurationVar(&fenceAfter, "fence-after", agent.DefaultFenceAfter, "with --host: kill this host's VMs after this long without any manager")
 	f.DurationVar(&deadAfter, "host-dead-after", manager.DefaultHostDeadAfter, "with --manager: declare a host dead (and restart its VMs elsewhere) after this long without heartbeats; must exceed every host's --fence-after by 2s")
-	f.Float64Var(&oc.Memory, "memory-overcommit", manager.DefaultOvercommit.Memory, "with --manager: memory the scheduler may promise a host, as a multiple of what it has (1.0: never more)")
-	f.Float64Var(&oc.CPU, "cpu-overcommit", manager.DefaultOvercommit.CPU, "with --manager: vCPUs the scheduler may promise a host, per host CPU")
+	f.Float64Var(&oc.Memory, "memory-overcommit", manager.DefaultOvercommit.Memory, "with --manager or --dev: memory the scheduler may promise a host, as a multiple of what it has (1.0: never more)")
+	f.Float64Var(&oc.CPU, "cpu-overcommit", manager.DefaultOvercommit.CPU, "with --manager or --dev: vCPUs the scheduler may promise a host, per host CPU")
 	f.DurationVar(&certTTL, "cert-ttl", 24*time.Hour, "with --manager: how long the certificates issued to hosts and managers live (renewed at half-life)")
 	f.StringVar(&etcdCA, "etcd-ca", "", "with --etcd-endpoints: CA certificate (PEM file) of the external etcd's TLS")
 	f.StringVar(&etcdCert, "etcd-cert", "", "with --etcd-endpoints: client certificate (PEM file) for the external etcd")
