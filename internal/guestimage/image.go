@@ -50,8 +50,9 @@ type Image struct {
 }
 
 // Format is bumped whenever the initramfs contents change in a way that an
-// existing image must be rebuilt for (rcS, inittab, module list).
-const Format = 2
+// existing image must be rebuilt for (rcS, inittab, module list, kernel
+// command line).
+const Format = 3
 
 const (
 	manifestName = "manifest.json"

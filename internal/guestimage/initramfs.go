@@ -13,7 +13,13 @@ import (
 
 // DefaultCmdline is the kernel command line stored in the manifest. The host
 // appends per-guest settings such as vigil.name=.
-const DefaultCmdline = "console=ttyS0 loglevel=4"
+//
+// no_timer_check: the kernel checks early that the IO-APIC timer ticks by
+// counting ticks in a busy loop; a vCPU starved by its host (50 guests
+// booting at once on 2 cores under TCG) misses them and the kernel panics
+// with "IO-APIC + timer doesn't work!" before any agent runs, spinning
+// forever. Cloud images pass it for the same reason.
+const DefaultCmdline = "console=ttyS0 loglevel=4 no_timer_check"
 
 // guestModules lists the kernel modules the guest needs, relative to
 // lib/modules/<version>/kernel and without the .ko suffix, in load order.
