@@ -68,6 +68,7 @@ test-short:
 	$(GO) test -short -count=1 ./...
 
 bench: test-image
+	@./scripts/install-deps.sh --bench
 	$(TEST_ENV) $(GO) run ./cmd/vigil-bench -out docs/benchmarks.md
 
 fmt:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Vigil needs, only when something is missing;
-# with --test, also what its tests need.
+# with --test, also what its tests need; with --bench, what make bench
+# measures against.
 set -euo pipefail
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
@@ -19,6 +20,12 @@ if [ "${1:-}" = --test ]; then
 	# The network tests' client namespace (ip netns); iperf3 for make bench.
 	command -v ip >/dev/null || need+=(iproute2)
 	command -v iperf3 >/dev/null || need+=(iperf3)
+fi
+if [ "${1:-}" = --bench ]; then
+	# make bench measures libvirt beside Vigil (a system libvirtd it starts
+	# and stops itself: these machines have no systemd).
+	command -v libvirtd >/dev/null || need+=(libvirt-daemon-system)
+	command -v virsh >/dev/null || need+=(libvirt-clients)
 fi
 if [ ${#need[@]} -eq 0 ]; then
 	exit 0

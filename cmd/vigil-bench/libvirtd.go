@@ -1,0 +1,201 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"text/template"
+	"time"
+
+	"github.com/digitalocean/go-libvirt"
+	"github.com/digitalocean/go-libvirt/socket/dialers"
+)
+
+// libvirtd is Debian's libvirt daemon (and its virtlogd) started for the
+// bench as root, as a system instance, and stopped after. These machines have
+// no systemd, so the bench starts both itself.
+//
+// libvirtd runs in a private mount namespace with two files bound over the
+// machine's: /dev/kvm is hidden (here it exists but cannot run guests; libvirt
+// 9.0 then finds its capability cache "outdated" at every start, probes QEMU
+// again for ~80 s and still picks TCG), and qemu.conf says `namespaces = []`
+// (libvirt's per-domain /dev would try to bring the hidden /dev/kvm along).
+// Networks set to autostart are hidden too: the bench's domains use
+// user-mode networking and the machine's network is not to be touched.
+// Nothing else differs from Debian's defaults: QEMU runs as libvirt-qemu with
+// its files relabelled, stdio goes through virtlogd.
+type libvirtd struct {
+	dir      string
+	daemon   *exec.Cmd
+	virtlogd *exec.Cmd
+	conn     *libvirt.Libvirt
+}
+
+const libvirtSocket = "/run/libvirt/libvirt-sock"
+
+func startLibvirtd(ctx context.Context, dir string) (*libvirtd, error) {
+	if os.Geteuid() != 0 {
+		return nil, errors.New("the libvirt baseline needs root (a system libvirtd): run make bench as root")
+	}
+	bin, err := exec.LookPath("libvirtd")
+	if err != nil {
+		return nil, errors.New("libvirtd not found: install libvirt-daemon-system and libvirt-clients (make bench does)")
+	}
+	if c, err := net.Dial("unix", libvirtSocket); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("a libvirtd already answers on %s: stop it, the bench starts its own", libvirtSocket)
+	}
+	// Its files must be reachable by libvirt-qemu.
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	for d := dir; d != "/" && d != "."; d = filepath.Dir(d) {
+		if fi, err := os.Stat(d); err == nil && fi.Mode().Perm()&0o001 == 0 {
+			if err := os.Chmod(d, fi.Mode().Perm()|0o011); err != nil {
+				return nil, err
+			}
+		}
+	}
+	noKVM, conf, empty := filepath.Join(dir, "no-kvm"), filepath.Join(dir, "qemu.conf"), filepath.Join(dir, "empty")
+	if err := os.WriteFile(noKVM, nil, 0o600); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(empty, 0o755); err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(conf, []byte("namespaces = [ ]\n"), 0o644); err != nil {
+		return nil, err
+	}
+	d := &libvirtd{dir: dir}
+	d.virtlogd = exec.Command("virtlogd")
+	if err := d.virtlogd.Start(); err != nil {
+		return nil, fmt.Errorf("virtlogd: %w", err)
+	}
+	// unshare execs the shell, which execs libvirtd: daemon's PID is libvirtd's.
+	d.daemon = exec.Command("unshare", "-m", "--propagation", "private", "sh", "-c",
+		`mount --bind "$1" /dev/kvm && mount --bind "$2" /etc/libvirt/qemu.conf &&
+		{ [ ! -d "$4" ] || mount --bind "$3" "$4"; } && exec "$5"`,
+		"sh", noKVM, conf, empty, "/etc/libvirt/qemu/networks/autostart", bin)
+	d.daemon.Stderr = os.Stderr
+	if err := d.daemon.Start(); err != nil {
+		d.stop()
+		return nil, fmt.Errorf("libvirtd: %w", err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		l := libvirt.NewWithDialer(dialers.NewLocal(dialers.WithSocket(libvirtSocket)))
+		if err = l.ConnectToURI(libvirt.QEMUSystem); err == nil {
+			d.conn = l
+			return d, nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			d.stop()
+			return nil, fmt.Errorf("libvirtd did not answer: %w", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// stop destroys and undefines every domain the bench made, then ends both
+// daemons.
+func (d *libvirtd) stop() {
+	if d.conn != nil {
+		doms, _, _ := d.conn.ConnectListAllDomains(1, 0)
+		for _, dom := range doms {
+			if strings.HasPrefix(dom.Name, "lvbench") {
+				d.conn.DomainDestroy(dom)
+				d.conn.DomainUndefineFlags(dom, libvirt.DomainUndefineManagedSave|libvirt.DomainUndefineSnapshotsMetadata)
+			}
+		}
+		d.conn.Disconnect()
+	}
+	for _, c := range []*exec.Cmd{d.daemon, d.virtlogd} {
+		if c != nil && c.Process != nil {
+			c.Process.Signal(os.Interrupt)
+			done := make(chan struct{})
+			go func() { c.Wait(); close(done) }()
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				c.Process.Kill()
+				<-done
+			}
+		}
+	}
+}
+
+// libvirtDomain is a guest as libvirt runs it, made as alike to Vigil's as
+// libvirt allows: the same kernel, initramfs and command line, q35, a
+// virtio-blk qcow2 disk, user-mode networking on virtio-net, the agent's
+// virtio-serial port on a unix socket, ACPI and a panic device.
+type libvirtDomain struct {
+	Name, Dir, Kernel, Initrd, Cmdline string
+	MemoryMiB                          int64
+}
+
+func (g libvirtDomain) disk() string        { return filepath.Join(g.Dir, "disk.qcow2") }
+func (g libvirtDomain) agentSocket() string { return filepath.Join(g.Dir, "agent.sock") }
+
+// The panic device is ISA: libvirt 9.0 refuses pvpanic-pci on q35. It makes
+// no memballoon and no USB controller, as Vigil does not.
+var domainXML = template.Must(template.New("domain").Parse(`<domain type='qemu'>
+  <name>{{.Name}}</name>
+  <memory unit='MiB'>{{.MemoryMiB}}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{{.Kernel}}</kernel>
+    <initrd>{{.Initrd}}</initrd>
+    <cmdline>{{.Cmdline}}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <cpu mode='maximum' check='none'/>
+  <on_crash>preserve</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{{.Dir}}/disk.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <interface type='user'><model type='virtio'/></interface>
+    <serial type='file'><source path='{{.Dir}}/serial.log'/><target port='0'/></serial>
+    <channel type='unix'>
+      <source mode='bind' path='{{.Dir}}/agent.sock'/>
+      <target type='virtio' name='org.vigil.agent.0'/>
+    </channel>
+    <panic model='isa'/>
+    <memballoon model='none'/>
+    <controller type='usb' model='none'/>
+  </devices>
+</domain>
+`))
+
+// define makes g's directory (the image's kernel and initramfs copied in, a
+// blank 256 MiB disk) and defines it, persistent as a managed save needs.
+func (d *libvirtd) define(ctx context.Context, g libvirtDomain) (libvirt.Domain, error) {
+	if err := os.MkdirAll(g.Dir, 0o755); err != nil {
+		return libvirt.Domain{}, err
+	}
+	// Copies: libvirt relabels the files it gives QEMU.
+	for _, f := range []struct{ from, to string }{{g.Kernel, "vmlinuz"}, {g.Initrd, "initrd.img"}} {
+		if out, err := exec.CommandContext(ctx, "cp", f.from, filepath.Join(g.Dir, f.to)).CombinedOutput(); err != nil {
+			return libvirt.Domain{}, fmt.Errorf("copy %s: %v: %s", f.from, err, out)
+		}
+	}
+	g.Kernel, g.Initrd = filepath.Join(g.Dir, "vmlinuz"), filepath.Join(g.Dir, "initrd.img")
+	if out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", g.disk(), "256M").CombinedOutput(); err != nil {
+		return libvirt.Domain{}, fmt.Errorf("qemu-img: %v: %s", err, out)
+	}
+	var xml bytes.Buffer
+	if err := domainXML.Execute(&xml, g); err != nil {
+		return libvirt.Domain{}, err
+	}
+	return d.conn.DomainDefineXML(xml.String())
+}
