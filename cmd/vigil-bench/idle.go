@@ -25,6 +25,9 @@ const idleWindow = 60 * time.Second
 // virtlogd). QEMU's own cost is counted on neither side.
 func (b *bench) idle(ctx context.Context) ([]row, error) {
 	counts := []int{0, 1, 10, 50}
+	if err := libvirtUsable(); err != nil { // before minutes of Vigil's side
+		return nil, err
+	}
 	vigil, err := b.idleVigil(ctx, counts)
 	if err != nil {
 		return nil, err
@@ -169,7 +172,14 @@ func (b *bench) idleVigil(ctx context.Context, counts []int) ([]idleCost, error)
 	}
 	defer func() {
 		cmd.Process.Signal(os.Interrupt)
-		cmd.Wait()
+		done := make(chan struct{})
+		go func() { cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
 	}()
 	var c *client.Client
 	for deadline := time.Now().Add(60 * time.Second); ; {
@@ -182,16 +192,20 @@ func (b *bench) idleVigil(ctx context.Context, counts []int) ([]idleCost, error)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	made := 0
+	made := 0 // VMs asked for, the last perhaps not made
 	defer func() {
+		// The dev agent leaves VMs running when it stops: delete them first.
 		for i := 0; i < made; i++ {
-			c.DeleteVM(context.WithoutCancel(ctx), fmt.Sprintf("idle%02d", i), true)
+			if err := c.DeleteVM(context.WithoutCancel(ctx), fmt.Sprintf("idle%02d", i), true); err != nil && i < made-1 {
+				fmt.Fprintf(os.Stderr, "vigil-bench: idle: delete idle%02d: %v\n", i, err)
+			}
 		}
 	}()
 	var out []idleCost
 	for _, n := range counts {
-		for ; made < n; made++ {
-			if _, err := c.CreateVM(ctx, api.VMCreateRequest{Name: fmt.Sprintf("idle%02d", made), MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 64 << 20, Start: true}); err != nil {
+		for made < n {
+			made++
+			if _, err := c.CreateVM(ctx, api.VMCreateRequest{Name: fmt.Sprintf("idle%02d", made-1), MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 64 << 20, Start: true}); err != nil {
 				return nil, err
 			}
 		}
@@ -212,7 +226,7 @@ func (b *bench) idleVigil(ctx context.Context, counts []int) ([]idleCost, error)
 // idleLibvirt starts libvirt for the bench and measures libvirtd and
 // virtlogd with each count of idle domains, as alike to Vigil's as it can.
 func (b *bench) idleLibvirt(ctx context.Context, counts []int) ([]idleCost, error) {
-	d, err := startLibvirtd(ctx, filepath.Join(b.tmp, "libvirt-idle"))
+	d, err := startLibvirtd(ctx, filepath.Join(b.tmp, "libvirt-idle"), b.accel)
 	if err != nil {
 		return nil, err
 	}

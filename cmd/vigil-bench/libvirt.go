@@ -18,7 +18,7 @@ import (
 // driven over its own RPC protocol (no virsh process per call), as Vigil is
 // over its API. The daemons' idle cost is its own section (idle).
 func (b *bench) libvirtCompare(ctx context.Context) ([]row, error) {
-	d, err := startLibvirtd(ctx, filepath.Join(b.tmp, "libvirt"))
+	d, err := startLibvirtd(ctx, filepath.Join(b.tmp, "libvirt"), b.accel)
 	if err != nil {
 		return nil, err
 	}
@@ -161,10 +161,20 @@ func (b *bench) libvirtCompare(ctx context.Context) ([]row, error) {
 	// libvirt's pause from its suspended and resumed events as they arrive
 	// (it does not pass QEMU's STOP and RESUME on, with their timestamps,
 	// as Vigil's host agent reads them): one RPC delivery late at each end.
-	events, err := d.conn.LifecycleEvents(ctx)
+	evCtx, stopEvents := context.WithCancel(ctx)
+	events, err := d.conn.LifecycleEvents(evCtx)
 	if err != nil {
+		stopEvents()
 		return rows, fmt.Errorf("libvirt: events: %w", err)
 	}
+	defer func() {
+		// go-libvirt's relay blocks on each event until it is read.
+		stopEvents()
+		go func() {
+			for range events {
+			}
+		}()
+	}()
 	var vPaused, lPaused, vSnap, lSnap []time.Duration
 	var snaps []libvirt.DomainSnapshot
 	for i := 0; i < b.runs; i++ {
@@ -198,7 +208,7 @@ func (b *bench) libvirtCompare(ctx context.Context) ([]row, error) {
 	add(fmt.Sprintf("vs libvirt: snapshot with memory, guest paused (128 MiB; %d runs)", b.runs), vPaused, lPaused, ms,
 		"Vigil: from QEMU's STOP and RESUME timestamps; libvirt: from its suspended and resumed events as they arrive (it does not pass QEMU's on)")
 	add("vs libvirt: snapshot with memory, command time", vSnap, lSnap, ms,
-		"Vigil: disk overlay + memory state file, fsynced; libvirt: internal snapshot (QEMU savevm into the qcow2)")
+		"Vigil: qcow2 internal snapshot of the disk at the switchover + checksummed memory state file, fsynced; libvirt: internal snapshot (QEMU savevm into the qcow2)")
 	var vRev, lRev, vRevHB, lRevHB []time.Duration
 	for i := 0; i < b.runs; i++ {
 		t0 := time.Now()

@@ -32,56 +32,84 @@ import (
 // its files relabelled, stdio goes through virtlogd.
 type libvirtd struct {
 	dir      string
+	kvm      bool // its domains run on KVM (as Vigil's do when accel is kvm)
 	daemon   *exec.Cmd
 	virtlogd *exec.Cmd
 	conn     *libvirt.Libvirt
+	// chmodded are the directories opened to libvirt-qemu, with their
+	// modes before, put back by stop.
+	chmodded map[string]os.FileMode
 }
 
-const libvirtSocket = "/run/libvirt/libvirt-sock"
+const (
+	libvirtSocket  = "/run/libvirt/libvirt-sock"
+	virtlogdSocket = "/run/libvirt/virtlogd-sock"
+)
 
-func startLibvirtd(ctx context.Context, dir string) (*libvirtd, error) {
+// libvirtUsable says why the bench cannot start libvirt here, if it cannot.
+func libvirtUsable() error {
 	if os.Geteuid() != 0 {
-		return nil, errors.New("the libvirt baseline needs root (a system libvirtd): run make bench as root")
+		return errors.New("the libvirt baseline needs root (a system libvirtd): run make bench as root")
 	}
-	bin, err := exec.LookPath("libvirtd")
-	if err != nil {
-		return nil, errors.New("libvirtd not found: install libvirt-daemon-system and libvirt-clients (make bench does)")
+	if _, err := exec.LookPath("libvirtd"); err != nil {
+		return errors.New("libvirtd not found: install libvirt-daemon-system and libvirt-clients (make bench does)")
 	}
-	if c, err := net.Dial("unix", libvirtSocket); err == nil {
-		c.Close()
-		return nil, fmt.Errorf("a libvirtd already answers on %s: stop it, the bench starts its own", libvirtSocket)
+	return nil
+}
+
+func startLibvirtd(ctx context.Context, dir, accel string) (*libvirtd, error) {
+	if err := libvirtUsable(); err != nil {
+		return nil, err
 	}
+	bin, _ := exec.LookPath("libvirtd")
+	for _, sock := range []string{libvirtSocket, virtlogdSocket} {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("a libvirt daemon already answers on %s: stop it, the bench starts its own", sock)
+		}
+	}
+	d := &libvirtd{dir: dir, kvm: accel == "kvm", chmodded: map[string]os.FileMode{}}
 	// Its files must be reachable by libvirt-qemu.
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
-	for d := dir; d != "/" && d != "."; d = filepath.Dir(d) {
-		if fi, err := os.Stat(d); err == nil && fi.Mode().Perm()&0o001 == 0 {
-			if err := os.Chmod(d, fi.Mode().Perm()|0o011); err != nil {
+	for p := dir; p != "/" && p != "."; p = filepath.Dir(p) {
+		if fi, err := os.Stat(p); err == nil && fi.Mode().Perm()&0o001 == 0 {
+			if err := os.Chmod(p, fi.Mode().Perm()|0o011); err != nil {
+				d.stop()
 				return nil, err
 			}
+			d.chmodded[p] = fi.Mode().Perm()
 		}
 	}
 	noKVM, conf, empty := filepath.Join(dir, "no-kvm"), filepath.Join(dir, "qemu.conf"), filepath.Join(dir, "empty")
 	if err := os.WriteFile(noKVM, nil, 0o600); err != nil {
+		d.stop()
 		return nil, err
 	}
 	if err := os.MkdirAll(empty, 0o755); err != nil {
+		d.stop()
 		return nil, err
 	}
 	if err := os.WriteFile(conf, []byte("namespaces = [ ]\n"), 0o644); err != nil {
+		d.stop()
 		return nil, err
 	}
-	d := &libvirtd{dir: dir}
+	// Under TCG /dev/kvm is hidden (see above); with KVM both sides use it.
+	hideKVM := "."
+	if !d.kvm {
+		hideKVM = "/dev/kvm"
+	}
 	d.virtlogd = exec.Command("virtlogd")
 	if err := d.virtlogd.Start(); err != nil {
+		d.stop()
 		return nil, fmt.Errorf("virtlogd: %w", err)
 	}
 	// unshare execs the shell, which execs libvirtd: daemon's PID is libvirtd's.
 	d.daemon = exec.Command("unshare", "-m", "--propagation", "private", "sh", "-c",
-		`mount --bind "$1" /dev/kvm && mount --bind "$2" /etc/libvirt/qemu.conf &&
+		`{ [ "$6" = . ] || [ ! -e "$6" ] || mount --bind "$1" "$6"; } && mount --bind "$2" /etc/libvirt/qemu.conf &&
 		{ [ ! -d "$4" ] || mount --bind "$3" "$4"; } && exec "$5"`,
-		"sh", noKVM, conf, empty, "/etc/libvirt/qemu/networks/autostart", bin)
+		"sh", noKVM, conf, empty, "/etc/libvirt/qemu/networks/autostart", bin, hideKVM)
 	d.daemon.Stderr = os.Stderr
 	if err := d.daemon.Start(); err != nil {
 		d.stop()
@@ -90,7 +118,8 @@ func startLibvirtd(ctx context.Context, dir string) (*libvirtd, error) {
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		l := libvirt.NewWithDialer(dialers.NewLocal(dialers.WithSocket(libvirtSocket)))
-		if err = l.ConnectToURI(libvirt.QEMUSystem); err == nil {
+		err := l.ConnectToURI(libvirt.QEMUSystem)
+		if err == nil {
 			d.conn = l
 			return d, nil
 		}
@@ -115,6 +144,9 @@ func (d *libvirtd) stop() {
 		}
 		d.conn.Disconnect()
 	}
+	for p, mode := range d.chmodded {
+		os.Chmod(p, mode)
+	}
 	for _, c := range []*exec.Cmd{d.daemon, d.virtlogd} {
 		if c != nil && c.Process != nil {
 			c.Process.Signal(os.Interrupt)
@@ -137,6 +169,7 @@ func (d *libvirtd) stop() {
 type libvirtDomain struct {
 	Name, Dir, Kernel, Initrd, Cmdline string
 	MemoryMiB                          int64
+	Type                               string // qemu (TCG) or kvm: set by define
 }
 
 func (g libvirtDomain) disk() string        { return filepath.Join(g.Dir, "disk.qcow2") }
@@ -144,7 +177,7 @@ func (g libvirtDomain) agentSocket() string { return filepath.Join(g.Dir, "agent
 
 // The panic device is ISA: libvirt 9.0 refuses pvpanic-pci on q35. It makes
 // no memballoon and no USB controller, as Vigil does not.
-var domainXML = template.Must(template.New("domain").Parse(`<domain type='qemu'>
+var domainXML = template.Must(template.New("domain").Parse(`<domain type='{{.Type}}'>
   <name>{{.Name}}</name>
   <memory unit='MiB'>{{.MemoryMiB}}</memory>
   <vcpu>1</vcpu>
@@ -155,7 +188,7 @@ var domainXML = template.Must(template.New("domain").Parse(`<domain type='qemu'>
     <cmdline>{{.Cmdline}}</cmdline>
   </os>
   <features><acpi/></features>
-  <cpu mode='maximum' check='none'/>
+  {{if eq .Type "kvm"}}<cpu mode='host-passthrough' check='none'/>{{else}}<cpu mode='maximum' check='none'/>{{end}}
   <on_crash>preserve</on_crash>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
@@ -190,6 +223,10 @@ func (d *libvirtd) define(ctx context.Context, g libvirtDomain) (libvirt.Domain,
 		}
 	}
 	g.Kernel, g.Initrd = filepath.Join(g.Dir, "vmlinuz"), filepath.Join(g.Dir, "initrd.img")
+	g.Type = "qemu"
+	if d.kvm {
+		g.Type = "kvm"
+	}
 	if out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", g.disk(), "256M").CombinedOutput(); err != nil {
 		return libvirt.Domain{}, fmt.Errorf("qemu-img: %v: %s", err, out)
 	}

@@ -258,6 +258,9 @@ func MigrateOut(ctx context.Context, mon *qmp.Monitor, uri string, tls *Migratio
 // RAMPad has RAM that is not such a multiple, which keeps QEMU on the
 // page-by-page path that re-arms it: it is copied live; one without (a VM
 // made before Vigil knew this keeps its hardware) is stopped for the copy.
+// Only main RAM is padded: a display's 16 MiB video memory still takes the
+// fast path, so under TCG a live copy may leave stale pixels on the screen
+// of a VM with a display until it redraws; what the guest runs on is whole.
 func LivePrecopySafe(m Machine) bool { return m.Accel == AccelKVM || m.RAMPad }
 
 // CertDN is a certificate's subject as QEMU's TLS authorization (GnuTLS)
