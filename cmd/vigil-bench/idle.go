@@ -112,6 +112,23 @@ func measureIdle(ctx context.Context, pids ...int) (idleCost, error) {
 	return idleCost{cpu: (c1 - c0) / time.Since(t0).Minutes(), rssMB: rss}, nil
 }
 
+// interrupt asks a child to end (SIGINT) and kills it if it has not
+// within grace.
+func interrupt(cmd *exec.Cmd, grace time.Duration) {
+	if cmd == nil || cmd.Process == nil {
+		return
+	}
+	cmd.Process.Signal(os.Interrupt)
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(grace):
+		cmd.Process.Kill()
+		<-done
+	}
+}
+
 // procCPU is a process's user and system CPU time in seconds (its own,
 // not its children's), from /proc/PID/stat (clock ticks of 1/100 s).
 func procCPU(pid int) (float64, error) {
@@ -170,17 +187,7 @@ func (b *bench) idleVigil(ctx context.Context, counts []int) ([]idleCost, error)
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
-	defer func() {
-		cmd.Process.Signal(os.Interrupt)
-		done := make(chan struct{})
-		go func() { cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(30 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-	}()
+	defer interrupt(cmd, 30*time.Second)
 	var c *client.Client
 	for deadline := time.Now().Add(60 * time.Second); ; {
 		c = clientFor(dir)

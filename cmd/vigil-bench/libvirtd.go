@@ -147,19 +147,8 @@ func (d *libvirtd) stop() {
 	for p, mode := range d.chmodded {
 		os.Chmod(p, mode)
 	}
-	for _, c := range []*exec.Cmd{d.daemon, d.virtlogd} {
-		if c != nil && c.Process != nil {
-			c.Process.Signal(os.Interrupt)
-			done := make(chan struct{})
-			go func() { c.Wait(); close(done) }()
-			select {
-			case <-done:
-			case <-time.After(10 * time.Second):
-				c.Process.Kill()
-				<-done
-			}
-		}
-	}
+	interrupt(d.daemon, 10*time.Second)
+	interrupt(d.virtlogd, 10*time.Second)
 }
 
 // libvirtDomain is a guest as libvirt runs it, made as alike to Vigil's as
