@@ -182,6 +182,47 @@ type VM struct {
 	// NICs are the VM's network cards (none: QEMU's user-mode network).
 	NICs    []NIC         `json:"nics,omitempty"`
 	Publish []PortPublish `json:"publish,omitempty"`
+	// Protection is set on a protected VM (see ProtectRequest).
+	Protection *Protection `json:"protection,omitempty"`
+}
+
+// ProtectRequest protects a VM with a synchronized standby on another host
+// of its storage pool: the guest is checkpointed there every interval and,
+// if its host dies, continues there from the last checkpoint without a
+// reboot.
+type ProtectRequest struct {
+	// SecondaryHost names the standby's host; empty lets the scheduler pick
+	// one with room (the VM's memory is reserved there).
+	SecondaryHost string `json:"secondary_host,omitempty"`
+	// IntervalMS is the time between checkpoint starts (default 500).
+	IntervalMS int64 `json:"interval_ms,omitempty"`
+}
+
+// Protection is the state of a VM's synchronized standby.
+type Protection struct {
+	// State is syncing (no checkpoint committed yet), protected, degraded
+	// (no usable standby now: Message says why), failing-over or
+	// re-protecting (a new standby is being made after a loss).
+	State         string    `json:"state"`
+	Since         time.Time `json:"since"`
+	Message       string    `json:"message,omitempty"`
+	SecondaryHost string    `json:"secondary_host,omitempty"`
+	IntervalMS    int64     `json:"interval_ms"`
+	// LastCheckpoint is when the standby last committed a checkpoint; RPOMS
+	// is how much guest time a failover now would lose at most.
+	LastCheckpoint *time.Time `json:"last_checkpoint,omitempty"`
+	RPOMS          float64    `json:"rpo_ms,omitempty"`
+	Checkpoints    int64      `json:"checkpoints,omitempty"`
+	// PauseP50MS and PauseP99MS are the guest's stops per checkpoint.
+	PauseP50MS float64 `json:"pause_p50_ms,omitempty"`
+	PauseP99MS float64 `json:"pause_p99_ms,omitempty"`
+	// BytesPerCheckpoint is the size of the last checkpoint's memory.
+	BytesPerCheckpoint int64 `json:"bytes_per_checkpoint,omitempty"`
+	// CheckpointMS is how long the last checkpoint took, start to commit.
+	CheckpointMS float64 `json:"checkpoint_ms,omitempty"`
+	// SecondaryHeardAt is when the primary last heard from the secondary
+	// directly (the heartbeat between the two hosts).
+	SecondaryHeardAt *time.Time `json:"secondary_heard_at,omitempty"`
 }
 
 // Operation reports how a state operation went.

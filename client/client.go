@@ -211,6 +211,20 @@ func (c *Client) Migrate(ctx context.Context, vm, to string) (api.VM, error) {
 	return v, err
 }
 
+// Protect gives a VM a synchronized standby on another host.
+func (c *Client) Protect(ctx context.Context, vm string, req api.ProtectRequest) (api.VM, error) {
+	var v api.VM
+	err := c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/protect", req, &v)
+	return v, err
+}
+
+// Unprotect ends a VM's protection.
+func (c *Client) Unprotect(ctx context.Context, vm string) (api.VM, error) {
+	var v api.VM
+	err := c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/unprotect", nil, &v)
+	return v, err
+}
+
 // DrainHost keeps new VMs off a host and moves its VMs away.
 func (c *Client) DrainHost(ctx context.Context, host string) (api.DrainResult, error) {
 	var r api.DrainResult

@@ -181,9 +181,11 @@ type hostSetup struct {
 	qemuVersion                                string // known already, or empty
 	// migrationTLSDir: see hostagent.Config (none in dev mode: one host).
 	migrationTLSDir string
-	progress        func(string)
-	log             *slog.Logger
-	notify          func(hostproto.Event)
+	// peerTLS: see hostagent.Config.PeerTLS (none in dev mode).
+	peerTLS  func(string) *tls.Config
+	progress func(string)
+	log      *slog.Logger
+	notify   func(hostproto.Event)
 }
 
 // newHostAgent makes sure the guest image exists and creates the host
@@ -195,7 +197,7 @@ func newHostAgent(ctx context.Context, s hostSetup) (*hostagent.Agent, error) {
 	}
 	return hostagent.New(hostagent.Config{
 		Name: s.name, DataDir: filepath.Join(s.dataDir, "host"), Accel: s.accel, QEMUVersion: s.qemuVersion, StoragePool: s.storagePool, MigrationHost: s.migrationHost,
-		MigrationTLSDir: s.migrationTLSDir, Images: s.images,
+		MigrationTLSDir: s.migrationTLSDir, PeerTLS: s.peerTLS, Images: s.images,
 		Image:  hostagent.Image{Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: img.Cmdline},
 		Logger: s.log, Notify: s.notify,
 	})

@@ -69,25 +69,28 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 
 	out := &outbox{wake: make(chan struct{}, 1)}
 	j := &joiner{cfg: cfg, log: log.With("host", cfg.Name), addr: ln.Addr().String(), out: out, lastAck: time.Now()}
+	trust := &hostTrust{dir: cfg.DataDir, name: cfg.Name, tlsDir: hostTLSDir(cfg.DataDir)}
 	host, err := newHostAgent(ctx, hostSetup{images: j, name: cfg.Name, dataDir: cfg.DataDir, accel: cfg.Accel, imageDir: cfg.ImageDir, qemuVersion: cfg.QEMUVersion,
 		guestAgent: cfg.GuestAgent, progress: cfg.Progress, log: log, notify: out.add, storagePool: cfg.StoragePool,
 		// Live migrations come in on the address the managers reach us at,
 		// over TLS with the host's certificate.
-		migrationHost: ln.Addr().(*net.TCPAddr).IP.String(), migrationTLSDir: hostTLSDir(cfg.DataDir)})
+		migrationHost: ln.Addr().(*net.TCPAddr).IP.String(), migrationTLSDir: hostTLSDir(cfg.DataDir),
+		// Checkpoints of protected VMs go to their secondary host over TLS
+		// with the same certificate.
+		peerTLS: trust.peerTLS})
 	if err != nil {
 		return err
 	}
 	if err := host.Recover(ctx); err != nil {
 		return err
 	}
-	trust := &hostTrust{dir: cfg.DataDir, name: cfg.Name, tlsDir: hostTLSDir(cfg.DataDir)}
 	j.host, j.trust = host, trust
 	if err := j.ensureJoined(ctx); err != nil {
 		return err
 	}
 	j.http = &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{TLSClientConfig: trust.clientTLS(), ForceAttemptHTTP2: true}}
 
-	srv := newServer(hostproto.Serve(host, log), context.Background())
+	srv := newServer(hostGate(hostproto.Serve(host, log)), context.Background())
 	go srv.Serve(tls.NewListener(ln, trust.serverTLS()))
 	hostCtx, stopHost := context.WithCancel(context.Background())
 	hostDone := make(chan error, 1)

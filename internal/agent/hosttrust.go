@@ -124,10 +124,42 @@ func (t *hostTrust) writeQEMUFiles(certPEM, keyPEM, caPEM []byte) error {
 	return nil
 }
 
-// serverTLS serves the host API: only a manager of the cluster may call.
+// serverTLS serves the host API: a manager of the cluster may call, and
+// another host of the cluster may connect for the one operation hostGate
+// lets it open.
 func (t *hostTrust) serverTLS() *tls.Config {
 	c := pki.ServerConfig(t.holder, t.pool, false)
-	c.VerifyConnection = pki.RequirePeer(pki.RoleManager, "")
+	c.VerifyConnection = func(cs tls.ConnectionState) error {
+		if role, _, ok := pki.Peer(&cs); ok && role == pki.RoleHost {
+			return nil
+		}
+		return pki.RequirePeer(pki.RoleManager, "")(cs)
+	}
+	return c
+}
+
+// hostGate lets managers call every host operation, and other hosts of the
+// cluster only open the checkpoint stream of a VM whose standby this host
+// keeps for them (the call carries the caller's name from its certificate).
+func hostGate(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		role, name, ok := pki.Peer(r.TLS)
+		switch {
+		case ok && role == pki.RoleManager:
+			h.ServeHTTP(w, r)
+		case ok && role == pki.RoleHost && r.Method == http.MethodPost && r.URL.Path == hostproto.TunnelPath(hostproto.CheckpointsOp):
+			h.ServeHTTP(w, r.WithContext(hostproto.WithPeerHost(r.Context(), name)))
+		default:
+			http.Error(w, "forbidden: a host may only send checkpoints to another host", http.StatusForbidden)
+		}
+	})
+}
+
+// peerTLS is the client configuration for reaching host name: it must
+// present that host's certificate of the cluster.
+func (t *hostTrust) peerTLS(name string) *tls.Config {
+	c := pki.ClientConfig(t.pool, t.holder, "")
+	c.VerifyConnection = pki.RequirePeer(pki.RoleHost, name)
 	return c
 }
 

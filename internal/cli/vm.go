@@ -24,7 +24,8 @@ func newVMCmd(g *globals) *cobra.Command {
 		newVMStateCmd(g, api.ActionRestart, "Stop (if running) and start a VM: a fresh boot"),
 		newVMPauseCmd(g), newVMResumeCmd(g), newVMExecCmd(g),
 		newVMIncidentsCmd(g), newVMFaultCmd(g), newVMSetCmd(g),
-		newVMDeleteCmd(g), newVMConsoleCmd(g), newVMScreenshotCmd(g), newVMMigrateCmd(g))
+		newVMDeleteCmd(g), newVMConsoleCmd(g), newVMScreenshotCmd(g), newVMMigrateCmd(g),
+		newVMProtectCmd(g), newVMUnprotectCmd(g))
 	return cmd
 }
 
@@ -239,6 +240,9 @@ func (g *globals) printVM(vm api.VM) error {
 		}
 		if vm.CurrentSnapshot != "" {
 			row(w, "SNAPSHOT:", vm.CurrentSnapshot)
+		}
+		if pr := vm.Protection; pr != nil {
+			printProtection(w, pr)
 		}
 		if op := vm.LastOperation; op != nil {
 			line := op.Action

@@ -5,6 +5,7 @@ package hostagent
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -52,6 +53,10 @@ type Config struct {
 	Logger      *slog.Logger
 	// Images fetches image blobs this host lacks (nil: none can be).
 	Images ImageSource
+	// PeerTLS, if set, is the client TLS configuration for reaching host
+	// name (its certificate checked, this host's presented): checkpoints of
+	// protected VMs go to their secondary host with it.
+	PeerTLS func(name string) *tls.Config
 	// Notify receives every host event. It is called from the agent's
 	// goroutines and must not block for long.
 	Notify func(hostproto.Event)
@@ -83,6 +88,10 @@ type Agent struct {
 
 	mu  sync.Mutex
 	vms map[string]*vm
+	// protections are the checkpoint loops of protected VMs running here;
+	// standbys the VMs whose checkpoints this host keeps (guarded by mu).
+	protections map[string]*protection
+	standbys    map[string]*standby
 	// fetching serialises fetches of one image blob (guarded by mu).
 	fetching map[string]*sync.Mutex
 
@@ -175,6 +184,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.watchPool(ctx)
 	}
 	<-ctx.Done()
+	a.stopProtections()
 	a.mu.Lock()
 	for _, v := range a.vms {
 		v.detach()

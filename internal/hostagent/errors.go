@@ -3,6 +3,7 @@ package hostagent
 import (
 	"fmt"
 	"regexp"
+	"strings"
 
 	"github.com/vigil-project/vigil/internal/hostproto"
 )
@@ -36,6 +37,9 @@ var dnsLabel = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
 func checkName(what, name string) error {
 	if !dnsLabel.MatchString(name) {
 		return fmt.Errorf("%w: %s name %q is not a DNS label", ErrInvalid, what, name)
+	}
+	if what == "snapshot" && strings.HasPrefix(name, checkpointPrefix) {
+		return fmt.Errorf("%w: snapshot names starting with %q are kept for checkpoints of protected vms", ErrInvalid, checkpointPrefix)
 	}
 	return nil
 }

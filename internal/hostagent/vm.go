@@ -76,9 +76,10 @@ func (v *vm) lockOp(what string) func() {
 }
 
 func (v *vm) status() hostproto.VMStatus {
+	prot := v.agent.protectionStatus(v.spec.Name) // takes the agent's lock: not under v.mu
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	s := hostproto.VMStatus{Name: v.spec.Name, Busy: v.busy}
+	s := hostproto.VMStatus{Name: v.spec.Name, Busy: v.busy, Protection: prot}
 	if _, err := os.Stat(v.stateFile()); err == nil {
 		s.SavedState = true
 	}

@@ -51,6 +51,21 @@ type Handler interface {
 	Console(context.Context, ConsoleRequest, io.Writer) error
 	// VNC connects to the VM's VNC server (a unix socket on the host).
 	VNC(context.Context, VMRef) (io.ReadWriteCloser, error)
+
+	// Protect makes this host, which runs the VM, send checkpoints of it
+	// to its secondary; Unprotect stops that.
+	Protect(context.Context, ProtectRequest) (None, error)
+	Unprotect(context.Context, VMRef) (None, error)
+	// Standby makes this host keep the VM's standby: it takes checkpoints
+	// from the primary named; StandbyDrop forgets it.
+	Standby(context.Context, StandbyRequest) (None, error)
+	StandbyDrop(context.Context, VMRef) (None, error)
+	// Activate runs the VM here from the standby's last committed
+	// checkpoint (the VM must have been attached here first).
+	Activate(context.Context, ActivateRequest) (ActivateResult, error)
+	// Checkpoints is the stream of checkpoints from the primary host (the
+	// only operation another host may call; see PeerHost).
+	Checkpoints(context.Context, CheckpointsRequest) (io.ReadWriteCloser, error)
 }
 
 // The operations. The time limit applies when the caller's context has no
@@ -84,7 +99,34 @@ var (
 	SetNetworks    = declare("set-networks", Handler.SetNetworks, 30*time.Second)
 	Console        = declareStream("console", Handler.Console)
 	VNC            = declareTunnel("vnc", Handler.VNC)
+	Protect        = declare("protect", Handler.Protect, 30*time.Second)
+	Unprotect      = declare("unprotect", Handler.Unprotect, time.Minute)
+	Standby        = declare("standby", Handler.Standby, 30*time.Second)
+	StandbyDrop    = declare("standby-drop", Handler.StandbyDrop, 30*time.Second)
+	Activate       = declare("activate", Handler.Activate, 2*time.Minute)
+	Checkpoints    = declareTunnel(CheckpointsOp, Handler.Checkpoints)
 )
+
+// CheckpointsOp is the wire name of Checkpoints, the one operation a host
+// may open on another host.
+const CheckpointsOp = "checkpoints"
+
+// peerKey carries the name of the host that called, when a host (not a
+// manager) did.
+type peerKey struct{}
+
+// WithPeerHost marks ctx as a call from host name, authenticated by its
+// certificate.
+func WithPeerHost(ctx context.Context, name string) context.Context {
+	return context.WithValue(ctx, peerKey{}, name)
+}
+
+// PeerHost is the host that made the call ctx belongs to ("" for a
+// manager's call).
+func PeerHost(ctx context.Context) string {
+	s, _ := ctx.Value(peerKey{}).(string)
+	return s
+}
 
 // None is the request or answer of an operation that has none.
 type None struct{}

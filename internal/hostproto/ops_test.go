@@ -142,6 +142,32 @@ func (r *recorder) VNC(_ context.Context, q VMRef) (io.ReadWriteCloser, error) {
 	return a, nil
 }
 
+func (r *recorder) Protect(_ context.Context, q ProtectRequest) (None, error) {
+	return answer[None](r, "Protect", q)
+}
+func (r *recorder) Unprotect(_ context.Context, q VMRef) (None, error) {
+	return answer[None](r, "Unprotect", q)
+}
+func (r *recorder) Standby(_ context.Context, q StandbyRequest) (None, error) {
+	return answer[None](r, "Standby", q)
+}
+func (r *recorder) StandbyDrop(_ context.Context, q VMRef) (None, error) {
+	return answer[None](r, "StandbyDrop", q)
+}
+func (r *recorder) Activate(_ context.Context, q ActivateRequest) (ActivateResult, error) {
+	return answer[ActivateResult](r, "Activate", q)
+}
+
+// Checkpoints answers with an echo, like VNC.
+func (r *recorder) Checkpoints(_ context.Context, q CheckpointsRequest) (io.ReadWriteCloser, error) {
+	if _, err := answer[None](r, "Checkpoints", q); err != nil {
+		return nil, err
+	}
+	a, b := net.Pipe()
+	go func() { io.Copy(b, b); b.Close() }()
+	return a, nil
+}
+
 var _ Handler = (*recorder)(nil)
 
 // kebab turns a method name into its wire name: SnapshotCreate →

@@ -23,6 +23,9 @@ const (
 	TunnelProtocol = "vigil-tunnel"
 )
 
+// TunnelPath is the URL path of tunnel op.
+func TunnelPath(op string) string { return tunnelsPath + op }
+
 // TunnelOp is a declared host operation whose answer is a connection.
 type TunnelOp[Req any] struct{ Name string }
 

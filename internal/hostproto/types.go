@@ -119,6 +119,74 @@ type VMStatus struct {
 	// Busy names the host operation in progress on the VM, if any (a save,
 	// a migration): a manager settling what another left waits for it.
 	Busy string `json:"busy,omitempty"`
+	// Protection is set while this host sends checkpoints of the VM.
+	Protection *ProtectionStatus `json:"protection,omitempty"`
+}
+
+// ProtectRequest makes the VM's host checkpoint it to Secondary, reached
+// at Addr (host:port), every Interval. Generation numbers the pairing: a
+// stream of another generation is refused by the secondary.
+type ProtectRequest struct {
+	VM         string `json:"vm"`
+	Secondary  string `json:"secondary"`
+	Addr       string `json:"addr"`
+	IntervalMS int64  `json:"interval_ms"`
+	Generation int64  `json:"generation"`
+}
+
+// StandbyRequest makes a host keep the standby of VM for Primary.
+type StandbyRequest struct {
+	VM         string `json:"vm"`
+	Primary    string `json:"primary"`
+	Generation int64  `json:"generation"`
+}
+
+// ActivateRequest runs a standby. Run, if set, is the run of the primary's
+// QEMU the checkpoint must come from (the manager's latest knowledge).
+type ActivateRequest struct {
+	VM  string `json:"vm"`
+	Run string `json:"run,omitempty"`
+}
+
+// ActivateResult says which checkpoint the VM continued from.
+type ActivateResult struct {
+	Seq     uint64    `json:"seq"`
+	TakenAt time.Time `json:"taken_at"`
+	Bytes   int64     `json:"bytes"`
+	// Took is from the call to the guest running.
+	TookMS float64 `json:"took_ms"`
+}
+
+// CheckpointsRequest opens the checkpoint stream of VM on its secondary.
+type CheckpointsRequest struct {
+	VM string `json:"vm"`
+}
+
+// ProtectionStatus is the primary's view of a protection.
+type ProtectionStatus struct {
+	Secondary  string `json:"secondary"`
+	Generation int64  `json:"generation"`
+	// State: "syncing" (no checkpoint committed yet in this run),
+	// "protected", or "broken" (the stream failed; Error says why, and it
+	// is being retried).
+	State string `json:"state"`
+	Error string `json:"error,omitempty"`
+	// Run identifies the QEMU process being checkpointed.
+	Run         string    `json:"run,omitempty"`
+	Seq         uint64    `json:"seq,omitempty"`
+	CommittedAt time.Time `json:"committed_at,omitzero"`
+	// Checkpoints counts those committed since the protection started here.
+	Checkpoints int64 `json:"checkpoints,omitempty"`
+	// Pause percentiles are the guest's stops over recent checkpoints.
+	PauseP50MS float64 `json:"pause_p50_ms,omitempty"`
+	PauseP99MS float64 `json:"pause_p99_ms,omitempty"`
+	// Bytes is the size of the last checkpoint; TookMS how long it took
+	// from start to commit.
+	Bytes  int64   `json:"bytes,omitempty"`
+	TookMS float64 `json:"took_ms,omitempty"`
+	// SecondaryHeardAt is when the secondary last answered (the direct
+	// heartbeat between the two hosts).
+	SecondaryHeardAt time.Time `json:"secondary_heard_at,omitzero"`
 }
 
 // EventKind names what happened to a VM on a host.

@@ -216,6 +216,12 @@ func (m *Manager) delete(ctx context.Context, o *vmOp) error {
 	if err := o.transition(ctx, api.StateDeleting, ""); err != nil {
 		return err
 	}
+	if p := o.r.Protection; p != nil {
+		if _, err := hostproto.Unprotect.Call(ctx, m.hostNamed(o.r.Host), hostproto.VMRef{VM: o.r.Spec.Name}); err != nil {
+			m.log.Warn("unprotect a vm being deleted", "vm", o.r.Spec.Name, "err", err)
+		}
+		m.dropStandby(ctx, o.r.Spec.Name, p.Secondary)
+	}
 	if _, err := hostproto.Delete.Call(ctx, m.hostNamed(o.r.Host), hostproto.VMRef{VM: o.r.Spec.Name}); err != nil {
 		return fmt.Errorf("delete vm %s: %w", o.r.Spec.Name, err)
 	}

@@ -150,9 +150,22 @@ func (m *Manager) evacuate(ctx context.Context, o *vmOp) error {
 		}
 		return o.finish(ctx, state, fmt.Sprintf("host %s is dead and this vm's disk is on that host's local storage: it comes back with the host", r.Host))
 	}
+	// A protected VM continues on its secondary from the last committed
+	// checkpoint, if the secondary is up and has one of the run that died.
+	p := r.Protection
+	standby := wantRun && p != nil && p.Secondary != "" && p.Run != "" && m.hostState(p.Secondary) == "up"
+	pin := ""
+	if standby {
+		pin = p.Secondary
+	}
 	// Room is held on the target from placement until the record says
 	// the VM is there: VMs evacuated at once each see the others'.
-	target, err := m.placeElsewhere(ctx, *r, "")
+	target, err := m.placeElsewhere(ctx, *r, pin)
+	if err != nil && standby {
+		m.log.Warn("the secondary cannot take its vm; restarting it elsewhere", "vm", name, "secondary", pin, "err", err)
+		standby = false
+		target, err = m.placeElsewhere(ctx, *r, "")
+	}
 	defer m.arrived(name)
 	if err != nil {
 		state := r.State
@@ -179,7 +192,8 @@ func (m *Manager) evacuate(ctx context.Context, o *vmOp) error {
 		return err
 	}
 	o.publish(api.Event{Type: "vm.relocated", VM: name, Host: target, Message: "from dead host " + from})
-	restart := wantRun && withDefaults(r.Policy).Recovery == "restart"
+	// Protection asked for continuity: it does not wait for a user.
+	restart := wantRun && (withDefaults(r.Policy).Recovery == "restart" || standby)
 	if !restart {
 		msg := fmt.Sprintf("moved from dead host %s", from)
 		if wantRun {
@@ -195,8 +209,12 @@ func (m *Manager) evacuate(ctx context.Context, o *vmOp) error {
 	// A paused guest's memory died with its host: it comes back running.
 	r.Desired = desiredRunning
 	fence := time.Duration(death.FenceAfterMS) * time.Millisecond
+	action := "restart on " + target
+	if standby {
+		action = "continue on " + target + " from its last checkpoint"
+	}
 	inc := api.Incident{ID: incidentID(*death.DeadAt), VM: name, Kind: hostproto.IncidentHostFailure, Host: from,
-		DetectedAt: *death.DeadAt, Action: "restart on " + target,
+		DetectedAt: *death.DeadAt, Action: action,
 		Evidence: api.Evidence{LastHeartbeat: &death.LastHeartbeat,
 			HeartbeatSilenceS: death.DeadAt.Sub(death.LastHeartbeat).Seconds(),
 			Detail:            fmt.Sprintf("host %s stopped sending heartbeats", from)},
@@ -209,8 +227,14 @@ func (m *Manager) evacuate(ctx context.Context, o *vmOp) error {
 	if _, err := m.store.Create(ctx, incidentKey(name, inc.ID), incidentRecord{inc}); err != nil && !errors.Is(err, store.ErrExists) {
 		m.log.Error("record incident", "vm", name, "err", err)
 	}
-	r.Failover = &failover{Incident: inc.ID, From: from}
-	if err := o.finish(ctx, api.StateRecovering, fmt.Sprintf("host %s is dead; restarting on %s", from, target)); err != nil {
+	r.Failover = &failover{Incident: inc.ID, From: from, Standby: standby}
+	msg := fmt.Sprintf("host %s is dead; restarting on %s", from, target)
+	if standby {
+		p.State, p.Since, p.Message = protFailingOver, time.Now().UTC(), "to "+target
+		o.publish(api.Event{Type: "vm.protection", VM: name, Host: target, Message: protFailingOver + ": to " + target})
+		msg = fmt.Sprintf("host %s is dead; continuing on %s from its last checkpoint", from, target)
+	}
+	if err := o.finish(ctx, api.StateRecovering, msg); err != nil {
 		return err
 	}
 	m.queue.Add(name) // start it there now, not on the next pass
@@ -224,6 +248,9 @@ type failover struct {
 	// Refused is the last reason the new host gave for not starting it
 	// (e.g. the old copy still holds the disk).
 	Refused string `json:"refused,omitempty"`
+	// Standby: the new host is the VM's secondary, which continues it
+	// from its last checkpoint (cleared if that fails: it restarts then).
+	Standby bool `json:"standby,omitempty"`
 }
 
 // finishFailover starts the VM on its new host. A refusal is kept and
@@ -241,6 +268,23 @@ func (m *Manager) finishFailover(ctx context.Context, o *vmOp) error {
 	}
 	if m.actual(*r).Running {
 		return m.closeFailover(ctx, o, "running on "+r.Host)
+	}
+	if r.Failover.Standby {
+		actx, cancel := context.WithTimeout(ctx, hostCallTimeout)
+		entry, err := m.activateStandby(actx, r)
+		cancel()
+		m.appendTimeline(ctx, name, r.Failover.Incident, entry)
+		if err == nil {
+			from := r.Failover.From
+			r.Failover = nil
+			o.publish(api.Event{Type: "vm.protection", VM: name, Host: r.Host, Message: r.Protection.State + ": " + r.Protection.Message})
+			return o.finish(ctx, api.StateRunning, fmt.Sprintf("continued on %s from its last checkpoint after host %s died", r.Host, from))
+		}
+		m.log.Warn("standby not usable; restarting the vm", "vm", name, "host", r.Host, "err", err)
+		r.Failover.Standby = false
+		if r.Protection != nil {
+			r.Protection.Secondary, r.Protection.Run, r.Protection.Lost = "", "", true
+		}
 	}
 	sctx, cancel := context.WithTimeout(ctx, hostCallTimeout)
 	_, err := hostproto.Start.Call(sctx, m.hostNamed(r.Host), hostproto.VMRef{VM: name})

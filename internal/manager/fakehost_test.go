@@ -473,3 +473,22 @@ func authed(t testing.TB, m *Manager, role string) http.Handler {
 		h.ServeHTTP(w, r)
 	})
 }
+
+func (h *fakeHost) Protect(_ context.Context, r hostproto.ProtectRequest) (hostproto.None, error) {
+	return hostproto.None{}, h.record("protect", r.VM+" to "+r.Secondary)
+}
+func (h *fakeHost) Unprotect(_ context.Context, r hostproto.VMRef) (hostproto.None, error) {
+	return hostproto.None{}, h.record("unprotect", r.VM)
+}
+func (h *fakeHost) Standby(_ context.Context, r hostproto.StandbyRequest) (hostproto.None, error) {
+	return hostproto.None{}, h.record("standby", r.VM+" from "+r.Primary)
+}
+func (h *fakeHost) StandbyDrop(_ context.Context, r hostproto.VMRef) (hostproto.None, error) {
+	return hostproto.None{}, h.record("standby-drop", r.VM)
+}
+func (h *fakeHost) Activate(_ context.Context, r hostproto.ActivateRequest) (hostproto.ActivateResult, error) {
+	return hostproto.ActivateResult{Seq: 1}, h.record("activate", r.VM)
+}
+func (h *fakeHost) Checkpoints(_ context.Context, r hostproto.CheckpointsRequest) (io.ReadWriteCloser, error) {
+	return nil, fmt.Errorf("checkpoints come from hosts, not from a manager")
+}

@@ -45,6 +45,8 @@ func (m *Manager) Handler() http.Handler {
 	user("POST /v1/vms/{name}/fault", RoleOperator, true, m.handleFault)
 	user("PUT /v1/vms/{name}/policy", RoleOperator, true, m.handlePolicy)
 	user("POST /v1/vms/{name}/migrate", RoleOperator, true, m.handleMigrate)
+	user("POST /v1/vms/{name}/protect", RoleOperator, true, m.handleProtect)
+	user("POST /v1/vms/{name}/unprotect", RoleOperator, true, m.handleUnprotect)
 	user("GET /v1/vms/{name}/snapshots", RoleViewer, false, m.handleSnapshotList)
 	user("POST /v1/vms/{name}/snapshots", RoleOperator, true, m.handleSnapshotCreate)
 	user("POST /v1/vms/{name}/snapshots/{snap}/revert", RoleOperator, true, m.handleSnapshotRevert)

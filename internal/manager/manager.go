@@ -55,9 +55,11 @@ type record struct {
 	OpenIncident string `json:"open_incident,omitempty"`
 	// Failover is set while the VM, moved off a dead host, starts on its
 	// new one (across passes: a refused start is retried).
-	Failover  *failover `json:"failover,omitempty"`
-	CreatedAt time.Time `json:"created_at"`
-	UpdatedAt time.Time `json:"updated_at"`
+	Failover *failover `json:"failover,omitempty"`
+	// Protection is the VM's synchronized standby, if it has one.
+	Protection *protection `json:"protection,omitempty"`
+	CreatedAt  time.Time   `json:"created_at"`
+	UpdatedAt  time.Time   `json:"updated_at"`
 }
 
 const (
@@ -262,9 +264,10 @@ func (m *Manager) Run(ctx context.Context) {
 // runs two sets of controllers.
 func (m *Manager) Lead(ctx context.Context) {
 	var wg sync.WaitGroup
-	wg.Add(3)
+	wg.Add(4)
 	go func() { defer wg.Done(); m.resyncLoop(ctx) }()
 	go func() { defer wg.Done(); m.WatchHostFailures(ctx) }()
+	go func() { defer wg.Done(); m.WatchProtections(ctx) }()
 	go func() { defer wg.Done(); m.pushNetworksLoop(ctx) }()
 	wg.Wait()
 }
@@ -585,6 +588,7 @@ func (m *Manager) view(r record) api.VM {
 		v.PID = st.PID
 		v.Guest = st.Guest
 	}
+	v.Protection = m.protectionView(r, st)
 	return v
 }
 

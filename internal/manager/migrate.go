@@ -40,6 +40,9 @@ func (m *Manager) migrate(ctx context.Context, name, to string, wait bool) (api.
 		if to == r.Host {
 			return errorf(ErrInvalid, "vm %s is already on host %s", name, to)
 		}
+		if r.Protection != nil {
+			return errorf(ErrConflict, "vm %s is protected: unprotect it to move it ('vigil vm unprotect %s'), then protect it again", name, name)
+		}
 		if st := m.hostState(r.Host); st != "up" {
 			return errorf(ErrUnavailable, "host %s of vm %s is %s: a vm moves only from a host that answers", r.Host, name, st)
 		}

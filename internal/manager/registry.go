@@ -196,6 +196,14 @@ func (r *registry) candidates(rs []storedRecord, moving map[string]reservation) 
 				c.usedCPUs += s.rec.Spec.CPUs
 			}
 		}
+		// A standby holds the VM's memory on its secondary: the VM must be
+		// able to continue there.
+		// (Not twice when the VM moves to its secondary.)
+		if p := s.rec.Protection; p != nil && p.Secondary != "" && p.Secondary != s.rec.Host && moving[s.rec.Spec.Name].host != p.Secondary {
+			if c, ok := byName[p.Secondary]; ok {
+				c.usedMemory += s.rec.Spec.MemoryBytes
+			}
+		}
 	}
 	for _, s := range rs {
 		res, ok := moving[s.rec.Spec.Name]

@@ -42,6 +42,7 @@ const (
 	opConfigure = "configure"
 	opRecover   = "recover"   // crash recovery (an incident, a restart)
 	opFailover  = "failover"  // moving off a dead host, starting there
+	opProtect   = "protect"   // protect, unprotect, a new standby
 	opSettle    = "reconcile" // the reconciler bringing the record in line
 	opEvent     = "event"     // recording what a host reported
 )

@@ -108,6 +108,9 @@ const (
 	KindSuspend = "suspend"
 	// KindSnapshot marks a live snapshot of a VM's running state.
 	KindSnapshot = "snapshot"
+	// KindCheckpoint marks a protected VM's checkpoint, kept by the host of
+	// its standby (see Header.Checkpoint).
+	KindCheckpoint = "checkpoint"
 
 	fixedPrefixSize = 18 // 10-byte magic, u32 version, u32 header length
 	headerSumSize   = 4
@@ -129,8 +132,21 @@ type Header struct {
 	// be started with the same hardware for the stream to load.
 	Hardware    json.RawMessage `json:"hardware"`
 	QEMUVersion string          `json:"qemu_version"`
-	Kind        string          `json:"kind"` // KindSuspend or KindSnapshot
+	Kind        string          `json:"kind"` // KindSuspend, KindSnapshot or KindCheckpoint
 	CreatedAt   time.Time       `json:"created_at"`
+	// Checkpoint is set on a KindCheckpoint file.
+	Checkpoint *Checkpoint `json:"checkpoint,omitempty"`
+}
+
+// Checkpoint says which checkpoint of a protected VM a file holds.
+type Checkpoint struct {
+	Seq uint64 `json:"seq"`
+	// DiskSnapshot is the internal snapshot of the VM's disk taken at the
+	// same instant as the memory.
+	DiskSnapshot string `json:"disk_snapshot"`
+	// Run identifies the QEMU process the checkpoint was taken from.
+	Run        string `json:"run"`
+	Generation int64  `json:"generation"`
 }
 
 // Info is what Open (or Commit) learns about a state file: the header plus

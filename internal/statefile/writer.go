@@ -58,8 +58,11 @@ func Create(path string, h Header) (*Writer, error) {
 	if h.VM == "" {
 		return nil, fmt.Errorf("create state file %s: header has no vm name", path)
 	}
-	if h.Kind != KindSuspend && h.Kind != KindSnapshot {
-		return nil, fmt.Errorf("create state file %s: header kind %q is neither %q nor %q", path, h.Kind, KindSuspend, KindSnapshot)
+	if h.Kind != KindSuspend && h.Kind != KindSnapshot && h.Kind != KindCheckpoint {
+		return nil, fmt.Errorf("create state file %s: header kind %q is not %q, %q or %q", path, h.Kind, KindSuspend, KindSnapshot, KindCheckpoint)
+	}
+	if (h.Kind == KindCheckpoint) != (h.Checkpoint != nil) {
+		return nil, fmt.Errorf("create state file %s: a checkpoint, and only a checkpoint, names its checkpoint", path)
 	}
 	if h.CreatedAt.IsZero() {
 		h.CreatedAt = time.Now()

@@ -1,0 +1,196 @@
+// Package ckptstream is the wire format of a protected VM's checkpoint
+// stream, from the host that runs it (the primary) to the host that keeps
+// its synchronized standby (the secondary), and the secondary's side of it:
+// each checkpoint is written to a state file and becomes the committed one
+// only when it arrived whole, so a failure mid-transfer leaves the previous
+// checkpoint untouched.
+//
+// The stream is a sequence of frames, each a type byte, a big-endian
+// uint32 payload length and the payload. The primary opens with a Hello,
+// then sends, per checkpoint, a Begin, the QEMU migration stream in Data
+// frames and an End (or an Abort); the secondary answers each committed
+// checkpoint with an Ack. Both sides send Pings when they have nothing
+// else to say: the direct heartbeat between the two hosts.
+package ckptstream
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+)
+
+// Frame types.
+const (
+	TypeHello = 'H' // primary: Hello
+	TypeBegin = 'B' // primary: Begin
+	TypeData  = 'D' // primary: raw bytes of the migration stream
+	TypeEnd   = 'E' // primary: End
+	TypeAbort = 'X' // primary: the checkpoint in progress is abandoned
+	TypeAck   = 'A' // secondary: Ack
+	TypePing  = 'P' // both: empty
+	TypeError = 'F' // both: ErrorMsg; the sender hangs up after it
+)
+
+// MaxPayload bounds a frame's payload: a reader never allocates more.
+const MaxPayload = 1 << 20
+
+// Hello opens a stream: which VM, for which pairing (the manager's
+// generation), and which run of its QEMU the checkpoints come from.
+type Hello struct {
+	VM         string `json:"vm"`
+	Generation int64  `json:"generation"`
+	Run        string `json:"run"`
+}
+
+// Begin starts checkpoint Seq: its memory follows in Data frames; its disk
+// is the internal snapshot DiskSnapshot of the VM's disk, taken at the
+// instant the guest stopped for the switchover.
+type Begin struct {
+	Seq          uint64          `json:"seq"`
+	DiskSnapshot string          `json:"disk_snapshot"`
+	Hardware     json.RawMessage `json:"hardware"`
+	QEMUVersion  string          `json:"qemu_version"`
+}
+
+// End closes checkpoint Seq after Size bytes of Data.
+type End struct {
+	Seq  uint64 `json:"seq"`
+	Size int64  `json:"size"`
+}
+
+// Ack says checkpoint Seq is committed on the secondary.
+type Ack struct {
+	Seq uint64 `json:"seq"`
+}
+
+// ErrorMsg says why the sender gives up.
+type ErrorMsg struct {
+	Error string `json:"error"`
+}
+
+// Conn reads and writes frames. Writes are safe from several goroutines
+// (a frame is never interleaved with another); reads are for one.
+type Conn struct {
+	r   *bufio.Reader
+	wmu sync.Mutex
+	w   io.Writer
+	buf []byte
+	// written is when a frame was last written (for pings).
+	written time.Time
+}
+
+// NewConn frames rw.
+func NewConn(rw io.ReadWriter) *Conn {
+	return &Conn{r: bufio.NewReaderSize(rw, 64<<10), w: rw}
+}
+
+// WriteFrame writes one frame.
+func (c *Conn) WriteFrame(t byte, payload []byte) error {
+	if len(payload) > MaxPayload {
+		return fmt.Errorf("checkpoint stream: frame of %d bytes exceeds %d", len(payload), MaxPayload)
+	}
+	var hdr [5]byte
+	hdr[0] = t
+	binary.BigEndian.PutUint32(hdr[1:], uint32(len(payload)))
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.written = time.Now()
+	if _, err := c.w.Write(hdr[:]); err != nil {
+		return fmt.Errorf("checkpoint stream: write: %w", err)
+	}
+	if len(payload) > 0 {
+		if _, err := c.w.Write(payload); err != nil {
+			return fmt.Errorf("checkpoint stream: write: %w", err)
+		}
+	}
+	return nil
+}
+
+// WriteJSON writes a frame whose payload is v as JSON.
+func (c *Conn) WriteJSON(t byte, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("checkpoint stream: encode: %w", err)
+	}
+	return c.WriteFrame(t, b)
+}
+
+// IdleFor is how long ago a frame was last written.
+func (c *Conn) IdleFor() time.Duration {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	return time.Since(c.written)
+}
+
+// ReadFrame reads the next frame. The payload is valid until the next
+// ReadFrame.
+func (c *Conn) ReadFrame() (byte, []byte, error) {
+	var hdr [5]byte
+	if _, err := io.ReadFull(c.r, hdr[:]); err != nil {
+		if errors.Is(err, io.ErrUnexpectedEOF) {
+			return 0, nil, fmt.Errorf("checkpoint stream: truncated frame header: %w", err)
+		}
+		return 0, nil, err
+	}
+	n := binary.BigEndian.Uint32(hdr[1:])
+	if n > MaxPayload {
+		return 0, nil, fmt.Errorf("checkpoint stream: frame of %d bytes exceeds %d", n, MaxPayload)
+	}
+	switch hdr[0] {
+	case TypeHello, TypeBegin, TypeData, TypeEnd, TypeAbort, TypeAck, TypePing, TypeError:
+	default:
+		return 0, nil, fmt.Errorf("checkpoint stream: unknown frame type %q", hdr[0])
+	}
+	if cap(c.buf) < int(n) {
+		c.buf = make([]byte, n)
+	}
+	b := c.buf[:n]
+	if _, err := io.ReadFull(c.r, b); err != nil {
+		return 0, nil, fmt.Errorf("checkpoint stream: truncated frame: %w", err)
+	}
+	return hdr[0], b, nil
+}
+
+// DecodeJSON decodes a frame's JSON payload into v, refusing unknown
+// fields.
+func DecodeJSON(payload []byte, v any) error {
+	d := json.NewDecoder(bytes.NewReader(payload))
+	d.DisallowUnknownFields()
+	if err := d.Decode(v); err != nil {
+		return fmt.Errorf("checkpoint stream: bad message: %w", err)
+	}
+	return nil
+}
+
+// DataWriter returns a writer that sends what it is given as Data frames
+// (and counts it).
+func (c *Conn) DataWriter() *DataWriter { return &DataWriter{c: c} }
+
+// DataWriter sends bytes as Data frames.
+type DataWriter struct {
+	c *Conn
+	n int64
+}
+
+func (d *DataWriter) Write(p []byte) (int, error) {
+	written := 0
+	for len(p) > 0 {
+		k := min(len(p), MaxPayload)
+		if err := d.c.WriteFrame(TypeData, p[:k]); err != nil {
+			return written, err
+		}
+		written += k
+		d.n += int64(k)
+		p = p[k:]
+	}
+	return written, nil
+}
+
+// Written is how many bytes went out.
+func (d *DataWriter) Written() int64 { return d.n }
