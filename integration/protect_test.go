@@ -137,6 +137,12 @@ func TestProtectedFailover(t *testing.T) {
 	waitFor(t, "the client served while protected", 30*time.Second, func() bool { return len(client.seen()) >= 5 })
 	s := sampleCopies("ft")
 
+	// Kill right after an answer: without the output held until its
+	// checkpoint commits, the state behind it would not be on h2 yet.
+	n := len(client.seen())
+	for len(client.seen()) == n {
+		time.Sleep(2 * time.Millisecond)
+	}
 	hosts["h1"].kill()
 	killQEMUs(dirs["h1"])
 	killed := time.Now()
