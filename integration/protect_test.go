@@ -2,7 +2,6 @@ package integration
 
 import (
 	"encoding/json"
-	"fmt"
 	"io"
 	"net/http"
 	"strconv"
@@ -197,7 +196,10 @@ func TestProtectedFailover(t *testing.T) {
 	if steps := strings.Join(incidentEvents(inc), ","); !strings.Contains(steps, "continued from checkpoint") || strings.Contains(steps, "restarted,") {
 		t.Fatalf("incident timeline %v", incidentEvents(inc))
 	}
-	t.Logf("incident: %s", fmt.Sprint(incidentEvents(inc)))
+	for _, e := range inc.Timeline {
+		t.Logf("incident: %s %s: %s", e.Time.Format("15:04:05.000"), e.Event, e.Detail)
+	}
+	t.Logf("killed %s, first answer after it %s", killed.Format("15:04:05.000"), firstAfterAt.Format("15:04:05.000"))
 
 	// h1 comes back and becomes the secondary of the VM's new primary.
 	c.startHost("h1", "")

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -23,6 +24,7 @@ type cluster struct {
 	dir      string
 	procs    map[string]*exec.Cmd // "manager" and the host names
 	hostDirs map[string]string    // host name → its --data-dir
+	hostArgs map[string][]string  // host name → its command line, to restart it
 }
 
 // timing sets the failure detection of a cluster; zero values keep
@@ -37,7 +39,7 @@ type timing struct {
 func startCluster(ctx context.Context, dir string, tm timing, hosts ...string) (cl *cluster, err error) {
 	bin := filepath.Join(os.Getenv("VIGIL_BIN"), "vigil")
 	imageDir := os.Getenv("VIGIL_TEST_IMAGE")
-	cl = &cluster{dir: dir, procs: map[string]*exec.Cmd{}, hostDirs: map[string]string{}}
+	cl = &cluster{dir: dir, procs: map[string]*exec.Cmd{}, hostDirs: map[string]string{}, hostArgs: map[string][]string{}}
 	defer func() {
 		if err != nil {
 			err = fmt.Errorf("%w%s", err, cl.logTails(20))
@@ -94,6 +96,10 @@ func startCluster(ctx context.Context, dir string, tm timing, hosts ...string) (
 		if err := cl.start(ctx, h, bin, hargs...); err != nil {
 			return nil, err
 		}
+		// A host that joined comes back with its own credentials.
+		again := slices.Clone(hargs)
+		again[slices.Index(again, "--join-token")+1] = ""
+		cl.hostArgs[h] = again
 	}
 	for t0 := time.Now(); ; time.Sleep(100 * time.Millisecond) {
 		hs, err := cl.c.Hosts(ctx)
@@ -145,6 +151,18 @@ func (cl *cluster) killHost(name string) error {
 		return fmt.Errorf("host %s had no qemu to kill", name)
 	}
 	return nil
+}
+
+// restartHost starts a host agent that was killed again.
+func (cl *cluster) restartHost(ctx context.Context, name string) error {
+	args, ok := cl.hostArgs[name]
+	if !ok {
+		return fmt.Errorf("no host %s to restart", name)
+	}
+	if _, running := cl.procs[name]; running {
+		return fmt.Errorf("host %s runs", name)
+	}
+	return cl.start(ctx, name, filepath.Join(os.Getenv("VIGIL_BIN"), "vigil"), args...)
 }
 
 // stop kills every agent and every QEMU of the cluster's hosts.

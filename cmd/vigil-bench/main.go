@@ -28,7 +28,7 @@ func main() {
 	out := flag.String("out", "", "also write the report to this Markdown file")
 	runs := flag.Int("runs", 10, "runs per series, each side, in every section (pause/resume, list, soak and realguest have their own counts); p50 and p99 need at least 10")
 	listRuns := flag.Int("list-runs", 100, "requests per list-latency series")
-	only := flag.String("only", "", "comma-separated sections to run: start,state,snapshot,recovery,managers,hostdeath,migrate,list,soak,realguest,network,netboot,libvirt,idle (default all)")
+	only := flag.String("only", "", "comma-separated sections to run: start,state,snapshot,recovery,managers,hostdeath,migrate,protect,list,soak,realguest,network,netboot,libvirt,idle (default all)")
 	realRuns := flag.Int("real-runs", 10, "runs per real-guest series (a Debian boot takes over a minute under TCG)")
 	soakFor := flag.Duration("soak", 10*time.Minute, "how long the etcd soak runs (100 simulated hosts heartbeating)")
 	flag.StringVar(&rowsOut, "rows", "", "internal: write the rows as JSON to this file (the network section's child run)")
@@ -115,6 +115,7 @@ func run(outPath string, runs, listRuns int, only string) error {
 		{"managers", b.managers},
 		{"hostdeath", b.hostDeath},
 		{"migrate", b.migrate},
+		{"protect", b.protect},
 		{"soak", func(ctx context.Context) ([]row, error) { return b.soak(ctx, 100, 5, soakDuration) }},
 		{"realguest", func(ctx context.Context) ([]row, error) { return b.realGuest(ctx, realGuestRuns) }},
 		{"network", b.network},

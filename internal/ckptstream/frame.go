@@ -22,6 +22,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -95,19 +96,21 @@ func (c *Conn) WriteFrame(t byte, payload []byte) error {
 	if len(payload) > MaxPayload {
 		return fmt.Errorf("checkpoint stream: frame of %d bytes exceeds %d", len(payload), MaxPayload)
 	}
-	var hdr [5]byte
-	hdr[0] = t
-	binary.BigEndian.PutUint32(hdr[1:], uint32(len(payload)))
+	// One write per frame: on TLS each write is a record of its own.
+	b := make([]byte, 5+len(payload))
+	copy(b[5:], payload)
+	return c.writeFramed(t, b)
+}
+
+// writeFramed writes a frame whose payload is b[5:], filling b[:5].
+func (c *Conn) writeFramed(t byte, b []byte) error {
+	b[0] = t
+	binary.BigEndian.PutUint32(b[1:5], uint32(len(b)-5))
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	c.written = time.Now()
-	if _, err := c.w.Write(hdr[:]); err != nil {
+	if _, err := c.w.Write(b); err != nil {
 		return fmt.Errorf("checkpoint stream: write: %w", err)
-	}
-	if len(payload) > 0 {
-		if _, err := c.w.Write(payload); err != nil {
-			return fmt.Errorf("checkpoint stream: write: %w", err)
-		}
 	}
 	return nil
 }
@@ -166,6 +169,82 @@ func DecodeJSON(payload []byte, v any) error {
 		return fmt.Errorf("checkpoint stream: bad message: %w", err)
 	}
 	return nil
+}
+
+// AsyncData sends a migration stream as Data frames from a queue of up to
+// maxQueued MiB, so that what writes into it (QEMU, through SaveState) is
+// never held up by the network or the secondary: the guest's stop at a
+// checkpoint's switchover lasts as long as QEMU's final pass into memory,
+// not as long as sending it. Close waits until all of it is sent.
+func (c *Conn) AsyncData(maxQueued int) *AsyncData {
+	a := &AsyncData{c: c, q: make(chan []byte, maxQueued), dead: make(chan struct{}), done: make(chan struct{})}
+	go a.send()
+	return a
+}
+
+// AsyncData is a queued sender of Data frames (see Conn.AsyncData).
+type AsyncData struct {
+	c    *Conn
+	q    chan []byte
+	dead chan struct{} // closed when sending failed
+	done chan struct{} // closed when the sender ended
+	err  error         // the sending error (read after dead or done)
+	n    atomic.Int64
+}
+
+var dataBufs = sync.Pool{New: func() any { return make([]byte, 5+MaxPayload) }}
+
+func (a *AsyncData) send() {
+	defer close(a.done)
+	for b := range a.q {
+		if a.err == nil {
+			if err := a.c.writeFramed(TypeData, b); err != nil {
+				a.err = err
+				close(a.dead)
+			}
+		}
+		dataBufs.Put(b[:cap(b)])
+	}
+}
+
+// ReadFrom queues everything r gives, in frames of up to MaxPayload.
+func (a *AsyncData) ReadFrom(r io.Reader) (int64, error) {
+	var total int64
+	for {
+		b := dataBufs.Get().([]byte)
+		k, err := io.ReadFull(r, b[5:])
+		if k > 0 {
+			select {
+			case a.q <- b[:5+k]:
+				total += int64(k)
+				a.n.Add(int64(k))
+			case <-a.dead:
+				return total, a.err
+			}
+		}
+		switch {
+		case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
+			return total, nil
+		case err != nil:
+			return total, err
+		}
+	}
+}
+
+// Write queues p.
+func (a *AsyncData) Write(p []byte) (int, error) {
+	n, err := a.ReadFrom(bytes.NewReader(p))
+	return int(n), err
+}
+
+// Written is how many bytes were queued.
+func (a *AsyncData) Written() int64 { return a.n.Load() }
+
+// Close waits until the queue is sent and reports a sending error.
+func (a *AsyncData) Close() error {
+	close(a.q)
+	<-a.done
+	return a.err
 }
 
 // DataWriter returns a writer that sends what it is given as Data frames

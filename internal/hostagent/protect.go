@@ -39,6 +39,11 @@ const (
 	maxCheckpointInterval = 10 * time.Minute
 )
 
+// checkpointQueueMiB bounds the memory a checkpoint may wait in on its way
+// to the secondary (most of a small guest's checkpoint: QEMU then never
+// waits for the network during the guest's stop).
+const checkpointQueueMiB = 128
+
 // ackTimeout bounds the wait for the secondary to commit a checkpoint it
 // has received whole.
 const ackTimeout = 30 * time.Second
@@ -453,7 +458,7 @@ func (v *vm) checkpoint(ctx context.Context, p *qemu.Process, c *ckptstream.Conn
 		}
 	}
 	tookDisk := false
-	dw := c.DataWriter()
+	dw := c.AsyncData(checkpointQueueMiB)
 	_, err = qemu.SaveState(ctx, p.Monitor, v.machine.Dir, dw, qemu.SaveOptions{
 		AtSwitchover: func(ctx context.Context) error {
 			if err := p.Monitor.Run(ctx, "blockdev-snapshot-internal-sync", map[string]any{"device": "disk0", "name": snap}, nil); err != nil {
@@ -466,6 +471,10 @@ func (v *vm) checkpoint(ctx context.Context, p *qemu.Process, c *ckptstream.Conn
 	})
 	if cerr := p.Monitor.Cont(context.WithoutCancel(ctx)); cerr != nil && err == nil {
 		err = cerr
+	}
+	// The guest runs again; the rest of its memory goes out from the queue.
+	if serr := dw.Close(); serr != nil && err == nil {
+		err = serr
 	}
 	if err != nil {
 		c.WriteFrame(ckptstream.TypeAbort, nil)

@@ -217,6 +217,11 @@ func (v *vm) startFromState(ctx context.Context, path string) error {
 	}
 	m := v.machine
 	m.Incoming = true
+	// The guest's port is forwarded only once it runs: a connection slirp
+	// accepted while the guest was still loading had its first packet to
+	// the guest dropped, and waited for slirp's retransmission (seconds).
+	fwd := len(v.spec.NICs) == 0 && v.spec.HostPort > 0
+	m.NoHostFwd = fwd
 	p, err := v.launch(ctx, m, false)
 	if err != nil {
 		return err
@@ -241,6 +246,11 @@ func (v *vm) startFromState(ctx context.Context, path string) error {
 	v.setResync()
 	if err := p.Monitor.Cont(ctx); err != nil {
 		return fmt.Errorf("continue %s after loading its state: %w", v.spec.Name, err)
+	}
+	if fwd {
+		if err := qemu.AddHostFwd(ctx, p.Monitor, v.spec.HostPort); err != nil {
+			v.log.Warn("the guest runs but its endpoint could not be forwarded", "port", v.spec.HostPort, "err", err)
+		}
 	}
 	v.askHeartbeat()
 	v.setRunState("running")
