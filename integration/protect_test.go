@@ -4,13 +4,17 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/ckptstream"
+	"github.com/vigil-project/vigil/internal/statefile"
 )
 
 // counterCGI serves a counter the guest keeps on its disk: each request
@@ -210,5 +214,78 @@ func TestProtectedFailover(t *testing.T) {
 	m.mustVigil("vm", "unprotect", "ft")
 	if showVM(t, m, "ft").Protection != nil {
 		t.Fatal("still protected after unprotect")
+	}
+}
+
+// TestProtectionSecondaryLoss loses the secondary in two ways while the
+// primary runs on: killed mid-stream (its committed checkpoint stays whole,
+// and it is paired again once back), then frozen past its death (the VM is
+// degraded, then protected on the third host). The VM never moves and
+// never runs twice.
+func TestProtectionSecondaryLoss(t *testing.T) {
+	needIntegration(t)
+	c := startPoolCluster(t, "h1", "h2", "h3")
+	m, hosts := c.m, c.hosts
+	var v api.VM
+	json.Unmarshal([]byte(m.mustVigil("vm", "create", "sec", "--host", "h1", "--start", "--wait", "-o", "json")), &v)
+	if v.Guest == nil {
+		t.Fatalf("no guest: %+v", v)
+	}
+	boot := v.Guest.BootID
+	m.mustVigil("vm", "protect", "sec", "--secondary-host", "h2", "--interval", "200ms")
+	protectedOn := func(host string, timeout time.Duration) {
+		t.Helper()
+		waitFor(t, "sec protected on "+host, timeout, func() bool {
+			p := showVM(t, m, "sec").Protection
+			return p != nil && p.State == "protected" && p.SecondaryHost == host && p.Checkpoints > 0
+		})
+	}
+	protectedOn("h2", 60*time.Second)
+	s := sampleCopies("sec")
+
+	// 1. The secondary's agent dies while checkpoints stream (they do all
+	// the time at this interval): what it had committed is whole.
+	hosts["h2"].kill()
+	ckpt := filepath.Join(c.dirs["h2"], "host", "standby", "sec", ckptstream.CommittedFile)
+	r, err := statefile.Open(ckpt)
+	if err != nil {
+		t.Fatalf("the secondary's committed checkpoint after its agent died: %v", err)
+	}
+	if err := r.Verify(nil); err != nil || r.Info().Checkpoint == nil {
+		t.Fatalf("the secondary's committed checkpoint: %v, %+v", err, r.Info().Checkpoint)
+	}
+	r.Close()
+	waitFor(t, "sec degraded", 30*time.Second, func() bool {
+		p := showVM(t, m, "sec").Protection
+		return p != nil && p.State == "degraded"
+	})
+	c.startHost("h2", "")
+	protectedOn("h2", 60*time.Second)
+
+	// 2. The secondary freezes past its death: it never activates (it
+	// cannot, and nobody asks it to); the VM is protected on h3.
+	hosts["h2"].cmd.Process.Signal(syscall.SIGSTOP)
+	waitFor(t, "sec degraded while h2 is frozen", 30*time.Second, func() bool {
+		p := showVM(t, m, "sec").Protection
+		return p != nil && p.State == "degraded"
+	})
+	protectedOn("h3", 90*time.Second)
+	hosts["h2"].cmd.Process.Signal(syscall.SIGCONT)
+	waitFor(t, "h2 back", 30*time.Second, func() bool { return hostList(t, m)["h2"].State == "up" })
+	time.Sleep(2 * time.Second)
+
+	maxCopies, samples := s.done()
+	after := showVM(t, m, "sec")
+	if after.Host != "h1" || after.State != api.StateRunning || after.Guest == nil || after.Guest.BootID != boot {
+		t.Fatalf("after losing its secondary twice the vm is %s on %s, guest %+v; want running on h1, boot %s", after.State, after.Host, after.Guest, boot)
+	}
+	if after.Protection == nil || after.Protection.SecondaryHost != "h3" {
+		t.Fatalf("protection %+v, want the standby on h3", after.Protection)
+	}
+	if maxCopies != 1 || samples < 100 {
+		t.Fatalf("at most %d copies in %d samples", maxCopies, samples)
+	}
+	if incs := incidents(t, m, "sec"); len(incs) != 0 {
+		t.Fatalf("incidents for a vm that never failed: %+v", incs)
 	}
 }
