@@ -242,3 +242,79 @@ func TestDrainKeepsWhatCannotMove(t *testing.T) {
 		t.Fatalf("drain of an unknown host: %v", err)
 	}
 }
+
+// TestEvacuateProtected: a protected VM whose host dies continues on its
+// secondary from the standby (activate, not start), and is then without a
+// secondary (re-protecting); a standby that cannot be used makes it
+// restart instead, and says why on the incident.
+func TestEvacuateProtected(t *testing.T) {
+	tests := []struct {
+		name        string
+		activateErr error
+		wantCalls   []string
+		wantState   string
+		wantStep    string
+	}{
+		{"continues from the checkpoint", nil, []string{"activate prot"}, protReprotecting, "continued from checkpoint"},
+		{"restarts when the standby is unusable", errors.New("no committed checkpoint here"), []string{"activate prot", "start prot"}, protFailingOver, "standby not usable"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m, target := newTestManager(t)
+			target.mu.Lock()
+			target.pool = "p1"
+			target.mu.Unlock()
+			target.notify()
+			m.deadAfter = 100 * time.Millisecond
+			deadHost(t, m)
+			setLeadingFor(m, time.Minute)
+			ctx := context.Background()
+			r := record{Spec: hostproto.VMSpec{Name: "prot", Pool: "p1", Epoch: 1, MemoryBytes: 128 << 20, CPUs: 1, HostPort: 30100},
+				Host: "h0", Desired: desiredRunning, State: api.StateRunning,
+				Protection: &protection{IntervalMS: 300, Secondary: "h1", Generation: 4, State: protProtected, Run: "run-1"}}
+			if _, err := m.store.Create(ctx, vmKey("prot"), r); err != nil {
+				t.Fatal(err)
+			}
+			if tt.activateErr != nil {
+				target.fail("activate", tt.activateErr)
+			}
+			time.Sleep(200 * time.Millisecond)
+			m.detectDeaths(ctx)
+			m.enqueueAll(ctx)
+			var got record
+			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+				got, _, _ = m.load(ctx, "prot")
+				if got.Failover == nil && got.Host == "h1" && got.Op == nil && got.State == api.StateRunning {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("did not settle: %+v", got)
+				}
+			}
+			for _, c := range tt.wantCalls {
+				if !target.called(c) {
+					t.Fatalf("no %q call; calls %v", c, target.callsString())
+				}
+			}
+			if tt.activateErr == nil && target.called("start prot") {
+				t.Fatalf("restarted although the standby was activated: %v", target.callsString())
+			}
+			if got.Spec.Epoch != 2 || got.Protection == nil || got.Protection.Secondary != "" || got.Protection.Run != "" {
+				t.Fatalf("after the failover: epoch %d, protection %+v; want epoch 2 and no secondary", got.Spec.Epoch, got.Protection)
+			}
+			if tt.activateErr == nil && got.Protection.State != tt.wantState {
+				t.Fatalf("protection state %q, want %q", got.Protection.State, tt.wantState)
+			}
+			incs, err := m.Incidents(ctx, "prot")
+			if err != nil || len(incs) != 1 {
+				t.Fatalf("incidents %+v, %v", incs, err)
+			}
+			if !slices.ContainsFunc(incs[0].Timeline, func(e api.TimelineEntry) bool { return e.Event == tt.wantStep }) {
+				t.Fatalf("timeline %+v lacks %q", incs[0].Timeline, tt.wantStep)
+			}
+			if want := "continue on h1 from its last checkpoint"; incs[0].Action != want {
+				t.Fatalf("incident action %q, want %q", incs[0].Action, want)
+			}
+		})
+	}
+}

@@ -487,7 +487,8 @@ func (h *fakeHost) StandbyDrop(_ context.Context, r hostproto.VMRef) (hostproto.
 	return hostproto.None{}, h.record("standby-drop", r.VM)
 }
 func (h *fakeHost) Activate(_ context.Context, r hostproto.ActivateRequest) (hostproto.ActivateResult, error) {
-	return hostproto.ActivateResult{Seq: 1}, h.record("activate", r.VM)
+	_, err := h.mutate("activate", r.VM, func() { h.vms[r.VM] = true })
+	return hostproto.ActivateResult{Seq: 7, TakenAt: time.Now()}, err
 }
 func (h *fakeHost) Checkpoints(_ context.Context, r hostproto.CheckpointsRequest) (io.ReadWriteCloser, error) {
 	return nil, fmt.Errorf("checkpoints come from hosts, not from a manager")
