@@ -180,6 +180,7 @@ func (a *Agent) Recover(ctx context.Context) error {
 // Run supervises until ctx ends. On return QEMU processes are left running:
 // stopping the agent never stops the VMs.
 func (a *Agent) Run(ctx context.Context) error {
+	a.wg.Go(func() { a.expireStandbys(ctx) })
 	if a.poolID != "" {
 		a.watchPool(ctx)
 	}

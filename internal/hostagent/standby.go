@@ -23,12 +23,21 @@ import (
 // the VM only when the manager, having declared the primary's host dead
 // (which has fenced itself by then), attaches the VM here and activates it.
 
+// standbyExpiry is how long a standby that no primary streams to is kept.
+// A failover comes seconds after a primary's death, and a primary cut off
+// from the managers fences its VM within seconds: a standby idle this long
+// is of a pairing that ended while this host could not be told (it was
+// down, or declared dead).
+const standbyExpiry = 10 * time.Minute
+
 // standby is one VM whose checkpoints this host keeps.
 type standby struct {
 	req hostproto.StandbyRequest
 	dir string
 
-	mu      sync.Mutex
+	mu sync.Mutex
+	// heardAt is when the primary last sent something (or the standby was
+	// made).
 	heardAt time.Time
 	// stream is the current checkpoint stream (nil when none); done is
 	// closed when it ends.
@@ -65,7 +74,7 @@ func (a *Agent) Standby(ctx context.Context, req hostproto.StandbyRequest) (host
 		a.mu.Unlock()
 		return hostproto.None{}, nil
 	}
-	sb := &standby{req: req, dir: a.standbyDir(req.VM)}
+	sb := &standby{req: req, dir: a.standbyDir(req.VM), heardAt: time.Now()}
 	if a.standbys == nil {
 		a.standbys = map[string]*standby{}
 	}
@@ -225,4 +234,53 @@ func (a *Agent) Activate(ctx context.Context, r hostproto.ActivateRequest) (host
 		}
 	})
 	return res, nil
+}
+
+// expireStandbys drops, every minute until ctx ends, the standbys no
+// primary has streamed to for standbyExpiry, and the standby directories
+// a previous agent left that nobody claimed again within that time.
+func (a *Agent) expireStandbys(ctx context.Context) {
+	t := time.NewTicker(time.Minute)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		a.expireStandbysNow(time.Now())
+	}
+}
+
+func (a *Agent) expireStandbysNow(now time.Time) {
+	a.mu.Lock()
+	var stale []*standby
+	for vm, sb := range a.standbys {
+		sb.mu.Lock()
+		idle := sb.stream == nil && now.Sub(sb.heardAt) > standbyExpiry
+		sb.mu.Unlock()
+		if idle {
+			stale = append(stale, sb)
+			delete(a.standbys, vm)
+		}
+	}
+	known := map[string]bool{}
+	for vm := range a.standbys {
+		known[vm] = true
+	}
+	a.mu.Unlock()
+	for _, sb := range stale {
+		a.log.Info("dropping a standby no primary streamed to", "vm", sb.req.VM, "primary", sb.req.Primary, "idle_for", standbyExpiry)
+		sb.close()
+		os.RemoveAll(sb.dir)
+	}
+	ents, _ := os.ReadDir(filepath.Join(a.cfg.DataDir, "standby"))
+	for _, e := range ents {
+		if known[e.Name()] {
+			continue
+		}
+		if info, err := e.Info(); err == nil && now.Sub(info.ModTime()) > standbyExpiry {
+			os.RemoveAll(filepath.Join(a.cfg.DataDir, "standby", e.Name()))
+		}
+	}
 }
