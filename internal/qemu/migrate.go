@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"context"
+	"encoding/json"
 
 	"fmt"
 	"io"
@@ -40,7 +41,7 @@ type SaveOptions struct {
 type SaveStats struct {
 	Bytes    int64
 	Total    time.Duration
-	Downtime time.Duration // as QEMU measured it
+	Downtime time.Duration // as QEMU measured it (0 when the end came by its event)
 }
 
 type migrationInfo struct {
@@ -138,6 +139,10 @@ func SaveState(ctx context.Context, mon *qmp.Monitor, dir string, w io.Writer, o
 	defer tick.Stop()
 	lastProgress := time.Now()
 	for {
+		// The status a MIGRATION event names is acted on without asking
+		// again: at the switchover the guest is stopped, and a query is a
+		// round trip more of it.
+		evStatus := ""
 		select {
 		case <-ctx.Done():
 			return fail(ctx.Err())
@@ -153,6 +158,12 @@ func SaveState(ctx context.Context, mon *qmp.Monitor, dir string, w io.Writer, o
 			if ev.Name != "MIGRATION" {
 				continue
 			}
+			var d struct {
+				Status string `json:"status"`
+			}
+			if json.Unmarshal(ev.Data, &d) == nil && (d.Status == "pre-switchover" || d.Status == "completed") {
+				evStatus = d.Status
+			}
 		case <-tick.C:
 		}
 		if o.Progress != nil && time.Since(lastProgress) > 100*time.Millisecond {
@@ -164,7 +175,9 @@ func SaveState(ctx context.Context, mon *qmp.Monitor, dir string, w io.Writer, o
 			mon.Run(ctx, "migrate-set-parameters", map[string]any{"downtime-limit": downtimeSteps[step].limitMS}, nil)
 		}
 		var mi migrationInfo
-		if err := mon.Run(ctx, "query-migrate", nil, &mi); err != nil {
+		if evStatus != "" {
+			mi.Status = evStatus // Downtime stays 0: not known this way
+		} else if err := mon.Run(ctx, "query-migrate", nil, &mi); err != nil {
 			return fail(err)
 		}
 		switch mi.Status {
