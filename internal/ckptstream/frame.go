@@ -26,6 +26,10 @@ import (
 	"time"
 )
 
+// DiskSnapshotPrefix starts the name of every checkpoint's internal disk
+// snapshot: a checkpoint naming another snapshot is refused.
+const DiskSnapshotPrefix = "vigil-ckpt-"
+
 // Frame types.
 const (
 	TypeHello = 'H' // primary: Hello
@@ -175,28 +179,33 @@ func DecodeJSON(payload []byte, v any) error {
 // maxQueued MiB, so that what writes into it (QEMU, through SaveState) is
 // never held up by the network or the secondary: the guest's stop at a
 // checkpoint's switchover lasts as long as QEMU's final pass into memory,
-// not as long as sending it. Close waits until all of it is sent.
+// not as long as sending it. Close sends what is queued and ends it.
 func (c *Conn) AsyncData(maxQueued int) *AsyncData {
-	a := &AsyncData{c: c, q: make(chan []byte, maxQueued), dead: make(chan struct{}), done: make(chan struct{})}
+	a := &AsyncData{c: c, q: make(chan []byte, maxQueued), dead: make(chan struct{}), closing: make(chan struct{}), done: make(chan struct{})}
 	go a.send()
 	return a
 }
 
 // AsyncData is a queued sender of Data frames (see Conn.AsyncData).
 type AsyncData struct {
-	c    *Conn
-	q    chan []byte
-	dead chan struct{} // closed when sending failed
-	done chan struct{} // closed when the sender ended
-	err  error         // the sending error (read after dead or done)
-	n    atomic.Int64
+	c       *Conn
+	q       chan []byte   // never closed: a producer may still be running
+	dead    chan struct{} // closed when sending failed
+	closing chan struct{} // closed by Close
+	done    chan struct{} // closed when the sender ended
+	err     error         // the sending error (read after dead or done)
+	n       atomic.Int64
 }
 
 var dataBufs = sync.Pool{New: func() any { return make([]byte, 5+MaxPayload) }}
 
+// errClosed ends a ReadFrom still running when Close was called (a save
+// that failed and returned before its copy ended).
+var errClosed = errors.New("checkpoint stream: data sender closed")
+
 func (a *AsyncData) send() {
 	defer close(a.done)
-	for b := range a.q {
+	put := func(b []byte) {
 		if a.err == nil {
 			if err := a.c.writeFramed(TypeData, b); err != nil {
 				a.err = err
@@ -204,6 +213,21 @@ func (a *AsyncData) send() {
 			}
 		}
 		dataBufs.Put(b[:cap(b)])
+	}
+	for {
+		select {
+		case b := <-a.q:
+			put(b)
+		case <-a.closing:
+			for { // what was queued before Close
+				select {
+				case b := <-a.q:
+					put(b)
+				default:
+					return
+				}
+			}
+		}
 	}
 }
 
@@ -220,6 +244,8 @@ func (a *AsyncData) ReadFrom(r io.Reader) (int64, error) {
 				a.n.Add(int64(k))
 			case <-a.dead:
 				return total, a.err
+			case <-a.closing:
+				return total, errClosed
 			}
 		}
 		switch {
@@ -240,9 +266,10 @@ func (a *AsyncData) Write(p []byte) (int, error) {
 // Written is how many bytes were queued.
 func (a *AsyncData) Written() int64 { return a.n.Load() }
 
-// Close waits until the queue is sent and reports a sending error.
+// Close sends what was queued before it, ends the sender, and reports a
+// sending error. A ReadFrom still running ends with an error.
 func (a *AsyncData) Close() error {
-	close(a.q)
+	close(a.closing)
 	<-a.done
 	return a.err
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/vigil-project/vigil/internal/statefile"
@@ -29,6 +30,8 @@ type Receiver struct {
 	Heard func()
 	// Committed is called after each commit (may be nil).
 	Committed func(statefile.Info)
+	// MaxBytes bounds one checkpoint's memory stream (0: no bound).
+	MaxBytes int64
 }
 
 // Committed returns the committed checkpoint in dir, if any.
@@ -125,8 +128,8 @@ func (rc *Receiver) Serve(ctx context.Context, c *Conn) error {
 			if err := DecodeJSON(p, &b); err != nil {
 				return rc.refuse(c, err)
 			}
-			if b.DiskSnapshot == "" {
-				return rc.refuse(c, fmt.Errorf("checkpoint stream: checkpoint %d names no disk snapshot", b.Seq))
+			if !strings.HasPrefix(b.DiskSnapshot, DiskSnapshotPrefix) || len(b.DiskSnapshot) == len(DiskSnapshotPrefix) {
+				return rc.refuse(c, fmt.Errorf("checkpoint stream: checkpoint %d names disk snapshot %q, not one of a checkpoint", b.Seq, b.DiskSnapshot))
 			}
 			w, err = statefile.Create(filepath.Join(rc.Dir, CommittedFile), statefile.Header{VM: rc.VM, Hardware: b.Hardware, QEMUVersion: b.QEMUVersion,
 				Kind: statefile.KindCheckpoint, Checkpoint: &statefile.Checkpoint{Seq: b.Seq, DiskSnapshot: b.DiskSnapshot, Run: h.Run, Generation: rc.Generation}})
@@ -137,6 +140,9 @@ func (rc *Receiver) Serve(ctx context.Context, c *Conn) error {
 		case TypeData:
 			if w == nil {
 				return rc.refuse(c, errors.New("checkpoint stream: data outside a checkpoint"))
+			}
+			if rc.MaxBytes > 0 && data+int64(len(p)) > rc.MaxBytes {
+				return rc.refuse(c, fmt.Errorf("checkpoint stream: checkpoint %d exceeds %d bytes", cur.Seq, rc.MaxBytes))
 			}
 			if _, err := w.Write(p); err != nil {
 				return rc.refuse(c, err)

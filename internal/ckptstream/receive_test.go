@@ -24,7 +24,7 @@ type primary struct {
 func startReceiver(t *testing.T, dir string) (*primary, chan error, net.Conn) {
 	t.Helper()
 	a, b := net.Pipe()
-	rc := &Receiver{Dir: dir, VM: "web", Generation: 3}
+	rc := &Receiver{Dir: dir, VM: "web", Generation: 3, MaxBytes: 1000}
 	done := make(chan error, 1)
 	go func() { done <- rc.Serve(context.Background(), NewConn(b)); b.Close() }()
 	t.Cleanup(func() { a.Close() })
@@ -94,7 +94,7 @@ func TestCheckpointsCommitWhole(t *testing.T) {
 	dir := t.TempDir()
 	p, done, raw := startReceiver(t, dir)
 	p.send(TypeHello, Hello{VM: "web", Generation: 3, Run: "r1"})
-	first := bytes.Repeat([]byte("a"), 3*MaxPayload+17) // several frames
+	first := bytes.Repeat([]byte("a"), 900)
 	p.checkpoint(7, first)
 	if a, err := p.ack(); err != nil || a.Seq != 7 {
 		t.Fatalf("ack = %+v, %v; want seq 7", a, err)
@@ -156,11 +156,16 @@ func TestReceiverRefuses(t *testing.T) {
 		{"no run", Hello{VM: "web", Generation: 3}, nil, "no run"},
 		{"data first", Hello{VM: "web", Generation: 3, Run: "r"}, func(p *primary) { p.c.WriteFrame(TypeData, []byte("x")) }, "outside a checkpoint"},
 		{"short", Hello{VM: "web", Generation: 3, Run: "r"}, func(p *primary) {
-			p.send(TypeBegin, Begin{Seq: 1, DiskSnapshot: "s"})
+			p.send(TypeBegin, Begin{Seq: 1, DiskSnapshot: "vigil-ckpt-1"})
 			p.c.WriteFrame(TypeData, []byte("abc"))
 			p.send(TypeEnd, End{Seq: 1, Size: 4})
 		}, "does not match"},
-		{"no disk", Hello{VM: "web", Generation: 3, Run: "r"}, func(p *primary) { p.send(TypeBegin, Begin{Seq: 1}) }, "no disk snapshot"},
+		{"no disk", Hello{VM: "web", Generation: 3, Run: "r"}, func(p *primary) { p.send(TypeBegin, Begin{Seq: 1}) }, "not one of a checkpoint"},
+		{"a user's snapshot", Hello{VM: "web", Generation: 3, Run: "r"}, func(p *primary) { p.send(TypeBegin, Begin{Seq: 1, DiskSnapshot: "before-upgrade"}) }, "not one of a checkpoint"},
+		{"too big", Hello{VM: "web", Generation: 3, Run: "r"}, func(p *primary) {
+			p.send(TypeBegin, Begin{Seq: 1, DiskSnapshot: "vigil-ckpt-1"})
+			p.c.WriteFrame(TypeData, make([]byte, 2000))
+		}, "exceeds 1000 bytes"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -211,7 +216,7 @@ func FuzzReceiver(f *testing.F) {
 	var seed bytes.Buffer
 	c := NewConn(&seed)
 	c.WriteJSON(TypeHello, Hello{VM: "web", Generation: 3, Run: "r"})
-	c.WriteJSON(TypeBegin, Begin{Seq: 1, DiskSnapshot: "s"})
+	c.WriteJSON(TypeBegin, Begin{Seq: 1, DiskSnapshot: "vigil-ckpt-1"})
 	c.WriteFrame(TypeData, []byte("memory"))
 	c.WriteJSON(TypeEnd, End{Seq: 1, Size: 6})
 	f.Add(seed.Bytes())
@@ -232,4 +237,72 @@ func FuzzReceiver(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestAsyncData: a stream goes out in frames of at most MaxPayload, all of
+// it, in order; Close while a producer is still feeding it (a save that
+// failed and returned before its copy ended) ends the producer with an
+// error instead of a panic.
+func TestAsyncData(t *testing.T) {
+	a, b := net.Pipe()
+	defer a.Close()
+	got := make(chan []byte, 1)
+	go func() {
+		c := NewConn(b)
+		var all []byte
+		for {
+			typ, p, err := c.ReadFrame()
+			if err != nil {
+				got <- all
+				return
+			}
+			if typ != TypeData || len(p) > MaxPayload {
+				got <- nil
+				return
+			}
+			all = append(all, p...)
+		}
+	}()
+	want := bytes.Repeat([]byte("0123456789abcdef"), (3*MaxPayload+17)/16)
+	ad := NewConn(a).AsyncData(2)
+	if n, err := ad.ReadFrom(bytes.NewReader(want)); err != nil || n != int64(len(want)) || ad.Written() != n {
+		t.Fatalf("ReadFrom = %d, %v (written %d)", n, err, ad.Written())
+	}
+	if err := ad.Close(); err != nil {
+		t.Fatal(err)
+	}
+	a.Close()
+	if all := <-got; !bytes.Equal(all, want) {
+		t.Fatalf("received %d bytes, sent %d", len(all), len(want))
+	}
+
+	// Nobody reads the other end: the queue fills and the producer blocks.
+	c, d := net.Pipe()
+	defer c.Close()
+	defer d.Close()
+	stuck := NewConn(c).AsyncData(1)
+	pr, pw := io.Pipe()
+	go func() {
+		for {
+			if _, err := pw.Write(make([]byte, MaxPayload)); err != nil {
+				return
+			}
+		}
+	}()
+	res := make(chan error, 1)
+	go func() { _, err := stuck.ReadFrom(pr); res <- err }()
+	time.Sleep(100 * time.Millisecond)
+	closed := make(chan error, 1)
+	go func() { closed <- stuck.Close() }()
+	select {
+	case err := <-res:
+		if err == nil {
+			t.Fatal("the producer ended without an error after Close")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the producer still blocks after Close")
+	}
+	c.Close() // the sender is stuck writing the frame it had
+	<-closed
+	pr.Close()
 }

@@ -92,6 +92,8 @@ type Agent struct {
 	// standbys the VMs whose checkpoints this host keeps (guarded by mu).
 	protections map[string]*protection
 	standbys    map[string]*standby
+	// protectMu serialises Protect and Unprotect.
+	protectMu sync.Mutex
 	// fetching serialises fetches of one image blob (guarded by mu).
 	fetching map[string]*sync.Mutex
 

@@ -131,6 +131,14 @@ func (v *vm) launch(ctx context.Context, m qemu.Machine, migrating bool) (*qemu.
 	if err := v.mayLaunch(m, migrating); err != nil {
 		return nil, err
 	}
+	if !migrating {
+		// A new run: the checkpoints of an earlier one must not be
+		// resumable (an activation applies its checkpoint's disk
+		// snapshot before it launches, so it loses nothing here).
+		if err := v.dropCheckpointSnapshotsOffline(ctx); err != nil {
+			return nil, fmt.Errorf("start %s: %w", v.spec.Name, err)
+		}
+	}
 	if err := v.prepareBoot(ctx); err != nil {
 		return nil, err
 	}

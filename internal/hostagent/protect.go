@@ -16,6 +16,7 @@ import (
 
 	"github.com/vigil-project/vigil/internal/ckptstream"
 	"github.com/vigil-project/vigil/internal/hostproto"
+	"github.com/vigil-project/vigil/internal/qcow2"
 	"github.com/vigil-project/vigil/internal/qemu"
 	"github.com/vigil-project/vigil/internal/qemu/qmp"
 )
@@ -31,7 +32,7 @@ import (
 
 // checkpointPrefix names the internal disk snapshots of checkpoints; user
 // snapshots may not use it (checkName).
-const checkpointPrefix = "vigil-ckpt-"
+const checkpointPrefix = ckptstream.DiskSnapshotPrefix
 
 // Bounds of a protection's interval.
 const (
@@ -136,6 +137,10 @@ func (a *Agent) Protect(ctx context.Context, req hostproto.ProtectRequest) (host
 	if !v.pooled() {
 		return none(fmt.Errorf("%w: protect %s: its disk is on this host's local storage; a secondary needs it in a storage pool", ErrInvalid, req.VM))
 	}
+	// One change of protection at a time: two loops on one VM would
+	// release each other's held output.
+	a.protectMu.Lock()
+	defer a.protectMu.Unlock()
 	a.mu.Lock()
 	old := a.protections[req.VM]
 	if old != nil && old.req == req {
@@ -169,16 +174,21 @@ func (a *Agent) Unprotect(ctx context.Context, r hostproto.VMRef) (hostproto.Non
 	if err := checkName("vm", r.VM); err != nil {
 		return none(err)
 	}
+	a.protectMu.Lock()
+	defer a.protectMu.Unlock()
 	a.mu.Lock()
 	pr := a.protections[r.VM]
 	a.mu.Unlock()
 	if pr != nil {
 		a.stopProtection(r.VM, pr)
 	}
+	// Also without a loop here (an agent restarted since): a QEMU may
+	// still hold output and checkpoints' disk snapshots.
 	if v, err := a.get(r.VM); err == nil {
 		if p, _, err := v.running(); err == nil {
-			defer v.lockOp("unprotect")()
-			v.dropCheckpointSnapshots(ctx, p, "")
+			if err := v.endCheckpoints(p); err != nil {
+				return none(fmt.Errorf("unprotect %s: %w", r.VM, err))
+			}
 		}
 	}
 	return hostproto.None{}, nil
@@ -276,10 +286,17 @@ func (a *Agent) protectSession(ctx context.Context, pr *protection) error {
 	sctx, stop := context.WithCancel(ctx)
 	defer stop()
 	go func() { <-sctx.Done(); conn.Close() }()
-	// Output held by a stream that ended (or an agent that died) goes
-	// now: with no secondary taking checkpoints it would wait forever.
-	v.releaseOutput(p, 0)
-	defer v.releaseOutput(p, 0)
+	// Output held by a stream that ended (or an agent that died) goes now
+	// (with no secondary taking checkpoints it would wait forever), but
+	// only once no checkpoint older than it can be resumed.
+	if err := v.endCheckpoints(p); err != nil {
+		return err
+	}
+	defer func() {
+		if err := v.endCheckpoints(p); err != nil {
+			a.log.Error("a checkpoint stream ended, but its checkpoints could not be made unusable: the guest's output stays held", "vm", req.VM, "err", err)
+		}
+	}()
 	c := ckptstream.NewConn(conn)
 	if err := c.WriteJSON(ckptstream.TypeHello, ckptstream.Hello{VM: req.VM, Generation: req.Generation, Run: run}); err != nil {
 		return err
@@ -323,6 +340,13 @@ func (a *Agent) protectSession(ctx context.Context, pr *protection) error {
 			case <-sctx.Done():
 				return
 			case <-t.C:
+				// A secondary that says nothing (it pings while it takes
+				// a checkpoint too) is gone: end the stream even in the
+				// middle of a checkpoint, whose writes may block for long.
+				if time.Since(pr.status().SecondaryHeardAt) > secondarySilence {
+					stop()
+					return
+				}
 				if c.IdleFor() >= ckptstream.PingEvery && c.WriteFrame(ckptstream.TypePing, nil) != nil {
 					stop()
 					return
@@ -345,7 +369,7 @@ func (a *Agent) protectSession(ctx context.Context, pr *protection) error {
 		case <-tick.C:
 		}
 		if heard := pr.status().SecondaryHeardAt; time.Since(heard) > secondarySilence {
-			return fmt.Errorf("secondary %s silent for %s", req.Secondary, time.Since(heard).Round(time.Millisecond))
+			return fmt.Errorf("secondary %s went silent", req.Secondary)
 		}
 		start := time.Now()
 		cur, runState, err := v.running()
@@ -371,12 +395,12 @@ func (a *Agent) protectSession(ctx context.Context, pr *protection) error {
 		select {
 		case got := <-acks:
 			if got != seq {
-				return fmt.Errorf("secondary %s acknowledged checkpoint %d, not %d", req.Secondary, got, seq)
+				return fmt.Errorf("secondary %s acknowledged another checkpoint than the last", req.Secondary)
 			}
 		case err := <-readErr:
 			return err
 		case <-time.After(ackTimeout):
-			return fmt.Errorf("secondary %s did not commit checkpoint %d within %s", req.Secondary, seq, ackTimeout)
+			return fmt.Errorf("secondary %s did not commit a checkpoint within %s", req.Secondary, ackTimeout)
 		case <-sctx.Done():
 			return sctx.Err()
 		}
@@ -389,7 +413,9 @@ func (a *Agent) protectSession(ctx context.Context, pr *protection) error {
 		func() {
 			defer v.lockOp("checkpoint-cleanup")()
 			if cur, _, err := v.running(); err == nil && cur == p {
-				v.dropCheckpointSnapshots(sctx, p, checkpointSnapshot(seq))
+				if err := v.dropCheckpointSnapshots(sctx, p, checkpointSnapshot(seq)); err != nil {
+					v.log.Warn("delete older checkpoints' disk snapshots", "err", err)
+				}
 			}
 		}()
 		next = start.Add(interval)
@@ -489,6 +515,26 @@ func (v *vm) checkpoint(ctx context.Context, p *qemu.Process, c *ckptstream.Conn
 	return checkpointResult{bytes: dw.Written(), paused: pausedFor(events, true)}, nil
 }
 
+// endCheckpoints makes every checkpoint of the running guest p unusable
+// (their disk snapshots go, so a standby of them cannot be activated) and
+// only then lets out all the output held for them: output the secondary
+// never committed is never seen from a state a failover could resume.
+// Nothing to do if p is no longer the VM's QEMU (its held output died
+// with it).
+func (v *vm) endCheckpoints(p *qemu.Process) error {
+	defer v.lockOp("checkpoint-cleanup")()
+	if cur, _, err := v.running(); err != nil || cur != p {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := v.dropCheckpointSnapshots(ctx, p, ""); err != nil {
+		return err
+	}
+	v.releaseOutput(p, 0)
+	return nil
+}
+
 // releaseOutput lets out the guest's packets held for checkpoints before
 // seq (all of them with seq 0).
 func (v *vm) releaseOutput(p *qemu.Process, seq uint64) {
@@ -501,20 +547,42 @@ func (v *vm) releaseOutput(p *qemu.Process, seq uint64) {
 
 // dropCheckpointSnapshots deletes the disk snapshots of checkpoints but
 // keep (all of them when keep is ""). The caller holds opMu.
-func (v *vm) dropCheckpointSnapshots(ctx context.Context, p *qemu.Process, keep string) {
+func (v *vm) dropCheckpointSnapshots(ctx context.Context, p *qemu.Process, keep string) error {
 	names, err := internalSnapshots(ctx, p.Monitor)
 	if err != nil {
-		v.log.Warn("list the disk's snapshots", "err", err)
-		return
+		return fmt.Errorf("list the disk's snapshots: %w", err)
 	}
+	var errs []error
 	for _, n := range names {
 		if !strings.HasPrefix(n, checkpointPrefix) || n == keep {
 			continue
 		}
 		if err := p.Monitor.Run(ctx, "blockdev-snapshot-delete-internal-sync", map[string]any{"device": "disk0", "name": n}, nil); err != nil {
-			v.log.Warn("delete an old checkpoint's disk snapshot", "snapshot", n, "err", err)
+			errs = append(errs, fmt.Errorf("delete the disk snapshot of checkpoint %s: %w", n, err))
 		}
 	}
+	return errors.Join(errs...)
+}
+
+// dropCheckpointSnapshotsOffline is dropCheckpointSnapshots for a disk no
+// QEMU has open: before a launch that is not from a checkpoint, so that a
+// checkpoint of an earlier run of the VM can never be resumed.
+func (v *vm) dropCheckpointSnapshotsOffline(ctx context.Context) error {
+	names, err := qcow2.SnapshotNames(v.machine.Disk)
+	if err != nil {
+		// Not an image Vigil made (its parser is strict): such a disk
+		// never had a checkpoint's snapshot, which Vigil would have made.
+		v.log.Warn("cannot list the disk's snapshots to drop old checkpoints", "err", err)
+		return nil
+	}
+	for _, n := range names {
+		if strings.HasPrefix(n, checkpointPrefix) {
+			if err := qemu.DiskSnapshot(ctx, v.machine.Disk, "delete", n); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // internalSnapshots lists the internal snapshots of the disk node disk0.

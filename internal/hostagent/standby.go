@@ -46,6 +46,15 @@ type standby struct {
 	closed bool // activated or dropped: take no more streams
 }
 
+// checkpointLimit bounds a checkpoint of a guest of mem bytes: its memory
+// and its devices' state (0: the manager did not say).
+func checkpointLimit(mem int64) int64 {
+	if mem <= 0 {
+		return 0
+	}
+	return mem + mem/2 + 256<<20
+}
+
 func (a *Agent) standbyDir(vm string) string { return filepath.Join(a.cfg.DataDir, "standby", vm) }
 
 // Standby makes this host keep VM's standby for req.Primary. Repeating it
@@ -152,7 +161,7 @@ func (a *Agent) Checkpoints(ctx context.Context, r hostproto.CheckpointsRequest)
 		old.Close()
 		<-oldDone
 	}
-	rc := &ckptstream.Receiver{Dir: sb.dir, VM: r.VM, Generation: sb.req.Generation,
+	rc := &ckptstream.Receiver{Dir: sb.dir, VM: r.VM, Generation: sb.req.Generation, MaxBytes: checkpointLimit(sb.req.MemoryBytes),
 		Heard: func() {
 			sb.mu.Lock()
 			sb.heardAt = time.Now()
@@ -224,15 +233,6 @@ func (a *Agent) Activate(ctx context.Context, r hostproto.ActivateRequest) (host
 	}
 	a.mu.Unlock()
 	os.RemoveAll(dir)
-	// The checkpoints' disk snapshots are no longer anyone's.
-	a.wg.Go(func() {
-		cctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		defer v.lockOp("checkpoint-cleanup")()
-		if p, _, err := v.running(); err == nil {
-			v.dropCheckpointSnapshots(cctx, p, "")
-		}
-	})
 	return res, nil
 }
 

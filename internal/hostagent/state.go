@@ -248,8 +248,17 @@ func (v *vm) startFromState(ctx context.Context, path string) error {
 		return fmt.Errorf("continue %s after loading its state: %w", v.spec.Name, err)
 	}
 	if fwd {
-		if err := qemu.AddHostFwd(ctx, p.Monitor, v.spec.HostPort); err != nil {
-			v.log.Warn("the guest runs but its endpoint could not be forwarded", "port", v.spec.HostPort, "err", err)
+		// A QEMU just ended (a revert, a failover's old copy on this
+		// machine) may hold the port a moment longer.
+		var ferr error
+		for i := 0; i < 50; i++ {
+			if ferr = qemu.AddHostFwd(ctx, p.Monitor, v.spec.HostPort); ferr == nil {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if ferr != nil {
+			v.log.Error("the guest runs but its endpoint could not be forwarded", "port", v.spec.HostPort, "err", ferr)
 		}
 	}
 	v.askHeartbeat()

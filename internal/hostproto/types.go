@@ -139,6 +139,8 @@ type StandbyRequest struct {
 	VM         string `json:"vm"`
 	Primary    string `json:"primary"`
 	Generation int64  `json:"generation"`
+	// MemoryBytes is the VM's memory: a checkpoint much bigger is refused.
+	MemoryBytes int64 `json:"memory_bytes,omitempty"`
 }
 
 // ActivateRequest runs a standby. Run, if set, is the run of the primary's

@@ -174,6 +174,15 @@ func (m *Manager) evacuate(ctx context.Context, o *vmOp) error {
 		}
 		return o.finish(ctx, state, fmt.Sprintf("host %s is dead; waiting for a host that can take this vm: %v", r.Host, err))
 	}
+	if p != nil && !standby {
+		// A new primary restarts the VM: the standby (of the dead run)
+		// is of no use, and a new pairing begins.
+		p.Generation++
+		p.Run = ""
+		if p.Secondary == target {
+			p.Secondary = ""
+		}
+	}
 	// The new epoch goes to the pool's owner file before the record moves:
 	// from then on the old host can neither start nor keep the VM.
 	spec := r.Spec
@@ -241,6 +250,10 @@ func (m *Manager) evacuate(ctx context.Context, o *vmOp) error {
 	return nil
 }
 
+// activateTimeout bounds a standby's activation (the host's own limit for
+// the operation).
+const activateTimeout = 2 * time.Minute
+
 // failover is a VM's move off a dead host, while it starts on the new one.
 type failover struct {
 	Incident string `json:"incident"`
@@ -270,9 +283,20 @@ func (m *Manager) finishFailover(ctx context.Context, o *vmOp) error {
 		return m.closeFailover(ctx, o, "running on "+r.Host)
 	}
 	if r.Failover.Standby {
-		actx, cancel := context.WithTimeout(ctx, hostCallTimeout)
+		// Loading a big checkpoint takes a while: the host's own limit.
+		actx, cancel := context.WithTimeout(ctx, activateTimeout)
 		entry, err := m.activateStandby(actx, r)
 		cancel()
+		if err != nil && !errors.Is(err, hostproto.ErrBadState) {
+			// Temporary (the old copy still holds the disk until its host
+			// fences itself, a timeout): try again on the next pass.
+			if r.Failover.Refused != err.Error() {
+				r.Failover.Refused = err.Error()
+				m.appendTimeline(ctx, name, r.Failover.Incident, api.TimelineEntry{Time: time.Now().UTC(), Event: "activation refused", Detail: err.Error()})
+				return o.finish(ctx, api.StateRecovering, fmt.Sprintf("continuing on %s after host %s died: %v", r.Host, r.Failover.From, err))
+			}
+			return o.release(ctx)
+		}
 		m.appendTimeline(ctx, name, r.Failover.Incident, entry)
 		if err == nil {
 			from := r.Failover.From

@@ -3,6 +3,7 @@ package manager
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -256,7 +257,8 @@ func TestEvacuateProtected(t *testing.T) {
 		wantStep    string
 	}{
 		{"continues from the checkpoint", nil, []string{"activate prot"}, protReprotecting, "continued from checkpoint"},
-		{"restarts when the standby is unusable", errors.New("no committed checkpoint here"), []string{"activate prot", "start prot"}, protFailingOver, "standby not usable"},
+		{"restarts when the standby is unusable", fmt.Errorf("%w: no committed checkpoint here", hostproto.ErrBadState), []string{"activate prot", "start prot"}, "", "standby not usable"},
+		{"retries a refused activation", fmt.Errorf("%w: the old copy holds it", hostproto.ErrDiskInUse), []string{"activate prot"}, protReprotecting, "activation refused"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -283,6 +285,7 @@ func TestEvacuateProtected(t *testing.T) {
 			m.enqueueAll(ctx)
 			var got record
 			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+				m.queue.Add("prot") // the next pass (a refusal is retried)
 				got, _, _ = m.load(ctx, "prot")
 				if got.Failover == nil && got.Host == "h1" && got.Op == nil && got.State == api.StateRunning {
 					break
@@ -296,13 +299,13 @@ func TestEvacuateProtected(t *testing.T) {
 					t.Fatalf("no %q call; calls %v", c, target.callsString())
 				}
 			}
-			if tt.activateErr == nil && target.called("start prot") {
+			if tt.wantState != "" && target.called("start prot") {
 				t.Fatalf("restarted although the standby was activated: %v", target.callsString())
 			}
 			if got.Spec.Epoch != 2 || got.Protection == nil || got.Protection.Secondary != "" || got.Protection.Run != "" {
 				t.Fatalf("after the failover: epoch %d, protection %+v; want epoch 2 and no secondary", got.Spec.Epoch, got.Protection)
 			}
-			if tt.activateErr == nil && got.Protection.State != tt.wantState {
+			if tt.wantState != "" && got.Protection.State != tt.wantState {
 				t.Fatalf("protection state %q, want %q", got.Protection.State, tt.wantState)
 			}
 			incs, err := m.Incidents(ctx, "prot")

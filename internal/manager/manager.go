@@ -74,6 +74,11 @@ const DefaultStopTimeout = 30 * time.Second
 
 // Manager owns desired state and the lifecycle of VMs.
 type Manager struct {
+	// protTold is when the protection pass last re-told each VM's hosts
+	// (guarded by protMu; see mayTell).
+	protMu   sync.Mutex
+	protTold map[string]time.Time
+
 	store      *store.Store
 	hosts      *registry
 	overcommit Overcommit

@@ -120,6 +120,10 @@ func (m *Manager) placeLocked(ctx context.Context, r record, to string) (string,
 	var cands []candidate
 	for _, c := range m.hosts.candidates(rs, m.moving) {
 		if c.host.Name != r.Host {
+			// The room a VM's standby holds is the VM's own.
+			if p := r.Protection; p != nil && p.Secondary == c.host.Name {
+				c.usedMemory -= r.Spec.MemoryBytes
+			}
 			cands = append(cands, c)
 		}
 	}

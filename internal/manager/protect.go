@@ -130,6 +130,11 @@ func (m *Manager) Unprotect(ctx context.Context, name string) (api.VM, error) {
 	ctx, cancel := detach(ctx)
 	defer cancel()
 	defer o.end(ctx)
+	// The host must stop checkpointing (and holding the guest's output):
+	// a record without protection is never looked at by the pass again.
+	if st := m.hostState(o.r.Host); st != "up" && st != "dead" {
+		return api.VM{}, errorf(ErrUnavailable, "host %s of vm %s is %s: unprotect it once the host answers", o.r.Host, name, st)
+	}
 	if m.hostState(o.r.Host) == "up" {
 		if _, err := hostproto.Unprotect.Call(ctx, m.hostNamed(o.r.Host), hostproto.VMRef{VM: name}); err != nil {
 			return api.VM{}, fmt.Errorf("unprotect %s: %w", name, err)
@@ -171,7 +176,10 @@ func (m *Manager) WatchProtections(ctx context.Context) {
 		}
 		for _, s := range rs {
 			// A VM busy with another operation waits for the next pass.
-			if s.rec.Protection != nil && s.rec.Op == nil && m.protectionNeeds(s.rec) != "" {
+			if s.rec.Protection == nil || s.rec.Op != nil {
+				continue
+			}
+			if need := m.protectionNeeds(s.rec); need != "" && (need != "retell" || m.mayTell(s.rec.Spec.Name)) {
 				m.reconcileProtection(ctx, s.rec.Spec.Name)
 			}
 		}
@@ -192,6 +200,8 @@ func (m *Manager) protectionNeeds(r record) string {
 	st := m.actual(r)
 	want, msg := p.State, p.Message
 	switch {
+	case !st.Running && p.Run != "":
+		return "state" // its checkpoints are of a run that ended: forget them
 	case !st.Running:
 		want, msg = protDegraded, "the vm does not run: it is checkpointed again once it runs"
 	case (p.Secondary == "" || m.hostState(p.Secondary) == "dead" || m.hostState(p.Secondary) == "unknown") && !m.anotherHostUp(r.Host):
@@ -209,9 +219,10 @@ func (m *Manager) protectionNeeds(r record) string {
 	case st.Protection.State == "broken":
 		want, msg = protDegraded, "checkpoint stream to "+p.Secondary+": "+st.Protection.Error
 		if time.Since(p.Since) > 5*time.Second {
-			// The secondary's agent may have restarted and forgotten the
-			// standby: tell both again (both calls are idempotent).
-			return "tell"
+			// The secondary's agent may have restarted (forgetting the
+			// standby, or at a new address): tell both again (both calls
+			// are idempotent), at most every retellEvery (see the pass).
+			return "retell"
 		}
 	default: // syncing
 		want, msg = protSyncing, st.Protection.Error
@@ -223,6 +234,24 @@ func (m *Manager) protectionNeeds(r record) string {
 		return "state"
 	}
 	return ""
+}
+
+// retellEvery spaces the repeated calls that repair a broken stream.
+const retellEvery = 5 * time.Second
+
+// mayTell says whether the hosts of vm's protection may be told again now
+// (and notes that they are).
+func (m *Manager) mayTell(vm string) bool {
+	m.protMu.Lock()
+	defer m.protMu.Unlock()
+	if m.protTold == nil {
+		m.protTold = map[string]time.Time{}
+	}
+	if time.Since(m.protTold[vm]) < retellEvery {
+		return false
+	}
+	m.protTold[vm] = time.Now()
+	return true
 }
 
 // anotherHostUp says whether a host other than primary is up (one that
@@ -292,7 +321,7 @@ func (m *Manager) reconcileProtection(ctx context.Context, name string) {
 		} else {
 			setState(protSyncing, "secondary "+target)
 		}
-	case "tell":
+	case "tell", "retell":
 		if err := m.tellProtection(ctx, *r); err != nil {
 			setState(protDegraded, err.Error())
 		}
@@ -303,6 +332,7 @@ func (m *Manager) reconcileProtection(ctx context.Context, name string) {
 		st := m.actual(*r)
 		switch {
 		case !st.Running:
+			p.Run = ""
 			setState(protDegraded, "the vm does not run: it is checkpointed again once it runs")
 		case p.Secondary == "" || m.hostState(p.Secondary) == "dead" || m.hostState(p.Secondary) == "unknown":
 			setState(protDegraded, "no other host is up to keep a standby")
@@ -330,7 +360,7 @@ func (m *Manager) tellProtection(ctx context.Context, r record) error {
 	if sec == nil {
 		return fmt.Errorf("host %s has no registered address", p.Secondary)
 	}
-	if _, err := hostproto.Standby.Call(ctx, m.hostNamed(p.Secondary), hostproto.StandbyRequest{VM: r.Spec.Name, Primary: r.Host, Generation: p.Generation}); err != nil {
+	if _, err := hostproto.Standby.Call(ctx, m.hostNamed(p.Secondary), hostproto.StandbyRequest{VM: r.Spec.Name, Primary: r.Host, Generation: p.Generation, MemoryBytes: r.Spec.MemoryBytes}); err != nil {
 		return fmt.Errorf("standby on %s: %w", p.Secondary, err)
 	}
 	req := hostproto.ProtectRequest{VM: r.Spec.Name, Secondary: p.Secondary, Addr: sec.Addr(), IntervalMS: p.IntervalMS, Generation: p.Generation}

@@ -631,3 +631,31 @@ func clampInt64(v uint64) int64 {
 	}
 	return int64(v)
 }
+
+// SnapshotNames lists the names of the internal snapshots of the qcow2
+// image at path, reading only its header and snapshot table.
+func SnapshotNames(path string) ([]string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("qcow2: %w", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("qcow2: %w", err)
+	}
+	r := &reader{f: f, path: path, size: fi.Size()}
+	h, err := parseHeader(r)
+	if err != nil {
+		return nil, err
+	}
+	snaps, err := parseSnapshots(r, h)
+	if err != nil {
+		return nil, err
+	}
+	names := make([]string, len(snaps))
+	for i, s := range snaps {
+		names[i] = s.usage.Name
+	}
+	return names, nil
+}

@@ -219,6 +219,15 @@ func TestScenario(t *testing.T) {
 					run(t, c[0], args...)
 				}
 				u := mustInspect(t, img)
+				names, err := SnapshotNames(img)
+				if err != nil || len(names) != len(u.Snapshots) {
+					t.Fatalf("%s: SnapshotNames = %v, %v; Inspect has %d", st.name, names, err, len(u.Snapshots))
+				}
+				for i, n := range names {
+					if n != u.Snapshots[i].Name {
+						t.Fatalf("%s: SnapshotNames[%d] = %q, Inspect says %q", st.name, i, n, u.Snapshots[i].Name)
+					}
+				}
 				if u.ActiveBytes != st.active {
 					t.Fatalf("%s: ActiveBytes = %d, want %d", st.name, u.ActiveBytes, st.active)
 				}
