@@ -134,7 +134,7 @@ func (b *bench) protect(ctx context.Context) ([]row, error) {
 	idle := pauses[phase{300 * time.Millisecond, false}]
 	rows = append(rows, row{what: fmt.Sprintf("Checkpoint pause, idle 512 MiB guest, Vigil against by hand (%d runs)", runs),
 		vigil:    fmt.Sprintf("p50 %.1f ms, p99 %.1f ms", float64(idle[0])/1e6, float64(idle[1])/1e6),
-		baseline: pctWith(bare, ms1) + " (bare QEMU by hand: live save to a local file with pause-before-switchover and the disk snapshot at the switchover)",
+		baseline: pctWith(bare, ms1) + " (bare QEMU by hand: the same live save with pause-before-switchover and the disk snapshot at the switchover, its stream discarded: no disk, no network)",
 		ratio:    ratio(float64(idle[0]), float64(p(bare, 50))), note: "p50 ratio; Vigil also holds the guest's output and sends over TLS to another host"})
 
 	// Failovers: each kills the VM's host; the VM continues on its

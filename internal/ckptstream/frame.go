@@ -195,6 +195,22 @@ type AsyncData struct {
 	done    chan struct{} // closed when the sender ended
 	err     error         // the sending error (read after dead or done)
 	n       atomic.Int64
+	held    atomic.Bool // see Hold
+}
+
+// Hold pauses sending while the queue is less than three quarters full,
+// until Release: while the guest is stopped at a checkpoint's switchover,
+// QEMU's final pass should not share the CPU with encrypting and sending
+// the pass before it. A queue filling up is sent anyway (QEMU would
+// otherwise wait for room with the guest stopped).
+func (a *AsyncData) Hold() { a.held.Store(true) }
+
+// Release ends a Hold.
+func (a *AsyncData) Release() { a.held.Store(false) }
+
+// holding says whether the sender should wait now.
+func (a *AsyncData) holding() bool {
+	return a.held.Load() && len(a.q) < cap(a.q)*3/4
 }
 
 var dataBufs = sync.Pool{New: func() any { return make([]byte, 5+MaxPayload) }}
@@ -215,6 +231,14 @@ func (a *AsyncData) send() {
 		dataBufs.Put(b[:cap(b)])
 	}
 	for {
+		for a.holding() {
+			select {
+			case <-a.closing:
+			case <-time.After(time.Millisecond):
+				continue
+			}
+			break
+		}
 		select {
 		case b := <-a.q:
 			put(b)

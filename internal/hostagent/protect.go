@@ -487,17 +487,21 @@ func (v *vm) checkpoint(ctx context.Context, p *qemu.Process, c *ckptstream.Conn
 	dw := c.AsyncData(checkpointQueueMiB)
 	_, err = qemu.SaveState(ctx, p.Monitor, v.machine.Dir, dw, qemu.SaveOptions{
 		AtSwitchover: func(ctx context.Context) error {
-			if err := p.Monitor.Run(ctx, "blockdev-snapshot-internal-sync", map[string]any{"device": "disk0", "name": snap}, nil); err != nil {
-				return err
-			}
-			tookDisk = true
+			// The guest is stopped: QEMU alone gets the CPU, and the two
+			// steps go out together (QMP answers them in turn).
+			dw.Hold()
+			held := make(chan error, 1)
 			// Packets from here on belong to the next checkpoint.
-			return qemu.HoldOutput(ctx, p.Monitor, v.machine.Netdevs(), seq)
+			go func() { held <- qemu.HoldOutput(ctx, p.Monitor, v.machine.Netdevs(), seq) }()
+			err := p.Monitor.Run(ctx, "blockdev-snapshot-internal-sync", map[string]any{"device": "disk0", "name": snap}, nil)
+			tookDisk = err == nil
+			return errors.Join(err, <-held)
 		},
 	})
 	if cerr := p.Monitor.Cont(context.WithoutCancel(ctx)); cerr != nil && err == nil {
 		err = cerr
 	}
+	dw.Release()
 	// The guest runs again; the rest of its memory goes out from the queue.
 	if serr := dw.Close(); serr != nil && err == nil {
 		err = serr
