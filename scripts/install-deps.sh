@@ -20,6 +20,10 @@ if [ "${1:-}" = --test ]; then
 	# The network tests' client namespace (ip netns); iperf3 for make bench.
 	command -v ip >/dev/null || need+=(iproute2)
 	command -v iperf3 >/dev/null || need+=(iperf3)
+	# promtool checks the /metrics text; it comes in Debian's prometheus
+	# package, whose server is of no use here (and would listen on :9090):
+	# only the tool is unpacked.
+	command -v promtool >/dev/null || want_promtool=1
 fi
 if [ "${1:-}" = --bench ]; then
 	# make bench measures libvirt beside Vigil (a system libvirtd it starts
@@ -27,10 +31,9 @@ if [ "${1:-}" = --bench ]; then
 	command -v libvirtd >/dev/null || need+=(libvirt-daemon-system)
 	command -v virsh >/dev/null || need+=(libvirt-clients)
 fi
-if [ ${#need[@]} -eq 0 ]; then
+if [ ${#need[@]} -eq 0 ] && [ -z "${want_promtool:-}" ]; then
 	exit 0
 fi
-echo "installing: ${need[*]}"
 if [ "$(id -u)" != 0 ]; then
 	SUDO=sudo
 else
@@ -38,4 +41,14 @@ else
 fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+if [ ${#need[@]} -gt 0 ]; then
+	echo "installing: ${need[*]}"
+	$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if [ -n "${want_promtool:-}" ]; then
+	echo "installing: promtool (from Debian's prometheus package, unpacked)"
+	tmp=$(mktemp -d)
+	(cd "$tmp" && apt-get download -qq prometheus 2>/dev/null && dpkg -x prometheus_*.deb x)
+	$SUDO install -m 0755 "$tmp/x/usr/bin/promtool" /usr/local/bin/promtool
+	rm -rf "$tmp"
+fi

@@ -67,14 +67,27 @@ func (v *vm) watchHealth(ctx context.Context, p *qemu.Process) {
 		}
 		v.mu.Unlock()
 		s.CPUTime = threadsCPU(p.PID, threads)
+		u := hostproto.VMUsage{CPUSeconds: s.CPUTime.Seconds()}
 		qctx, cancel := context.WithTimeout(ctx, time.Second)
 		if stats, err := p.Monitor.QueryBlockStats(qctx); err == nil {
 			for _, b := range stats {
 				s.DiskOps += b.Stats.RdOperations + b.Stats.WrOperations
+				u.DiskReadBytes += b.Stats.RdBytes
+				u.DiskWriteBytes += b.Stats.WrBytes
+				u.DiskReadOps += b.Stats.RdOperations
+				u.DiskWriteOps += b.Stats.WrOperations
 			}
 		}
 		cancel()
-		s.NetPackets = v.tapRxPackets()
+		net := v.tapCounters()
+		// The tap receives what the guest sends.
+		u.NetTxBytes, u.NetTxPackets, u.NetRxBytes, u.NetRxPackets = net.RxBytes, net.RxPackets, net.TxBytes, net.TxPackets
+		s.NetPackets = net.RxPackets
+		v.mu.Lock()
+		if v.proc == p {
+			v.usage = &u
+		}
+		v.mu.Unlock()
 		s.KernelAnswered, _ = v.arpAnswered()
 		verdict := mon.Observe(s)
 		if verdict == last {

@@ -156,14 +156,17 @@ func (v *vm) arpAnswered() (time.Time, bool) {
 	return v.agent.net.Answered(hostnet.TapName(v.agent.cfg.Name, v.spec.Name, 0))
 }
 
-// tapRxPackets counts the frames the guest has sent on its taps. Only what
-// the guest sends shows it alive: the host sends to it (ARP probes, other
-// VMs' broadcasts) whether it runs or not.
-func (v *vm) tapRxPackets() uint64 {
-	var n uint64
+// tapCounters sums the VM's taps' counters (the host's view: rx is what
+// the guest sent). Only what the guest sends shows it alive: the host sends
+// to it (ARP probes, other VMs' broadcasts) whether it runs or not.
+func (v *vm) tapCounters() hostnet.Counters {
+	var n hostnet.Counters
 	for i := range v.spec.NICs {
 		if c, err := hostnet.TapCounters(hostnet.TapName(v.agent.cfg.Name, v.spec.Name, i)); err == nil {
-			n += c.RxPackets
+			n.RxPackets += c.RxPackets
+			n.TxPackets += c.TxPackets
+			n.RxBytes += c.RxBytes
+			n.TxBytes += c.TxBytes
 		}
 	}
 	return n

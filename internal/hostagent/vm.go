@@ -43,6 +43,7 @@ type vm struct {
 	incoming  bool   // the destination of a live migration in progress
 	busy      string // the operation holding opMu (see lockOp)
 	guest     *api.GuestInfo
+	usage     *hostproto.VMUsage  // the health watch's latest sample of proc
 	guestEnc  *guestproto.Encoder // set while connected to the guest agent
 	qga       *qga.Client         // set while qemu-guest-agent answers
 	vigilAt   time.Time           // the latest vigil-guest heartbeat of this process
@@ -91,6 +92,10 @@ func (v *vm) status() hostproto.VMStatus {
 		if v.guest != nil {
 			g := *v.guest
 			s.Guest = &g
+		}
+		if v.usage != nil {
+			u := *v.usage
+			s.Usage = &u
 		}
 	}
 	return s
@@ -214,6 +219,7 @@ func (v *vm) watchExit(ctx context.Context, p *qemu.Process, exited chan struct{
 	}
 	v.proc = nil
 	v.guest = nil
+	v.usage = nil
 	v.runState = ""
 	if v.cancel != nil {
 		v.cancel()

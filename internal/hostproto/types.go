@@ -121,6 +121,24 @@ type VMStatus struct {
 	Busy string `json:"busy,omitempty"`
 	// Protection is set while this host sends checkpoints of the VM.
 	Protection *ProtectionStatus `json:"protection,omitempty"`
+	// Usage is what the running VM has used since its QEMU started, as
+	// the health watch last sampled it.
+	Usage *VMUsage `json:"usage,omitempty"`
+}
+
+// VMUsage are a running VM's cumulative counters: its vCPUs' time, its
+// disks' and its network cards' traffic (network only on taps; the guest's
+// view: what it sent and received).
+type VMUsage struct {
+	CPUSeconds     float64 `json:"cpu_seconds"`
+	DiskReadBytes  uint64  `json:"disk_read_bytes"`
+	DiskWriteBytes uint64  `json:"disk_write_bytes"`
+	DiskReadOps    uint64  `json:"disk_read_ops"`
+	DiskWriteOps   uint64  `json:"disk_write_ops"`
+	NetRxBytes     uint64  `json:"net_rx_bytes"`
+	NetTxBytes     uint64  `json:"net_tx_bytes"`
+	NetRxPackets   uint64  `json:"net_rx_packets"`
+	NetTxPackets   uint64  `json:"net_tx_packets"`
 }
 
 // ProtectRequest makes the VM's host checkpoint it to Secondary, reached

@@ -25,8 +25,10 @@ const maxBody = 1 << 20
 func (m *Manager) Handler() http.Handler {
 	mux := http.NewServeMux()
 	user := func(pattern, role string, audited bool, h http.HandlerFunc) {
-		mux.Handle(pattern, m.userRoute(role, audited, h))
+		mux.Handle(pattern, m.metrics.instrument(pattern, m.userRoute(role, audited, h)))
 	}
+	// The whole cluster, in Prometheus' text format (see metrics.go).
+	user("GET /metrics", RoleViewer, false, m.handleMetrics)
 	mux.HandleFunc("GET /v1/health", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "manager": m.name, "leader": m.leader.Load()})
 	})

@@ -78,6 +78,8 @@ type Manager struct {
 	// (guarded by protMu; see mayTell).
 	protMu   sync.Mutex
 	protTold map[string]time.Time
+	// metrics are the manager's Prometheus instruments (see metrics.go).
+	metrics *metrics
 
 	store      *store.Store
 	hosts      *registry
@@ -205,6 +207,7 @@ func New(cfg Config) *Manager {
 		m.certTTL = pki.DefaultTTL
 	}
 	m.instance = randomHex(8)
+	m.metrics = newMetrics(m)
 	if cfg.ShareEvents {
 		m.share = make(chan api.Event, 1000)
 	}

@@ -223,6 +223,7 @@ func (m *Manager) moveLive(ctx context.Context, o *vmOp, spec hostproto.VMSpec, 
 	m.stepHook(kind + "/finish")
 	msg := fmt.Sprintf("migrated live from %s in %.0f ms (downtime %.0f ms)", from, ms(st.Total), ms(st.Downtime))
 	o.r.LastOperation = &api.Operation{Action: "migrate", DurationMS: ms(st.Total), PausedMS: ms(st.Downtime), Bytes: st.Bytes}
+	m.metrics.observeOp(o.r.LastOperation)
 	if ferr != nil && (hostproto.KindOf(ferr) == "unreachable" || hostproto.KindOf(ferr) == "timeout") {
 		o.keepIntent = true
 		o.save(ctx)

@@ -128,6 +128,9 @@ func (m *Manager) CreateSnapshot(ctx context.Context, vm string, req api.Snapsho
 			do: func(ctx context.Context) error {
 				s.Operation, s.Quiesced = operation("snapshot", res), res.Quiesced
 				_, err := m.store.Update(ctx, snapKey(vm, req.Name), rev, s)
+				if err == nil {
+					m.metrics.observeOp(s.Operation)
+				}
 				return err
 			}},
 	})
@@ -223,6 +226,7 @@ func (m *Manager) RevertSnapshot(ctx context.Context, vm, snap string) (api.VM, 
 	o.r.Spec.MemoryBytes, o.r.Spec.CPUs = s.Spec.MemoryBytes, s.Spec.CPUs
 	o.r.CurrentSnapshot = snap
 	o.r.LastOperation = &api.Operation{Action: "revert", DurationMS: ms(time.Since(t0))}
+	m.metrics.observeOp(o.r.LastOperation)
 	state := api.StateStopped
 	o.r.Desired = desiredStopped
 	if s.IncludesMemory {

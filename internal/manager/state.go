@@ -38,6 +38,7 @@ func (m *Manager) pause(ctx context.Context, o *vmOp, act hostproto.VMStatus, to
 	m.stepHook(opSuspend + "/saved")
 	o.r.Desired = desiredSuspended
 	o.r.LastOperation = operation("suspend", res)
+	m.metrics.observeOp(o.r.LastOperation)
 	return o.finish(ctx, api.StateSuspended, fmt.Sprintf("state saved to %s (%d MiB)", res.Path, res.Bytes>>20))
 }
 
@@ -72,5 +73,6 @@ func (m *Manager) resume(ctx context.Context, o *vmOp, act hostproto.VMStatus, d
 	}
 	o.r.Desired = desiredRunning
 	o.r.LastOperation = &api.Operation{Action: "resume-from-disk", DurationMS: ms(time.Since(t0))}
+	m.metrics.observeOp(o.r.LastOperation)
 	return o.finish(ctx, api.StateRunning, "")
 }

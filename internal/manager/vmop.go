@@ -526,6 +526,7 @@ func (o *vmOp) finishQuick(ctx context.Context, action, desired string, to api.V
 			return err
 		}
 		o.r.LastOperation = &api.Operation{Action: action, DurationMS: ms(took)}
+		o.m.metrics.observeOp(o.r.LastOperation)
 		return o.finish(ctx, to, "")
 	}
 	o.r.LastOperation = &api.Operation{Action: action}
@@ -549,6 +550,7 @@ func (o *vmOp) finishQuick(ctx context.Context, action, desired string, to api.V
 	}
 	o.landed(audited, keep) // the lock is kept with the record as written
 	o.r.LastOperation = &api.Operation{Action: action, DurationMS: ms(took)}
+	o.m.metrics.observeOp(o.r.LastOperation)
 	return nil
 }
 
