@@ -211,6 +211,16 @@ func (c *Client) Migrate(ctx context.Context, vm, to string) (api.VM, error) {
 	return v, err
 }
 
+// Metrics returns GET /metrics: the cluster in Prometheus' text format.
+func (c *Client) Metrics(ctx context.Context) ([]byte, error) {
+	resp, err := c.send(ctx, http.MethodGet, "/metrics", nil, "text/plain")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	return io.ReadAll(resp.Body)
+}
+
 // Protect gives a VM a synchronized standby on another host.
 func (c *Client) Protect(ctx context.Context, vm string, req api.ProtectRequest) (api.VM, error) {
 	var v api.VM

@@ -4,6 +4,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"flag"
@@ -281,7 +282,21 @@ func benchList(ctx context.Context, c *client.Client, vigilBin, config string, n
 		if err != nil {
 			return nil, err
 		}
+		var size int
+		scrape, err := sample(n, func() error {
+			b, err := c.Metrics(ctx)
+			size = len(b)
+			if err == nil && !bytes.Contains(b, []byte(fmt.Sprintf(`state="stopped",vm="list%03d"} 1`, count-1))) {
+				err = fmt.Errorf("/metrics lacks vm list%03d", count-1)
+			}
+			return err
+		})
+		if err != nil {
+			return nil, err
+		}
 		rows = append(rows,
+			versus(fmt.Sprintf("API GET /metrics (the whole cluster), %d VM(s) defined", count), scrape, floor, ms2, "GET /v1/hosts, no store read",
+				fmt.Sprintf("%.1f KB of Prometheus text", float64(size)/1000)),
 			versus(fmt.Sprintf("API GET /v1/vms, %d VM(s) defined", count), api, floor, ms2, "GET /v1/hosts, no store read", ""),
 			versus(fmt.Sprintf("CLI `vigil vm list`, %d VM(s) defined", count), cli, cliFloor, ms2, "`vigil host list`", "includes process start"))
 	}
