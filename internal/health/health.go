@@ -55,8 +55,13 @@ type Sample struct {
 	// AgentExpected: the guest has an agent (one answered in some boot of
 	// this VM, or its image has one), so its silence can mean a hang.
 	AgentExpected bool
-	CPUTime       time.Duration
-	DiskOps       uint64 // read + write operations, all disks
+	// Counters says the activity signals below were read for this sample.
+	// While heartbeats arrive they need not be (see CountersNeeded): a
+	// heartbeat is itself a sign of life. Activity is only ever judged
+	// between two samples that both read them.
+	Counters bool
+	CPUTime  time.Duration
+	DiskOps  uint64 // read + write operations, all disks
 	// NetPackets counts frames the guest sent (its taps' receive side),
 	// when it is on a network.
 	NetPackets uint64
@@ -85,6 +90,19 @@ const (
 	busyFraction = 0.03
 	minCPU       = 20 * time.Millisecond
 )
+
+// CountersNeeded says whether a sample taken at, whose latest heartbeat
+// arrived at lastHeartbeat, must read the activity signals: they only
+// matter once a heartbeat is late (or before the first one), and reading
+// them (QEMU's block statistics, /proc) four times a second for every VM
+// was most of what an idle host agent did.
+func CountersNeeded(at, lastHeartbeat time.Time) bool {
+	return lastHeartbeat.IsZero() || at.Sub(lastHeartbeat) >= CountersAfter
+}
+
+// CountersAfter is the heartbeat silence from which the activity signals
+// are read: heartbeats come every second.
+const CountersAfter = 1250 * time.Millisecond
 
 // NewMonitor returns a monitor with policy p.
 func NewMonitor(p Policy) *Monitor {
@@ -130,9 +148,16 @@ func (m *Monitor) Observe(s Sample) Verdict {
 		return m.judge(s)
 	}
 	if s.LastHeartbeat.After(prev.LastHeartbeat) {
-		m.hbSilent = 0
-	} else {
-		m.hbSilent += dt
+		// A heartbeat is the guest at work: activity silence starts anew.
+		m.hbSilent, m.actSilent, m.cpuInSilence = 0, 0, 0
+		return m.judge(s)
+	}
+	m.hbSilent += dt
+	if !s.Counters || !prev.Counters {
+		// Nothing to compare: the silence since the last sign of life
+		// (a heartbeat, or a change last seen) goes on.
+		m.actSilent += dt
+		return m.judge(s)
 	}
 	if s.DiskOps != prev.DiskOps || s.NetPackets != prev.NetPackets || s.KernelAnswered.After(prev.KernelAnswered) {
 		m.actSilent, m.cpuInSilence = 0, 0

@@ -8,11 +8,12 @@ import (
 // script drives a monitor through samples every interval, with a function
 // deciding each sample's signals, and returns the verdicts.
 type step struct {
-	at        time.Duration // since start
-	hb        bool          // a new heartbeat arrived since the last sample
-	active    bool          // CPU or I/O moved
-	runState  string
-	skipWatch bool // the agent was not sampling before this one
+	at         time.Duration // since start
+	hb         bool          // a new heartbeat arrived since the last sample
+	active     bool          // CPU or I/O moved
+	runState   string
+	skipWatch  bool // the agent was not sampling before this one
+	noCounters bool // the activity signals were not read
 }
 
 func run(p Policy, steps []step) []Verdict { return runAgent(p, steps, true) }
@@ -38,6 +39,7 @@ func runAgent(p Policy, steps []step, agent bool) []Verdict {
 		if s.RunState == "" {
 			s.RunState = "running"
 		}
+		s.Counters = !st.noCounters
 		out = append(out, m.Observe(s))
 	}
 	return out
@@ -94,7 +96,7 @@ func TestFrozenGuestWithStrayTicksIsHung(t *testing.T) {
 	p := Policy{HangTimeout: 3 * time.Second, MinUptime: time.Second, Interval: 250 * time.Millisecond}
 	m := NewMonitor(p)
 	start := time.Unix(1000, 0)
-	s := Sample{StartedAt: start, RunState: "running", LastHeartbeat: start.Add(2 * time.Second)}
+	s := Sample{StartedAt: start, RunState: "running", LastHeartbeat: start.Add(2 * time.Second), Counters: true}
 	var v Verdict
 	for i := 0; i <= 32; i++ { // 8 s, heartbeats stopped at 2 s
 		s.At = start.Add(time.Duration(i) * 250 * time.Millisecond)
@@ -154,5 +156,44 @@ func TestGuestWithoutAgent(t *testing.T) {
 				t.Fatalf("verdict %s, want %s", got, tt.want)
 			}
 		})
+	}
+}
+
+// TestCountersOnlyWhenLate: as the host agent samples (activity signals
+// read only once a heartbeat is late), a hang is judged no later than with
+// them read all along, and activity seen once they are read again still
+// saves a guest whose agent froze.
+func TestCountersOnlyWhenLate(t *testing.T) {
+	const i = 250 * time.Millisecond
+	p := Policy{HangTimeout: 3 * time.Second, MinUptime: time.Second, Interval: i}
+	hangAt := func(lazy, activeAfter bool) time.Duration {
+		m := NewMonitor(p)
+		start := time.Unix(1000, 0)
+		s := Sample{StartedAt: start, RunState: "running", AgentExpected: true}
+		for at := time.Duration(0); at < 20*time.Second; at += i {
+			s.At = start.Add(at)
+			alive := at < 5*time.Second
+			if alive && at%time.Second == 0 {
+				s.LastHeartbeat = s.At
+			}
+			if alive || activeAfter {
+				s.CPUTime += 50 * time.Millisecond
+			}
+			s.Counters = !lazy || CountersNeeded(s.At, s.LastHeartbeat)
+			if m.Observe(s) == Hung {
+				return at
+			}
+		}
+		return -1
+	}
+	eager, lazy := hangAt(false, false), hangAt(true, false)
+	if lazy < 0 || eager < 0 || lazy > eager {
+		t.Fatalf("hung at %s reading the signals only when late, %s reading them always", lazy, eager)
+	}
+	if got := hangAt(true, true); got >= 0 {
+		t.Fatalf("a busy guest whose agent stopped was judged hung at %s", got)
+	}
+	if !CountersNeeded(time.Unix(10, 0), time.Time{}) || CountersNeeded(time.Unix(10, 0), time.Unix(9, 500)) || !CountersNeeded(time.Unix(10, 0), time.Unix(8, 0)) {
+		t.Fatal("CountersNeeded")
 	}
 }

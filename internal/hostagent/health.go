@@ -20,6 +20,9 @@ const (
 	DefaultMinUptime   = 30 * time.Second
 	healthInterval     = 250 * time.Millisecond
 	consoleLines       = 50
+	// usageEvery: the usage counters are refreshed every usageEvery
+	// samples (5 s) while heartbeats come.
+	usageEvery = 20
 )
 
 func (v *vm) healthPolicy() health.Policy {
@@ -51,6 +54,7 @@ func (v *vm) watchHealth(ctx context.Context, p *qemu.Process) {
 	t := time.NewTicker(healthInterval)
 	defer t.Stop()
 	last := health.Healthy
+	tick := 0
 	for {
 		select {
 		case <-ctx.Done():
@@ -67,29 +71,13 @@ func (v *vm) watchHealth(ctx context.Context, p *qemu.Process) {
 			s.LastHeartbeat = v.guest.LastHeartbeat
 		}
 		v.mu.Unlock()
-		s.CPUTime = clock.cpu()
-		u := hostproto.VMUsage{CPUSeconds: s.CPUTime.Seconds()}
-		qctx, cancel := context.WithTimeout(ctx, time.Second)
-		if stats, err := p.Monitor.QueryBlockStats(qctx); err == nil {
-			for _, b := range stats {
-				s.DiskOps += b.Stats.RdOperations + b.Stats.WrOperations
-				u.DiskReadBytes += b.Stats.RdBytes
-				u.DiskWriteBytes += b.Stats.WrBytes
-				u.DiskReadOps += b.Stats.RdOperations
-				u.DiskWriteOps += b.Stats.WrOperations
-			}
+		// The activity signals are read only when a heartbeat is late
+		// (what the verdict needs), and every usageEvery for the usage
+		// counters the managers' metrics show.
+		tick++
+		if s.Counters = health.CountersNeeded(s.At, s.LastHeartbeat) || tick%usageEvery == 0; s.Counters {
+			v.readCounters(ctx, p, clock, &s)
 		}
-		cancel()
-		net := v.tapCounters()
-		// The tap receives what the guest sends.
-		u.NetTxBytes, u.NetTxPackets, u.NetRxBytes, u.NetRxPackets = net.RxBytes, net.RxPackets, net.TxBytes, net.TxPackets
-		s.NetPackets = net.RxPackets
-		v.mu.Lock()
-		if v.proc == p {
-			v.usage = &u
-		}
-		v.mu.Unlock()
-		s.KernelAnswered, _ = v.arpAnswered()
 		verdict := mon.Observe(s)
 		if verdict == last {
 			continue
@@ -117,6 +105,34 @@ func (v *vm) watchHealth(ctx context.Context, p *qemu.Process) {
 		}
 		last = verdict
 	}
+}
+
+// readCounters reads the activity signals and usage counters of p into s
+// (and keeps the usage for the VM's status).
+func (v *vm) readCounters(ctx context.Context, p *qemu.Process, clock *threadClock, s *health.Sample) {
+	s.CPUTime = clock.cpu()
+	u := hostproto.VMUsage{CPUSeconds: s.CPUTime.Seconds()}
+	qctx, cancel := context.WithTimeout(ctx, time.Second)
+	if stats, err := p.Monitor.QueryBlockStats(qctx); err == nil {
+		for _, b := range stats {
+			s.DiskOps += b.Stats.RdOperations + b.Stats.WrOperations
+			u.DiskReadBytes += b.Stats.RdBytes
+			u.DiskWriteBytes += b.Stats.WrBytes
+			u.DiskReadOps += b.Stats.RdOperations
+			u.DiskWriteOps += b.Stats.WrOperations
+		}
+	}
+	cancel()
+	net := v.tapCounters()
+	// The tap receives what the guest sends.
+	u.NetTxBytes, u.NetTxPackets, u.NetRxBytes, u.NetRxPackets = net.RxBytes, net.RxPackets, net.TxBytes, net.TxPackets
+	s.NetPackets = net.RxPackets
+	v.mu.Lock()
+	if v.proc == p {
+		v.usage = &u
+	}
+	v.mu.Unlock()
+	s.KernelAnswered, _ = v.arpAnswered()
 }
 
 // threadClock reads the CPU time of a QEMU's vCPU threads. It keeps their
