@@ -149,11 +149,27 @@ func TestHostileHost(t *testing.T) {
 	})
 
 	t.Run("call another host's api", func(t *testing.T) {
-		// h1 answers only managers: a host certificate is refused at TLS.
+		// h1 lets another host open only a checkpoint stream (of a VM whose
+		// standby it keeps for that host): every operation is forbidden.
 		addr := hostAddr(t, c, "h1")
 		_, body := post(t, evil.hc, "https://"+addr+"/v1/host/ops/fault", hostproto.FaultRequest{VM: "victim", Kind: "kill"})
-		if !strings.Contains(string(body), "not manager") && !strings.Contains(string(body), "certificate") && !strings.Contains(string(body), "tls") {
+		if !strings.Contains(string(body), "forbidden") {
 			t.Fatalf("evil calling h1's api: %s", body)
+		}
+		b, _ := json.Marshal(hostproto.CheckpointsRequest{VM: "victim"})
+		req, _ := http.NewRequest(http.MethodPost, "https://"+addr+hostproto.TunnelPath(hostproto.CheckpointsOp), bytes.NewReader(b))
+		req.Header.Set("Connection", "Upgrade")
+		req.Header.Set("Upgrade", hostproto.TunnelProtocol)
+		if resp, err := evil.hc.Do(req); err != nil {
+			body = []byte(err.Error())
+		} else {
+			var out bytes.Buffer
+			out.ReadFrom(resp.Body)
+			resp.Body.Close()
+			body = out.Bytes()
+		}
+		if !strings.Contains(string(body), "no standby of victim for host evil") {
+			t.Fatalf("evil opening a checkpoint stream to h1: %s", body)
 		}
 		if showVM(t, m, "victim").Guest.BootID != v.Guest.BootID {
 			t.Fatal("the victim was restarted")

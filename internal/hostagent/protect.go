@@ -498,8 +498,14 @@ func (v *vm) checkpoint(ctx context.Context, p *qemu.Process, c *ckptstream.Conn
 			return errors.Join(err, <-held)
 		},
 	})
-	if cerr := p.Monitor.Cont(context.WithoutCancel(ctx)); cerr != nil && err == nil {
-		err = cerr
+	if cerr := p.Monitor.Cont(context.WithoutCancel(ctx)); cerr != nil {
+		// The stop was not reported (see watchQMP): say what QEMU is in.
+		if st, qerr := p.Monitor.QueryStatus(context.WithoutCancel(ctx)); qerr == nil && !st.Running {
+			v.setRunState(st.Status)
+		}
+		if err == nil {
+			err = cerr
+		}
 	}
 	dw.Release()
 	// The guest runs again; the rest of its memory goes out from the queue.

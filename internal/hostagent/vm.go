@@ -266,8 +266,12 @@ func (v *vm) watchQMP(ctx context.Context, p *qemu.Process) {
 			case "STOP":
 				v.mu.Lock()
 				panicked := v.runState == "guest-panicked"
+				// A live save (a snapshot, a protected VM's checkpoint)
+				// stops the guest for milliseconds and continues it: not a
+				// change of state for anyone to see.
+				momentary := v.busy == "checkpoint" || v.busy == "snapshot"
 				v.mu.Unlock()
-				if !panicked {
+				if !panicked && !momentary {
 					v.setRunState("paused")
 				}
 			case "RESUME":
