@@ -26,8 +26,9 @@ const failoverPass = 500 * time.Millisecond
 
 // WatchHostFailures declares hosts dead when their heartbeats stop, and
 // puts the VMs of dead hosts (and those still starting on a new one) on the
-// work queue, where Reconcile moves and starts them; until ctx ends. Only
-// the leader runs it.
+// work queue, where Reconcile moves and starts them; then it runs the
+// protection pass on the same records; until ctx ends. Only the leader
+// runs it.
 func (m *Manager) WatchHostFailures(ctx context.Context) {
 	t := time.NewTicker(failoverPass)
 	defer t.Stop()
@@ -47,6 +48,7 @@ func (m *Manager) WatchHostFailures(ctx context.Context) {
 				m.queue.Add(s.rec.Spec.Name)
 			}
 		}
+		m.protectionPass(ctx, rs)
 	}
 }
 

@@ -78,6 +78,7 @@ type Manager struct {
 	// (guarded by protMu; see mayTell).
 	protMu   sync.Mutex
 	protTold map[string]time.Time
+	protBusy map[string]bool // protections being worked on
 	// metrics are the manager's Prometheus instruments (see metrics.go).
 	metrics *metrics
 
@@ -272,10 +273,9 @@ func (m *Manager) Run(ctx context.Context) {
 // runs two sets of controllers.
 func (m *Manager) Lead(ctx context.Context) {
 	var wg sync.WaitGroup
-	wg.Add(4)
+	wg.Add(3)
 	go func() { defer wg.Done(); m.resyncLoop(ctx) }()
 	go func() { defer wg.Done(); m.WatchHostFailures(ctx) }()
-	go func() { defer wg.Done(); m.WatchProtections(ctx) }()
 	go func() { defer wg.Done(); m.pushNetworksLoop(ctx) }()
 	wg.Wait()
 }

@@ -51,9 +51,6 @@ const (
 // DefaultCheckpointInterval is a protection's interval when none is given.
 const DefaultCheckpointInterval = 500 * time.Millisecond
 
-// protectionPass is how often the leader looks at protections.
-const protectionPass = 500 * time.Millisecond
-
 // Protect gives VM name a synchronized standby.
 func (m *Manager) Protect(ctx context.Context, name string, req api.ProtectRequest) (api.VM, error) {
 	if err := validName(name); err != nil {
@@ -160,30 +157,46 @@ func (m *Manager) dropStandby(ctx context.Context, vm, secondary string) {
 	}
 }
 
-// WatchProtections runs the protection pass until ctx ends (leader only).
-func (m *Manager) WatchProtections(ctx context.Context) {
-	t := time.NewTicker(protectionPass)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
+// protectionPass looks at every protected VM of rs (the records the
+// failure watch has just read: one read of the store serves both) and
+// acts where protectionNeeds says. Leader only.
+func (m *Manager) protectionPass(ctx context.Context, rs []storedRecord) {
+	for _, s := range rs {
+		if s.rec.Protection == nil || s.rec.Op != nil {
+			continue // a VM busy with another operation waits for the next pass
 		}
-		rs, err := m.records(ctx)
-		if err != nil {
+		name := s.rec.Spec.Name
+		if need := m.protectionNeeds(s.rec); need == "" || need == "retell" && !m.mayTell(name) || !m.protectionStart(name) {
 			continue
 		}
-		for _, s := range rs {
-			// A VM busy with another operation waits for the next pass.
-			if s.rec.Protection == nil || s.rec.Op != nil {
-				continue
-			}
-			if need := m.protectionNeeds(s.rec); need != "" && (need != "retell" || m.mayTell(s.rec.Spec.Name)) {
-				m.reconcileProtection(ctx, s.rec.Spec.Name)
-			}
-		}
+		// In the background: host calls must not hold up the failure
+		// watch that runs this pass.
+		go func() {
+			defer m.protectionDone(name)
+			m.reconcileProtection(ctx, name)
+		}()
 	}
+}
+
+// protectionStart marks vm's protection as being worked on, unless it
+// already is.
+func (m *Manager) protectionStart(vm string) bool {
+	m.protMu.Lock()
+	defer m.protMu.Unlock()
+	if m.protBusy[vm] {
+		return false
+	}
+	if m.protBusy == nil {
+		m.protBusy = map[string]bool{}
+	}
+	m.protBusy[vm] = true
+	return true
+}
+
+func (m *Manager) protectionDone(vm string) {
+	m.protMu.Lock()
+	delete(m.protBusy, vm)
+	m.protMu.Unlock()
 }
 
 // protectionNeeds says what a protection needs done now, from the record
