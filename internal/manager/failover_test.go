@@ -321,3 +321,27 @@ func TestEvacuateProtected(t *testing.T) {
 		})
 	}
 }
+
+// TestStrayProtectionIsStopped: a host that checkpoints a VM whose record
+// has no protection (an unprotect it missed) is told to stop.
+func TestStrayProtectionIsStopped(t *testing.T) {
+	m, h := newTestManager(t)
+	ctx := context.Background()
+	if _, err := m.Create(ctx, api.VMCreateRequest{Name: "web", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20, Start: true}); err != nil {
+		t.Fatal(err)
+	}
+	h.Protect(ctx, hostproto.ProtectRequest{VM: "web", Secondary: "h9", Generation: 3})
+	for deadline := time.Now().Add(5 * time.Second); !h.called("unprotect web"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the stray protection was not stopped: %v", h.callsString())
+		}
+		rs, err := m.records(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.protectionPass(ctx, rs)
+	}
+	if st, _ := m.hostNamed("h1").Status("web"); st.Protection != nil {
+		t.Fatalf("host still reports %+v", st.Protection)
+	}
+}

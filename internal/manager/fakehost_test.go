@@ -79,6 +79,8 @@ type fakeHost struct {
 	changed func()
 	// networks is what SetNetworks last gave.
 	networks []hostproto.NetworkSpec
+	// protected are the VMs it checkpoints (Protect), by generation.
+	protected map[string]hostproto.ProtectRequest
 }
 
 func newFakeHost() *fakeHost {
@@ -106,6 +108,9 @@ func (h *fakeHost) statuses() []hostproto.VMStatus {
 func (h *fakeHost) statusLocked(name string) hostproto.VMStatus {
 	running := h.vms[name]
 	st := hostproto.VMStatus{Name: name, Running: running, SavedState: h.saved[name]}
+	if pr, ok := h.protected[name]; ok {
+		st.Protection = &hostproto.ProtectionStatus{Secondary: pr.Secondary, Generation: pr.Generation, State: "syncing"}
+	}
 	if running {
 		st.PID = 42
 		st.RunState = "running"
@@ -475,10 +480,27 @@ func authed(t testing.TB, m *Manager, role string) http.Handler {
 }
 
 func (h *fakeHost) Protect(_ context.Context, r hostproto.ProtectRequest) (hostproto.None, error) {
-	return hostproto.None{}, h.record("protect", r.VM+" to "+r.Secondary)
+	if err := h.record("protect", r.VM+" to "+r.Secondary); err != nil {
+		return hostproto.None{}, err
+	}
+	h.mu.Lock()
+	if h.protected == nil {
+		h.protected = map[string]hostproto.ProtectRequest{}
+	}
+	h.protected[r.VM] = r
+	h.mu.Unlock()
+	h.notify()
+	return hostproto.None{}, nil
 }
 func (h *fakeHost) Unprotect(_ context.Context, r hostproto.VMRef) (hostproto.None, error) {
-	return hostproto.None{}, h.record("unprotect", r.VM)
+	if err := h.record("unprotect", r.VM); err != nil {
+		return hostproto.None{}, err
+	}
+	h.mu.Lock()
+	delete(h.protected, r.VM)
+	h.mu.Unlock()
+	h.notify()
+	return hostproto.None{}, nil
 }
 func (h *fakeHost) Standby(_ context.Context, r hostproto.StandbyRequest) (hostproto.None, error) {
 	return hostproto.None{}, h.record("standby", r.VM+" from "+r.Primary)

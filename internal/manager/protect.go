@@ -162,6 +162,22 @@ func (m *Manager) dropStandby(ctx context.Context, vm, secondary string) {
 // acts where protectionNeeds says. Leader only.
 func (m *Manager) protectionPass(ctx context.Context, rs []storedRecord) {
 	for _, s := range rs {
+		if s.rec.Protection == nil && s.rec.Op == nil && m.hostState(s.rec.Host) == "up" {
+			if st := m.actual(s.rec); st.Protection != nil && m.protectionStart(s.rec.Spec.Name) {
+				// The host checkpoints (and holds the output of) a VM that
+				// is not protected: an unprotect it missed. Stop it.
+				name, host := s.rec.Spec.Name, s.rec.Host
+				go func() {
+					defer m.protectionDone(name)
+					cctx, cancel := context.WithTimeout(ctx, hostCallTimeout)
+					defer cancel()
+					if _, err := hostproto.Unprotect.Call(cctx, m.hostNamed(host), hostproto.VMRef{VM: name}); err != nil {
+						m.log.Warn("stop a protection the record does not have", "vm", name, "host", host, "err", err)
+					}
+				}()
+			}
+			continue
+		}
 		if s.rec.Protection == nil || s.rec.Op != nil {
 			continue // a VM busy with another operation waits for the next pass
 		}
