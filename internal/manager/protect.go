@@ -48,6 +48,9 @@ const (
 	protReprotecting = "re-protecting"
 )
 
+// protectCallTimeout bounds the pass's calls to the hosts of one VM.
+const protectCallTimeout = 10 * time.Second
+
 // DefaultCheckpointInterval is a protection's interval when none is given.
 const DefaultCheckpointInterval = 500 * time.Millisecond
 
@@ -301,7 +304,9 @@ func (m *Manager) reconcileProtection(ctx context.Context, name string) {
 		m.log.Debug("protection pass: vm busy", "vm", name, "err", err)
 		return // busy with something else: the next pass comes back
 	}
-	ctx, cancel := context.WithTimeout(ctx, hostCallTimeout)
+	// Short: the VM's lock is held meanwhile (a frozen host must not keep
+	// users and the failover off the VM for long).
+	ctx, cancel := context.WithTimeout(ctx, protectCallTimeout)
 	defer cancel()
 	defer o.end(ctx)
 	r := &o.r
