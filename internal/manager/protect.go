@@ -185,7 +185,11 @@ func (m *Manager) protectionPass(ctx context.Context, rs []storedRecord) {
 			continue // a VM busy with another operation waits for the next pass
 		}
 		name := s.rec.Spec.Name
-		if need := m.protectionNeeds(s.rec); need == "" || need == "retell" && !m.mayTell(name) || !m.protectionStart(name) {
+		// Calls to the hosts (pairing, telling them again) are spaced by
+		// retellEvery: one that keeps failing must not write the record
+		// every pass.
+		need := m.protectionNeeds(s.rec)
+		if need == "" || need != "state" && need != "run" && !m.mayTell(name) || !m.protectionStart(name) {
 			continue
 		}
 		// In the background: host calls must not hold up the failure
@@ -268,7 +272,7 @@ func (m *Manager) protectionNeeds(r record) string {
 	return ""
 }
 
-// retellEvery spaces the repeated calls that repair a broken stream.
+// retellEvery spaces the pass's calls to one VM's hosts.
 const retellEvery = 5 * time.Second
 
 // mayTell says whether the hosts of vm's protection may be told again now
