@@ -15,18 +15,11 @@ import (
 	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/internal/ckptstream"
 	"github.com/vigil-project/vigil/internal/statefile"
+	"github.com/vigil-project/vigil/internal/testenv"
 )
 
-// counterCGI serves a counter the guest keeps on its disk: each request
-// adds one and answers "N BOOT_ID".
-const counterCGI = `mkdir -p /www/cgi-bin && cat > /www/cgi-bin/n <<'CGI'
-#!/bin/sh
-n=$(cat /data/n 2>/dev/null || echo 0)
-n=$((n+1))
-echo $n > /data/n.tmp && mv /data/n.tmp /data/n
-printf 'Content-Type: text/plain\r\n\r\n%s %s\n' "$n" "$(cat /proc/sys/kernel/random/boot_id)"
-CGI
-chmod +x /www/cgi-bin/n && echo ok`
+// counterCGI installs testenv.CounterService and says ok.
+const counterCGI = testenv.CounterService + " && echo ok"
 
 // counterClient asks the counter service again and again, one request at
 // a time, and keeps every answer.

@@ -15,21 +15,14 @@ import (
 	"github.com/vigil-project/vigil/client"
 	"github.com/vigil-project/vigil/internal/qemu"
 	"github.com/vigil-project/vigil/internal/qemu/qmp"
+	"github.com/vigil-project/vigil/internal/testenv"
 )
 
 // protectMem is the guest size the issue asks the checkpoint figures for.
 const protectMem = 512 << 20
 
-// counterScript serves a counter kept on the guest's disk (busybox httpd
-// CGI): each request adds one and answers "N BOOT_ID".
-const counterScript = `mkdir -p /www/cgi-bin && cat > /www/cgi-bin/n <<'CGI'
-#!/bin/sh
-n=$(cat /data/n 2>/dev/null || echo 0)
-n=$((n+1))
-echo $n > /data/n.tmp && mv /data/n.tmp /data/n
-printf 'Content-Type: text/plain\r\n\r\n%s %s\n' "$n" "$(cat /proc/sys/kernel/random/boot_id)"
-CGI
-chmod +x /www/cgi-bin/n`
+// counterScript is the counter service the guest runs (testenv).
+const counterScript = testenv.CounterService
 
 // Guest workloads: a CPU-bound loop and a memory writer, each printing how
 // long it took in ms; dirtier rewrites 64 MiB of guest memory over and over.
