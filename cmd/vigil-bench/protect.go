@@ -14,7 +14,6 @@ import (
 	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/client"
 	"github.com/vigil-project/vigil/internal/qemu"
-	"github.com/vigil-project/vigil/internal/qemu/qmp"
 	"github.com/vigil-project/vigil/internal/testenv"
 )
 
@@ -337,7 +336,7 @@ func (b *bench) bareCheckpoints(ctx context.Context, runs int) ([]time.Duration,
 		if cerr := bv.mon.Cont(ctx); err == nil {
 			err = cerr
 		}
-		d := stoppedFor(events)
+		d := qemu.StoppedFor(events)
 		unsubscribe()
 		if err != nil {
 			return nil, fmt.Errorf("bare checkpoint %d: %w", i, err)
@@ -352,25 +351,4 @@ func (b *bench) bareCheckpoints(ctx context.Context, runs int) ([]time.Duration,
 		time.Sleep(300 * time.Millisecond)
 	}
 	return out, nil
-}
-
-// stoppedFor is the time between QEMU's STOP and RESUME events.
-func stoppedFor(events <-chan qmp.Event) time.Duration {
-	var stop time.Time
-	timeout := time.After(2 * time.Second)
-	for {
-		select {
-		case e := <-events:
-			switch e.Name {
-			case "STOP":
-				stop = e.Time
-			case "RESUME":
-				if !stop.IsZero() {
-					return e.Time.Sub(stop)
-				}
-			}
-		case <-timeout:
-			return 0
-		}
-	}
 }

@@ -160,26 +160,7 @@ func pausedFor(events <-chan qmp.Event, wasRunning bool) time.Duration {
 	if !wasRunning {
 		return 0
 	}
-	var stop time.Time
-	timeout := time.After(2 * time.Second) // a lost event must not hold the snapshot
-	for {
-		select {
-		case e, ok := <-events:
-			if !ok {
-				return 0
-			}
-			switch e.Name {
-			case "STOP":
-				stop = e.Time
-			case "RESUME":
-				if !stop.IsZero() {
-					return e.Time.Sub(stop)
-				}
-			}
-		case <-timeout:
-			return 0
-		}
-	}
+	return qemu.StoppedFor(events)
 }
 
 // SnapshotRevert returns VM name to snapshot snap: whatever runs now is

@@ -317,3 +317,31 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 func (c *countingWriter) Load() int64 { return c.n.Load() }
 
 func (c *countingWriter) Written() int64 { return c.n.Load() }
+
+// StoppedFor is how long the guest's CPUs were stopped, from the
+// timestamps of QEMU's next STOP and RESUME events on events (0 if they do
+// not come within 2 s: a lost event must not hold the caller). The monitor
+// queues an event before the reply of the command that caused it, so once
+// a cont has returned its RESUME is on its way.
+func StoppedFor(events <-chan qmp.Event) time.Duration {
+	var stop time.Time
+	timeout := time.After(2 * time.Second)
+	for {
+		select {
+		case e, ok := <-events:
+			if !ok {
+				return 0
+			}
+			switch e.Name {
+			case "STOP":
+				stop = e.Time
+			case "RESUME":
+				if !stop.IsZero() {
+					return e.Time.Sub(stop)
+				}
+			}
+		case <-timeout:
+			return 0
+		}
+	}
+}
