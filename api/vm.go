@@ -305,6 +305,11 @@ type Host struct {
 	PoolLocks string `json:"pool_locks,omitempty"`
 	// Drained hosts take no new VMs (see 'vigil host drain').
 	Drained bool `json:"drained,omitempty"`
+	// Reserved is what the VMs placed on the host hold: the memory of every
+	// VM defined there (and of the standbys it keeps), the vCPUs of those
+	// meant to run.
+	ReservedMemoryBytes int64 `json:"reserved_memory_bytes"`
+	ReservedCPUs        int   `json:"reserved_cpus"`
 }
 
 // Event is one entry of the event stream (GET /v1/events).
@@ -412,4 +417,33 @@ type DrainMove struct {
 type DrainStay struct {
 	VM     string `json:"vm"`
 	Reason string `json:"reason"`
+}
+
+// UsageHistory is what a running VM used lately, as its host sampled it
+// (every few seconds, the last quarter of an hour at most; it starts again
+// when the VM moves or its host agent restarts). The counters are
+// cumulative since the VM's QEMU started: a counter that goes down means a
+// new QEMU, not negative use.
+type UsageHistory struct {
+	VM      string        `json:"vm"`
+	Host    string        `json:"host"`
+	Samples []UsageSample `json:"samples"`
+}
+
+// UsageSample is one reading of a VM's counters.
+type UsageSample struct {
+	Time           time.Time `json:"time"`
+	CPUSeconds     float64   `json:"cpu_seconds"`
+	MemUsedBytes   uint64    `json:"mem_used_bytes,omitempty"` // as the guest agent reports it
+	DiskReadBytes  uint64    `json:"disk_read_bytes"`
+	DiskWriteBytes uint64    `json:"disk_write_bytes"`
+	NetRxBytes     uint64    `json:"net_rx_bytes"`
+	NetTxBytes     uint64    `json:"net_tx_bytes"`
+}
+
+// ConsoleTicket opens a VM's console WebSocket once
+// (GET /v1/vms/{name}/vnc/websocket?ticket=...), within ExpiresInSeconds.
+type ConsoleTicket struct {
+	Ticket           string `json:"ticket"`
+	ExpiresInSeconds int    `json:"expires_in_seconds"`
 }

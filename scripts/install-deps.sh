@@ -25,6 +25,11 @@ if [ "${1:-}" = --test ]; then
 	# only the tool is unpacked.
 	command -v promtool >/dev/null || want_promtool=1
 fi
+if [ "${1:-}" = --test ] || [ "${1:-}" = --bench ]; then
+	# The dashboard's browser tests and its benchmark drive a real
+	# headless Chromium.
+	command -v chromium >/dev/null || need+=(chromium)
+fi
 if [ "${1:-}" = --bench ]; then
 	# make bench measures libvirt beside Vigil (a system libvirtd it starts
 	# and stops itself: these machines have no systemd).

@@ -100,7 +100,7 @@ func NewRoot() *cobra.Command {
 	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "output format: table, json or yaml")
 	root.PersistentFlags().BoolVarP(&g.quiet, "quiet", "q", false, "print only what scripts need")
 	root.AddCommand(newVMCmd(g), newSnapshotCmd(g), newHostCmd(g), newEventsCmd(g), newImageCmd(g), newNetworkCmd(g), newBootCmd(g), newAgentCmd(g),
-		newTokenCmd(g), newAuditCmd(g), newAPICmd(g))
+		newTokenCmd(g), newAuditCmd(g), newAPICmd(g), newDashboardCmd(g))
 	// cobra adds its "completion" group lazily on Execute; add it now so the
 	// walk below covers it too (it is a no-op if it already exists).
 	root.InitDefaultCompletionCmd()

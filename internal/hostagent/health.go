@@ -130,6 +130,7 @@ func (v *vm) readCounters(ctx context.Context, p *qemu.Process, clock *threadClo
 	v.mu.Lock()
 	if v.proc == p {
 		v.usage = &u
+		v.recordUsage(s.At, u)
 	}
 	v.mu.Unlock()
 	s.KernelAnswered, _ = v.arpAnswered()

@@ -44,6 +44,7 @@ type vm struct {
 	busy      string // the operation holding opMu (see lockOp)
 	guest     *api.GuestInfo
 	usage     *hostproto.VMUsage  // the health watch's latest sample of proc
+	history   usageRing           // its samples of the last quarter of an hour
 	guestEnc  *guestproto.Encoder // set while connected to the guest agent
 	qga       *qga.Client         // set while qemu-guest-agent answers
 	vigilAt   time.Time           // the latest vigil-guest heartbeat of this process

@@ -51,6 +51,8 @@ type Handler interface {
 	Console(context.Context, ConsoleRequest, io.Writer) error
 	// VNC connects to the VM's VNC server (a unix socket on the host).
 	VNC(context.Context, VMRef) (io.ReadWriteCloser, error)
+	// Usage is what the VM used lately, as the host sampled it.
+	Usage(context.Context, VMRef) (api.UsageHistory, error)
 
 	// Protect makes this host, which runs the VM, send checkpoints of it
 	// to its secondary; Unprotect stops that.
@@ -99,6 +101,7 @@ var (
 	SetNetworks    = declare("set-networks", Handler.SetNetworks, 30*time.Second)
 	Console        = declareStream("console", Handler.Console)
 	VNC            = declareTunnel("vnc", Handler.VNC)
+	Usage          = declare("usage", Handler.Usage, 10*time.Second)
 	Protect        = declare("protect", Handler.Protect, 30*time.Second)
 	Unprotect      = declare("unprotect", Handler.Unprotect, time.Minute)
 	Standby        = declare("standby", Handler.Standby, 30*time.Second)

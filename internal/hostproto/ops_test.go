@@ -142,6 +142,10 @@ func (r *recorder) VNC(_ context.Context, q VMRef) (io.ReadWriteCloser, error) {
 	return a, nil
 }
 
+func (r *recorder) Usage(_ context.Context, q VMRef) (api.UsageHistory, error) {
+	return answer[api.UsageHistory](r, "Usage", q)
+}
+
 func (r *recorder) Protect(_ context.Context, q ProtectRequest) (None, error) {
 	return answer[None](r, "Protect", q)
 }

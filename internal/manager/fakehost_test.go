@@ -268,6 +268,16 @@ func (h *fakeHost) Screenshot(_ context.Context, r hostproto.VMRef) (hostproto.S
 	return hostproto.ScreenshotResult{PNG: fakePNG}, h.record("screenshot", r.VM)
 }
 
+// Usage answers two samples a second apart: one second of CPU and 4 KiB
+// written to disk.
+func (h *fakeHost) Usage(_ context.Context, r hostproto.VMRef) (api.UsageHistory, error) {
+	t := time.Date(2026, 12, 2, 10, 0, 0, 0, time.UTC)
+	return api.UsageHistory{VM: r.VM, Host: h.name, Samples: []api.UsageSample{
+		{Time: t, CPUSeconds: 1, DiskWriteBytes: 4096},
+		{Time: t.Add(time.Second), CPUSeconds: 2, DiskWriteBytes: 8192},
+	}}, h.record("usage", r.VM)
+}
+
 // VNC answers with an echo: what the client writes comes back.
 func (h *fakeHost) VNC(_ context.Context, r hostproto.VMRef) (io.ReadWriteCloser, error) {
 	if err := h.record("vnc", r.VM); err != nil {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/internal/pki"
+	"github.com/vigil-project/vigil/internal/ui"
 )
 
 // maxBody bounds request bodies; every request we accept is tiny.
@@ -42,6 +43,11 @@ func (m *Manager) Handler() http.Handler {
 	user("GET /v1/vms/{name}/screenshot", RoleOperator, false, m.handleScreenshot)
 	// Audited by the handler when the tunnel opens, not when it ends.
 	user("GET /v1/vms/{name}/vnc", RoleOperator, false, m.handleVNC)
+	// The dashboard's console: a ticket (with a token), then a WebSocket
+	// (with the ticket; audited when it opens).
+	user("POST /v1/vms/{name}/vnc/tickets", RoleOperator, true, m.handleVNCTicket)
+	mux.Handle("GET /v1/vms/{name}/vnc/websocket", m.metrics.instrument("GET /v1/vms/{name}/vnc/websocket", http.HandlerFunc(m.handleVNCWebSocket)))
+	user("GET /v1/vms/{name}/usage", RoleViewer, false, m.handleUsage)
 	user("POST /v1/vms/{name}/exec", RoleOperator, true, m.handleExec)
 	user("GET /v1/vms/{name}/incidents", RoleViewer, false, m.handleIncidents)
 	user("POST /v1/vms/{name}/fault", RoleOperator, true, m.handleFault)
@@ -54,7 +60,12 @@ func (m *Manager) Handler() http.Handler {
 	user("POST /v1/vms/{name}/snapshots/{snap}/revert", RoleOperator, true, m.handleSnapshotRevert)
 	user("DELETE /v1/vms/{name}/snapshots/{snap}", RoleOperator, true, m.handleSnapshotDelete)
 	user("GET /v1/hosts", RoleViewer, false, func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, m.Hosts())
+		hs, err := m.hostsInUse(r.Context())
+		if err != nil {
+			writeError(w, m.log, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, hs)
 	})
 	user("GET /v1/events", RoleViewer, false, m.handleEvents)
 	user("GET /v1/audit", RoleViewer, false, m.handleAudit)
@@ -79,6 +90,14 @@ func (m *Manager) Handler() http.Handler {
 	mux.Handle("POST /v1/hosts/register", m.hostRoute(false, true, m.handleRegister))
 	mux.Handle("POST /v1/hosts/{name}/heartbeat", m.hostRoute(true, false, m.handleHeartbeat))
 	mux.Handle("POST /v1/hosts/{name}/certificate", m.hostRoute(true, true, m.handleRenew))
+	// The dashboard's files (the page signs in with a token and calls the
+	// API above); the bare address leads to it.
+	if dash, err := ui.New(); err == nil {
+		mux.Handle("GET "+ui.Prefix, dash)
+		mux.Handle("GET /{$}", http.RedirectHandler(ui.Prefix, http.StatusFound))
+	} else {
+		m.log.Error("the dashboard is not served", "err", err)
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, m.log, errorf(ErrNotFound, "no such endpoint %s %s: see docs/architecture.md for the API", r.Method, r.URL.Path))
 	})
