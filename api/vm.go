@@ -447,3 +447,17 @@ type ConsoleTicket struct {
 	Ticket           string `json:"ticket"`
 	ExpiresInSeconds int    `json:"expires_in_seconds"`
 }
+
+// SignInLink is a code for a dashboard sign-in link
+// (https://MANAGER/ui/#code=CODE), good once within ExpiresInSeconds: whoever
+// opens it gets a token of the role of the token that asked for it.
+type SignInLink struct {
+	Code             string `json:"code"`
+	ExpiresInSeconds int    `json:"expires_in_seconds"`
+}
+
+// SignInRequest is the body of POST /v1/ui/sessions: a sign-in link's code,
+// exchanged for a token (api.TokenCreated) that lasts a working day.
+type SignInRequest struct {
+	Code string `json:"code"`
+}

@@ -265,6 +265,21 @@ func (c *Client) CreateToken(ctx context.Context, req api.TokenCreateRequest) (a
 	return r, err
 }
 
+// SignInLink asks for a code of a dashboard sign-in link, which gives
+// whoever opens it (once, within minutes) a token of this client's role.
+func (c *Client) SignInLink(ctx context.Context) (api.SignInLink, error) {
+	var r api.SignInLink
+	err := c.do(ctx, http.MethodPost, "/v1/ui/links", nil, &r)
+	return r, err
+}
+
+// Usage is a running VM's usage history (what the dashboard's charts draw).
+func (c *Client) Usage(ctx context.Context, vm string) (api.UsageHistory, error) {
+	var r api.UsageHistory
+	err := c.do(ctx, http.MethodGet, "/v1/vms/"+url.PathEscape(vm)+"/usage", nil, &r)
+	return r, err
+}
+
 // Tokens lists the API tokens (admin).
 func (c *Client) Tokens(ctx context.Context) ([]api.TokenInfo, error) {
 	var r []api.TokenInfo

@@ -21,7 +21,8 @@ import (
 // resume it from its page and see the events arrive, take snapshots and
 // revert (the tree shows the branch), read the serial console and the
 // usage charts, see a VM's screen through noVNC, and a viewer's token
-// refused an action with the reason in words. With VIGIL_SCREENSHOTS=DIR
+// refused an action with the reason in words, sign-in links that work
+// once, and a VM deleted with its snapshots. With VIGIL_SCREENSHOTS=DIR
 // it saves the main views there (docs/img holds the ones in the README).
 func TestDashboard(t *testing.T) {
 	needIntegration(t)
@@ -62,14 +63,42 @@ func TestDashboard(t *testing.T) {
 	}()
 	dialogs := headless.AnswerDialogs(b.Ctx)
 
-	// Sign in with the admin token on the sign-in form.
+	// A wrong token is refused at the sign-in form, with the reason.
 	d.do(chromedp.Navigate(cfg.URL + "/ui/"))
 	d.do(chromedp.WaitVisible(chromedp.CSS("#signin")))
 	d.shot("signin")
-	d.do(chromedp.SendKeys(chromedp.CSS("#token"), cfg.Token))
+	d.do(chromedp.SendKeys(chromedp.CSS("#token"), "vt1.0000000000000000.nope"))
 	d.do(chromedp.Click(chromedp.CSS(`#signin button[type=submit]`)))
+	d.waitJS(`document.querySelector('#signin-error')?.textContent.includes('refused')`, "a bad token refused")
+
+	// Sign in with the link 'vigil dashboard' prints: the page trades its
+	// code for a token of its own and drops the code from the address bar.
+	link := strings.TrimSpace(a.mustVigil("dashboard", "-q"))
+	if !strings.HasPrefix(link, cfg.URL+"/ui/#code=") {
+		t.Fatalf("vigil dashboard printed %q", link)
+	}
+	d.do(chromedp.Navigate(link))
 	d.waitJS(`document.querySelector('#vms tr[data-vm="web1"] .state')?.textContent === 'running'`, "web1 listed as running")
 	d.waitJS(`document.querySelector('#live.on') !== null`, "the live event stream connected")
+	if href, err := chromedp.Run(b.Ctx, chromedp.Evaluate[string](`location.href`)); err != nil || strings.Contains(href, "code=") {
+		t.Fatalf("the address bar after sign-in: %q %v", href, err)
+	}
+	toks, err := a.client().Tokens(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var session string
+	for _, tk := range toks {
+		if strings.HasPrefix(tk.Name, "ui-") {
+			session = tk.Name
+			if tk.Role != "admin" || tk.Expires == nil || time.Until(*tk.Expires) > 12*time.Hour+time.Minute {
+				t.Fatalf("the browser's token: %+v", tk)
+			}
+		}
+	}
+	if session == "" {
+		t.Fatalf("no token was made for the browser: %+v", toks)
+	}
 	d.shot("vms")
 
 	// The VM's page: pause, then resume; each event shows up on the page.
@@ -149,11 +178,21 @@ func TestDashboard(t *testing.T) {
 	if vm := d.vm(a, "web1"); vm.State != api.StateRunning {
 		t.Fatalf("a viewer's pause changed the VM: %s", vm.State)
 	}
-	// A wrong token is refused at the sign-in, with the reason.
+	// A used link does not sign in again.
 	d.click(`#signout`)
-	d.do(chromedp.SendKeys(chromedp.CSS("#token"), "vt1.0000000000000000.nope"))
-	d.do(chromedp.Click(chromedp.CSS(`#signin button[type=submit]`)))
-	d.waitJS(`document.querySelector('#signin-error')?.textContent.includes('refused')`, "a bad token refused")
+	d.do(chromedp.Navigate(link))
+	d.waitJS(`document.querySelector('#signin-error')?.textContent.includes('did not work')`, "a used link refused")
+
+	// Deleting a VM from its page takes its snapshots with it (the dialog
+	// said so, and was confirmed).
+	d.do(chromedp.Navigate(strings.TrimSpace(a.mustVigil("dashboard", "-q"))))
+	d.waitJS(`document.querySelector('#vms tr[data-vm="web1"]') !== null`, "signed in again")
+	d.do(chromedp.Navigate(cfg.URL + "/ui/#/vms/web1"))
+	d.click(`#actions button[data-action=delete]`)
+	d.waitJS(`location.hash === '#/vms' && document.querySelector('#vms tr[data-vm="screen"]') !== null && document.querySelector('#vms tr[data-vm="web1"]') === null`, "web1 gone from the list")
+	if _, err := a.client().VM(ctx, "web1"); err == nil {
+		t.Fatal("web1 still exists after Delete in the page")
+	}
 }
 
 // dashboard is the browser on the dashboard, failing the test on any step

@@ -29,7 +29,7 @@ func main() {
 	out := flag.String("out", "", "also write the report to this Markdown file")
 	runs := flag.Int("runs", 10, "runs per series, each side, in every section (pause/resume, list, soak and realguest have their own counts); p50 and p99 need at least 10")
 	listRuns := flag.Int("list-runs", 100, "requests per list-latency series")
-	only := flag.String("only", "", "comma-separated sections to run: start,state,snapshot,recovery,managers,hostdeath,migrate,protect,list,soak,realguest,network,netboot,libvirt,idle (default all)")
+	only := flag.String("only", "", "comma-separated sections to run: start,state,snapshot,recovery,managers,hostdeath,migrate,protect,list,soak,realguest,network,netboot,libvirt,idle,dashboard,list (default all)")
 	realRuns := flag.Int("real-runs", 10, "runs per real-guest series (a Debian boot takes over a minute under TCG)")
 	soakFor := flag.Duration("soak", 10*time.Minute, "how long the etcd soak runs (100 simulated hosts heartbeating)")
 	flag.StringVar(&rowsOut, "rows", "", "internal: write the rows as JSON to this file (the network section's child run)")
@@ -125,6 +125,7 @@ func run(outPath string, runs, listRuns int, only string) error {
 		{"netboot-inner", b.netbootInner},
 		{"libvirt", b.libvirtCompare},
 		{"idle", b.idle},
+		{"dashboard", b.dashboard},
 		{"list", func(ctx context.Context) ([]row, error) {
 			return benchList(ctx, c, filepath.Join(binDir, "vigil"), filepath.Join(tmp, "d", "client.yaml"), listRuns)
 		}},

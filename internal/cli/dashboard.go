@@ -2,31 +2,33 @@ package cli
 
 import (
 	"crypto/sha256"
+	"crypto/tls"
 	"crypto/x509"
-	"encoding/pem"
 	"fmt"
+	"net"
 	"net/url"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 )
 
 func newDashboardCmd(g *globals) *cobra.Command {
 	var caOut string
-	var noToken bool
+	var noLink bool
 	cmd := &cobra.Command{
 		Use:   "dashboard",
-		Short: "Print the web dashboard's address, with a link that signs in with your token",
-		Long: `Print the address of the web dashboard every manager serves at /ui/. The link carries your
-token in its fragment (after '#'), which browsers never send to a server; the page keeps it for
-the tab only and drops it from the address bar. Anyone who sees the link can act with your token:
-use --no-token to print the address alone and paste a token on the sign-in page instead (make a
-viewer one with 'vigil token create NAME --role viewer').
+		Short: "Print a link that signs in to the web dashboard (good once, for 2 minutes)",
+		Long: `Print a link to the web dashboard every manager serves at /ui/. The link carries a one-use
+code (after '#', which browsers do not send to servers) that the page exchanges for a token of
+its own, of your token's role, lasting 12 hours (or less if yours expires sooner); the link is
+worthless once used or after 2 minutes. Open it in a browser that reaches the same manager.
+With --no-link, only the address: sign in there by pasting a token.
 
 The manager's certificate is signed by the cluster's own CA, which a browser does not know: it
-warns once. Compare the fingerprint printed here with the one it shows, or import the CA
-(--ca-out FILE writes it) into the browser's authorities.`,
+warns. Import the CA (--ca-out FILE writes it) into the browser's authorities, or check that the
+certificate the browser shows has the fingerprint printed here (managers renew theirs daily).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			cfg, err := g.loadConfig()
@@ -39,11 +41,12 @@ warns once. Compare the fingerprint printed here with the one it shows, or impor
 			}
 			u.Path, u.RawQuery, u.Fragment = "/ui/", "", ""
 			link := u.String()
-			if !noToken {
-				if cfg.Token == "" {
-					return fmt.Errorf("the configuration has no token: give --no-token and sign in on the page")
+			if !noLink {
+				l, err := g.client().SignInLink(cmd.Context())
+				if err != nil {
+					return fmt.Errorf("ask for a sign-in link: %w", err)
 				}
-				link += "#token=" + url.QueryEscape(cfg.Token)
+				link += "#code=" + url.QueryEscape(l.Code)
 			}
 			fmt.Fprintln(g.out, link)
 			if g.quiet || cfg.CACert == "" {
@@ -55,27 +58,37 @@ warns once. Compare the fingerprint printed here with the one it shows, or impor
 				}
 				fmt.Fprintf(g.errOut, "The cluster CA is in %s: import it into the browser's certificate authorities.\n", caOut)
 			}
-			if fp, err := caFingerprint(cfg.CACert); err == nil {
-				fmt.Fprintf(g.errOut, "The manager's certificate is signed by the cluster CA with SHA-256 fingerprint\n  %s\n", fp)
+			if fp, err := serverFingerprint(u.Host, cfg.CACert); err == nil {
+				fmt.Fprintf(g.errOut, "The manager's certificate (verified against the cluster CA) has the SHA-256 fingerprint\n  %s\n", fp)
+			} else {
+				fmt.Fprintf(g.errOut, "Could not verify the manager's certificate: %v\n", err)
 			}
 			return nil
 		},
 	}
 	cmd.Flags().StringVar(&caOut, "ca-out", "", "also write the cluster CA's certificate (PEM) to this file, to import into a browser")
-	cmd.Flags().BoolVar(&noToken, "no-token", false, "print the address without the token")
+	cmd.Flags().BoolVar(&noLink, "no-link", false, "print the address only (sign in with a token on the page)")
 	return cmd
 }
 
-// caFingerprint is the SHA-256 of the CA certificate, as browsers show it.
-func caFingerprint(pemText string) (string, error) {
-	b, _ := pem.Decode([]byte(pemText))
-	if b == nil {
-		return "", fmt.Errorf("no PEM block")
+// serverFingerprint connects to the manager, verifies its certificate
+// against the CA, and returns the certificate's SHA-256 as browsers show it.
+func serverFingerprint(hostport, caPEM string) (string, error) {
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM([]byte(caPEM)) {
+		return "", fmt.Errorf("the configuration's CA is not a PEM certificate")
 	}
-	if _, err := x509.ParseCertificate(b.Bytes); err != nil {
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil {
 		return "", err
 	}
-	sum := sha256.Sum256(b.Bytes)
+	conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", hostport,
+		&tls.Config{RootCAs: pool, ServerName: host, MinVersion: tls.VersionTLS13})
+	if err != nil {
+		return "", err
+	}
+	defer conn.Close()
+	sum := sha256.Sum256(conn.ConnectionState().PeerCertificates[0].Raw)
 	parts := make([]string, len(sum))
 	for i, c := range sum {
 		parts[i] = fmt.Sprintf("%02X", c)

@@ -17,6 +17,9 @@ const usageKeep = int(15 * time.Minute / (usageEvery * healthInterval))
 type usageRing struct {
 	buf  []api.UsageSample
 	next int // where the next sample goes once buf is full
+	// last is when the latest sample was taken, with its monotonic
+	// reading: the spacing holds across a step of the wall clock.
+	last time.Time
 }
 
 func (r *usageRing) add(s api.UsageSample) {
@@ -45,12 +48,10 @@ func (v *vm) recordUsage(at time.Time, u hostproto.VMUsage) {
 	}
 	// Readings taken while a heartbeat is late come faster than the
 	// usage period; the history keeps one per period.
-	if n := len(v.history.buf); n > 0 {
-		last := v.history.buf[(v.history.next+n-1)%n]
-		if at.Sub(last.Time) < usageEvery*healthInterval-healthInterval/2 {
-			return
-		}
+	if !v.history.last.IsZero() && at.Sub(v.history.last) < usageEvery*healthInterval-healthInterval/2 {
+		return
 	}
+	v.history.last = at
 	v.history.add(s)
 }
 

@@ -83,6 +83,9 @@ func IsUpgrade(r *http.Request) bool {
 	return headerHas(r.Header, "Connection", "upgrade") && headerHas(r.Header, "Upgrade", TunnelProtocol)
 }
 
+// HeaderHas says whether header key lists token (comma-separated, any case).
+func HeaderHas(h http.Header, key, token string) bool { return headerHas(h, key, token) }
+
 func headerHas(h http.Header, key, token string) bool {
 	for _, v := range h.Values(key) {
 		for t := range strings.SplitSeq(v, ",") {

@@ -15,53 +15,58 @@ import (
 	"github.com/vigil-project/vigil/api"
 )
 
-func TestConsoleTicketsAreOneUseForOneVM(t *testing.T) {
-	ts := newTickets()
+func TestPassesAreOneUseForOneScope(t *testing.T) {
+	ps := newPasses()
 	now := time.Now()
-	op := caller{Kind: "token", Name: "ops", Role: RoleOperator}
-	id, err := ts.issue("web", op, now)
+	op := caller{Kind: "token", Name: "ops", Role: RoleOperator, TokenID: "t1"}
+	id, err := ps.issue("a", op, time.Minute, now)
 	if err != nil {
 		t.Fatal(err)
 	}
-	other, _ := ts.issue("web", op, now)
-	late, _ := ts.issue("web", op, now)
+	other, _ := ps.issue("a", op, time.Minute, now)
+	late, _ := ps.issue("a", op, time.Minute, now)
 	tests := []struct {
-		name, id, vm string
-		at           time.Time
-		ok           bool
+		name, id, scope string
+		at              time.Time
+		ok              bool
+		who             caller // who the refusal names
 	}{
-		{"good", id, "web", now.Add(time.Second), true},
-		{"used twice", id, "web", now.Add(time.Second), false},
-		{"another vm", other, "db", now, false},
-		{"after the wrong vm", other, "web", now, false}, // one try, right or wrong
-		{"expired", late, "web", now.Add(ticketTTL + time.Second), false},
-		{"unknown", "nope", "web", now, false},
-		{"empty", "", "web", now, false},
+		{"good", id, "a", now.Add(time.Second), true, op},
+		{"used twice", id, "a", now.Add(time.Second), false, caller{}},
+		{"another scope", other, "b", now, false, op},
+		{"after the wrong scope", other, "a", now, false, caller{}}, // one try, right or wrong
+		{"expired", late, "a", now.Add(time.Minute + time.Second), false, op},
+		{"unknown", "nope", "a", now, false, caller{}},
+		{"empty", "", "a", now, false, caller{}},
 	}
 	for _, tc := range tests {
-		c, err := ts.redeem(tc.id, tc.vm, tc.at)
+		c, err := ps.redeem(tc.id, tc.scope, tc.at)
 		if (err == nil) != tc.ok {
 			t.Errorf("%s: err %v, want ok=%v", tc.name, err, tc.ok)
 		}
-		if tc.ok && c != op {
-			t.Errorf("%s: ticket redeemed as %+v, want %+v", tc.name, c, op)
+		if c != tc.who {
+			t.Errorf("%s: redeemed as %+v, want %+v", tc.name, c, tc.who)
 		}
 	}
 }
 
-func TestConsoleTicketsAreBounded(t *testing.T) {
-	ts := newTickets()
+func TestPassesAreBoundedPerCaller(t *testing.T) {
+	ps := newPasses()
 	now := time.Now()
-	for i := 0; i < maxTickets; i++ {
-		if _, err := ts.issue("web", caller{}, now); err != nil {
-			t.Fatalf("ticket %d: %v", i, err)
+	a, b := caller{Kind: "token", Name: "a", TokenID: "1"}, caller{Kind: "token", Name: "b", TokenID: "2"}
+	for i := 0; i < maxPassesEach; i++ {
+		if _, err := ps.issue("x", a, time.Minute, now); err != nil {
+			t.Fatalf("pass %d: %v", i, err)
 		}
 	}
-	if _, err := ts.issue("web", caller{}, now); err == nil {
-		t.Fatal("issued more tickets than maxTickets")
+	if _, err := ps.issue("x", a, time.Minute, now); err == nil {
+		t.Fatal("one caller got more than maxPassesEach passes")
+	}
+	if _, err := ps.issue("x", b, time.Minute, now); err != nil {
+		t.Fatalf("another caller is locked out: %v", err)
 	}
 	// Expired ones make room.
-	if _, err := ts.issue("web", caller{}, now.Add(ticketTTL+time.Second)); err != nil {
+	if _, err := ps.issue("x", a, time.Minute, now.Add(2*time.Minute)); err != nil {
 		t.Fatalf("after the others expired: %v", err)
 	}
 }
@@ -71,7 +76,7 @@ func TestConsoleTicketsAreBounded(t *testing.T) {
 // host's console echoes). A viewer gets no ticket; a ticket works once;
 // another site's page cannot open it; every opening is audited.
 func TestVNCWebSocket(t *testing.T) {
-	m, _ := newTestManager(t)
+	m, h := newTestManager(t)
 	ctx := context.Background()
 	if _, err := m.Create(ctx, api.VMCreateRequest{Name: "web", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20, Start: true}); err != nil {
 		t.Fatal(err)
@@ -100,13 +105,18 @@ func TestVNCWebSocket(t *testing.T) {
 	}
 	wsURL := "ws" + strings.TrimPrefix(srv.URL, "http") + "/v1/vms/web/vnc/websocket?ticket=" + tk.Ticket
 
-	// A page of another site is refused (and the ticket is spent: one try).
+	// A page of another site is refused before the ticket is spent or the
+	// host called; so is a plain GET.
 	_, resp, err := websocket.Dial(ctx, wsURL, &websocket.DialOptions{HTTPHeader: http.Header{"Origin": {"https://evil.example"}}})
 	if err == nil || resp == nil || resp.StatusCode != http.StatusForbidden {
 		t.Fatalf("a cross-origin open: err %v, resp %v; want 403", err, resp)
 	}
-	_, tk = ticket(op)
-	wsURL = "ws" + strings.TrimPrefix(srv.URL, "http") + "/v1/vms/web/vnc/websocket?ticket=" + tk.Ticket
+	if r, err := http.Get(strings.Replace(wsURL, "ws", "http", 1)); err != nil || r.StatusCode != http.StatusBadRequest {
+		t.Fatalf("a plain GET: %v %v; want 400", r, err)
+	}
+	if h.called("vnc web") {
+		t.Fatal("the host's console was opened for a refused request")
+	}
 	c, _, err := websocket.Dial(ctx, wsURL, &websocket.DialOptions{Subprotocols: []string{"binary"}})
 	if err != nil {
 		t.Fatalf("open the console: %v", err)
@@ -137,31 +147,87 @@ func TestVNCWebSocket(t *testing.T) {
 	if _, resp, err := websocket.Dial(ctx, wsURL, nil); err == nil || resp == nil || resp.StatusCode != http.StatusUnauthorized {
 		t.Fatalf("a used ticket: err %v, resp %v; want 401", err, resp)
 	}
-	// Audited: the opening by the operator's token, the refusals.
+	// A ticket dies with its token.
+	_, tk = ticket(op)
+	if code, _ := request(t, m, "DELETE", "/v1/tokens/ops", "", token(t, m, "root", RoleAdmin, 0), nil); code != http.StatusNoContent {
+		t.Fatalf("revoke: %d", code)
+	}
+	wsURL = "ws" + strings.TrimPrefix(srv.URL, "http") + "/v1/vms/web/vnc/websocket?ticket=" + tk.Ticket
+	if _, resp, err := websocket.Dial(ctx, wsURL, nil); err == nil || resp == nil || resp.StatusCode != http.StatusUnauthorized {
+		t.Fatalf("a revoked token's ticket: err %v, resp %v; want 401", err, resp)
+	}
+	// Audited: the opening by the operator's token, each refusal with its
+	// status and, where the ticket names one, its holder.
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		es, err := m.Audit(ctx, 50)
 		if err != nil {
 			t.Fatal(err)
 		}
-		var opened, refused int
+		got := map[int]int{}
+		var opened bool
 		for _, e := range es {
 			if strings.HasSuffix(e.Action, "/vnc/websocket") {
-				switch {
-				case e.Status == http.StatusSwitchingProtocols && e.Actor == "token:ops":
-					opened++
-				case e.Status == http.StatusUnauthorized:
-					refused++
-				}
+				got[e.Status]++
+				opened = opened || e.Status == http.StatusSwitchingProtocols && e.Actor == "token:ops"
 			}
 		}
-		if opened == 1 && refused >= 1 {
+		if opened && got[http.StatusForbidden] == 1 && got[http.StatusBadRequest] == 1 && got[http.StatusUnauthorized] == 2 {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("audit: %d openings, %d refusals of the console websocket", opened, refused)
+			t.Fatalf("audit of the console websocket: statuses %v, opened by ops %v", got, opened)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestSignInLink: a token's holder asks for a link; its code gives the
+// browser a token of the same role, once; it is audited as the link's
+// maker, and does not outlive the token that made it.
+func TestSignInLink(t *testing.T) {
+	m, _ := newTestManager(t)
+	op := token(t, m, "ops", RoleOperator, time.Hour)
+	link := func(bearer string) api.SignInLink {
+		code, body := request(t, m, "POST", "/v1/ui/links", "", bearer, nil)
+		var l api.SignInLink
+		if err := json.Unmarshal([]byte(body), &l); code != http.StatusCreated || err != nil || l.Code == "" {
+			t.Fatalf("link: %d %s", code, body)
+		}
+		return l
+	}
+	l := link(op)
+	code, body := request(t, m, "POST", "/v1/ui/sessions", `{"code":"`+l.Code+`"}`, "", nil)
+	var tok api.TokenCreated
+	if err := json.Unmarshal([]byte(body), &tok); code != http.StatusCreated || err != nil {
+		t.Fatalf("sign in: %d %s", code, body)
+	}
+	if tok.Info.Role != RoleOperator || !strings.HasPrefix(tok.Info.Name, "ui-ops-") || tok.Info.Expires == nil ||
+		tok.Info.Expires.After(time.Now().Add(time.Hour+time.Minute)) {
+		t.Fatalf("the browser's token: %+v (want operator, named ui-ops-*, expiring with the link's token)", tok.Info)
+	}
+	if code, _ := request(t, m, "GET", "/v1/vms", "", tok.Token, nil); code != http.StatusOK {
+		t.Fatalf("the browser's token does not work: %d", code)
+	}
+	if code, _ := request(t, m, "POST", "/v1/ui/sessions", `{"code":"`+l.Code+`"}`, "", nil); code != http.StatusUnauthorized {
+		t.Fatalf("a code used twice: %d", code)
+	}
+	if code, _ := request(t, m, "POST", "/v1/ui/links", "", "", nil); code != http.StatusUnauthorized {
+		t.Fatalf("a link without a token: %d", code)
+	}
+	es, err := m.Audit(context.Background(), 50)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ok, refused bool
+	for _, e := range es {
+		if e.Action == "POST /v1/ui/sessions" {
+			ok = ok || e.Status == http.StatusCreated && e.Actor == "token:ops"
+			refused = refused || e.Status == http.StatusUnauthorized
+		}
+	}
+	if !ok || !refused {
+		t.Fatalf("audit of sign-ins: created by ops %v, refusal %v: %+v", ok, refused, es)
 	}
 }
 
@@ -169,7 +235,7 @@ func TestVNCWebSocket(t *testing.T) {
 // in), carry a CSP; the usage history and the hosts' reservations are
 // served to a viewer.
 func TestDashboardRoutes(t *testing.T) {
-	m, _ := newTestManager(t)
+	m, h := newTestManager(t)
 	ctx := context.Background()
 	if _, err := m.Create(ctx, api.VMCreateRequest{Name: "web", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20, Start: true}); err != nil {
 		t.Fatal(err)
@@ -206,8 +272,12 @@ func TestDashboardRoutes(t *testing.T) {
 	if _, err := m.ChangeState(ctx, "web", api.VMStateRequest{Action: api.ActionStop, Force: true}); err != nil {
 		t.Fatal(err)
 	}
+	before := strings.Count(h.callsString(), "usage web")
 	code, body = request(t, m, "GET", "/v1/vms/web/usage", "", viewer, nil)
 	if err := json.Unmarshal([]byte(body), &u); code != http.StatusOK || err != nil || len(u.Samples) != 0 {
 		t.Fatalf("usage of a stopped vm: %d %s", code, body)
+	}
+	if strings.Count(h.callsString(), "usage web") != before {
+		t.Fatal("the host was asked for the usage of a stopped vm")
 	}
 }

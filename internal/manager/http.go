@@ -48,6 +48,10 @@ func (m *Manager) Handler() http.Handler {
 	user("POST /v1/vms/{name}/vnc/tickets", RoleOperator, true, m.handleVNCTicket)
 	mux.Handle("GET /v1/vms/{name}/vnc/websocket", m.metrics.instrument("GET /v1/vms/{name}/vnc/websocket", http.HandlerFunc(m.handleVNCWebSocket)))
 	user("GET /v1/vms/{name}/usage", RoleViewer, false, m.handleUsage)
+	// Sign-in links for the dashboard: a code (with a token), exchanged
+	// once for a token of the browser's own (with the code).
+	user("POST /v1/ui/links", RoleViewer, true, m.handleSignInLink)
+	mux.Handle("POST /v1/ui/sessions", m.metrics.instrument("POST /v1/ui/sessions", m.auditRoute(m.handleSignIn)))
 	user("POST /v1/vms/{name}/exec", RoleOperator, true, m.handleExec)
 	user("GET /v1/vms/{name}/incidents", RoleViewer, false, m.handleIncidents)
 	user("POST /v1/vms/{name}/fault", RoleOperator, true, m.handleFault)
@@ -62,8 +66,10 @@ func (m *Manager) Handler() http.Handler {
 	user("GET /v1/hosts", RoleViewer, false, func(w http.ResponseWriter, r *http.Request) {
 		hs, err := m.hostsInUse(r.Context())
 		if err != nil {
-			writeError(w, m.log, err)
-			return
+			// What the hosts report needs no store: in an outage it is
+			// what an operator needs most (without the reservations).
+			m.log.Warn("hosts listed without their reservations", "err", err)
+			hs = m.Hosts()
 		}
 		writeJSON(w, http.StatusOK, hs)
 	})

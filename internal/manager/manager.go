@@ -108,7 +108,7 @@ type Manager struct {
 	identity *Identity
 	certTTL  time.Duration
 	tokens   *tokenCache
-	tickets  *tickets // the dashboard's console tickets (dashboard.go)
+	passes   *passes // console tickets and sign-in codes (passes.go)
 	auditQ   chan api.AuditEntry
 	// images is this manager's blob store (nil: no images); url is where
 	// the other managers reach its API.
@@ -198,7 +198,7 @@ func New(cfg Config) *Manager {
 		identity:    cfg.Identity,
 		certTTL:     cfg.CertTTL,
 		tokens:      &tokenCache{byID: map[string]tokenRecord{}},
-		tickets:     newTickets(),
+		passes:      newPasses(),
 		auditQ:      make(chan api.AuditEntry, 4096),
 		images:      cfg.Images,
 		url:         cfg.URL,

@@ -98,6 +98,9 @@ type caller struct {
 	Kind string // "token" or "host"
 	Name string
 	Role string
+	// TokenID is the API token's id (for a token), by which a pass given
+	// to it is checked again when used (passes.go).
+	TokenID string
 }
 
 func (c caller) String() string {
@@ -133,7 +136,23 @@ func (m *Manager) authenticate(ctx context.Context, bearer string) (caller, erro
 	if !r.Expires.IsZero() && time.Now().After(r.Expires) {
 		return caller{}, errorf(ErrUnauthorized, "the api token %s expired at %s: ask an admin for a new one", r.Name, r.Expires.Format(time.RFC3339))
 	}
-	return caller{Kind: "token", Name: r.Name, Role: r.Role}, nil
+	return caller{Kind: "token", Name: r.Name, Role: r.Role, TokenID: r.ID}, nil
+}
+
+// stillValid says whether the token c authenticated with still works (not
+// revoked, not expired): a pass it was given must not outlive it.
+func (m *Manager) stillValid(c caller) error {
+	if c.Kind != "token" {
+		return nil
+	}
+	r, ok := m.tokens.get(c.TokenID)
+	switch {
+	case !ok:
+		return errorf(ErrUnauthorized, "the api token %s was revoked", c.Name)
+	case !r.Expires.IsZero() && time.Now().After(r.Expires):
+		return errorf(ErrUnauthorized, "the api token %s expired at %s", c.Name, r.Expires.Format(time.RFC3339))
+	}
+	return nil
 }
 
 // CreateToken makes an API token; the secret is in the returned string

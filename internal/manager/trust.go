@@ -114,7 +114,13 @@ func (id *Identity) renew() error {
 // certificate is verified when given (hosts), not required (users have
 // tokens).
 func (id *Identity) ServerTLS() *tls.Config {
-	return pki.ServerConfig(id.Holder, id.CA.Pool(), true)
+	c := pki.ServerConfig(id.Holder, id.CA.Pool(), true)
+	// HTTP/2 for browsers: the dashboard keeps streams open (events, a
+	// console), and over HTTP/1.1 a browser's six connections per server
+	// run out. Go clients (the CLI, hosts, managers) stay on HTTP/1.1,
+	// whose Upgrade the tunnels use.
+	c.NextProtos = []string{"h2", "http/1.1"}
+	return c
 }
 
 // HostClientTLS is how the manager calls host name: it must present a host

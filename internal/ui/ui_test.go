@@ -159,8 +159,10 @@ func TestNothingInlineForTheCSP(t *testing.T) {
 	}
 	for name, a := range h.assets {
 		if path.Ext(name) == ".js" && !strings.HasPrefix(name, "vendor/") {
-			if s := string(a.body); strings.Contains(s, "innerHTML") || strings.Contains(s, "setAttribute('style'") || strings.Contains(s, "eval(") {
-				t.Errorf("%s builds markup or code from strings (use h() and textContent)", name)
+			for _, bad := range []string{"innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "setAttribute('style'", "eval(", "new Function", "setTimeout('", "setTimeout(\""} {
+				if strings.Contains(string(a.body), bad) {
+					t.Errorf("%s uses %s: build markup with h() and text with textContent", name, bad)
+				}
 			}
 		}
 	}

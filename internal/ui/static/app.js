@@ -1,17 +1,19 @@
 // Vigil's dashboard: plain ES modules, no framework and no build step (the
 // views are few and small; the one dependency, noVNC, is bundled into
 // vendor/ by scripts/vendor-ui.sh). Routes live in the URL's fragment:
-// #/vms, #/vms/NAME, #/hosts, #/events. A link whose fragment is
-// #token=... (what 'vigil dashboard' prints) signs in and drops the token
-// from the address bar; the token stays in this tab's sessionStorage only.
+// #/vms, #/vms/NAME, #/hosts, #/boot, #/events. A sign-in link's fragment,
+// #code=... (what 'vigil dashboard' prints), is exchanged once for a token
+// of this tab's own and dropped from the address bar; the token stays in
+// this tab's sessionStorage only.
 
-import { session, get } from './lib/api.js';
+import { session, get, call } from './lib/api.js';
 import { EventLog } from './lib/events.js';
 import { replace } from './lib/dom.js';
 import { hostsView } from './views/hosts.js';
 import { vmsView } from './views/vms.js';
 import { vmView } from './views/vm.js';
 import { eventsView } from './views/events.js';
+import { bootView } from './views/boot.js';
 
 const log = new EventLog();
 let cleanup = null;
@@ -21,7 +23,9 @@ const $ = (id) => document.getElementById(id);
 function route() {
   const hash = location.hash.replace(/^#\/?/, '');
   const [view, ...rest] = hash.split('/');
-  return { view: view || 'vms', arg: rest.length ? decodeURIComponent(rest.join('/')) : '' };
+  let arg = rest.join('/');
+  try { arg = decodeURIComponent(arg); } catch { /* a malformed %: use it as it is */ }
+  return { view: view || 'vms', arg };
 }
 
 function render() {
@@ -37,6 +41,7 @@ function render() {
   switch (view) {
     case 'hosts': cleanup = hostsView(page, ctx); break;
     case 'events': cleanup = eventsView(page, ctx); break;
+    case 'boot': cleanup = bootView(page, ctx); break;
     case 'vms': cleanup = arg ? vmView(page, ctx, arg) : vmsView(page, ctx); break;
     default: location.hash = '#/vms';
   }
@@ -88,16 +93,20 @@ window.addEventListener('DOMContentLoaded', () => {
   $('signout').addEventListener('click', () => { session.token = ''; showSignIn(); });
   window.addEventListener('vigil:unauthorized', (e) => { session.token = ''; showSignIn('Signed out: ' + e.detail.message); });
   window.addEventListener('hashchange', () => {
-    const m = location.hash.match(/^#token=(.+)$/);
-    if (m) { adoptFragmentToken(m[1]); return; }
+    if (codeIn(location.hash)) return;
     if (session.token) render();
   });
-  const m = location.hash.match(/^#token=(.+)$/);
-  if (m) { adoptFragmentToken(m[1]); return; }
+  if (codeIn(location.hash)) return;
   if (session.token) signIn(session.token); else showSignIn();
 });
 
-function adoptFragmentToken(t) {
+// codeIn signs in with a sign-in link's code, if the fragment has one.
+function codeIn(hash) {
+  const m = hash.match(/^#code=([A-Za-z0-9_-]+)$/);
+  if (!m) return false;
   history.replaceState(null, '', location.pathname + '#/vms');
-  signIn(decodeURIComponent(t));
+  call('POST', '/v1/ui/sessions', { code: m[1] }).then(
+    (t) => signIn(t.token),
+    (e) => { session.token = ''; showSignIn('That sign-in link did not work (' + e.message + '): links work once, for 2 minutes; run vigil dashboard again.'); });
+  return true;
 }

@@ -41,6 +41,7 @@ export class EventLog {
     let wait = 500;
     while (!signal.aborted && session.token) {
       let buf = '';
+      this.fresh = true; // the next event is this connection's first
       try {
         const q = this.lastSeq ? '&since=' + this.lastSeq : '';
         await stream('/v1/events?follow=1' + q, 'text/event-stream', (chunk) => {
@@ -55,7 +56,11 @@ export class EventLog {
         }, signal);
       } catch (e) {
         if (signal.aborted) return;
-        if (e.status === 401) { this.onLive(false); return; }
+        if (e.status === 401) {
+          this.onLive(false);
+          window.dispatchEvent(new CustomEvent('vigil:unauthorized', { detail: e }));
+          return;
+        }
       }
       this.onLive(false);
       await new Promise((r) => setTimeout(r, wait));
@@ -67,6 +72,11 @@ export class EventLog {
     if (!msg || !msg.data) return; // a comment line (keep-alive)
     let e;
     try { e = JSON.parse(msg.data); } catch { return; }
+    // Within a connection sequence numbers grow. A connection that starts
+    // below what was seen talks to a manager that restarted (or another
+    // one): its numbers are a new series, not old news.
+    if (this.fresh && e.seq && e.seq <= this.lastSeq) this.lastSeq = 0;
+    this.fresh = false;
     if (e.seq && e.seq <= this.lastSeq) return;
     this.lastSeq = e.seq || this.lastSeq;
     this.events.push(e);

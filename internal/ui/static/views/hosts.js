@@ -10,9 +10,12 @@ export function hostsView(root, ctx) {
     h('div', { class: 'card' }, h('table', { id: 'hosts' },
       h('thead', {}, h('tr', {}, ['Host', 'State', 'Accel', 'vCPUs reserved', 'Memory reserved', 'VMs', 'QEMU', 'Heartbeat', ''].map((t) => h('th', {}, t)))),
       body)));
+  let closed = false;
   const load = async () => {
     let hosts;
-    try { hosts = await get('/v1/hosts'); err.textContent = ''; } catch (e) { err.textContent = e.message; return; }
+    try { hosts = await get('/v1/hosts'); } catch (e) { if (!closed) err.textContent = e.message; return; }
+    if (closed) return;
+    err.textContent = '';
     replace(body, hosts.map((x) => {
       const memPct = x.memory_bytes ? (100 * x.reserved_memory_bytes) / x.memory_bytes : 0;
       const state = x.drained ? 'drained' : x.state;
@@ -33,11 +36,14 @@ export function hostsView(root, ctx) {
   };
   const drain = (name) => {
     if (!confirm(`Drain ${name}? Its VMs move to other hosts and it takes no new ones.`)) return;
-    act(`Drain ${name}`, () => call('POST', `/v1/hosts/${encodeURIComponent(name)}/drain`), load,
-      (res) => `${name} drained: ${res && res.moved ? res.moved.length : 0} VM(s) handled`);
+    act(`Drain ${name}`, () => call('POST', `/v1/hosts/${encodeURIComponent(name)}/drain`), load, (res) => {
+      const moved = (res && res.moved) || [], stayed = (res && res.stayed) || [];
+      return `${name} drained: ${moved.length} VM(s) moved` +
+        (stayed.length ? `; ${stayed.length} stayed: ` + stayed.map((x) => `${x.vm} (${x.reason || x.error || '?'})`).join(', ') : '');
+    });
   };
   load();
   const timer = setInterval(load, 5000);
   const off = ctx.log.listen((e) => { if (e.type.startsWith('host.')) load(); });
-  return () => { clearInterval(timer); off(); };
+  return () => { closed = true; clearInterval(timer); off(); };
 }

@@ -10,13 +10,16 @@ import { serialConsole, vncConsole } from './console.js';
 // with a reason; greying them out saves the round trip).
 const can = {
   start: ['stopped', 'crashed', 'failed'],
-  stop: ['running', 'paused', 'starting', 'crashed', 'recovering', 'failed'],
+  stop: ['running', 'paused', 'starting', 'recovering'],
   restart: ['running'],
   pause: ['running'],
   suspend: ['running', 'paused'],
   resume: ['paused', 'suspended'],
   snapshot: ['running', 'paused', 'stopped', 'suspended'],
-  migrate: ['running', 'paused', 'stopped'],
+  // Live when running; cold when off. Only a VM in a storage pool moves,
+  // and not while protected.
+  migrate: ['running', 'stopped', 'suspended', 'crashed', 'failed'],
+  protect: ['running'],
 };
 
 // A VM's page: its actions, details, usage charts, snapshot tree,
@@ -30,6 +33,7 @@ export function vmView(root, ctx, name) {
   const protection = h('div', { class: 'card', id: 'protection', hidden: true });
   const charts = h('div', { class: 'charts', id: 'charts' });
   const treeBox = h('div', { class: 'tree', id: 'tree' });
+  const snapTotal = h('span', { class: 'muted', id: 'snap-total' });
   const snapInfo = h('div', { id: 'snapshot' });
   const incidents = h('div', { id: 'incidents' });
   const events = h('tbody');
@@ -39,7 +43,7 @@ export function vmView(root, ctx, name) {
       h('div', { class: 'card' }, h('h2', {}, 'Details'), details),
       h('div', { class: 'card' }, h('h2', {}, 'Usage (last 15 min)'), charts)),
     protection,
-    h('div', { class: 'card' }, h('h2', {}, 'Snapshots ', h('span', { class: 'muted', id: 'snap-total' })), treeBox, snapInfo),
+    h('div', { class: 'card' }, h('h2', {}, 'Snapshots ', snapTotal), treeBox, snapInfo),
     h('div', { class: 'grid' },
       h('div', { class: 'card' }, h('h2', {}, 'Console'), consoleBox),
       h('div', { class: 'card' }, h('h2', {}, 'Incidents'), incidents)),
@@ -48,7 +52,8 @@ export function vmView(root, ctx, name) {
   let vm = null, snaps = { snapshots: [] }, selected = '', hosts = [];
   let closed = false;
 
-  const button = (label, key, fn, cls) => h('button', { class: cls, 'data-action': key, disabled: key !== 'delete' && !can[key].includes(vm.state), onclick: fn }, label);
+  const allowed = (key) => key === 'delete' || (can[key].includes(vm.state) && (key !== 'migrate' || (vm.storage_pool && !vm.protection)));
+  const button = (label, key, fn, cls) => h('button', { class: cls, 'data-action': key, disabled: !allowed(key), onclick: fn }, label);
   const state = (action, extra = {}) => () => act(`${action} ${name}`, () => call('PUT', p + '/state', { action, ...extra }), refresh,
     (res) => `${name} is ${res.state}` + (res.last_operation && res.last_operation.paused_ms ? ` (guest paused ${res.last_operation.paused_ms.toFixed(1)} ms)` : ''), name);
 
@@ -67,13 +72,17 @@ export function vmView(root, ctx, name) {
       hostSel,
       button('Migrate', 'migrate', () => act(`Migrate ${name}`, () => call('POST', p + '/migrate', { to: hostSel.value }), refresh,
         (res) => `${name} now runs on ${res.host}` + (res.last_operation && res.last_operation.paused_ms ? ` (downtime ${res.last_operation.paused_ms.toFixed(1)} ms)` : ''), name)),
+      vm.protection
+        ? h('button', { 'data-action': 'unprotect', onclick: () => act(`Unprotect ${name}`, () => call('POST', p + '/unprotect'), refresh, () => `${name} is no longer protected`, name) }, 'Unprotect')
+        : button('Protect', 'protect', () => act(`Protect ${name}`, () => call('POST', p + '/protect', { secondary_host: hostSel.value }), refresh,
+          (res) => `${name} protected` + (res.protection && res.protection.secondary_host ? ` by ${res.protection.secondary_host}` : ''), name)),
       h('span', { class: 'muted' }, '|'),
       button('Delete', 'delete', del, 'danger'));
   };
 
   const takeSnapshot = () => {
     const def = 'snap-' + new Date().toISOString().slice(0, 19).replace(/[-:T]/g, '').replace(/^(\d{8})/, '$1-');
-    const sn = prompt('Name of the snapshot (letters, digits, - and _):', def);
+    const sn = prompt('Name of the snapshot (lower-case letters, digits and -):', def);
     if (!sn) return;
     act(`Snapshot ${sn}`, () => call('POST', p + '/snapshots', { name: sn }), refresh,
       (res) => `Snapshot ${res.name} taken` + (res.operation && res.operation.paused_ms ? ` (guest paused ${res.operation.paused_ms.toFixed(1)} ms)` : ''), name);
@@ -81,7 +90,7 @@ export function vmView(root, ctx, name) {
 
   const del = () => {
     if (!confirm(`Delete ${name}? Its disk and every snapshot are deleted; this cannot be undone.`)) return;
-    act(`Delete ${name}`, () => call('DELETE', p), null, undefined, name).then((r) => { if (r !== undefined) ctx.go('#/vms'); });
+    act(`Delete ${name}`, () => call('DELETE', p + '?force=1'), null, undefined, name).then((r) => { if (r !== undefined) ctx.go('#/vms'); });
   };
 
   const drawDetails = () => {
@@ -113,7 +122,7 @@ export function vmView(root, ctx, name) {
 
   const drawSnapshots = () => {
     const list = snaps.snapshots || [];
-    document.getElementById('snap-total').textContent = list.length ? `${list.length}, holding ${bytes(snaps.total_bytes)}` : '';
+    snapTotal.textContent = list.length ? `${list.length}, holding ${bytes(snaps.total_bytes)}` : '';
     if (!list.length) { replace(treeBox, h('p', { class: 'muted' }, 'No snapshots yet.')); replace(snapInfo); return; }
     replace(treeBox, drawTree(list, selected, (sn) => { selected = sn; drawSnapshots(); }));
     const sn = list.find((x) => x.name === selected);
@@ -144,25 +153,36 @@ export function vmView(root, ctx, name) {
     while (events.children.length > 100) events.lastChild.remove();
   };
 
+  // Refreshes overlap (the timer, events, an action's end): only the
+  // latest one started draws, and none after the page is left.
+  let generation = 0;
   async function refresh() {
     if (closed) return;
+    const mine = ++generation;
+    const current = () => !closed && mine === generation;
+    let got;
     try {
-      [vm, snaps] = await Promise.all([get(p), get(p + '/snapshots')]);
-      err.textContent = '';
+      got = await Promise.all([get(p), get(p + '/snapshots')]);
     } catch (e) {
+      if (!current()) return;
       err.textContent = e.message;
-      if (e.status === 404) { replace(toolbar); return; }
+      if (e.status === 404) replace(toolbar);
+      return;
     }
-    if (!vm) return;
+    if (!current()) return;
+    [vm, snaps] = got;
+    err.textContent = '';
     drawDetails();
     drawActions();
     drawSnapshots();
-    get(p + '/incidents').then(drawIncidents, () => {});
+    get(p + '/incidents').then((list) => { if (current()) drawIncidents(list); }, () => {});
   }
 
   const loadUsage = async () => {
     if (!vm || closed) return;
-    try { replace(charts, usageCharts(await get(p + '/usage'), vm)); } catch (e) { replace(charts, h('p', { class: 'muted' }, e.message)); }
+    let u;
+    try { u = await get(p + '/usage'); } catch (e) { if (!closed) replace(charts, h('p', { class: 'muted' }, e.message)); return; }
+    if (!closed) replace(charts, usageCharts(u, vm));
   };
 
   get('/v1/hosts').then((hs) => { hosts = hs; if (vm) drawActions(); }, () => {});
