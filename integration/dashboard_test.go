@@ -161,6 +161,8 @@ func TestDashboard(t *testing.T) {
 	d.do(chromedp.Navigate(cfg.URL + "/ui/#/hosts"))
 	d.waitJS(`document.querySelector('#hosts tr[data-host] .state')?.textContent === 'up'`, "the host listed up")
 	d.shot("hosts")
+	d.do(chromedp.Navigate(cfg.URL + "/ui/#/boot"))
+	d.waitJS(`document.querySelector('#machines tbody tr') !== null`, "the network boot view")
 	d.do(chromedp.Navigate(cfg.URL + "/ui/#/events"))
 	d.waitJS(`document.querySelectorAll('#events tr[data-type="vm.state"]').length > 3`, "the event log")
 	d.shot("events")

@@ -82,38 +82,65 @@ func (b *bench) dashboard(ctx context.Context) ([]row, error) {
 		return nil, fmt.Errorf("sign in: %w", err)
 	}
 
-	var load, fetchAlone []time.Duration
-	var bytes int
-	for i := 0; i < b.runs; i++ {
-		if err := do(chromedp.Navigate("about:blank"), chromedp.Navigate(cfg.URL+"/ui/#/vms")); err != nil {
-			return nil, err
-		}
-		drawn, err := chromedp.Run(br.Ctx, chromedp.Poll[float64](`window.__vigilDrawn`, chromedp.WithPollingTimeout(30*time.Second)))
-		if err != nil {
-			shot := filepath.Join(b.tmp, "dashboard-failed.png")
-			if png, serr := chromedp.Run(br.Ctx, chromedp.FullScreenshot(100)); serr == nil {
-				os.WriteFile(shot, png, 0o644)
+	firstLoad := func(vms int) (row, error) {
+		var load, fetchAlone []time.Duration
+		var bytes int
+		for i := 0; i < b.runs; i++ {
+			if err := do(chromedp.Navigate("about:blank"), chromedp.Navigate(cfg.URL+"/ui/#/vms")); err != nil {
+				return row{}, err
 			}
-			st, _ := chromedp.Run(br.Ctx, chromedp.Evaluate[any](fmt.Sprintf(`[%d, document.body.innerText.slice(0, 600), performance.getEntriesByType("resource").map(r => r.name + " " + Math.round(r.responseEnd))]`, i)))
-			return nil, fmt.Errorf("first load: the vm list was not drawn: %w (page errors %v; page %v)", err, br.Errors(), st)
+			drawn, err := chromedp.Run(br.Ctx, chromedp.Poll[float64](`window.__vigilDrawn`, chromedp.WithPollingTimeout(30*time.Second)))
+			if err != nil {
+				return row{}, fmt.Errorf("first load: the vm list was not drawn: %w (page errors %v)", err, br.Errors())
+			}
+			load = append(load, time.Duration(drawn*float64(time.Millisecond)))
+			if bytes, err = chromedp.Run(br.Ctx, chromedp.Evaluate[int](pageBytes)); err != nil {
+				return row{}, err
+			}
+			rows, err := chromedp.Run(br.Ctx, chromedp.Evaluate[int](`document.querySelectorAll('#vms tr[data-vm]').length`))
+			if err == nil && rows != vms {
+				err = fmt.Errorf("the page lists %d vms, want %d", rows, vms)
+			}
+			if err != nil {
+				return row{}, err
+			}
+			alone, err := chromedp.Run(br.Ctx, chromedp.Evaluate[float64](`(async () => {
+				const t0 = performance.now();
+				const r = await fetch('/v1/vms', { headers: { Authorization: 'Bearer ' + sessionStorage.getItem('vigil.token') }, cache: 'no-store' });
+				await r.json();
+				return performance.now() - t0;
+			})()`, chromedp.EvalAwaitPromise))
+			if err != nil {
+				return row{}, err
+			}
+			fetchAlone = append(fetchAlone, time.Duration(alone*float64(time.Millisecond)))
 		}
-		load = append(load, time.Duration(drawn*float64(time.Millisecond)))
-		n, err := chromedp.Run(br.Ctx, chromedp.Evaluate[int](pageBytes))
-		if err != nil {
-			return nil, err
-		}
-		bytes = n
-		alone, err := chromedp.Run(br.Ctx, chromedp.Evaluate[float64](`(async () => {
-			const t0 = performance.now();
-			const r = await fetch('/v1/vms', { headers: { Authorization: 'Bearer ' + sessionStorage.getItem('vigil.token') }, cache: 'no-store' });
-			await r.json();
-			return performance.now() - t0;
-		})()`, chromedp.EvalAwaitPromise))
-		if err != nil {
-			return nil, err
-		}
-		fetchAlone = append(fetchAlone, time.Duration(alone*float64(time.Millisecond)))
+		return versus(fmt.Sprintf("Dashboard first load, cache off: navigation → VM list drawn (%d VM(s) defined; %d runs)", vms, b.runs), load, fetchAlone, ms1,
+			"the same browser fetching GET /v1/vms alone", fmt.Sprintf("%.1f KB over the wire (gzip), API calls included", float64(bytes)/1000)), nil
 	}
+	var out []row
+	r1, err := firstLoad(1)
+	if err != nil {
+		return nil, err
+	}
+	out = append(out, r1)
+	// 199 more, stopped (as the list section does), then gone again.
+	const many = 200
+	defer func() {
+		for i := 1; i < many; i++ {
+			b.c.DeleteVM(context.WithoutCancel(ctx), fmt.Sprintf("dash%03d", i), true)
+		}
+	}()
+	for i := 1; i < many; i++ {
+		if _, err := b.c.CreateVM(ctx, api.VMCreateRequest{Name: fmt.Sprintf("dash%03d", i), MemoryBytes: 64 << 20, CPUs: 1, DiskBytes: 64 << 20}); err != nil {
+			return out, err
+		}
+	}
+	r200, err := firstLoad(many)
+	if err != nil {
+		return out, err
+	}
+	out = append(out, r200)
 
 	// Action → event on the page, alternating with the same action through
 	// the API and a Go client's event stream.
@@ -182,7 +209,7 @@ func (b *bench) dashboard(ctx context.Context) ([]row, error) {
 		}{{api.ActionPause, api.StatePaused}, {api.ActionResume, api.StateRunning}} {
 			d, err := clickToEvent(string(s.action), string(s.state))
 			if err != nil {
-				return nil, fmt.Errorf("%s from the page: %w (page errors %v)", s.action, err, br.Errors())
+				return out, fmt.Errorf("%s from the page: %w (page errors %v)", s.action, err, br.Errors())
 			}
 			pageEv = append(pageEv, d)
 			// The page's own refresh settles before the API's turn.
@@ -194,16 +221,12 @@ func (b *bench) dashboard(ctx context.Context) ([]row, error) {
 		}{{api.ActionPause, api.StatePaused}, {api.ActionResume, api.StateRunning}} {
 			d, err := viaAPI(s.action, s.state)
 			if err != nil {
-				return nil, err
+				return out, err
 			}
 			apiEv = append(apiEv, d)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	return []row{
-		versus(fmt.Sprintf("Dashboard first load, cache off: navigation → VM list drawn (1 VM; %d runs)", b.runs), load, fetchAlone, ms1,
-			"the same browser fetching GET /v1/vms alone", fmt.Sprintf("%.1f KB over the wire (gzip), API calls included", float64(bytes)/1000)),
-		versus(fmt.Sprintf("Dashboard: click on Pause or Resume → its vm.state event on the VM's page (%d actions)", len(pageEv)), pageEv, apiEv, ms1,
-			"the same action through the API, until a Go client's event stream has the event", ""),
-	}, nil
+	return append(out, versus(fmt.Sprintf("Dashboard: click on Pause or Resume → its vm.state event on the VM's page (%d actions)", len(pageEv)), pageEv, apiEv, ms1,
+		"the same action through the API, until a Go client's event stream has the event", "")), nil
 }

@@ -114,6 +114,7 @@ func newAgentCmd(g *globals) *cobra.Command {
 				fmt.Fprintf(os.Stderr, "and in %s unless you had your own. In another terminal try:\n", client.DefaultConfigPath())
 				fmt.Fprintf(os.Stderr, "  vigil vm create web1 --memory 128M --cpus 1 --disk 256M --start --wait\n")
 				fmt.Fprintf(os.Stderr, "  vigil vm list; vigil vm show web1; vigil events --follow\n")
+				fmt.Fprintf(os.Stderr, "  vigil dashboard   # a one-use link that signs a browser in to the web dashboard\n")
 				fmt.Fprintf(os.Stderr, "Stop with Ctrl-C: virtual servers keep running and are adopted at the next start.\n\n")
 			}
 			return agent.RunDev(ctx, cfg)

@@ -62,24 +62,26 @@ function showSignIn(message) {
   $('token').focus();
 }
 
-async function signIn(token) {
+// signIn starts the session with token. A token typed in is tried first
+// (a refusal is shown on the form); one this tab already holds, or one a
+// link just gave, is used at once: a refusal later signs out.
+async function signIn(token, verify) {
   session.token = token;
-  try {
-    await get('/v1/vms');
-  } catch (e) {
-    session.token = '';
-    showSignIn(e.status === 401 || e.status === 403 ? 'That token was refused: ' + e.message : e.message);
-    return;
+  if (verify) {
+    try {
+      await get('/v1/hosts');
+    } catch (e) {
+      session.token = '';
+      showSignIn(e.status === 401 || e.status === 403 ? 'That token was refused: ' + e.message : e.message);
+      return;
+    }
   }
   $('nav').hidden = false;
   $('signout').hidden = false;
-  try {
-    const h = await get('/v1/health');
-    $('who').textContent = 'manager ' + h.manager + (h.leader ? ' (leader)' : '');
-  } catch { /* shown by the views */ }
   log.onLive = (on) => $('live').classList.toggle('on', on);
   log.start();
   render();
+  get('/v1/health').then((h) => { $('who').textContent = 'manager ' + h.manager + (h.leader ? ' (leader)' : ''); }, () => {});
 }
 
 let signInForm;
@@ -88,7 +90,7 @@ window.addEventListener('DOMContentLoaded', () => {
   signInForm = $('signin');
   signInForm.addEventListener('submit', (e) => {
     e.preventDefault();
-    signIn($('token').value.trim());
+    signIn($('token').value.trim(), true);
   });
   $('signout').addEventListener('click', () => { session.token = ''; showSignIn(); });
   window.addEventListener('vigil:unauthorized', (e) => { session.token = ''; showSignIn('Signed out: ' + e.detail.message); });
