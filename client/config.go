@@ -77,6 +77,10 @@ func NewFromConfig(c Config) (*Client, error) {
 	}
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS13}
+	// HTTP/1.1: the API's tunnels (the VNC console) are an Upgrade of the
+	// connection, which HTTP/2 has not (managers offer HTTP/2 for browsers).
+	tr.ForceAttemptHTTP2 = false
+	tr.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
 	if c.CACert != "" {
 		pool := x509.NewCertPool()
 		if !pool.AppendCertsFromPEM([]byte(c.CACert)) {

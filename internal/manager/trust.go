@@ -117,8 +117,8 @@ func (id *Identity) ServerTLS() *tls.Config {
 	c := pki.ServerConfig(id.Holder, id.CA.Pool(), true)
 	// HTTP/2 for browsers: the dashboard keeps streams open (events, a
 	// console), and over HTTP/1.1 a browser's six connections per server
-	// run out. Go clients (the CLI, hosts, managers) stay on HTTP/1.1,
-	// whose Upgrade the tunnels use.
+	// run out. The CLI's client stays on HTTP/1.1, whose Upgrade its
+	// tunnels use (client.NewFromConfig); hosts' heartbeats may use either.
 	c.NextProtos = []string{"h2", "http/1.1"}
 	return c
 }
