@@ -127,6 +127,57 @@ func (c *Client) VMs(ctx context.Context) ([]api.VM, error) {
 	return vms, err
 }
 
+// ListOptions narrows a listing of VMs: by host, by state, a page at a
+// time (Limit VMs, continuing with the token the previous page gave).
+type ListOptions struct {
+	Host, State string
+	Limit       int
+	Continue    string
+}
+
+// VMsPage lists one page of the VMs opts select, and the token of the
+// next page ("" after the last).
+func (c *Client) VMsPage(ctx context.Context, opts ListOptions) ([]api.VM, string, error) {
+	q := url.Values{}
+	for k, v := range map[string]string{"host": opts.Host, "state": opts.State, "continue": opts.Continue} {
+		if v != "" {
+			q.Set(k, v)
+		}
+	}
+	if opts.Limit > 0 {
+		q.Set("limit", fmt.Sprint(opts.Limit))
+	}
+	resp, err := c.send(ctx, http.MethodGet, "/v1/vms?"+q.Encode(), nil, "")
+	if err != nil {
+		return nil, "", err
+	}
+	defer resp.Body.Close()
+	var vms []api.VM
+	if err := json.NewDecoder(resp.Body).Decode(&vms); err != nil {
+		return nil, "", fmt.Errorf("decode the vm list: %w", err)
+	}
+	return vms, resp.Header.Get("Vigil-Continue"), nil
+}
+
+// AllVMs lists every VM opts select, reading page after page.
+func (c *Client) AllVMs(ctx context.Context, opts ListOptions) ([]api.VM, error) {
+	if opts.Limit == 0 {
+		opts.Limit = 500
+	}
+	var all []api.VM
+	for {
+		vms, next, err := c.VMsPage(ctx, opts)
+		if err != nil {
+			return nil, err
+		}
+		all = append(all, vms...)
+		if next == "" {
+			return all, nil
+		}
+		opts.Continue = next
+	}
+}
+
 // ChangeState starts, stops or restarts a VM and returns it afterwards.
 func (c *Client) ChangeState(ctx context.Context, name string, req api.VMStateRequest) (api.VM, error) {
 	var vm api.VM

@@ -84,17 +84,32 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 	if err := host.Recover(ctx); err != nil {
 		return err
 	}
+	return serveJoined(ctx, cfg, log, ln, j, trust, host, host, host.Run)
+}
+
+// serveJoined joins (once), serves the host protocol with handler and
+// heartbeats for host until ctx ends; run, if set, is the host's own work,
+// stopped after the server.
+func serveJoined(ctx context.Context, cfg HostConfig, log *slog.Logger, ln net.Listener, j *joiner, trust *hostTrust,
+	host joinedHost, handler hostproto.Handler, run func(context.Context) error) error {
 	j.host, j.trust = host, trust
 	if err := j.ensureJoined(ctx); err != nil {
 		return err
 	}
 	j.http = &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{TLSClientConfig: trust.clientTLS(), ForceAttemptHTTP2: true}}
 
-	srv := newServer(hostGate(hostproto.Serve(host, log)), context.Background())
+	srv := newServer(hostGate(hostproto.Serve(handler, log)), context.Background())
 	go srv.Serve(tls.NewListener(ln, trust.serverTLS()))
 	hostCtx, stopHost := context.WithCancel(context.Background())
 	hostDone := make(chan error, 1)
-	go func() { hostDone <- host.Run(hostCtx) }()
+	go func() {
+		if run == nil {
+			<-hostCtx.Done()
+			hostDone <- nil
+			return
+		}
+		hostDone <- run(hostCtx)
+	}()
 	log.Info("host agent ready", "host", cfg.Name, "listen", ln.Addr().String(), "managers", strings.Join(cfg.Managers, ","))
 	if cfg.Ready != nil {
 		cfg.Ready(ln.Addr().String())
@@ -113,6 +128,39 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 	<-hostDone
 	log.Info("host agent stopped; virtual machines keep running")
 	return runErr
+}
+
+// SimulatedHost stands in for the hypervisor in the scale simulator
+// (cmd/vigil-sim): the join, the trust, the server and the heartbeats
+// around it are the real ones.
+type SimulatedHost interface {
+	joinedHost
+	hostproto.Handler
+}
+
+// RunSimulatedHost runs a host agent around a simulated host, made by
+// newHost with the function that queues its events for the managers.
+func RunSimulatedHost(ctx context.Context, cfg HostConfig, newHost func(notify func(hostproto.Event)) SimulatedHost) error {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if len(cfg.Managers) == 0 {
+		return errors.New("no manager given")
+	}
+	if cfg.FenceAfter == 0 {
+		cfg.FenceAfter = DefaultFenceAfter
+	}
+	ln, err := prepare(cfg.DataDir, cfg.Listen)
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	out := &outbox{wake: make(chan struct{}, 1)}
+	j := &joiner{cfg: cfg, log: log.With("host", cfg.Name), addr: ln.Addr().String(), out: out, lastAck: time.Now()}
+	trust := &hostTrust{dir: cfg.DataDir, name: cfg.Name, tlsDir: hostTLSDir(cfg.DataDir)}
+	host := newHost(out.add)
+	return serveJoined(ctx, cfg, log, ln, j, trust, host, host, nil)
 }
 
 // joinedHost is what the joiner needs of the host agent.

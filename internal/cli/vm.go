@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/client"
 	"github.com/vigil-project/vigil/internal/hostproto"
 )
 
@@ -293,13 +294,14 @@ func orDash(n int) string {
 }
 
 func newVMListCmd(g *globals) *cobra.Command {
-	return &cobra.Command{
+	var opts client.ListOptions
+	cmd := &cobra.Command{
 		Use:     "list",
 		Aliases: []string{"ls"},
-		Short:   "List VMs",
+		Short:   "List VMs (--host, --state to narrow; read a page at a time)",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			vms, err := g.client().VMs(cmd.Context())
+			vms, err := g.client().AllVMs(cmd.Context(), opts)
 			if err != nil {
 				return err
 			}
@@ -321,6 +323,10 @@ func newVMListCmd(g *globals) *cobra.Command {
 			})
 		},
 	}
+	cmd.Flags().StringVar(&opts.Host, "host", "", "only the VMs placed on this host")
+	cmd.Flags().StringVar(&opts.State, "state", "", "only the VMs in this state (running, stopped, paused, suspended, failed...)")
+	cmd.Flags().IntVar(&opts.Limit, "page-size", 500, "VMs asked for per request (1-1000)")
+	return cmd
 }
 
 func newVMShowCmd(g *globals) *cobra.Command {

@@ -39,7 +39,7 @@ func (m *Manager) WatchHostFailures(ctx context.Context) {
 		case <-t.C:
 		}
 		m.detectDeaths(ctx)
-		rs, err := m.records(ctx)
+		rs, err := m.cachedRecords(ctx)
 		if err != nil {
 			continue
 		}

@@ -92,10 +92,11 @@ func (m *Manager) Handler() http.Handler {
 	m.bootRoutes(user)
 	// Hosts: a join token in the body for the first contact, then the
 	// host's certificate, which names it.
-	mux.Handle("POST /v1/hosts/join", m.auditRoute(m.handleJoin))
-	mux.Handle("POST /v1/hosts/register", m.hostRoute(false, true, m.handleRegister))
-	mux.Handle("POST /v1/hosts/{name}/heartbeat", m.hostRoute(true, false, m.handleHeartbeat))
-	mux.Handle("POST /v1/hosts/{name}/certificate", m.hostRoute(true, true, m.handleRenew))
+	host := func(pattern string, h http.Handler) { mux.Handle(pattern, m.metrics.instrument(pattern, h)) }
+	host("POST /v1/hosts/join", m.auditRoute(m.handleJoin))
+	host("POST /v1/hosts/register", m.hostRoute(false, true, m.handleRegister))
+	host("POST /v1/hosts/{name}/heartbeat", m.hostRoute(true, false, m.handleHeartbeat))
+	host("POST /v1/hosts/{name}/certificate", m.hostRoute(true, true, m.handleRenew))
 	// The dashboard's files (the page signs in with a token and calls the
 	// API above); the bare address leads to it.
 	if dash, err := ui.New(); err == nil {
@@ -375,15 +376,6 @@ func (m *Manager) handleCreate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusCreated, vm)
-}
-
-func (m *Manager) handleList(w http.ResponseWriter, r *http.Request) {
-	vms, err := m.List(r.Context())
-	if err != nil {
-		writeError(w, m.log, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, vms)
 }
 
 func (m *Manager) handleGet(w http.ResponseWriter, r *http.Request) {

@@ -109,6 +109,7 @@ type Manager struct {
 	certTTL  time.Duration
 	tokens   *tokenCache
 	passes   *passes // console tickets and sign-in codes (passes.go)
+	cache    *recordCache
 	auditQ   chan api.AuditEntry
 	// images is this manager's blob store (nil: no images); url is where
 	// the other managers reach its API.
@@ -199,6 +200,7 @@ func New(cfg Config) *Manager {
 		certTTL:     cfg.CertTTL,
 		tokens:      &tokenCache{byID: map[string]tokenRecord{}},
 		passes:      newPasses(),
+		cache:       &recordCache{byName: map[string]storedRecord{}},
 		auditQ:      make(chan api.AuditEntry, 4096),
 		images:      cfg.Images,
 		url:         cfg.URL,
@@ -253,6 +255,7 @@ func (m *Manager) Run(ctx context.Context) {
 	run(m.janitor)
 	run(m.releaseKeptLocks)
 	run(m.watchTokens)
+	run(m.watchRecords)
 	run(m.auditWriter)
 	run(m.syncImages)
 	if m.bootCfg != nil {
@@ -295,8 +298,24 @@ func (m *Manager) resyncLoop(ctx context.Context) {
 	}
 }
 
-// enqueueAll puts every VM on the work queue.
+// enqueueAll puts on the work queue every VM that needs work, by the
+// reconciler's own rule (verdict) over the cached records and what the
+// hosts last reported; without a current cache, every VM. A VM with an
+// operation in its record always goes (only its lock tells whether it
+// was left behind).
 func (m *Manager) enqueueAll(ctx context.Context) {
+	if rs, ok := m.cache.snapshot(); ok {
+		for _, s := range rs {
+			if s.rec.Op != nil {
+				m.queue.Add(s.rec.Spec.Name)
+				continue
+			}
+			if what, _, _ := m.verdict(s.rec, m.actual(s.rec)); what != settleNothing {
+				m.queue.Add(s.rec.Spec.Name)
+			}
+		}
+		return
+	}
 	rs, err := m.records(ctx)
 	if err != nil {
 		m.log.Warn("resync: list vms", "err", err)

@@ -174,7 +174,7 @@ func (c clusterCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 
-	rs, err := m.records(ctx)
+	rs, err := m.cachedRecords(ctx)
 	gauge(descScrapeErr, b(err != nil), "vms")
 	now := time.Now()
 	for _, e := range m.hosts.entries() {

@@ -167,29 +167,8 @@ func (m *Manager) plan(ctx context.Context, o *vmOp) (settle, api.VMState) {
 		}
 		return settleOrphan, ""
 	}
-	state := m.hostState(r.Host)
-	switch {
-	case state == "dead" && r.State != api.StateDeleting && r.State != api.StateCreating:
-		return settleEvacuate, ""
-	case r.Failover != nil:
-		return settleFailover, ""
-	case state != "up":
-		// What a silent host last said may be stale: act on nothing until
-		// it reports again.
-		return settleNothing, ""
-	case r.Stranded:
-		return settleUnstrand, ""
-	case r.State == api.StateCreating:
-		if time.Since(r.UpdatedAt) > staleCreate {
-			return settleCreate, ""
-		}
-		return settleNothing, ""
-	case r.State == api.StateDeleting:
-		return settleDelete, ""
-	}
-	act := m.actual(r)
-	want := desiredView(r, act)
-	if destructive(r, want) {
+	what, want, destroys := m.verdict(r, m.actual(r))
+	if destroys {
 		// About to kill or restart on what a cached report said: ask the
 		// host itself first (the cache may lag an operation another
 		// manager just made).
@@ -197,19 +176,49 @@ func (m *Manager) plan(ctx context.Context, o *vmOp) (settle, api.VMState) {
 		if err != nil && !errors.Is(err, hostproto.ErrUnknownVM) {
 			return settleNothing, ""
 		}
-		act, want = fresh, desiredView(r, fresh)
+		what, want, _ = m.verdict(r, fresh)
 	}
+	return what, want
+}
+
+// verdict is what a VM with record r needs when its host reports act: the
+// reconciler's rule, without reading the store or calling a host (plan
+// checks a destructive verdict with the host first). The resync pass runs
+// it over the cached records to queue only the VMs that need work.
+func (m *Manager) verdict(r record, act hostproto.VMStatus) (what settle, want api.VMState, destroys bool) {
+	state := m.hostState(r.Host)
+	switch {
+	case state == "dead" && r.State != api.StateDeleting && r.State != api.StateCreating:
+		return settleEvacuate, "", false
+	case r.Failover != nil:
+		return settleFailover, "", false
+	case state != "up":
+		// What a silent host last said may be stale: act on nothing until
+		// it reports again.
+		return settleNothing, "", false
+	case r.Stranded:
+		return settleUnstrand, "", false
+	case r.State == api.StateCreating:
+		if time.Since(r.UpdatedAt) > staleCreate {
+			return settleCreate, "", false
+		}
+		return settleNothing, "", false
+	case r.State == api.StateDeleting:
+		return settleDelete, "", false
+	}
+	want = desiredView(r, act)
+	destroys = destructive(r, want)
 	switch {
 	case want == api.StateStopping && r.Desired == desiredSuspended:
-		return settleEndSaved, ""
+		return settleEndSaved, "", destroys
 	case want == api.StateStopping:
-		return settleStop, ""
+		return settleStop, "", destroys
 	case want == api.StateCrashed && (r.State == api.StateRunning || r.State == api.StatePaused || r.State == api.StateRecovering):
-		return settleCrashed, ""
+		return settleCrashed, "", destroys
 	case want != r.State:
-		return settleState, want
+		return settleState, want, destroys
 	}
-	return settleNothing, ""
+	return settleNothing, "", false
 }
 
 // destructive tells whether the reconciler would stop or restart the VM.

@@ -296,6 +296,27 @@ func (s *Store) List(ctx context.Context, prefix string) ([]KV, error) {
 	return out, nil
 }
 
+// ListAfter returns up to limit keys under prefix that sort after the key
+// after (empty: from the first), in key order, and whether more follow:
+// a list read page by page, each page one bounded etcd range.
+func (s *Store) ListAfter(ctx context.Context, prefix, after string, limit int) ([]KV, bool, error) {
+	from := s.key(prefix)
+	if after != "" {
+		from = s.key(prefix+after) + "\x00"
+	}
+	end := clientv3.GetPrefixRangeEnd(s.key(prefix))
+	resp, err := s.cli.Get(ctx, from, clientv3.WithRange(end), clientv3.WithLimit(int64(limit)),
+		clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend))
+	if err != nil {
+		return nil, false, fmt.Errorf("list %s: %w", prefix, err)
+	}
+	out := make([]KV, 0, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		out = append(out, KV{Key: string(kv.Key[len(s.key(prefix)):]), Value: kv.Value, Revision: kv.ModRevision, Created: kv.CreateRevision})
+	}
+	return out, resp.More, nil
+}
+
 // Scan calls f for every key under prefix (key without the store's
 // prefix, value, and the key's modification revision) and returns the
 // revision it read at.
