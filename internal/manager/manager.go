@@ -101,6 +101,7 @@ type Manager struct {
 	// by it) holds room for VMs on their way to a host.
 	placeMu sync.Mutex
 	moving  map[string]reservation
+	placed  map[string]placed // VMs defined here the cache may not show yet (recordcache.go)
 	// stepHook runs after each named step of a multi-phase operation.
 	stepHook func(string)
 	// identity is the cluster CA and this manager's certificate (nil: no
@@ -201,6 +202,7 @@ func New(cfg Config) *Manager {
 		tokens:      &tokenCache{byID: map[string]tokenRecord{}},
 		passes:      newPasses(),
 		cache:       &recordCache{byName: map[string]storedRecord{}},
+		placed:      map[string]placed{},
 		auditQ:      make(chan api.AuditEntry, 4096),
 		images:      cfg.Images,
 		url:         cfg.URL,
@@ -387,9 +389,9 @@ func (m *Manager) Create(ctx context.Context, req api.VMCreateRequest) (api.VM, 
 	// The host picks the endpoint's port on its own loopback, avoiding the
 	// ports of the cluster's other VMs (hosts of a pool may share a machine).
 	var avoid []int
-	if rs, err := m.records(ctx); err == nil {
+	if rs, err := m.cachedRecords(ctx); err == nil {
 		for _, s := range rs {
-			if s.rec.Spec.HostPort != 0 {
+			if s.rec.Spec.HostPort != 0 && m.sameMachine(s.rec.Host, r.Host) {
 				avoid = append(avoid, s.rec.Spec.HostPort)
 			}
 		}
@@ -419,15 +421,12 @@ func (m *Manager) Create(ctx context.Context, req api.VMCreateRequest) (api.VM, 
 func (m *Manager) define(ctx context.Context, req api.VMCreateRequest, policy api.RecoveryPolicy) (*vmOp, error) {
 	m.placeMu.Lock()
 	defer m.placeMu.Unlock()
-	rs, err := m.records(ctx)
+	rs, err := m.placementRecords(ctx)
 	if err != nil {
 		return nil, err
 	}
-	for _, s := range rs {
-		if s.rec.Spec.Name == req.Name {
-			return nil, errorf(ErrConflict, "vm %s already exists: pick another name, or delete it first", req.Name)
-		}
-	}
+	// (A name already taken is refused by beginNew's write, which the
+	// store checks; the cache could be a moment behind.)
 	cands := m.hosts.candidates(rs, m.moving)
 	hostName, err := place(cands, need{mem: req.MemoryBytes, cpus: req.CPUs, pin: req.Host}, m.overcommit)
 	if err != nil {
@@ -457,7 +456,11 @@ func (m *Manager) define(ctx context.Context, req api.VMCreateRequest, policy ap
 		Spec: spec,
 		Host: hostName, Desired: desiredStopped, State: api.StateCreating, CreatedAt: now, UpdatedAt: now, Policy: policy,
 	}
-	return m.beginNew(ctx, r, opCreate, claims)
+	o, err := m.beginNew(ctx, r, opCreate, claims)
+	if err == nil {
+		m.placed[r.Spec.Name] = placed{rec: storedRecord{o.r, o.rev}, at: time.Now()}
+	}
+	return o, err
 }
 
 // specFromImages fills what a VM made from an image or an ISO needs: the

@@ -3,6 +3,7 @@ package manager
 import (
 	"context"
 	"encoding/json"
+	"net"
 	"sort"
 	"strings"
 	"sync"
@@ -96,4 +97,52 @@ func (m *Manager) cachedRecords(ctx context.Context) ([]storedRecord, error) {
 		return rs, nil
 	}
 	return m.records(ctx)
+}
+
+// has says whether the cache holds vm's record.
+func (c *recordCache) has(name string) bool {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	_, ok := c.byName[name]
+	return ok
+}
+
+// placed are the VMs this manager defined that its cache may not show yet
+// (guarded by placeMu): placement must count them, or two creates in a row
+// could both take a host's last room.
+type placed struct {
+	rec storedRecord
+	at  time.Time
+}
+
+// placementRecords are the records placement weighs (called with placeMu
+// held): the cache when it is current, with the VMs this manager just
+// defined that it does not show yet; else the store.
+func (m *Manager) placementRecords(ctx context.Context) ([]storedRecord, error) {
+	rs, ok := m.cache.snapshot()
+	if !ok {
+		return m.records(ctx)
+	}
+	for name, p := range m.placed {
+		switch {
+		case m.cache.has(name) || time.Since(p.at) > time.Minute:
+			delete(m.placed, name)
+		default:
+			rs = append(rs, p.rec)
+		}
+	}
+	return rs, nil
+}
+
+// sameMachine says whether hosts a and b run on one machine (the same
+// address), where their VMs' forwarded ports share one loopback; unknown
+// addresses count as the same.
+func (m *Manager) sameMachine(a, b string) bool {
+	ra, rb := m.remote(a), m.remote(b)
+	if ra == nil || rb == nil {
+		return true
+	}
+	ha, _, err1 := net.SplitHostPort(ra.Addr())
+	hb, _, err2 := net.SplitHostPort(rb.Addr())
+	return err1 != nil || err2 != nil || ha == hb
 }

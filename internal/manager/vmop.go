@@ -569,6 +569,9 @@ func (o *vmOp) flush() {
 func (o *vmOp) deleteRecord(ctx context.Context) error {
 	name := o.r.Spec.Name
 	prefixes := append([]string{"incidents/" + name + "/", "snapshots/" + name + "/"}, nicClaims(name, o.r.Spec.NICs)...)
+	o.m.placeMu.Lock()
+	delete(o.m.placed, name) // placement stops counting it
+	o.m.placeMu.Unlock()
 	if err := o.m.store.DeleteLocked(ctx, o.lock, vmKey(name), prefixes...); err != nil {
 		return wrapf(ErrUnavailable, err, "delete vm %s", name)
 	}
