@@ -389,10 +389,19 @@ func (m *Manager) Create(ctx context.Context, req api.VMCreateRequest) (api.VM, 
 	// The host picks the endpoint's port on its own loopback, avoiding the
 	// ports of the cluster's other VMs (hosts of a pool may share a machine).
 	var avoid []int
-	if rs, err := m.cachedRecords(ctx); err == nil {
-		for _, s := range rs {
-			if s.rec.Spec.HostPort != 0 && m.sameMachine(s.rec.Host, r.Host) {
-				avoid = append(avoid, s.rec.Spec.HostPort)
+	same := map[string]bool{}
+	for host := range m.hostNames() {
+		same[host] = m.sameMachine(host, r.Host)
+	}
+	collect := func(s storedRecord) {
+		if sm, known := same[s.rec.Host]; s.rec.Spec.HostPort != 0 && (sm || !known) {
+			avoid = append(avoid, s.rec.Spec.HostPort)
+		}
+	}
+	if !m.cache.each(collect) {
+		if rs, err := m.records(ctx); err == nil {
+			for _, s := range rs {
+				collect(s)
 			}
 		}
 	}
@@ -421,13 +430,13 @@ func (m *Manager) Create(ctx context.Context, req api.VMCreateRequest) (api.VM, 
 func (m *Manager) define(ctx context.Context, req api.VMCreateRequest, policy api.RecoveryPolicy) (*vmOp, error) {
 	m.placeMu.Lock()
 	defer m.placeMu.Unlock()
-	rs, err := m.placementRecords(ctx)
+	each, err := m.placementRecords(ctx)
 	if err != nil {
 		return nil, err
 	}
 	// (A name already taken is refused by beginNew's write, which the
 	// store checks; the cache could be a moment behind.)
-	cands := m.hosts.candidates(rs, m.moving)
+	cands := m.hosts.candidatesOf(each, m.moving)
 	hostName, err := place(cands, need{mem: req.MemoryBytes, cpus: req.CPUs, pin: req.Host}, m.overcommit)
 	if err != nil {
 		return nil, err

@@ -18,31 +18,42 @@ import (
 // second was the first thing to break (docs/scale.md). Anything that acts
 // on a VM still reads its record afresh, under its lock.
 type recordCache struct {
-	mu     sync.RWMutex
+	mu     sync.Mutex
 	byName map[string]storedRecord
 	ready  bool // a scan completed and the watch runs
+	// sorted is byName in name order, made again only after a change:
+	// the passes read it every half second, and copying tens of thousands
+	// of records each time was most of an idle manager's work. Readers
+	// share it and must not change it.
+	sorted []storedRecord
+	dirty  bool
 }
 
-// snapshot is every cached record in name order, or false before the
-// first scan completed (or while the watch is being re-established).
+// snapshot is every cached record in name order (shared: read only), or
+// false before the first scan completed (or while the watch is being
+// re-established).
 func (c *recordCache) snapshot() ([]storedRecord, bool) {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	if !c.ready {
 		return nil, false
 	}
-	out := make([]storedRecord, 0, len(c.byName))
-	for _, s := range c.byName {
-		out = append(out, s)
+	if c.dirty || c.sorted == nil {
+		out := make([]storedRecord, 0, len(c.byName))
+		for _, s := range c.byName {
+			out = append(out, s)
+		}
+		sort.Slice(out, func(i, j int) bool { return out[i].rec.Spec.Name < out[j].rec.Spec.Name })
+		c.sorted, c.dirty = out, false
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].rec.Spec.Name < out[j].rec.Spec.Name })
-	return out, true
+	return c.sorted, true
 }
 
 func (c *recordCache) apply(log func(string, ...any), key string, value []byte, rev int64) {
 	name := strings.TrimPrefix(key, "vms/")
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.dirty = true
 	if value == nil {
 		delete(c.byName, name)
 		return
@@ -71,7 +82,7 @@ func (m *Manager) watchRecords(ctx context.Context) {
 		})
 		if err == nil {
 			c.mu.Lock()
-			c.byName, c.ready = fresh, true
+			c.byName, c.ready, c.dirty = fresh, true, true
 			c.mu.Unlock()
 			err = m.store.Watch(ctx, "vms/", rev+1, func(key string, value []byte, rev int64) {
 				c.apply(m.log.Error, key, value, rev)
@@ -101,8 +112,8 @@ func (m *Manager) cachedRecords(ctx context.Context) ([]storedRecord, error) {
 
 // has says whether the cache holds vm's record.
 func (c *recordCache) has(name string) bool {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	_, ok := c.byName[name]
 	return ok
 }
@@ -115,23 +126,51 @@ type placed struct {
 	at  time.Time
 }
 
-// placementRecords are the records placement weighs (called with placeMu
-// held): the cache when it is current, with the VMs this manager just
-// defined that it does not show yet; else the store.
-func (m *Manager) placementRecords(ctx context.Context) ([]storedRecord, error) {
-	rs, ok := m.cache.snapshot()
-	if !ok {
-		return m.records(ctx)
+// each calls f with every cached record, in no order, with the cache
+// locked (f must not call the cache), and says false when the cache is
+// not current. Nothing is copied: placement runs it for every create.
+func (c *recordCache) each(f func(storedRecord)) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.ready {
+		return false
 	}
+	for _, s := range c.byName {
+		f(s)
+	}
+	return true
+}
+
+// placementRecords gives placement (called with placeMu held) the records
+// to weigh: the cache when it is current, with the VMs this manager just
+// defined that it does not show yet; else the store.
+func (m *Manager) placementRecords(ctx context.Context) (func(f func(storedRecord)), error) {
+	if _, ok := m.cache.snapshot(); !ok {
+		rs, err := m.records(ctx)
+		if err != nil {
+			return nil, err
+		}
+		return func(f func(storedRecord)) {
+			for _, s := range rs {
+				f(s)
+			}
+		}, nil
+	}
+	var extra []storedRecord
 	for name, p := range m.placed {
 		switch {
 		case m.cache.has(name) || time.Since(p.at) > time.Minute:
 			delete(m.placed, name)
 		default:
-			rs = append(rs, p.rec)
+			extra = append(extra, p.rec)
 		}
 	}
-	return rs, nil
+	return func(f func(storedRecord)) {
+		m.cache.each(f)
+		for _, s := range extra {
+			f(s)
+		}
+	}, nil
 }
 
 // sameMachine says whether hosts a and b run on one machine (the same
@@ -145,4 +184,15 @@ func (m *Manager) sameMachine(a, b string) bool {
 	ha, _, err1 := net.SplitHostPort(ra.Addr())
 	hb, _, err2 := net.SplitHostPort(rb.Addr())
 	return err1 != nil || err2 != nil || ha == hb
+}
+
+// hostNames are the names of the hosts this manager knows.
+func (m *Manager) hostNames() map[string]bool {
+	m.hosts.mu.Lock()
+	defer m.hosts.mu.Unlock()
+	out := make(map[string]bool, len(m.hosts.hosts))
+	for name := range m.hosts.hosts {
+		out[name] = true
+	}
+	return out
 }

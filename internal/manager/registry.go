@@ -182,11 +182,25 @@ type reservation struct {
 // candidates describes every host with what its VMs reserve, and what is
 // reserved for VMs on their way.
 func (r *registry) candidates(rs []storedRecord, moving map[string]reservation) []candidate {
+	return r.candidatesOf(func(f func(storedRecord)) {
+		for _, s := range rs {
+			f(s)
+		}
+	}, moving)
+}
+
+// candidatesOf is candidates over the records each gives (each calls f
+// once per record, in any order).
+func (r *registry) candidatesOf(each func(f func(storedRecord)), moving map[string]reservation) []candidate {
 	byName := map[string]*candidate{}
 	for _, e := range r.entries() {
 		byName[e.h.Name()] = &candidate{host: e.view(), enabled: !e.drained}
 	}
-	for _, s := range rs {
+	var onTheWay []storedRecord // the VMs with a reservation elsewhere
+	each(func(s storedRecord) {
+		if _, ok := moving[s.rec.Spec.Name]; ok {
+			onTheWay = append(onTheWay, s)
+		}
 		if c, ok := byName[s.rec.Host]; ok {
 			// Memory is reserved for every defined VM, running or not: a
 			// stopped VM must be able to start again where it lives. vCPUs
@@ -204,8 +218,8 @@ func (r *registry) candidates(rs []storedRecord, moving map[string]reservation) 
 				c.usedMemory += s.rec.Spec.MemoryBytes
 			}
 		}
-	}
-	for _, s := range rs {
+	})
+	for _, s := range onTheWay {
 		res, ok := moving[s.rec.Spec.Name]
 		if c, there := byName[res.host]; ok && there && res.host != s.rec.Host {
 			c.usedMemory += res.mem
