@@ -113,12 +113,16 @@ func (m *Manager) placeElsewhere(ctx context.Context, r record, to string) (stri
 
 // placeLocked is placeElsewhere for a caller that holds placeMu.
 func (m *Manager) placeLocked(ctx context.Context, r record, to string) (string, error) {
-	rs, err := m.records(ctx)
+	// The cache (with this manager's reservations in moving): an
+	// evacuation places every VM of a dead host one after another, and a
+	// store read of every record each time made a host of 20 VMs take
+	// seconds among 20,000 (docs/scale.md).
+	each, err := m.placementRecords(ctx)
 	if err != nil {
 		return "", err
 	}
 	var cands []candidate
-	for _, c := range m.hosts.candidates(rs, m.moving) {
+	for _, c := range m.hosts.candidatesOf(each, m.moving) {
 		if c.host.Name != r.Host {
 			// The room a VM's standby holds is the VM's own.
 			if p := r.Protection; p != nil && p.Secondary == c.host.Name {
