@@ -174,6 +174,9 @@ func (c *Client) AllVMs(ctx context.Context, opts ListOptions) ([]api.VM, error)
 		if next == "" {
 			return all, nil
 		}
+		if next == opts.Continue {
+			return nil, fmt.Errorf("the api gave the same page token twice (%q): stopped listing", next)
+		}
 		opts.Continue = next
 	}
 }

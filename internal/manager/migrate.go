@@ -138,11 +138,15 @@ func (m *Manager) placeLocked(ctx context.Context, r record, to string) (string,
 	return target, err
 }
 
-// arrived drops the room held for a VM on its way (its record now says
-// where it is, or it did not go).
+// arrived ends the move of a VM (its record now says where it is, or it
+// did not go). The room held for it stays until placement's mirror of the
+// records shows it (see pruneMoving).
 func (m *Manager) arrived(vm string) {
 	m.placeMu.Lock()
-	delete(m.moving, vm)
+	if res, ok := m.moving[vm]; ok {
+		res.arrived = time.Now()
+		m.moving[vm] = res
+	}
 	m.placeMu.Unlock()
 }
 

@@ -174,6 +174,11 @@ func (m *Manager) protectionPass(ctx context.Context, rs []storedRecord) {
 					defer m.protectionDone(name)
 					cctx, cancel := context.WithTimeout(ctx, hostCallTimeout)
 					defer cancel()
+					// The pass reads the records' mirror, which may lag a
+					// protect just made: the record itself decides.
+					if r, _, err := m.load(cctx, name); err != nil || r.Protection != nil || r.Op != nil || r.Host != host {
+						return
+					}
 					if _, err := hostproto.Unprotect.Call(cctx, m.hostNamed(host), hostproto.VMRef{VM: name}); err != nil {
 						m.log.Warn("stop a protection the record does not have", "vm", name, "host", host, "err", err)
 					}

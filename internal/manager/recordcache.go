@@ -110,12 +110,34 @@ func (m *Manager) cachedRecords(ctx context.Context) ([]storedRecord, error) {
 	return m.records(ctx)
 }
 
-// has says whether the cache holds vm's record.
-func (c *recordCache) has(name string) bool {
+// revOf is the revision of vm's cached record, and where it is.
+func (c *recordCache) revOf(name string) (int64, string, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	_, ok := c.byName[name]
-	return ok
+	s, ok := c.byName[name]
+	return s.rev, s.rec.Host, ok
+}
+
+// isReady says whether the cache is current (a scan completed and the
+// watch runs).
+func (c *recordCache) isReady() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.ready
+}
+
+// pruneMoving drops the rooms held for VMs whose move ended once the
+// mirror shows them where they went, or a minute after (a failed move).
+// Called with placeMu held.
+func (m *Manager) pruneMoving() {
+	for name, res := range m.moving {
+		if res.arrived.IsZero() {
+			continue
+		}
+		if _, host, ok := m.cache.revOf(name); !ok || host == res.host || time.Since(res.arrived) > time.Minute {
+			delete(m.moving, name)
+		}
+	}
 }
 
 // placed are the VMs this manager defined that its cache may not show yet
@@ -145,7 +167,7 @@ func (c *recordCache) each(f func(storedRecord)) bool {
 // to weigh: the cache when it is current, with the VMs this manager just
 // defined that it does not show yet; else the store.
 func (m *Manager) placementRecords(ctx context.Context) (func(f func(storedRecord)), error) {
-	if _, ok := m.cache.snapshot(); !ok {
+	fromStore := func() (func(f func(storedRecord)), error) {
 		rs, err := m.records(ctx)
 		if err != nil {
 			return nil, err
@@ -156,17 +178,30 @@ func (m *Manager) placementRecords(ctx context.Context) (func(f func(storedRecor
 			}
 		}, nil
 	}
+	if !m.cache.isReady() {
+		return fromStore()
+	}
+	m.pruneMoving()
 	var extra []storedRecord
 	for name, p := range m.placed {
+		rev, _, ok := m.cache.revOf(name)
 		switch {
-		case m.cache.has(name) || time.Since(p.at) > time.Minute:
+		case ok && rev >= p.rec.rev || time.Since(p.at) > time.Minute:
 			delete(m.placed, name)
 		default:
 			extra = append(extra, p.rec)
 		}
 	}
 	return func(f func(storedRecord)) {
-		m.cache.each(f)
+		if !m.cache.each(f) {
+			// The watch restarted meanwhile: the store, then (counted
+			// twice at worst, which errs on the safe side) the overlay.
+			if rs, err := m.records(ctx); err == nil {
+				for _, s := range rs {
+					f(s)
+				}
+			}
+		}
 		for _, s := range extra {
 			f(s)
 		}

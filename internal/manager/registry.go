@@ -177,6 +177,10 @@ type reservation struct {
 	host string
 	mem  int64
 	cpus int
+	// arrived is when the move ended: the room stays held until the record
+	// mirror shows the VM there (placement reads the mirror, which may lag
+	// the record's write), or for a while if the move failed.
+	arrived time.Time
 }
 
 // candidates describes every host with what its VMs reserve, and what is
