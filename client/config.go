@@ -91,6 +91,20 @@ func NewFromConfig(c Config) (*Client, error) {
 	return &Client{base: base, token: c.Token, http: &http.Client{Transport: tr}}, nil
 }
 
+// ForConfigFile is a client for the configuration in the file at path; if
+// it cannot be read, every call fails with the reason.
+func ForConfigFile(path string) *Client {
+	cfg, err := LoadConfig(path)
+	if err != nil {
+		return Unusable(err)
+	}
+	c, err := NewFromConfig(cfg)
+	if err != nil {
+		return Unusable(err)
+	}
+	return c
+}
+
 // Unusable is a client whose every call fails with err (a configuration
 // that could not be loaded), so callers report it where they would have
 // reported an unreachable API.

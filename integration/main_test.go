@@ -185,17 +185,7 @@ func (a *devAgent) kill() {
 func (a *devAgent) configPath() string { return filepath.Join(a.dataDir, "client.yaml") }
 
 // client is an API client with the agent's admin configuration.
-func (a *devAgent) client() *client.Client {
-	cfg, err := client.LoadConfig(a.configPath())
-	if err != nil {
-		return client.Unusable(err)
-	}
-	c, err := client.NewFromConfig(cfg)
-	if err != nil {
-		return client.Unusable(err)
-	}
-	return c
-}
+func (a *devAgent) client() *client.Client { return client.ForConfigFile(a.configPath()) }
 
 // vigil runs the CLI against this agent and returns stdout, stderr and the exit code.
 func (a *devAgent) vigil(args ...string) (string, string, int) {

@@ -429,13 +429,5 @@ func freePort() (int, error) {
 // clientFor is an API client with the admin configuration an agent wrote
 // in dataDir (an unusable one, that says why, until the file exists).
 func clientFor(dataDir string) *client.Client {
-	cfg, err := client.LoadConfig(filepath.Join(dataDir, "client.yaml"))
-	if err != nil {
-		return client.Unusable(err)
-	}
-	c, err := client.NewFromConfig(cfg)
-	if err != nil {
-		return client.Unusable(err)
-	}
-	return c
+	return client.ForConfigFile(filepath.Join(dataDir, "client.yaml"))
 }

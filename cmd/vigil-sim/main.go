@@ -251,15 +251,7 @@ func freeAddr() (string, error) {
 }
 
 func clientFor(dataDir string) *client.Client {
-	cfg, err := client.LoadConfig(filepath.Join(dataDir, "client.yaml"))
-	if err != nil {
-		return client.Unusable(err)
-	}
-	c, err := client.NewFromConfig(cfg)
-	if err != nil {
-		return client.Unusable(err)
-	}
-	return c
+	return client.ForConfigFile(filepath.Join(dataDir, "client.yaml"))
 }
 
 func numCPU() int {

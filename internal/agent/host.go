@@ -67,9 +67,7 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 	}
 	defer ln.Close()
 
-	out := &outbox{wake: make(chan struct{}, 1)}
-	j := &joiner{cfg: cfg, log: log.With("host", cfg.Name), addr: ln.Addr().String(), out: out, lastAck: time.Now()}
-	trust := &hostTrust{dir: cfg.DataDir, name: cfg.Name, tlsDir: hostTLSDir(cfg.DataDir)}
+	j, out, trust := newJoiner(cfg, ln, log)
 	host, err := newHostAgent(ctx, hostSetup{images: j, name: cfg.Name, dataDir: cfg.DataDir, accel: cfg.Accel, imageDir: cfg.ImageDir, qemuVersion: cfg.QEMUVersion,
 		guestAgent: cfg.GuestAgent, progress: cfg.Progress, log: log, notify: out.add, storagePool: cfg.StoragePool,
 		// Live migrations come in on the address the managers reach us at,
@@ -85,6 +83,14 @@ func RunHost(ctx context.Context, cfg HostConfig) error {
 		return err
 	}
 	return serveJoined(ctx, cfg, log, ln, j, trust, host, host, host.Run)
+}
+
+// newJoiner is the joiner of a host listening on ln, the outbox its events
+// go out by, and its credentials.
+func newJoiner(cfg HostConfig, ln net.Listener, log *slog.Logger) (*joiner, *outbox, *hostTrust) {
+	out := &outbox{wake: make(chan struct{}, 1)}
+	j := &joiner{cfg: cfg, log: log.With("host", cfg.Name), addr: ln.Addr().String(), out: out, lastAck: time.Now()}
+	return j, out, &hostTrust{dir: cfg.DataDir, name: cfg.Name, tlsDir: hostTLSDir(cfg.DataDir)}
 }
 
 // serveJoined joins (once), serves the host protocol with handler and
@@ -156,9 +162,7 @@ func RunSimulatedHost(ctx context.Context, cfg HostConfig, newHost func(notify f
 		return err
 	}
 	defer ln.Close()
-	out := &outbox{wake: make(chan struct{}, 1)}
-	j := &joiner{cfg: cfg, log: log.With("host", cfg.Name), addr: ln.Addr().String(), out: out, lastAck: time.Now()}
-	trust := &hostTrust{dir: cfg.DataDir, name: cfg.Name, tlsDir: hostTLSDir(cfg.DataDir)}
+	j, out, trust := newJoiner(cfg, ln, log)
 	host := newHost(out.add)
 	return serveJoined(ctx, cfg, log, ln, j, trust, host, host, nil)
 }
