@@ -73,7 +73,7 @@ func (m *Manager) detectDeaths(ctx context.Context) {
 
 // declareDead records the death in the store (so every manager, and the
 // host when it comes back, learns of it) before any VM moves. It succeeds
-// only if the host's stored status is still the one this manager last
+// only if the host's stored liveness is still the one this manager last
 // applied: a heartbeat another manager took meanwhile means it lives.
 func (m *Manager) declareDead(ctx context.Context, e hostEntry) error {
 	name := e.h.Name()
@@ -85,27 +85,27 @@ func (m *Manager) declareDead(ctx context.Context, e hostEntry) error {
 	if err != nil {
 		return err
 	}
-	var st hostStatusRecord
-	srev, err := m.store.Get(ctx, "hoststatus/"+name, &st)
+	var seen hostSeenRecord
+	srev, err := m.store.Get(ctx, "hostseen/"+name, &seen)
 	switch {
 	case errors.Is(err, store.ErrNotFound):
 		srev = 0
 	case err != nil:
 		return err
-	case srev != e.statusRev:
-		m.applyStatus(name, st, srev) // news this manager had not seen: alive
+	case srev != e.seenRev:
+		m.applySeen(name, srev, seen.Seen) // news this manager had not seen: alive
 		return nil
 	}
 	now := time.Now().UTC()
-	rec.DeadAt, rec.LastHeartbeat = &now, st.Seen
-	if err := m.store.PutIfBoth(ctx, "hosts/"+name, rev, rec, "hoststatus/"+name, srev); errors.Is(err, store.ErrConflict) {
+	rec.DeadAt, rec.LastHeartbeat = &now, seen.Seen
+	if err := m.store.PutIfBoth(ctx, "hosts/"+name, rev, rec, "hostseen/"+name, srev); errors.Is(err, store.ErrConflict) {
 		return nil // a heartbeat (or a re-registration) came in first
 	} else if err != nil {
 		return err
 	}
 	m.setDead(name, now)
 	silent := time.Since(e.h.HeardAt()).Round(100 * time.Millisecond)
-	m.log.Warn("host declared dead", "host", name, "last_heartbeat", st.Seen, "silent", silent)
+	m.log.Warn("host declared dead", "host", name, "last_heartbeat", seen.Seen, "silent", silent)
 	m.publish(api.Event{Type: "host.dead", Host: name,
 		Message: fmt.Sprintf("no heartbeat for %s; its vms move to other hosts", silent)})
 	return nil

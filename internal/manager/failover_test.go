@@ -53,7 +53,7 @@ func TestDetectDeaths(t *testing.T) {
 			deadHost(t, m)
 			time.Sleep(tt.silence)
 			if tt.heartbeatAt {
-				if err := m.store.Put(context.Background(), "hoststatus/h0", hostStatusRecord{Seen: time.Now()}); err != nil {
+				if err := m.store.Put(context.Background(), "hostseen/h0", hostSeenRecord{Seen: time.Now()}); err != nil {
 					t.Fatal(err)
 				}
 			}

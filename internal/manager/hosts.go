@@ -268,7 +268,8 @@ func (m *Manager) newRemote(name, addr string) *remotehost.Host {
 	return remotehost.New(name, addr, tlsConf)
 }
 
-// hostStatusRecord is the latest heartbeat of a host, under "hoststatus/<name>".
+// hostStatusRecord is the latest report of a host, under "hoststatus/<name>"
+// (see storeHeartbeat for when it is written).
 type hostStatusRecord struct {
 	hostproto.Heartbeat
 	Seen time.Time `json:"seen"`
@@ -285,17 +286,28 @@ func (m *Manager) remote(name string) *remotehost.Host {
 }
 
 // applyStatus feeds a host's stored status (at store revision rev) to its
-// remote host, and remembers the revision: declaring the host dead is only
-// allowed while the stored status is still that one.
+// remote host.
 func (m *Manager) applyStatus(name string, st hostStatusRecord, rev int64) {
 	h := m.remote(name)
 	if h == nil {
 		return
 	}
 	h.Heartbeat(st.Heartbeat, rev, st.Seen)
+	m.noteStored(name, st.Heartbeat, rev)
+}
+
+// applySeen feeds a host's stored liveness (at store revision rev) to its
+// remote host, and remembers the revision: declaring the host dead is only
+// allowed while the stored liveness is still that one.
+func (m *Manager) applySeen(name string, rev int64, seen time.Time) {
+	h := m.remote(name)
+	if h == nil {
+		return
+	}
+	h.Seen(rev, seen)
 	m.hosts.mu.Lock()
-	if e, ok := m.hosts.hosts[name]; ok && rev > e.statusRev {
-		e.statusRev = rev
+	if e, ok := m.hosts.hosts[name]; ok && rev > e.seenRev {
+		e.seenRev = rev
 	}
 	m.hosts.mu.Unlock()
 }
@@ -328,12 +340,19 @@ func (m *Manager) WatchHosts(ctx context.Context) {
 			}
 			m.setDead(rec.Name, dead)
 			m.setDrained(rec.Name, rec.Drained)
+			m.setRecordRev(rec.Name, rev)
 		case strings.HasPrefix(key, "hoststatus/"):
 			var st hostStatusRecord
 			if json.Unmarshal(value, &st) != nil {
 				return
 			}
 			m.applyStatus(strings.TrimPrefix(key, "hoststatus/"), st, rev)
+		case strings.HasPrefix(key, "hostseen/"):
+			var seen hostSeenRecord
+			if json.Unmarshal(value, &seen) != nil {
+				return
+			}
+			m.applySeen(strings.TrimPrefix(key, "hostseen/"), rev, seen.Seen)
 		}
 	}
 	for ctx.Err() == nil {
@@ -371,28 +390,28 @@ func (m *Manager) Heartbeat(ctx context.Context, name string, hb hostproto.Heart
 	// the store is refused, so the host counts it as missed and fences in
 	// time if this manager is cut off from the others. It is stored only if
 	// the host's record did not change since it was read here, and the
-	// leader declares a host dead only if its status did not change since
-	// it last saw it: a heartbeat and a death cannot both win.
+	// leader declares a host dead only if its liveness record did not change
+	// since it last saw it: a heartbeat and a death cannot both win.
 	shared := hb
 	shared.Events = nil
 	sctx, cancel := context.WithTimeout(ctx, 2500*time.Millisecond)
 	defer cancel()
-	var rec hostRecord
-	rev, err := m.store.Get(sctx, "hosts/"+name, &rec)
-	if err == nil && rec.DeadAt != nil {
-		m.setDead(name, *rec.DeadAt)
-		return gone(*rec.DeadAt)
-	}
-	st := hostStatusRecord{Heartbeat: shared, Seen: now}
-	var srev int64
-	if err == nil {
-		srev, err = m.store.PutIf(sctx, "hoststatus/"+name, st, "hosts/"+name, rev)
+	rev, withStatus, err := m.shareHeartbeat(sctx, name, shared, now)
+	if de := (*deadError)(nil); errors.As(err, &de) {
+		m.setDead(name, de.at)
+		return gone(de.at)
 	}
 	if err != nil {
 		return wrapf(ErrUnavailable, err, "record heartbeat of host %s", name)
 	}
-	st.Heartbeat = hb
-	m.applyStatus(name, st, srev)
+	m.applySeen(name, rev, now)
+	statusRev := int64(0) // fresher than any stored status: apply it
+	if withStatus {
+		statusRev = rev
+	}
+	if h := m.remote(name); h != nil {
+		h.Heartbeat(hb, statusRev, now)
+	}
 	if wasDown {
 		m.publish(api.Event{Type: "host.up", Host: name})
 	}

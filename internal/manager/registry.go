@@ -80,9 +80,16 @@ type hostEntry struct {
 	drained bool
 	// deadAt: the managers declared the host dead (zero while alive).
 	deadAt time.Time
-	// statusRev is the store revision of the host's status this manager
-	// last applied (see declareDead).
-	statusRev int64
+	// seenRev is the store revision of the host's liveness record this
+	// manager last applied (see declareDead).
+	seenRev int64
+	// recordRev is the revision of the host's record as last seen here;
+	// a heartbeat is stored only if it is still that (see shareHeartbeat).
+	recordRev int64
+	// stored is the host's status as last stored, and storedRev its
+	// revision (see statusDue).
+	stored    storedStatus
+	storedRev int64
 }
 
 func newRegistry() *registry { return &registry{hosts: map[string]*hostEntry{}} }

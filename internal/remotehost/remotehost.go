@@ -32,8 +32,11 @@ type Host struct {
 	// heard is when this process last had news of the host, on its own
 	// monotonic clock: a clock step cannot make a host look silent.
 	heard time.Time
-	// rev orders news: the store revision of the heartbeat last applied.
-	rev int64
+	// rev orders news: the store revision of the status last applied;
+	// seenRev that of the last liveness record (a heartbeat stores its
+	// liveness every time, its status only when it changed: see the
+	// manager's storeHeartbeat).
+	rev, seenRev int64
 	// lastHeartbeat is the wall-clock time of that heartbeat, for display.
 	lastHeartbeat time.Time
 }
@@ -71,10 +74,28 @@ func (h *Host) Heartbeat(hb hostproto.Heartbeat, rev int64, wall time.Time) {
 	h.rev = max(h.rev, rev)
 	h.info = hb.Info
 	h.heard = time.Now()
-	h.lastHeartbeat = wall
+	if wall.After(h.lastHeartbeat) {
+		h.lastHeartbeat = wall
+	}
 	h.statuses = make(map[string]hostproto.VMStatus, len(hb.Statuses))
 	for _, s := range hb.Statuses {
 		h.statuses[s.Name] = s
+	}
+}
+
+// Seen records a heartbeat that stored only the host's liveness (at
+// revision rev, sent at wall time), not its report: the report last
+// applied stands.
+func (h *Host) Seen(rev int64, wall time.Time) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if rev != 0 && rev <= h.seenRev {
+		return
+	}
+	h.seenRev = max(h.seenRev, rev)
+	h.heard = time.Now()
+	if wall.After(h.lastHeartbeat) {
+		h.lastHeartbeat = wall
 	}
 }
 

@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -54,5 +55,42 @@ func TestListAfterPages(t *testing.T) {
 				t.Fatalf("limit %d: out of order at %d: %v", limit, i, got)
 			}
 		}
+	}
+}
+
+// TestPutAllIf stores every pair at one revision while the condition holds,
+// and none once it does not.
+func TestPutAllIf(t *testing.T) {
+	e := startTestEtcd(t, Limits{})
+	s := New(e.Client(), "/test/")
+	ctx := context.Background()
+	if err := s.Put(ctx, "cond", 1); err != nil {
+		t.Fatal(err)
+	}
+	var v int
+	rev, err := s.Get(ctx, "cond", &v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.PutAllIf(ctx, "cond", rev, Pair{"a", 1}, Pair{"b", 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ra, _ := s.Get(ctx, "a", &v)
+	rb, _ := s.Get(ctx, "b", &v)
+	if ra != got || rb != got || v != 2 {
+		t.Fatalf("a at %d, b at %d (=%d); want both at %d", ra, rb, v, got)
+	}
+	if err := s.Put(ctx, "cond", 2); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.PutAllIf(ctx, "cond", rev, Pair{"a", 3}, Pair{"c", 4}); !errors.Is(err, ErrConflict) {
+		t.Fatalf("stale condition: %v, want ErrConflict", err)
+	}
+	if _, err := s.Get(ctx, "c", &v); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("c written under a stale condition: %v", err)
+	}
+	if _, err := s.PutAllIf(ctx, "cond", rev); err == nil {
+		t.Fatal("nothing to put: no error")
 	}
 }

@@ -108,19 +108,38 @@ func (s *Store) Update(ctx context.Context, key string, rev int64, v any) (int64
 // condRev (0: condKey does not exist). Two writers that each read the
 // other's key before writing their own cannot both succeed.
 func (s *Store) PutIf(ctx context.Context, key string, v any, condKey string, condRev int64) (int64, error) {
-	b, err := json.Marshal(v)
-	if err != nil {
-		return 0, fmt.Errorf("encode %s: %w", key, err)
+	return s.PutAllIf(ctx, condKey, condRev, Pair{key, v})
+}
+
+// Pair is a key and the value to store there.
+type Pair struct {
+	Key   string
+	Value any
+}
+
+// PutAllIf stores every pair, in one revision, if condKey's revision is
+// still condRev; it returns that revision.
+func (s *Store) PutAllIf(ctx context.Context, condKey string, condRev int64, pairs ...Pair) (int64, error) {
+	if len(pairs) == 0 {
+		return 0, errors.New("put nothing: give at least one key")
+	}
+	ops := make([]clientv3.Op, 0, len(pairs))
+	for _, p := range pairs {
+		b, err := json.Marshal(p.Value)
+		if err != nil {
+			return 0, fmt.Errorf("encode %s: %w", p.Key, err)
+		}
+		ops = append(ops, clientv3.OpPut(s.key(p.Key), string(b)))
 	}
 	resp, err := s.cli.Txn(ctx).
 		If(clientv3.Compare(clientv3.ModRevision(s.key(condKey)), "=", condRev)).
-		Then(clientv3.OpPut(s.key(key), string(b))).
+		Then(ops...).
 		Commit()
 	if err != nil {
-		return 0, fmt.Errorf("put %s: %w", key, err)
+		return 0, fmt.Errorf("put %s: %w", pairs[0].Key, err)
 	}
 	if !resp.Succeeded {
-		return 0, fmt.Errorf("put %s: %s changed: %w", key, condKey, ErrConflict)
+		return 0, fmt.Errorf("put %s: %s changed: %w", pairs[0].Key, condKey, ErrConflict)
 	}
 	return resp.Header.Revision, nil
 }
