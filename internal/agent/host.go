@@ -334,6 +334,16 @@ func (j *joiner) run(ctx context.Context) error {
 	t := time.NewTicker(j.interval)
 	defer t.Stop()
 	registered := false
+	// failed counts the managers that failed since the last tick: after a
+	// failure the next manager is tried at once (a manager that died
+	// must not cost a host a second of its fencing time), each at most
+	// once a tick.
+	failed := 0
+	retry := func() bool {
+		j.nextManager()
+		failed++
+		return failed < len(j.cfg.Managers)
+	}
 	for ctx.Err() == nil {
 		j.fenceIfCut("")
 		if !registered {
@@ -343,7 +353,9 @@ func (j *joiner) run(ctx context.Context) error {
 				return err
 			case err != nil:
 				j.log.Warn("register with manager", "manager", j.url(), "err", err)
-				j.nextManager()
+				if retry() {
+					continue
+				}
 			default:
 				registered = true
 			}
@@ -364,12 +376,17 @@ func (j *joiner) run(ctx context.Context) error {
 				continue
 			case err != nil:
 				j.log.Warn("heartbeat", "manager", j.url(), "err", err)
-				j.nextManager()
+				if retry() {
+					continue
+				}
+			default:
+				failed = 0
 			}
 		}
 		select {
 		case <-ctx.Done():
 		case <-t.C:
+			failed = 0
 		case <-j.out.wake:
 		}
 	}

@@ -131,3 +131,56 @@ func TestJoinerFencing(t *testing.T) {
 		})
 	}
 }
+
+// TestJoinerSwitchesManagersAtOnce: when the manager in use fails, the next
+// one is tried at once, not a heartbeat interval later (a dead manager must
+// not eat into the hosts' fencing time); with every manager failing, each
+// is tried once per interval, no more.
+func TestJoinerSwitchesManagersAtOnce(t *testing.T) {
+	const interval = 500 * time.Millisecond
+	var downOK atomic.Bool
+	var beatsA, beatsB atomic.Int32
+	var firstB atomic.Int64
+	mk := func(beats *atomic.Int32, ok func() bool, first *atomic.Int64) *httptest.Server {
+		return httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if strings.HasSuffix(r.URL.Path, "/register") {
+				w.WriteHeader(http.StatusNoContent)
+				return
+			}
+			beats.Add(1)
+			if first != nil {
+				first.CompareAndSwap(0, time.Now().UnixNano())
+			}
+			if !ok() {
+				w.WriteHeader(http.StatusServiceUnavailable)
+				return
+			}
+			w.WriteHeader(http.StatusNoContent)
+		}))
+	}
+	a := mk(&beatsA, func() bool { return false }, nil) // the first manager is down
+	defer a.Close()
+	b := mk(&beatsB, func() bool { return !downOK.Load() }, &firstB)
+	defer b.Close()
+	j := &joiner{cfg: HostConfig{Name: "h1", Managers: []string{a.URL, b.URL}, FenceAfter: time.Minute},
+		log: slog.New(slog.DiscardHandler), addr: "127.0.0.1:1", host: &fencedHost{}, interval: interval,
+		out: &outbox{wake: make(chan struct{}, 1)}, http: &http.Client{Timeout: time.Second}, lastAck: time.Now()}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	t0 := time.Now()
+	go j.run(ctx)
+	for firstB.Load() == 0 && time.Since(t0) < 5*time.Second {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got := time.Duration(firstB.Load() - t0.UnixNano()); firstB.Load() == 0 || got > interval/2 {
+		t.Fatalf("the second manager had its first heartbeat %s after the first one failed; want at once (interval %s)", got, interval)
+	}
+	// Both down: each tried about once per interval, not in a loop.
+	downOK.Store(true)
+	time.Sleep(4 * interval)
+	a0, b0 := beatsA.Load(), beatsB.Load()
+	time.Sleep(4 * interval)
+	if n := (beatsA.Load() - a0) + (beatsB.Load() - b0); n < 4 || n > 12 {
+		t.Fatalf("%d heartbeats in 4 intervals with every manager down; want about 8 (each manager once an interval)", n)
+	}
+}
