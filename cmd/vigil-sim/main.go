@@ -12,11 +12,14 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -35,16 +38,27 @@ import (
 )
 
 func main() {
-	hosts := flag.Int("hosts", 100, "simulated hosts")
-	vms := flag.Int("vms", 20, "VMs per host")
-	steady := flag.Duration("steady", time.Minute, "how long to measure the steady state")
-	deadAfter := flag.Duration("host-dead-after", 8*time.Second, "the manager's --host-dead-after")
+	var o options
+	flag.IntVar(&o.hosts, "hosts", 100, "simulated hosts")
+	flag.IntVar(&o.vms, "vms", 20, "VMs per host")
+	flag.IntVar(&o.managers, "managers", 1, "managers: 1 (embedded etcd) or 3 (an embedded etcd cluster of three; hosts spread over them)")
+	flag.DurationVar(&o.steady, "steady", time.Minute, "how long to measure the steady state")
+	flag.DurationVar(&o.sample, "sample", 0, "with a long -steady: a line of the time series every this long (default: steady/6)")
+	flag.DurationVar(&o.deadAfter, "host-dead-after", 8*time.Second, "the managers' --host-dead-after")
+	flag.StringVar(&o.faults, "faults", "kill,freeze,manager", "faults to inject after the steady state, in order: kill (a host crashes), freeze (a host hangs, then wakes), manager (the leading manager is killed; with -managers 3)")
 	out := flag.String("out", "", "also write the report (markdown) here")
-	workers := flag.Int("workers", 8, "concurrent API calls while creating VMs")
+	flag.IntVar(&o.workers, "workers", 8, "concurrent API calls while creating VMs")
 	flag.Parse()
+	if o.managers != 1 && o.managers != 3 {
+		fmt.Fprintln(os.Stderr, "vigil-sim: -managers is 1 or 3")
+		os.Exit(2)
+	}
+	if o.sample == 0 {
+		o.sample = max(10*time.Second, o.steady/6)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	report, err := run(ctx, *hosts, *vms, *workers, *steady, *deadAfter)
+	report, err := run(ctx, o)
 	fmt.Print(report)
 	if *out != "" && report != "" {
 		os.WriteFile(*out, []byte(report), 0o644)
@@ -55,20 +69,39 @@ func main() {
 	}
 }
 
+type options struct {
+	hosts, vms, managers, workers int
+	steady, sample, deadAfter     time.Duration
+	faults                        string
+}
+
 type sim struct {
-	c      *client.Client
-	url    string
-	pid    int
+	c      *client.Client // the API, through a manager that stays up
+	mgrs   []*mgr
 	tmp    string
 	hosts  []*simulated
 	report strings.Builder
 }
+
+// mgr is one manager process.
+type mgr struct {
+	name, addr, dir string
+	cmd             *exec.Cmd
+	c               *client.Client
+	gone            bool // killed by a fault
+}
+
+func (m *mgr) url() string { return "https://" + m.addr }
 
 type simulated struct {
 	name   string
 	host   *simhost.Host
 	cancel context.CancelFunc
 	done   chan error
+	// dead: stopped by a fault (its map of VMs is left as it was);
+	// frozen: hung by one (reading it would wait).
+	dead   bool
+	frozen atomic.Bool
 }
 
 func (s *sim) line(format string, args ...any) {
@@ -76,7 +109,18 @@ func (s *sim) line(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "vigil-sim: "+format+"\n", args...)
 }
 
-func run(ctx context.Context, nHosts, nVMs, workers int, steady, deadAfter time.Duration) (string, error) {
+// live are the managers not killed by a fault.
+func (s *sim) live() []*mgr {
+	var out []*mgr
+	for _, m := range s.mgrs {
+		if !m.gone {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+func run(ctx context.Context, o options) (string, error) {
 	bin := filepath.Join(os.Getenv("VIGIL_BIN"), "vigil")
 	if _, err := os.Stat(bin); err != nil {
 		return "", fmt.Errorf("set VIGIL_BIN to the directory holding the vigil binary: %w", err)
@@ -87,55 +131,143 @@ func run(ctx context.Context, nHosts, nVMs, workers int, steady, deadAfter time.
 	}
 	defer os.RemoveAll(tmp)
 	s := &sim{tmp: tmp}
-	addr, err := freeAddr()
-	if err != nil {
+	defer func() {
+		for _, m := range s.mgrs {
+			if !m.gone {
+				m.cmd.Process.Signal(syscall.SIGKILL)
+				m.cmd.Wait()
+			}
+		}
+	}()
+	if err := s.startManagers(ctx, bin, o.managers, o.deadAfter); err != nil {
 		return "", err
 	}
-	mdir := filepath.Join(tmp, "manager")
-	cmd := exec.CommandContext(ctx, bin, "agent", "--manager", "--listen", addr, "--data-dir", mdir,
-		"--host-dead-after", deadAfter.String(), "--log-level", "warn")
-	logf, _ := os.Create(filepath.Join(tmp, "manager.log"))
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		return "", err
+	what := "one manager (embedded etcd)"
+	if o.managers > 1 {
+		what = fmt.Sprintf("%d managers (an embedded etcd cluster of %d; each host heartbeats to one of them, spread evenly)", o.managers, o.managers)
 	}
-	defer func() { cmd.Process.Signal(syscall.SIGKILL); cmd.Wait() }()
-	s.pid, s.url = cmd.Process.Pid, "https://"+addr
-	for t0 := time.Now(); ; time.Sleep(100 * time.Millisecond) {
-		s.c = clientFor(mdir)
-		if _, err := s.c.Hosts(ctx); err == nil {
-			break
-		}
-		if time.Since(t0) > time.Minute {
-			b, _ := os.ReadFile(filepath.Join(tmp, "manager.log"))
-			return "", fmt.Errorf("manager not up:\n%s", b)
-		}
-	}
-	s.line("# vigil-sim: %d hosts × %d VMs, one manager (embedded etcd), host-dead-after %s", nHosts, nVMs, deadAfter)
+	s.line("# vigil-sim: %d hosts × %d VMs, %s, host-dead-after %s", o.hosts, o.vms, what, o.deadAfter)
 	s.line("")
-	s.line("Started %s on this machine (%d CPUs); the simulator and the manager share it.", time.Now().UTC().Format(time.RFC3339), numCPU())
+	s.line("Started %s on this machine (%d CPUs); the simulator and the managers share it.", time.Now().UTC().Format(time.RFC3339), numCPU())
 	s.line("")
 
 	t0 := time.Now()
-	if err := s.startHosts(ctx, nHosts, deadAfter); err != nil {
+	if err := s.startHosts(ctx, o.hosts, o.deadAfter); err != nil {
 		return s.report.String(), err
 	}
-	s.line("- %d hosts joined (join token, certificate, registration) in %s", nHosts, time.Since(t0).Round(time.Millisecond))
+	s.line("- %d hosts joined (join token, certificate, registration) in %s", o.hosts, time.Since(t0).Round(time.Millisecond))
 	t0 = time.Now()
-	createLat, err := s.createVMs(ctx, nHosts*nVMs, workers)
+	createLat, err := s.createVMs(ctx, o.hosts*o.vms, o.workers)
 	if err != nil {
 		return s.report.String(), err
 	}
 	s.line("- %d VMs created and started through the API in %s (%d at a time): create p50 %s, p99 %s",
-		nHosts*nVMs, time.Since(t0).Round(time.Millisecond), workers, pct(createLat, 50), pct(createLat, 99))
+		o.hosts*o.vms, time.Since(t0).Round(time.Millisecond), o.workers, pct(createLat, 50), pct(createLat, 99))
 	s.line("")
-	if err := s.steadyState(ctx, steady, nHosts); err != nil {
+	if err := s.steadyState(ctx, o); err != nil {
 		return s.report.String(), err
 	}
-	if err := s.hostDeath(ctx, deadAfter); err != nil {
-		return s.report.String(), err
+	for _, f := range strings.Split(o.faults, ",") {
+		switch strings.TrimSpace(f) {
+		case "":
+		case "kill":
+			err = s.hostDeath(ctx, o.deadAfter)
+		case "freeze":
+			err = s.hostFreeze(ctx, o.deadAfter)
+		case "manager":
+			if o.managers > 1 {
+				err = s.managerDrop(ctx, o.deadAfter)
+			}
+		default:
+			err = fmt.Errorf("unknown fault %q: use kill, freeze or manager", f)
+		}
+		if err != nil {
+			return s.report.String(), err
+		}
 	}
 	return s.report.String(), nil
+}
+
+// startManagers starts n manager processes and waits until one leads.
+func (s *sim) startManagers(ctx context.Context, bin string, n int, deadAfter time.Duration) error {
+	var peers []string
+	for i := 0; i < n; i++ {
+		addr, err := freeAddr()
+		if err != nil {
+			return err
+		}
+		m := &mgr{name: fmt.Sprintf("m%d", i+1), addr: addr, dir: filepath.Join(s.tmp, fmt.Sprintf("manager%d", i+1))}
+		s.mgrs = append(s.mgrs, m)
+		if n > 1 {
+			p, err := freeAddr()
+			if err != nil {
+				return err
+			}
+			peers = append(peers, fmt.Sprintf("%s=http://%s", m.name, p))
+		}
+	}
+	for _, m := range s.mgrs {
+		args := []string{"agent", "--manager", "--listen", m.addr, "--data-dir", m.dir,
+			"--host-dead-after", deadAfter.String(), "--log-level", "warn"}
+		if n > 1 {
+			args = append(args, "--name", m.name, "--etcd-peers", strings.Join(peers, ","))
+		}
+		m.cmd = exec.CommandContext(ctx, bin, args...)
+		logf, _ := os.Create(m.dir + ".log")
+		m.cmd.Stdout, m.cmd.Stderr = logf, logf
+		if err := m.cmd.Start(); err != nil {
+			return err
+		}
+	}
+	for t0 := time.Now(); ; time.Sleep(100 * time.Millisecond) {
+		ready := 0
+		for _, m := range s.mgrs {
+			if m.c == nil {
+				if _, err := os.Stat(filepath.Join(m.dir, "client.yaml")); err == nil {
+					m.c = clientFor(m.dir)
+				}
+			}
+			if m.c != nil {
+				if _, err := m.c.Hosts(ctx); err == nil {
+					ready++
+				}
+			}
+		}
+		if ready == n && s.leader() != nil {
+			break
+		}
+		if time.Since(t0) > time.Minute {
+			b, _ := os.ReadFile(s.mgrs[0].dir + ".log")
+			return fmt.Errorf("%d of %d managers up after a minute:\n%s", ready, n, b)
+		}
+	}
+	s.c = s.mgrs[0].c
+	return nil
+}
+
+// leader is the manager that says it leads, if any.
+func (s *sim) leader() *mgr {
+	for _, m := range s.live() {
+		if leading(m.addr) {
+			return m
+		}
+	}
+	return nil
+}
+
+func leading(addr string) bool {
+	// /v1/health needs no token; only its leader flag is read.
+	c := &http.Client{Timeout: 500 * time.Millisecond, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	resp, err := c.Get("https://" + addr + "/v1/health")
+	if err != nil {
+		return false
+	}
+	defer resp.Body.Close()
+	var h struct {
+		Leader bool `json:"leader"`
+	}
+	json.NewDecoder(resp.Body).Decode(&h)
+	return h.Leader
 }
 
 // startHosts joins n simulated hosts, a few at a time.
@@ -157,8 +289,12 @@ func (s *sim) startHosts(ctx context.Context, n int, deadAfter time.Duration) er
 		hctx, cancel := context.WithCancel(ctx)
 		sh := &simulated{name: name, cancel: cancel, done: make(chan error, 1)}
 		ready := make(chan struct{})
+		var urls []string // rotated: host i reports to manager i mod n first
+		for k := range s.mgrs {
+			urls = append(urls, s.mgrs[(i+k)%len(s.mgrs)].url())
+		}
 		cfg := agent.HostConfig{Name: name, DataDir: filepath.Join(s.tmp, "hosts", name), Listen: "127.0.0.1:0",
-			Managers: []string{s.url}, JoinToken: tok.Token, FenceAfter: fence,
+			Managers: urls, JoinToken: tok.Token, FenceAfter: fence,
 			Logger: slog.New(slog.DiscardHandler), Ready: func(string) { close(ready) }}
 		sem <- struct{}{}
 		wg.Add(1)

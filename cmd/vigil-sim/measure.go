@@ -99,20 +99,80 @@ func quantile(a, b heartbeats, q float64) string {
 	return "?"
 }
 
-// steadyState measures d of steady operation: heartbeats (rate, failures,
-// latency), the manager's CPU and memory, API latency, etcd's writes.
-func (s *sim) steadyState(ctx context.Context, d time.Duration, nHosts int) error {
-	ecli, err := clientv3.New(clientv3.Config{Endpoints: []string{"unix://" + filepath.Join(s.tmp, "manager", "etcd", "client.sock")}, DialTimeout: 5 * time.Second})
+// scrapeAll sums the heartbeat counts of every live manager (each counts
+// those it took); the size and time are those of the API manager's.
+func (s *sim) scrapeAll(ctx context.Context) (heartbeats, int, time.Duration, error) {
+	sum := heartbeats{byCode: map[string]uint64{}, buckets: map[float64]uint64{}}
+	var size int
+	var took time.Duration
+	for _, m := range s.live() {
+		hb, n, d, err := scrape(ctx, m.c)
+		if err != nil {
+			return sum, 0, 0, fmt.Errorf("metrics of %s: %w", m.name, err)
+		}
+		for k, v := range hb.byCode {
+			sum.byCode[k] += v
+		}
+		for k, v := range hb.buckets {
+			sum.buckets[k] += v
+		}
+		sum.count += hb.count
+		if m.c == s.c {
+			size, took, sum.dbBytes = n, d, hb.dbBytes
+		}
+	}
+	return sum, size, took, nil
+}
+
+// usage is the CPU time and resident memory of every live manager.
+func (s *sim) usage() (time.Duration, int64, error) {
+	var cpu time.Duration
+	var rss int64
+	for _, m := range s.live() {
+		c, r, err := procCPU(m.cmd.Process.Pid)
+		if err != nil {
+			return 0, 0, err
+		}
+		cpu, rss = cpu+c, rss+r
+	}
+	return cpu, rss, nil
+}
+
+// etcdAll is the store's revision and each live member's database size.
+func (s *sim) etcdAll(ctx context.Context) (int64, []int64) {
+	var rev int64
+	var sizes []int64
+	for _, m := range s.live() {
+		cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"unix://" + filepath.Join(m.dir, "etcd", "client.sock")}, DialTimeout: 5 * time.Second})
+		if err != nil {
+			continue
+		}
+		r, size := etcdStatus(ctx, cli)
+		cli.Close()
+		rev = max(rev, r)
+		sizes = append(sizes, size)
+	}
+	return rev, sizes
+}
+
+func mib(sizes []int64) string {
+	var out []string
+	for _, b := range sizes {
+		out = append(out, fmt.Sprintf("%.1f", float64(b)/(1<<20)))
+	}
+	return strings.Join(out, " / ") + " MiB"
+}
+
+// steadyState measures o.steady of steady operation: heartbeats (rate,
+// failures, latency), the managers' CPU and memory, API latency, etcd's
+// writes and size, with a line of the time series every o.sample.
+func (s *sim) steadyState(ctx context.Context, o options) error {
+	rev0, size0 := s.etcdAll(ctx)
+	a, _, _, err := s.scrapeAll(ctx)
 	if err != nil {
 		return err
 	}
-	defer ecli.Close()
-	rev0, size0 := etcdStatus(ctx, ecli)
-	a, _, _, err := scrape(ctx, s.c)
-	if err != nil {
-		return err
-	}
-	cpu0, _, err := procCPU(s.pid)
+	cpu0, _, err := s.usage()
 	if err != nil {
 		return err
 	}
@@ -123,9 +183,18 @@ func (s *sim) steadyState(ctx context.Context, d time.Duration, nHosts int) erro
 	if err != nil {
 		return err
 	}
+	type point struct {
+		at    time.Duration
+		beats uint64
+		cpu   time.Duration
+		rss   int64
+		rev   int64
+		sizes []int64
+	}
+	series := []point{{0, a.count, cpu0, 0, rev0, size0}}
 	var getOne, page100, byHost []time.Duration
 	down := 0
-	for time.Since(t0) < d {
+	for time.Since(t0) < o.steady {
 		for i := 0; i < 20; i++ {
 			name := vms[rand.IntN(len(vms))].Name
 			t := time.Now()
@@ -145,13 +214,25 @@ func (s *sim) steadyState(ctx context.Context, d time.Duration, nHosts int) erro
 		}
 		byHost = append(byHost, time.Since(t))
 		time.Sleep(time.Second)
+		if el := time.Since(t0); el-series[len(series)-1].at >= o.sample && el < o.steady {
+			hb, _, _, err := s.scrapeAll(ctx)
+			if err != nil {
+				return err
+			}
+			cpu, rss, err := s.usage()
+			if err != nil {
+				return err
+			}
+			rev, sizes := s.etcdAll(ctx)
+			series = append(series, point{el, hb.count, cpu, rss, rev, sizes})
+		}
 	}
 	el := time.Since(t0)
-	cpu1, rss, err := procCPU(s.pid)
+	cpu1, rss, err := s.usage()
 	if err != nil {
 		return err
 	}
-	b, size, took, err := scrape(ctx, s.c)
+	b, size, took, err := s.scrapeAll(ctx)
 	if err != nil {
 		return err
 	}
@@ -164,7 +245,8 @@ func (s *sim) steadyState(ctx context.Context, d time.Duration, nHosts int) erro
 			down++
 		}
 	}
-	rev1, size1 := etcdStatus(ctx, ecli)
+	rev1, size1 := s.etcdAll(ctx)
+	series = append(series, point{el, b.count, cpu1, rss, rev1, size1})
 	ok := b.byCode["204"] - a.byCode["204"]
 	var failed uint64
 	var codes []string
@@ -174,24 +256,38 @@ func (s *sim) steadyState(ctx context.Context, d time.Duration, nHosts int) erro
 			codes = append(codes, fmt.Sprintf("%s×%d", code, n-a.byCode[code]))
 		}
 	}
-	want := float64(nHosts) * el.Seconds()
+	want := float64(len(s.hosts)) * el.Seconds()
+	cores := (cpu1 - cpu0).Seconds() / el.Seconds()
 	s.line("## Steady state (%s)", el.Round(time.Second))
 	s.line("")
 	s.line("| Measure | Value |")
 	s.line("|---|---|")
-	s.line("| Heartbeats taken | %d (%.0f/s; %d hosts at 1/s would send %.0f/s): %.1f%% |", ok, float64(ok)/el.Seconds(), nHosts, float64(nHosts), 100*float64(ok)/want)
+	s.line("| Heartbeats taken | %d (%.0f/s; %d hosts at 1/s would send %d/s): %.1f%% |", ok, float64(ok)/el.Seconds(), len(s.hosts), len(s.hosts), 100*float64(ok)/want)
 	s.line("| Heartbeats refused or failed | %d %s |", failed, strings.Join(codes, " "))
-	s.line("| Heartbeat latency at the manager (histogram) | p50 %s, p99 %s |", quantile(a, b, 0.5), quantile(a, b, 0.99))
-	s.line("| Hosts not up at the end | %d of %d |", down, nHosts)
-	s.line("| Manager CPU | %.2f cores (%.2f ms per heartbeat) |", (cpu1-cpu0).Seconds()/el.Seconds(), float64((cpu1-cpu0).Milliseconds())/math.Max(1, float64(ok)))
-	s.line("| Manager memory (RSS) | %.0f MiB |", float64(rss)/(1<<20))
+	s.line("| Heartbeat latency at the managers (histogram) | p50 %s, p99 %s |", quantile(a, b, 0.5), quantile(a, b, 0.99))
+	s.line("| Hosts not up at the end | %d of %d |", down, len(s.hosts))
+	s.line("| Managers' CPU (etcd included; %d process(es)) | %.2f cores (%.2f ms per heartbeat) |", len(s.live()), cores, float64((cpu1-cpu0).Milliseconds())/math.Max(1, float64(ok)))
+	s.line("| Managers' memory (RSS, summed) | %.0f MiB |", float64(rss)/(1<<20))
 	s.line("| GET one VM | p50 %s, p99 %s (%d requests) |", pct(getOne, 50), pct(getOne, 99), len(getOne))
 	s.line("| GET /v1/vms?limit=100 | p50 %s, p99 %s |", pct(page100, 50), pct(page100, 99))
 	s.line("| GET /v1/vms?host=H (every page) | p50 %s, p99 %s |", pct(byHost, 50), pct(byHost, 99))
 	s.line("| GET /metrics | %s, %.0f KB |", took.Round(time.Millisecond), float64(size)/1000)
 	s.line("| etcd writes | %.0f revisions/s |", float64(rev1-rev0)/el.Seconds())
-	s.line("| etcd database | %.1f MiB → %.1f MiB |", float64(size0)/(1<<20), float64(size1)/(1<<20))
+	s.line("| etcd database (each member) | %s → %s |", mib(size0), mib(size1))
 	s.line("")
+	if len(series) > 2 {
+		s.line("Over time (each line: the interval since the previous one):")
+		s.line("")
+		s.line("| At | Heartbeats/s | Managers' CPU (cores) | Managers' RSS | etcd writes/s | etcd database |")
+		s.line("|---|---|---|---|---|---|")
+		for i := 1; i < len(series); i++ {
+			p, q := series[i-1], series[i]
+			d := (q.at - p.at).Seconds()
+			s.line("| %s | %.0f | %.2f | %.0f MiB | %.0f | %s |", q.at.Round(time.Second), float64(q.beats-p.beats)/d,
+				(q.cpu-p.cpu).Seconds()/d, float64(q.rss)/(1<<20), float64(q.rev-p.rev)/d, mib(q.sizes))
+		}
+		s.line("")
+	}
 	return nil
 }
 
@@ -214,57 +310,19 @@ func (s *sim) hostDeath(ctx context.Context, deadAfter time.Duration) error {
 	if err != nil {
 		return err
 	}
-	evs, err := s.c.Events(ctx, 1<<62, "", true)
+	ch, err := s.events(ctx)
 	if err != nil {
 		return err
 	}
-	type ev struct {
-		e api.Event
-		t time.Time
-	}
-	ch := make(chan ev, 1024)
-	go func() {
-		for {
-			e, err := evs.Next()
-			if err != nil {
-				close(ch)
-				return
-			}
-			ch <- ev{e, time.Now()}
-		}
-	}()
 	t0 := time.Now()
 	victim.cancel()
 	<-victim.done
-	var dead time.Time
-	moved := map[string]time.Time{}
-	want := map[string]bool{}
-	for _, vm := range mine {
-		want[vm.Name] = true
+	victim.dead = true
+	dead, last, err := s.awaitMoved(ch, victim.name, mine, t0, deadAfter)
+	if err != nil {
+		return err
 	}
-	timeout := time.After(deadAfter + 2*time.Minute)
-	for dead.IsZero() || len(moved) < len(want) {
-		select {
-		case x, ok := <-ch:
-			if !ok {
-				return fmt.Errorf("the event stream ended")
-			}
-			switch {
-			case x.e.Type == "host.dead" && x.e.Host == victim.name:
-				dead = x.t
-			case x.e.Type == "vm.state" && want[x.e.VM] && x.e.State == api.StateRunning && x.e.Host != victim.name && !dead.IsZero():
-				moved[x.e.VM] = x.t
-			}
-		case <-timeout:
-			return fmt.Errorf("after %s: host dead %v, %d of %d vms running elsewhere", time.Since(t0).Round(time.Second), !dead.IsZero(), len(moved), len(want))
-		}
-	}
-	var last time.Time
-	for _, t := range moved {
-		if t.After(last) {
-			last = t
-		}
-	}
+	want := mine
 	s.line("## Host death")
 	s.line("")
 	s.line("Host %s (%d VMs) stopped (heartbeats and server, as a crash); --host-dead-after %s.", victim.name, len(want), deadAfter)
@@ -289,4 +347,68 @@ func pct(ds []time.Duration, q int) string {
 		i--
 	}
 	return x[i].Round(10 * time.Microsecond).String()
+}
+
+type ev struct {
+	e api.Event
+	t time.Time
+}
+
+// events follows the API manager's event stream from now on.
+func (s *sim) events(ctx context.Context) (<-chan ev, error) {
+	evs, err := s.c.Events(ctx, 1<<62, "", true)
+	if err != nil {
+		return nil, err
+	}
+	ch := make(chan ev, 4096)
+	go func() {
+		defer close(ch)
+		for {
+			e, err := evs.Next()
+			if err != nil {
+				return
+			}
+			select {
+			case ch <- ev{e, time.Now()}:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return ch, nil
+}
+
+// awaitMoved waits until host is declared dead and every VM of mine runs
+// on another host, and returns when each happened.
+func (s *sim) awaitMoved(ch <-chan ev, host string, mine []api.VM, t0 time.Time, deadAfter time.Duration) (time.Time, time.Time, error) {
+	var dead time.Time
+	moved := map[string]time.Time{}
+	want := map[string]bool{}
+	for _, vm := range mine {
+		want[vm.Name] = true
+	}
+	timeout := time.After(deadAfter + 2*time.Minute)
+	for dead.IsZero() || len(moved) < len(want) {
+		select {
+		case x, ok := <-ch:
+			if !ok {
+				return dead, time.Time{}, fmt.Errorf("the event stream ended")
+			}
+			switch {
+			case x.e.Type == "host.dead" && x.e.Host == host:
+				dead = x.t
+			case x.e.Type == "vm.state" && want[x.e.VM] && x.e.State == api.StateRunning && x.e.Host != host && !dead.IsZero():
+				moved[x.e.VM] = x.t
+			}
+		case <-timeout:
+			return dead, time.Time{}, fmt.Errorf("after %s: host %s dead %v, %d of %d vms running elsewhere", time.Since(t0).Round(time.Second), host, !dead.IsZero(), len(moved), len(want))
+		}
+	}
+	var last time.Time
+	for _, t := range moved {
+		if t.After(last) {
+			last = t
+		}
+	}
+	return dead, last, nil
 }

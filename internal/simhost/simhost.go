@@ -323,3 +323,24 @@ func (h *Host) Checkpoints(context.Context, hostproto.CheckpointsRequest) (io.Re
 }
 
 var _ hostproto.Handler = (*Host)(nil)
+
+// Freeze stops the host as a hung machine stops: everything that reads or
+// changes it (its heartbeats' statuses, the managers' calls, its fencing
+// watchdog) waits until Thaw. Its VMs run nothing meanwhile.
+func (h *Host) Freeze() { h.mu.Lock() }
+
+// Thaw lets a frozen host go on where it stopped.
+func (h *Host) Thaw() { h.mu.Unlock() }
+
+// Running names the VMs running here now.
+func (h *Host) Running() []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var out []string
+	for name, v := range h.vms {
+		if v.running {
+			out = append(out, name)
+		}
+	}
+	return out
+}

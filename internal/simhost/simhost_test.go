@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"testing"
+	"time"
 
 	"github.com/vigil-project/vigil/internal/hostproto"
 )
@@ -53,5 +54,29 @@ func TestLifecycle(t *testing.T) {
 	}
 	if len(events) == 0 || events[0].Kind != hostproto.EventStarted || events[0].Host != "h1" {
 		t.Fatalf("events: %+v", events)
+	}
+}
+
+// TestFreeze: a frozen host answers nothing (its statuses wait) until it is
+// thawed, then goes on with its VMs as they were.
+func TestFreeze(t *testing.T) {
+	h := New("h1", "pool", func(hostproto.Event) {})
+	ctx := context.Background()
+	h.Create(ctx, hostproto.CreateRequest{Spec: hostproto.VMSpec{Name: "a"}})
+	h.Start(ctx, hostproto.VMRef{VM: "a"})
+	h.Freeze()
+	got := make(chan []hostproto.VMStatus)
+	go func() { got <- h.Statuses() }()
+	select {
+	case <-got:
+		t.Fatal("a frozen host reported its statuses")
+	case <-time.After(50 * time.Millisecond):
+	}
+	h.Thaw()
+	if st := <-got; len(st) != 1 || !st[0].Running {
+		t.Fatalf("after the thaw: %+v", st)
+	}
+	if r := h.Running(); len(r) != 1 || r[0] != "a" {
+		t.Fatalf("running: %v", r)
 	}
 }
