@@ -60,11 +60,14 @@ func (s *sim) copies(skip *simulated) (stop func() (int, string)) {
 // its copies and join again. Throughout, no VM may run on two hosts.
 func (s *sim) hostFreeze(ctx context.Context, deadAfter time.Duration) error {
 	var victim *simulated
-	for _, h := range s.hosts[len(s.hosts)/3:] {
-		if !h.dead {
+	for i := range s.hosts {
+		if h := s.hosts[(len(s.hosts)/3+i)%len(s.hosts)]; !h.dead {
 			victim = h
 			break
 		}
+	}
+	if victim == nil {
+		return fmt.Errorf("no live host to freeze")
 	}
 	mine, err := s.c.AllVMs(ctx, client.ListOptions{Host: victim.name})
 	if err != nil {
@@ -92,8 +95,10 @@ func (s *sim) hostFreeze(ctx context.Context, deadAfter time.Duration) error {
 	thawed := time.Now()
 	victim.host.Thaw()
 	victim.frozen.Store(false)
-	// It kills its copies (every VM it had moved), then joins again.
-	var fenced, back time.Time
+	// It kills its copies (every VM it had moved), then joins again: up,
+	// with two heartbeats taken since it woke (the first time seen may be
+	// its registration's).
+	var fenced, back, firstBeat time.Time
 	for deadline := time.Now().Add(deadAfter + time.Minute); fenced.IsZero() || back.IsZero(); time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			stop()
@@ -107,7 +112,11 @@ func (s *sim) hostFreeze(ctx context.Context, deadAfter time.Duration) error {
 		if back.IsZero() {
 			if hs, err := s.c.Hosts(ctx); err == nil {
 				for _, h := range hs {
-					if h.Name == victim.name && h.State == "up" && h.LastHeartbeat.After(thawed) {
+					switch {
+					case h.Name != victim.name || h.State != "up" || !h.LastHeartbeat.After(thawed):
+					case firstBeat.IsZero():
+						firstBeat = h.LastHeartbeat
+					case h.LastHeartbeat.After(firstBeat):
 						back = time.Now()
 					}
 				}
@@ -116,6 +125,9 @@ func (s *sim) hostFreeze(ctx context.Context, deadAfter time.Duration) error {
 	}
 	time.Sleep(2 * time.Second)
 	most, which := stop()
+	if back.Before(fenced) {
+		return fmt.Errorf("the woken host %s was heartbeating again %s before it had killed its copies", victim.name, fenced.Sub(back))
+	}
 	s.line("## Host freeze")
 	s.line("")
 	s.line("Host %s (%d VMs) hung (its heartbeats, its server's answers and its fencing watchdog all wait), woken 2 s after its VMs ran elsewhere.", victim.name, len(mine))

@@ -340,7 +340,10 @@ func (m *Manager) WatchHosts(ctx context.Context) {
 			}
 			m.setDead(rec.Name, dead)
 			m.setDrained(rec.Name, rec.Drained)
-			m.setRecordRev(rec.Name, rev)
+			if rec.DeadAt == nil {
+				m.setLiveRecordRev(rec.Name, rev)
+				m.forgetStored(rec.Name)
+			}
 		case strings.HasPrefix(key, "hoststatus/"):
 			var st hostStatusRecord
 			if json.Unmarshal(value, &st) != nil {

@@ -39,15 +39,26 @@ type storedStatus struct {
 
 // storeHeartbeat shares a heartbeat through the store, if the host's record
 // is still the one at hostRev (so a death and a heartbeat cannot both
-// win): its liveness always, its status when statusDue says so. It returns
-// the revision written, and whether the status was written with it.
-func (m *Manager) storeHeartbeat(ctx context.Context, name string, hostRev int64, hb hostproto.Heartbeat, now time.Time) (int64, bool, error) {
+// win): its liveness always, its status when statusDue says so or force.
+// It returns the revision written, and whether the status was written with
+// it.
+func (m *Manager) storeHeartbeat(ctx context.Context, name string, hostRev int64, hb hostproto.Heartbeat, now time.Time, force bool) (int64, bool, error) {
+	conds := []store.Cond{{Key: "hosts/" + name, Rev: hostRev}}
 	pairs := []store.Pair{{Key: "hostseen/" + name, Value: hostSeenRecord{Seen: now}}}
-	withStatus := m.statusDue(name, hb, time.Now())
+	withStatus, storedRev := true, int64(0)
+	if !force {
+		withStatus, storedRev = m.statusDue(name, hb, time.Now())
+	}
 	if withStatus {
 		pairs = append(pairs, store.Pair{Key: "hoststatus/" + name, Value: hostStatusRecord{Heartbeat: hb, Seen: now}})
+	} else {
+		// Left out only while the stored status is the one it was judged
+		// against: another manager may have stored a newer one since
+		// (the host reported there for a while), which this report must
+		// replace.
+		conds = append(conds, store.Cond{Key: "hoststatus/" + name, Rev: storedRev})
 	}
-	rev, err := m.store.PutAllIf(ctx, "hosts/"+name, hostRev, pairs...)
+	rev, err := m.store.PutAllIf(ctx, conds, pairs...)
 	if err != nil {
 		return 0, false, err
 	}
@@ -57,15 +68,26 @@ func (m *Manager) storeHeartbeat(ctx context.Context, name string, hostRev int64
 	return rev, withStatus, nil
 }
 
-// statusDue says whether a heartbeat's status must be stored now.
-func (m *Manager) statusDue(name string, hb hostproto.Heartbeat, now time.Time) bool {
+// statusDue says whether a heartbeat's status must be stored now and, if
+// not, the revision of the stored one it matches.
+func (m *Manager) statusDue(name string, hb hostproto.Heartbeat, now time.Time) (bool, int64) {
 	m.hosts.mu.Lock()
 	defer m.hosts.mu.Unlock()
 	e, ok := m.hosts.hosts[name]
-	if !ok || e.stored.at.IsZero() || now.Sub(e.stored.at) >= statusRefresh {
-		return true
+	if !ok || e.stored.at.IsZero() || e.storedRev == 0 || now.Sub(e.stored.at) >= statusRefresh {
+		return true, 0
 	}
-	return !sameReport(e.stored.hb, hb)
+	return !sameReport(e.stored.hb, hb), e.storedRev
+}
+
+// forgetStored makes the next heartbeat of a host store its status: after
+// a registration, the other managers may hold a new, empty view of it.
+func (m *Manager) forgetStored(name string) {
+	m.hosts.mu.Lock()
+	defer m.hosts.mu.Unlock()
+	if e, ok := m.hosts.hosts[name]; ok {
+		e.stored.at = time.Time{}
+	}
 }
 
 // noteStored remembers a host's status as stored at rev (by this manager or,
@@ -83,11 +105,22 @@ func (m *Manager) noteStored(name string, hb hostproto.Heartbeat, rev int64) {
 
 // sameReport says whether two reports of a host agree on everything a
 // decision reads: the host's capacity and every VM's state, process, guest
-// identity and protection state. Counters and times that move with every
-// heartbeat are left out.
+// identity and protection state, in any order. Counters and times that
+// move with every heartbeat are left out.
 func sameReport(a, b hostproto.Heartbeat) bool {
-	return stableInfo(a.Info) == stableInfo(b.Info) &&
-		slices.EqualFunc(a.Statuses, b.Statuses, sameVMStatus)
+	if stableInfo(a.Info) != stableInfo(b.Info) || len(a.Statuses) != len(b.Statuses) {
+		return false
+	}
+	for i, s := range b.Statuses {
+		j := i
+		if a.Statuses[i].Name != s.Name {
+			j = slices.IndexFunc(a.Statuses, func(x hostproto.VMStatus) bool { return x.Name == s.Name })
+		}
+		if j < 0 || !sameVMStatus(a.Statuses[j], s) {
+			return false
+		}
+	}
+	return true
 }
 
 func stableInfo(h api.Host) api.Host {
@@ -116,17 +149,19 @@ func sameVMStatus(a, b hostproto.VMStatus) bool {
 }
 
 // hostRecordRev is the revision of the host's record as this manager last
-// saw it (0 if unknown), so that a heartbeat need not read it.
+// saw it alive (0 if unknown or dead), so that a heartbeat need not read it.
 func (m *Manager) hostRecordRev(name string) int64 {
 	m.hosts.mu.Lock()
 	defer m.hosts.mu.Unlock()
-	if e, ok := m.hosts.hosts[name]; ok {
+	if e, ok := m.hosts.hosts[name]; ok && e.deadAt.IsZero() {
 		return e.recordRev
 	}
 	return 0
 }
 
-func (m *Manager) setRecordRev(name string, rev int64) {
+// setLiveRecordRev remembers the revision of a host's record that says it
+// lives. Never that of a death: a heartbeat conditioned on it would win.
+func (m *Manager) setLiveRecordRev(name string, rev int64) {
 	m.hosts.mu.Lock()
 	defer m.hosts.mu.Unlock()
 	if e, ok := m.hosts.hosts[name]; ok && rev > e.recordRev {
@@ -135,11 +170,12 @@ func (m *Manager) setRecordRev(name string, rev int64) {
 }
 
 // shareHeartbeat stores a heartbeat, conditioned on the host's record as
-// last seen here; if that changed (or was not known), it reads the record
-// again and retries once. A host declared dead gets errDead with the time.
+// last seen alive here; if that changed (or was not known), it reads the
+// record again and stores the heartbeat with its status. A host declared
+// dead gets a deadError.
 func (m *Manager) shareHeartbeat(ctx context.Context, name string, hb hostproto.Heartbeat, now time.Time) (int64, bool, error) {
 	if rev := m.hostRecordRev(name); rev != 0 {
-		srev, withStatus, err := m.storeHeartbeat(ctx, name, rev, hb, now)
+		srev, withStatus, err := m.storeHeartbeat(ctx, name, rev, hb, now, false)
 		if !errors.Is(err, store.ErrConflict) {
 			return srev, withStatus, err
 		}
@@ -152,8 +188,8 @@ func (m *Manager) shareHeartbeat(ctx context.Context, name string, hb hostproto.
 	if rec.DeadAt != nil {
 		return 0, false, &deadError{at: *rec.DeadAt}
 	}
-	m.setRecordRev(name, rev)
-	return m.storeHeartbeat(ctx, name, rev, hb, now)
+	m.setLiveRecordRev(name, rev)
+	return m.storeHeartbeat(ctx, name, rev, hb, now, true)
 }
 
 // deadError says the host was declared dead at a time.

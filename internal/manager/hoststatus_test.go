@@ -62,6 +62,9 @@ func TestSameReport(t *testing.T) {
 			s.Protection = &p
 		}), false},
 		{"protection ended", vm(func(s *hostproto.VMStatus) { s.Protection = nil }), false},
+		{"same vms, another order", func(hb *hostproto.Heartbeat) {
+			hb.Statuses = append([]hostproto.VMStatus{{Name: "b"}}, hb.Statuses...)
+		}, false},
 		{"a vm more", func(hb *hostproto.Heartbeat) { hb.Statuses = append(hb.Statuses, hostproto.VMStatus{Name: "b"}) }, false},
 		{"no vm", func(hb *hostproto.Heartbeat) { hb.Statuses = nil }, false},
 		{"host memory changed", func(hb *hostproto.Heartbeat) { hb.Info.MemoryBytes = 16 << 30 }, false},
@@ -73,6 +76,20 @@ func TestSameReport(t *testing.T) {
 				t.Fatalf("sameReport = %v, want %v", got, tt.same)
 			}
 		})
+	}
+	// A host may list its VMs in any order (a map): the order is no change.
+	two := func(first, second string) hostproto.Heartbeat {
+		return reportOf(func(hb *hostproto.Heartbeat) {
+			hb.Statuses = []hostproto.VMStatus{{Name: first, Running: true}, {Name: second}}
+		})
+	}
+	if !sameReport(two("a", "b"), reportOf(func(hb *hostproto.Heartbeat) {
+		hb.Statuses = []hostproto.VMStatus{{Name: "b"}, {Name: "a", Running: true}}
+	})) {
+		t.Fatal("the same vms in another order count as a change")
+	}
+	if sameReport(two("a", "b"), two("b", "a")) {
+		t.Fatal("a vm that stopped and another that started count as no change")
 	}
 }
 
@@ -164,7 +181,7 @@ func TestHeartbeatAfterUnseenDeath(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m.setRecordRev("h0", rev)
+	m.setLiveRecordRev("h0", rev)
 	if err := m.Heartbeat(ctx, "h0", reportOf(nil)); err != nil {
 		t.Fatal(err)
 	}
@@ -177,13 +194,83 @@ func TestHeartbeatAfterUnseenDeath(t *testing.T) {
 	if err := m.store.Put(ctx, "hosts/h0", hostRecord{Name: "h0", Addr: "127.0.0.1:1", DeadAt: &dead}); err != nil {
 		t.Fatal(err)
 	}
-	m.setRecordRev("h0", rev) // as if the watch had not delivered it yet
+	m.setLiveRecordRev("h0", rev) // as if the watch had not delivered it yet
 	if err := m.Heartbeat(ctx, "h0", reportOf(nil)); !errors.Is(err, ErrGone) {
 		t.Fatalf("heartbeat after an unseen death: %v, want ErrGone", err)
 	}
 	if after, err := m.store.Get(ctx, "hostseen/h0", &seen); err != nil || after != before {
 		t.Fatalf("liveness rev %d→%d (%v): a dead host's heartbeat was stored", before, after, err)
 	}
+}
+
+// TestDeathRevisionNeverConditionsAHeartbeat: once the watch has shown a
+// host's death, no heartbeat can be stored on the strength of that record
+// (the race: a heartbeat past the in-memory check as the death arrives).
+func TestDeathRevisionNeverConditionsAHeartbeat(t *testing.T) {
+	m, _ := newTestManager(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); m.WatchHosts(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	m.AddHost(remotehost.New("h0", "127.0.0.1:1", m.identity.HostClientTLS("h0")))
+	if err := m.store.Put(ctx, "hosts/h0", hostRecordOf("h0", nil)); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Heartbeat(ctx, "h0", reportOf(nil)); err != nil {
+		t.Fatal(err)
+	}
+	dead := time.Now().UTC()
+	if err := m.store.Put(ctx, "hosts/h0", hostRecordOf("h0", &dead)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return m.hostState("h0") == "dead" })
+	if rev := m.hostRecordRev("h0"); rev != 0 {
+		t.Fatalf("a dead host's record revision %d is offered to heartbeats", rev)
+	}
+	m.hosts.mu.Lock()
+	m.hosts.hosts["h0"].deadAt = time.Time{} // as if the death were not applied yet
+	m.hosts.mu.Unlock()
+	_, _, err := m.shareHeartbeat(ctx, "h0", reportOf(nil), time.Now())
+	var de *deadError
+	if !errors.As(err, &de) {
+		t.Fatalf("heartbeat stored after the death: %v", err)
+	}
+}
+
+// TestStatusStoredElsewhereIsReplaced: a manager that stored a host's
+// status, then lost the host to another manager for a heartbeat (which
+// stored another status), stores its report again even though it matches
+// what it stored itself.
+func TestStatusStoredElsewhereIsReplaced(t *testing.T) {
+	ms, _ := newTestManagers(t, 2)
+	ctx := context.Background()
+	for _, m := range ms { // no watch: the first manager does not see the second's write
+		m.AddHost(remotehost.New("h0", "127.0.0.1:1", m.identity.HostClientTLS("h0")))
+	}
+	if err := ms[0].store.Put(ctx, "hosts/h0", hostRecordOf("h0", nil)); err != nil {
+		t.Fatal(err)
+	}
+	running := reportOf(nil)
+	paused := reportOf(func(hb *hostproto.Heartbeat) { hb.Statuses[0].RunState = "paused" })
+	for _, step := range []struct {
+		m  *Manager
+		hb hostproto.Heartbeat
+	}{{ms[0], running}, {ms[0], running}, {ms[1], paused}, {ms[0], running}} {
+		if err := step.m.Heartbeat(ctx, "h0", step.hb); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var st hostStatusRecord
+	if _, err := ms[0].store.Get(ctx, "hoststatus/h0", &st); err != nil {
+		t.Fatal(err)
+	}
+	if got := st.Statuses[0].RunState; got != "running" {
+		t.Fatalf("stored status says %s; the host last reported running", got)
+	}
+}
+
+func hostRecordOf(name string, dead *time.Time) hostRecord {
+	return hostRecord{Name: name, Addr: "127.0.0.1:1", FenceAfterMS: 5000, DeadAt: dead}
 }
 
 func (m *Manager) hostSeenRev(name string) int64 {

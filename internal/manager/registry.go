@@ -141,11 +141,15 @@ func (m *Manager) hostNamed(name string) Host {
 func (m *Manager) hostState(name string) string {
 	m.hosts.mu.Lock()
 	e, ok := m.hosts.hosts[name]
+	var c hostEntry
+	if ok {
+		c = *e // a copy: the entry changes under the lock
+	}
 	m.hosts.mu.Unlock()
 	if !ok {
 		return "unknown"
 	}
-	return e.view().State
+	return c.view().State
 }
 
 func (e *hostEntry) view() api.Host {

@@ -11,6 +11,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -77,6 +79,7 @@ func (h *Host) Statuses() []hostproto.VMStatus {
 	for _, v := range h.vms {
 		out = append(out, h.statusLocked(v, now))
 	}
+	slices.SortFunc(out, func(a, b hostproto.VMStatus) int { return strings.Compare(a.Name, b.Name) })
 	return out
 }
 

@@ -72,7 +72,7 @@ func TestPutAllIf(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, err := s.PutAllIf(ctx, "cond", rev, Pair{"a", 1}, Pair{"b", 2})
+	got, err := s.PutAllIf(ctx, []Cond{{"cond", rev}, {"b", 0}}, Pair{"a", 1}, Pair{"b", 2})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -81,16 +81,19 @@ func TestPutAllIf(t *testing.T) {
 	if ra != got || rb != got || v != 2 {
 		t.Fatalf("a at %d, b at %d (=%d); want both at %d", ra, rb, v, got)
 	}
+	if _, err := s.PutAllIf(ctx, []Cond{{"cond", rev}, {"b", 0}}, Pair{"c", 1}); !errors.Is(err, ErrConflict) {
+		t.Fatalf("b exists: %v, want ErrConflict", err)
+	}
 	if err := s.Put(ctx, "cond", 2); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.PutAllIf(ctx, "cond", rev, Pair{"a", 3}, Pair{"c", 4}); !errors.Is(err, ErrConflict) {
+	if _, err := s.PutAllIf(ctx, []Cond{{"cond", rev}}, Pair{"a", 3}, Pair{"c", 4}); !errors.Is(err, ErrConflict) {
 		t.Fatalf("stale condition: %v, want ErrConflict", err)
 	}
 	if _, err := s.Get(ctx, "c", &v); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("c written under a stale condition: %v", err)
 	}
-	if _, err := s.PutAllIf(ctx, "cond", rev); err == nil {
+	if _, err := s.PutAllIf(ctx, []Cond{{"cond", rev}}); err == nil {
 		t.Fatal("nothing to put: no error")
 	}
 }

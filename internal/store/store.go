@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -108,7 +109,7 @@ func (s *Store) Update(ctx context.Context, key string, rev int64, v any) (int64
 // condRev (0: condKey does not exist). Two writers that each read the
 // other's key before writing their own cannot both succeed.
 func (s *Store) PutIf(ctx context.Context, key string, v any, condKey string, condRev int64) (int64, error) {
-	return s.PutAllIf(ctx, condKey, condRev, Pair{key, v})
+	return s.PutAllIf(ctx, []Cond{{condKey, condRev}}, Pair{key, v})
 }
 
 // Pair is a key and the value to store there.
@@ -117,9 +118,15 @@ type Pair struct {
 	Value any
 }
 
-// PutAllIf stores every pair, in one revision, if condKey's revision is
-// still condRev; it returns that revision.
-func (s *Store) PutAllIf(ctx context.Context, condKey string, condRev int64, pairs ...Pair) (int64, error) {
+// Cond requires Key to be at revision Rev (0: not to exist).
+type Cond struct {
+	Key string
+	Rev int64
+}
+
+// PutAllIf stores every pair, in one revision, if every condition holds;
+// it returns that revision.
+func (s *Store) PutAllIf(ctx context.Context, conds []Cond, pairs ...Pair) (int64, error) {
 	if len(pairs) == 0 {
 		return 0, errors.New("put nothing: give at least one key")
 	}
@@ -131,15 +138,18 @@ func (s *Store) PutAllIf(ctx context.Context, condKey string, condRev int64, pai
 		}
 		ops = append(ops, clientv3.OpPut(s.key(p.Key), string(b)))
 	}
-	resp, err := s.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.ModRevision(s.key(condKey)), "=", condRev)).
-		Then(ops...).
-		Commit()
+	cmps := make([]clientv3.Cmp, 0, len(conds))
+	var keys []string
+	for _, c := range conds {
+		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(s.key(c.Key)), "=", c.Rev))
+		keys = append(keys, c.Key)
+	}
+	resp, err := s.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
 	if err != nil {
 		return 0, fmt.Errorf("put %s: %w", pairs[0].Key, err)
 	}
 	if !resp.Succeeded {
-		return 0, fmt.Errorf("put %s: %s changed: %w", pairs[0].Key, condKey, ErrConflict)
+		return 0, fmt.Errorf("put %s: %s changed: %w", pairs[0].Key, strings.Join(keys, " or "), ErrConflict)
 	}
 	return resp.Header.Revision, nil
 }
