@@ -135,6 +135,7 @@ func (s *sim) hostFreeze(ctx context.Context, deadAfter time.Duration) error {
 	s.line("| Measure | Value |")
 	s.line("|---|---|")
 	s.line("| Declared dead after | %s |", dead.Sub(t0).Round(time.Millisecond))
+	s.line("| Their records all moved to other hosts (vm.relocated) | %s after the death was declared |", s.relocated.Sub(dead).Round(time.Millisecond))
 	s.line("| Its VMs all running on other hosts | %s after the death was declared (%s after the freeze) |", last.Sub(dead).Round(time.Millisecond), last.Sub(t0).Round(time.Millisecond))
 	s.line("| Woken: its copies killed | %s after waking |", fenced.Sub(thawed).Round(time.Millisecond))
 	s.line("| Woken: up again (joined, heartbeating) | %s after waking |", back.Sub(thawed).Round(time.Millisecond))

@@ -81,6 +81,9 @@ type sim struct {
 	tmp    string
 	hosts  []*simulated
 	report strings.Builder
+	// relocated is when the last record of a dead host's VMs moved (set
+	// by awaitMoved).
+	relocated time.Time
 }
 
 // mgr is one manager process.

@@ -330,6 +330,7 @@ func (s *sim) hostDeath(ctx context.Context, deadAfter time.Duration) error {
 	s.line("| Measure | Value |")
 	s.line("|---|---|")
 	s.line("| Declared dead after | %s |", dead.Sub(t0).Round(time.Millisecond))
+	s.line("| Their records all moved to other hosts (vm.relocated) | %s after the death was declared |", s.relocated.Sub(dead).Round(time.Millisecond))
 	s.line("| Its VMs all running on other hosts | %s after the death was declared (%s after the crash) |", last.Sub(dead).Round(time.Millisecond), last.Sub(t0).Round(time.Millisecond))
 	s.line("| Target | acted on within the detection time + 1 s: %s |", map[bool]string{true: "met", false: "not met"}[last.Sub(t0) <= deadAfter+time.Second])
 	s.line("")
@@ -382,7 +383,7 @@ func (s *sim) events(ctx context.Context) (<-chan ev, error) {
 // on another host, and returns when each happened.
 func (s *sim) awaitMoved(ch <-chan ev, host string, mine []api.VM, t0 time.Time, deadAfter time.Duration) (time.Time, time.Time, error) {
 	var dead time.Time
-	moved := map[string]time.Time{}
+	moved, relocated := map[string]time.Time{}, map[string]time.Time{}
 	want := map[string]bool{}
 	for _, vm := range mine {
 		want[vm.Name] = true
@@ -397,6 +398,8 @@ func (s *sim) awaitMoved(ch <-chan ev, host string, mine []api.VM, t0 time.Time,
 			switch {
 			case x.e.Type == "host.dead" && x.e.Host == host:
 				dead = x.t
+			case x.e.Type == "vm.relocated" && want[x.e.VM]:
+				relocated[x.e.VM] = x.t
 			case x.e.Type == "vm.state" && want[x.e.VM] && x.e.State == api.StateRunning && x.e.Host != host && !dead.IsZero():
 				moved[x.e.VM] = x.t
 			}
@@ -404,11 +407,17 @@ func (s *sim) awaitMoved(ch <-chan ev, host string, mine []api.VM, t0 time.Time,
 			return dead, time.Time{}, fmt.Errorf("after %s: host %s dead %v, %d of %d vms running elsewhere", time.Since(t0).Round(time.Second), host, !dead.IsZero(), len(moved), len(want))
 		}
 	}
-	var last time.Time
+	var last, lastRelocated time.Time
 	for _, t := range moved {
 		if t.After(last) {
 			last = t
 		}
 	}
+	for _, t := range relocated {
+		if t.After(lastRelocated) {
+			lastRelocated = t
+		}
+	}
+	s.relocated = lastRelocated
 	return dead, last, nil
 }

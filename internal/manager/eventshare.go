@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/store"
 )
 
 // Every manager serves the event stream, but a host's events reach only the
@@ -39,6 +40,15 @@ func (m *Manager) publish(e api.Event) {
 	}
 }
 
+// shareBatch is the most events shared in one write.
+const shareBatch = 100
+
+func (m *Manager) sharedPair(e api.Event) store.Pair {
+	// Time and sequence make the key unique: two events of one instant
+	// must not overwrite each other.
+	return store.Pair{Key: fmt.Sprintf("events/%019d-%s-%d", e.Time.UnixNano(), m.instance, e.Seq), Value: sharedEvent{From: m.instance, Event: e}}
+}
+
 // ShareEvents writes this manager's events to the store and publishes the
 // other managers' until ctx ends. Call it only when sharing was configured.
 func (m *Manager) ShareEvents(ctx context.Context) {
@@ -52,9 +62,21 @@ func (m *Manager) ShareEvents(ctx context.Context) {
 			case <-ctx.Done():
 				return
 			case e := <-m.share:
-				key := fmt.Sprintf("events/%019d-%s", e.Time.UnixNano(), m.instance)
-				if err := m.store.PutTTL(ctx, key, sharedEvent{From: m.instance, Event: e}, eventTTL); err != nil && ctx.Err() == nil {
-					m.log.Warn("share event", "type", e.Type, "err", err)
+				// What queued meanwhile goes in the same write: one write
+				// per event fell behind a burst of creates (about 80 a
+				// second here) and dropped events.
+				batch := []store.Pair{m.sharedPair(e)}
+			drain:
+				for len(batch) < shareBatch {
+					select {
+					case e := <-m.share:
+						batch = append(batch, m.sharedPair(e))
+					default:
+						break drain
+					}
+				}
+				if err := m.store.PutTTLAll(ctx, batch, eventTTL); err != nil && ctx.Err() == nil {
+					m.log.Warn("share events", "events", len(batch), "err", err)
 				}
 			}
 		}

@@ -2,6 +2,7 @@ package manager
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"testing"
 	"time"
@@ -52,6 +53,42 @@ func TestSharedEvents(t *testing.T) {
 		evs := got(ch)
 		if len(evs) != 2 || !slices.Contains(evs, "vm.created a") || !slices.Contains(evs, "vm.deleted b") {
 			t.Fatalf("manager %d saw %v; want each event once", i, evs)
+		}
+	}
+}
+
+// TestSharedEventsBurst: a burst shared in batches reaches the other
+// manager whole and in order, events of one instant included.
+func TestSharedEventsBurst(t *testing.T) {
+	e, err := store.StartEmbedded(context.Background(), t.TempDir(), nil)
+	if err != nil {
+		t.Fatalf("start etcd: %v", err)
+	}
+	t.Cleanup(e.Close)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var ms []*Manager
+	for range 2 {
+		m := New(Config{Store: store.New(e.Client(), "/test/"), Events: events.New(2000), ShareEvents: true})
+		go m.ShareEvents(ctx)
+		ms = append(ms, m)
+	}
+	time.Sleep(300 * time.Millisecond)
+	_, ch, cancelSub := ms[1].events.Subscribe(0)
+	defer cancelSub()
+	const n = 900
+	for i := range n {
+		ms[0].publish(api.Event{Type: "vm.state", VM: fmt.Sprintf("vm%03d", i)})
+	}
+	timeout := time.After(10 * time.Second)
+	for i := 0; i < n; i++ {
+		select {
+		case ev := <-ch:
+			if want := fmt.Sprintf("vm%03d", i); ev.VM != want {
+				t.Fatalf("event %d is of %s, want %s", i, ev.VM, want)
+			}
+		case <-timeout:
+			t.Fatalf("%d of %d events arrived", i, n)
 		}
 	}
 }

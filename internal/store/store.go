@@ -247,6 +247,37 @@ func (s *Store) PutTTL(ctx context.Context, key string, v any, ttl time.Duration
 	return nil
 }
 
+// PutTTLAll stores every pair as PutTTL would, in one revision (at most
+// MaxTxnOps of them).
+func (s *Store) PutTTLAll(ctx context.Context, pairs []Pair, ttl time.Duration) error {
+	if len(pairs) == 0 {
+		return nil
+	}
+	if len(pairs) > MaxTxnOps {
+		return fmt.Errorf("put %d keys at once: at most %d", len(pairs), MaxTxnOps)
+	}
+	lease, err := s.ttlLease(ctx, ttl)
+	if err != nil {
+		return fmt.Errorf("put %s: %w", pairs[0].Key, err)
+	}
+	ops := make([]clientv3.Op, 0, len(pairs))
+	for _, p := range pairs {
+		b, err := json.Marshal(p.Value)
+		if err != nil {
+			return fmt.Errorf("encode %s: %w", p.Key, err)
+		}
+		ops = append(ops, clientv3.OpPut(s.key(p.Key), string(b), clientv3.WithLease(lease)))
+	}
+	if _, err := s.cli.Txn(ctx).Then(ops...).Commit(); err != nil {
+		return fmt.Errorf("put %s and %d more: %w", pairs[0].Key, len(pairs)-1, err)
+	}
+	return nil
+}
+
+// MaxTxnOps is the most keys one transaction may write (etcd's default
+// --max-txn-ops).
+const MaxTxnOps = 128
+
 // ttlLease returns the lease that keys written now with ttl share: it lasts
 // 2×ttl and is replaced after ttl, so each key lives ttl to 2×ttl. Each ttl
 // has its own: a key must never inherit a shorter-lived kind's lease.
