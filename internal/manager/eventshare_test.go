@@ -15,20 +15,7 @@ import (
 // TestSharedEvents runs two managers on one etcd: what one publishes
 // reaches the other's subscribers, once, and does not come back to itself.
 func TestSharedEvents(t *testing.T) {
-	e, err := store.StartEmbedded(context.Background(), t.TempDir(), nil)
-	if err != nil {
-		t.Fatalf("start etcd: %v", err)
-	}
-	t.Cleanup(e.Close)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	var ms []*Manager
-	for range 2 {
-		m := New(Config{Store: store.New(e.Client(), "/test/"), Events: events.New(100), ShareEvents: true})
-		go m.ShareEvents(ctx)
-		ms = append(ms, m)
-	}
-	time.Sleep(300 * time.Millisecond) // both watches in place
+	ms := sharingManagers(t, 100)
 	_, ch0, cancel0 := ms[0].events.Subscribe(0)
 	defer cancel0()
 	_, ch1, cancel1 := ms[1].events.Subscribe(0)
@@ -60,20 +47,7 @@ func TestSharedEvents(t *testing.T) {
 // TestSharedEventsBurst: a burst shared in batches reaches the other
 // manager whole and in order, events of one instant included.
 func TestSharedEventsBurst(t *testing.T) {
-	e, err := store.StartEmbedded(context.Background(), t.TempDir(), nil)
-	if err != nil {
-		t.Fatalf("start etcd: %v", err)
-	}
-	t.Cleanup(e.Close)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	var ms []*Manager
-	for range 2 {
-		m := New(Config{Store: store.New(e.Client(), "/test/"), Events: events.New(2000), ShareEvents: true})
-		go m.ShareEvents(ctx)
-		ms = append(ms, m)
-	}
-	time.Sleep(300 * time.Millisecond)
+	ms := sharingManagers(t, 2000)
 	_, ch, cancelSub := ms[1].events.Subscribe(0)
 	defer cancelSub()
 	const n = 900
@@ -91,4 +65,25 @@ func TestSharedEventsBurst(t *testing.T) {
 			t.Fatalf("%d of %d events arrived", i, n)
 		}
 	}
+}
+
+// sharingManagers starts two managers on one etcd that share their events,
+// each keeping ring events, with both watches in place.
+func sharingManagers(t *testing.T, ring int) []*Manager {
+	t.Helper()
+	e, err := store.StartEmbedded(context.Background(), t.TempDir(), nil)
+	if err != nil {
+		t.Fatalf("start etcd: %v", err)
+	}
+	t.Cleanup(e.Close)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	var ms []*Manager
+	for range 2 {
+		m := New(Config{Store: store.New(e.Client(), "/test/"), Events: events.New(ring), ShareEvents: true})
+		go m.ShareEvents(ctx)
+		ms = append(ms, m)
+	}
+	time.Sleep(300 * time.Millisecond) // both watches in place
+	return ms
 }
