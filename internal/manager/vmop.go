@@ -133,7 +133,10 @@ type vmOp struct {
 	// (a migration's target, a snapshot's name).
 	intent opIntent
 	// events wait for the next successful write.
-	events   []api.Event
+	events []api.Event
+	// also are other keys the next write stores with the record, or not
+	// at all (an incident the operation opens).
+	also     []store.Also
 	released bool
 	// keepIntent makes the release keep the intent in the record (the
 	// operation could not be finished or rolled back: the reconciler must
@@ -458,7 +461,7 @@ func (o *vmOp) commit(ctx context.Context, release bool) (audited func(), keep b
 	}
 	r.UpdatedAt = time.Now().UTC()
 	keep = release && o.quick && !o.keepIntent && !o.abandoned
-	var also []store.Also
+	also := o.also[:len(o.also):len(o.also)]
 	if release && !o.keepIntent && !o.abandoned {
 		// The outcome of an audited call on this VM: its entry lands with it.
 		if e, stored, ok := auditFor(ctx, r.Spec.Name); ok {
@@ -473,7 +476,7 @@ func (o *vmOp) commit(ctx context.Context, release bool) (audited func(), keep b
 		}
 		return nil, false, wrapf(ErrUnavailable, err, "save vm %s", r.Spec.Name)
 	}
-	o.r, o.rev = r, rev
+	o.r, o.rev, o.also = r, rev, nil
 	if release {
 		o.released = true
 	}
