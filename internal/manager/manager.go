@@ -432,13 +432,13 @@ func (m *Manager) Create(ctx context.Context, req api.VMCreateRequest) (api.VM, 
 func (m *Manager) define(ctx context.Context, req api.VMCreateRequest, policy api.RecoveryPolicy) (*vmOp, error) {
 	m.placeMu.Lock()
 	defer m.placeMu.Unlock()
-	each, err := m.placementRecords(ctx)
+	res, err := m.placementReserved(ctx)
 	if err != nil {
 		return nil, err
 	}
 	// (A name already taken is refused by beginNew's write, which the
 	// store checks; the cache could be a moment behind.)
-	cands := m.hosts.candidatesOf(each, m.moving)
+	cands := m.hosts.candidatesFrom(res.usage, res.recordOf, m.moving)
 	hostName, err := place(cands, need{mem: req.MemoryBytes, cpus: req.CPUs, pin: req.Host}, m.overcommit)
 	if err != nil {
 		return nil, err

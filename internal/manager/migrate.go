@@ -117,12 +117,12 @@ func (m *Manager) placeLocked(ctx context.Context, r record, to string) (string,
 	// evacuation places every VM of a dead host one after another, and a
 	// store read of every record each time made a host of 20 VMs take
 	// seconds among 20,000 (docs/scale.md).
-	each, err := m.placementRecords(ctx)
+	res, err := m.placementReserved(ctx)
 	if err != nil {
 		return "", err
 	}
 	var cands []candidate
-	for _, c := range m.hosts.candidatesOf(each, m.moving) {
+	for _, c := range m.hosts.candidatesFrom(res.usage, res.recordOf, m.moving) {
 		if c.host.Name != r.Host {
 			// The room a VM's standby holds is the VM's own.
 			if p := r.Protection; p != nil && p.Secondary == c.host.Name {

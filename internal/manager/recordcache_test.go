@@ -1,6 +1,9 @@
 package manager
 
 import (
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
 	"testing"
 	"time"
 
@@ -22,16 +25,17 @@ func TestRoomHeldUntilTheMirrorShowsTheMove(t *testing.T) {
 		placed: map[string]placed{},
 	}
 	put := func(host string, rev int64) {
-		m.cache.byName["a"] = storedRecord{record{Spec: hostproto.VMSpec{Name: "a", MemoryBytes: gib, CPUs: 1}, Host: host, Desired: desiredRunning}, rev}
-		m.cache.dirty = true
+		m.cache.mu.Lock()
+		m.cache.setLocked("a", &storedRecord{record{Spec: hostproto.VMSpec{Name: "a", MemoryBytes: gib, CPUs: 1}, Host: host, Desired: desiredRunning}, rev})
+		m.cache.mu.Unlock()
 	}
 	used := func() map[string]int64 {
-		each, err := m.placementRecords(t.Context())
+		res, err := m.placementReserved(t.Context())
 		if err != nil {
 			t.Fatal(err)
 		}
 		out := map[string]int64{}
-		for _, c := range m.hosts.candidatesOf(each, m.moving) {
+		for _, c := range m.hosts.candidatesFrom(res.usage, res.recordOf, m.moving) {
 			out[c.host.Name] = c.usedMemory
 		}
 		return out
@@ -53,5 +57,51 @@ func TestRoomHeldUntilTheMirrorShowsTheMove(t *testing.T) {
 	m.moving["a"] = reservation{host: "h1", mem: gib, cpus: 1, arrived: time.Now().Add(-2 * time.Minute)}
 	if u := used(); u["h1"] != 0 || len(m.moving) != 0 {
 		t.Fatalf("a failed move's room was kept: %v", u)
+	}
+}
+
+// TestCacheUsageFollowsEveryChange: what the mirror keeps of the hosts'
+// reservations, change by change (new records, moves, state and
+// protection changes, deletions, stale and unreadable updates), is always
+// what a walk over all its records adds up to.
+func TestCacheUsageFollowsEveryChange(t *testing.T) {
+	c := &recordCache{byName: map[string]storedRecord{}}
+	c.reload(map[string]storedRecord{
+		"v0": {record{Spec: hostproto.VMSpec{Name: "v0", MemoryBytes: 1 << 30, CPUs: 2}, Host: "h0", Desired: desiredRunning}, 1},
+	})
+	hosts := []string{"h0", "h1", "h2"}
+	desired := []string{desiredRunning, desiredPaused, desiredStopped}
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := 0; i < 2000; i++ {
+		name := fmt.Sprintf("v%d", rng.IntN(12))
+		rev := int64(i + 2)
+		switch rng.IntN(10) {
+		case 0:
+			c.apply(t.Logf, "vms/"+name, nil, rev)
+		case 1:
+			c.apply(t.Logf, "vms/"+name, []byte("{not json"), rev)
+		case 2:
+			// An update older than the one cached: ignored.
+			c.apply(t.Logf, "vms/"+name, []byte(`{"host":"h9"}`), 0)
+		default:
+			r := record{Spec: hostproto.VMSpec{Name: name, MemoryBytes: int64(1+rng.IntN(4)) << 28, CPUs: 1 + rng.IntN(4)},
+				Host: hosts[rng.IntN(3)], Desired: desired[rng.IntN(3)]}
+			if rng.IntN(3) == 0 {
+				r.Protection = &protection{Secondary: hosts[rng.IntN(3)]}
+			}
+			b, err := json.Marshal(r)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.apply(t.Logf, "vms/"+name, b, rev)
+		}
+		want := map[string]hostUsage{}
+		for _, s := range c.byName {
+			reserve(want, s.rec, 1)
+		}
+		got, _ := c.usageCopy()
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Fatalf("after change %d: kept %v, walk %v", i, got, want)
+		}
 	}
 }

@@ -194,49 +194,79 @@ type reservation struct {
 	arrived time.Time
 }
 
-// candidates describes every host with what its VMs reserve, and what is
-// reserved for VMs on their way.
-func (r *registry) candidates(rs []storedRecord, moving map[string]reservation) []candidate {
-	return r.candidatesOf(func(f func(storedRecord)) {
-		for _, s := range rs {
-			f(s)
-		}
-	}, moving)
+// hostUsage is what VM records reserve on one host.
+type hostUsage struct {
+	mem  int64
+	cpus int
 }
 
-// candidatesOf is candidates over the records each gives (each calls f
-// once per record, in any order).
-func (r *registry) candidatesOf(each func(f func(storedRecord)), moving map[string]reservation) []candidate {
+// reserve adds to u (sign 1) or takes from it (sign -1) what r reserves.
+// Memory is reserved for every defined VM, running or not: a stopped VM
+// must be able to start again where it lives. vCPUs are time-shared and
+// only count while the VM is meant to run. A standby holds the VM's memory
+// on its secondary: the VM must be able to continue there (candidatesFrom
+// takes it back when the VM is on its way there).
+func reserve(u map[string]hostUsage, r record, sign int) {
+	add := func(host string, mem int64, cpus int) {
+		x := u[host]
+		x.mem += int64(sign) * mem
+		x.cpus += sign * cpus
+		if x == (hostUsage{}) {
+			delete(u, host)
+			return
+		}
+		u[host] = x
+	}
+	cpus := 0
+	if r.Desired == desiredRunning || r.Desired == desiredPaused {
+		cpus = r.Spec.CPUs
+	}
+	add(r.Host, r.Spec.MemoryBytes, cpus)
+	if p := r.Protection; p != nil && p.Secondary != "" && p.Secondary != r.Host {
+		add(p.Secondary, r.Spec.MemoryBytes, 0)
+	}
+}
+
+// candidates describes every host with what its VMs (rs) reserve, and
+// what is reserved for VMs on their way.
+func (r *registry) candidates(rs []storedRecord, moving map[string]reservation) []candidate {
+	usage := map[string]hostUsage{}
+	recs := map[string]record{}
+	for _, s := range rs {
+		reserve(usage, s.rec, 1)
+		if _, ok := moving[s.rec.Spec.Name]; ok {
+			recs[s.rec.Spec.Name] = s.rec
+		}
+	}
+	return r.candidatesFrom(usage, func(name string) (record, bool) { rec, ok := recs[name]; return rec, ok }, moving)
+}
+
+// candidatesFrom describes every host with what usage says its VMs
+// reserve, and what is reserved for VMs on their way (moving; recordOf
+// gives such a VM's record as usage counts it).
+func (r *registry) candidatesFrom(usage map[string]hostUsage, recordOf func(name string) (record, bool), moving map[string]reservation) []candidate {
 	byName := map[string]*candidate{}
 	for _, e := range r.entries() {
 		byName[e.h.Name()] = &candidate{host: e.view(), enabled: !e.drained}
 	}
-	var onTheWay []storedRecord // the VMs with a reservation elsewhere
-	each(func(s storedRecord) {
-		if _, ok := moving[s.rec.Spec.Name]; ok {
-			onTheWay = append(onTheWay, s)
+	for host, u := range usage {
+		if c, ok := byName[host]; ok {
+			c.usedMemory += u.mem
+			c.usedCPUs += u.cpus
 		}
-		if c, ok := byName[s.rec.Host]; ok {
-			// Memory is reserved for every defined VM, running or not: a
-			// stopped VM must be able to start again where it lives. vCPUs
-			// are time-shared and only count while the VM is meant to run.
-			c.usedMemory += s.rec.Spec.MemoryBytes
-			if s.rec.Desired == desiredRunning || s.rec.Desired == desiredPaused {
-				c.usedCPUs += s.rec.Spec.CPUs
-			}
+	}
+	for name, res := range moving {
+		rec, ok := recordOf(name)
+		if !ok {
+			continue
 		}
-		// A standby holds the VM's memory on its secondary: the VM must be
-		// able to continue there.
-		// (Not twice when the VM moves to its secondary.)
-		if p := s.rec.Protection; p != nil && p.Secondary != "" && p.Secondary != s.rec.Host && moving[s.rec.Spec.Name].host != p.Secondary {
+		// Not twice when the VM moves to its secondary.
+		if p := rec.Protection; p != nil && p.Secondary != "" && p.Secondary != rec.Host && res.host == p.Secondary {
 			if c, ok := byName[p.Secondary]; ok {
-				c.usedMemory += s.rec.Spec.MemoryBytes
+				c.usedMemory -= rec.Spec.MemoryBytes
 			}
 		}
-	})
-	for _, s := range onTheWay {
-		res, ok := moving[s.rec.Spec.Name]
-		if c, there := byName[res.host]; ok && there && res.host != s.rec.Host {
+		if c, there := byName[res.host]; there && res.host != rec.Host {
 			c.usedMemory += res.mem
 			c.usedCPUs += res.cpus
 		}
