@@ -125,7 +125,7 @@ func TestDashboard(t *testing.T) {
 		d.waitJS(`document.querySelector('#tree g[data-snapshot="`+name+`"]') !== null`, "snapshot "+name+" in the tree")
 		d.waitJS(`document.querySelector('#actions button[data-action=snapshot]') && !document.querySelector('.toast .spinner')`, "the snapshot's action done")
 	}
-	d.do(chromedp.Click(chromedp.CSS(`#tree g[data-snapshot="first"]`)))
+	d.click(`#tree g[data-snapshot="first"]`)
 	d.click(`#snapshot button[data-action=revert]`)
 	d.waitJS(`document.querySelector('#tree g.current[data-snapshot="first"]') !== null`, "first is current after the revert")
 	dialogs.Answer("third")
@@ -212,10 +212,22 @@ func (d *dashboard) do(a chromedp.Action[chromedp.Void]) {
 	}
 }
 
+// click clicks the element once it is there and enabled. The page redraws
+// a view when an event arrives, so the node found may be replaced before
+// the click lands ("Could not find node with given id"): then it finds the
+// new one and clicks again, a few times at most.
 func (d *dashboard) click(sel string) {
 	d.t.Helper()
-	d.waitJS(`(() => { const b = document.querySelector('`+sel+`'); return b !== null && !b.disabled; })()`, sel+" enabled")
-	d.do(chromedp.Click(chromedp.CSS(sel)))
+	for try := 1; ; try++ {
+		d.waitJS(`(() => { const b = document.querySelector('`+sel+`'); return b !== null && !b.disabled; })()`, sel+" enabled")
+		err := chromedp.Do(d.b.Ctx, chromedp.Click(chromedp.CSS(sel)))
+		if err == nil {
+			return
+		}
+		if try == 3 || !strings.Contains(err.Error(), "Could not find node") {
+			d.t.Fatalf("browser: clicking %s: %v (page errors: %v)", sel, err, d.b.Errors())
+		}
+	}
 }
 
 // waitJS waits until the expression is true in the page.
