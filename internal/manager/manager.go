@@ -240,10 +240,12 @@ func (m *Manager) leadingFor() time.Duration {
 // Events is the manager's event broker.
 func (m *Manager) Events() *events.Broker { return m.events }
 
-// queueWorkers is how many VMs the manager works on at once. Workers
-// mostly wait (on the store, on hosts): a dead host's 20 VMs move in one
-// wave, not three (docs/scale.md).
-const queueWorkers = 24
+// queueWorkers is how many VMs the manager works on at once. A run at
+// 1,000 hosts with 24 saw etcd time out during the creates and the hosts
+// fence themselves (on a machine losing a fifth of its CPU to its own
+// host: not proven the cause, but not worth the risk); a dead host's VMs
+// move in a few waves of 8 (docs/scale.md).
+const queueWorkers = 8
 
 // Run does the manager's own work until ctx ends: it acts on host events
 // through the work queue, follows the other managers' hosts and events (when
