@@ -45,7 +45,7 @@ func (m *Manager) WatchHostFailures(ctx context.Context) {
 		}
 		for _, s := range rs {
 			if s.rec.Failover != nil || m.hostState(s.rec.Host) == "dead" {
-				m.queue.Add(s.rec.Spec.Name)
+				m.queue.AddUrgent(s.rec.Spec.Name)
 			}
 		}
 		m.protectionPass(ctx, rs)

@@ -194,7 +194,7 @@ func New(cfg Config) *Manager {
 		locks:       &locker{cli: cfg.Store.Client(), ttl: lockTTL},
 		unreleased:  make(chan store.Lock, 1000),
 		kept:        newKeptLocks(),
-		queue:       workqueue.New[*hostEvent](workqueue.Config{BaseDelay: 50 * time.Millisecond, MaxDelay: 2 * time.Second}),
+		queue:       workqueue.New[*hostEvent](workqueue.Config{BaseDelay: 50 * time.Millisecond, MaxDelay: 2 * time.Second, UrgentWorkers: failoverWorkers}),
 		started:     time.Now(),
 		moving:      map[string]reservation{},
 		identity:    cfg.Identity,
@@ -243,9 +243,14 @@ func (m *Manager) Events() *events.Broker { return m.events }
 // queueWorkers is how many VMs the manager works on at once. A run at
 // 1,000 hosts with 24 saw etcd time out during the creates and the hosts
 // fence themselves (on a machine losing a fifth of its CPU to its own
-// host: not proven the cause, but not worth the risk); a dead host's VMs
-// move in a few waves of 8 (docs/scale.md).
+// host: not proven the cause, but not worth the risk).
 const queueWorkers = 8
+
+// failoverWorkers are more workers, only for the VMs of dead hosts (urgent
+// on the queue): those VMs wait, each of them down, while routine work
+// does not; a dead host's 20 VMs move in one wave, not three
+// (docs/scale.md). Workers mostly wait on the store and on hosts.
+const failoverWorkers = 16
 
 // Run does the manager's own work until ctx ends: it acts on host events
 // through the work queue, follows the other managers' hosts and events (when

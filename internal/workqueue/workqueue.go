@@ -7,10 +7,15 @@
 // Typical use is reconciliation: events name the object that changed (the
 // key) and carry details (the items); the worker brings the object in line
 // with the world and reports whether it must be retried.
+//
+// Keys added with AddUrgent go ahead of the others, and may have workers of
+// their own (Config.UrgentWorkers): a burst of urgent work (a dead host's
+// VMs) does not wait behind routine work, nor share its few workers.
 package workqueue
 
 import (
 	"context"
+	"slices"
 	"sync"
 	"time"
 )
@@ -29,6 +34,9 @@ type Config struct {
 	// BaseDelay, MaxDelay: per-key exponential backoff for failed keys
 	// (defaults 20ms, 5s).
 	BaseDelay, MaxDelay time.Duration
+	// UrgentWorkers are workers, beyond those Run is given, that take only
+	// urgent keys: urgent work gets more hands than routine work is allowed.
+	UrgentWorkers int
 }
 
 // Work is what a worker is handed for one key.
@@ -81,27 +89,31 @@ type pending[T any] struct {
 	// held marks a key sitting out its backoff. It is kept out of the FIFO
 	// so that new Adds cannot defeat the backoff; its timer releases it.
 	held bool
+	// urgent: the key waits in the urgent FIFO (until it is handed out).
+	urgent bool
 }
 
 // Queue is a keyed work queue; see the package documentation. Create it
 // with New. All methods are safe for concurrent use.
 //
-// Invariant: a key is in the FIFO exactly when it has a pending entry that
-// is neither held nor being processed. That is what keeps a key in the FIFO
-// at most once and out of the hands of two workers at once.
+// Invariant: a key is in one of the two FIFOs (the urgent one when its
+// pending entry is urgent) exactly when it has a pending entry that is
+// neither held nor being processed. That is what keeps a key queued at most
+// once and out of the hands of two workers at once.
 type Queue[T any] struct {
 	cfg Config
 
-	mu   sync.Mutex
-	cond *sync.Cond // signalled when the FIFO grows or the queue stops
+	mu    sync.Mutex
+	cond  *sync.Cond // any worker: signalled when a FIFO grows or the queue stops
+	ucond *sync.Cond // urgent-only workers: when the urgent FIFO grows or the queue stops
 
 	ctx     context.Context // Run's context; nil before Run
 	stopped bool
 
-	fifo       []string
-	dirty      map[string]*pending[T]
-	processing map[string]struct{}
-	failures   map[string]int // consecutive failures, absent when zero
+	fifo, urgent []string
+	dirty        map[string]*pending[T]
+	processing   map[string]bool // key → handed out as urgent
+	failures     map[string]int  // consecutive failures, absent when zero
 
 	// Delayed adds are AfterFunc timers rather than goroutines, so a pending
 	// one costs nothing; timerWG lets Run wait out callbacks that already
@@ -131,11 +143,12 @@ func New[T any](cfg Config) *Queue[T] {
 	q := &Queue[T]{
 		cfg:        cfg,
 		dirty:      make(map[string]*pending[T]),
-		processing: make(map[string]struct{}),
+		processing: make(map[string]bool),
 		failures:   make(map[string]int),
 		timers:     make(map[uint64]*time.Timer),
 	}
 	q.cond = sync.NewCond(&q.mu)
+	q.ucond = sync.NewCond(&q.mu)
 	return q
 }
 
@@ -149,7 +162,27 @@ func (q *Queue[T]) Add(key string, items ...T) {
 	if q.closedLocked() {
 		return
 	}
-	q.addLocked(key, items)
+	q.addLocked(key, items, false)
+}
+
+// AddUrgent is Add for work that must not wait behind the rest: the key
+// goes to the urgent FIFO, ahead of every key added with Add, and stays
+// urgent until a worker takes it (also if it is queued already, being
+// processed, or sitting out a backoff).
+func (q *Queue[T]) AddUrgent(key string, items ...T) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closedLocked() {
+		return
+	}
+	if p := q.dirty[key]; p != nil && !p.urgent {
+		p.urgent = true
+		if i := slices.Index(q.fifo, key); i >= 0 {
+			q.fifo = slices.Delete(q.fifo, i, i+1)
+			q.pushLocked(key, p)
+		}
+	}
+	q.addLocked(key, items, true)
 }
 
 // AddAfter adds key (no items) after d, unless the queue stops first.
@@ -160,10 +193,10 @@ func (q *Queue[T]) AddAfter(key string, d time.Duration) {
 		return
 	}
 	if d <= 0 {
-		q.addLocked(key, nil)
+		q.addLocked(key, nil, false)
 		return
 	}
-	q.afterLocked(d, func() { q.addLocked(key, nil) })
+	q.afterLocked(d, func() { q.addLocked(key, nil, false) })
 }
 
 // Len is the number of keys waiting (not counting those in flight). Keys
@@ -172,7 +205,7 @@ func (q *Queue[T]) AddAfter(key string, d time.Duration) {
 func (q *Queue[T]) Len() int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return len(q.fifo)
+	return len(q.fifo) + len(q.urgent)
 }
 
 // Stats returns a snapshot of the cumulative counters.
@@ -188,7 +221,8 @@ func (q *Queue[T]) Stats() Stats {
 //
 // fn receives ctx and should return soon after it ends. Once ctx has ended
 // no key is handed out any more and Adds are ignored, so the queue cannot be
-// restarted: Run is meant to be called once. workers < 1 means 1.
+// restarted: Run is meant to be called once. workers < 1 means 1; the
+// Config's UrgentWorkers run beside them.
 func (q *Queue[T]) Run(ctx context.Context, workers int, fn func(ctx context.Context, w Work[T]) Result) {
 	if workers < 1 {
 		workers = 1
@@ -203,7 +237,10 @@ func (q *Queue[T]) Run(ctx context.Context, workers int, fn func(ctx context.Con
 
 	var wg sync.WaitGroup
 	for range workers {
-		wg.Go(func() { q.work(ctx, fn) })
+		wg.Go(func() { q.work(ctx, false, fn) })
+	}
+	for range q.cfg.UrgentWorkers {
+		wg.Go(func() { q.work(ctx, true, fn) })
 	}
 
 	<-ctx.Done()
@@ -219,6 +256,7 @@ func (q *Queue[T]) Run(ctx context.Context, workers int, fn func(ctx context.Con
 		delete(q.timers, id)
 	}
 	q.cond.Broadcast()
+	q.ucond.Broadcast()
 	q.mu.Unlock()
 
 	wg.Wait()
@@ -226,11 +264,17 @@ func (q *Queue[T]) Run(ctx context.Context, workers int, fn func(ctx context.Con
 	q.timerWG.Wait()
 }
 
-func (q *Queue[T]) work(ctx context.Context, fn func(ctx context.Context, w Work[T]) Result) {
+// work hands keys to fn until the queue stops: urgent keys first, and
+// only those if urgentOnly.
+func (q *Queue[T]) work(ctx context.Context, urgentOnly bool, fn func(ctx context.Context, w Work[T]) Result) {
+	cond := q.cond
+	if urgentOnly {
+		cond = q.ucond
+	}
 	for {
 		q.mu.Lock()
-		for len(q.fifo) == 0 && !q.closedLocked() {
-			q.cond.Wait()
+		for len(q.urgent) == 0 && (urgentOnly || len(q.fifo) == 0) && !q.closedLocked() {
+			cond.Wait()
 		}
 		// Checking ctx here, not only stopped, keeps workers from picking up
 		// more keys in the moment between ctx ending and Run noticing.
@@ -253,21 +297,27 @@ func (q *Queue[T]) closedLocked() bool {
 	return q.stopped || (q.ctx != nil && q.ctx.Err() != nil)
 }
 
-func (q *Queue[T]) addLocked(key string, items []T) {
+func (q *Queue[T]) addLocked(key string, items []T, urgent bool) {
 	p := q.dirty[key]
 	if p == nil {
-		p = &pending[T]{since: time.Now()}
+		p = &pending[T]{since: time.Now(), urgent: urgent}
 		q.dirty[key] = p
 		if _, busy := q.processing[key]; !busy {
-			q.pushLocked(key)
+			q.pushLocked(key, p)
 		}
 	}
 	p.items = append(p.items, items...)
 	q.trimLocked(p)
 }
 
-func (q *Queue[T]) pushLocked(key string) {
-	q.fifo = append(q.fifo, key)
+// pushLocked queues key, whose pending entry is p, in the FIFO p says.
+func (q *Queue[T]) pushLocked(key string, p *pending[T]) {
+	if p.urgent {
+		q.urgent = append(q.urgent, key)
+		q.ucond.Signal()
+	} else {
+		q.fifo = append(q.fifo, key)
+	}
 	q.cond.Signal()
 }
 
@@ -284,12 +334,16 @@ func (q *Queue[T]) trimLocked(p *pending[T]) {
 }
 
 func (q *Queue[T]) pickLocked() Work[T] {
-	key := q.fifo[0]
-	q.fifo[0] = ""
-	q.fifo = q.fifo[1:]
+	from := &q.fifo
+	if len(q.urgent) > 0 {
+		from = &q.urgent
+	}
+	key := (*from)[0]
+	(*from)[0] = ""
+	*from = (*from)[1:]
 	p := q.dirty[key]
 	delete(q.dirty, key)
-	q.processing[key] = struct{}{}
+	q.processing[key] = p.urgent
 
 	lat := time.Since(p.since)
 	q.stats.Started++
@@ -301,6 +355,7 @@ func (q *Queue[T]) pickLocked() Work[T] {
 
 func (q *Queue[T]) doneLocked(w Work[T], res Result) {
 	key := w.Key
+	urgent := q.processing[key]
 	delete(q.processing, key)
 	q.stats.Processed++
 	p := q.dirty[key]
@@ -313,6 +368,7 @@ func (q *Queue[T]) doneLocked(w Work[T], res Result) {
 			p = &pending[T]{}
 			q.dirty[key] = p
 		}
+		p.urgent = p.urgent || urgent // a retry is as urgent as the try
 		items := make([]T, 0, len(w.Items)+len(p.items))
 		items = append(items, w.Items...)
 		p.items = append(items, p.items...)
@@ -327,10 +383,10 @@ func (q *Queue[T]) doneLocked(w Work[T], res Result) {
 
 	delete(q.failures, key)
 	if p != nil {
-		q.pushLocked(key)
+		q.pushLocked(key, p)
 	}
 	if res.RequeueAfter > 0 {
-		q.afterLocked(res.RequeueAfter, func() { q.addLocked(key, nil) })
+		q.afterLocked(res.RequeueAfter, func() { q.addLocked(key, nil, false) })
 	}
 }
 
@@ -342,7 +398,7 @@ func (q *Queue[T]) releaseLocked(key string) {
 	}
 	p.held = false
 	p.since = time.Now()
-	q.pushLocked(key)
+	q.pushLocked(key, p)
 }
 
 // backoff is the delay before retrying after n consecutive failures.

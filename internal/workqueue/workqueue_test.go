@@ -85,8 +85,9 @@ func sameWork[T comparable](a, b Work[T]) bool {
 
 func TestDedup(t *testing.T) {
 	type add struct {
-		key   string
-		items []int
+		key    string
+		items  []int
+		urgent bool
 	}
 	tests := []struct {
 		name string
@@ -95,29 +96,43 @@ func TestDedup(t *testing.T) {
 	}{
 		{
 			name: "many adds of one key",
-			adds: []add{{"k", []int{0}}, {"k", []int{1, 2}}, {"k", nil}, {"k", []int{3}}},
+			adds: []add{{"k", []int{0}, false}, {"k", []int{1, 2}, false}, {"k", nil, false}, {"k", []int{3}, false}},
 			want: []Work[int]{{Key: "k", Items: []int{0, 1, 2, 3}}},
 		},
 		{
 			name: "add without items",
-			adds: []add{{"k", nil}, {"k", nil}},
+			adds: []add{{"k", nil, false}, {"k", nil, false}},
 			want: []Work[int]{{Key: "k"}},
 		},
 		{
 			name: "interleaved keys keep first-add order",
-			adds: []add{{"a", []int{1}}, {"b", []int{2}}, {"a", []int{3}}, {"c", nil}, {"b", []int{4}}},
+			adds: []add{{"a", []int{1}, false}, {"b", []int{2}, false}, {"a", []int{3}, false}, {"c", nil, false}, {"b", []int{4}, false}},
 			want: []Work[int]{
 				{Key: "a", Items: []int{1, 3}},
 				{Key: "b", Items: []int{2, 4}},
 				{Key: "c"},
 			},
 		},
+		{
+			name: "urgent keys go first, in their own order",
+			adds: []add{{"a", []int{1}, false}, {"u", []int{2}, true}, {"b", nil, false}, {"v", nil, true}},
+			want: []Work[int]{{Key: "u", Items: []int{2}}, {Key: "v"}, {Key: "a", Items: []int{1}}, {Key: "b"}},
+		},
+		{
+			name: "an urgent add moves a queued key ahead, once, with its items",
+			adds: []add{{"a", nil, false}, {"b", []int{1}, false}, {"c", nil, false}, {"b", []int{2}, true}, {"b", []int{3}, false}},
+			want: []Work[int]{{Key: "b", Items: []int{1, 2, 3}}, {Key: "a"}, {Key: "c"}},
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			q := New[int](Config{})
 			for _, a := range tt.adds {
-				q.Add(a.key, a.items...)
+				if a.urgent {
+					q.AddUrgent(a.key, a.items...)
+				} else {
+					q.Add(a.key, a.items...)
+				}
 			}
 			if got := q.Len(); got != len(tt.want) {
 				t.Fatalf("Len before Run = %d, want %d", got, len(tt.want))
@@ -142,7 +157,8 @@ func TestNoConcurrentProcessingOfAKey(t *testing.T) {
 		perProd   = 200
 		total     = producers * perProd
 	)
-	q := New[int](Config{MaxItems: total})
+	// Some adds are urgent, and urgent-only workers run beside the others.
+	q := New[int](Config{MaxItems: total, UrgentWorkers: 4})
 
 	var (
 		inflight   [keys]atomic.Int32
@@ -182,7 +198,11 @@ func TestNoConcurrentProcessingOfAKey(t *testing.T) {
 	for p := range producers {
 		wg.Go(func() {
 			for i := range perProd {
-				q.Add(fmt.Sprintf("k%d", i%keys), p*perProd+i)
+				if i%3 == 0 {
+					q.AddUrgent(fmt.Sprintf("k%d", i%keys), p*perProd+i)
+				} else {
+					q.Add(fmt.Sprintf("k%d", i%keys), p*perProd+i)
+				}
 				if i%10 == 0 {
 					runtime.Gosched()
 				}
@@ -589,5 +609,73 @@ func TestLenAndStats(t *testing.T) {
 	}
 	if got := q.Len(); got != 0 {
 		t.Errorf("Len after processing = %d, want 0", got)
+	}
+}
+
+// Urgent-only workers take urgent keys while every ordinary worker is
+// busy, and never take an ordinary key.
+func TestUrgentWorkers(t *testing.T) {
+	q := New[int](Config{UrgentWorkers: 2})
+	block := make(chan struct{})
+	calls := make(chan string, 10)
+	start(t, q, 1, func(_ context.Context, w Work[int]) Result {
+		calls <- w.Key
+		if w.Key == "slow" {
+			<-block
+		}
+		return Result{}
+	})
+	q.Add("slow")
+	if got := recv(t, calls); got != "slow" {
+		t.Fatalf("first call %q, want slow", got)
+	}
+	q.Add("n")
+	expectNone(t, calls, 30*time.Millisecond) // the ordinary worker is busy
+	q.AddUrgent("u1")
+	q.AddUrgent("u2")
+	got := []string{recv(t, calls), recv(t, calls)}
+	slices.Sort(got)
+	if !slices.Equal(got, []string{"u1", "u2"}) {
+		t.Fatalf("urgent calls %v, want u1 and u2", got)
+	}
+	expectNone(t, calls, 30*time.Millisecond) // n waits for the ordinary worker
+	close(block)
+	if got := recv(t, calls); got != "n" {
+		t.Fatalf("after slow: %q, want n", got)
+	}
+}
+
+// A key stays urgent through its backoff: once released it goes ahead of
+// ordinary keys that were queued meanwhile.
+func TestUrgentThroughBackoff(t *testing.T) {
+	q := New[int](Config{BaseDelay: 20 * time.Millisecond})
+	block := make(chan struct{})
+	calls := make(chan Work[int], 10)
+	start(t, q, 1, func(_ context.Context, w Work[int]) Result {
+		calls <- w
+		switch {
+		case w.Key == "u" && w.Attempt == 0:
+			return Result{Err: errors.New("not yet")}
+		case w.Key == "a":
+			<-block
+		}
+		return Result{}
+	})
+	q.AddUrgent("u")
+	if w := recv(t, calls); w.Key != "u" {
+		t.Fatalf("first call %+v, want u", w)
+	}
+	q.Add("a")
+	if w := recv(t, calls); w.Key != "a" {
+		t.Fatalf("second call %+v, want a (u sits out its backoff)", w)
+	}
+	q.Add("b")
+	eventually(t, "u back from its backoff", func() bool { return q.Len() == 2 })
+	close(block)
+	if w := recv(t, calls); w.Key != "u" || w.Attempt != 1 {
+		t.Fatalf("after a: %+v, want u's retry", w)
+	}
+	if w := recv(t, calls); w.Key != "b" {
+		t.Fatalf("then %+v, want b", w)
 	}
 }
