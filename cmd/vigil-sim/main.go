@@ -48,6 +48,7 @@ func main() {
 	flag.StringVar(&o.faults, "faults", "kill,freeze,manager", "faults to inject after the steady state, in order: kill (a host crashes), freeze (a host hangs, then wakes), manager (the leading manager is killed; with -managers 3)")
 	out := flag.String("out", "", "also write the report (markdown) here")
 	flag.IntVar(&o.workers, "workers", 8, "concurrent API calls while creating VMs")
+	flag.BoolVar(&o.keep, "keep", false, "keep the managers' data and logs (printed at the end) instead of removing them")
 	flag.Parse()
 	if o.managers != 1 && o.managers != 3 {
 		fmt.Fprintln(os.Stderr, "vigil-sim: -managers is 1 or 3")
@@ -73,6 +74,7 @@ type options struct {
 	hosts, vms, managers, workers int
 	steady, sample, deadAfter     time.Duration
 	faults                        string
+	keep                          bool
 }
 
 type sim struct {
@@ -132,7 +134,11 @@ func run(ctx context.Context, o options) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	defer os.RemoveAll(tmp)
+	if o.keep {
+		defer fmt.Fprintln(os.Stderr, "vigil-sim: the managers' data and logs are kept in", tmp)
+	} else {
+		defer os.RemoveAll(tmp)
+	}
 	s := &sim{tmp: tmp}
 	defer func() {
 		for _, m := range s.mgrs {
