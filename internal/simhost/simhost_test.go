@@ -79,4 +79,10 @@ func TestFreeze(t *testing.T) {
 	if r := h.Running(); len(r) != 1 || r[0] != "a" {
 		t.Fatalf("running: %v", r)
 	}
+	if r := h.RunningAmong([]string{"x", "a", "y"}); len(r) != 1 || r[0] != "a" {
+		t.Fatalf("running among x, a, y: %v", r)
+	}
+	if r := h.RunningAmong([]string{"x"}); len(r) != 0 {
+		t.Fatalf("running among x: %v", r)
+	}
 }
