@@ -185,6 +185,43 @@ func TestKeptLockFromOldLeaseIsDropped(t *testing.T) {
 	}
 }
 
+// An etcd that stalls longer than the lock session's TTL loses the lease
+// before the session's keep-alive notices: the next create and the next
+// operation must take a new session's lease and succeed, not fail with
+// "requested lease not found" (seen at 1,000 simulated hosts).
+func TestOperationsAfterTheLeaseVanished(t *testing.T) {
+	m, _ := newTestManager(t)
+	ctx := context.Background()
+	mustCreate(t, m, "v", false)
+	for _, step := range []struct {
+		what string
+		do   func() error
+	}{
+		{"create", func() error {
+			_, err := m.Create(ctx, api.VMCreateRequest{Name: "w", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20})
+			return err
+		}},
+		{"start", func() error {
+			_, err := m.ChangeState(ctx, "v", api.VMStateRequest{Action: api.ActionStart})
+			return err
+		}},
+	} {
+		lease, err := m.locks.lease(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := m.store.Client().Revoke(ctx, lease); err != nil {
+			t.Fatal(err)
+		}
+		if err := step.do(); err != nil {
+			t.Fatalf("%s right after the lease vanished: %v", step.what, err)
+		}
+		if l, err := m.locks.lease(ctx); err != nil || l == lease {
+			t.Fatalf("after the %s: lease %x (err %v), want a new one", step.what, l, err)
+		}
+	}
+}
+
 // Pauses and resumes racing on one VM through one manager: each is done or
 // refused (busy, or already in that state), never half-done, and the record
 // ends in line with the host.

@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 
@@ -107,6 +108,18 @@ func (l *locker) lease(ctx context.Context) (store.Lease, error) {
 	return s.Lease(), nil
 }
 
+// expired drops the session of lease, which etcd says it no longer has,
+// before the session's keep-alive has noticed (an etcd stalled longer than
+// the lease's TTL): the next lease is a new session's.
+func (l *locker) expired(lease store.Lease) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.sess != nil && l.sess.Lease() == lease {
+		l.sess.Orphan() // nothing left to keep alive or revoke
+		l.sess = nil
+	}
+}
+
 func (l *locker) close() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -171,6 +184,7 @@ func (m *Manager) begin(ctx context.Context, name, kind string, prepare func(o *
 	if kind == opSettle || kind == opEvent {
 		waitKept = time.Time{}
 	}
+	renewed := false
 	for conflicts := 0; ; {
 		var r record
 		var rev int64
@@ -263,6 +277,15 @@ func (m *Manager) begin(ctx context.Context, name, kind string, prepare func(o *
 			o.rev, err = m.store.Acquire(ctx, vmKey(name), rev, o.r, o.lock)
 		}
 		switch {
+		case errors.Is(err, rpctypes.ErrLeaseNotFound) && !renewed:
+			// Nothing was written: take a new session's lease, once.
+			giveBack(false)
+			m.locks.expired(lease)
+			if lease, err = m.locks.lease(ctx); err != nil {
+				return nil, wrapf(ErrUnavailable, err, "lock vm %s", name)
+			}
+			renewed = true
+			continue
 		case errors.Is(err, store.ErrLocked) && r.Op == nil && time.Now().Before(waitKept):
 			// Held with no intent: kept idle by another manager, or a quick
 			// operation of its own. Either ends in a moment.
@@ -327,13 +350,22 @@ func (m *Manager) beginWait(ctx context.Context, name, kind string, prepare func
 // transaction: the name must be free.
 func (m *Manager) beginNew(ctx context.Context, r record, kind string, claims map[string]string) (*vmOp, error) {
 	name := r.Spec.Name
-	lease, err := m.locks.lease(ctx)
-	if err != nil {
-		return nil, wrapf(ErrUnavailable, err, "lock vm %s", name)
+	var o *vmOp
+	var err error
+	for attempt := 0; attempt < 2; attempt++ {
+		lease, lerr := m.locks.lease(ctx)
+		if lerr != nil {
+			return nil, wrapf(ErrUnavailable, lerr, "lock vm %s", name)
+		}
+		o = &vmOp{m: m, r: r, lock: m.newLock(name, kind, lease)}
+		o.r.Op = &opIntent{Kind: kind, Manager: m.name, Instance: m.instance, Started: time.Now().UTC(), From: r.State}
+		o.rev, err = m.store.AcquireClaiming(ctx, vmKey(name), 0, o.r, o.lock, claims)
+		if !errors.Is(err, rpctypes.ErrLeaseNotFound) {
+			break
+		}
+		// Nothing was written: a new session's lease, once.
+		m.locks.expired(lease)
 	}
-	o := &vmOp{m: m, r: r, lock: m.newLock(name, kind, lease)}
-	o.r.Op = &opIntent{Kind: kind, Manager: m.name, Instance: m.instance, Started: time.Now().UTC(), From: r.State}
-	o.rev, err = m.store.AcquireClaiming(ctx, vmKey(name), 0, o.r, o.lock, claims)
 	var ce *store.ClaimError
 	switch {
 	case errors.As(err, &ce):
