@@ -140,14 +140,6 @@ func (m *Manager) cachedRecords(ctx context.Context) ([]storedRecord, error) {
 	return m.records(ctx)
 }
 
-// revOf is the revision of vm's cached record, and where it is.
-func (c *recordCache) revOf(name string) (int64, string, bool) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	s, ok := c.byName[name]
-	return s.rev, s.rec.Host, ok
-}
-
 // isReady says whether the cache is current (a scan completed and the
 // watch runs).
 func (c *recordCache) isReady() bool {
@@ -159,12 +151,12 @@ func (c *recordCache) isReady() bool {
 // pruneMoving drops the rooms held for VMs whose move ended once the
 // mirror shows them where they went, or a minute after (a failed move).
 // Called with placeMu held.
-func (m *Manager) pruneMoving() {
+func (m *Manager) pruneMoving(recs map[string]storedRecord) {
 	for name, res := range m.moving {
 		if res.arrived.IsZero() {
 			continue
 		}
-		if _, host, ok := m.cache.revOf(name); !ok || host == res.host || time.Since(res.arrived) > time.Minute {
+		if s, ok := recs[name]; !ok || s.rec.Host == res.host || time.Since(res.arrived) > time.Minute {
 			delete(m.moving, name)
 		}
 	}
@@ -204,14 +196,25 @@ type reserved struct {
 // placementReserved gives placement (called with placeMu held) what the VMs
 // reserve: from the cache when it is current, with the VMs this manager
 // just defined that it does not show yet; else from the store.
+//
+// The sums and the records of the VMs on their way or just defined are
+// read in one moment: a record the watch applied after the sums were
+// copied would let placement drop a reservation the sums do not show yet.
 func (m *Manager) placementReserved(ctx context.Context) (reserved, error) {
-	if usage, ok := m.cache.usageCopy(); ok {
-		m.pruneMoving()
+	names := make([]string, 0, len(m.moving)+len(m.placed))
+	for name := range m.moving {
+		names = append(names, name)
+	}
+	for name := range m.placed {
+		names = append(names, name)
+	}
+	if usage, recs, ok := m.cache.usageWith(names); ok {
+		m.pruneMoving(recs)
 		extra := map[string]record{}
 		for name, p := range m.placed {
-			rev, _, ok := m.cache.revOf(name)
+			s, ok := recs[name]
 			switch {
-			case ok && rev >= p.rec.rev || time.Since(p.at) > time.Minute:
+			case ok && s.rev >= p.rec.rev || time.Since(p.at) > time.Minute:
 				delete(m.placed, name)
 			default:
 				// Counted twice if the mirror has an older version of it,
@@ -224,7 +227,8 @@ func (m *Manager) placementReserved(ctx context.Context) (reserved, error) {
 			if r, ok := extra[name]; ok {
 				return r, true
 			}
-			return m.cache.recordOf(name)
+			s, ok := recs[name]
+			return s.rec, ok
 		}}, nil
 	}
 	rs, err := m.records(ctx)
@@ -242,24 +246,29 @@ func (m *Manager) placementReserved(ctx context.Context) (reserved, error) {
 // usageCopy is what the cached records reserve on each host (a copy), or
 // false while the cache is not current.
 func (c *recordCache) usageCopy() (map[string]hostUsage, bool) {
+	u, _, ok := c.usageWith(nil)
+	return u, ok
+}
+
+// usageWith is usageCopy with the cached records of names (those it has),
+// all as of one moment.
+func (c *recordCache) usageWith(names []string) (map[string]hostUsage, map[string]storedRecord, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.ready {
-		return nil, false
+		return nil, nil, false
 	}
 	out := make(map[string]hostUsage, len(c.usage))
 	for h, u := range c.usage {
 		out[h] = u
 	}
-	return out, true
-}
-
-// recordOf is one cached record.
-func (c *recordCache) recordOf(name string) (record, bool) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	s, ok := c.byName[name]
-	return s.rec, ok
+	recs := make(map[string]storedRecord, len(names))
+	for _, name := range names {
+		if s, ok := c.byName[name]; ok {
+			recs[name] = s
+		}
+	}
+	return out, recs, true
 }
 
 // sameMachine says whether hosts a and b run on one machine (the same

@@ -45,6 +45,19 @@ func TestRoomHeldUntilTheMirrorShowsTheMove(t *testing.T) {
 	if u := used(); u["h2"] != gib || u["h1"] != gib {
 		t.Fatalf("on its way: %v", u)
 	}
+	// The watch applies the move after placement read the sums: what it
+	// read is one moment's, so h2 still holds the VM's room (once).
+	res, err := m.placementReserved(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	put("h2", 11)
+	for _, c := range m.hosts.candidatesFrom(res.usage, res.recordOf, m.moving) {
+		if c.host.Name == "h2" && c.usedMemory != gib {
+			t.Fatalf("the watch applied the move during placement: h2 holds %d, want the vm's room", c.usedMemory)
+		}
+	}
+	put("h1", 10) // back to before the move: the mirror lags behind it
 	m.arrived("a") // the record says h2; the mirror does not yet
 	if u := used(); u["h2"] != gib {
 		t.Fatalf("arrived, mirror behind: h2 holds %d, want the vm's room", u["h2"])
