@@ -57,12 +57,12 @@ func TestRoomHeldUntilTheMirrorShowsTheMove(t *testing.T) {
 			t.Fatalf("the watch applied the move during placement: h2 holds %d, want the vm's room", c.usedMemory)
 		}
 	}
-	put("h1", 10) // back to before the move: the mirror lags behind it
+	put("h1", 12)  // back to before the move: the mirror lags behind it
 	m.arrived("a") // the record says h2; the mirror does not yet
 	if u := used(); u["h2"] != gib {
 		t.Fatalf("arrived, mirror behind: h2 holds %d, want the vm's room", u["h2"])
 	}
-	put("h2", 11) // the mirror caught up
+	put("h2", 13) // the mirror caught up
 	if u := used(); u["h2"] != gib || u["h1"] != 0 || len(m.moving) != 0 {
 		t.Fatalf("mirror caught up: %v, %d reservations left", u, len(m.moving))
 	}
