@@ -36,11 +36,13 @@ func (s *sim) copies(skip *simulated, watch []string) (stop func() (int, string)
 				if h == skip || h.dead || h.frozen.Load() || h.host == nil {
 					continue
 				}
-				running := h.host.Running
-				if watch != nil {
-					running = func() []string { return h.host.RunningAmong(watch) }
+				var vms []string
+				if watch == nil {
+					vms = h.host.Running()
+				} else {
+					vms = h.host.RunningAmong(watch)
 				}
-				for _, vm := range running() {
+				for _, vm := range vms {
 					on[vm]++
 				}
 			}
