@@ -21,24 +21,35 @@ const DefaultHostDeadAfter = 8 * time.Second
 // fenceMargin covers a heartbeat in flight and the time to kill QEMUs.
 const fenceMargin = 2 * time.Second
 
-// failoverPass is how often the leader looks for dead hosts.
+// deathCheck is how often the leader looks for hosts gone silent, so a
+// death is declared at most this long after deadAfter. It reads only the
+// hosts' heard times, in memory.
+const deathCheck = 100 * time.Millisecond
+
+// failoverPass is how often the leader walks the VM records: failovers
+// to finish, and the protection pass.
 const failoverPass = 500 * time.Millisecond
 
 // WatchHostFailures declares hosts dead when their heartbeats stop, and
 // puts the VMs of dead hosts (and those still starting on a new one) on the
 // work queue, where Reconcile moves and starts them; then it runs the
-// protection pass on the same records; until ctx ends. Only the leader
-// runs it.
+// protection pass on the same records; until ctx ends. A death is acted on
+// at once, not at the next pass. Only the leader runs it.
 func (m *Manager) WatchHostFailures(ctx context.Context) {
-	t := time.NewTicker(failoverPass)
-	defer t.Stop()
+	check := time.NewTicker(deathCheck)
+	defer check.Stop()
+	pass := time.NewTicker(failoverPass)
+	defer pass.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case <-check.C:
+			if m.detectDeaths(ctx) == 0 {
+				continue
+			}
+		case <-pass.C:
 		}
-		m.detectDeaths(ctx)
 		rs, err := m.cachedRecords(ctx)
 		if err != nil {
 			continue
@@ -54,10 +65,11 @@ func (m *Manager) WatchHostFailures(ctx context.Context) {
 
 // detectDeaths declares dead every host this manager has not heard from
 // for longer than deadAfter, on the monotonic clock (a step of the wall
-// clock declares nobody dead). A manager that has just become leader first
-// gives every host that long to report.
-func (m *Manager) detectDeaths(ctx context.Context) {
+// clock declares nobody dead), and says how many it declared. A manager
+// that has just become leader first gives every host that long to report.
+func (m *Manager) detectDeaths(ctx context.Context) int {
 	grace := m.leadingFor()
+	declared := 0
 	for _, e := range m.hosts.entries() {
 		if !e.deadAt.IsZero() {
 			continue
@@ -65,25 +77,28 @@ func (m *Manager) detectDeaths(ctx context.Context) {
 		if min(time.Since(e.h.HeardAt()), grace) <= m.deadAfter {
 			continue
 		}
-		if err := m.declareDead(ctx, e); err != nil {
+		if ok, err := m.declareDead(ctx, e); err != nil {
 			m.log.Error("declare host dead", "host", e.h.Name(), "err", err)
+		} else if ok {
+			declared++
 		}
 	}
+	return declared
 }
 
 // declareDead records the death in the store (so every manager, and the
 // host when it comes back, learns of it) before any VM moves. It succeeds
 // only if the host's stored liveness is still the one this manager last
 // applied: a heartbeat another manager took meanwhile means it lives.
-func (m *Manager) declareDead(ctx context.Context, e hostEntry) error {
+func (m *Manager) declareDead(ctx context.Context, e hostEntry) (bool, error) {
 	name := e.h.Name()
 	var rec hostRecord
 	rev, err := m.store.Get(ctx, "hosts/"+name, &rec)
 	if errors.Is(err, store.ErrNotFound) {
-		return nil // an in-process host has no record, and never dies alone
+		return false, nil // an in-process host has no record, and never dies alone
 	}
 	if err != nil {
-		return err
+		return false, err
 	}
 	var seen hostSeenRecord
 	srev, err := m.store.Get(ctx, "hostseen/"+name, &seen)
@@ -91,24 +106,24 @@ func (m *Manager) declareDead(ctx context.Context, e hostEntry) error {
 	case errors.Is(err, store.ErrNotFound):
 		srev = 0
 	case err != nil:
-		return err
+		return false, err
 	case srev != e.seenRev:
 		m.applySeen(name, srev, seen.Seen) // news this manager had not seen: alive
-		return nil
+		return false, nil
 	}
 	now := time.Now().UTC()
 	rec.DeadAt, rec.LastHeartbeat = &now, seen.Seen
 	if err := m.store.PutIfBoth(ctx, "hosts/"+name, rev, rec, "hostseen/"+name, srev); errors.Is(err, store.ErrConflict) {
-		return nil // a heartbeat (or a re-registration) came in first
+		return false, nil // a heartbeat (or a re-registration) came in first
 	} else if err != nil {
-		return err
+		return false, err
 	}
 	m.setDead(name, now)
 	silent := time.Since(e.h.HeardAt()).Round(100 * time.Millisecond)
 	m.log.Warn("host declared dead", "host", name, "last_heartbeat", seen.Seen, "silent", silent)
 	m.publish(api.Event{Type: "host.dead", Host: name,
 		Message: fmt.Sprintf("no heartbeat for %s; its vms move to other hosts", silent)})
-	return nil
+	return true, nil
 }
 
 // hostCallTimeout bounds one call to a host during a failover.

@@ -80,6 +80,31 @@ func TestDetectDeaths(t *testing.T) {
 	}
 }
 
+// TestDeathDeclaredPromptly: the leader's watch declares a silent host
+// dead within deathCheck (and etcd's time) of deadAfter, not at its next
+// pass over the records. With deadAfter just over one pass, a watch that
+// looked only at its passes would declare it almost a pass late.
+func TestDeathDeclaredPromptly(t *testing.T) {
+	m, _ := newTestManager(t)
+	m.deadAfter = failoverPass + 50*time.Millisecond
+	setLeadingFor(m, time.Minute)
+	h := deadHost(t, m)
+	heard := h.HeardAt()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); m.WatchHostFailures(ctx) }()
+	defer func() { cancel(); <-done }()
+	for m.hostState("h0") != "dead" {
+		if time.Since(heard) > 5*m.deadAfter {
+			t.Fatal("h0 was never declared dead")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if late := time.Since(heard) - m.deadAfter; late > deathCheck+150*time.Millisecond {
+		t.Fatalf("declared dead %s after deadAfter, want within %s", late.Round(time.Millisecond), deathCheck+150*time.Millisecond)
+	}
+}
+
 // TestDeathIgnoresClockSteps: host death is judged on the monotonic clock,
 // so the wall clock jumping an hour (either way) declares nobody dead.
 // Heartbeats recorded with wall times an hour off change nothing either.
