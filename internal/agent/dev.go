@@ -111,7 +111,7 @@ func RunDev(ctx context.Context, cfg DevConfig) error {
 	defer etcd.Close()
 	broker := events.New(1000)
 	info := host.HostInfo()
-	st := store.New(etcd.Client(), "/vigil/")
+	st := etcd.Store("/vigil/")
 	id, err := managerIdentity(ctx, st, cfg.HostName, cfg.Listen, 0)
 	if err != nil {
 		return err

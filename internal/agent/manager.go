@@ -115,11 +115,13 @@ func RunManager(ctx context.Context, cfg ManagerConfig) error {
 	defer ln.Close()
 
 	var cli *clientv3.Client
+	var st *store.Store
 	if len(cfg.EtcdEndpoints) > 0 {
 		if cli, err = connectEtcd(ctx, cfg.EtcdEndpoints, cfg.EtcdTLS); err != nil {
 			return err
 		}
 		defer cli.Close()
+		st = store.New(cli, "/vigil/")
 	} else {
 		var etcd *store.Embedded
 		if len(cfg.EtcdPeers) > 0 {
@@ -131,12 +133,11 @@ func RunManager(ctx context.Context, cfg ManagerConfig) error {
 			return err
 		}
 		defer etcd.Close()
-		cli = etcd.Client()
+		cli, st = etcd.Client(), etcd.Store("/vigil/")
 	}
 	if cfg.Name == "" {
 		cfg.Name, _ = os.Hostname()
 	}
-	st := store.New(cli, "/vigil/")
 	id, err := managerIdentity(ctx, st, cfg.Name, cfg.Listen, cfg.CertTTL)
 	if err != nil {
 		return err

@@ -123,7 +123,7 @@ func (s *Store) claimOps(claims map[string]string) ([]string, []clientv3.Cmp, []
 // heldClaim returns a ClaimError for the first of keys someone holds.
 func (s *Store) heldClaim(ctx context.Context, keys []string) error {
 	for _, c := range keys {
-		resp, err := s.cli.Get(ctx, s.key(c))
+		resp, err := s.get(ctx, s.key(c))
 		if err != nil {
 			return fmt.Errorf("read claim %s: %w", c, err)
 		}
@@ -136,7 +136,7 @@ func (s *Store) heldClaim(ctx context.Context, keys []string) error {
 
 // ClaimHolder is who holds claim key ("" if nobody).
 func (s *Store) ClaimHolder(ctx context.Context, key string) (string, error) {
-	resp, err := s.cli.Get(ctx, s.key(key))
+	resp, err := s.get(ctx, s.key(key))
 	if err != nil {
 		return "", fmt.Errorf("read claim %s: %w", key, err)
 	}

@@ -166,7 +166,7 @@ func (s *Store) Unlock(ctx context.Context, l Lock) error {
 
 // Held tells whether the lock key exists (held by anyone), and its value.
 func (s *Store) Held(ctx context.Context, lockKey string) (bool, string, error) {
-	resp, err := s.cli.Get(ctx, s.key(lockKey))
+	resp, err := s.get(ctx, s.key(lockKey))
 	if err != nil {
 		return false, "", fmt.Errorf("get %s: %w", lockKey, err)
 	}

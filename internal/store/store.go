@@ -28,6 +28,9 @@ var ErrConflict = errors.New("changed concurrently")
 type Store struct {
 	cli    *clientv3.Client
 	prefix string
+	// sole says whether the cluster has one member, which may then answer
+	// reads alone (see Embedded.Store); nil: never.
+	sole func() bool
 
 	leaseMu sync.Mutex
 	leases  map[time.Duration]ttlLease // by TTL, shared by the keys written with it
@@ -44,6 +47,15 @@ func New(cli *clientv3.Client, prefix string) *Store {
 	return &Store{cli: cli, prefix: prefix}
 }
 
+// get reads from etcd: serializable on a cluster of one (see
+// Embedded.Store).
+func (s *Store) get(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
+	if s.sole != nil && s.sole() {
+		opts = append(opts, clientv3.WithSerializable())
+	}
+	return s.cli.Get(ctx, key, opts...)
+}
+
 // Client returns the etcd client, for leader election and watches.
 func (s *Store) Client() *clientv3.Client { return s.cli }
 
@@ -52,7 +64,7 @@ func (s *Store) key(k string) string { return s.prefix + k }
 // Get decodes the JSON value at key into v and returns its modification
 // revision, which Update uses to detect concurrent writers.
 func (s *Store) Get(ctx context.Context, key string, v any) (int64, error) {
-	resp, err := s.cli.Get(ctx, s.key(key))
+	resp, err := s.get(ctx, s.key(key))
 	if err != nil {
 		return 0, fmt.Errorf("get %s: %w", key, err)
 	}
@@ -202,7 +214,7 @@ func (s *Store) PutPair(ctx context.Context, keyA string, revA int64, a any, key
 
 // Count is how many keys there are under prefix.
 func (s *Store) Count(ctx context.Context, prefix string) (int64, error) {
-	resp, err := s.cli.Get(ctx, s.key(prefix), clientv3.WithPrefix(), clientv3.WithCountOnly())
+	resp, err := s.get(ctx, s.key(prefix), clientv3.WithPrefix(), clientv3.WithCountOnly())
 	if err != nil {
 		return 0, fmt.Errorf("count %s: %w", prefix, err)
 	}
@@ -345,7 +357,7 @@ func (s *Store) DeletePrefix(ctx context.Context, prefix string) error {
 // List returns the raw JSON values of every key under prefix, keyed by the
 // part of the key after prefix, in key order.
 func (s *Store) List(ctx context.Context, prefix string) ([]KV, error) {
-	resp, err := s.cli.Get(ctx, s.key(prefix), clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend))
+	resp, err := s.get(ctx, s.key(prefix), clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend))
 	if err != nil {
 		return nil, fmt.Errorf("list %s: %w", prefix, err)
 	}
@@ -365,7 +377,7 @@ func (s *Store) ListAfter(ctx context.Context, prefix, after string, limit int) 
 		from = s.key(prefix+after) + "\x00"
 	}
 	end := clientv3.GetPrefixRangeEnd(s.key(prefix))
-	resp, err := s.cli.Get(ctx, from, clientv3.WithRange(end), clientv3.WithLimit(int64(limit)),
+	resp, err := s.get(ctx, from, clientv3.WithRange(end), clientv3.WithLimit(int64(limit)),
 		clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend))
 	if err != nil {
 		return nil, false, fmt.Errorf("list %s: %w", prefix, err)
@@ -381,7 +393,7 @@ func (s *Store) ListAfter(ctx context.Context, prefix, after string, limit int) 
 // prefix, value, and the key's modification revision) and returns the
 // revision it read at.
 func (s *Store) Scan(ctx context.Context, prefix string, f func(key string, value []byte, rev int64)) (int64, error) {
-	resp, err := s.cli.Get(ctx, s.key(prefix), clientv3.WithPrefix())
+	resp, err := s.get(ctx, s.key(prefix), clientv3.WithPrefix())
 	if err != nil {
 		return 0, fmt.Errorf("scan %s: %w", prefix, err)
 	}
