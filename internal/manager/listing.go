@@ -5,7 +5,10 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"net/http"
+	"slices"
 	"strconv"
+	"strings"
+	"time"
 
 	"github.com/vigil-project/vigil/api"
 )
@@ -13,8 +16,9 @@ import (
 // Listing many VMs: GET /v1/vms takes ?host= and ?state= filters and
 // ?limit= pages. A page ends with the Vigil-Continue header when more
 // follow: pass it back as ?continue= for the next one. Pages are read from
-// the store in bounded ranges, so a page of a large cluster costs about
-// its own size, not the cluster's.
+// the mirror of the records (recordcache.go) once it is as current as the
+// store (consistentRecords), so a page, filtered or not, costs about its
+// own size, not the cluster's; else from the store in bounded ranges.
 
 const (
 	maxPageSize = 1000
@@ -36,6 +40,9 @@ type ListOptions struct {
 func (m *Manager) ListPage(ctx context.Context, o ListOptions) ([]api.VM, string, error) {
 	match := func(r record) bool {
 		return (o.Host == "" || r.Host == o.Host) && (o.State == "" || string(r.State) == o.State)
+	}
+	if rs, ok := m.consistentRecords(ctx); ok {
+		return m.pageOf(rs, o, match)
 	}
 	if o.Limit <= 0 {
 		rs, err := m.records(ctx)
@@ -81,6 +88,74 @@ func (m *Manager) ListPage(ctx context.Context, o ListOptions) ([]api.VM, string
 		}
 		if !more {
 			return out, "", nil
+		}
+	}
+}
+
+// pageOf is the page of rs (in name order) the options select.
+func (m *Manager) pageOf(rs []storedRecord, o ListOptions, match func(record) bool) ([]api.VM, string, error) {
+	i, _ := slices.BinarySearchFunc(rs, o.After, func(s storedRecord, name string) int {
+		return strings.Compare(s.rec.Spec.Name, name)
+	})
+	if i < len(rs) && rs[i].rec.Spec.Name == o.After {
+		i++
+	}
+	out := []api.VM{}
+	for ; i < len(rs); i++ {
+		if !match(rs[i].rec) {
+			continue
+		}
+		if o.Limit > 0 && len(out) == o.Limit {
+			return out, out[len(out)-1].Name, nil
+		}
+		out = append(out, m.view(rs[i].rec))
+	}
+	return out, "", nil
+}
+
+// mirrorWait bounds how long a listing waits for the mirror to catch up
+// with the store before it reads the store instead.
+const mirrorWait = 500 * time.Millisecond
+
+// progressRetry is how long a listing waits for etcd's progress report
+// before asking again: etcd answers only once every watch of the client
+// has caught up.
+const progressRetry = 50 * time.Millisecond
+
+// consistentRecords is every VM record in name order, from the mirror once
+// it holds every change the store acknowledged before the call (so a
+// listing shows a VM created just before, through any manager); false if
+// it does not within mirrorWait, or is not current: the caller reads the
+// store.
+func (m *Manager) consistentRecords(ctx context.Context) ([]storedRecord, bool) {
+	if !m.cache.isReady() {
+		return nil, false
+	}
+	rev, err := m.store.Revision(ctx)
+	if err != nil {
+		return nil, false
+	}
+	wctx, cancel := context.WithTimeout(ctx, mirrorWait)
+	defer cancel()
+	for {
+		rs, ok, moved := m.cache.at(rev)
+		if ok {
+			return rs, true
+		}
+		if moved == nil {
+			return nil, false
+		}
+		// The mirror's watch sees only VM records, and the store's
+		// revision moves with every heartbeat: ask etcd how far the
+		// watch has seen.
+		if err := m.store.RequestProgress(wctx); err != nil {
+			return nil, false
+		}
+		select {
+		case <-moved:
+		case <-time.After(progressRetry):
+		case <-wctx.Done():
+			return nil, false
 		}
 	}
 }

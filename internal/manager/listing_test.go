@@ -8,8 +8,10 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vigil-project/vigil/api"
+	"github.com/vigil-project/vigil/internal/hostproto"
 )
 
 // TestListPages lists VMs through the API page by page, with and without
@@ -57,7 +59,7 @@ func TestListPages(t *testing.T) {
 			cont = next
 		}
 	}
-	for _, tc := range []struct {
+	cases := []struct {
 		query string
 		limit int
 		want  string
@@ -69,9 +71,21 @@ func TestListPages(t *testing.T) {
 		{"?limit=2&state=stopped&host=" + h.name, 2, "vm01,vm02,vm04,vm05,vm07,vm08,vm10,vm11"},
 		{"?state=running", 1 << 30, "vm00,vm03,vm06,vm09"},
 		{"?limit=4&host=elsewhere", 4, ""},
-	} {
-		if got := strings.Join(all(tc.query, tc.limit), ","); got != tc.want {
-			t.Errorf("%s: listed %s, want %s", tc.query, got, tc.want)
+	}
+	// From the mirror, then (the mirror not current) from the store.
+	if _, ok := m.consistentRecords(ctx); !ok {
+		t.Fatal("the listing does not read the mirror")
+	}
+	for _, from := range []string{"mirror", "store"} {
+		if from == "store" {
+			m.cache.mu.Lock()
+			m.cache.ready = false
+			m.cache.mu.Unlock()
+		}
+		for _, tc := range cases {
+			if got := strings.Join(all(tc.query, tc.limit), ","); got != tc.want {
+				t.Errorf("from the %s: %s: listed %s, want %s", from, tc.query, got, tc.want)
+			}
 		}
 	}
 	// The last page of an exact fit has no token.
@@ -81,6 +95,33 @@ func TestListPages(t *testing.T) {
 	for _, q := range []string{"?limit=0", "?limit=1001", "?limit=x", "?continue=!!", "?continue=" + "QUJD", "?state=asleep"} {
 		if _, _, code, body := get(q); code != http.StatusBadRequest || !strings.Contains(body, "error") {
 			t.Errorf("%s: %d %s, want 400 with a reason", q, code, body)
+		}
+	}
+}
+
+// TestListingShowsWhatTheStoreHas: a record written to the store (by any
+// manager) is in the very next listing from the mirror: the listing waits
+// until the mirror has every change the store acknowledged before it.
+func TestListingShowsWhatTheStoreHas(t *testing.T) {
+	m, _ := newTestManager(t)
+	ctx := context.Background()
+	for i := 0; i < 50; i++ {
+		name := fmt.Sprintf("vm%02d", i)
+		putRecord(t, m, record{Spec: hostproto.VMSpec{Name: name, MemoryBytes: 64 << 20, CPUs: 1}, Host: "h7", State: api.StateStopped})
+		// Writes the mirror does not watch move the store's revision too.
+		if err := m.store.Put(ctx, "hostseen/h7", hostSeenRecord{Seen: time.Now()}); err != nil {
+			t.Fatal(err)
+		}
+		rs, ok := m.consistentRecords(ctx)
+		if !ok {
+			t.Fatalf("after %d writes: the mirror did not catch up with the store", i)
+		}
+		if len(rs) != i+1 || rs[i].rec.Spec.Name != name {
+			t.Fatalf("after writing %s the mirror lists %d records", name, len(rs))
+		}
+		vms, _, err := m.ListPage(ctx, ListOptions{Host: "h7", Limit: 100})
+		if err != nil || len(vms) != i+1 {
+			t.Fatalf("listing h7 after writing %s: %d vms, %v", name, len(vms), err)
 		}
 	}
 }

@@ -32,6 +32,11 @@ type recordCache struct {
 	// for every VM it places (at 20,000 VMs a dead host's VMs waited on
 	// one another's walks for most of a second).
 	usage map[string]hostUsage
+	// rev is a revision up to which the cache holds every change: the
+	// scan's, then just below each change's, and what etcd's progress
+	// reports say. advanced is closed (and dropped) when it grows.
+	rev      int64
+	advanced chan struct{}
 }
 
 // snapshot is every cached record in name order (shared: read only), or
@@ -43,6 +48,10 @@ func (c *recordCache) snapshot() ([]storedRecord, bool) {
 	if !c.ready {
 		return nil, false
 	}
+	return c.sortedLocked(), true
+}
+
+func (c *recordCache) sortedLocked() []storedRecord {
 	if c.dirty || c.sorted == nil {
 		out := make([]storedRecord, 0, len(c.byName))
 		for _, s := range c.byName {
@@ -51,13 +60,54 @@ func (c *recordCache) snapshot() ([]storedRecord, bool) {
 		sort.Slice(out, func(i, j int) bool { return out[i].rec.Spec.Name < out[j].rec.Spec.Name })
 		c.sorted, c.dirty = out, false
 	}
-	return c.sorted, true
+	return c.sorted
+}
+
+// at is snapshot once the cache holds every change up to rev. Until then
+// it says false, with a channel closed when the cache moves on (nil while
+// the cache is not current: nothing to wait for).
+func (c *recordCache) at(rev int64) ([]storedRecord, bool, <-chan struct{}) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.ready {
+		return nil, false, nil
+	}
+	if c.rev >= rev {
+		return c.sortedLocked(), true, nil
+	}
+	if c.advanced == nil {
+		c.advanced = make(chan struct{})
+	}
+	return nil, false, c.advanced
+}
+
+// seenLocked notes that the cache holds every change up to rev.
+func (c *recordCache) seenLocked(rev int64) {
+	if rev <= c.rev {
+		return
+	}
+	c.rev = rev
+	if c.advanced != nil {
+		close(c.advanced)
+		c.advanced = nil
+	}
+}
+
+// progress notes etcd's word that the watch delivered every change up to
+// rev.
+func (c *recordCache) progress(rev int64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.seenLocked(rev)
 }
 
 func (c *recordCache) apply(log func(string, ...any), key string, value []byte, rev int64) {
 	name := strings.TrimPrefix(key, "vms/")
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	// Every change before this one was delivered before it; not this
+	// revision itself: a transaction's other changes may follow.
+	defer c.seenLocked(rev - 1)
 	c.dirty = true
 	if value == nil {
 		c.setLocked(name, nil)
@@ -90,14 +140,16 @@ func (c *recordCache) setLocked(name string, s *storedRecord) {
 	c.dirty = true
 }
 
-// reload replaces every record (a fresh scan), and what they reserve.
-func (c *recordCache) reload(fresh map[string]storedRecord) {
+// reload replaces every record (a fresh scan at rev), and what they
+// reserve.
+func (c *recordCache) reload(fresh map[string]storedRecord, rev int64) {
 	usage := map[string]hostUsage{}
 	for _, s := range fresh {
 		reserve(usage, s.rec, 1)
 	}
 	c.mu.Lock()
 	c.byName, c.usage, c.ready, c.dirty = fresh, usage, true, true
+	c.seenLocked(rev)
 	c.mu.Unlock()
 }
 
@@ -113,10 +165,10 @@ func (m *Manager) watchRecords(ctx context.Context) {
 			}
 		})
 		if err == nil {
-			c.reload(fresh)
-			err = m.store.Watch(ctx, "vms/", rev+1, func(key string, value []byte, rev int64) {
+			c.reload(fresh, rev)
+			err = m.store.WatchProgress(ctx, "vms/", rev+1, func(key string, value []byte, rev int64) {
 				c.apply(m.log.Error, key, value, rev)
-			})
+			}, c.progress)
 		}
 		c.mu.Lock()
 		c.ready = false // until the next scan: what it holds may miss changes

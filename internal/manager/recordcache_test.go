@@ -81,7 +81,7 @@ func TestCacheUsageFollowsEveryChange(t *testing.T) {
 	c := &recordCache{byName: map[string]storedRecord{}}
 	c.reload(map[string]storedRecord{
 		"v0": {record{Spec: hostproto.VMSpec{Name: "v0", MemoryBytes: 1 << 30, CPUs: 2}, Host: "h0", Desired: desiredRunning}, 1},
-	})
+	}, 1)
 	hosts := []string{"h0", "h1", "h2"}
 	desired := []string{desiredRunning, desiredPaused, desiredStopped}
 	rng := rand.New(rand.NewPCG(1, 2))
@@ -116,5 +116,45 @@ func TestCacheUsageFollowsEveryChange(t *testing.T) {
 		if fmt.Sprint(got) != fmt.Sprint(want) {
 			t.Fatalf("after change %d: kept %v, walk %v", i, got, want)
 		}
+	}
+}
+
+// TestCacheRevision: the mirror says it holds a revision only when every
+// change up to it was applied: a scan's, the one below each change (a
+// transaction's other changes may follow), etcd's progress reports; and
+// wakes whoever waits when it moves on.
+func TestCacheRevision(t *testing.T) {
+	c := &recordCache{byName: map[string]storedRecord{}}
+	if _, ok, moved := c.at(1); ok || moved != nil {
+		t.Fatal("a mirror that never scanned answers, or offers to wait")
+	}
+	c.reload(map[string]storedRecord{}, 10)
+	holds := func(rev int64, want bool) {
+		t.Helper()
+		if _, ok, _ := c.at(rev); ok != want {
+			t.Fatalf("at(%d) = %v, want %v (mirror at %d)", rev, ok, want, c.rev)
+		}
+	}
+	holds(10, true)
+	_, _, moved := c.at(12)
+	c.apply(t.Logf, "vms/a", []byte(`{"spec":{"name":"a"}}`), 12)
+	select {
+	case <-moved:
+	default:
+		t.Fatal("a change did not wake the waiter")
+	}
+	holds(11, true)
+	holds(12, false)
+	c.progress(12)
+	holds(12, true)
+	c.progress(5) // late news changes nothing
+	holds(12, true)
+	c.apply(t.Logf, "vms/a", []byte(`{not json`), 20)
+	holds(19, true)
+	c.mu.Lock()
+	c.ready = false
+	c.mu.Unlock()
+	if _, ok, moved := c.at(1); ok || moved != nil {
+		t.Fatal("a mirror whose watch broke answers, or offers to wait")
 	}
 }

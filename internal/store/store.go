@@ -406,6 +406,13 @@ func (s *Store) Scan(ctx context.Context, prefix string, f func(key string, valu
 // Watch calls f for every put under prefix from revision rev on (with a
 // nil value for a delete), until ctx ends or the watch fails.
 func (s *Store) Watch(ctx context.Context, prefix string, rev int64, f func(key string, value []byte, rev int64)) error {
+	return s.WatchProgress(ctx, prefix, rev, f, nil)
+}
+
+// WatchProgress is Watch, and also calls progress (if not nil) with a
+// revision when etcd says the watch has delivered every change up to it:
+// after RequestProgress, once every watch of this client has caught up.
+func (s *Store) WatchProgress(ctx context.Context, prefix string, rev int64, f func(key string, value []byte, rev int64), progress func(rev int64)) error {
 	wch := s.cli.Watch(clientv3.WithRequireLeader(ctx), s.key(prefix), clientv3.WithPrefix(), clientv3.WithRev(rev))
 	for resp := range wch {
 		if err := resp.Err(); err != nil {
@@ -418,8 +425,33 @@ func (s *Store) Watch(ctx context.Context, prefix string, rev int64, f func(key 
 			}
 			f(string(ev.Kv.Key[len(s.prefix):]), v, ev.Kv.ModRevision)
 		}
+		if progress != nil && resp.IsProgressNotify() {
+			progress(resp.Header.Revision)
+		}
 	}
 	return ctx.Err()
+}
+
+// RequestProgress asks etcd to tell the watches of this store's client
+// how far they have seen (WatchProgress). etcd answers only when all of
+// them have caught up: ask again if no answer comes.
+func (s *Store) RequestProgress(ctx context.Context) error {
+	// The watches run on the stream of contexts that require a leader:
+	// the request must go on that stream.
+	if err := s.cli.RequestProgress(clientv3.WithRequireLeader(ctx)); err != nil {
+		return fmt.Errorf("request watch progress: %w", err)
+	}
+	return nil
+}
+
+// Revision is the store's current revision: every write acknowledged
+// before the call has a revision at most this.
+func (s *Store) Revision(ctx context.Context) (int64, error) {
+	resp, err := s.get(ctx, s.key(""), clientv3.WithCountOnly())
+	if err != nil {
+		return 0, fmt.Errorf("read the store's revision: %w", err)
+	}
+	return resp.Header.Revision, nil
 }
 
 // KV is one listed entry.
