@@ -1,13 +1,16 @@
 package manager
 
 import (
+	"compress/gzip"
 	"context"
+	"io"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/prometheus/common/expfmt"
 
 	"github.com/vigil-project/vigil/api"
 )
@@ -15,10 +18,10 @@ import (
 // Metrics: GET /metrics on every manager, in Prometheus' text format,
 // covers the whole cluster from one scrape target: every manager follows
 // every host's heartbeats (with the statuses of its VMs) and reads the
-// records from etcd, so any one of them can describe all of it. Gauges
-// describing the cluster are made at scrape time from that view (a
-// Collector); what happens in this manager (API requests, operations it
-// ran) is counted as it happens.
+// records from etcd, so any one of them can describe all of it. The
+// series describing the cluster are made at scrape time from that view
+// (collectCluster); what happens in this manager (API requests,
+// operations it ran) is counted as it happens.
 
 // metrics are the manager's own instruments and its registry.
 type metrics struct {
@@ -45,7 +48,7 @@ func newMetrics(m *Manager) *metrics {
 		Name: "vigil_vm_operation_pause_seconds", Help: "How long the guest's CPUs were stopped by a VM operation (live snapshot, migration downtime).",
 		Buckets: []float64{.001, .0025, .005, .01, .02, .05, .1, .25, .5, 1, 5},
 	}, []string{"action"})
-	mt.reg.MustRegister(mt.api, mt.ops, mt.pause, clusterCollector{m})
+	mt.reg.MustRegister(mt.api, mt.ops, mt.pause)
 	return mt
 }
 
@@ -93,98 +96,126 @@ func (w *statusWriter) Flush() {
 func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 func (m *Manager) handleMetrics(w http.ResponseWriter, r *http.Request) {
-	promhttp.HandlerFor(m.metrics.reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}).ServeHTTP(w, r)
+	// The manager's own instruments go through client_golang; the
+	// cluster's series (every VM's and host's, made at scrape time) are
+	// written directly (metricstext.go). Both in the text format, which
+	// every Prometheus reads.
+	fams, gatherErr := m.metrics.reg.Gather()
+	var out io.Writer = w
+	w.Header().Set("Content-Type", string(expfmt.NewFormat(expfmt.TypeTextPlain)))
+	if gzipAccepted(r) {
+		w.Header().Set("Content-Encoding", "gzip")
+		zw, _ := gzip.NewWriterLevel(w, gzip.BestSpeed)
+		defer zw.Close()
+		out = zw
+	}
+	if gatherErr != nil {
+		m.log.Warn("gather the manager's own metrics", "err", gatherErr)
+	}
+	enc := expfmt.NewEncoder(out, expfmt.NewFormat(expfmt.TypeTextPlain))
+	for _, f := range fams {
+		if err := enc.Encode(f); err != nil {
+			return // the scraper went away
+		}
+	}
+	var e exposition
+	m.collectCluster(r.Context(), &e)
+	e.WriteTo(out)
 }
 
-// clusterCollector describes the cluster as this manager sees it, at
-// scrape time.
-type clusterCollector struct{ m *Manager }
+// gzipAccepted says whether the request takes a gzip-encoded answer (as
+// Prometheus asks): at 20,000 VMs the text is 15 MB, gzip a tenth.
+func gzipAccepted(r *http.Request) bool {
+	for _, part := range strings.Split(r.Header.Get("Accept-Encoding"), ",") {
+		enc, params, _ := strings.Cut(part, ";")
+		if strings.TrimSpace(enc) != "gzip" {
+			continue
+		}
+		if v, ok := strings.CutPrefix(strings.TrimSpace(params), "q="); ok {
+			q, err := strconv.ParseFloat(v, 64)
+			return err == nil && q > 0
+		}
+		return true
+	}
+	return false
+}
 
 var (
 	vmLabels   = []string{"vm", "host"}
 	hostLabels = []string{"host"}
 
-	descVMInfo       = prometheus.NewDesc("vigil_vm_info", "A VM: 1, with its state, storage pool and image as labels.", []string{"vm", "host", "state", "pool", "image"}, nil)
-	descVMRunning    = prometheus.NewDesc("vigil_vm_running", "1 if the VM's QEMU runs on its host.", vmLabels, nil)
-	descVMMemory     = prometheus.NewDesc("vigil_vm_memory_bytes", "The VM's memory.", vmLabels, nil)
-	descVMVCPUs      = prometheus.NewDesc("vigil_vm_vcpus", "The VM's virtual CPUs.", vmLabels, nil)
-	descVMCPU        = prometheus.NewDesc("vigil_vm_cpu_seconds_total", "CPU time of the VM's vCPUs since its QEMU started.", vmLabels, nil)
-	descVMDiskBytes  = prometheus.NewDesc("vigil_vm_disk_bytes_total", "Bytes the VM's disks read and wrote since its QEMU started.", []string{"vm", "host", "direction"}, nil)
-	descVMDiskOps    = prometheus.NewDesc("vigil_vm_disk_operations_total", "Read and write requests of the VM's disks since its QEMU started.", []string{"vm", "host", "direction"}, nil)
-	descVMNetBytes   = prometheus.NewDesc("vigil_vm_network_bytes_total", "Bytes the VM's network cards received and sent (bridged networks).", []string{"vm", "host", "direction"}, nil)
-	descVMNetPackets = prometheus.NewDesc("vigil_vm_network_packets_total", "Packets the VM's network cards received and sent (bridged networks).", []string{"vm", "host", "direction"}, nil)
-	descVMHeartbeat  = prometheus.NewDesc("vigil_vm_heartbeat_age_seconds", "Time since the guest agent's last heartbeat.", vmLabels, nil)
-	descVMRestarts   = prometheus.NewDesc("vigil_vm_recent_restarts", "Automatic restarts within the VM's restart window.", vmLabels, nil)
-	descVMProtection = prometheus.NewDesc("vigil_vm_protection_info", "A protected VM: 1, with its protection state and secondary host.", []string{"vm", "host", "state", "secondary"}, nil)
-	descVMRPO        = prometheus.NewDesc("vigil_vm_protection_rpo_seconds", "Guest time a failover of the protected VM would lose now.", vmLabels, nil)
-	descVMCkptPause  = prometheus.NewDesc("vigil_vm_checkpoint_pause_seconds", "The guest's stop per checkpoint over recent checkpoints.", []string{"vm", "host", "quantile"}, nil)
-	descVMCkptBytes  = prometheus.NewDesc("vigil_vm_checkpoint_bytes", "Size of the protected VM's last checkpoint.", vmLabels, nil)
-	descVMCkpts      = prometheus.NewDesc("vigil_vm_checkpoints_total", "Checkpoints committed on the secondary in the current pairing.", vmLabels, nil)
+	famVMInfo       = &family{name: "vigil_vm_info", typ: "gauge", help: "A VM: 1, with its state, storage pool and image as labels.", labels: []string{"vm", "host", "state", "pool", "image"}}
+	famVMRunning    = &family{name: "vigil_vm_running", typ: "gauge", help: "1 if the VM's QEMU runs on its host.", labels: vmLabels}
+	famVMMemory     = &family{name: "vigil_vm_memory_bytes", typ: "gauge", help: "The VM's memory.", labels: vmLabels}
+	famVMVCPUs      = &family{name: "vigil_vm_vcpus", typ: "gauge", help: "The VM's virtual CPUs.", labels: vmLabels}
+	famVMCPU        = &family{name: "vigil_vm_cpu_seconds_total", typ: "counter", help: "CPU time of the VM's vCPUs since its QEMU started.", labels: vmLabels}
+	famVMDiskBytes  = &family{name: "vigil_vm_disk_bytes_total", typ: "counter", help: "Bytes the VM's disks read and wrote since its QEMU started.", labels: []string{"vm", "host", "direction"}}
+	famVMDiskOps    = &family{name: "vigil_vm_disk_operations_total", typ: "counter", help: "Read and write requests of the VM's disks since its QEMU started.", labels: []string{"vm", "host", "direction"}}
+	famVMNetBytes   = &family{name: "vigil_vm_network_bytes_total", typ: "counter", help: "Bytes the VM's network cards received and sent (bridged networks).", labels: []string{"vm", "host", "direction"}}
+	famVMNetPackets = &family{name: "vigil_vm_network_packets_total", typ: "counter", help: "Packets the VM's network cards received and sent (bridged networks).", labels: []string{"vm", "host", "direction"}}
+	famVMHeartbeat  = &family{name: "vigil_vm_heartbeat_age_seconds", typ: "gauge", help: "Time since the guest agent's last heartbeat.", labels: vmLabels}
+	famVMRestarts   = &family{name: "vigil_vm_recent_restarts", typ: "gauge", help: "Automatic restarts within the VM's restart window.", labels: vmLabels}
+	famVMProtection = &family{name: "vigil_vm_protection_info", typ: "gauge", help: "A protected VM: 1, with its protection state and secondary host.", labels: []string{"vm", "host", "state", "secondary"}}
+	famVMRPO        = &family{name: "vigil_vm_protection_rpo_seconds", typ: "gauge", help: "Guest time a failover of the protected VM would lose now.", labels: vmLabels}
+	famVMCkptPause  = &family{name: "vigil_vm_checkpoint_pause_seconds", typ: "gauge", help: "The guest's stop per checkpoint over recent checkpoints.", labels: []string{"vm", "host", "quantile"}}
+	famVMCkptBytes  = &family{name: "vigil_vm_checkpoint_bytes", typ: "gauge", help: "Size of the protected VM's last checkpoint.", labels: vmLabels}
+	famVMCkpts      = &family{name: "vigil_vm_checkpoints_total", typ: "counter", help: "Checkpoints committed on the secondary in the current pairing.", labels: vmLabels}
 
-	descHostUp        = prometheus.NewDesc("vigil_host_up", "1 if the host is up (heartbeating), 0 if down or dead.", hostLabels, nil)
-	descHostDead      = prometheus.NewDesc("vigil_host_dead", "1 if the host was declared dead.", hostLabels, nil)
-	descHostMemory    = prometheus.NewDesc("vigil_host_memory_bytes", "The host's memory for VMs.", hostLabels, nil)
-	descHostReserved  = prometheus.NewDesc("vigil_host_memory_reserved_bytes", "Memory reserved on the host: its VMs' and the standbys it keeps.", hostLabels, nil)
-	descHostCPUs      = prometheus.NewDesc("vigil_host_cpus", "The host's CPUs.", hostLabels, nil)
-	descHostVMs       = prometheus.NewDesc("vigil_host_vms", "VMs the host reports.", hostLabels, nil)
-	descHostHeartbeat = prometheus.NewDesc("vigil_host_heartbeat_age_seconds", "Time since this manager last heard from the host.", hostLabels, nil)
+	famHostUp        = &family{name: "vigil_host_up", typ: "gauge", help: "1 if the host is up (heartbeating), 0 if down or dead.", labels: hostLabels}
+	famHostDead      = &family{name: "vigil_host_dead", typ: "gauge", help: "1 if the host was declared dead.", labels: hostLabels}
+	famHostMemory    = &family{name: "vigil_host_memory_bytes", typ: "gauge", help: "The host's memory for VMs.", labels: hostLabels}
+	famHostReserved  = &family{name: "vigil_host_memory_reserved_bytes", typ: "gauge", help: "Memory reserved on the host: its VMs' and the standbys it keeps.", labels: hostLabels}
+	famHostCPUs      = &family{name: "vigil_host_cpus", typ: "gauge", help: "The host's CPUs.", labels: hostLabels}
+	famHostVMs       = &family{name: "vigil_host_vms", typ: "gauge", help: "VMs the host reports.", labels: hostLabels}
+	famHostHeartbeat = &family{name: "vigil_host_heartbeat_age_seconds", typ: "gauge", help: "Time since this manager last heard from the host.", labels: hostLabels}
 
-	descLeader     = prometheus.NewDesc("vigil_manager_leader", "1 if this manager leads (runs the controllers).", []string{"manager"}, nil)
-	descQueueDepth = prometheus.NewDesc("vigil_workqueue_depth", "VMs waiting on this manager's work queue.", nil, nil)
-	descQueueDone  = prometheus.NewDesc("vigil_workqueue_processed_total", "Work items this manager's queue processed.", nil, nil)
-	descQueueFail  = prometheus.NewDesc("vigil_workqueue_failed_total", "Work items that failed.", nil, nil)
-	descQueueLat   = prometheus.NewDesc("vigil_workqueue_latency_seconds_total", "Summed time work items waited in the queue (divide by vigil_workqueue_processed_total).", nil, nil)
-	descEtcdSize   = prometheus.NewDesc("vigil_etcd_db_size_bytes", "Size of the etcd database, per member.", []string{"member"}, nil)
-	descScrapeErr  = prometheus.NewDesc("vigil_scrape_error", "1 if part of the cluster's state could not be read for this scrape.", []string{"what"}, nil)
+	famLeader     = &family{name: "vigil_manager_leader", typ: "gauge", help: "1 if this manager leads (runs the controllers).", labels: []string{"manager"}}
+	famQueueDepth = &family{name: "vigil_workqueue_depth", typ: "gauge", help: "VMs waiting on this manager's work queue."}
+	famQueueDone  = &family{name: "vigil_workqueue_processed_total", typ: "counter", help: "Work items this manager's queue processed."}
+	famQueueFail  = &family{name: "vigil_workqueue_failed_total", typ: "counter", help: "Work items that failed."}
+	famQueueLat   = &family{name: "vigil_workqueue_latency_seconds_total", typ: "counter", help: "Summed time work items waited in the queue (divide by vigil_workqueue_processed_total)."}
+	famEtcdSize   = &family{name: "vigil_etcd_db_size_bytes", typ: "gauge", help: "Size of the etcd database, per member.", labels: []string{"member"}}
+	famScrapeErr  = &family{name: "vigil_scrape_error", typ: "gauge", help: "1 if part of the cluster's state could not be read for this scrape.", labels: []string{"what"}}
 )
 
-// Describe sends nothing: the collector is unchecked (its series come and
-// go with VMs and hosts).
-func (clusterCollector) Describe(chan<- *prometheus.Desc) {}
-
-func (c clusterCollector) Collect(ch chan<- prometheus.Metric) {
-	m := c.m
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+// collectCluster describes the cluster as this manager sees it, now.
+func (m *Manager) collectCluster(ctx context.Context, e *exposition) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
-	}
-	counter := func(d *prometheus.Desc, v float64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, labels...)
-	}
+	gauge, counter := e.add, e.add
 	b := func(ok bool) float64 {
 		if ok {
 			return 1
 		}
 		return 0
 	}
-	gauge(descLeader, b(m.leader.Load()), m.name)
+	gauge(famLeader, b(m.leader.Load()), m.name)
 	st := m.queue.Stats()
-	gauge(descQueueDepth, float64(m.queue.Len()))
-	counter(descQueueDone, float64(st.Processed))
-	counter(descQueueFail, float64(st.Failed))
-	counter(descQueueLat, st.QueueLatencySum.Seconds())
+	gauge(famQueueDepth, float64(m.queue.Len()))
+	counter(famQueueDone, float64(st.Processed))
+	counter(famQueueFail, float64(st.Failed))
+	counter(famQueueLat, st.QueueLatencySum.Seconds())
 	if cli := m.store.Client(); cli != nil {
 		for _, ep := range cli.Endpoints() {
 			sctx, cancel := context.WithTimeout(ctx, time.Second)
 			if s, err := cli.Status(sctx, ep); err == nil {
-				gauge(descEtcdSize, float64(s.DbSize), ep)
+				gauge(famEtcdSize, float64(s.DbSize), ep)
 			}
 			cancel()
 		}
 	}
 
 	rs, err := m.cachedRecords(ctx)
-	gauge(descScrapeErr, b(err != nil), "vms")
+	gauge(famScrapeErr, b(err != nil), "vms")
 	now := time.Now()
 	for _, e := range m.hosts.entries() {
 		v := e.view()
-		gauge(descHostUp, b(v.State == "up"), v.Name)
-		gauge(descHostDead, b(v.State == "dead"), v.Name)
-		gauge(descHostMemory, float64(v.MemoryBytes), v.Name)
-		gauge(descHostCPUs, float64(v.CPUs), v.Name)
-		gauge(descHostVMs, float64(v.VMs), v.Name)
-		gauge(descHostHeartbeat, now.Sub(e.h.HeardAt()).Seconds(), v.Name)
+		gauge(famHostUp, b(v.State == "up"), v.Name)
+		gauge(famHostDead, b(v.State == "dead"), v.Name)
+		gauge(famHostMemory, float64(v.MemoryBytes), v.Name)
+		gauge(famHostCPUs, float64(v.CPUs), v.Name)
+		gauge(famHostVMs, float64(v.VMs), v.Name)
+		gauge(famHostHeartbeat, now.Sub(e.h.HeardAt()).Seconds(), v.Name)
 	}
 	if err != nil {
 		return
@@ -193,7 +224,7 @@ func (c clusterCollector) Collect(ch chan<- prometheus.Metric) {
 	cands := m.hosts.candidates(rs, m.moving)
 	m.placeMu.Unlock()
 	for _, cd := range cands {
-		gauge(descHostReserved, float64(cd.usedMemory), cd.host.Name)
+		gauge(famHostReserved, float64(cd.usedMemory), cd.host.Name)
 	}
 	for _, s := range rs {
 		r := s.rec
@@ -204,38 +235,38 @@ func (c clusterCollector) Collect(ch chan<- prometheus.Metric) {
 		} else if r.Spec.ISO != nil {
 			image = r.Spec.ISO.Name
 		}
-		gauge(descVMInfo, 1, name, host, string(r.State), r.Spec.Pool, image)
+		gauge(famVMInfo, 1, name, host, string(r.State), r.Spec.Pool, image)
 		act := m.actual(r)
-		gauge(descVMRunning, b(act.Running), name, host)
-		gauge(descVMMemory, float64(r.Spec.MemoryBytes), name, host)
-		gauge(descVMVCPUs, float64(r.Spec.CPUs), name, host)
-		gauge(descVMRestarts, float64(len(r.Restarts)), name, host)
+		gauge(famVMRunning, b(act.Running), name, host)
+		gauge(famVMMemory, float64(r.Spec.MemoryBytes), name, host)
+		gauge(famVMVCPUs, float64(r.Spec.CPUs), name, host)
+		gauge(famVMRestarts, float64(len(r.Restarts)), name, host)
 		if act.Guest != nil && !act.Guest.LastHeartbeat.IsZero() {
-			gauge(descVMHeartbeat, now.Sub(act.Guest.LastHeartbeat).Seconds(), name, host)
+			gauge(famVMHeartbeat, now.Sub(act.Guest.LastHeartbeat).Seconds(), name, host)
 		}
 		if u := act.Usage; u != nil && act.Running {
-			counter(descVMCPU, u.CPUSeconds, name, host)
-			counter(descVMDiskBytes, float64(u.DiskReadBytes), name, host, "read")
-			counter(descVMDiskBytes, float64(u.DiskWriteBytes), name, host, "write")
-			counter(descVMDiskOps, float64(u.DiskReadOps), name, host, "read")
-			counter(descVMDiskOps, float64(u.DiskWriteOps), name, host, "write")
+			counter(famVMCPU, u.CPUSeconds, name, host)
+			counter(famVMDiskBytes, float64(u.DiskReadBytes), name, host, "read")
+			counter(famVMDiskBytes, float64(u.DiskWriteBytes), name, host, "write")
+			counter(famVMDiskOps, float64(u.DiskReadOps), name, host, "read")
+			counter(famVMDiskOps, float64(u.DiskWriteOps), name, host, "write")
 			if len(r.Spec.NICs) > 0 {
-				counter(descVMNetBytes, float64(u.NetRxBytes), name, host, "rx")
-				counter(descVMNetBytes, float64(u.NetTxBytes), name, host, "tx")
-				counter(descVMNetPackets, float64(u.NetRxPackets), name, host, "rx")
-				counter(descVMNetPackets, float64(u.NetTxPackets), name, host, "tx")
+				counter(famVMNetBytes, float64(u.NetRxBytes), name, host, "rx")
+				counter(famVMNetBytes, float64(u.NetTxBytes), name, host, "tx")
+				counter(famVMNetPackets, float64(u.NetRxPackets), name, host, "rx")
+				counter(famVMNetPackets, float64(u.NetTxPackets), name, host, "tx")
 			}
 		}
 		if p := m.protectionView(r, act); p != nil {
-			gauge(descVMProtection, 1, name, host, p.State, p.SecondaryHost)
+			gauge(famVMProtection, 1, name, host, p.State, p.SecondaryHost)
 			if p.RPOMS > 0 {
-				gauge(descVMRPO, p.RPOMS/1000, name, host)
+				gauge(famVMRPO, p.RPOMS/1000, name, host)
 			}
 			if p.Checkpoints > 0 {
-				gauge(descVMCkptPause, p.PauseP50MS/1000, name, host, "0.5")
-				gauge(descVMCkptPause, p.PauseP99MS/1000, name, host, "0.99")
-				gauge(descVMCkptBytes, float64(p.BytesPerCheckpoint), name, host)
-				counter(descVMCkpts, float64(p.Checkpoints), name, host)
+				gauge(famVMCkptPause, p.PauseP50MS/1000, name, host, "0.5")
+				gauge(famVMCkptPause, p.PauseP99MS/1000, name, host, "0.99")
+				gauge(famVMCkptBytes, float64(p.BytesPerCheckpoint), name, host)
+				counter(famVMCkpts, float64(p.Checkpoints), name, host)
 			}
 		}
 	}
