@@ -74,10 +74,13 @@ func (m *Manager) detectDeaths(ctx context.Context) int {
 		if !e.deadAt.IsZero() {
 			continue
 		}
-		if min(time.Since(e.h.HeardAt()), grace) <= m.deadAfter {
+		if min(time.Since(e.h.HeardAt()), grace) <= m.deadAfter || time.Since(e.declareFailed) < failoverPass {
 			continue
 		}
 		if ok, err := m.declareDead(ctx, e); err != nil {
+			// Try again a pass later, not every check: a store that
+			// refuses now is unlikely to accept in 100 ms.
+			m.setDeclareFailed(e.h.Name(), time.Now())
 			m.log.Error("declare host dead", "host", e.h.Name(), "err", err)
 		} else if ok {
 			declared++

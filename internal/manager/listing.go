@@ -14,8 +14,9 @@ import (
 )
 
 // Listing many VMs: GET /v1/vms takes ?host= and ?state= filters and
-// ?limit= pages. A page ends with the Vigil-Continue header when more
-// follow: pass it back as ?continue= for the next one. Pages are read from
+// ?limit= pages. A page ends with the Vigil-Continue header when another
+// VM the filters select follows: pass it back as ?continue= for the next
+// one. Pages are read from
 // the mirror of the records (recordcache.go) once it is as current as the
 // store (consistentRecords), so a page, filtered or not, costs about its
 // own size, not the cluster's; else from the store in bounded ranges.
@@ -77,14 +78,10 @@ func (m *Manager) ListPage(ctx context.Context, o ListOptions) ([]api.VM, string
 			if !match(r) {
 				continue
 			}
-			out = append(out, m.view(r))
 			if len(out) == o.Limit {
-				// More follow if the store has more, or this chunk did.
-				if more || kv.Key != kvs[len(kvs)-1].Key {
-					return out, r.Spec.Name, nil
-				}
-				return out, "", nil
+				return out, out[len(out)-1].Name, nil // another one follows
 			}
+			out = append(out, m.view(r))
 		}
 		if !more {
 			return out, "", nil
@@ -118,8 +115,8 @@ func (m *Manager) pageOf(rs []storedRecord, o ListOptions, match func(record) bo
 const mirrorWait = 500 * time.Millisecond
 
 // progressRetry is how long a listing waits for etcd's progress report
-// before asking again: etcd answers only once every watch of the client
-// has caught up.
+// before asking again: etcd answers only once the mirror's watch has
+// caught up.
 const progressRetry = 50 * time.Millisecond
 
 // consistentRecords is every VM record in name order, from the mirror once
@@ -137,6 +134,7 @@ func (m *Manager) consistentRecords(ctx context.Context) ([]storedRecord, bool) 
 	}
 	wctx, cancel := context.WithTimeout(ctx, mirrorWait)
 	defer cancel()
+	var asked time.Time
 	for {
 		rs, ok, moved := m.cache.at(rev)
 		if ok {
@@ -148,8 +146,11 @@ func (m *Manager) consistentRecords(ctx context.Context) ([]storedRecord, bool) 
 		// The mirror's watch sees only VM records, and the store's
 		// revision moves with every heartbeat: ask etcd how far the
 		// watch has seen.
-		if err := m.store.RequestProgress(wctx); err != nil {
-			return nil, false
+		if time.Since(asked) >= progressRetry {
+			if err := m.store.RequestProgress(wctx, "vms/"); err != nil {
+				return nil, false
+			}
+			asked = time.Now()
 		}
 		select {
 		case <-moved:

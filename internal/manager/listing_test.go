@@ -76,6 +76,11 @@ func TestListPages(t *testing.T) {
 	if _, ok := m.consistentRecords(ctx); !ok {
 		t.Fatal("the listing does not read the mirror")
 	}
+	for _, q := range []string{"?limit=12", "?limit=4&state=running"} {
+		if _, next, _, _ := get(q); next != "" {
+			t.Errorf("from the mirror: %s: a page holding every vm says more follow (%q)", q, next)
+		}
+	}
 	for _, from := range []string{"mirror", "store"} {
 		if from == "store" {
 			m.cache.mu.Lock()
@@ -88,9 +93,12 @@ func TestListPages(t *testing.T) {
 			}
 		}
 	}
-	// The last page of an exact fit has no token.
-	if _, next, _, _ := get("?limit=12"); next != "" {
-		t.Errorf("a page holding every vm says more follow (%q)", next)
+	// The last page of an exact fit has no token, filtered or not (vm10
+	// and vm11, after the last running one, are stopped), from either.
+	for _, q := range []string{"?limit=12", "?limit=4&state=running"} {
+		if _, next, _, _ := get(q); next != "" {
+			t.Errorf("from the store: %s: a page holding every vm says more follow (%q)", q, next)
+		}
 	}
 	for _, q := range []string{"?limit=0", "?limit=1001", "?limit=x", "?continue=!!", "?continue=" + "QUJD", "?state=asleep"} {
 		if _, _, code, body := get(q); code != http.StatusBadRequest || !strings.Contains(body, "error") {

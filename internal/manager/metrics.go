@@ -103,6 +103,7 @@ func (m *Manager) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	fams, gatherErr := m.metrics.reg.Gather()
 	var out io.Writer = w
 	w.Header().Set("Content-Type", string(expfmt.NewFormat(expfmt.TypeTextPlain)))
+	w.Header().Set("Vary", "Accept-Encoding")
 	if gzipAccepted(r) {
 		w.Header().Set("Content-Encoding", "gzip")
 		zw, _ := gzip.NewWriterLevel(w, gzip.BestSpeed)
@@ -127,13 +128,15 @@ func (m *Manager) handleMetrics(w http.ResponseWriter, r *http.Request) {
 // Prometheus asks): at 20,000 VMs the text is 15 MB, gzip a tenth.
 func gzipAccepted(r *http.Request) bool {
 	for _, part := range strings.Split(r.Header.Get("Accept-Encoding"), ",") {
-		enc, params, _ := strings.Cut(part, ";")
-		if strings.TrimSpace(enc) != "gzip" {
+		params := strings.Split(part, ";")
+		if enc := strings.TrimSpace(params[0]); !strings.EqualFold(enc, "gzip") && enc != "*" {
 			continue
 		}
-		if v, ok := strings.CutPrefix(strings.TrimSpace(params), "q="); ok {
-			q, err := strconv.ParseFloat(v, 64)
-			return err == nil && q > 0
+		for _, p := range params[1:] {
+			if v, ok := strings.CutPrefix(strings.TrimSpace(p), "q="); ok {
+				q, err := strconv.ParseFloat(v, 64)
+				return err == nil && q > 0
+			}
 		}
 		return true
 	}
@@ -208,14 +211,14 @@ func (m *Manager) collectCluster(ctx context.Context, e *exposition) {
 	rs, err := m.cachedRecords(ctx)
 	gauge(famScrapeErr, b(err != nil), "vms")
 	now := time.Now()
-	for _, e := range m.hosts.entries() {
-		v := e.view()
+	for _, he := range m.hosts.entries() {
+		v := he.view()
 		gauge(famHostUp, b(v.State == "up"), v.Name)
 		gauge(famHostDead, b(v.State == "dead"), v.Name)
 		gauge(famHostMemory, float64(v.MemoryBytes), v.Name)
 		gauge(famHostCPUs, float64(v.CPUs), v.Name)
 		gauge(famHostVMs, float64(v.VMs), v.Name)
-		gauge(famHostHeartbeat, now.Sub(e.h.HeardAt()).Seconds(), v.Name)
+		gauge(famHostHeartbeat, now.Sub(he.h.HeardAt()).Seconds(), v.Name)
 	}
 	if err != nil {
 		return

@@ -6,6 +6,7 @@ import (
 	"math"
 	"strconv"
 	"strings"
+	"unicode/utf8"
 )
 
 // The cluster's series are written in Prometheus' text format (version
@@ -74,8 +75,12 @@ func (e *exposition) WriteTo(w io.Writer) (int64, error) {
 var helpEscaper = strings.NewReplacer(`\`, `\\`, "\n", `\n`)
 
 // appendLabelValue escapes a label value: backslash, double quote and
-// line feed.
+// line feed. Bytes that are not UTF-8 (which Prometheus refuses, with the
+// whole scrape) become U+FFFD.
 func appendLabelValue(b []byte, s string) []byte {
+	if !utf8.ValidString(s) {
+		s = strings.ToValidUTF8(s, "\uFFFD")
+	}
 	for i := 0; i < len(s); i++ {
 		switch c := s[i]; c {
 		case '\\':

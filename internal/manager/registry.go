@@ -90,6 +90,9 @@ type hostEntry struct {
 	// revision (see statusDue).
 	stored    storedStatus
 	storedRev int64
+	// declareFailed is when declaring it dead last failed (the store
+	// refused): the next try waits a pass (see detectDeaths).
+	declareFailed time.Time
 }
 
 func newRegistry() *registry { return &registry{hosts: map[string]*hostEntry{}} }
@@ -113,6 +116,15 @@ func (m *Manager) setDrained(name string, drained bool) {
 	defer m.hosts.mu.Unlock()
 	if e, ok := m.hosts.hosts[name]; ok {
 		e.drained = drained
+	}
+}
+
+// setDeclareFailed notes when declaring a host dead failed.
+func (m *Manager) setDeclareFailed(name string, t time.Time) {
+	m.hosts.mu.Lock()
+	defer m.hosts.mu.Unlock()
+	if e, ok := m.hosts.hosts[name]; ok {
+		e.declareFailed = t
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/metadata"
 )
 
 // ErrNotFound is returned when a key does not exist.
@@ -413,6 +414,9 @@ func (s *Store) Watch(ctx context.Context, prefix string, rev int64, f func(key 
 // revision when etcd says the watch has delivered every change up to it:
 // after RequestProgress, once every watch of this client has caught up.
 func (s *Store) WatchProgress(ctx context.Context, prefix string, rev int64, f func(key string, value []byte, rev int64), progress func(rev int64)) error {
+	if progress != nil {
+		ctx = progressStream(ctx, prefix)
+	}
 	wch := s.cli.Watch(clientv3.WithRequireLeader(ctx), s.key(prefix), clientv3.WithPrefix(), clientv3.WithRev(rev))
 	for resp := range wch {
 		if err := resp.Err(); err != nil {
@@ -432,16 +436,23 @@ func (s *Store) WatchProgress(ctx context.Context, prefix string, rev int64, f f
 	return ctx.Err()
 }
 
-// RequestProgress asks etcd to tell the watches of this store's client
-// how far they have seen (WatchProgress). etcd answers only when all of
-// them have caught up: ask again if no answer comes.
-func (s *Store) RequestProgress(ctx context.Context) error {
-	// The watches run on the stream of contexts that require a leader:
-	// the request must go on that stream.
-	if err := s.cli.RequestProgress(clientv3.WithRequireLeader(ctx)); err != nil {
+// RequestProgress asks etcd to tell the watch of prefix that has a
+// progress function (WatchProgress) how far it has seen. etcd answers
+// only once the watch has caught up (and the store has moved past where
+// it started): ask again if no answer comes.
+func (s *Store) RequestProgress(ctx context.Context, prefix string) error {
+	if err := s.cli.RequestProgress(clientv3.WithRequireLeader(progressStream(ctx, prefix))); err != nil {
 		return fmt.Errorf("request watch progress: %w", err)
 	}
 	return nil
+}
+
+// progressStream puts a watch that asks for progress on a gRPC stream of
+// its own. etcd answers a progress request for a whole stream, and only
+// when every watch on it has caught up: a busy watch of other keys (the
+// heartbeats') beside it would hold its answers back.
+func progressStream(ctx context.Context, prefix string) context.Context {
+	return metadata.AppendToOutgoingContext(ctx, "vigil-progress-watch", prefix)
 }
 
 // Revision is the store's current revision: every write acknowledged
