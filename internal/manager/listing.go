@@ -16,10 +16,10 @@ import (
 // Listing many VMs: GET /v1/vms takes ?host= and ?state= filters and
 // ?limit= pages. A page ends with the Vigil-Continue header when another
 // VM the filters select follows: pass it back as ?continue= for the next
-// one. Pages are read from
-// the mirror of the records (recordcache.go) once it is as current as the
-// store (consistentRecords), so a page, filtered or not, costs about its
-// own size, not the cluster's; else from the store in bounded ranges.
+// one. Pages are read from the mirror of the records (recordcache.go) once
+// it is as current as the store (consistentRecords), so a page, filtered
+// or not, costs about its own size, not the cluster's; else from the
+// store in bounded ranges.
 
 const (
 	maxPageSize = 1000
@@ -46,17 +46,11 @@ func (m *Manager) ListPage(ctx context.Context, o ListOptions) ([]api.VM, string
 		return m.pageOf(rs, o, match)
 	}
 	if o.Limit <= 0 {
-		rs, err := m.records(ctx)
+		rs, err := m.records(ctx) // in name order, as the mirror's
 		if err != nil {
 			return nil, "", err
 		}
-		out := []api.VM{}
-		for _, s := range rs {
-			if match(s.rec) && s.rec.Spec.Name > o.After {
-				out = append(out, m.view(s.rec))
-			}
-		}
-		return out, "", nil
+		return m.pageOf(rs, o, match)
 	}
 	// Filters can skip most of what is read: read in chunks until the page
 	// is full or the store has no more.
