@@ -166,12 +166,16 @@ func run(ctx context.Context, o options) (string, error) {
 	}
 	s.line("- %d hosts joined (join token, certificate, registration) in %s", o.hosts, time.Since(t0).Round(time.Millisecond))
 	t0 = time.Now()
+	k0 := s.counts()
 	createLat, err := s.createVMs(ctx, o.hosts*o.vms, o.workers)
 	if err != nil {
 		return s.report.String(), err
 	}
+	k1 := s.counts()
 	s.line("- %d VMs created and started through the API in %s (%d at a time): create p50 %s, p99 %s",
 		o.hosts*o.vms, time.Since(t0).Round(time.Millisecond), o.workers, pct(createLat, 50), pct(createLat, 99))
+	s.line("- Meanwhile: %d VM starts on the hosts (%d more than the VMs created), %d fences of hosts cut off from every manager killing %d VMs",
+		k1.Starts-k0.Starts, k1.Starts-k0.Starts-int64(o.hosts*o.vms), k1.Fences-k0.Fences, k1.FencedVMs-k0.FencedVMs)
 	s.line("")
 	if err := s.steadyState(ctx, o); err != nil {
 		return s.report.String(), err

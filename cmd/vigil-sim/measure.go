@@ -18,16 +18,48 @@ import (
 
 	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/client"
+	"github.com/vigil-project/vigil/internal/simhost"
 )
 
-const heartbeatRoute = "POST /v1/hosts/{name}/heartbeat"
+const (
+	heartbeatRoute = "POST /v1/hosts/{name}/heartbeat"
+	getRoute       = "GET /v1/vms/{name}"
+)
 
-// heartbeats are the manager's own counts of heartbeat requests: by
-// status code, and the latency histogram of the successful ones.
+// hist is a latency histogram's buckets: upper bound → cumulative count.
+type hist struct {
+	buckets map[float64]uint64
+	count   uint64
+}
+
+func (h *hist) add(o *dto.Histogram) {
+	if h.buckets == nil {
+		h.buckets = map[float64]uint64{}
+	}
+	h.count += o.GetSampleCount()
+	for _, bk := range o.Bucket {
+		h.buckets[bk.GetUpperBound()] += bk.GetCumulativeCount()
+	}
+}
+
+func (h *hist) sum(o hist) {
+	if h.buckets == nil {
+		h.buckets = map[float64]uint64{}
+	}
+	h.count += o.count
+	for k, v := range o.buckets {
+		h.buckets[k] += v
+	}
+}
+
+// heartbeats are the managers' own counts of heartbeat requests (by status
+// code, and the latency histogram of the successful ones) and the latency
+// histogram of their successful GETs of one VM, as the managers measured
+// them: the simulator's own clients wait for the same two cores.
 type heartbeats struct {
 	byCode  map[string]uint64
-	buckets map[float64]uint64 // upper bound → cumulative count (204s)
-	count   uint64
+	beats   hist // 204s
+	get     hist // 200s of GET one VM
 	dbBytes float64
 }
 
@@ -43,19 +75,19 @@ func scrape(ctx context.Context, c *client.Client) (heartbeats, int, time.Durati
 	if err != nil {
 		return heartbeats{}, 0, 0, fmt.Errorf("parse /metrics: %w", err)
 	}
-	hb := heartbeats{byCode: map[string]uint64{}, buckets: map[float64]uint64{}}
+	hb := heartbeats{byCode: map[string]uint64{}}
 	if f := fams["vigil_api_request_duration_seconds"]; f != nil {
 		for _, m := range f.Metric {
-			if label(m, "route") != heartbeatRoute {
-				continue
-			}
-			h := m.GetHistogram()
-			code := label(m, "code")
-			hb.byCode[code] += h.GetSampleCount()
-			if code == "204" {
-				hb.count += h.GetSampleCount()
-				for _, bk := range h.Bucket {
-					hb.buckets[bk.GetUpperBound()] += bk.GetCumulativeCount()
+			h, code := m.GetHistogram(), label(m, "code")
+			switch label(m, "route") {
+			case heartbeatRoute:
+				hb.byCode[code] += h.GetSampleCount()
+				if code == "204" {
+					hb.beats.add(h)
+				}
+			case getRoute:
+				if code == "200" {
+					hb.get.add(h)
 				}
 			}
 		}
@@ -75,9 +107,9 @@ func label(m *dto.Metric, name string) string {
 	return ""
 }
 
-// quantile estimates the q quantile of the heartbeats between a and b from
+// quantile estimates the q quantile of the requests between a and b from
 // their histogram buckets (the upper bound of the bucket it falls in).
-func quantile(a, b heartbeats, q float64) string {
+func quantile(a, b hist, q float64) string {
 	n := b.count - a.count
 	if n == 0 {
 		return "-"
@@ -102,7 +134,7 @@ func quantile(a, b heartbeats, q float64) string {
 // scrapeAll sums the heartbeat counts of every live manager (each counts
 // those it took); the size and time are those of the API manager's.
 func (s *sim) scrapeAll(ctx context.Context) (heartbeats, int, time.Duration, error) {
-	sum := heartbeats{byCode: map[string]uint64{}, buckets: map[float64]uint64{}}
+	sum := heartbeats{byCode: map[string]uint64{}}
 	var size int
 	var took time.Duration
 	for _, m := range s.live() {
@@ -113,15 +145,22 @@ func (s *sim) scrapeAll(ctx context.Context) (heartbeats, int, time.Duration, er
 		for k, v := range hb.byCode {
 			sum.byCode[k] += v
 		}
-		for k, v := range hb.buckets {
-			sum.buckets[k] += v
-		}
-		sum.count += hb.count
+		sum.beats.sum(hb.beats)
+		sum.get.sum(hb.get)
 		if m.c == s.c {
 			size, took, sum.dbBytes = n, d, hb.dbBytes
 		}
 	}
 	return sum, size, took, nil
+}
+
+// counts sums what every simulated host did: VM starts and fences.
+func (s *sim) counts() simhost.Counts {
+	var c simhost.Counts
+	for _, h := range s.hosts {
+		c = c.Add(h.host.Counts())
+	}
+	return c
 }
 
 // usage is the CPU time and resident memory of every live manager.
@@ -190,8 +229,10 @@ func (s *sim) steadyState(ctx context.Context, o options) error {
 		rss   int64
 		rev   int64
 		sizes []int64
+		sim   simhost.Counts
 	}
-	series := []point{{0, a.count, cpu0, 0, rev0, size0}}
+	k0 := s.counts()
+	series := []point{{0, a.beats.count, cpu0, 0, rev0, size0, k0}}
 	var getOne, page100, byHost []time.Duration
 	down := 0
 	for time.Since(t0) < o.steady {
@@ -224,7 +265,7 @@ func (s *sim) steadyState(ctx context.Context, o options) error {
 				return err
 			}
 			rev, sizes := s.etcdAll(ctx)
-			series = append(series, point{el, hb.count, cpu, rss, rev, sizes})
+			series = append(series, point{el, hb.beats.count, cpu, rss, rev, sizes, s.counts()})
 		}
 	}
 	el := time.Since(t0)
@@ -246,7 +287,8 @@ func (s *sim) steadyState(ctx context.Context, o options) error {
 		}
 	}
 	rev1, size1 := s.etcdAll(ctx)
-	series = append(series, point{el, b.count, cpu1, rss, rev1, size1})
+	k1 := s.counts()
+	series = append(series, point{el, b.beats.count, cpu1, rss, rev1, size1, k1})
 	ok := b.byCode["204"] - a.byCode["204"]
 	var failed uint64
 	var codes []string
@@ -264,11 +306,14 @@ func (s *sim) steadyState(ctx context.Context, o options) error {
 	s.line("|---|---|")
 	s.line("| Heartbeats taken | %d (%.0f/s; %d hosts at 1/s would send %d/s): %.1f%% |", ok, float64(ok)/el.Seconds(), len(s.hosts), len(s.hosts), 100*float64(ok)/want)
 	s.line("| Heartbeats refused or failed | %d %s |", failed, strings.Join(codes, " "))
-	s.line("| Heartbeat latency at the managers (histogram) | p50 %s, p99 %s |", quantile(a, b, 0.5), quantile(a, b, 0.99))
+	s.line("| Heartbeat latency at the managers (histogram) | p50 %s, p99 %s |", quantile(a.beats, b.beats, 0.5), quantile(a.beats, b.beats, 0.99))
 	s.line("| Hosts not up at the end | %d of %d |", down, len(s.hosts))
+	s.line("| Hosts' fences (cut off from every manager for the fence time) | %d, killing %d VMs |", k1.Fences-k0.Fences, k1.FencedVMs-k0.FencedVMs)
+	s.line("| VM starts on the hosts (each a restart here) | %d |", k1.Starts-k0.Starts)
 	s.line("| Managers' CPU (etcd included; %d process(es)) | %.2f cores (%.2f ms per heartbeat) |", len(s.live()), cores, float64((cpu1-cpu0).Milliseconds())/math.Max(1, float64(ok)))
 	s.line("| Managers' memory (RSS, summed) | %.0f MiB |", float64(rss)/(1<<20))
-	s.line("| GET one VM | p50 %s, p99 %s (%d requests) |", pct(getOne, 50), pct(getOne, 99), len(getOne))
+	s.line("| GET one VM, at the simulator's client | p50 %s, p99 %s (%d requests) |", pct(getOne, 50), pct(getOne, 99), len(getOne))
+	s.line("| GET one VM, at the manager (histogram) | p50 %s, p99 %s |", quantile(a.get, b.get, 0.5), quantile(a.get, b.get, 0.99))
 	s.line("| GET /v1/vms?limit=100 | p50 %s, p99 %s |", pct(page100, 50), pct(page100, 99))
 	s.line("| GET /v1/vms?host=H (every page) | p50 %s, p99 %s |", pct(byHost, 50), pct(byHost, 99))
 	s.line("| GET /metrics | %s, %.0f KB |", took.Round(time.Millisecond), float64(size)/1000)
@@ -278,13 +323,14 @@ func (s *sim) steadyState(ctx context.Context, o options) error {
 	if len(series) > 2 {
 		s.line("Over time (each line: the interval since the previous one):")
 		s.line("")
-		s.line("| At | Heartbeats/s | Managers' CPU (cores) | Managers' RSS | etcd writes/s | etcd database |")
-		s.line("|---|---|---|---|---|---|")
+		s.line("| At | Heartbeats/s | Managers' CPU (cores) | Managers' RSS | etcd writes/s | etcd database | VMs fenced | VM starts |")
+		s.line("|---|---|---|---|---|---|---|---|")
 		for i := 1; i < len(series); i++ {
 			p, q := series[i-1], series[i]
 			d := (q.at - p.at).Seconds()
-			s.line("| %s | %.0f | %.2f | %.0f MiB | %.0f | %s |", q.at.Round(time.Second), float64(q.beats-p.beats)/d,
-				(q.cpu-p.cpu).Seconds()/d, float64(q.rss)/(1<<20), float64(q.rev-p.rev)/d, mib(q.sizes))
+			s.line("| %s | %.0f | %.2f | %.0f MiB | %.0f | %s | %d | %d |", q.at.Round(time.Second), float64(q.beats-p.beats)/d,
+				(q.cpu-p.cpu).Seconds()/d, float64(q.rss)/(1<<20), float64(q.rev-p.rev)/d, mib(q.sizes),
+				q.sim.FencedVMs-p.sim.FencedVMs, q.sim.Starts-p.sim.Starts)
 		}
 		s.line("")
 	}

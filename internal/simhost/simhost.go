@@ -41,6 +41,10 @@ type Host struct {
 	notify func(hostproto.Event)
 	cutOff atomic.Bool
 
+	// What the simulator counts: VM starts (restarts included), fences
+	// that killed VMs, and the VMs they killed.
+	starts, fences, fenced atomic.Int64
+
 	mu       sync.Mutex
 	vms      map[string]*vm
 	nextPID  int
@@ -108,7 +112,28 @@ func (h *Host) Fence(reason string) int {
 			n++
 		}
 	}
+	if n > 0 {
+		h.fences.Add(1)
+		h.fenced.Add(int64(n))
+	}
 	return n
+}
+
+// Counts is what a host did since it was made.
+type Counts struct {
+	Starts    int64 // VMs started, restarts included
+	Fences    int64 // times the host fenced itself with VMs running
+	FencedVMs int64 // VMs those fences killed
+}
+
+// Counts reads the host's counters; it does not wait for a frozen host.
+func (h *Host) Counts() Counts {
+	return Counts{Starts: h.starts.Load(), Fences: h.fences.Load(), FencedVMs: h.fenced.Load()}
+}
+
+// Add sums two counts.
+func (c Counts) Add(d Counts) Counts {
+	return Counts{c.Starts + d.Starts, c.Fences + d.Fences, c.FencedVMs + d.FencedVMs}
 }
 
 // SetCutOff records whether the host is cut off from the managers.
@@ -132,6 +157,7 @@ func (h *Host) event(vmName string, kind hostproto.EventKind, msg string) {
 }
 
 func (h *Host) startLocked(v *vm) {
+	h.starts.Add(1)
 	h.nextPID++
 	v.running, v.paused, v.pid, v.startedAt = true, false, h.nextPID, time.Now().UTC()
 	v.bootID = fmt.Sprintf("%08x-0000-4000-8000-%012x", h.nextPID, time.Now().UnixNano()&0xffffffffffff)

@@ -42,6 +42,10 @@ func TestLifecycle(t *testing.T) {
 	if n := h.Fence("test"); n != 1 || h.Statuses()[0].Running {
 		t.Fatalf("fence stopped %d", n)
 	}
+	h.Fence("again") // nothing runs: not counted
+	if c := h.Counts(); c != (Counts{Starts: 2, Fences: 1, FencedVMs: 1}) {
+		t.Fatalf("counts after a start, a restart and a fence: %+v", c)
+	}
 	if _, err := h.Start(ctx, hostproto.VMRef{VM: "nope"}); !errors.Is(err, hostproto.ErrUnknownVM) {
 		t.Fatalf("start of an unknown vm: %v", err)
 	}

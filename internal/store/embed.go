@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vigil-project/vigil/internal/atomicfile"
@@ -20,7 +21,6 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.etcd.io/etcd/server/v3/etcdserver/api/v3client"
-	"go.uber.org/zap"
 )
 
 // Embedded is a single-member etcd running inside this process.
@@ -28,6 +28,7 @@ type Embedded struct {
 	etcd  *embed.Etcd
 	cli   *clientv3.Client
 	close sync.Once
+	quiet *atomic.Bool // silences etcd's logs while it shuts down
 }
 
 // DefaultQuotaBytes is the backend size at which an embedded member raises
@@ -82,10 +83,10 @@ func (l Limits) apply(cfg *embed.Config) {
 }
 
 // newEmbedded wraps a started member with its in-process client.
-func newEmbedded(e *embed.Etcd) *Embedded {
+func newEmbedded(e *embed.Etcd, quiet *atomic.Bool) *Embedded {
 	cli := v3client.New(e.Server)
 	cli.Maintenance = localMaintenance{Maintenance: cli.Maintenance, defrag: e.Server.Defragment}
-	return &Embedded{etcd: e, cli: cli}
+	return &Embedded{etcd: e, cli: cli, quiet: quiet}
 }
 
 // localMaintenance answers Defragment itself: etcd 3.7.3's v3client builds
@@ -144,9 +145,8 @@ func StartEmbeddedWithLimits(ctx context.Context, dir string, lim Limits, log *s
 	cfg.ListenPeerUrls = []url.URL{*pu}
 	cfg.AdvertisePeerUrls = []url.URL{*pu}
 	cfg.InitialCluster = cfg.InitialClusterFromName(cfg.Name)
-	// etcd's zap logs report routine shutdown as errors; Vigil logs what
-	// matters about the store itself through slog.
-	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
+	quiet := new(atomic.Bool)
+	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(etcdLogger(log, quiet))
 	lim.apply(cfg)
 
 	e, err := embed.StartEtcd(cfg)
@@ -162,12 +162,13 @@ func StartEmbeddedWithLimits(ctx context.Context, dir string, lim Limits, log *s
 		e.Close()
 		return nil, fmt.Errorf("embedded etcd in %s was not ready after 60s", dir)
 	case <-ctx.Done():
+		quiet.Store(true)
 		e.Close()
 		return nil, ctx.Err()
 	}
 	log.Debug("embedded etcd ready", "dir", dir, "client", u.Client,
 		"quota_bytes", cfg.QuotaBackendBytes, "compaction", cfg.AutoCompactionMode, "retention", cfg.AutoCompactionRetention)
-	return newEmbedded(e), nil
+	return newEmbedded(e, quiet), nil
 }
 
 // Store is a Store over this member. While the cluster has this one member
@@ -191,6 +192,7 @@ func (e *Embedded) Client() *clientv3.Client { return e.cli }
 // Close stops the member after its client; again, it does nothing.
 func (e *Embedded) Close() {
 	e.close.Do(func() {
+		e.quiet.Store(true) // etcd reports its routine shutdown as errors
 		e.cli.Close()
 		e.etcd.Close()
 	})
@@ -298,7 +300,8 @@ func StartEmbeddedMember(ctx context.Context, dir string, cc ClusterConfig, log 
 	sort.Strings(parts)
 	cfg.InitialCluster = strings.Join(parts, ",")
 	cfg.InitialClusterToken = "vigil"
-	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
+	quiet := new(atomic.Bool)
+	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(etcdLogger(log, quiet))
 	cc.Limits.apply(cfg)
 	e, err := embed.StartEtcd(cfg)
 	if err != nil {
@@ -310,10 +313,11 @@ func StartEmbeddedMember(ctx context.Context, dir string, cc ClusterConfig, log 
 		e.Close()
 		return nil, fmt.Errorf("etcd member %s: %w", cc.Name, err)
 	case <-ctx.Done():
+		quiet.Store(true)
 		e.Close()
 		return nil, ctx.Err()
 	}
 	log.Info("etcd member ready", "member", cc.Name, "cluster", cfg.InitialCluster,
 		"quota_bytes", cfg.QuotaBackendBytes, "compaction", cfg.AutoCompactionMode, "retention", cfg.AutoCompactionRetention)
-	return newEmbedded(e), nil
+	return newEmbedded(e, quiet), nil
 }
