@@ -192,6 +192,8 @@ type joiner struct {
 	// dropped is how many queued events the outbox had dropped when last
 	// logged.
 	dropped uint64
+	// reports is what the host last reported in full, and to whom.
+	reports reports
 
 	mu      sync.Mutex
 	manager int       // index of the manager URL in use
@@ -396,6 +398,7 @@ func (j *joiner) run(ctx context.Context) error {
 var (
 	errRefused      = errors.New("the manager refused this host")
 	errDeclaredDead = errors.New("the managers declared this host dead")
+	errConflict     = errors.New("the manager answered 409 conflict")
 )
 
 // register tells the managers where this (joined) host is, after a start
@@ -404,6 +407,7 @@ func (j *joiner) register(ctx context.Context) error {
 	if err := postJSON(ctx, j.http, j.url()+"/v1/hosts/register", j.registration(), nil); err != nil {
 		return err
 	}
+	j.reports.forget() // a new start with this manager: report in full
 	j.log.Info("registered with manager", "manager", j.url())
 	return nil
 }
@@ -414,12 +418,24 @@ func (j *joiner) heartbeat(ctx context.Context) error {
 		j.log.Warn("host events dropped: too many were queued", "dropped", d-j.dropped, "total", d)
 		j.dropped = d
 	}
-	hb := hostproto.Heartbeat{Info: j.host.HostInfo(), Statuses: j.host.Statuses(), Events: ev}
+	url := j.url()
+	report := hostproto.Heartbeat{Info: j.host.HostInfo(), Statuses: j.host.Statuses(), Events: ev}
+	hb := j.reports.next(url, report, time.Now())
 	sent := time.Now()
-	if err := postJSON(ctx, j.http, j.url()+"/v1/hosts/"+j.cfg.Name+"/heartbeat", hb, nil); err != nil {
+	hdr, err := post(ctx, j.http, url+"/v1/hosts/"+j.cfg.Name+"/heartbeat", hb, nil)
+	if errors.Is(err, errConflict) && hb.Same != 0 {
+		// This manager does not hold the report (it restarted, or
+		// another took the last one): send it in full, now.
+		j.reports.forget()
+		hb = j.reports.next(url, report, time.Now())
+		sent = time.Now()
+		hdr, err = post(ctx, j.http, url+"/v1/hosts/"+j.cfg.Name+"/heartbeat", hb, nil)
+	}
+	if err != nil {
 		j.out.putBack(ev)
 		return err
 	}
+	j.reports.took(url, hb, sent, hdr.Get(hostproto.ReportsHeader) == hostproto.ReportsSame)
 	j.acked(sent)
 	return nil
 }

@@ -230,15 +230,21 @@ func (t *hostTrust) renew(ctx context.Context, hc *http.Client, managerURL strin
 // becomes an error carrying the manager's sentence (errRefused for 401 and
 // 403: the operator must act).
 func postJSON(ctx context.Context, hc *http.Client, url string, body, out any) error {
+	_, err := post(ctx, hc, url, body, out)
+	return err
+}
+
+// post is postJSON that also returns the answer's header.
+func post(ctx context.Context, hc *http.Client, url string, body, out any) (http.Header, error) {
 	b, _ := json.Marshal(body)
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(b))
 	if err != nil {
-		return err
+		return nil, err
 	}
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := hc.Do(req)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode >= 300 {
@@ -248,14 +254,16 @@ func postJSON(ctx context.Context, hc *http.Client, url string, body, out any) e
 		json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&e)
 		switch resp.StatusCode {
 		case http.StatusUnauthorized, http.StatusForbidden:
-			return fmt.Errorf("%w: %s", errRefused, e.Error)
+			return resp.Header, fmt.Errorf("%w: %s", errRefused, e.Error)
 		case http.StatusGone:
-			return errDeclaredDead
+			return resp.Header, errDeclaredDead
+		case http.StatusConflict:
+			return resp.Header, fmt.Errorf("%w: %s", errConflict, e.Error)
 		}
-		return fmt.Errorf("%s: %s", resp.Status, e.Error)
+		return resp.Header, fmt.Errorf("%s: %s", resp.Status, e.Error)
 	}
 	if out != nil {
-		return json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(out)
+		return resp.Header, json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(out)
 	}
-	return nil
+	return resp.Header, nil
 }

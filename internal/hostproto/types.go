@@ -339,9 +339,29 @@ type Renew struct {
 }
 
 // Heartbeat is sent by a host agent every second
-// (POST /v1/hosts/{name}/heartbeat), with what runs on it.
+// (POST /v1/hosts/{name}/heartbeat), with what runs on it: every VM's
+// status (a report, numbered), or, when nothing a decision reads changed
+// since a report the manager took, that report's number (see report.go).
 type Heartbeat struct {
 	Info     api.Host   `json:"info"`
 	Statuses []VMStatus `json:"statuses"`
 	Events   []Event    `json:"events,omitempty"`
+	// Report numbers the statuses this heartbeat carries (0: unnumbered).
+	Report uint64 `json:"report,omitempty"`
+	// Same, instead of statuses, says every VM is as in the report of this
+	// number (SameReport), counters and times aside; Guests then carries
+	// what moves in each guest's heartbeat, so a VM's view stays live.
+	Same   uint64      `json:"same,omitempty"`
+	Guests []GuestTick `json:"guests,omitempty"`
+}
+
+// GuestTick is what moves with a guest's heartbeats (api.GuestInfo's
+// counters), for a heartbeat that says Same.
+type GuestTick struct {
+	Name          string    `json:"name"`
+	Seq           uint64    `json:"seq"`
+	UptimeSeconds float64   `json:"uptime_seconds"`
+	Load1         float64   `json:"load1,omitempty"`
+	MemUsedBytes  uint64    `json:"mem_used_bytes,omitempty"`
+	LastHeartbeat time.Time `json:"last_heartbeat"`
 }

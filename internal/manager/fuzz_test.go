@@ -23,6 +23,8 @@ func FuzzDecodeBody(f *testing.F) {
 	f.Add([]byte(`{"recovery":"none","hang_timeout_seconds":3}`))
 	f.Add([]byte(`{"name":"h1","token":"t","addr":"127.0.0.1:1","fence_after_ms":5000}`))
 	f.Add([]byte(`{"info":{},"statuses":[{"name":"a","running":true}],"events":[{"vm":"a","kind":"incident","incident":{"kind":"hang"}}]}`))
+	f.Add([]byte(`{"info":{"name":"h1"},"same":7,"events":[]}`))
+	f.Add([]byte(`{"info":{},"statuses":[{"name":"a"}],"report":18446744073709551615}`))
 	f.Add([]byte(`{"a":1} {}`))
 	f.Fuzz(func(t *testing.T, body []byte) {
 		targets := []any{&api.VMCreateRequest{}, &api.VMStateRequest{}, &api.ExecRequest{}, &api.SnapshotCreateRequest{},

@@ -386,6 +386,17 @@ func (m *Manager) Heartbeat(ctx context.Context, name string, hb hostproto.Heart
 	if st := m.hostState(name); st == "dead" {
 		return gone(time.Now())
 	}
+	if hb.Same != 0 {
+		held, ok := m.heldReport(name, hb.Same)
+		if !ok {
+			return errorf(ErrConflict, "this manager does not hold report %d of host %s: send every vm's status", hb.Same, name)
+		}
+		statuses, err := hostproto.WithTicks(held, hb.Guests)
+		if err != nil {
+			return wrapf(ErrConflict, err, "host %s: send every vm's status", name)
+		}
+		hb.Statuses, hb.Guests = statuses, nil
+	}
 	wasDown := m.hostState(name) != "up"
 	now := time.Now().UTC()
 	// Share it first: every manager answers for every host, and the leader
@@ -414,6 +425,9 @@ func (m *Manager) Heartbeat(ctx context.Context, name string, hb hostproto.Heart
 	}
 	if h := m.remote(name); h != nil {
 		h.Heartbeat(hb, statusRev, now)
+	}
+	if hb.Same == 0 && hb.Report != 0 {
+		m.holdReport(name, hb.Report, hb.Statuses)
 	}
 	if wasDown {
 		m.publish(api.Event{Type: "host.up", Host: name})
@@ -498,5 +512,6 @@ func (m *Manager) handleHeartbeat(w http.ResponseWriter, r *http.Request) {
 		writeError(w, m.log, err)
 		return
 	}
+	w.Header().Set(hostproto.ReportsHeader, hostproto.ReportsSame)
 	w.WriteHeader(http.StatusNoContent)
 }

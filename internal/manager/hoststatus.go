@@ -3,10 +3,8 @@ package manager
 import (
 	"context"
 	"errors"
-	"slices"
 	"time"
 
-	"github.com/vigil-project/vigil/api"
 	"github.com/vigil-project/vigil/internal/hostproto"
 	"github.com/vigil-project/vigil/internal/store"
 )
@@ -77,7 +75,28 @@ func (m *Manager) statusDue(name string, hb hostproto.Heartbeat, now time.Time) 
 	if !ok || e.stored.at.IsZero() || e.storedRev == 0 || now.Sub(e.stored.at) >= statusRefresh {
 		return true, 0
 	}
-	return !sameReport(e.stored.hb, hb), e.storedRev
+	return !hostproto.SameReport(e.stored.hb, hb), e.storedRev
+}
+
+// heldReport is the statuses of the host's report number n, if it is the
+// last this manager took from it.
+func (m *Manager) heldReport(name string, n uint64) ([]hostproto.VMStatus, bool) {
+	m.hosts.mu.Lock()
+	defer m.hosts.mu.Unlock()
+	if e, ok := m.hosts.hosts[name]; ok && n != 0 && e.report == n {
+		return e.reportStatuses, true
+	}
+	return nil, false
+}
+
+// holdReport keeps the host's report number n, once taken, so that the
+// host's next heartbeats may say Same instead of sending it again.
+func (m *Manager) holdReport(name string, n uint64, statuses []hostproto.VMStatus) {
+	m.hosts.mu.Lock()
+	defer m.hosts.mu.Unlock()
+	if e, ok := m.hosts.hosts[name]; ok {
+		e.report, e.reportStatuses = n, statuses
+	}
 }
 
 // forgetStored makes the next heartbeat of a host store its status: after
@@ -101,51 +120,6 @@ func (m *Manager) noteStored(name string, hb hostproto.Heartbeat, rev int64) {
 	}
 	hb.Events = nil
 	e.stored, e.storedRev = storedStatus{hb: hb, at: time.Now()}, rev
-}
-
-// sameReport says whether two reports of a host agree on everything a
-// decision reads: the host's capacity and every VM's state, process, guest
-// identity and protection state, in any order. Counters and times that
-// move with every heartbeat are left out.
-func sameReport(a, b hostproto.Heartbeat) bool {
-	if stableInfo(a.Info) != stableInfo(b.Info) || len(a.Statuses) != len(b.Statuses) {
-		return false
-	}
-	for i, s := range b.Statuses {
-		j := i
-		if a.Statuses[i].Name != s.Name {
-			j = slices.IndexFunc(a.Statuses, func(x hostproto.VMStatus) bool { return x.Name == s.Name })
-		}
-		if j < 0 || !sameVMStatus(a.Statuses[j], s) {
-			return false
-		}
-	}
-	return true
-}
-
-func stableInfo(h api.Host) api.Host {
-	h.State, h.LastHeartbeat, h.VMs = "", time.Time{}, 0
-	h.ReservedMemoryBytes, h.ReservedCPUs, h.Drained = 0, 0, false
-	return h
-}
-
-func sameVMStatus(a, b hostproto.VMStatus) bool {
-	if a.Name != b.Name || a.Running != b.Running || a.PID != b.PID || a.RunState != b.RunState ||
-		!a.StartedAt.Equal(b.StartedAt) || a.SavedState != b.SavedState || a.Busy != b.Busy {
-		return false
-	}
-	if (a.Guest == nil) != (b.Guest == nil) || (a.Protection == nil) != (b.Protection == nil) {
-		return false
-	}
-	if g, h := a.Guest, b.Guest; g != nil && (g.BootID != h.BootID || g.Agent != h.Agent ||
-		g.OS != h.OS || g.Hostname != h.Hostname || !slices.Equal(g.Addresses, h.Addresses)) {
-		return false
-	}
-	if p, q := a.Protection, b.Protection; p != nil && (p.Secondary != q.Secondary ||
-		p.Generation != q.Generation || p.State != q.State || p.Error != q.Error || p.Run != q.Run) {
-		return false
-	}
-	return true
 }
 
 // hostRecordRev is the revision of the host's record as this manager last

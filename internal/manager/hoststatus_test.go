@@ -1,8 +1,12 @@
 package manager
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"net/http"
+	"net/http/httptest"
 	"testing"
 	"time"
 
@@ -11,6 +15,7 @@ import (
 	"github.com/vigil-project/vigil/internal/remotehost"
 )
 
+// reportOf is a host's report with one running VM, changed by mut.
 func reportOf(mut func(*hostproto.Heartbeat)) hostproto.Heartbeat {
 	hb := hostproto.Heartbeat{
 		Info: api.Host{Name: "h0", Accel: "tcg", CPUs: 2, MemoryBytes: 8 << 30, QEMUVersion: "7.2", LastHeartbeat: time.Unix(100, 0), State: "up"},
@@ -25,72 +30,6 @@ func reportOf(mut func(*hostproto.Heartbeat)) hostproto.Heartbeat {
 		mut(&hb)
 	}
 	return hb
-}
-
-func TestSameReport(t *testing.T) {
-	vm := func(f func(*hostproto.VMStatus)) func(*hostproto.Heartbeat) {
-		return func(hb *hostproto.Heartbeat) { f(&hb.Statuses[0]) }
-	}
-	tests := []struct {
-		name string
-		mut  func(*hostproto.Heartbeat)
-		same bool
-	}{
-		{"identical", nil, true},
-		{"usage counters moved", vm(func(s *hostproto.VMStatus) { s.Usage = &hostproto.VMUsage{CPUSeconds: 9} }), true},
-		{"guest heartbeat, sequence, uptime, load", vm(func(s *hostproto.VMStatus) {
-			s.Guest = &api.GuestInfo{BootID: "b1", Seq: 8, UptimeSeconds: 4, Load1: 0.5, MemUsedBytes: 1, LastHeartbeat: time.Unix(101, 0), Agent: "vigil", Addresses: []string{"10.0.0.2"}}
-		}), true},
-		{"checkpoint figures", vm(func(s *hostproto.VMStatus) {
-			s.Protection = &hostproto.ProtectionStatus{Secondary: "h1", Generation: 2, State: "protected", Seq: 5, CommittedAt: time.Unix(99, 0), Bytes: 4096, SecondaryHeardAt: time.Unix(99, 0)}
-		}), true},
-		{"host's heartbeat time and state", func(hb *hostproto.Heartbeat) { hb.Info.LastHeartbeat, hb.Info.State = time.Unix(200, 0), "" }, true},
-		{"started time in another zone", vm(func(s *hostproto.VMStatus) { s.StartedAt = time.Unix(50, 0).In(time.FixedZone("x", 3600)) }), true},
-		{"vm stopped", vm(func(s *hostproto.VMStatus) { s.Running = false }), false},
-		{"new qemu", vm(func(s *hostproto.VMStatus) { s.PID = 11 }), false},
-		{"paused", vm(func(s *hostproto.VMStatus) { s.RunState = "paused" }), false},
-		{"restarted", vm(func(s *hostproto.VMStatus) { s.StartedAt = time.Unix(60, 0) }), false},
-		{"state file waiting", vm(func(s *hostproto.VMStatus) { s.SavedState = true }), false},
-		{"busy", vm(func(s *hostproto.VMStatus) { s.Busy = "migrate" }), false},
-		{"guest agent gone", vm(func(s *hostproto.VMStatus) { s.Guest = nil }), false},
-		{"guest rebooted", vm(func(s *hostproto.VMStatus) { g := *s.Guest; g.BootID = "b2"; s.Guest = &g }), false},
-		{"guest address changed", vm(func(s *hostproto.VMStatus) { g := *s.Guest; g.Addresses = []string{"10.0.0.3"}; s.Guest = &g }), false},
-		{"protection degraded", vm(func(s *hostproto.VMStatus) { p := *s.Protection; p.State = "degraded"; s.Protection = &p }), false},
-		{"new secondary", vm(func(s *hostproto.VMStatus) {
-			p := *s.Protection
-			p.Secondary, p.Generation = "h2", 3
-			s.Protection = &p
-		}), false},
-		{"protection ended", vm(func(s *hostproto.VMStatus) { s.Protection = nil }), false},
-		{"same vms, another order", func(hb *hostproto.Heartbeat) {
-			hb.Statuses = append([]hostproto.VMStatus{{Name: "b"}}, hb.Statuses...)
-		}, false},
-		{"a vm more", func(hb *hostproto.Heartbeat) { hb.Statuses = append(hb.Statuses, hostproto.VMStatus{Name: "b"}) }, false},
-		{"no vm", func(hb *hostproto.Heartbeat) { hb.Statuses = nil }, false},
-		{"host memory changed", func(hb *hostproto.Heartbeat) { hb.Info.MemoryBytes = 16 << 30 }, false},
-		{"host pool changed", func(hb *hostproto.Heartbeat) { hb.Info.StoragePool = "p2" }, false},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			if got := sameReport(reportOf(nil), reportOf(tt.mut)); got != tt.same {
-				t.Fatalf("sameReport = %v, want %v", got, tt.same)
-			}
-		})
-	}
-	// A host may list its VMs in any order (a map): the order is no change.
-	two := func(first, second string) hostproto.Heartbeat {
-		return reportOf(func(hb *hostproto.Heartbeat) {
-			hb.Statuses = []hostproto.VMStatus{{Name: first, Running: true}, {Name: second}}
-		})
-	}
-	if !sameReport(two("a", "b"), reportOf(func(hb *hostproto.Heartbeat) {
-		hb.Statuses = []hostproto.VMStatus{{Name: "b"}, {Name: "a", Running: true}}
-	})) {
-		t.Fatal("the same vms in another order count as a change")
-	}
-	if sameReport(two("a", "b"), two("b", "a")) {
-		t.Fatal("a vm that stopped and another that started count as no change")
-	}
 }
 
 // TestHeartbeatStoresStatusWhenItChanges: every heartbeat stores the host's
@@ -280,4 +219,73 @@ func (m *Manager) hostSeenRev(name string) int64 {
 		return e.seenRev
 	}
 	return 0
+}
+
+// TestHeartbeatSameReport: a manager takes a numbered report, then
+// heartbeats that say Same for it stand for its statuses; Same for a report
+// it does not hold is a 409 (the host then sends it in full), and its
+// answers say that it takes Same.
+func TestHeartbeatSameReport(t *testing.T) {
+	m, _ := newTestManager(t)
+	ctx := context.Background()
+	m.AddHost(remotehost.New("h0", "127.0.0.1:1", m.identity.HostClientTLS("h0")))
+	rev, err := m.store.PutIf(ctx, "hosts/h0", hostRecord{Name: "h0", Addr: "127.0.0.1:1"}, "hosts/h0", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.setLiveRecordRev("h0", rev)
+	beat := func(hb hostproto.Heartbeat) int {
+		t.Helper()
+		body, _ := json.Marshal(hb)
+		r := httptest.NewRequest(http.MethodPost, "/v1/hosts/h0/heartbeat", bytes.NewReader(body))
+		r = r.WithContext(context.WithValue(ctx, callerKey{}, caller{Kind: "host", Name: "h0", Role: "host"}))
+		w := httptest.NewRecorder()
+		m.handleHeartbeat(w, r)
+		if w.Code == http.StatusNoContent && w.Header().Get(hostproto.ReportsHeader) != hostproto.ReportsSame {
+			t.Fatalf("a heartbeat's answer does not say the manager takes Same: %v", w.Header())
+		}
+		return w.Code
+	}
+	same := func(n uint64) hostproto.Heartbeat { return hostproto.Heartbeat{Info: reportOf(nil).Info, Same: n} }
+	if code := beat(same(5)); code != http.StatusConflict {
+		t.Fatalf("Same for a report never sent: %d, want 409", code)
+	}
+	full := reportOf(nil)
+	full.Report = 5
+	if code := beat(full); code != http.StatusNoContent {
+		t.Fatalf("full report: %d", code)
+	}
+	ticked := same(5)
+	ticked.Guests = []hostproto.GuestTick{{Name: "a", Seq: 8, UptimeSeconds: 4, LastHeartbeat: time.Unix(100, 0)}}
+	if code := beat(ticked); code != http.StatusNoContent {
+		t.Fatalf("Same for the report taken: %d", code)
+	}
+	st, ok := m.remote("h0").Status("a")
+	if !ok || !st.Running || st.Usage == nil || st.Usage.CPUSeconds != 1.5 || st.Guest == nil || st.Guest.Seq != 8 || st.Guest.BootID != "b1" {
+		t.Fatalf("after Same, vm a is %+v (%v); want the statuses of report 5 with the guest's new counters", st, ok)
+	}
+	if held, ok := m.heldReport("h0", 5); !ok || len(held) != 1 || held[0].Guest.Seq != 7 {
+		t.Fatalf("report 5 held: %+v (%v); want it as the host sent it, not changed by the counters laid over it", held, ok)
+	}
+	ticked.Guests[0].Name = "nope"
+	if code := beat(ticked); code != http.StatusConflict {
+		t.Fatalf("Same with counters for a vm not in the report: %d, want 409", code)
+	}
+	if code := beat(same(4)); code != http.StatusConflict {
+		t.Fatalf("Same for an older report: %d, want 409", code)
+	}
+	stopped := reportOf(func(hb *hostproto.Heartbeat) { hb.Statuses[0].Running, hb.Statuses[0].RunState = false, "shutdown" })
+	stopped.Report = 6
+	if code := beat(stopped); code != http.StatusNoContent {
+		t.Fatalf("report 6: %d", code)
+	}
+	if code := beat(same(5)); code != http.StatusConflict {
+		t.Fatalf("Same for report 5 after report 6: %d, want 409", code)
+	}
+	if code := beat(same(6)); code != http.StatusNoContent {
+		t.Fatalf("Same for report 6: %d", code)
+	}
+	if st, _ := m.remote("h0").Status("a"); st.Running {
+		t.Fatal("vm a runs after Same for the report that stopped it")
+	}
 }

@@ -93,6 +93,10 @@ type hostEntry struct {
 	// declareFailed is when declaring it dead last failed (the store
 	// refused): the next try waits a pass (see detectDeaths).
 	declareFailed time.Time
+	// report is the last numbered report this manager took from the host
+	// (its number and statuses): a heartbeat that says Same stands for it.
+	report         uint64
+	reportStatuses []hostproto.VMStatus
 }
 
 func newRegistry() *registry { return &registry{hosts: map[string]*hostEntry{}} }
