@@ -1,8 +1,11 @@
 package manager
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"testing"
 	"time"
@@ -156,5 +159,60 @@ func TestCacheRevision(t *testing.T) {
 	c.mu.Unlock()
 	if _, ok, moved := c.at(1); ok || moved != nil {
 		t.Fatal("a mirror whose watch broke answers, or offers to wait")
+	}
+}
+
+// TestFollowTakesUpAWatchThatEnds: a watch that ends without an error is
+// taken up again from the revision the mirror holds, with no new scan and
+// the mirror current throughout, and every change arrives; one that fails
+// means a new scan, with the mirror not current until it is done.
+func TestFollowTakesUpAWatchThatEnds(t *testing.T) {
+	c := &recordCache{byName: map[string]storedRecord{}}
+	rec := func(name string) []byte { return []byte(`{"spec":{"name":"` + name + `"}}`) }
+	type call struct {
+		from  int64
+		ready bool
+	}
+	var scans int
+	var calls []call
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	scan := func(context.Context) (map[string]storedRecord, int64, error) {
+		scans++
+		if scans == 2 {
+			return nil, 0, errors.New("store unavailable")
+		}
+		return map[string]storedRecord{}, 10 * int64(scans), nil
+	}
+	watch := func(_ context.Context, from int64) error {
+		calls = append(calls, call{from, c.isReady()})
+		switch len(calls) {
+		case 1: // a transaction at 12 of two records, then a silent end
+			c.apply(t.Logf, "vms/a", rec("a"), 12)
+			c.apply(t.Logf, "vms/b", rec("b"), 12)
+			return nil
+		case 2: // taken up from 12: 12 again (to the same effect), then 15
+			c.apply(t.Logf, "vms/b", rec("b"), 12)
+			c.apply(t.Logf, "vms/c", rec("c"), 15)
+			c.progress(17)
+			return nil
+		case 3: // taken up after etcd's progress report; then it fails
+			if c.mu.Lock(); len(c.byName) != 3 {
+				t.Errorf("the mirror holds %d records after the watch was taken up, want 3", len(c.byName))
+			}
+			c.mu.Unlock()
+			return errors.New("mvcc: required revision has been compacted")
+		default: // after the failed scan, the third one (at 30)
+			cancel()
+			return nil
+		}
+	}
+	c.follow(ctx, scan, watch, slog.New(slog.DiscardHandler), time.Millisecond)
+	want := []call{{11, true}, {12, true}, {18, true}, {31, true}}
+	if fmt.Sprint(calls) != fmt.Sprint(want) || scans != 3 {
+		t.Fatalf("watches %v after %d scans; want %v after 3 (the first, a failed one, then one that worked)", calls, scans, want)
+	}
+	if c.isReady() {
+		t.Fatal("the mirror says it is current after follow returned")
 	}
 }
