@@ -5,11 +5,13 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/common/expfmt"
 
 	"github.com/vigil-project/vigil/api"
@@ -48,7 +50,15 @@ func newMetrics(m *Manager) *metrics {
 		Name: "vigil_vm_operation_pause_seconds", Help: "How long the guest's CPUs were stopped by a VM operation (live snapshot, migration downtime).",
 		Buckets: []float64{.001, .0025, .005, .01, .02, .05, .1, .25, .5, 1, 5},
 	}, []string{"action"})
-	mt.reg.MustRegister(mt.api, mt.ops, mt.pause)
+	mt.reg.MustRegister(mt.api, mt.ops, mt.pause,
+		// The process's own: CPU, memory, files; the Go runtime's, with
+		// the garbage collector's share of the CPU and how long runnable
+		// goroutines wait for a thread (go_sched_latencies_seconds: where
+		// an API request's tail goes on a busy manager).
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		collectors.NewGoCollector(collectors.WithGoCollectorRuntimeMetrics(collectors.MetricsScheduler,
+			collectors.GoRuntimeMetricsRule{Matcher: regexp.MustCompile(`^/cpu/classes/gc/`)})),
+	)
 	return mt
 }
 

@@ -74,6 +74,9 @@ func TestMetrics(t *testing.T) {
 		{"vigil_workqueue_depth", nil},
 		{"vigil_api_request_duration_seconds", map[string]string{"route": "GET /v1/vms", "code": "200"}},
 		{"vigil_vm_operation_duration_seconds", map[string]string{"action": "pause"}},
+		{"process_cpu_seconds_total", nil},
+		{"go_sched_latencies_seconds", nil},
+		{"go_cpu_classes_gc_total_cpu_seconds_total", nil},
 	} {
 		if !has(want.name, want.labels) {
 			t.Errorf("no %s with %v", want.name, want.labels)
@@ -83,7 +86,8 @@ func TestMetrics(t *testing.T) {
 		t.Errorf("api latency is a %s", f.GetType())
 	}
 	for name := range fams {
-		if !model.LegacyValidation.IsValidMetricName(name) || !strings.HasPrefix(name, "vigil_") && !strings.HasPrefix(name, "promhttp_") {
+		if !model.LegacyValidation.IsValidMetricName(name) || !strings.HasPrefix(name, "vigil_") && !strings.HasPrefix(name, "promhttp_") &&
+			!strings.HasPrefix(name, "go_") && !strings.HasPrefix(name, "process_") {
 			t.Errorf("metric name %q", name)
 		}
 	}
