@@ -120,11 +120,15 @@ func (m *Manager) imageRecords(ctx context.Context) ([]imageRecord, error) {
 	return out, nil
 }
 
-// usersOf maps a digest to the VMs made from it.
+// usersOf maps a digest to the VMs made from it: from the record mirror
+// once it holds every change the store acknowledged, else the store.
 func (m *Manager) usersOf(ctx context.Context) (map[string][]string, error) {
-	rs, err := m.records(ctx)
-	if err != nil {
-		return nil, err
+	rs, ok := m.consistentRecords(ctx)
+	if !ok {
+		var err error
+		if rs, err = m.records(ctx); err != nil {
+			return nil, err
+		}
 	}
 	out := map[string][]string{}
 	for _, s := range rs {
@@ -241,19 +245,26 @@ func (m *Manager) syncImagesOnce(ctx context.Context) {
 		}
 		m.advertise(ctx, r.Digest)
 	}
+	// Blobs no image names, past the grace an import needs (it places its
+	// blob before it records the image), go unless a VM uses one: the VMs
+	// are looked at only then (every 10 s, it was a read of every record).
+	held, _ := m.images.List()
+	var unnamed []string
+	for _, d := range held {
+		if st, err := os.Stat(m.images.Path(d)); !wanted[d] && err == nil && time.Since(st.ModTime()) >= blobGrace {
+			unnamed = append(unnamed, d)
+		}
+	}
+	if len(unnamed) == 0 {
+		return
+	}
 	// A VM made from an image deleted at the same moment keeps the blob.
 	users, err := m.usersOf(ctx)
 	if err != nil {
 		return
 	}
-	held, _ := m.images.List()
-	for _, d := range held {
-		if wanted[d] || len(users[d]) > 0 {
-			continue
-		}
-		// An import places its blob before it records the image: spare
-		// young blobs.
-		if st, err := os.Stat(m.images.Path(d)); err != nil || time.Since(st.ModTime()) < blobGrace {
+	for _, d := range unnamed {
+		if len(users[d]) > 0 {
 			continue
 		}
 		m.images.Remove(d)

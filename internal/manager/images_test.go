@@ -3,6 +3,8 @@ package manager
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"io"
@@ -248,5 +250,37 @@ func TestReconfigureScreenshotAndVNC(t *testing.T) {
 	}
 	if !found {
 		t.Fatalf("the vnc session was not audited: %+v", entries)
+	}
+}
+
+// TestUnnamedBlobsGo: a manager drops the blobs no image record names once
+// they are past the grace an import needs, but not one a VM was made from
+// (its image deleted meanwhile), nor a young one.
+func TestUnnamedBlobsGo(t *testing.T) {
+	m, _ := newTestManager(t)
+	add := func(content string, age time.Duration) string {
+		t.Helper()
+		sum := sha256.Sum256([]byte(content))
+		d := "sha256:" + hex.EncodeToString(sum[:])
+		if err := m.images.Add(strings.NewReader(content), d, 1<<20); err != nil {
+			t.Fatal(err)
+		}
+		then := time.Now().Add(-age)
+		if err := os.Chtimes(m.images.Path(d), then, then); err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	used, unused, young := add("used", 2*blobGrace), add("unused", 2*blobGrace), add("young", time.Minute)
+	putRecord(t, m, record{Host: "h1", State: api.StateStopped,
+		Spec: hostproto.VMSpec{Name: "v", Image: &hostproto.ImageRef{Name: "gone", Digest: used, Format: "qcow2"}}})
+	m.syncImagesOnce(context.Background())
+	switch {
+	case m.images.Has(unused):
+		t.Fatal("a blob no record names, past its grace, was kept")
+	case !m.images.Has(used):
+		t.Fatal("the blob a vm was made from was dropped")
+	case !m.images.Has(young):
+		t.Fatal("a young blob (an import not yet recorded) was dropped")
 	}
 }

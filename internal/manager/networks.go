@@ -380,7 +380,7 @@ func (m *Manager) pushNetworks(ctx context.Context) {
 	for _, r := range recs {
 		byName[r.Name] = r
 	}
-	rs, err := m.records(ctx)
+	rs, err := m.cachedRecords(ctx) // pushed again in 10 s: the mirror will do
 	if err != nil {
 		return
 	}
