@@ -399,6 +399,7 @@ var (
 	errRefused      = errors.New("the manager refused this host")
 	errDeclaredDead = errors.New("the managers declared this host dead")
 	errConflict     = errors.New("the manager answered 409 conflict")
+	errNotFound     = errors.New("the manager answered 404 not found")
 )
 
 // register tells the managers where this (joined) host is, after a start
@@ -420,16 +421,24 @@ func (j *joiner) heartbeat(ctx context.Context) error {
 	}
 	url := j.url()
 	report := hostproto.Heartbeat{Info: j.host.HostInfo(), Statuses: j.host.Statuses(), Events: ev}
+	beat := func(hb hostproto.Heartbeat) (http.Header, error) {
+		path := url + "/v1/hosts/" + j.cfg.Name + "/heartbeat"
+		if hb.Same != 0 {
+			path += "/same"
+		}
+		return post(ctx, j.http, path, hb, nil)
+	}
 	hb := j.reports.next(url, report, time.Now())
 	sent := time.Now()
-	hdr, err := post(ctx, j.http, url+"/v1/hosts/"+j.cfg.Name+"/heartbeat", hb, nil)
-	if errors.Is(err, errConflict) && hb.Same != 0 {
+	hdr, err := beat(hb)
+	if hb.Same != 0 && (errors.Is(err, errConflict) || errors.Is(err, errNotFound)) {
 		// This manager does not hold the report (it restarted, or
-		// another took the last one): send it in full, now.
+		// another took the last one), or does not take Same (an older
+		// version): send it in full, now.
 		j.reports.forget()
 		hb = j.reports.next(url, report, time.Now())
 		sent = time.Now()
-		hdr, err = post(ctx, j.http, url+"/v1/hosts/"+j.cfg.Name+"/heartbeat", hb, nil)
+		hdr, err = beat(hb)
 	}
 	if err != nil {
 		j.out.putBack(ev)

@@ -259,6 +259,8 @@ func post(ctx context.Context, hc *http.Client, url string, body, out any) (http
 			return resp.Header, errDeclaredDead
 		case http.StatusConflict:
 			return resp.Header, fmt.Errorf("%w: %s", errConflict, e.Error)
+		case http.StatusNotFound:
+			return resp.Header, fmt.Errorf("%w: %s", errNotFound, e.Error)
 		}
 		return resp.Header, fmt.Errorf("%s: %s", resp.Status, e.Error)
 	}

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -95,7 +96,8 @@ func TestReports(t *testing.T) {
 func TestJoinerSendsSameAndRecovers(t *testing.T) {
 	var mu sync.Mutex
 	var held uint64
-	var full, same, conflicts int
+	var full, same, conflicts, olds int
+	var old bool // the manager is replaced by one of before Same
 	var bad []string
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if strings.HasSuffix(r.URL.Path, "/register") {
@@ -108,6 +110,14 @@ func TestJoinerSendsSameAndRecovers(t *testing.T) {
 		}
 		mu.Lock()
 		defer mu.Unlock()
+		if (hb.Same != 0) != strings.HasSuffix(r.URL.Path, "/heartbeat/same") {
+			bad = append(bad, fmt.Sprintf("Same %d sent to %s", hb.Same, r.URL.Path))
+		}
+		if old && hb.Same != 0 { // a manager of before Same: no such route
+			olds++
+			w.WriteHeader(http.StatusNotFound)
+			return
+		}
 		switch {
 		case hb.Same != 0 && hb.Same != held:
 			conflicts++
@@ -124,7 +134,9 @@ func TestJoinerSendsSameAndRecovers(t *testing.T) {
 			full++
 			held = hb.Report
 		}
-		w.Header().Set(hostproto.ReportsHeader, hostproto.ReportsSame)
+		if !old {
+			w.Header().Set(hostproto.ReportsHeader, hostproto.ReportsSame)
+		}
 		w.WriteHeader(http.StatusNoContent)
 	}))
 	defer srv.Close()
@@ -158,9 +170,18 @@ func TestJoinerSendsSameAndRecovers(t *testing.T) {
 	waitFor("Same again", func(f, s, _ int) bool { return f == 2 && s >= s0+5 })
 	host.stop()
 	waitFor("a change reported in full", func(f, _, _ int) bool { return f == 3 })
+	// Rolled back to a manager of before Same: at most one Same reaches it
+	// (a 404, then the report in full at once), then full reports only.
+	mu.Lock()
+	old = true
+	mu.Unlock()
+	waitFor("full reports to the old manager", func(f, _, _ int) bool { return f >= 10 })
 	cancel()
 	mu.Lock()
 	defer mu.Unlock()
+	if olds > 1 {
+		t.Errorf("%d Same heartbeats reached a manager that does not take them; want at most one", olds)
+	}
 	if len(bad) > 0 {
 		t.Fatal(bad)
 	}

@@ -208,7 +208,7 @@ func TestHostActsOnlyForItself(t *testing.T) {
 		}
 	}
 	ha := hostCert(t, m, "ha")
-	for _, p := range []string{"/v1/hosts/hb/heartbeat", "/v1/hosts/hb/certificate"} {
+	for _, p := range []string{"/v1/hosts/hb/heartbeat", "/v1/hosts/hb/heartbeat/same", "/v1/hosts/hb/certificate"} {
 		if code, body := request(t, m, "POST", p, `{}`, "", ha); code != http.StatusForbidden {
 			t.Fatalf("host ha on %s: %d %s, want 403", p, code, body)
 		}
@@ -224,6 +224,19 @@ func TestHostActsOnlyForItself(t *testing.T) {
 	b, _ := json.Marshal(hb)
 	if code, body := request(t, m, "POST", "/v1/hosts/ha/heartbeat", string(b), "", ha); code != http.StatusNoContent {
 		t.Fatalf("ha's own heartbeat: %d %s", code, body)
+	}
+	// Its own Same, through the route for them: a report it never sent
+	// is a 409, one it sent stands.
+	same, _ := json.Marshal(hostproto.Heartbeat{Same: 41})
+	if code, body := request(t, m, "POST", "/v1/hosts/ha/heartbeat/same", string(same), "", ha); code != http.StatusConflict {
+		t.Fatalf("ha's Same for a report never sent: %d %s, want 409", code, body)
+	}
+	full, _ := json.Marshal(hostproto.Heartbeat{Report: 41})
+	if code, body := request(t, m, "POST", "/v1/hosts/ha/heartbeat", string(full), "", ha); code != http.StatusNoContent {
+		t.Fatalf("ha's report 41: %d %s", code, body)
+	}
+	if code, body := request(t, m, "POST", "/v1/hosts/ha/heartbeat/same", string(same), "", ha); code != http.StatusNoContent {
+		t.Fatalf("ha's Same for report 41: %d %s", code, body)
 	}
 	time.Sleep(300 * time.Millisecond)
 	if fake.called("restart v") {

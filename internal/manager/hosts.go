@@ -251,6 +251,7 @@ func (m *Manager) admit(ctx context.Context, name string, req hostproto.Register
 	h := m.newRemote(name, req.Addr)
 	h.Heartbeat(hostproto.Heartbeat{Info: req.Info}, 0, time.Now())
 	m.AddHost(h)
+	m.holdReport(name, 0, nil) // a new start: no report of before stands
 	m.setDrained(name, drained)
 	m.setDead(name, time.Time{})
 	m.log.Info("host registered", "host", name, "addr", req.Addr)
@@ -386,8 +387,9 @@ func (m *Manager) Heartbeat(ctx context.Context, name string, hb hostproto.Heart
 	if st := m.hostState(name); st == "dead" {
 		return gone(time.Now())
 	}
-	if hb.Same != 0 {
-		held, ok := m.heldReport(name, hb.Same)
+	same := hb.Same
+	if same != 0 {
+		held, ok := m.heldReport(name, same)
 		if !ok {
 			return errorf(ErrConflict, "this manager does not hold report %d of host %s: send every vm's status", hb.Same, name)
 		}
@@ -395,7 +397,7 @@ func (m *Manager) Heartbeat(ctx context.Context, name string, hb hostproto.Heart
 		if err != nil {
 			return wrapf(ErrConflict, err, "host %s: send every vm's status", name)
 		}
-		hb.Statuses, hb.Guests = statuses, nil
+		hb.Statuses, hb.Same, hb.Guests = statuses, 0, nil
 	}
 	wasDown := m.hostState(name) != "up"
 	now := time.Now().UTC()
@@ -407,7 +409,7 @@ func (m *Manager) Heartbeat(ctx context.Context, name string, hb hostproto.Heart
 	// leader declares a host dead only if its liveness record did not change
 	// since it last saw it: a heartbeat and a death cannot both win.
 	shared := hb
-	shared.Events = nil
+	shared.Events, shared.Report = nil, 0
 	sctx, cancel := context.WithTimeout(ctx, 2500*time.Millisecond)
 	defer cancel()
 	rev, withStatus, err := m.shareHeartbeat(sctx, name, shared, now)
@@ -426,7 +428,7 @@ func (m *Manager) Heartbeat(ctx context.Context, name string, hb hostproto.Heart
 	if h := m.remote(name); h != nil {
 		h.Heartbeat(hb, statusRev, now)
 	}
-	if hb.Same == 0 && hb.Report != 0 {
+	if same == 0 && hb.Report != 0 {
 		m.holdReport(name, hb.Report, hb.Statuses)
 	}
 	if wasDown {

@@ -96,6 +96,9 @@ func (m *Manager) Handler() http.Handler {
 	host("POST /v1/hosts/join", m.auditRoute(m.handleJoin))
 	host("POST /v1/hosts/register", m.hostRoute(false, true, m.handleRegister))
 	host("POST /v1/hosts/{name}/heartbeat", m.hostRoute(true, false, m.handleHeartbeat))
+	// A heartbeat that says Same comes here: a manager of an older version
+	// answers 404 instead of reading it as a host with no VMs.
+	host("POST /v1/hosts/{name}/heartbeat/same", m.hostRoute(true, false, m.handleHeartbeat))
 	host("POST /v1/hosts/{name}/certificate", m.hostRoute(true, true, m.handleRenew))
 	// The dashboard's files (the page signs in with a token and calls the
 	// API above); the bare address leads to it.

@@ -200,6 +200,7 @@ func (c *recordCache) follow(ctx context.Context, scan func(context.Context) (ma
 			c.reload(fresh, rev)
 			from = rev + 1
 		}
+		t0 := time.Now()
 		err := watch(ctx, from)
 		if ctx.Err() != nil {
 			break
@@ -207,6 +208,9 @@ func (c *recordCache) follow(ctx context.Context, scan func(context.Context) (ma
 		if err == nil {
 			from = c.revision() + 1
 			log.Warn("etcd ended the watch of vm records without an error: taken up again", "from", from)
+			if time.Since(t0) < retry {
+				sleep(ctx, retry) // a watch that cannot start (a closed client) must not spin
+			}
 			continue
 		}
 		c.mu.Lock()

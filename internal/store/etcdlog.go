@@ -20,8 +20,9 @@ const etcdLogEvery = 10 * time.Second
 // etcdLogger is the zap logger an embedded member logs through: its
 // warnings and errors go to log as "etcd: ..." (slow disks, slow applies,
 // lost leaders are what explain a stalled store), sampled, until quiet is
-// set. Its info lines are dropped, and so is everything once quiet (set
-// while the member shuts down, when etcd reports routine steps as errors).
+// set. Its info lines are dropped, and so is everything but a panic or a
+// fatal error once quiet (set while the member shuts down, when etcd
+// reports routine steps as errors).
 func etcdLogger(log *slog.Logger, quiet *atomic.Bool) *zap.Logger {
 	core := &slogCore{log: log, quiet: quiet}
 	return zap.New(zapcore.NewSamplerWithOptions(core, etcdLogEvery, 1, 0))
@@ -35,7 +36,7 @@ type slogCore struct {
 }
 
 func (c *slogCore) Enabled(l zapcore.Level) bool {
-	return l >= zapcore.WarnLevel && !c.quiet.Load()
+	return l >= zapcore.DPanicLevel || l >= zapcore.WarnLevel && !c.quiet.Load()
 }
 
 func (c *slogCore) With(fs []zapcore.Field) zapcore.Core {
