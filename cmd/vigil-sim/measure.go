@@ -23,6 +23,7 @@ import (
 
 const (
 	heartbeatRoute = "POST /v1/hosts/{name}/heartbeat"
+	sameRoute      = "POST /v1/hosts/{name}/heartbeat/same" // heartbeats that say Same
 	getRoute       = "GET /v1/vms/{name}"
 )
 
@@ -84,7 +85,7 @@ func scrape(ctx context.Context, c *client.Client) (heartbeats, int, time.Durati
 		for _, m := range f.Metric {
 			h, code := m.GetHistogram(), label(m, "code")
 			switch label(m, "route") {
-			case heartbeatRoute:
+			case heartbeatRoute, sameRoute:
 				hb.byCode[code] += h.GetSampleCount()
 				if code == "204" {
 					hb.beats.add(h)
