@@ -109,18 +109,26 @@ func TestHeartbeatStoresStatusWhenItChanges(t *testing.T) {
 	}
 }
 
+// addLiveHost registers remote host h0 with a record that says it lives,
+// and returns the record's revision.
+func addLiveHost(t *testing.T, m *Manager) int64 {
+	t.Helper()
+	m.AddHost(remotehost.New("h0", "127.0.0.1:1", m.identity.HostClientTLS("h0")))
+	rev, err := m.store.PutIf(context.Background(), "hosts/h0", hostRecord{Name: "h0", Addr: "127.0.0.1:1"}, "hosts/h0", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.setLiveRecordRev("h0", rev)
+	return rev
+}
+
 // TestHeartbeatAfterUnseenDeath: a death another manager stored, which this
 // one has not seen yet, still refuses the heartbeat (the write is
 // conditioned on the host's record) and stores nothing.
 func TestHeartbeatAfterUnseenDeath(t *testing.T) {
 	m, _ := newTestManager(t)
 	ctx := context.Background()
-	m.AddHost(remotehost.New("h0", "127.0.0.1:1", m.identity.HostClientTLS("h0")))
-	rev, err := m.store.PutIf(ctx, "hosts/h0", hostRecord{Name: "h0", Addr: "127.0.0.1:1"}, "hosts/h0", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m.setLiveRecordRev("h0", rev)
+	rev := addLiveHost(t, m)
 	if err := m.Heartbeat(ctx, "h0", reportOf(nil)); err != nil {
 		t.Fatal(err)
 	}
@@ -228,12 +236,7 @@ func (m *Manager) hostSeenRev(name string) int64 {
 func TestHeartbeatSameReport(t *testing.T) {
 	m, _ := newTestManager(t)
 	ctx := context.Background()
-	m.AddHost(remotehost.New("h0", "127.0.0.1:1", m.identity.HostClientTLS("h0")))
-	rev, err := m.store.PutIf(ctx, "hosts/h0", hostRecord{Name: "h0", Addr: "127.0.0.1:1"}, "hosts/h0", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m.setLiveRecordRev("h0", rev)
+	addLiveHost(t, m)
 	beat := func(hb hostproto.Heartbeat) int {
 		t.Helper()
 		body, _ := json.Marshal(hb)
