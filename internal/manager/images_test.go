@@ -258,22 +258,30 @@ func TestReconfigureScreenshotAndVNC(t *testing.T) {
 // (its image deleted meanwhile), nor a young one.
 func TestUnnamedBlobsGo(t *testing.T) {
 	m, _ := newTestManager(t)
-	add := func(content string, age time.Duration) string {
+	add := func(content string) string {
 		t.Helper()
 		sum := sha256.Sum256([]byte(content))
 		d := "sha256:" + hex.EncodeToString(sum[:])
 		if err := m.images.Add(strings.NewReader(content), d, 1<<20); err != nil {
 			t.Fatal(err)
 		}
-		then := time.Now().Add(-age)
+		return d
+	}
+	age := func(d string, by time.Duration) {
+		t.Helper()
+		then := time.Now().Add(-by)
 		if err := os.Chtimes(m.images.Path(d), then, then); err != nil {
 			t.Fatal(err)
 		}
-		return d
 	}
-	used, unused, young := add("used", 2*blobGrace), add("unused", 2*blobGrace), add("young", time.Minute)
+	used, unused, young := add("used"), add("unused"), add("young")
 	putRecord(t, m, record{Host: "h1", State: api.StateStopped,
 		Spec: hostproto.VMSpec{Name: "v", Image: &hostproto.ImageRef{Name: "gone", Digest: used, Format: "qcow2"}}})
+	// Aged only once the record is stored: the manager's own sync runs
+	// from its start, and must not find "used" old and unnamed before.
+	age(used, 2*blobGrace)
+	age(unused, 2*blobGrace)
+	age(young, time.Minute)
 	m.syncImagesOnce(context.Background())
 	switch {
 	case m.images.Has(unused):
