@@ -193,7 +193,7 @@ func (s *sim) managerDrop(ctx context.Context, deadAfter time.Duration) error {
 		}
 		return n
 	}
-	before := running()
+	before, k0 := running(), s.counts()
 	stop := s.copies(nil, nil) // a manager's death may leave any VM's operation half-done
 	t0 := time.Now()
 	lead.cmd.Process.Kill()
@@ -239,7 +239,19 @@ func (s *sim) managerDrop(ctx context.Context, deadAfter time.Duration) error {
 			deaths++
 		}
 	}
-	after := running()
+	after, k1 := running(), s.counts()
+	// Hosts that fenced (no manager could record their heartbeats for the
+	// fence time) killed their VMs; the managers restart them: how long
+	// until every VM runs again.
+	var whole time.Duration
+	if after < before {
+		for deadline := time.Now().Add(5 * time.Minute); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+			if running() >= before {
+				whole = time.Since(t0)
+				break
+			}
+		}
+	}
 	s.line("## Manager loss")
 	s.line("")
 	s.line("The leading manager %s killed (SIGKILL; its etcd member with it). A third of the hosts reported to it.", lead.name)
@@ -251,6 +263,14 @@ func (s *sim) managerDrop(ctx context.Context, deadAfter time.Duration) error {
 	s.line("| Every host heard again through the survivors | %s after the kill |", heard.Sub(t0).Round(time.Millisecond))
 	s.line("| Hosts declared dead because of it (watched for %s more) | %d |", deadAfter+2*time.Second, deaths)
 	s.line("| VMs running before / after | %d / %d |", before, after)
+	s.line("| Hosts' fences meanwhile (cut off from every manager for the fence time) | %d, killing %d VMs |", k1.Fences-k0.Fences, k1.FencedVMs-k0.FencedVMs)
+	switch {
+	case after >= before:
+	case whole > 0:
+		s.line("| Every VM running again | %s after the kill |", whole.Round(time.Millisecond))
+	default:
+		s.line("| Every VM running again | not within 5 min (%d running) |", running())
+	}
 	s.line("| Copies of one VM running at once | %d |", most)
 	s.line("")
 	if most > 1 {
