@@ -351,8 +351,14 @@ func TestHeartbeatNow(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("no heartbeat when asked (the interval is an hour)")
 	}
+	// The pipe is synchronous and the test reads nothing while it asks, so
+	// the heartbeat loop is stuck writing heartbeat 2 (for ask 1) while
+	// ask 2 waits and asks 3 and 4 find one already waiting. Ask 5 may
+	// be handled after the loop took ask 2, and then earns a heartbeat of
+	// its own: it may have come after heartbeat 3 was gathered. So 5 asks
+	// give 2 or 3 heartbeats, never 5.
 	time.Sleep(200 * time.Millisecond)
-	if n := len(got); n > 1 {
-		t.Fatalf("%d more heartbeats for 5 asks at once: at most one more", n)
+	if n := len(got); n > 2 {
+		t.Fatalf("%d more heartbeats for 5 asks at once: at most two more", n)
 	}
 }
