@@ -231,7 +231,7 @@ func (m *Manager) handleUsage(w http.ResponseWriter, r *http.Request) {
 
 // hostsInUse is every host with what its VMs reserve there.
 func (m *Manager) hostsInUse(ctx context.Context) ([]api.Host, error) {
-	rs, err := m.cachedRecords(ctx)
+	rs, err := m.currentRecords(ctx)
 	if err != nil {
 		return nil, err
 	}

@@ -172,6 +172,7 @@ func TestEvacuate(t *testing.T) {
 	if m.hostState("h0") != "dead" {
 		t.Fatal("h0 was not declared dead")
 	}
+	waitMirror(t, m)
 	m.enqueueAll(ctx)
 	settle("web", func(r record) bool { return r.Failover == nil && r.Host == "h1" && r.Op == nil })
 	settle("local", func(r record) bool { return r.Stranded && r.Op == nil })
@@ -307,6 +308,7 @@ func TestEvacuateProtected(t *testing.T) {
 			}
 			time.Sleep(200 * time.Millisecond)
 			m.detectDeaths(ctx)
+			waitMirror(t, m)
 			m.enqueueAll(ctx)
 			var got record
 			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {

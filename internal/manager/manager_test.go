@@ -377,6 +377,13 @@ func waitFor(t *testing.T, cond func() bool) {
 	}
 }
 
+// waitMirror waits until m's mirror of the VM records holds every change
+// the store acknowledged so far: the passes that read it do not wait.
+func waitMirror(t *testing.T, m *Manager) {
+	t.Helper()
+	waitFor(t, func() bool { _, ok := m.consistentRecords(context.Background()); return ok })
+}
+
 func TestEventsEndpointNDJSON(t *testing.T) {
 	m, _ := newTestManager(t)
 	m.Events().Publish(api.Event{Type: "vm.created", VM: "a"})

@@ -218,7 +218,7 @@ func (m *Manager) collectCluster(ctx context.Context, e *exposition) {
 		}
 	}
 
-	rs, err := m.cachedRecords(ctx)
+	rs, err := m.currentRecords(ctx)
 	gauge(famScrapeErr, b(err != nil), "vms")
 	now := time.Now()
 	for _, he := range m.hosts.entries() {

@@ -119,6 +119,7 @@ func TestNetworksThroughTheAPI(t *testing.T) {
 	}
 
 	// The leader tells each host the networks its VMs use.
+	waitMirror(t, m)
 	m.pushNetworks(context.Background())
 	h.mu.Lock()
 	pushed := append([]hostproto.NetworkSpec(nil), h.networks...)

@@ -14,8 +14,8 @@ import (
 // recordCache mirrors every VM record ("vms/") in memory, fed by a watch,
 // on every manager. The periodic passes (the resync that finds VMs needing
 // work, the failure watch, the protection pass) and the read-only views of
-// the whole cluster (metrics, host reservations) read it instead of the
-// store: at tens of thousands of VMs a pass over the store every half
+// the whole cluster (listings, metrics, host reservations: once it caught
+// up with the store) read it instead of the store: at tens of thousands of VMs a pass over the store every half
 // second was the first thing to break (docs/scale.md). Anything that acts
 // on a VM still reads its record afresh, under its lock.
 type recordCache struct {
@@ -243,6 +243,18 @@ func sleep(ctx context.Context, d time.Duration) {
 // else from the store.
 func (m *Manager) cachedRecords(ctx context.Context) ([]storedRecord, error) {
 	if rs, ok := m.cache.snapshot(); ok {
+		return rs, nil
+	}
+	return m.records(ctx)
+}
+
+// currentRecords is every VM record with every change the store
+// acknowledged before the call: the mirror once it caught up
+// (consistentRecords), else the store. The API's cluster-wide views read
+// it, so that a VM created or stopped just before shows in the next one;
+// the periodic passes make do with cachedRecords.
+func (m *Manager) currentRecords(ctx context.Context) ([]storedRecord, error) {
+	if rs, ok := m.consistentRecords(ctx); ok {
 		return rs, nil
 	}
 	return m.records(ctx)
