@@ -73,9 +73,7 @@ func TestListPages(t *testing.T) {
 		{"?limit=4&host=elsewhere", 4, ""},
 	}
 	// From the mirror, then (the mirror not current) from the store.
-	if _, ok := m.consistentRecords(ctx); !ok {
-		t.Fatal("the listing does not read the mirror")
-	}
+	waitMirror(t, m)
 	for _, q := range []string{"?limit=12", "?limit=4&state=running"} {
 		if _, next, _, _ := get(q); next != "" {
 			t.Errorf("from the mirror: %s: a page holding every vm says more follow (%q)", q, next)
@@ -120,10 +118,7 @@ func TestListingShowsWhatTheStoreHas(t *testing.T) {
 		if err := m.store.Put(ctx, "hostseen/h7", hostSeenRecord{Seen: time.Now()}); err != nil {
 			t.Fatal(err)
 		}
-		rs, ok := m.consistentRecords(ctx)
-		if !ok {
-			t.Fatalf("after %d writes: the mirror did not catch up with the store", i)
-		}
+		rs := waitMirror(t, m)
 		if len(rs) != i+1 || rs[i].rec.Spec.Name != name {
 			t.Fatalf("after writing %s the mirror lists %d records", name, len(rs))
 		}

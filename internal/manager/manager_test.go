@@ -378,10 +378,20 @@ func waitFor(t *testing.T, cond func() bool) {
 }
 
 // waitMirror waits until m's mirror of the VM records holds every change
-// the store acknowledged so far: the passes that read it do not wait.
-func waitMirror(t *testing.T, m *Manager) {
+// the store acknowledged so far (the passes that read it do not wait), and
+// returns what it holds. One try waits mirrorWait at most, which a loaded
+// machine can exceed; a mirror that never catches up fails the test.
+func waitMirror(t *testing.T, m *Manager) []storedRecord {
 	t.Helper()
-	waitFor(t, func() bool { _, ok := m.consistentRecords(context.Background()); return ok })
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		if rs, ok := m.consistentRecords(context.Background()); ok {
+			return rs
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the mirror of the vm records did not catch up with the store in 10 s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 func TestEventsEndpointNDJSON(t *testing.T) {
