@@ -231,9 +231,12 @@ func (m *Manager) handleUsage(w http.ResponseWriter, r *http.Request) {
 
 // hostsInUse is every host with what its VMs reserve there.
 func (m *Manager) hostsInUse(ctx context.Context) ([]api.Host, error) {
-	rs, err := m.currentRecords(ctx)
+	rs, stale, err := m.currentRecords(ctx)
 	if err != nil {
 		return nil, err
+	}
+	if stale {
+		m.log.Warn("hosts listed with the reservations of the mirror: the store did not answer")
 	}
 	m.placeMu.Lock()
 	cands := m.hosts.candidates(rs, m.moving)

@@ -430,6 +430,14 @@ func newTestManager(t testing.TB) (*Manager, *fakeHost) {
 // fake host; the first leads.
 func newTestManagers(t testing.TB, n int) ([]*Manager, *fakeHost) {
 	t.Helper()
+	ms, h, _ := newTestManagersOn(t, n)
+	return ms, h
+}
+
+// newTestManagersOn is newTestManagers, with the etcd they share (for
+// tests that stop it).
+func newTestManagersOn(t testing.TB, n int) ([]*Manager, *fakeHost, *store.Embedded) {
+	t.Helper()
 	e, err := store.StartEmbedded(context.Background(), t.TempDir(), nil)
 	if err != nil {
 		t.Fatalf("start etcd: %v", err)
@@ -455,7 +463,7 @@ func newTestManagers(t testing.TB, n int) ([]*Manager, *fakeHost) {
 		t.Cleanup(func() { cancel(); <-done })
 		ms = append(ms, m)
 	}
-	return ms, h
+	return ms, h, e
 }
 
 // putRecord overwrites a VM's record, as a test sets the scene.

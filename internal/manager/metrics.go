@@ -218,8 +218,9 @@ func (m *Manager) collectCluster(ctx context.Context, e *exposition) {
 		}
 	}
 
-	rs, err := m.currentRecords(ctx)
-	gauge(famScrapeErr, b(err != nil), "vms")
+	// Stale: the store did not answer, and the VMs are the mirror's.
+	rs, stale, err := m.currentRecords(ctx)
+	gauge(famScrapeErr, b(err != nil || stale), "vms")
 	now := time.Now()
 	for _, he := range m.hosts.entries() {
 		v := he.view()

@@ -2,9 +2,12 @@ package manager
 
 import (
 	"context"
+	"encoding/json"
+	"net/http"
 	"os/exec"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -101,5 +104,43 @@ func TestMetrics(t *testing.T) {
 		t.Log("promtool is not installed: the text was checked with the Prometheus parser only")
 	} else {
 		t.Fatal("promtool is not installed (apt-get install prometheus; .ci/run installs it)")
+	}
+}
+
+// TestClusterViewsWithoutTheStore: when the store stops answering, the
+// host list and the metrics still show the VMs' reservations, from the
+// mirror as it stands, in bounded time; the metrics say that part is not
+// fresh.
+func TestClusterViewsWithoutTheStore(t *testing.T) {
+	ms, _, etcd := newTestManagersOn(t, 1)
+	m := ms[0]
+	ctx := context.Background()
+	if _, err := m.Create(ctx, api.VMCreateRequest{Name: "web", MemoryBytes: 128 << 20, CPUs: 1, DiskBytes: 256 << 20, Start: true}); err != nil {
+		t.Fatal(err)
+	}
+	viewer := token(t, m, "watch", RoleViewer, 0)
+	waitMirror(t, m)
+	etcd.Close()
+
+	t0 := time.Now()
+	code, body := request(t, m, "GET", "/v1/hosts", "", viewer, nil)
+	var hs []api.Host
+	if err := json.Unmarshal([]byte(body), &hs); code != http.StatusOK || err != nil || len(hs) != 1 {
+		t.Fatalf("hosts without the store: %d %s", code, body)
+	}
+	if hs[0].ReservedMemoryBytes != 128<<20 {
+		t.Fatalf("hosts without the store: %d bytes reserved, want the mirror's 128 MiB", hs[0].ReservedMemoryBytes)
+	}
+	code, body = request(t, m, "GET", "/metrics", "", viewer, nil)
+	if code != http.StatusOK {
+		t.Fatalf("metrics without the store: %d %s", code, body)
+	}
+	for _, want := range []string{`vigil_vm_info{`, `vigil_scrape_error{what="vms"} 1`} {
+		if !strings.Contains(body, want) {
+			t.Errorf("metrics without the store lack %s", want)
+		}
+	}
+	if d := time.Since(t0); d > 3*currentAnswer {
+		t.Errorf("the two views took %s without the store, want at most %s each", d, currentAnswer)
 	}
 }

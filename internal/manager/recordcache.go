@@ -248,16 +248,32 @@ func (m *Manager) cachedRecords(ctx context.Context) ([]storedRecord, error) {
 	return m.records(ctx)
 }
 
+// currentAnswer bounds how long currentRecords waits on the store before
+// it serves the mirror as it stands.
+const currentAnswer = 2 * time.Second
+
 // currentRecords is every VM record with every change the store
 // acknowledged before the call: the mirror once it caught up
 // (consistentRecords), else the store. The API's cluster-wide views read
 // it, so that a VM created or stopped just before shows in the next one;
-// the periodic passes make do with cachedRecords.
-func (m *Manager) currentRecords(ctx context.Context) ([]storedRecord, error) {
-	if rs, ok := m.consistentRecords(ctx); ok {
-		return rs, nil
+// the periodic passes make do with cachedRecords. A store that does not
+// answer within currentAnswer (a lost quorum blocks reads) gets the mirror
+// as it stands: the metrics and the host list matter most then, and
+// stale reservations are better than none. stale says so.
+func (m *Manager) currentRecords(ctx context.Context) (rs []storedRecord, stale bool, err error) {
+	cctx, cancel := context.WithTimeout(ctx, currentAnswer)
+	defer cancel()
+	if rs, ok := m.consistentRecords(cctx); ok {
+		return rs, false, nil
 	}
-	return m.records(ctx)
+	rs, err = m.records(cctx)
+	if err == nil {
+		return rs, false, nil
+	}
+	if cached, ok := m.cache.snapshot(); ok && ctx.Err() == nil {
+		return cached, true, nil
+	}
+	return nil, false, err
 }
 
 // isReady says whether the cache is current (a scan completed and the
