@@ -15,9 +15,10 @@ import (
 // on every manager. The periodic passes (the resync that finds VMs needing
 // work, the failure watch, the protection pass) and the read-only views of
 // the whole cluster (listings, metrics, host reservations: once it caught
-// up with the store) read it instead of the store: at tens of thousands of VMs a pass over the store every half
-// second was the first thing to break (docs/scale.md). Anything that acts
-// on a VM still reads its record afresh, under its lock.
+// up with the store) read it instead of the store: at tens of thousands of
+// VMs a pass over the store every half second was the first thing to
+// break (docs/scale.md). Anything that acts on a VM still reads its record
+// afresh, under its lock.
 type recordCache struct {
 	mu     sync.Mutex
 	byName map[string]storedRecord
